@@ -1,0 +1,137 @@
+"""The Guard protocol and the guard registry.
+
+A guard is built once per policy step from the step's options and shared by all requests. It
+answers one-shot checks (`check`: input stage on the conversation, output stage on a complete
+answer) and opens a per-stream `StreamCheck` for the stream stage, which sees the answer grow and
+may keep state between checks (Llama Guard keeps its KV cache, CodeShield its fence tracker).
+
+Guards never see wire formats or the server: only neutral `Message`s and text.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from gateway.types import Message, Stage, Verdict
+
+
+@dataclass(slots=True)
+class GuardInput:
+    """What a guard is asked to judge.
+
+    stage "input": `messages` is the request's conversation.
+    stage "output"/"stream": `messages` is the request's conversation (context) and `text` the
+    assistant's answer (the whole answer for "output"; the answer so far for "stream", with
+    `window_start` the offset of the text not yet checked and `final` true on the last check).
+    """
+
+    stage: Stage
+    messages: list[Message]
+    text: str = ""
+    window_start: int = 0
+    final: bool = True
+    request_id: str = ""
+    context: dict[str, Any] = field(default_factory=dict)
+
+
+class StreamCheck:
+    """Per-stream state of one guard. The default re-checks the unchecked window one-shot."""
+
+    def __init__(self, guard: Guard, messages: list[Message], request_id: str) -> None:
+        self.guard = guard
+        self.messages = messages
+        self.request_id = request_id
+
+    async def check(self, text: str, window_start: int, final: bool) -> Verdict:
+        """Judge `text` (the whole answer so far); `text[window_start:]` is new since the last check."""
+        return await self.guard.check(
+            GuardInput(
+                stage="stream",
+                messages=self.messages,
+                text=text,
+                window_start=window_start,
+                final=final,
+                request_id=self.request_id,
+            )
+        )
+
+    async def close(self) -> None:
+        """Free per-stream resources (called on stream end, block and client disconnect)."""
+
+
+class Guard(ABC):
+    """Base class of every guard. Subclasses set `name` and `stages` and implement `check`."""
+
+    name: ClassVar[str]
+    stages: ClassVar[frozenset[str]] = frozenset({"input", "stream", "output"})
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+    @abstractmethod
+    async def check(self, inp: GuardInput) -> Verdict:
+        """Judge one input; must not block the event loop (run inference in a worker)."""
+
+    def open_stream(self, messages: list[Message], request_id: str) -> StreamCheck:
+        return StreamCheck(self, messages, request_id)
+
+    async def start(self) -> None:
+        """Load models etc. Called once when a policy using this guard is activated."""
+
+    async def aclose(self) -> None:
+        """Release models and workers."""
+
+    def verdict(self, t0: float, **kw: Any) -> Verdict:
+        """A verdict stamped with this guard's name and the latency since `t0` (perf_counter)."""
+        return Verdict(guard=self.name, latency_ms=(time.perf_counter() - t0) * 1000.0, **kw)
+
+
+class GuardConfigError(ValueError):
+    """A guard's options are invalid (raised at policy load, reported with file:line)."""
+
+
+GuardFactory = Callable[..., Guard]
+_REGISTRY: dict[str, GuardFactory] = {}
+
+
+def register(name: str) -> Callable[[GuardFactory], GuardFactory]:
+    """Class decorator: make a guard available to policies under `name`."""
+
+    def deco(factory: GuardFactory) -> GuardFactory:
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+BUILTIN_MODULES = ("regex", "llama_guard", "prompt_guard", "code_shield")
+
+
+def _load_builtins() -> None:
+    # Import the built-in guards for their @register side effect; optional runtimes
+    # (llama.cpp, onnxruntime, semgrep) are imported lazily inside each guard, so these
+    # imports are cheap and never fail for a missing optional dependency.
+    import importlib
+
+    for mod in BUILTIN_MODULES:
+        importlib.import_module(f"gateway.guards.{mod}")
+
+
+def create(name: str, **options: Any) -> Guard:
+    if not _REGISTRY:
+        _load_builtins()
+    try:
+        factory = _REGISTRY[name]
+    except KeyError:
+        raise GuardConfigError(f"unknown guard {name!r} (known: {', '.join(sorted(_REGISTRY))})") from None
+    return factory(**options)
+
+
+def known() -> list[str]:
+    if not _REGISTRY:
+        _load_builtins()
+    return sorted(_REGISTRY)

@@ -1,0 +1,192 @@
+"""Neutral types shared by every layer.
+
+Only `dialects/` knows wire formats; everything else speaks these types. A request becomes an
+`Exchange`; an upstream answer becomes either a `Completion` (non-stream) or an async iterator of
+`Event`s (stream); guards return `Verdict`s.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+Stage = Literal["input", "stream", "output"]
+
+
+# --------------------------------------------------------------------------- messages
+
+
+@dataclass(slots=True)
+class Part:
+    """One content part of a message: text or an image reference."""
+
+    type: Literal["text", "image"]
+    text: str = ""
+    image_url: str | None = None
+
+
+@dataclass(slots=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str = ""  # a JSON string, as both dialects carry it
+
+
+@dataclass(slots=True)
+class Message:
+    role: Role
+    parts: list[Part] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_call_id: str | None = None
+    name: str | None = None
+    stop_reason: str | None = None  # Llama API echoes it on assistant turns
+
+    @classmethod
+    def of(cls, role: Role, text: str) -> Message:
+        return cls(role=role, parts=[Part("text", text)])
+
+    @property
+    def text(self) -> str:
+        """All text parts joined: what a text guard reads."""
+        return "".join(p.text for p in self.parts if p.type == "text")
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+@dataclass(slots=True)
+class Exchange:
+    """A decoded chat request, whatever dialect it came in."""
+
+    model: str
+    messages: list[Message]
+    stream: bool = False
+    include_usage: bool = False  # OpenAI stream_options.include_usage (Llama always sends metrics)
+    # Sampling and tool parameters in neutral names: temperature, top_p, top_k, max_tokens, stop,
+    # seed, tools ([{name, description, parameters, strict}]), tool_choice, response_format, user,
+    # repetition_penalty, frequency_penalty, presence_penalty, n.
+    params: dict[str, Any] = field(default_factory=dict)
+    # Fields of the client's dialect with no neutral counterpart, kept for a same-dialect upstream.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Completion:
+    """A non-stream chat answer."""
+
+    id: str
+    model: str
+    message: Message
+    finish_reason: str = "stop"  # stop | length | tool_calls | content_filter
+    usage: Usage | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- stream events
+
+
+@dataclass(slots=True)
+class StreamStart:
+    """First event of a stream: identity shared by every chunk the client sees."""
+
+    id: str
+    model: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+@dataclass(slots=True)
+class TextDelta:
+    text: str
+    index: int = 0  # choice index
+
+
+@dataclass(slots=True)
+class ToolCallDelta:
+    """A fragment of a tool call; the first fragment of a call carries id and name."""
+
+    call_index: int
+    arguments: str = ""
+    id: str | None = None
+    name: str | None = None
+    index: int = 0  # choice index
+
+
+@dataclass(slots=True)
+class Finish:
+    reason: str  # stop | length | tool_calls | content_filter
+    index: int = 0
+
+
+@dataclass(slots=True)
+class UsageEvent:
+    usage: Usage
+
+
+@dataclass(slots=True)
+class Annotation:
+    """Guardgate's own in-band decision record, rendered on the final chunk."""
+
+    data: dict[str, Any]
+
+
+Event = StreamStart | TextDelta | ToolCallDelta | Finish | UsageEvent | Annotation
+
+
+# --------------------------------------------------------------------------- guard verdicts
+
+
+@dataclass(slots=True)
+class Verdict:
+    """What one guard said about one piece of input or output.
+
+    `error` set means the guard did not produce a verdict (crash, timeout, not run): such a
+    verdict is never a pass; the step's `on_error` decides what happens.
+    """
+
+    guard: str
+    flagged: bool = False
+    score: float | None = None
+    categories: list[str] = field(default_factory=list)
+    reason: str = ""
+    latency_ms: float = 0.0
+    tokens_evaluated: int = 0
+    error: str | None = None
+    # Stream stage: character span of the guarded text this verdict is about (redact target),
+    # and the offset from which the guard asks the gate to hold text back (e.g. an open code block).
+    span: tuple[int, int] | None = None
+    hold_from: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ran(self) -> bool:
+        return self.error is None
+
+    def to_record(self) -> dict[str, Any]:
+        rec: dict[str, Any] = {
+            "guard": self.guard,
+            "verdict": "error" if self.error else ("flagged" if self.flagged else "pass"),
+            "flagged": self.flagged,
+            "score": self.score,
+            "categories": list(self.categories),
+            "latency_ms": round(self.latency_ms, 3),
+            "tokens_evaluated": self.tokens_evaluated,
+        }
+        if self.reason:
+            rec["reason"] = self.reason
+        if self.error:
+            rec["error"] = self.error
+        if self.details:
+            rec["details"] = self.details
+        return rec
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:24]}"
