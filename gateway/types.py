@@ -100,6 +100,9 @@ class StreamStart:
     id: str
     model: str
     created: int = field(default_factory=lambda: int(time.time()))
+    # Per-dialect chunk fields with no neutral meaning, namespaced by dialect name
+    # (e.g. {"openai": {"system_fingerprint": ...}}); re-emitted only by that dialect's encoder.
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
