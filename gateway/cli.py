@@ -1,0 +1,128 @@
+"""`guardgate` command line: serve | check | models | audit."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from gateway.config import GatewayConfig, Route, UpstreamConfig, load_file
+from gateway.yamlio import ConfigError
+
+DEFAULT_CONFIG = Path("conf/gateway.yaml")
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the gateway")
+    p.add_argument("--config", help=f"gateway YAML (default: {DEFAULT_CONFIG} when present)")
+    p.add_argument("--upstream", help="upstream base URL, e.g. https://api.openai.com/v1")
+    p.add_argument("--upstream-dialect", choices=("openai", "llama"), default="openai")
+    p.add_argument("--upstream-key-env", help="environment variable holding the upstream API key")
+    p.add_argument("--local-model", help="serve chat from a local GGUF (manifest name or path) instead of an HTTP upstream")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--policy", help="policy name (from policies/) or YAML file applied to every request")
+    p.add_argument("--audit", help="audit log path (JSONL)")
+    p.add_argument("--log-level", default=os.environ.get("GUARDGATE_LOG_LEVEL", "INFO"))
+
+
+def build_config(args: argparse.Namespace) -> GatewayConfig:
+    """Config from --config / conf/gateway.yaml, or from the quick flags, or the embedded local model."""
+    path = args.config or (str(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() and not args.upstream else None)
+    if path:
+        cfg = load_file(path)
+    elif args.upstream:
+        if not args.upstream.startswith(("http://", "https://")):
+            raise ConfigError(f"--upstream must be an http(s) URL, got {args.upstream!r}")
+        up = UpstreamConfig(name="default", base_url=args.upstream.rstrip("/"), dialect=args.upstream_dialect,
+                            api_key_env=args.upstream_key_env)
+        cfg = GatewayConfig(upstreams={"default": up}, routes=[Route(upstream="default")])
+    else:
+        up = UpstreamConfig(name="local", type="llama_cpp", dialect="openai",
+                            model=args.local_model or "gemma-3-270m")
+        cfg = GatewayConfig(upstreams={"local": up}, routes=[Route(upstream="local")])
+    if args.host:
+        cfg.host = args.host
+    if args.port is not None:
+        cfg.port = args.port
+    if args.policy:
+        cfg.policy = args.policy
+    if args.audit:
+        cfg.audit_path = args.audit
+    return cfg
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def main_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from gateway.server import Gateway, create_app
+
+    _setup_logging(args.log_level)
+    try:
+        cfg = build_config(args)
+        policies, audit = _policies_and_audit(cfg)
+    except ConfigError as e:
+        print(f"guardgate: {e}", file=sys.stderr)
+        return 2
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+    gw = Gateway(cfg, policies=policies, audit=audit)
+    app = create_app(gw)
+    print(f"guardgate listening on http://{cfg.host}:{cfg.port} "
+          f"(upstreams: {', '.join(f'{n}={u.base_url or u.model}' for n, u in cfg.upstreams.items())})",
+          file=sys.stderr, flush=True)
+    web.run_app(app, host=cfg.host, port=cfg.port, print=None, access_log=None,
+                shutdown_timeout=cfg.shutdown_grace_s, handler_cancellation=True)
+    return 0
+
+
+def _policies_and_audit(cfg: GatewayConfig):  # type: ignore[no-untyped-def]
+    """The policy store and audit log the config asks for (None when no policy is used anywhere)."""
+    names = {cfg.policy} | {r.policy for r in cfg.routes} | {k.policy for k in cfg.keys}
+    names.discard(None)
+    audit = None
+    if cfg.audit_path:
+        from gateway.policy.audit import AuditLog
+
+        audit = AuditLog(cfg.audit_path, include_content=cfg.audit_content)
+    if not names:
+        return None, audit
+    from gateway.policy.chain import PolicyStore
+
+    store = PolicyStore(dirs=cfg.policy_dirs, required=sorted(n for n in names if n))
+    return store, audit
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="guardgate", description="Inline safety gateway for LLM traffic.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    handlers = {"serve": main_serve}
+    for module, adder, runner, name in (
+        ("gateway.check", "add_check_parser", "main_check", "check"),
+        ("gateway.models", "add_models_parser", "main_models", "models"),
+        ("gateway.audit_cli", "add_audit_parser", "main_audit", "audit"),
+    ):
+        try:
+            mod = __import__(module, fromlist=[adder])
+        except ImportError:
+            continue
+        getattr(mod, adder)(sub)
+        handlers[name] = getattr(mod, runner)
+    args = parser.parse_args(argv)
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

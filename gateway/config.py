@@ -1,0 +1,192 @@
+"""Gateway configuration: listeners, upstreams, routes, gateway keys, limits.
+
+Loaded from `conf/gateway.yaml` (or built from `guardgate serve` quick flags). Secrets come only
+from the environment: the file names env vars (`api_key_env`, `key_env`), never keys.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.yamlio import ConfigError, Fields, load
+
+log = logging.getLogger("guardgate.config")
+
+DIALECTS = ("openai", "llama")
+
+
+@dataclass(slots=True)
+class Timeouts:
+    connect: float = 10.0  # TCP/TLS connect
+    read: float = 300.0  # idle time between bytes (first byte included); streams may run longer
+    total: float | None = None  # whole exchange, off by default (long streams)
+
+
+@dataclass(slots=True)
+class UpstreamConfig:
+    name: str
+    type: str = "http"  # http | llama_cpp
+    base_url: str = ""
+    dialect: str = "openai"
+    api_key_env: str | None = None
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    max_connections: int = 1000
+    model: str | None = None  # llama_cpp: manifest name or GGUF path
+    options: dict = field(default_factory=dict)  # llama_cpp engine options (n_ctx, threads, n_gpu_layers)
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+@dataclass(slots=True)
+class Route:
+    upstream: str
+    path: str | None = None  # client path prefix, e.g. "/llama/"
+    model: str | None = None  # model name glob, e.g. "gpt-*"
+    policy: str | None = None
+
+    def matches(self, path: str, model: str | None) -> bool:
+        if self.path is not None and not path.startswith(self.path):
+            return False
+        if self.model is not None and (model is None or not fnmatch.fnmatchcase(model, self.model)):
+            return False
+        return True
+
+
+@dataclass(slots=True)
+class GatewayKey:
+    name: str
+    key_env: str
+    policy: str | None = None
+
+    def value(self) -> str | None:
+        return os.environ.get(self.key_env)
+
+
+@dataclass(slots=True)
+class Limits:
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_header_bytes: int = 16 * 1024
+
+
+@dataclass(slots=True)
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
+    routes: list[Route] = field(default_factory=list)
+    keys: list[GatewayKey] = field(default_factory=list)
+    limits: Limits = field(default_factory=Limits)
+    policy: str | None = None  # applies to everything (overrides routes and keys): `--policy`
+    policy_dirs: list[str] = field(default_factory=lambda: ["policies"])
+    audit_path: str | None = None
+    audit_content: bool = False
+    shutdown_grace_s: float = 30.0
+    source: str | None = None
+
+    def route_for(self, path: str, model: str | None) -> Route | None:
+        for r in self.routes:
+            if r.matches(path, model):
+                return r
+        return None
+
+    def needs_model_for_routing(self) -> bool:
+        return any(r.model is not None for r in self.routes)
+
+
+def _timeouts(obj: object, file: str | None) -> Timeouts:
+    f = Fields(obj, file, "timeouts", {"connect", "read", "total"})
+    return Timeouts(
+        connect=f.get("connect", float, 10.0),
+        read=f.get("read", float, 300.0),
+        total=f.get("total", float, None),
+    )
+
+
+def _upstream(name: str, obj: object, file: str | None) -> UpstreamConfig:
+    f = Fields(obj, file, f"upstreams.{name}",
+               {"type", "base_url", "dialect", "api_key_env", "timeouts", "max_connections", "model", "options"})
+    typ = f.get("type", str, "http")
+    if typ not in ("http", "llama_cpp"):
+        raise f.error("type", f"upstreams.{name}.type must be http or llama_cpp, got {typ!r}")
+    base_url = f.get("base_url", str, "", required=typ == "http").rstrip("/")
+    if typ == "http" and not base_url.startswith(("http://", "https://")):
+        raise f.error("base_url", f"upstreams.{name}.base_url must start with http:// or https://")
+    dialect = f.get("dialect", str, "openai")
+    if dialect not in DIALECTS:
+        raise f.error("dialect", f"upstreams.{name}.dialect must be one of {', '.join(DIALECTS)}")
+    key_env = f.get("api_key_env", str)
+    if key_env and key_env.startswith(("sk-", "Bearer")):
+        raise f.error("api_key_env", "api_key_env names an environment variable; never put a key in the file")
+    return UpstreamConfig(
+        name=name, type=typ, base_url=base_url, dialect=dialect, api_key_env=key_env,
+        timeouts=_timeouts(f.obj["timeouts"], file) if "timeouts" in f.obj else Timeouts(),
+        max_connections=f.get("max_connections", int, 1000),
+        model=f.get("model", str), options=dict(f.get("options", dict, {})),
+    )
+
+
+def parse(obj: object, file: str | None = None) -> GatewayConfig:
+    top = Fields(obj if obj is not None else {}, file, "config",
+                 {"listen", "upstreams", "routes", "keys", "limits", "policy", "policy_dirs", "audit", "shutdown_grace_s"})
+    cfg = GatewayConfig(source=file)
+    if "listen" in top.obj:
+        lf = Fields(top.obj["listen"], file, "listen", {"host", "port"})
+        cfg.host = lf.get("host", str, cfg.host)
+        cfg.port = lf.get("port", int, cfg.port)
+    ups = top.get("upstreams", dict, {})
+    for name, u in ups.items():
+        cfg.upstreams[str(name)] = _upstream(str(name), u, file)
+    routes = top.get("routes", list, [])
+    for i, r in enumerate(routes):
+        rf = Fields(r, file, f"routes[{i}]", {"path", "model", "upstream", "policy"})
+        up = rf.get("upstream", str, required=True)
+        if up not in cfg.upstreams:
+            raise rf.error("upstream", f"routes[{i}].upstream {up!r} is not defined under upstreams")
+        cfg.routes.append(Route(upstream=up, path=rf.get("path", str), model=rf.get("model", str),
+                                policy=rf.get("policy", str)))
+    if not cfg.routes and len(cfg.upstreams) == 1:
+        cfg.routes.append(Route(upstream=next(iter(cfg.upstreams))))
+    for i, k in enumerate(top.get("keys", list, [])):
+        kf = Fields(k, file, f"keys[{i}]", {"name", "key_env", "policy"})
+        cfg.keys.append(GatewayKey(name=kf.get("name", str, f"key{i}"), key_env=kf.get("key_env", str, required=True),
+                                   policy=kf.get("policy", str)))
+    if "limits" in top.obj:
+        lf = Fields(top.obj["limits"], file, "limits", {"max_body_bytes", "max_header_bytes"})
+        cfg.limits = Limits(max_body_bytes=lf.get("max_body_bytes", int, cfg.limits.max_body_bytes),
+                            max_header_bytes=lf.get("max_header_bytes", int, cfg.limits.max_header_bytes))
+    cfg.policy = top.get("policy", str)
+    dirs = top.get("policy_dirs", list, None)
+    if dirs is not None:
+        cfg.policy_dirs = [str(d) for d in dirs]
+    if "audit" in top.obj:
+        af = Fields(top.obj["audit"], file, "audit", {"path", "content"})
+        cfg.audit_path = af.get("path", str)
+        cfg.audit_content = af.get("content", bool, False)
+    cfg.shutdown_grace_s = top.get("shutdown_grace_s", float, cfg.shutdown_grace_s)
+    if not cfg.upstreams:
+        raise ConfigError("no upstreams defined", file, None)
+    return cfg
+
+
+def load_file(path: str | os.PathLike[str]) -> GatewayConfig:
+    p = Path(path)
+    _warn_if_world_readable(p)
+    return parse(load(p), str(p))
+
+
+def _warn_if_world_readable(p: Path) -> None:
+    """Config names env vars, not secrets; still, a world-writable/readable config is a smell."""
+    try:
+        mode = p.stat().st_mode
+    except OSError:
+        return
+    if mode & stat.S_IWOTH:
+        raise ConfigError("config file is world-writable; refusing to load it", p)
+    if mode & stat.S_IROTH and "key" in p.read_text(errors="replace").lower():
+        log.warning("config %s is world-readable; keep keys in the environment only", p)

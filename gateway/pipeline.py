@@ -1,0 +1,282 @@
+"""The decoded path: request → input guards → upstream → stream gate → client.
+
+Used when a chat request must be inspected (the policy has steps) or translated (client and
+upstream speak different dialects, or the upstream is a local model). Everything else goes to the
+byte relay. Data flows one way; this module wires the layers and knows no wire format itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+
+from gateway import dialects
+from gateway.dialects.base import DialectError
+from gateway.relay import SSE_HEADERS
+from gateway.types import Event, Exchange
+from gateway.upstreams.base import NeutralUpstream, UpstreamError
+from gateway.upstreams.http import HttpUpstream, request_headers
+
+if TYPE_CHECKING:
+    from gateway.server import Gateway, RequestContext
+
+
+class UpstreamStreamError(Exception):
+    """The upstream failed after the stream started; the client gets a dialect error frame."""
+
+    def __init__(self, message: str, code: str = "upstream_error") -> None:
+        super().__init__(message)
+        self.message, self.code = message, code
+
+
+def _gateway_error(*args: Any, **kw: Any) -> Exception:
+    from gateway.server import GatewayError
+
+    return GatewayError(*args, **kw)
+
+
+async def upstream_events(resp: aiohttp.ClientResponse, dialect_name: str) -> AsyncIterator[Event]:
+    """Neutral events from an upstream SSE body; closing this generator closes the connection."""
+    from gateway.dialects.sse import SSEParser
+
+    parser = SSEParser()
+    dec = dialects.get(dialect_name).stream_decoder()
+    try:
+        try:
+            async for chunk in resp.content.iter_any():
+                for sse in parser.feed(chunk):
+                    for ev in dec.feed(sse.event, sse.data):
+                        yield ev
+                if dec.done():
+                    return
+        except (aiohttp.ClientError, TimeoutError, asyncio.TimeoutError) as e:
+            raise UpstreamStreamError(f"upstream stream failed: {type(e).__name__}") from None
+        except DialectError as e:
+            raise UpstreamStreamError(f"upstream sent an error mid-stream: {e.message}",
+                                      e.code or "upstream_error") from None
+        if not dec.done():
+            raise UpstreamStreamError("upstream stream ended before its terminator", "upstream_truncated")
+    finally:
+        resp.close()
+
+
+class Pipeline:
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    def _policy(self, ctx: RequestContext) -> Any:
+        store = self.gw.policies
+        if store is None or not ctx.policy:
+            return None
+        return store.get(ctx.policy)
+
+    async def dispatch(self, request: web.Request, ctx: RequestContext, upstream: HttpUpstream | NeutralUpstream,
+                       body: bytes, payload: Any) -> web.StreamResponse:
+        policy = self._policy(ctx)
+        neutral = isinstance(upstream, NeutralUpstream)
+        same = not neutral and upstream.dialect == ctx.dialect
+        if request.method == "POST" and ctx.tail == "/chat/completions":
+            if neutral or not same or (policy is not None and policy.needs_inspection):
+                return await self.chat(request, ctx, upstream, body, policy)
+        elif request.method == "POST" and ctx.tail == "/moderations":
+            served = await self.moderations(request, ctx, body, policy)
+            if served is not None:
+                return served
+        if request.method == "GET" and ctx.tail.rstrip("/") == "/models" and not same:
+            return await self.models(request, ctx, upstream)
+        if neutral or not same:
+            raise _gateway_error(404, f"{request.method} {ctx.prefix}{ctx.tail} is not available on upstream "
+                                 f"{ctx.upstream} ({'local model' if neutral else upstream.dialect + ' dialect'})",
+                                 "not_found")
+        assert isinstance(upstream, HttpUpstream)
+        return await self.gw.relay(request, ctx, upstream, body)
+
+    # ------------------------------------------------------------------ chat
+
+    async def chat(self, request: web.Request, ctx: RequestContext, upstream: HttpUpstream | NeutralUpstream,
+                   body: bytes, policy: Any) -> web.StreamResponse:
+        cd = dialects.get(ctx.dialect)
+        try:
+            ex = cd.decode_request(body)
+        except DialectError as e:
+            raise _gateway_error(e.status, e.message, e.code or "invalid_request", param=e.param) from None
+        run = None
+        if policy is not None:
+            from gateway.policy.chain import PolicyRun
+
+            run = PolicyRun(policy, request_id=ctx.id, route=ctx.prefix + ctx.tail, dialect=ctx.dialect,
+                            model=ex.model, key=ctx.key.name if ctx.key else None, audit=self.gw.audit)
+        status, error = 500, None
+        try:
+            resp = await self._chat(request, ctx, upstream, ex, run)
+            status = resp.status
+            return resp
+        except Exception as e:
+            status = getattr(e, "status", 500)
+            error = getattr(e, "code", type(e).__name__)
+            raise
+        except asyncio.CancelledError:
+            status, error = 499, "client_disconnected"
+            raise
+        finally:
+            if run is not None:
+                run.finish(status=status, error=error)
+
+    async def _input_gate(self, task: asyncio.Task[Any], ctx: RequestContext) -> None:
+        decision = await task
+        if decision.blocked:
+            ctx.outcome = "blocked_input"
+            raise _gateway_error(400, decision.message or "Request blocked by content policy", "content_filter",
+                                 param="messages", retry=False)
+
+    async def _chat(self, request: web.Request, ctx: RequestContext, upstream: HttpUpstream | NeutralUpstream,
+                    ex: Exchange, run: Any) -> web.StreamResponse:
+        cd = dialects.get(ctx.dialect)
+        input_task: asyncio.Task[Any] | None = None
+        if run is not None and run.policy.has_input:
+            input_task = asyncio.create_task(run.check_input(ex))
+            if not (run.policy.input_parallel and isinstance(upstream, HttpUpstream)):
+                await self._input_gate(input_task, ctx)
+                input_task = None
+        try:
+            if isinstance(upstream, NeutralUpstream):
+                if not ex.stream:
+                    try:
+                        completion = await upstream.complete(ex)
+                    except UpstreamError:
+                        raise
+                    return await self._send_completion(ctx, cd, ex, completion, run)
+                return await self._send_stream(request, ctx, cd, ex, upstream.stream(ex), run)
+
+            ud = dialects.get(upstream.dialect)
+            up_body = json.dumps(ud.encode_request(ex), separators=(",", ":")).encode()
+            headers = request_headers(request.headers, upstream.auth_header(request.headers.get("Authorization"),
+                                                                            bool(self.gw._keys)), ctx.id,
+                                      {"Content-Type": "application/json"})
+            send = asyncio.ensure_future(upstream.send("POST", ctx.tail, request.query_string, headers, up_body))
+            if input_task is not None:
+                # Speculative: the upstream is already on its way; no byte leaves before the verdict.
+                try:
+                    await self._input_gate(input_task, ctx)
+                except BaseException:
+                    send.cancel()
+                    try:
+                        (await send).close()
+                    except BaseException:
+                        pass
+                    raise
+                input_task = None
+            resp = await send
+        finally:
+            if input_task is not None and not input_task.done():
+                input_task.cancel()
+        ctx.ttfb_ms = (time.perf_counter() - ctx.started) * 1000
+        if resp.status >= 400:
+            try:
+                raw = await resp.read()
+            finally:
+                resp.close()
+            message, code = ud.decode_error(resp.status, raw)
+            body = cd.error_body(resp.status, message, type="upstream_error", code=code)
+            out = web.json_response(body, status=resp.status, headers={"X-Guardgate-Request-Id": ctx.id})
+            for h in ("Retry-After", "retry-after-ms", "x-should-retry"):
+                if h in resp.headers:
+                    out.headers[h] = resp.headers[h]
+            ctx.outcome = "upstream_error"
+            return out
+        if not ex.stream:
+            try:
+                raw = await resp.read()
+            except (aiohttp.ClientError, TimeoutError, asyncio.TimeoutError):
+                resp.close()
+                raise UpstreamError("upstream failed while sending its answer", 502) from None
+            finally:
+                resp.close()
+            try:
+                completion = ud.decode_response(raw)
+            except DialectError as e:
+                raise UpstreamError(f"upstream answer does not decode: {e.message}", 502, "bad_upstream_response") \
+                    from None
+            return await self._send_completion(ctx, cd, ex, completion, run)
+        return await self._send_stream(request, ctx, cd, ex, upstream_events(resp, upstream.dialect), run)
+
+    async def _send_completion(self, ctx: RequestContext, cd: Any, ex: Exchange, completion: Any,
+                               run: Any) -> web.Response:
+        if run is not None and run.policy.has_output:
+            completion = await run.check_output(ex, completion)
+        if completion.finish_reason == "content_filter":
+            ctx.outcome = "blocked_output"
+        return web.json_response(cd.encode_response(completion, ex), headers={"X-Guardgate-Request-Id": ctx.id})
+
+    async def _send_stream(self, request: web.Request, ctx: RequestContext, cd: Any, ex: Exchange,
+                           events: AsyncIterator[Event], run: Any) -> web.StreamResponse:
+        if run is not None and run.policy.has_stream:
+            events = run.guard_stream(ex, events)
+        enc = cd.stream_encoder(ex)
+        out = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                                      "X-Guardgate-Request-Id": ctx.id, **SSE_HEADERS})
+        await out.prepare(request)
+        try:
+            try:
+                async for ev in events:
+                    frame = enc.encode(ev)
+                    if frame:
+                        await out.write(frame)
+                await out.write(enc.end())
+            except UpstreamStreamError as e:
+                ctx.outcome = e.code
+                await out.write(enc.error(e.message, e.code))
+            except UpstreamError as e:
+                ctx.outcome = e.code
+                await out.write(enc.error(e.message, e.code))
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+        await out.write_eof()
+        return out
+
+    # ------------------------------------------------------------------ models, moderations
+
+    async def models(self, request: web.Request, ctx: RequestContext,
+                     upstream: HttpUpstream | NeutralUpstream) -> web.Response:
+        cd = dialects.get(ctx.dialect)
+        if isinstance(upstream, NeutralUpstream):
+            models = [{"id": m, "created": 0, "owned_by": "guardgate"} for m in await upstream.models()]
+        else:
+            ud = dialects.get(upstream.dialect)
+            headers = request_headers(request.headers, upstream.auth_header(request.headers.get("Authorization"),
+                                                                            bool(self.gw._keys)), ctx.id)
+            resp = await upstream.send("GET", "/models", "", headers, None)
+            try:
+                raw = await resp.read()
+            finally:
+                resp.close()
+            if resp.status >= 400:
+                message, code = ud.decode_error(resp.status, raw)
+                return web.json_response(cd.error_body(resp.status, message, type="upstream_error", code=code),
+                                         status=resp.status)
+            try:
+                models = ud.decode_models(raw)
+            except DialectError as e:
+                raise UpstreamError(f"upstream models list does not decode: {e.message}", 502) from None
+        return web.json_response(cd.encode_models(models))
+
+    async def moderations(self, request: web.Request, ctx: RequestContext, body: bytes,
+                          policy: Any) -> web.Response | None:
+        """Served by the policy's local guard models when it configures them; else relayed (None)."""
+        if policy is None or getattr(policy, "moderation_guard", None) is None:
+            return None
+        cd = dialects.get(ctx.dialect)
+        try:
+            messages = cd.decode_moderation_request(body)
+        except DialectError as e:
+            raise _gateway_error(e.status, e.message, e.code or "invalid_request", param=e.param) from None
+        from gateway.guards.moderation import moderate
+
+        results = await moderate(policy.moderation_guard, messages)
+        return web.json_response(cd.encode_moderation_response(results, model=policy.moderation_guard.name))

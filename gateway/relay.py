@@ -1,0 +1,81 @@
+"""The byte relay: the fast path for requests that need no inspection and no translation.
+
+Bodies pass chunk by chunk with back-pressure (each `write` waits for the client's socket).
+SSE bodies are forwarded on event boundaries only, so that if the upstream fails mid-stream the
+client gets a whole error frame in its dialect instead of half an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from aiohttp import web
+
+from gateway.upstreams.http import response_headers
+
+SMALL_BODY = 1 << 20  # non-SSE bodies up to this size are read whole and sent with Content-Length
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def last_event_end(buf: bytes | bytearray) -> int:
+    """Offset just past the last complete SSE event in `buf` (0 if none).
+
+    An event ends at a blank line: LF LF, CR LF CR LF, or CR CR (mixed endings are rare enough
+    that the three plain forms suffice; a missed boundary only delays bytes, never corrupts).
+    """
+    end = 0
+    for sep in (b"\n\n", b"\r\n\r\n", b"\r\r"):
+        i = buf.rfind(sep)
+        if i >= 0:
+            end = max(end, i + len(sep))
+    return end
+
+
+def is_sse(headers: object) -> bool:
+    ctype = headers.get("Content-Type", "") if hasattr(headers, "get") else ""
+    return "text/event-stream" in ctype
+
+
+async def relay_response(request: web.Request, upstream_resp: aiohttp.ClientResponse,
+                         extra_headers: dict[str, str], error_frame: bytes) -> web.StreamResponse:
+    """Send an upstream response to the client as it arrives. The caller closes `upstream_resp`."""
+    headers = response_headers(upstream_resp.headers)
+    headers.update(extra_headers)
+    sse = is_sse(upstream_resp.headers)
+    length = upstream_resp.content_length
+    if not sse and length is not None and length <= SMALL_BODY:
+        body = await upstream_resp.read()
+        return web.Response(body=body, status=upstream_resp.status, headers=headers)
+
+    if sse:
+        headers.update(SSE_HEADERS)
+    out = web.StreamResponse(status=upstream_resp.status, headers=headers)
+    await out.prepare(request)
+    if not sse:
+        async for chunk in upstream_resp.content.iter_any():
+            await out.write(chunk)
+        await out.write_eof()
+        return out
+
+    pending = bytearray()
+    try:
+        async for chunk in upstream_resp.content.iter_any():
+            pending += chunk
+            end = last_event_end(pending)
+            if end:
+                await out.write(bytes(pending[:end]))
+                del pending[:end]
+    except (aiohttp.ClientError, TimeoutError, asyncio.TimeoutError):
+        # The upstream died mid-stream: drop its half event, tell the client in its dialect.
+        await out.write(error_frame)
+        await out.write_eof()
+        return out
+    tail = bytes(pending).strip()
+    if tail.startswith(b"data: [DONE]"):
+        await out.write(tail + b"\n\n")  # a terminator missing only its blank line
+    elif tail:
+        # EOF inside an event: the SDKs would drop it silently; an error frame makes the cut visible.
+        await out.write(error_frame)
+    await out.write_eof()
+    return out

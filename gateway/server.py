@@ -1,0 +1,323 @@
+"""The aiohttp application: auth, limits, request ids, routing, and the choice of path.
+
+Every request on a dialect prefix goes through `Gateway.handle`:
+  auth (gateway keys) → body limits and JSON check → route (path prefix, model glob) →
+  either the byte relay (same dialect, nothing to inspect) or the pipeline (decode, guards,
+  translate, encode). Errors Guardgate produces are rendered in the client's dialect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from gateway import dialects
+from gateway.config import GatewayConfig, GatewayKey, Route
+from gateway.types import Exchange
+from gateway.relay import relay_response
+from gateway.upstreams.base import NeutralUpstream, UpstreamError
+from gateway.upstreams.http import HttpUpstream, request_headers
+
+log = logging.getLogger("guardgate")
+access_log = logging.getLogger("guardgate.access")
+
+# Client-facing prefixes and the dialect each speaks (longest first).
+PREFIXES: tuple[tuple[str, str], ...] = (
+    ("/llama/compat/v1", "openai"),
+    ("/llama/v1", "llama"),
+    ("/openai/v1", "openai"),
+    ("/v1", "openai"),
+)
+CHAT_PATHS = ("/chat/completions",)
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """Per-request facts every layer may read (never the body or keys)."""
+
+    id: str
+    dialect: str
+    prefix: str
+    tail: str  # path after the prefix, e.g. "/chat/completions"
+    started: float = field(default_factory=time.perf_counter)
+    key: GatewayKey | None = None
+    route: Route | None = None
+    upstream: str | None = None
+    policy: str | None = None
+    model: str | None = None
+    stream: bool = False
+    status: int = 0
+    ttfb_ms: float | None = None
+    outcome: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class GatewayError(Exception):
+    """An error Guardgate answers itself, rendered in the client's dialect."""
+
+    def __init__(self, status: int, message: str, code: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, retry: bool | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.type, self.param = status, message, code, type, param
+        self.retry = retry
+
+
+def error_response(dialect: str, err: GatewayError, request_id: str) -> web.Response:
+    body = dialects.get(dialect).error_body(err.status, err.message, type=err.type, code=err.code,
+                                            param=err.param)
+    headers = {"X-Guardgate-Request-Id": request_id}
+    retry = err.retry if err.retry is not None else err.status in (429, 502, 503, 504)
+    headers["x-should-retry"] = "true" if retry else "false"
+    return web.json_response(body, status=err.status, headers=headers)
+
+
+@functools.cache
+def _relay_error_frame(dialect: str) -> bytes:
+    """The frame that ends a relayed stream whose upstream failed mid-way."""
+    enc = dialects.get(dialect).stream_encoder(Exchange(model="", messages=[], stream=True))
+    return enc.error("the upstream stream failed before it finished", "upstream_error")
+
+
+def split_prefix(path: str) -> tuple[str, str, str] | None:
+    for prefix, dialect in PREFIXES:
+        if path == prefix or path.startswith(prefix + "/"):
+            return prefix, dialect, path[len(prefix):] or "/"
+    return None
+
+
+class Gateway:
+    """Owns the upstreams, the policies and the audit log for one running server."""
+
+    def __init__(self, cfg: GatewayConfig, policies: Any = None, audit: Any = None) -> None:
+        self.cfg = cfg
+        self.policies = policies  # gateway.policy store (None: no policies configured)
+        self.audit = audit
+        self.upstreams: dict[str, HttpUpstream | NeutralUpstream] = {}
+        self.ready = False
+        self._keys: list[tuple[bytes, GatewayKey]] = []
+        self.pipeline: Any = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, app: web.Application) -> None:
+        from gateway.pipeline import Pipeline
+
+        for name, ucfg in self.cfg.upstreams.items():
+            if ucfg.type == "llama_cpp":
+                from gateway.upstreams.local import LocalUpstream
+
+                up: HttpUpstream | NeutralUpstream = LocalUpstream(ucfg)
+            else:
+                up = HttpUpstream(ucfg)
+            await up.start()
+            self.upstreams[name] = up
+        self._keys = []
+        for k in self.cfg.keys:
+            value = k.value()
+            if not value:
+                raise RuntimeError(f"gateway key {k.name}: environment variable {k.key_env} is not set")
+            self._keys.append((value.encode(), k))
+        self.pipeline = Pipeline(self)
+        if self.policies is not None:
+            await self.policies.start()
+        self.ready = True
+
+    async def stop(self, app: web.Application) -> None:
+        self.ready = False
+        if self.policies is not None:
+            await self.policies.aclose()
+        for up in self.upstreams.values():
+            await up.aclose()
+
+    # ------------------------------------------------------------------ helpers
+
+    def authenticate(self, request: web.Request) -> GatewayKey | None:
+        """The gateway key the client presented; compared in constant time against every key."""
+        if not self._keys:
+            return None
+        auth = request.headers.get("Authorization", "")
+        token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        found: GatewayKey | None = None
+        presented = token.encode()
+        for value, key in self._keys:
+            # compare every key (no early exit) so timing does not reveal which prefix matched
+            if hmac.compare_digest(presented, value) and token:
+                found = key
+        if found is None:
+            raise GatewayError(401, "missing or invalid gateway key" if token else "missing gateway key",
+                               "invalid_api_key", type="authentication_error")
+        return found
+
+    async def read_body(self, request: web.Request) -> bytes:
+        limit = self.cfg.limits.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise GatewayError(413, f"request body of {request.content_length} bytes exceeds the limit of "
+                               f"{limit} bytes", "request_too_large")
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise GatewayError(413, f"request body exceeds the limit of {limit} bytes",
+                               "request_too_large") from None
+
+    def policy_name(self, ctx: RequestContext) -> str | None:
+        if self.cfg.policy:
+            return self.cfg.policy
+        if ctx.key is not None and ctx.key.policy:
+            return ctx.key.policy
+        return ctx.route.policy if ctx.route else None
+
+    # ------------------------------------------------------------------ the handler
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        split = split_prefix(request.path)
+        if split is None:  # routed here only for dialect prefixes; defensive
+            raise web.HTTPNotFound()
+        prefix, dialect, tail = split
+        ctx = RequestContext(id=request.headers.get("X-Request-Id") or uuid.uuid4().hex, dialect=dialect,
+                             prefix=prefix, tail=tail)
+        request["ctx"] = ctx
+        try:
+            resp = await self._handle(request, ctx)
+        except GatewayError as e:
+            ctx.outcome = ctx.outcome or e.code
+            resp = error_response(dialect, e, ctx.id)
+        except UpstreamError as e:
+            ctx.outcome = e.code
+            resp = error_response(dialect, GatewayError(e.status, e.message, e.code, type="api_error"), ctx.id)
+        ctx.status = resp.status
+        return resp
+
+    async def _handle(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
+        ctx.key = self.authenticate(request)
+        body = await self.read_body(request) if request.can_read_body else b""
+        payload: Any = None
+        if body and request.method == "POST" and "json" in request.headers.get("Content-Type", "json"):
+            try:
+                payload = json.loads(body)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise GatewayError(400, f"request body is not valid JSON: {e}", "invalid_json") from None
+            if isinstance(payload, dict):
+                model = payload.get("model")
+                ctx.model = model if isinstance(model, str) else None
+                ctx.stream = payload.get("stream") is True
+        route = self.cfg.route_for(request.path, ctx.model)
+        if route is None:
+            if ctx.model is not None:
+                raise GatewayError(404, f"no route for model {ctx.model!r}", "model_not_found", param="model")
+            raise GatewayError(404, f"no route for {request.path}", "not_found")
+        ctx.route, ctx.upstream = route, route.upstream
+        ctx.policy = self.policy_name(ctx)
+        upstream = self.upstreams[route.upstream]
+        return await self.pipeline.dispatch(request, ctx, upstream, body, payload)
+
+    async def relay(self, request: web.Request, ctx: RequestContext, upstream: HttpUpstream,
+                    body: bytes) -> web.StreamResponse:
+        """Byte for byte: no parse, no re-encode."""
+        headers = request_headers(request.headers, upstream.auth_header(request.headers.get("Authorization"),
+                                                                        bool(self._keys)), ctx.id)
+        resp = await upstream.send(request.method, ctx.tail, request.query_string, headers,
+                                   body if body else None)
+        try:
+            ctx.ttfb_ms = (time.perf_counter() - ctx.started) * 1000
+            return await relay_response(request, resp, {"X-Guardgate-Request-Id": ctx.id},
+                                        _relay_error_frame(ctx.dialect))
+        finally:
+            resp.close()
+
+
+# ---------------------------------------------------------------------- app factory
+
+
+def _access_log_middleware() -> Any:
+    @web.middleware
+    async def mw(request: web.Request, handler: Any) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        status = 500
+        try:
+            resp = await handler(request)
+            status = resp.status
+            return resp
+        except web.HTTPException as e:
+            status = e.status
+            raise
+        except asyncio.CancelledError:
+            status = 499  # client went away
+            raise
+        finally:
+            ctx: RequestContext | None = request.get("ctx")
+            if access_log.isEnabledFor(logging.INFO) and request.path not in ("/healthz", "/readyz", "/metrics"):
+                rec: dict[str, Any] = {
+                    "id": ctx.id if ctx else None, "method": request.method, "path": request.path,
+                    "status": ctx.status if ctx and ctx.status and status != 499 else status,
+                    "ms": round((time.perf_counter() - t0) * 1000, 2),
+                }
+                if ctx:
+                    rec.update(dialect=ctx.dialect, upstream=ctx.upstream, model=ctx.model,
+                               policy=ctx.policy, stream=ctx.stream)
+                    if ctx.ttfb_ms is not None:
+                        rec["ttfb_ms"] = round(ctx.ttfb_ms, 2)
+                    if ctx.outcome:
+                        rec["outcome"] = ctx.outcome
+                access_log.info(json.dumps(rec, separators=(",", ":")))
+
+    return mw
+
+
+def _errors_middleware() -> Any:
+    """Never a traceback to the client: anything unexpected becomes a dialect-shaped 500."""
+
+    @web.middleware
+    async def mw(request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            split = split_prefix(request.path)
+            dialect = split[1] if split else ("llama" if request.path.startswith("/llama/") else "openai")
+            code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status, "error")
+            msg = f"{request.method} {request.path}: {e.reason}"
+            return error_response(dialect, GatewayError(e.status, msg, code), request.headers.get("X-Request-Id", ""))
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            split = split_prefix(request.path)
+            dialect = split[1] if split else "openai"
+            return error_response(dialect, GatewayError(500, "internal gateway error", "internal_error",
+                                                        type="api_error"), "")
+
+    return mw
+
+
+def create_app(gw: Gateway) -> web.Application:
+    app = web.Application(
+        client_max_size=gw.cfg.limits.max_body_bytes,
+        middlewares=[_access_log_middleware(), _errors_middleware()],
+        handler_args={"max_field_size": gw.cfg.limits.max_header_bytes,
+                      "max_line_size": gw.cfg.limits.max_header_bytes},
+    )
+    app["gateway"] = gw
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        return web.json_response({"ready": gw.ready}, status=200 if gw.ready else 503)
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    for prefix, _ in PREFIXES:
+        app.router.add_route("*", prefix + "/{tail:.*}", gw.handle)
+    app.on_startup.append(gw.start)
+    app.on_cleanup.append(gw.stop)
+    return app

@@ -1,0 +1,191 @@
+"""Test harness: a real scripted upstream and a real gateway, each an aiohttp server on loopback.
+
+Both run in a background thread with its own event loop, so the sync SDK clients (which block)
+and the async ones (in pytest's loop) both talk to them over real TCP, as a user would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+# ---------------------------------------------------------------------------- SSE scenarios
+
+CHUNK_ID = "chatcmpl-abc123"
+CREATED = 1700000000
+
+
+def oa_chunk(delta: dict[str, Any], finish: str | None = None, *, model: str = "gpt-test",
+             usage: Any = "absent", index: int = 0) -> dict[str, Any]:
+    c: dict[str, Any] = {"id": CHUNK_ID, "object": "chat.completion.chunk", "created": CREATED, "model": model,
+                         "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    if usage != "absent":
+        c["usage"] = usage
+    return c
+
+
+def oa_usage_chunk(prompt: int, completion: int, model: str = "gpt-test") -> dict[str, Any]:
+    return {"id": CHUNK_ID, "object": "chat.completion.chunk", "created": CREATED, "model": model, "choices": [],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                      "total_tokens": prompt + completion}}
+
+
+def sse(obj: Any, eol: str = "\n") -> bytes:
+    data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
+    return f"data: {data}{eol}{eol}".encode()
+
+
+def openai_text_stream(pieces: list[str], *, usage: bool = False, eol: str = "\n",
+                       keepalive: bool = False) -> list[bytes]:
+    """Frames of a plain OpenAI chat stream that says `pieces` in order."""
+    frames = [sse(oa_chunk({"role": "assistant", "content": "", "refusal": None}), eol)]
+    for i, p in enumerate(pieces):
+        if keepalive and i % 3 == 1:
+            frames.append(f": keep-alive{eol}{eol}".encode())
+        frames.append(sse(oa_chunk({"content": p}), eol))
+    frames.append(sse(oa_chunk({}, "stop"), eol))
+    if usage:
+        frames.append(sse(oa_usage_chunk(11, len(pieces)), eol))
+    frames.append(sse("[DONE]", eol))
+    return frames
+
+
+def split_bytes(frames: list[bytes], size: int) -> list[bytes]:
+    """Re-cut a byte stream into TCP-sized pieces that ignore event boundaries."""
+    blob = b"".join(frames)
+    return [blob[i:i + size] for i in range(0, len(blob), size)]
+
+
+def oa_completion(text: str, model: str = "gpt-test", finish: str = "stop") -> dict[str, Any]:
+    return {"id": "chatcmpl-xyz", "object": "chat.completion", "created": CREATED, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                         "logprobs": None, "finish_reason": finish}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}}
+
+
+# ---------------------------------------------------------------------------- scripted upstream
+
+Handler = Callable[[web.Request, "ScriptedUpstream"], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class ScriptedUpstream:
+    """An aiohttp server whose answers a test scripts: exact bytes, timing and faults."""
+
+    handler: Handler | None = None
+    requests: list[Recorded] = field(default_factory=list)
+    disconnects: int = 0
+    completed: int = 0
+    port: int = 0
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        return app
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.requests.append(Recorded(request.method, request.path, dict(request.headers), body))
+        try:
+            resp = await (self.handler or default_handler)(request, self)
+            self.completed += 1
+            return resp
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.disconnects += 1
+            raise
+
+    @property
+    def last(self) -> Recorded:
+        return self.requests[-1]
+
+
+async def default_handler(request: web.Request, up: ScriptedUpstream) -> web.StreamResponse:
+    """Echo-ish OpenAI upstream: models list, chat (stream or not), anything else as JSON."""
+    if request.path.endswith("/models"):
+        return web.json_response({"object": "list", "data": [
+            {"id": "gpt-test", "object": "model", "created": CREATED, "owned_by": "test"}]})
+    body = up.last.json() if up.last.body else {}
+    if request.path.endswith("/chat/completions"):
+        if body.get("stream"):
+            inc = (body.get("stream_options") or {}).get("include_usage", False)
+            return await stream_frames(request, openai_text_stream(["Hello", " there", "!"], usage=inc))
+        return web.json_response(oa_completion("Hello there!"))
+    return web.json_response({"object": "echo", "path": request.path, "body": body})
+
+
+async def stream_frames(request: web.Request, pieces: list[bytes], delay: float = 0.0,
+                        headers: dict[str, str] | None = None, eof: bool = True) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", **(headers or {})})
+    await resp.prepare(request)
+    for p in pieces:
+        await resp.write(p)
+        if delay:
+            await asyncio.sleep(delay)
+    if eof:
+        await resp.write_eof()
+    return resp
+
+
+# ---------------------------------------------------------------------------- servers in a thread
+
+
+class Loop:
+    """An event loop in a daemon thread, for servers the tests talk to over TCP."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.runners: list[web.AppRunner] = []
+
+    def run(self, coro: Awaitable[Any], timeout: float = 60) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+    def serve(self, app: web.Application, **runner_kw: Any) -> int:
+        async def start() -> int:
+            runner = web.AppRunner(app, handler_cancellation=True, access_log=None, **runner_kw)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            self.runners.append(runner)
+            return site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+        return self.run(start())
+
+    def close(self) -> None:
+        async def stop() -> None:
+            for r in reversed(self.runners):
+                await r.cleanup()
+
+        try:
+            self.run(stop(), timeout=30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return pred()
