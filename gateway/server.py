@@ -37,7 +37,8 @@ PREFIXES: tuple[tuple[str, str], ...] = (
     ("/openai/v1", "openai"),
     ("/v1", "openai"),
 )
-CHAT_PATHS = ("/chat/completions",)
+GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")
+CTX_KEY: web.RequestKey[RequestContext] = web.RequestKey("ctx")
 
 
 @dataclass(slots=True)
@@ -184,7 +185,7 @@ class Gateway:
         prefix, dialect, tail = split
         ctx = RequestContext(id=request.headers.get("X-Request-Id") or uuid.uuid4().hex, dialect=dialect,
                              prefix=prefix, tail=tail)
-        request["ctx"] = ctx
+        request[CTX_KEY] = ctx
         try:
             resp = await self._handle(request, ctx)
         except GatewayError as e:
@@ -253,7 +254,7 @@ def _access_log_middleware() -> Any:
             status = 499  # client went away
             raise
         finally:
-            ctx: RequestContext | None = request.get("ctx")
+            ctx: RequestContext | None = request.get(CTX_KEY)
             if access_log.isEnabledFor(logging.INFO) and request.path not in ("/healthz", "/readyz", "/metrics"):
                 rec: dict[str, Any] = {
                     "id": ctx.id if ctx else None, "method": request.method, "path": request.path,
@@ -306,7 +307,7 @@ def create_app(gw: Gateway) -> web.Application:
         handler_args={"max_field_size": gw.cfg.limits.max_header_bytes,
                       "max_line_size": gw.cfg.limits.max_header_bytes},
     )
-    app["gateway"] = gw
+    app[GATEWAY_KEY] = gw
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
