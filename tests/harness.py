@@ -189,3 +189,65 @@ def wait_until(pred: Callable[[], bool], timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.01)
     return pred()
+
+
+# ---------------------------------------------------------------------------- Llama API scenarios
+
+LL_ID = "ll-resp-1"
+EMPTY = {"type": "text", "text": ""}
+
+
+def ll_event(event: dict[str, Any]) -> dict[str, Any]:
+    return {"id": LL_ID, "event": event}
+
+
+def llama_stream(pieces: list[str], *, tool: tuple[str, str, list[str]] | None = None,
+                 prompt_tokens: int = 9) -> list[bytes]:
+    """Frames of a native Llama stream: start, progress*, [tool-call fragments], complete, metrics."""
+    frames = [sse(ll_event({"event_type": "start", "delta": EMPTY}))]
+    for p in pieces:
+        frames.append(sse(ll_event({"event_type": "progress", "delta": {"type": "text", "text": p}})))
+    stop = "stop"
+    if tool:
+        call_id, name, arg_parts = tool
+        frames.append(sse(ll_event({"event_type": "progress", "delta": {
+            "type": "tool_call", "id": call_id, "function": {"name": name, "arguments": ""}}})))
+        for a in arg_parts:
+            frames.append(sse(ll_event({"event_type": "progress", "delta": {
+                "type": "tool_call", "function": {"arguments": a}}})))
+        stop = "tool_calls"
+    frames.append(sse(ll_event({"event_type": "complete", "delta": EMPTY, "stop_reason": stop})))
+    n = len(pieces) + (len(tool[2]) if tool else 0)
+    frames.append(sse(ll_event({"event_type": "metrics", "delta": EMPTY, "metrics": [
+        {"metric": "num_completion_tokens", "value": n, "unit": "tokens"},
+        {"metric": "num_prompt_tokens", "value": prompt_tokens, "unit": "tokens"},
+        {"metric": "num_total_tokens", "value": n + prompt_tokens, "unit": "tokens"}]})))
+    return frames
+
+
+def llama_completion(text: str, *, tool: tuple[str, str, str] | None = None,
+                     prompt_tokens: int = 9, completion_tokens: int = 4) -> dict[str, Any]:
+    msg: dict[str, Any] = {"role": "assistant", "content": {"type": "text", "text": text},
+                           "stop_reason": "tool_calls" if tool else "stop"}
+    if tool:
+        msg["tool_calls"] = [{"id": tool[0], "function": {"name": tool[1], "arguments": tool[2]}}]
+    return {"id": LL_ID, "completion_message": msg, "metrics": [
+        {"metric": "num_completion_tokens", "value": completion_tokens, "unit": "tokens"},
+        {"metric": "num_prompt_tokens", "value": prompt_tokens, "unit": "tokens"},
+        {"metric": "num_total_tokens", "value": prompt_tokens + completion_tokens, "unit": "tokens"}]}
+
+
+def openai_tool_stream(text: str, call_id: str, name: str, arg_parts: list[str],
+                       usage: bool = True) -> list[bytes]:
+    frames = [sse(oa_chunk({"role": "assistant", "content": "", "refusal": None}))]
+    if text:
+        frames.append(sse(oa_chunk({"content": text})))
+    frames.append(sse(oa_chunk({"tool_calls": [{"index": 0, "id": call_id, "type": "function",
+                                                "function": {"name": name, "arguments": ""}}]})))
+    for a in arg_parts:
+        frames.append(sse(oa_chunk({"tool_calls": [{"index": 0, "function": {"arguments": a}}]})))
+    frames.append(sse(oa_chunk({}, "tool_calls")))
+    if usage:
+        frames.append(sse(oa_usage_chunk(11, 1 + len(arg_parts))))
+    frames.append(sse("[DONE]"))
+    return frames
