@@ -1,0 +1,22 @@
+"""Wire formats: one module per dialect, looked up by name (`get("openai")`, `get("llama")`)."""
+
+from __future__ import annotations
+
+from gateway.dialects import llama_api, openai
+from gateway.dialects.base import Dialect, DialectError, UpstreamStreamError
+
+_DIALECTS: dict[str, Dialect] = {"openai": openai.dialect, "llama": llama_api.dialect}
+_ALIASES = {"llama_api": "llama", "llama-api": "llama"}
+
+NAMES = tuple(_DIALECTS)
+
+
+def get(name: str) -> Dialect:
+    """The dialect called `name` ("openai" or "llama"); KeyError for any other name."""
+    try:
+        return _DIALECTS[_ALIASES.get(name, name)]
+    except KeyError:
+        raise KeyError(f"unknown dialect {name!r} (known: {', '.join(_DIALECTS)})") from None
+
+
+__all__ = ["NAMES", "Dialect", "DialectError", "UpstreamStreamError", "get"]

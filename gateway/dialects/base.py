@@ -7,22 +7,73 @@ outside `dialects/` knows a wire format. Decoders never raise anything but `Dial
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypedDict
 
-from gateway.types import Completion, Event, Exchange
+from gateway.types import Completion, Event, Exchange, Message
 
 
 class DialectError(ValueError):
     """A body that does not decode: becomes an error response in the client's dialect."""
 
-    def __init__(self, message: str, *, status: int = 400, param: str | None = None,
-                 code: str | None = "invalid_request", type: str = "invalid_request_error") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        param: str | None = None,
+        code: str | None = "invalid_request",
+        type: str = "invalid_request_error",
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.param = param
         self.code = code
         self.type = type
+
+
+class UpstreamStreamError(DialectError):
+    """The upstream stream carried an error event or an undecodable event (mid-stream: a 502).
+
+    Raised by `StreamDecoder.feed`; the server ends the client's stream with `StreamEncoder.error`.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = "upstream_error",
+        type: str = "upstream_error",
+        status: int = 502,
+    ) -> None:
+        super().__init__(message, status=status, code=code, type=type)
+
+
+class ModelInfo(TypedDict):
+    """One entry of a models list, in neutral form."""
+
+    id: str
+    created: int
+    owned_by: str
+
+
+class ModerationResult(TypedDict):
+    """One moderation verdict in neutral form: Llama Guard category codes (S1..S14) and, where the
+    source has them, per-code scores in 0..1."""
+
+    flagged: bool
+    categories: list[str]
+    scores: dict[str, float]
+
+
+@dataclass(slots=True)
+class ModerationRequest:
+    """A decoded moderation request: each input is one conversation and gets one result (OpenAI
+    `input: [str, str]` is two inputs; a Llama `messages` list is one)."""
+
+    model: str | None
+    inputs: list[list[Message]] = field(default_factory=list)
 
 
 class StreamDecoder(Protocol):
@@ -32,6 +83,11 @@ class StreamDecoder(Protocol):
 
     def done(self) -> bool:
         """True once the dialect's terminator was seen (OpenAI `[DONE]`; Llama: after `metrics`)."""
+        ...
+
+    def ended_cleanly(self) -> bool:
+        """True when EOF now would be a normal end (OpenAI: `[DONE]` seen; Llama: `complete` or
+        `metrics` seen, since the Llama API may end a stream without a `metrics` event)."""
         ...
 
 
@@ -44,8 +100,9 @@ class StreamEncoder(Protocol):
         """The dialect's terminator (OpenAI `data: [DONE]`; nothing for Llama). Idempotent."""
         ...
 
-    def error(self, message: str, code: str) -> bytes:
-        """A mid-stream error frame that the client's SDK raises as its APIError."""
+    def error(self, message: str, code: str, *, type: str = "server_error") -> bytes:
+        """A mid-stream error frame that the client's SDK raises as its APIError; ends the stream
+        (a later `end()` returns b"")."""
         ...
 
 
@@ -59,11 +116,29 @@ class Dialect(Protocol):
     def stream_decoder(self) -> StreamDecoder: ...
     def stream_encoder(self, ex: Exchange) -> StreamEncoder: ...
 
-    def error_body(self, status: int, message: str, *, type: str = "invalid_request_error",
-                   code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    def error_body(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ) -> dict[str, Any]:
         """The JSON body of an error Guardgate itself produces on a route of this dialect."""
         ...
 
     def decode_error(self, status: int, body: bytes) -> tuple[str, str | None]:
-        """(message, code) from an upstream error body of this dialect, for translation."""
+        """(message, code) from an upstream error body of this dialect, for translation. Never raises."""
         ...
+
+    # Models and moderations (neutral shapes above).
+    def encode_models(self, models: list[ModelInfo]) -> dict[str, Any]: ...
+    def decode_models(self, body: bytes) -> list[ModelInfo]: ...
+    def encode_model(self, model: ModelInfo) -> dict[str, Any]: ...
+    def decode_moderation_request(self, body: bytes) -> ModerationRequest: ...
+    def encode_moderation_request(self, req: ModerationRequest) -> dict[str, Any]: ...
+    def encode_moderation_response(
+        self, results: list[ModerationResult], *, model: str, id: str | None = None
+    ) -> dict[str, Any]: ...
+    def decode_moderation_response(self, body: bytes) -> list[ModerationResult]: ...

@@ -1,0 +1,246 @@
+"""Helpers shared by the dialect modules: strict JSON in, compact JSON out, typed field access.
+
+Every reader here raises `DialectError` (never TypeError/KeyError/...), carrying the JSON path of
+the offending field as `param`, so a decoder fed arbitrary bytes fails cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+from json.encoder import encode_basestring
+from typing import Any, NoReturn
+
+from gateway.dialects.base import DialectError, ModelInfo
+
+# A JSON string literal for a str, in C, no encoder object per call (hot path).
+qstr = encode_basestring
+
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
+dumps = _ENCODER.encode  # compact JSON text
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_loads = _DECODER.decode
+
+
+def to_bytes(text: str) -> bytes:
+    """UTF-8 bytes of JSON text. A lone surrogate (from a `\\ud800` escape upstream) cannot be
+    UTF-8 encoded; it can only sit inside a JSON string, so it is written back as its escape."""
+    return text.encode("utf-8", "backslashreplace")
+
+
+def loads(text: str) -> Any:
+    """Strict JSON (no NaN/Infinity); ValueError/RecursionError on anything else."""
+    return _loads(text)
+
+
+def load_json(body: bytes | str, *, status: int = 400, what: str = "request body") -> Any:
+    """Parse any JSON value from raw bytes; DialectError for anything else."""
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        try:
+            text = bytes(body).decode("utf-8")
+        except UnicodeDecodeError:
+            raise DialectError(f"{what} is not valid UTF-8", status=status, code=_code(status)) from None
+    else:
+        text = body
+    try:
+        obj = _loads(text)
+    except (ValueError, RecursionError):
+        raise DialectError(f"{what} is not valid JSON", status=status, code=_code(status)) from None
+    return obj
+
+
+def load_object(body: bytes | str, *, status: int = 400, what: str = "request body") -> dict[str, Any]:
+    """Parse a JSON object from raw bytes; DialectError for anything else."""
+    obj = load_json(body, status=status, what=what)
+    if not isinstance(obj, dict):
+        raise DialectError(f"{what} must be a JSON object", status=status, code=_code(status))
+    return obj
+
+
+def _code(status: int) -> str:
+    return "invalid_request" if status < 500 else "bad_upstream_response"
+
+
+class Reader:
+    """Typed access to decoded JSON with errors that name the field (`param`)."""
+
+    __slots__ = ("code", "status")
+
+    def __init__(self, status: int = 400) -> None:
+        self.status = status
+        self.code = _code(status)
+
+    def fail(self, message: str, param: str | None) -> NoReturn:
+        raise DialectError(message, status=self.status, param=param, code=self.code)
+
+    def str_(self, v: Any, param: str) -> str:
+        if not isinstance(v, str):
+            self.fail(f"'{param}' must be a string", param)
+        return v
+
+    def opt_str(self, v: Any, param: str) -> str | None:
+        if v is None:
+            return None
+        return self.str_(v, param)
+
+    def obj(self, v: Any, param: str) -> dict[str, Any]:
+        if not isinstance(v, dict):
+            self.fail(f"'{param}' must be an object", param)
+        return v
+
+    def list_(self, v: Any, param: str) -> list[Any]:
+        if not isinstance(v, list):
+            self.fail(f"'{param}' must be an array", param)
+        return v
+
+    def bool_(self, v: Any, param: str) -> bool:
+        if not isinstance(v, bool):
+            self.fail(f"'{param}' must be a boolean", param)
+        return v
+
+    def num(self, v: Any, param: str) -> float | int:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            self.fail(f"'{param}' must be a number", param)
+        return v
+
+    def int_(self, v: Any, param: str) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            # 1.0 is an integer in JSON Schema terms; accept it
+            if isinstance(v, float) and v.is_integer():
+                return int(v)
+            self.fail(f"'{param}' must be an integer", param)
+        return v
+
+    def count(self, v: Any, param: str) -> int:
+        """A token count: non-negative number (floats allowed, as Llama metrics are floats)."""
+        if v is None:
+            return 0
+        n = self.num(v, param)
+        if n < 0:
+            self.fail(f"'{param}' must be >= 0", param)
+        return int(n)
+
+
+REQ = Reader(400)
+UP = Reader(502)
+
+
+def arguments_str(v: Any, r: Reader, param: str) -> str:
+    """Tool-call arguments: a JSON string on the wire; some clients send the object itself."""
+    if v is None:
+        return ""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (dict, list)):
+        return dumps(v)
+    r.fail(f"'{param}' must be a string", param)
+
+
+def decode_tool_defs(tools: Any, r: Reader, param: str) -> tuple[list[dict[str, Any]], list[Any]]:
+    """`[{"type":"function","function":{name, description?, parameters?, strict?}}]` (same in both
+    dialects) → (neutral function defs, entries of other types kept verbatim)."""
+    out: list[dict[str, Any]] = []
+    other: list[Any] = []
+    for i, t in enumerate(r.list_(tools, param)):
+        p = f"{param}[{i}]"
+        t = r.obj(t, p)
+        typ = t.get("type", "function")
+        if typ != "function":
+            other.append(t)
+            continue
+        fn = r.obj(t.get("function"), f"{p}.function")
+        d: dict[str, Any] = {"name": r.str_(fn.get("name"), f"{p}.function.name")}
+        if fn.get("description") is not None:
+            d["description"] = r.str_(fn["description"], f"{p}.function.description")
+        if fn.get("parameters") is not None:
+            d["parameters"] = r.obj(fn["parameters"], f"{p}.function.parameters")
+        if fn.get("strict") is not None:
+            d["strict"] = r.bool_(fn["strict"], f"{p}.function.strict")
+        out.append(d)
+    return out, other
+
+
+def encode_tool_defs(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for t in tools:
+        fn: dict[str, Any] = {"name": t["name"]}
+        for k in ("description", "parameters", "strict"):
+            if t.get(k) is not None:
+                fn[k] = t[k]
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def decode_tool_choice(v: Any, r: Reader, param: str) -> str | dict[str, str] | None:
+    """`"none"|"auto"|"required"` or `{"type":"function","function":{"name"}}` → str | {"name"};
+    None for a shape neither dialect shares (the caller keeps it verbatim)."""
+    if isinstance(v, str):
+        return v
+    d = r.obj(v, param)
+    if d.get("type", "function") == "function" and isinstance(d.get("function"), dict):
+        return {"name": r.str_(d["function"].get("name"), f"{param}.function.name")}
+    return None
+
+
+def encode_tool_choice(v: str | dict[str, str]) -> str | dict[str, Any]:
+    if isinstance(v, str):
+        return v
+    return {"type": "function", "function": {"name": v["name"]}}
+
+
+# Llama Guard 4 taxonomy (MLCommons + S14), wire_formats.md §3.7.
+LLAMA_GUARD_CATEGORIES: dict[str, str] = {
+    "S1": "Violent Crimes",
+    "S2": "Non-Violent Crimes",
+    "S3": "Sex-Related Crimes",
+    "S4": "Child Sexual Exploitation",
+    "S5": "Defamation",
+    "S6": "Specialized Advice",
+    "S7": "Privacy",
+    "S8": "Intellectual Property",
+    "S9": "Indiscriminate Weapons",
+    "S10": "Hate",
+    "S11": "Suicide & Self-Harm",
+    "S12": "Sexual Content",
+    "S13": "Elections",
+    "S14": "Code Interpreter Abuse",
+}
+_NAME_TO_CODE = {v.lower(): k for k, v in LLAMA_GUARD_CATEGORIES.items()}
+
+
+def category_code(s: str) -> str:
+    """'S10' / 's10' / 'Hate' → 'S10'; anything else unchanged."""
+    u = s.strip().upper()
+    if u in LLAMA_GUARD_CATEGORIES:
+        return u
+    return _NAME_TO_CODE.get(s.strip().lower(), s)
+
+
+def code_order(c: str) -> tuple[int, str]:
+    return (int(c[1:]), c) if c[:1] == "S" and c[1:].isdigit() else (1 << 30, c)
+
+
+def decode_models_list(body: bytes) -> list[ModelInfo]:
+    """A models list, same shape in both dialects: `{"data":[{id, created, owned_by, ...}]}`;
+    a bare list or a single model object are accepted too."""
+    r = UP
+    data = load_json(body, status=502, what="upstream models list")
+    if isinstance(data, dict):
+        data = data.get("data", [data] if "id" in data else None)
+    out: list[ModelInfo] = []
+    for i, m in enumerate(r.list_(data, "data")):
+        m = r.obj(m, f"data[{i}]")
+        created = m.get("created")
+        out.append(
+            {
+                "id": r.str_(m.get("id"), f"data[{i}].id"),
+                "created": r.count(created, f"data[{i}].created") if created is not None else 0,
+                "owned_by": r.opt_str(m.get("owned_by"), f"data[{i}].owned_by") or "",
+            }
+        )
+    return out

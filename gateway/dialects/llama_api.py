@@ -1,0 +1,810 @@
+"""The Meta Llama API native dialect (`/llama/v1`, SDK `llama-api-client`).
+
+Wire shapes: wire_formats.md §3 (requests, responses, stream events, errors, moderations, models),
+§4.3 (content-filter cut). Streams are `data: {"id","event":{...}}` frames, start → progress* →
+complete → metrics, every event with a `delta`, and never `[DONE]`.
+
+Carried only for a Llama-dialect peer (kept in `extra["llama"]`, dropped on purpose by any other
+dialect): unknown top-level request fields; unknown top-level response fields.
+
+Mapped: `max_completion_tokens` ↔ neutral `max_tokens`; `top_k`, `repetition_penalty`,
+`temperature`, `top_p`, `user`, `tools`, `tool_choice`, `response_format` (text, json_schema);
+assistant `stop_reason` on request messages (neutral `Message.stop_reason`); metrics ↔ usage.
+A Llama stream always carries metrics, so a decoded streaming request has `include_usage=True`.
+
+Dropped on purpose when encoding neutral data from another dialect (the Llama API has no
+counterpart): `stop`, `seed`, `n`, `frequency_penalty`, `presence_penalty`, response_format
+`json_object` (and json_schema `strict`/`description`), message `name`, image parts in system
+and tool messages, stream events of choices other than 0, response `created`. Lossy: the
+`developer` role is sent as `system`; several assistant text parts are joined into the single
+content object the API takes; a legacy tool message with no `tool_call_id` gets `""`.
+Stop reasons outside stop/tool_calls/length: `content_filter` is passed through (the SDK accepts
+it, §4.3), `function_call` becomes `tool_calls`, anything else `stop`. Older Llama Stack values
+(`end_of_turn`, `end_of_message`, `out_of_tokens`) are read as stop/stop/length.
+"""
+
+from __future__ import annotations
+
+import time
+from http import HTTPStatus
+from typing import Any
+
+from gateway.dialects._common import (
+    REQ,
+    UP,
+    Reader,
+    arguments_str,
+    category_code,
+    code_order,
+    decode_models_list,
+    decode_tool_choice,
+    decode_tool_defs,
+    dumps,
+    encode_tool_choice,
+    encode_tool_defs,
+    load_json,
+    load_object,
+    loads,
+    qstr,
+    to_bytes,
+)
+from gateway.dialects.base import (
+    DialectError,
+    ModelInfo,
+    ModerationRequest,
+    ModerationResult,
+    UpstreamStreamError,
+)
+from gateway.types import (
+    Annotation,
+    Completion,
+    Event,
+    Exchange,
+    Finish,
+    Message,
+    Part,
+    StreamStart,
+    TextDelta,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+    UsageEvent,
+    new_id,
+)
+
+NAME = "llama"
+ROLES = frozenset(("system", "user", "assistant", "tool"))
+STOP_REASONS = frozenset(("stop", "tool_calls", "length", "content_filter"))
+_STOP_IN = {"end_of_turn": "stop", "end_of_message": "stop", "out_of_tokens": "length"}
+_KNOWN_REQ = frozenset(
+    (
+        "model",
+        "messages",
+        "stream",
+        "max_completion_tokens",
+        "repetition_penalty",
+        "response_format",
+        "temperature",
+        "tool_choice",
+        "tools",
+        "top_k",
+        "top_p",
+        "user",
+    )
+)
+METRIC_NAMES = ("num_completion_tokens", "num_prompt_tokens", "num_total_tokens")
+
+
+def stop_reason_in(v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        return "stop"
+    return _STOP_IN.get(v, v)
+
+
+def stop_reason_out(v: str) -> str:
+    if v in STOP_REASONS:
+        return v
+    return "tool_calls" if v == "function_call" else "stop"
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def _decode_parts(content: Any, r: Reader, param: str, *, images: bool) -> list[Part]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [Part("text", content)]
+    if isinstance(content, dict):  # assistant: a single content object
+        content = [content]
+    parts: list[Part] = []
+    for j, item in enumerate(r.list_(content, param)):
+        p = f"{param}[{j}]"
+        item = r.obj(item, p)
+        typ = item.get("type")
+        if typ == "text":
+            parts.append(Part("text", r.str_(item.get("text"), f"{p}.text")))
+        elif typ == "image_url" and images:
+            iu = r.obj(item.get("image_url"), f"{p}.image_url")
+            parts.append(Part("image", image_url=r.str_(iu.get("url"), f"{p}.image_url.url")))
+        else:
+            r.fail(f"unsupported content item type {typ!r}", f"{p}.type")
+    return parts
+
+
+def _decode_tool_calls(v: Any, r: Reader, param: str) -> list[ToolCall]:
+    calls = []
+    for k, tc in enumerate(r.list_(v, param)):
+        p = f"{param}[{k}]"
+        tc = r.obj(tc, p)
+        fn = r.obj(tc.get("function"), f"{p}.function")
+        calls.append(
+            ToolCall(
+                r.str_(tc.get("id"), f"{p}.id"),
+                r.str_(fn.get("name"), f"{p}.function.name"),
+                arguments_str(fn.get("arguments"), r, f"{p}.function.arguments"),
+            )
+        )
+    return calls
+
+
+def decode_messages(v: Any, r: Reader = REQ, param: str = "messages") -> list[Message]:
+    msgs = r.list_(v, param)
+    if not msgs:
+        r.fail(f"'{param}' must contain at least one message", param)
+    out: list[Message] = []
+    for i, m in enumerate(msgs):
+        p = f"{param}[{i}]"
+        m = r.obj(m, p)
+        role = m.get("role")
+        if role not in ROLES:
+            r.fail(f"'{p}.role' must be one of {sorted(ROLES)}", f"{p}.role")
+        msg = Message(
+            role=role, parts=_decode_parts(m.get("content"), r, f"{p}.content", images=role == "user")
+        )
+        if role == "assistant":
+            if m.get("tool_calls") is not None:
+                msg.tool_calls = _decode_tool_calls(m["tool_calls"], r, f"{p}.tool_calls")
+            if m.get("stop_reason") is not None:
+                msg.stop_reason = r.str_(m["stop_reason"], f"{p}.stop_reason")
+        elif role == "tool":
+            msg.tool_call_id = r.str_(m.get("tool_call_id"), f"{p}.tool_call_id")
+        out.append(msg)
+    return out
+
+
+def decode_request(body: bytes) -> Exchange:
+    obj = load_object(body)
+    r = REQ
+    model = obj.get("model")
+    if not isinstance(model, str) or not model:
+        r.fail("'model' is required and must be a non-empty string", "model")
+    if "messages" not in obj:
+        r.fail("'messages' is required", "messages")
+    ex = Exchange(model=model, messages=decode_messages(obj["messages"], r))
+    p = ex.params
+    if obj.get("stream") is not None:
+        ex.stream = r.bool_(obj["stream"], "stream")
+    ex.include_usage = ex.stream
+    for k in ("temperature", "top_p", "repetition_penalty"):
+        if obj.get(k) is not None:
+            p[k] = r.num(obj[k], k)
+    if obj.get("top_k") is not None:
+        p["top_k"] = r.int_(obj["top_k"], "top_k")
+    if obj.get("max_completion_tokens") is not None:
+        p["max_tokens"] = r.int_(obj["max_completion_tokens"], "max_completion_tokens")
+    if obj.get("user") is not None:
+        p["user"] = r.str_(obj["user"], "user")
+    extra: dict[str, Any] = {}
+    if obj.get("tools") is not None:
+        tools, other = decode_tool_defs(obj["tools"], r, "tools")
+        p["tools"] = tools
+        if other:
+            extra["tools"] = obj["tools"]
+    if obj.get("tool_choice") is not None:
+        tc = decode_tool_choice(obj["tool_choice"], r, "tool_choice")
+        if tc is None:
+            extra["tool_choice"] = obj["tool_choice"]
+        else:
+            p["tool_choice"] = tc
+    if obj.get("response_format") is not None:
+        rf = r.obj(obj["response_format"], "response_format")
+        r.str_(rf.get("type"), "response_format.type")
+        p["response_format"] = rf
+    for k, v in obj.items():
+        if k not in _KNOWN_REQ:
+            extra[k] = v
+    if extra:
+        ex.extra[NAME] = extra
+    return ex
+
+
+def _text_items(parts: list[Part]) -> str | list[dict[str, Any]]:
+    texts = [p.text for p in parts if p.type == "text"]
+    if len(texts) == 1:
+        return texts[0]
+    if not texts:
+        return ""
+    return [{"type": "text", "text": t} for t in texts]
+
+
+def encode_messages(messages: list[Message]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        role = "system" if m.role == "developer" else m.role
+        d: dict[str, Any] = {"role": role}
+        if role == "user":
+            if len(m.parts) == 1 and m.parts[0].type == "text":
+                d["content"] = m.parts[0].text
+            elif not m.parts:
+                d["content"] = ""
+            else:
+                d["content"] = [
+                    {"type": "text", "text": p.text}
+                    if p.type == "text"
+                    else {"type": "image_url", "image_url": {"url": p.image_url or ""}}
+                    for p in m.parts
+                ]
+        elif role == "assistant":
+            texts = [p.text for p in m.parts if p.type == "text"]
+            if texts:
+                d["content"] = {"type": "text", "text": "".join(texts)}
+            if m.stop_reason is not None:
+                d["stop_reason"] = stop_reason_out(m.stop_reason)
+            if m.tool_calls:
+                d["tool_calls"] = [
+                    {"id": tc.id, "function": {"name": tc.name, "arguments": tc.arguments}}
+                    for tc in m.tool_calls
+                ]
+        else:  # system, tool
+            d["content"] = _text_items(m.parts)
+            if role == "tool":
+                d["tool_call_id"] = m.tool_call_id or ""
+        out.append(d)
+    return out
+
+
+def _encode_response_format(rf: dict[str, Any]) -> dict[str, Any] | None:
+    typ = rf.get("type")
+    if typ == "text":
+        return {"type": "text"}
+    if typ == "json_schema" and isinstance(rf.get("json_schema"), dict):
+        js = rf["json_schema"]
+        out: dict[str, Any] = {}
+        if "name" in js:
+            out["name"] = js["name"]
+        if "schema" in js:
+            out["schema"] = js["schema"]
+        return {"type": "json_schema", "json_schema": out}
+    return None  # json_object and unknown types: no Llama counterpart
+
+
+def encode_request(ex: Exchange) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": ex.model, "messages": encode_messages(ex.messages)}
+    p = ex.params
+    extra: dict[str, Any] = ex.extra.get(NAME) or {}
+    if p.get("max_tokens") is not None:
+        body["max_completion_tokens"] = p["max_tokens"]
+    for k in ("temperature", "top_p", "top_k", "repetition_penalty", "user"):
+        if p.get(k) is not None:
+            body[k] = p[k]
+    if p.get("response_format") is not None:
+        rf = _encode_response_format(p["response_format"])
+        if rf is not None:
+            body["response_format"] = rf
+    if p.get("tools"):
+        body["tools"] = encode_tool_defs(p["tools"])
+    if p.get("tool_choice") is not None:
+        body["tool_choice"] = encode_tool_choice(p["tool_choice"])
+    if ex.stream:
+        body["stream"] = True
+    for k, v in extra.items():
+        if k == "tools" or k not in body:
+            body[k] = v
+    return body
+
+
+# --------------------------------------------------------------------------- non-stream responses
+
+
+def _usage_from_metrics(metrics: Any, r: Reader, param: str) -> Usage | None:
+    vals: dict[str, int] = {}
+    for i, m in enumerate(r.list_(metrics, param)):
+        m = r.obj(m, f"{param}[{i}]")
+        name = m.get("metric")
+        if name in METRIC_NAMES:
+            vals[name] = r.count(m.get("value"), f"{param}[{i}].value")
+    if not vals:
+        return None
+    prompt = vals.get("num_prompt_tokens", 0)
+    completion = vals.get("num_completion_tokens", 0)
+    return Usage(prompt, completion, vals.get("num_total_tokens", prompt + completion))
+
+
+def _metrics(u: Usage) -> list[dict[str, Any]]:
+    return [
+        {"metric": "num_completion_tokens", "value": u.completion_tokens, "unit": "tokens"},
+        {"metric": "num_prompt_tokens", "value": u.prompt_tokens, "unit": "tokens"},
+        {"metric": "num_total_tokens", "value": u.total_tokens, "unit": "tokens"},
+    ]
+
+
+def decode_response(body: bytes) -> Completion:
+    obj = load_object(body, status=502, what="upstream response")
+    r = UP
+    cm = r.obj(obj.get("completion_message"), "completion_message")
+    msg = Message(role="assistant")
+    content = cm.get("content")
+    if content:
+        msg.parts = [
+            p for p in _decode_parts(content, r, "completion_message.content", images=False) if p.text
+        ]
+    if cm.get("tool_calls") is not None:
+        msg.tool_calls = _decode_tool_calls(cm["tool_calls"], r, "completion_message.tool_calls")
+    usage = _usage_from_metrics(obj["metrics"], r, "metrics") if obj.get("metrics") is not None else None
+    c = Completion(
+        id=r.opt_str(obj.get("id"), "id") or new_id("chatcmpl-"),
+        model="",
+        message=msg,
+        finish_reason=stop_reason_in(cm.get("stop_reason")),
+        usage=usage,
+        created=int(time.time()),
+    )
+    top = {k: v for k, v in obj.items() if k not in ("id", "completion_message", "metrics", "guardgate")}
+    if top:
+        c.extra[NAME] = {"top": top}
+    return c
+
+
+def encode_response(c: Completion, ex: Exchange) -> dict[str, Any]:
+    m = c.message
+    cm: dict[str, Any] = {
+        "role": "assistant",
+        "content": {"type": "text", "text": "".join(p.text for p in m.parts if p.type == "text")},
+        "stop_reason": stop_reason_out(c.finish_reason),
+    }
+    if m.tool_calls:
+        cm["tool_calls"] = [
+            {"id": tc.id, "function": {"name": tc.name, "arguments": tc.arguments}} for tc in m.tool_calls
+        ]
+    out: dict[str, Any] = {"id": c.id, "completion_message": cm}
+    if c.usage is not None:
+        out["metrics"] = _metrics(c.usage)
+    for k, v in ((c.extra.get(NAME) or {}).get("top") or {}).items():
+        out.setdefault(k, v)
+    if c.extra.get("guardgate") is not None:
+        out["guardgate"] = c.extra["guardgate"]
+    return out
+
+
+# --------------------------------------------------------------------------- streams
+
+
+def _error_message(obj: Any) -> tuple[str, str | None]:
+    """(message, code) from any Llama error shape: {"error":{...}}, {"error":"..."}, problem-JSON."""
+    if not isinstance(obj, dict):
+        return "", None
+    err = obj.get("error")
+    msg, code = "", None
+    if isinstance(err, dict):
+        m = err.get("message")
+        msg = m if isinstance(m, str) else ""
+        c = err.get("code", err.get("type"))
+        code = str(c) if isinstance(c, (str, int)) and not isinstance(c, bool) else None
+    elif isinstance(err, str):
+        msg = err
+    if not msg:
+        for k in ("detail", "message", "title"):
+            if isinstance(obj.get(k), str) and obj[k]:
+                msg = obj[k]
+                break
+    return msg, code
+
+
+class LlamaStreamDecoder:
+    """Llama stream chunks → neutral events. Tool-call fragments carry no index: a fragment with a
+    new `id` starts a call, a known `id` continues that call, no `id` continues the current one."""
+
+    __slots__ = ("_call_ids", "_clean", "_cur", "_done", "_ncalls", "_started")
+
+    def __init__(self) -> None:
+        self._done = False
+        self._clean = False
+        self._started = False
+        self._call_ids: dict[str, int] = {}
+        self._ncalls = 0
+        self._cur: int | None = None
+
+    def done(self) -> bool:
+        return self._done
+
+    def ended_cleanly(self) -> bool:
+        return self._clean
+
+    def feed(self, event: str | None, data: str) -> list[Event]:
+        try:
+            obj = loads(data)
+        except (ValueError, RecursionError):
+            if event == "error":
+                raise UpstreamStreamError(data[:500] or "upstream error during streaming") from None
+            raise UpstreamStreamError(
+                "upstream sent a stream chunk that is not JSON", code="bad_upstream_response"
+            ) from None
+        if event == "error" or not isinstance(obj, dict) or not isinstance(obj.get("event"), dict):
+            msg, code = _error_message(obj)
+            if event == "error" or msg:
+                raise UpstreamStreamError(
+                    msg or "upstream error during streaming", code=code or "upstream_error"
+                )
+            raise UpstreamStreamError(
+                "upstream sent a stream chunk without an event object", code="bad_upstream_response"
+            )
+        try:
+            return self._events(obj, obj["event"])
+        except DialectError as e:
+            raise UpstreamStreamError(
+                f"upstream stream chunk: {e.message}", code="bad_upstream_response"
+            ) from None
+
+    def _events(self, obj: dict[str, Any], ev: dict[str, Any]) -> list[Event]:
+        r = UP
+        out: list[Event] = []
+        if not self._started:
+            self._started = True
+            out.append(StreamStart(id=r.opt_str(obj.get("id"), "id") or new_id("chatcmpl-"), model=""))
+        delta = ev.get("delta")
+        if delta is not None:
+            delta = r.obj(delta, "event.delta")
+            typ = delta.get("type")
+            if typ == "text":
+                text = delta.get("text")
+                if text:
+                    out.append(TextDelta(r.str_(text, "event.delta.text")))
+            elif typ == "tool_call":
+                self._tool(delta, out)
+        et = ev.get("event_type")
+        if et == "complete":
+            out.append(Finish(stop_reason_in(ev.get("stop_reason"))))
+            self._clean = True
+        if ev.get("metrics") is not None:
+            usage = _usage_from_metrics(ev["metrics"], r, "event.metrics")
+            if usage is not None:
+                out.append(UsageEvent(usage))
+        if et == "metrics":
+            self._done = self._clean = True
+        return out
+
+    def _tool(self, delta: dict[str, Any], out: list[Event]) -> None:
+        r = UP
+        cid = r.opt_str(delta.get("id"), "event.delta.id")
+        fn = delta.get("function")
+        fn = r.obj(fn, "event.delta.function") if fn is not None else {}
+        args = arguments_str(fn.get("arguments"), r, "event.delta.function.arguments")
+        if cid is not None and cid in self._call_ids:
+            k, first = self._call_ids[cid], False
+        elif cid is not None or self._cur is None:
+            k, first = self._ncalls, True
+            self._ncalls += 1
+            if cid is not None:
+                self._call_ids[cid] = k
+        else:
+            k, first = self._cur, False
+        self._cur = k
+        if first:
+            out.append(
+                ToolCallDelta(k, args, id=cid, name=r.opt_str(fn.get("name"), "event.delta.function.name"))
+            )
+        elif args:
+            out.append(ToolCallDelta(k, args))
+
+
+_EMPTY_DELTA = '"delta":{"type":"text","text":""}'
+
+
+class LlamaStreamEncoder:
+    """Neutral events → `data: {"id","event":{...}}\\n\\n` frames: start (on StreamStart), progress
+    (text and tool-call deltas), complete (stop_reason), metrics (usage); no terminator.
+
+    The complete event is held until the next event or `end()` so an `Annotation` can ride inside
+    its `event` object as `"guardgate"`; usage that arrives before the finish is emitted after it,
+    so the order is always start → progress* → complete → metrics.
+    """
+
+    __slots__ = (
+        "_annotation",
+        "_call_ids",
+        "_cur",
+        "_ended",
+        "_ex",
+        "_held",
+        "_id",
+        "_pre",
+        "_progress_text",
+        "_started",
+        "_usage",
+    )
+
+    def __init__(self, ex: Exchange) -> None:
+        self._ex = ex
+        self._id = ""
+        self._pre = ""
+        self._progress_text = ""
+        self._started = False
+        self._held: str | None = None  # an event frame without its closing "}}\n\n"
+        self._usage: Usage | None = None  # usage seen before the finish
+        self._annotation: dict[str, Any] | None = None
+        self._call_ids: dict[int, str] = {}
+        self._cur: int | None = None
+        self._ended = False
+
+    def _start(self, ev: StreamStart | None) -> str:
+        self._started = True
+        self._id = ev.id if ev is not None else new_id("chatcmpl-")
+        self._pre = f'data: {{"id":{qstr(self._id)},"event":{{"event_type":'
+        self._progress_text = self._pre + '"progress","delta":{"type":"text","text":'
+        return f'{self._pre}"start",{_EMPTY_DELTA}}}}}\n\n'
+
+    def _flush(self) -> str:
+        held = self._held
+        if held is None:
+            return ""
+        self._held = None
+        if self._annotation is not None:
+            held += ',"guardgate":' + dumps(self._annotation)
+            self._annotation = None
+        return held + "}}\n\n"
+
+    def _metrics(self, u: Usage) -> str:
+        return f'{self._pre}"metrics",{_EMPTY_DELTA},"metrics":{dumps(_metrics(u))}'
+
+    def encode(self, ev: Event) -> bytes:
+        if self._ended:
+            return b""
+        t = type(ev)
+        if t is TextDelta:
+            if not ev.text or ev.index:  # type: ignore[union-attr]
+                return b""
+            pre = self._flush() if self._held is not None else ""
+            if not self._started:
+                pre += self._start(None)
+            return to_bytes(pre + self._progress_text + qstr(ev.text) + "}}}\n\n")  # type: ignore[union-attr]
+        if t is StreamStart:
+            if self._started:
+                return b""
+            return to_bytes(self._start(ev))  # type: ignore[arg-type]
+        if t is ToolCallDelta:
+            return self._tool(ev)  # type: ignore[arg-type]
+        if t is Finish:
+            if ev.index:  # type: ignore[union-attr]
+                return b""
+            pre = self._flush()
+            if not self._started:
+                pre += self._start(None)
+            self._held = f'{self._pre}"complete",{_EMPTY_DELTA},"stop_reason":"{stop_reason_out(ev.reason)}"'  # type: ignore[union-attr]
+            if self._usage is not None:
+                pre += self._flush()
+                self._held = self._metrics(self._usage)
+                self._usage = None
+            return to_bytes(pre)
+        if t is UsageEvent:
+            if self._held is None:  # no finish yet: emit after it
+                self._usage = ev.usage  # type: ignore[union-attr]
+                return b""
+            pre = self._flush()
+            self._held = self._metrics(ev.usage)  # type: ignore[union-attr]
+            return to_bytes(pre)
+        if t is Annotation:
+            if self._annotation is None:
+                self._annotation = dict(ev.data)  # type: ignore[union-attr]
+            else:
+                self._annotation.update(ev.data)  # type: ignore[union-attr]
+            return b""
+        return b""
+
+    def _tool(self, ev: ToolCallDelta) -> bytes:
+        if ev.index:
+            return b""
+        pre = self._flush() if self._held is not None else ""
+        if not self._started:
+            pre += self._start(None)
+        k = ev.call_index
+        if k not in self._call_ids:
+            cid = self._call_ids[k] = ev.id or new_id("call_")
+            delta = (
+                f'{{"type":"tool_call","id":{qstr(cid)},'
+                f'"function":{{"name":{qstr(ev.name or "")},"arguments":{qstr(ev.arguments)}}}}}'
+            )
+        elif k != self._cur:  # back to an earlier call: say which
+            delta = (
+                f'{{"type":"tool_call","id":{qstr(self._call_ids[k])},'
+                f'"function":{{"arguments":{qstr(ev.arguments)}}}}}'
+            )
+        elif ev.arguments:
+            delta = f'{{"type":"tool_call","function":{{"arguments":{qstr(ev.arguments)}}}}}'
+        else:
+            return to_bytes(pre)
+        self._cur = k
+        return to_bytes(f'{pre}{self._pre}"progress","delta":{delta}}}}}\n\n')
+
+    def end(self) -> bytes:
+        if self._ended:
+            return b""
+        self._ended = True
+        out = self._flush()
+        if self._usage is not None:  # usage but never a finish
+            if not self._started:
+                out += self._start(None)
+            self._held = self._metrics(self._usage)
+            self._usage = None
+            out += self._flush()
+        return to_bytes(out)
+
+    def error(self, message: str, code: str, *, type: str = "server_error") -> bytes:
+        """`event: error` + the error body: llama-api-client raises `APIError` (§4.3)."""
+        if self._ended:
+            return b""
+        self._ended = True
+        body = error_body(502, message, type=type, code=code)
+        return to_bytes(self._flush() + "event: error\ndata: " + dumps(body) + "\n\n")
+
+
+def stream_decoder() -> LlamaStreamDecoder:
+    return LlamaStreamDecoder()
+
+
+def stream_encoder(ex: Exchange) -> LlamaStreamEncoder:
+    return LlamaStreamEncoder(ex)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def error_body(
+    status: int,
+    message: str,
+    *,
+    type: str = "invalid_request_error",
+    code: str | None = None,
+    param: str | None = None,
+) -> dict[str, Any]:
+    """OpenAI-shaped `error` plus problem-JSON `title`/`detail` copies (§3.6)."""
+    try:
+        title = HTTPStatus(status).phrase
+    except ValueError:
+        title = "Error"
+    return {
+        "error": {"message": message, "type": type, "param": param, "code": code},
+        "title": title,
+        "detail": message,
+    }
+
+
+def decode_error(status: int, body: bytes) -> tuple[str, str | None]:
+    try:
+        obj = load_json(body, status=502, what="upstream error")
+    except DialectError:
+        obj = None
+    msg, code = _error_message(obj)
+    if msg:
+        return msg, code
+    try:
+        phrase = f" {HTTPStatus(status).phrase}"
+    except ValueError:
+        phrase = ""
+    text = ""
+    if obj is None and isinstance(body, (bytes, bytearray)):
+        text = body[:500].decode("utf-8", "replace").strip()
+    return (f"upstream returned HTTP {status}{phrase}" + (f": {text}" if text else "")), code
+
+
+# --------------------------------------------------------------------------- models
+
+
+def encode_model(m: ModelInfo) -> dict[str, Any]:
+    return {
+        "id": m["id"],
+        "created": int(m.get("created") or 0),
+        "object": "model",
+        "owned_by": m.get("owned_by") or "",
+    }
+
+
+def encode_models(models: list[ModelInfo]) -> dict[str, Any]:
+    """`{"data":[...]}` (the SDK unwraps `data`) plus `"object":"list"` for OpenAI-style readers (§3.8)."""
+    return {"object": "list", "data": [encode_model(m) for m in models]}
+
+
+def decode_models(body: bytes) -> list[ModelInfo]:
+    """`{"data":[...]}` (a bare list or a single model object are accepted too)."""
+    return decode_models_list(body)
+
+
+# --------------------------------------------------------------------------- moderations
+
+
+def decode_moderation_request(body: bytes) -> ModerationRequest:
+    """`{"messages":[...], "model"?}`: one conversation, one result."""
+    obj = load_object(body)
+    r = REQ
+    model = r.opt_str(obj.get("model"), "model")
+    if "messages" not in obj:
+        r.fail("'messages' is required", "messages")
+    return ModerationRequest(model, [decode_messages(obj["messages"], r)])
+
+
+def encode_moderation_request(req: ModerationRequest) -> dict[str, Any]:
+    """The Llama API moderates one conversation per request: several inputs (an OpenAI `input`
+    list) are sent as one user message each in one conversation, and answered by one result."""
+    if len(req.inputs) == 1:
+        messages = encode_messages(req.inputs[0])
+    else:
+        messages = encode_messages(
+            [Message.of("user", "\n".join(m.text for m in conv)) for conv in req.inputs]
+        )
+    body: dict[str, Any] = {"messages": messages}
+    if req.model:
+        body["model"] = req.model
+    return body
+
+
+def encode_moderation_response(
+    results: list[ModerationResult], *, model: str, id: str | None = None
+) -> dict[str, Any]:
+    return {
+        "model": model,
+        "results": [
+            {
+                "flagged": bool(res.get("flagged")),
+                "flagged_categories": sorted(
+                    {category_code(c) for c in res.get("categories") or []}, key=code_order
+                ),
+            }
+            for res in results
+        ],
+    }
+
+
+def decode_moderation_response(body: bytes) -> list[ModerationResult]:
+    obj = load_object(body, status=502, what="upstream moderation response")
+    r = UP
+    out: list[ModerationResult] = []
+    for i, res in enumerate(r.list_(obj.get("results"), "results")):
+        p = f"results[{i}]"
+        res = r.obj(res, p)
+        cats = [
+            category_code(r.str_(c, f"{p}.flagged_categories[]"))
+            for c in r.list_(res.get("flagged_categories") or [], f"{p}.flagged_categories")
+        ]
+        out.append(
+            {
+                "flagged": r.bool_(res.get("flagged", bool(cats)), f"{p}.flagged"),
+                "categories": sorted(set(cats), key=code_order),
+                "scores": {},
+            }
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- the dialect object
+
+
+class LlamaDialect:
+    name = NAME
+    decode_request = staticmethod(decode_request)
+    encode_request = staticmethod(encode_request)
+    decode_response = staticmethod(decode_response)
+    encode_response = staticmethod(encode_response)
+    stream_decoder = staticmethod(stream_decoder)
+    stream_encoder = staticmethod(stream_encoder)
+    error_body = staticmethod(error_body)
+    decode_error = staticmethod(decode_error)
+    encode_model = staticmethod(encode_model)
+    encode_models = staticmethod(encode_models)
+    decode_models = staticmethod(decode_models)
+    decode_moderation_request = staticmethod(decode_moderation_request)
+    encode_moderation_request = staticmethod(encode_moderation_request)
+    encode_moderation_response = staticmethod(encode_moderation_response)
+    decode_moderation_response = staticmethod(decode_moderation_response)
+
+
+dialect = LlamaDialect()

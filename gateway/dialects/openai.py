@@ -1,0 +1,954 @@
+"""The OpenAI Chat Completions dialect (also the Llama API's `/compat/v1` surface).
+
+Wire shapes: wire_formats.md §1 (chat), §2 (models, moderations), §4.2 (content-filter cut).
+
+Carried only for an OpenAI-dialect peer (kept in `extra["openai"]`, re-emitted by this module,
+dropped on purpose by any other dialect):
+- requests: every top-level field without a neutral name (`logit_bias`, `logprobs`, `top_logprobs`,
+  `metadata`, `modalities`, `moderation`, `parallel_tool_calls`, `prediction`, `prompt_cache_*`,
+  `reasoning_effort`, `safety_identifier`, `service_tier`, `store`, `verbosity`,
+  `web_search_options`, `audio`, legacy `functions`/`function_call`, and unknown `extra_body`
+  keys), `stream_options` keys other than `include_usage`, non-function tools (`custom`), and
+  `tool_choice` shapes other than none/auto/required/one function (`allowed_tools`, `custom`);
+  which of `max_tokens` / `max_completion_tokens` the client used (`extra["openai_max_tokens_field"]`).
+- responses: top-level extras (`system_fingerprint`, `service_tier`, ...), message extras
+  (`annotations`, `audio`, legacy `function_call`), usage details (`prompt_tokens_details`, ...).
+- stream chunks: `system_fingerprint`, `service_tier` (via `StreamStart.extra`).
+
+Dropped on purpose (no neutral counterpart): message parts `input_audio` and `file` (guards
+cannot read them; other unknown part types are rejected with a 400 so nothing unguarded slips
+through), `image_url.detail`, `prompt_cache_breakpoint`, message `audio`; choices other than
+index 0 of a non-stream response; `logprobs`; `obfuscation`; stream `function_call` deltas.
+Lossy on purpose: `refusal` text becomes ordinary text (a guard must see it); custom tool calls
+are carried as function calls (`input` as `arguments`); legacy `function` role messages become
+`tool` messages without `tool_call_id` (and are written back as `function` messages).
+
+Params: `max_completion_tokens` (else `max_tokens`) → `max_tokens`; `top_k` and
+`repetition_penalty` (vLLM / llama.cpp extensions) are read and written as-is, so a Llama client
+reaching an OpenAI-compatible server keeps them (the OpenAI service itself rejects them).
+"""
+
+from __future__ import annotations
+
+import time
+from http import HTTPStatus
+from typing import Any
+
+from gateway.dialects._common import (
+    LLAMA_GUARD_CATEGORIES,
+    REQ,
+    UP,
+    Reader,
+    arguments_str,
+    category_code,
+    code_order,
+    decode_models_list,
+    decode_tool_choice,
+    decode_tool_defs,
+    dumps,
+    encode_tool_choice,
+    encode_tool_defs,
+    load_object,
+    loads,
+    qstr,
+    to_bytes,
+)
+from gateway.dialects.base import (
+    DialectError,
+    ModelInfo,
+    ModerationRequest,
+    ModerationResult,
+    UpstreamStreamError,
+)
+from gateway.types import (
+    Annotation,
+    Completion,
+    Event,
+    Exchange,
+    Finish,
+    Message,
+    Part,
+    StreamStart,
+    TextDelta,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+    UsageEvent,
+    new_id,
+)
+
+NAME = "openai"
+ROLES = frozenset(("system", "developer", "user", "assistant", "tool", "function"))
+FINISH_REASONS = frozenset(("stop", "length", "tool_calls", "content_filter", "function_call"))
+# Field a translated request uses for the token limit: the one every OpenAI-compatible server
+# (vLLM, llama.cpp, TGI, Ollama) and the OpenAI service for non-reasoning models accept.
+DEFAULT_MAX_TOKENS_FIELD = "max_tokens"
+
+_FLOAT_PARAMS = ("temperature", "top_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
+_INT_PARAMS = ("top_k", "n", "seed")
+_KNOWN_REQ = frozenset(
+    (
+        "model",
+        "messages",
+        "stream",
+        "stream_options",
+        "max_tokens",
+        "max_completion_tokens",
+        "stop",
+        "user",
+        "tools",
+        "tool_choice",
+        "response_format",
+        *_FLOAT_PARAMS,
+        *_INT_PARAMS,
+    )
+)
+_IGNORED_PARTS = frozenset(("input_audio", "file"))
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def _decode_parts(content: Any, r: Reader, param: str, *, role: str) -> list[Part]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [Part("text", content)]
+    parts: list[Part] = []
+    for j, item in enumerate(r.list_(content, param)):
+        p = f"{param}[{j}]"
+        item = r.obj(item, p)
+        typ = item.get("type")
+        if typ == "text":
+            parts.append(Part("text", r.str_(item.get("text"), f"{p}.text")))
+        elif typ == "refusal":
+            parts.append(Part("text", r.str_(item.get("refusal"), f"{p}.refusal")))
+        elif typ == "image_url":
+            iu = item.get("image_url")
+            url = iu if isinstance(iu, str) else r.obj(iu, f"{p}.image_url").get("url")
+            parts.append(Part("image", image_url=r.str_(url, f"{p}.image_url.url")))
+        elif typ in _IGNORED_PARTS:
+            continue
+        else:
+            r.fail(f"unsupported content part type {typ!r} in a {role} message", f"{p}.type")
+    return parts
+
+
+def _decode_tool_calls(v: Any, r: Reader, param: str) -> list[ToolCall]:
+    calls = []
+    for k, tc in enumerate(r.list_(v, param)):
+        p = f"{param}[{k}]"
+        tc = r.obj(tc, p)
+        if tc.get("type") == "custom" and isinstance(tc.get("custom"), dict):
+            cu = tc["custom"]
+            calls.append(
+                ToolCall(
+                    r.str_(tc.get("id"), f"{p}.id"),
+                    r.str_(cu.get("name"), f"{p}.custom.name"),
+                    arguments_str(cu.get("input"), r, f"{p}.custom.input"),
+                )
+            )
+            continue
+        fn = r.obj(tc.get("function"), f"{p}.function")
+        calls.append(
+            ToolCall(
+                r.str_(tc.get("id"), f"{p}.id"),
+                r.str_(fn.get("name"), f"{p}.function.name"),
+                arguments_str(fn.get("arguments"), r, f"{p}.function.arguments"),
+            )
+        )
+    return calls
+
+
+def decode_messages(v: Any, r: Reader = REQ, param: str = "messages") -> list[Message]:
+    msgs = r.list_(v, param)
+    if not msgs:
+        r.fail(f"'{param}' must contain at least one message", param)
+    out: list[Message] = []
+    for i, m in enumerate(msgs):
+        p = f"{param}[{i}]"
+        m = r.obj(m, p)
+        role = m.get("role")
+        if role not in ROLES:
+            r.fail(f"'{p}.role' must be one of {sorted(ROLES)}", f"{p}.role")
+        parts = _decode_parts(m.get("content"), r, f"{p}.content", role=role)
+        msg = Message(
+            role="tool" if role == "function" else role,
+            parts=parts,
+            name=r.opt_str(m.get("name"), f"{p}.name"),
+        )
+        if role == "assistant":
+            if isinstance(m.get("refusal"), str) and m["refusal"]:
+                msg.parts.append(Part("text", m["refusal"]))
+            if m.get("tool_calls") is not None:
+                msg.tool_calls = _decode_tool_calls(m["tool_calls"], r, f"{p}.tool_calls")
+        elif role == "tool":
+            msg.tool_call_id = r.str_(m.get("tool_call_id"), f"{p}.tool_call_id")
+        out.append(msg)
+    return out
+
+
+def decode_request(body: bytes) -> Exchange:
+    obj = load_object(body)
+    r = REQ
+    model = obj.get("model")
+    if not isinstance(model, str) or not model:
+        r.fail("'model' is required and must be a non-empty string", "model")
+    if "messages" not in obj:
+        r.fail("'messages' is required", "messages")
+    ex = Exchange(model=model, messages=decode_messages(obj["messages"], r))
+    params = ex.params
+    extra: dict[str, Any] = {}
+    stream = obj.get("stream")
+    if stream is not None:
+        ex.stream = r.bool_(stream, "stream")
+    so = obj.get("stream_options")
+    if so is not None:
+        so = r.obj(so, "stream_options")
+        if so.get("include_usage") is not None:
+            ex.include_usage = r.bool_(so["include_usage"], "stream_options.include_usage") and ex.stream
+        rest = {k: v for k, v in so.items() if k != "include_usage"}
+        if rest:
+            extra["stream_options"] = rest
+    for k in _FLOAT_PARAMS:
+        if obj.get(k) is not None:
+            params[k] = r.num(obj[k], k)
+    for k in _INT_PARAMS:
+        if obj.get(k) is not None:
+            params[k] = r.int_(obj[k], k)
+    if obj.get("max_completion_tokens") is not None:
+        params["max_tokens"] = r.int_(obj["max_completion_tokens"], "max_completion_tokens")
+        ex.extra["openai_max_tokens_field"] = "max_completion_tokens"
+    elif obj.get("max_tokens") is not None:
+        params["max_tokens"] = r.int_(obj["max_tokens"], "max_tokens")
+    stop = obj.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            params["stop"] = stop
+        else:
+            params["stop"] = [r.str_(s, f"stop[{i}]") for i, s in enumerate(r.list_(stop, "stop"))]
+    if obj.get("user") is not None:
+        params["user"] = r.str_(obj["user"], "user")
+    if obj.get("tools") is not None:
+        tools, other = decode_tool_defs(obj["tools"], r, "tools")
+        params["tools"] = tools
+        if other:
+            extra["tools_other"] = other
+    if obj.get("tool_choice") is not None:
+        tc = decode_tool_choice(obj["tool_choice"], r, "tool_choice")
+        if tc is None:
+            extra["tool_choice"] = obj["tool_choice"]
+        else:
+            params["tool_choice"] = tc
+    if obj.get("response_format") is not None:
+        rf = r.obj(obj["response_format"], "response_format")
+        r.str_(rf.get("type"), "response_format.type")
+        params["response_format"] = rf
+    for k, v in obj.items():
+        if k not in _KNOWN_REQ:
+            extra[k] = v
+    if extra:
+        ex.extra[NAME] = extra
+    return ex
+
+
+def _encode_content(parts: list[Part], *, assistant: bool) -> Any:
+    if len(parts) == 1 and parts[0].type == "text":
+        return parts[0].text
+    if not parts:
+        return None if assistant else ""
+    if assistant:  # assistant content parts are text only
+        return "".join(p.text for p in parts if p.type == "text")
+    return [
+        {"type": "text", "text": p.text}
+        if p.type == "text"
+        else {"type": "image_url", "image_url": {"url": p.image_url or ""}}
+        for p in parts
+    ]
+
+
+def encode_messages(messages: list[Message]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        if m.role == "tool" and m.tool_call_id is None and m.name is not None:  # legacy function result
+            out.append({"role": "function", "name": m.name, "content": m.text})
+            continue
+        d: dict[str, Any] = {
+            "role": m.role,
+            "content": _encode_content(m.parts, assistant=m.role == "assistant"),
+        }
+        if m.name is not None:
+            d["name"] = m.name
+        if m.role == "assistant" and m.tool_calls:
+            d["tool_calls"] = [
+                {"id": tc.id, "type": "function", "function": {"name": tc.name, "arguments": tc.arguments}}
+                for tc in m.tool_calls
+            ]
+        if m.role == "tool":
+            d["tool_call_id"] = m.tool_call_id or ""
+        out.append(d)
+    return out
+
+
+def encode_request(ex: Exchange) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": ex.model, "messages": encode_messages(ex.messages)}
+    p = ex.params
+    extra: dict[str, Any] = ex.extra.get(NAME) or {}
+    for k in (*_FLOAT_PARAMS, *_INT_PARAMS, "stop", "user", "response_format"):
+        if p.get(k) is not None:
+            body[k] = p[k]
+    if p.get("max_tokens") is not None:
+        body[ex.extra.get("openai_max_tokens_field", DEFAULT_MAX_TOKENS_FIELD)] = p["max_tokens"]
+    if p.get("tools") or extra.get("tools_other"):
+        body["tools"] = encode_tool_defs(p.get("tools") or []) + list(extra.get("tools_other") or [])
+    if p.get("tool_choice") is not None:
+        body["tool_choice"] = encode_tool_choice(p["tool_choice"])
+    if ex.stream:
+        body["stream"] = True
+        so = dict(extra.get("stream_options") or {})
+        if ex.include_usage:
+            so["include_usage"] = True
+        if so:
+            body["stream_options"] = so
+    for k, v in extra.items():
+        if k not in ("stream_options", "tools_other") and k not in body:
+            body[k] = v
+    return body
+
+
+# --------------------------------------------------------------------------- non-stream responses
+
+
+def _map_finish(v: Any) -> str:
+    return v if isinstance(v, str) and v else "stop"
+
+
+def decode_response(body: bytes) -> Completion:
+    obj = load_object(body, status=502, what="upstream response")
+    r = UP
+    choices = r.list_(obj.get("choices"), "choices")
+    msg = Message(role="assistant")
+    finish = "stop"
+    extra: dict[str, Any] = {}
+    if choices:
+        ch = r.obj(choices[0], "choices[0]")
+        m = r.obj(ch.get("message"), "choices[0].message")
+        content = m.get("content")
+        if content:  # "" / null: no text part
+            msg.parts = _decode_parts(content, r, "choices[0].message.content", role="assistant")
+        if isinstance(m.get("refusal"), str) and m["refusal"]:
+            msg.parts.append(Part("text", m["refusal"]))
+        if m.get("tool_calls") is not None:
+            msg.tool_calls = _decode_tool_calls(m["tool_calls"], r, "choices[0].message.tool_calls")
+        mx = {
+            k: v
+            for k, v in m.items()
+            if k not in ("role", "content", "refusal", "tool_calls") and v is not None
+        }
+        if mx:
+            extra["message"] = mx
+        finish = _map_finish(ch.get("finish_reason"))
+    usage = None
+    u = obj.get("usage")
+    if u is not None:
+        u = r.obj(u, "usage")
+        usage = Usage(
+            r.count(u.get("prompt_tokens"), "usage.prompt_tokens"),
+            r.count(u.get("completion_tokens"), "usage.completion_tokens"),
+            r.count(u.get("total_tokens"), "usage.total_tokens"),
+        )
+        ux = {k: v for k, v in u.items() if k not in ("prompt_tokens", "completion_tokens", "total_tokens")}
+        if ux:
+            extra["usage"] = ux
+    top = {
+        k: v
+        for k, v in obj.items()
+        if k not in ("id", "object", "created", "model", "choices", "usage", "guardgate") and v is not None
+    }
+    if top:
+        extra["top"] = top
+    created = obj.get("created")
+    c = Completion(
+        id=r.opt_str(obj.get("id"), "id") or new_id("chatcmpl-"),
+        model=r.opt_str(obj.get("model"), "model") or "",
+        message=msg,
+        finish_reason=finish,
+        usage=usage,
+        created=r.int_(created, "created") if created is not None else int(time.time()),
+    )
+    if extra:
+        c.extra[NAME] = extra
+    return c
+
+
+def _usage_dict(u: Usage, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+    }
+    if extra:
+        d.update(extra)
+    return d
+
+
+def encode_response(c: Completion, ex: Exchange) -> dict[str, Any]:
+    ox: dict[str, Any] = c.extra.get(NAME) or {}
+    m = c.message
+    texts = [p.text for p in m.parts if p.type == "text"]
+    content: str | None = "".join(texts) if texts else (None if m.tool_calls else "")
+    msg: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    if m.tool_calls:
+        msg["tool_calls"] = [
+            {"id": tc.id, "type": "function", "function": {"name": tc.name, "arguments": tc.arguments}}
+            for tc in m.tool_calls
+        ]
+    if ox.get("message"):
+        msg.update(ox["message"])
+    fr = c.finish_reason if c.finish_reason in FINISH_REASONS else "stop"
+    out: dict[str, Any] = {
+        "id": c.id,
+        "object": "chat.completion",
+        "created": c.created,
+        "model": c.model or ex.model,
+        "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": fr}],
+    }
+    if c.usage is not None:
+        out["usage"] = _usage_dict(c.usage, ox.get("usage"))
+    for k, v in (ox.get("top") or {}).items():
+        out.setdefault(k, v)
+    if c.extra.get("guardgate") is not None:
+        out["guardgate"] = c.extra["guardgate"]
+    return out
+
+
+# --------------------------------------------------------------------------- streams
+
+
+class OpenAIStreamDecoder:
+    """OpenAI chunks → neutral events. Role chunks, `obfuscation` and `logprobs` are dropped; a
+    chunk before the first one with choices or usage (Azure's prompt-filter chunk) is skipped."""
+
+    __slots__ = ("_done", "_started", "_tools")
+
+    def __init__(self) -> None:
+        self._done = False
+        self._started = False
+        self._tools: set[tuple[int, int]] = set()
+
+    def done(self) -> bool:
+        return self._done
+
+    def ended_cleanly(self) -> bool:
+        return self._done
+
+    def feed(self, event: str | None, data: str) -> list[Event]:
+        if data.startswith("[DONE]"):
+            self._done = True
+            return []
+        try:
+            obj = loads(data)
+        except (ValueError, RecursionError):
+            raise UpstreamStreamError(
+                "upstream sent a stream chunk that is not JSON", code="bad_upstream_response"
+            ) from None
+        if not isinstance(obj, dict):
+            raise UpstreamStreamError(
+                "upstream sent a stream chunk that is not a JSON object", code="bad_upstream_response"
+            )
+        err = obj.get("error")
+        if err:
+            msg, code = _error_fields(err)
+            raise UpstreamStreamError(msg or "upstream error during streaming", code=code or "upstream_error")
+        try:
+            return self._events(obj)
+        except DialectError as e:
+            raise UpstreamStreamError(
+                f"upstream stream chunk: {e.message}", code="bad_upstream_response"
+            ) from None
+
+    def _events(self, obj: dict[str, Any]) -> list[Event]:
+        r = UP
+        out: list[Event] = []
+        choices = obj.get("choices")
+        usage = obj.get("usage")
+        if not self._started:
+            if not choices and not usage:
+                return out
+            self._started = True
+            created = obj.get("created")
+            sx = {k: obj[k] for k in ("system_fingerprint", "service_tier") if obj.get(k) is not None}
+            out.append(
+                StreamStart(
+                    id=r.opt_str(obj.get("id"), "id") or new_id("chatcmpl-"),
+                    model=r.opt_str(obj.get("model"), "model") or "",
+                    created=r.int_(created, "created") if created is not None else int(time.time()),
+                    extra={NAME: sx} if sx else {},
+                )
+            )
+        if choices:
+            for ch in r.list_(choices, "choices"):
+                ch = r.obj(ch, "choices[]")
+                idx = ch.get("index", 0)
+                idx = r.int_(idx, "choices[].index") if idx is not None else 0
+                delta = ch.get("delta")
+                if delta:
+                    delta = r.obj(delta, "choices[].delta")
+                    text = delta.get("content")
+                    if text:
+                        out.append(TextDelta(r.str_(text, "delta.content"), idx))
+                    text = delta.get("refusal")
+                    if text:
+                        out.append(TextDelta(r.str_(text, "delta.refusal"), idx))
+                    tcs = delta.get("tool_calls")
+                    if tcs:
+                        self._tool_deltas(tcs, idx, out)
+                fr = ch.get("finish_reason")
+                if fr:
+                    out.append(Finish(r.str_(fr, "finish_reason"), idx))
+        if usage:
+            u = r.obj(usage, "usage")
+            out.append(
+                UsageEvent(
+                    Usage(
+                        r.count(u.get("prompt_tokens"), "usage.prompt_tokens"),
+                        r.count(u.get("completion_tokens"), "usage.completion_tokens"),
+                        r.count(u.get("total_tokens"), "usage.total_tokens"),
+                    )
+                )
+            )
+        return out
+
+    def _tool_deltas(self, tcs: Any, idx: int, out: list[Event]) -> None:
+        r = UP
+        for pos, tc in enumerate(r.list_(tcs, "delta.tool_calls")):
+            tc = r.obj(tc, "delta.tool_calls[]")
+            k = tc.get("index")
+            k = r.int_(k, "tool_calls[].index") if k is not None else pos
+            fn = tc.get("function")
+            fn = r.obj(fn, "tool_calls[].function") if fn is not None else {}
+            args = arguments_str(fn.get("arguments"), r, "tool_calls[].function.arguments")
+            key = (idx, k)
+            if key not in self._tools:
+                self._tools.add(key)
+                out.append(
+                    ToolCallDelta(
+                        k,
+                        args,
+                        id=r.opt_str(tc.get("id"), "tool_calls[].id"),
+                        name=r.opt_str(fn.get("name"), "tool_calls[].function.name"),
+                        index=idx,
+                    )
+                )
+            elif args:
+                out.append(ToolCallDelta(k, args, index=idx))
+
+
+class OpenAIStreamEncoder:
+    """Neutral events → `data: <chunk>\\n\\n` frames, then `data: [DONE]\\n\\n`.
+
+    Every chunk has the same id/created/model; each choice opens with
+    `delta:{"role":"assistant","content":"","refusal":null}`; a finish is `delta:{}` with its
+    reason; with include_usage every chunk has `"usage":null` and a usage chunk with `choices:[]`
+    follows, else usage is dropped. The last finish/usage chunk is held until the next event or
+    `end()`, so an `Annotation` can ride on it as a top-level `"guardgate"` object.
+    """
+
+    __slots__ = (
+        "_annotation",
+        "_ended",
+        "_ex",
+        "_head",
+        "_held",
+        "_id",
+        "_opened",
+        "_tail",
+        "_text0",
+        "_text_end",
+        "_tools",
+        "_usage",
+    )
+
+    def __init__(self, ex: Exchange) -> None:
+        self._ex = ex
+        self._usage = ex.include_usage
+        self._tail = ',"usage":null}\n\n' if ex.include_usage else "}\n\n"
+        self._head = ""
+        self._id = ""
+        self._text0 = ""
+        self._text_end = '},"logprobs":null,"finish_reason":null}]' + self._tail
+        self._opened: set[int] = set()
+        self._tools: set[tuple[int, int]] = set()
+        self._held: str | None = None  # a final chunk without its closing "}\n\n"
+        self._annotation: dict[str, Any] | None = None
+        self._ended = False
+
+    def _start(self, ev: StreamStart | None) -> None:
+        if ev is None:
+            ev = StreamStart(id=new_id("chatcmpl-"), model=self._ex.model)
+        self._id = ev.id
+        extra = "".join(f",{qstr(k)}:{dumps(v)}" for k, v in (ev.extra.get(NAME) or {}).items())
+        self._head = (
+            f'data: {{"id":{qstr(ev.id)},"object":"chat.completion.chunk","created":{int(ev.created)},'
+            f'"model":{qstr(ev.model or self._ex.model)}{extra},"choices":['
+        )
+        self._text0 = self._head + '{"index":0,"delta":{"content":'
+
+    def _open(self, index: int) -> str:
+        self._opened.add(index)
+        return (
+            f'{self._head}{{"index":{index},"delta":{{"role":"assistant","content":"","refusal":null}},'
+            f'"logprobs":null,"finish_reason":null}}]{self._tail}'
+        )
+
+    def _flush(self) -> str:
+        held = self._held
+        if held is None:
+            return ""
+        self._held = None
+        if self._annotation is not None:
+            held += ',"guardgate":' + dumps(self._annotation)
+            self._annotation = None
+        return held + "}\n\n"
+
+    def encode(self, ev: Event) -> bytes:
+        if self._ended:
+            return b""
+        t = type(ev)
+        if t is TextDelta:
+            if not ev.text:  # type: ignore[union-attr]
+                return b""
+            pre = self._flush() if self._held is not None else ""
+            if not self._head:
+                self._start(None)
+            index = ev.index  # type: ignore[union-attr]
+            if index not in self._opened:
+                pre += self._open(index)
+            if index == 0:
+                return to_bytes(pre + self._text0 + qstr(ev.text) + self._text_end)  # type: ignore[union-attr]
+            return to_bytes(
+                f'{pre}{self._head}{{"index":{index},"delta":{{"content":{qstr(ev.text)}'  # type: ignore[union-attr]
+                + self._text_end
+            )
+        if t is StreamStart:
+            pre = self._flush()
+            if self._head:
+                return to_bytes(pre)  # a second start: keep the first identity
+            self._start(ev)  # type: ignore[arg-type]
+            return to_bytes(pre + self._open(0))
+        if t is ToolCallDelta:
+            return self._tool(ev)  # type: ignore[arg-type]
+        if t is Finish:
+            pre = self._flush()
+            if not self._head:
+                self._start(None)
+            index = ev.index  # type: ignore[union-attr]
+            if index not in self._opened:
+                pre += self._open(index)
+            fr = ev.reason if ev.reason in FINISH_REASONS else "stop"  # type: ignore[union-attr]
+            self._held = (
+                f'{self._head}{{"index":{index},"delta":{{}},"logprobs":null,"finish_reason":"{fr}"}}]'
+                + (',"usage":null' if self._usage else "")
+            )
+            return to_bytes(pre)
+        if t is UsageEvent:
+            if not self._usage:
+                return b""
+            pre = self._flush()
+            if not self._head:
+                self._start(None)
+            self._held = f'{self._head}],"usage":{dumps(_usage_dict(ev.usage))}'  # type: ignore[union-attr]
+            return to_bytes(pre)
+        if t is Annotation:
+            if self._annotation is None:
+                self._annotation = dict(ev.data)  # type: ignore[union-attr]
+            else:
+                self._annotation.update(ev.data)  # type: ignore[union-attr]
+            return b""
+        return b""
+
+    def _tool(self, ev: ToolCallDelta) -> bytes:
+        pre = self._flush() if self._held is not None else ""
+        if not self._head:
+            self._start(None)
+        if ev.index not in self._opened:
+            pre += self._open(ev.index)
+        key = (ev.index, ev.call_index)
+        if key not in self._tools:
+            self._tools.add(key)
+            tc = (
+                f'{{"index":{ev.call_index},"id":{qstr(ev.id or new_id("call_"))},"type":"function",'
+                f'"function":{{"name":{qstr(ev.name or "")},"arguments":{qstr(ev.arguments)}}}}}'
+            )
+        elif ev.arguments:
+            tc = f'{{"index":{ev.call_index},"function":{{"arguments":{qstr(ev.arguments)}}}}}'
+        else:
+            return to_bytes(pre)
+        return to_bytes(
+            f'{pre}{self._head}{{"index":{ev.index},"delta":{{"tool_calls":[{tc}]}},'
+            + '"logprobs":null,"finish_reason":null}]'
+            + self._tail
+        )
+
+    def end(self) -> bytes:
+        if self._ended:
+            return b""
+        self._ended = True
+        return to_bytes(self._flush() + "data: [DONE]\n\n")
+
+    def error(self, message: str, code: str, *, type: str = "server_error") -> bytes:
+        if self._ended:
+            return b""
+        self._ended = True
+        err = {"message": message, "type": type, "param": None, "code": code}
+        return to_bytes(self._flush() + 'data: {"error":' + dumps(err) + "}\n\n")
+
+
+def stream_decoder() -> OpenAIStreamDecoder:
+    return OpenAIStreamDecoder()
+
+
+def stream_encoder(ex: Exchange) -> OpenAIStreamEncoder:
+    return OpenAIStreamEncoder(ex)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _error_fields(err: Any) -> tuple[str, str | None]:
+    if isinstance(err, dict):
+        msg = err.get("message")
+        code = err.get("code")
+        if code is None:
+            code = err.get("type")
+        return (msg if isinstance(msg, str) else ""), (str(code) if isinstance(code, (str, int)) else None)
+    if isinstance(err, str):
+        return err, None
+    return "", None
+
+
+def error_body(
+    status: int,
+    message: str,
+    *,
+    type: str = "invalid_request_error",
+    code: str | None = None,
+    param: str | None = None,
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def _status_text(status: int) -> str:
+    try:
+        return f"upstream returned HTTP {status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"upstream returned HTTP {status}"
+
+
+def decode_error(status: int, body: bytes) -> tuple[str, str | None]:
+    try:
+        obj = load_object(body, status=502, what="upstream error")
+    except DialectError:
+        text = body[:500].decode("utf-8", "replace").strip() if isinstance(body, (bytes, bytearray)) else ""
+        return (f"{_status_text(status)}: {text}" if text else _status_text(status)), None
+    msg, code = _error_fields(obj.get("error"))
+    if not msg:
+        for k in ("detail", "message", "title"):
+            if isinstance(obj.get(k), str) and obj[k]:
+                msg = obj[k]
+                break
+    return msg or _status_text(status), code
+
+
+# --------------------------------------------------------------------------- models
+
+
+def encode_model(m: ModelInfo) -> dict[str, Any]:
+    return {
+        "id": m["id"],
+        "object": "model",
+        "created": int(m.get("created") or 0),
+        "owned_by": m.get("owned_by") or "",
+    }
+
+
+def encode_models(models: list[ModelInfo]) -> dict[str, Any]:
+    return {"object": "list", "data": [encode_model(m) for m in models]}
+
+
+def decode_models(body: bytes) -> list[ModelInfo]:
+    """`{"object":"list","data":[...]}` (a bare list or a single model object are accepted too)."""
+    return decode_models_list(body)
+
+
+# --------------------------------------------------------------------------- moderations
+
+OPENAI_CATEGORIES = (
+    "harassment",
+    "harassment/threatening",
+    "hate",
+    "hate/threatening",
+    "illicit",
+    "illicit/violent",
+    "self-harm",
+    "self-harm/instructions",
+    "self-harm/intent",
+    "sexual",
+    "sexual/minors",
+    "violence",
+    "violence/graphic",
+)
+# Llama Guard code → OpenAI categories it implies. S6 (specialized advice), S7 (privacy), S8 (IP)
+# and S13 (elections) have no OpenAI counterpart: they set `flagged` and appear only in the
+# `guardgate.categories` extra of each result.
+CODE_TO_OPENAI: dict[str, tuple[str, ...]] = {
+    "S1": ("violence", "illicit/violent"),
+    "S2": ("illicit",),
+    "S3": ("sexual", "illicit"),
+    "S4": ("sexual/minors",),
+    "S5": ("harassment",),
+    "S9": ("illicit/violent", "violence"),
+    "S10": ("hate",),
+    "S11": ("self-harm",),
+    "S12": ("sexual",),
+    "S14": ("illicit",),
+}
+OPENAI_TO_CODE: dict[str, str] = {
+    "harassment": "S5",
+    "harassment/threatening": "S1",
+    "hate": "S10",
+    "hate/threatening": "S10",
+    "illicit": "S2",
+    "illicit/violent": "S1",
+    "self-harm": "S11",
+    "self-harm/instructions": "S11",
+    "self-harm/intent": "S11",
+    "sexual": "S12",
+    "sexual/minors": "S4",
+    "violence": "S1",
+    "violence/graphic": "S1",
+}
+
+
+def decode_moderation_request(body: bytes) -> ModerationRequest:
+    """`input`: a string (one input), a list of strings (one input each) or a list of
+    text/image_url parts (one multimodal input). Each input becomes one user message."""
+    obj = load_object(body)
+    r = REQ
+    model = r.opt_str(obj.get("model"), "model")
+    inp = obj.get("input")
+    if inp is None:
+        r.fail("'input' is required", "input")
+    if isinstance(inp, str):
+        return ModerationRequest(model, [[Message.of("user", inp)]])
+    items = r.list_(inp, "input")
+    if not items:
+        r.fail("'input' must not be empty", "input")
+    if all(isinstance(x, str) for x in items):
+        return ModerationRequest(model, [[Message.of("user", x)] for x in items])
+    if all(isinstance(x, dict) for x in items):
+        return ModerationRequest(model, [[Message("user", _decode_parts(items, r, "input", role="user"))]])
+    r.fail("'input' must be a string, a list of strings or a list of content parts", "input")
+
+
+def encode_moderation_request(req: ModerationRequest) -> dict[str, Any]:
+    """One string per text-only input; a single input with images becomes a list of parts."""
+    body: dict[str, Any] = {}
+    if req.model:
+        body["model"] = req.model
+    if len(req.inputs) == 1 and any(p.type == "image" for m in req.inputs[0] for p in m.parts):
+        body["input"] = [
+            {"type": "text", "text": p.text}
+            if p.type == "text"
+            else {"type": "image_url", "image_url": {"url": p.image_url or ""}}
+            for m in req.inputs[0]
+            for p in m.parts
+        ]
+    else:
+        texts = ["\n".join(m.text for m in conv) for conv in req.inputs]
+        body["input"] = texts[0] if len(texts) == 1 else texts
+    return body
+
+
+def encode_moderation_response(
+    results: list[ModerationResult], *, model: str, id: str | None = None
+) -> dict[str, Any]:
+    out = []
+    for res in results:
+        codes = [category_code(c) for c in res.get("categories") or []]
+        scores = {category_code(k): float(v) for k, v in (res.get("scores") or {}).items()}
+        cats = dict.fromkeys(OPENAI_CATEGORIES, False)
+        cscores = dict.fromkeys(OPENAI_CATEGORIES, 0.0)
+        for code in set(codes) | set(scores):
+            s = scores.get(code, 1.0 if code in codes else 0.0)
+            for key in CODE_TO_OPENAI.get(code, ()):
+                cscores[key] = max(cscores[key], s)
+                if code in codes:
+                    cats[key] = True
+        out.append(
+            {
+                "flagged": bool(res.get("flagged")),
+                "categories": cats,
+                "category_scores": cscores,
+                "category_applied_input_types": {k: ["text"] for k in OPENAI_CATEGORIES},
+                "guardgate": {"categories": sorted(set(codes), key=code_order)},
+            }
+        )
+    return {"id": id or new_id("modr-"), "model": model, "results": out}
+
+
+def decode_moderation_response(body: bytes) -> list[ModerationResult]:
+    obj = load_object(body, status=502, what="upstream moderation response")
+    r = UP
+    out: list[ModerationResult] = []
+    for i, res in enumerate(r.list_(obj.get("results"), "results")):
+        p = f"results[{i}]"
+        res = r.obj(res, p)
+        cats = r.obj(res.get("categories") or {}, f"{p}.categories")
+        raw_scores = r.obj(res.get("category_scores") or {}, f"{p}.category_scores")
+        codes: set[str] = set()
+        scores: dict[str, float] = {}
+        for key, on in cats.items():
+            code = OPENAI_TO_CODE.get(key)
+            if code and on is True:
+                codes.add(code)
+        for key, s in raw_scores.items():
+            code = OPENAI_TO_CODE.get(key)
+            if code:
+                scores[code] = max(scores.get(code, 0.0), float(r.num(s, f"{p}.category_scores.{key}")))
+        out.append(
+            {
+                "flagged": r.bool_(res.get("flagged", bool(codes)), f"{p}.flagged"),
+                "categories": sorted(codes, key=code_order),
+                "scores": scores,
+            }
+        )
+    return out
+
+
+assert set(CODE_TO_OPENAI) <= set(LLAMA_GUARD_CATEGORIES)
+
+
+# --------------------------------------------------------------------------- the dialect object
+
+
+class OpenAIDialect:
+    name = NAME
+    decode_request = staticmethod(decode_request)
+    encode_request = staticmethod(encode_request)
+    decode_response = staticmethod(decode_response)
+    encode_response = staticmethod(encode_response)
+    stream_decoder = staticmethod(stream_decoder)
+    stream_encoder = staticmethod(stream_encoder)
+    error_body = staticmethod(error_body)
+    decode_error = staticmethod(decode_error)
+    encode_model = staticmethod(encode_model)
+    encode_models = staticmethod(encode_models)
+    decode_models = staticmethod(decode_models)
+    decode_moderation_request = staticmethod(decode_moderation_request)
+    encode_moderation_request = staticmethod(encode_moderation_request)
+    encode_moderation_response = staticmethod(encode_moderation_response)
+    decode_moderation_response = staticmethod(decode_moderation_response)
+
+
+dialect = OpenAIDialect()
