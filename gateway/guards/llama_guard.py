@@ -21,7 +21,6 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from gateway.guards.base import Guard, GuardConfigError, GuardInput, StreamCheck, register
@@ -53,24 +52,6 @@ LG3_CATEGORIES: dict[str, str] = {
 }
 LG3_1B_CODES = tuple(f"S{i}" for i in range(1, 14))  # the 1B was trained on S1..S13
 LG3_8B_CODES = tuple(f"S{i}" for i in range(1, 15))
-
-#: Llama Guard code -> OpenAI moderation category names (for /v1/moderations rendering).
-OPENAI_CATEGORIES: dict[str, tuple[str, ...]] = {
-    "S1": ("violence",),
-    "S2": ("illicit",),
-    "S3": ("sexual",),
-    "S4": ("sexual/minors",),
-    "S5": ("harassment",),
-    "S6": ("illicit",),
-    "S7": ("harassment",),
-    "S8": ("illicit",),
-    "S9": ("illicit/violent",),
-    "S10": ("hate",),
-    "S11": ("self-harm",),
-    "S12": ("sexual",),
-    "S13": ("illicit",),
-    "S14": ("illicit",),
-}
 
 # --------------------------------------------------------------------------- reference templates
 
@@ -865,48 +846,3 @@ class LlamaGuardStream(StreamCheck):
             self._session.release()
             self._session = None
             self.guard.stats.sessions_alive -= 1
-
-
-# --------------------------------------------------------------------------- moderation endpoint
-
-
-@dataclass(slots=True)
-class ModerationResult:
-    """One moderated input, in neutral form; the server renders OpenAI or Llama API shapes."""
-
-    flagged: bool
-    score: float | None
-    categories: list[str]  # Llama Guard codes, e.g. ["S1", "S10"]
-    verdict: Verdict
-
-    def openai_categories(self) -> tuple[dict[str, bool], dict[str, float]]:
-        """OpenAI `categories` / `category_scores` maps (scores: P(unsafe) on the flagged ones)."""
-        names = sorted({n for ns in OPENAI_CATEGORIES.values() for n in ns})
-        hit = {n for c in self.categories for n in OPENAI_CATEGORIES.get(c, ())}
-        s = self.score or 0.0
-        return {n: n in hit for n in names}, {n: (s if n in hit else 0.0) for n in names}
-
-
-async def moderate(guard: Guard, inputs: Sequence[str | Sequence[Message]]) -> list[ModerationResult]:
-    """Judge each input (a text = one user message, or a conversation) as the input stage does.
-
-    Serves `/v1/moderations` and `/llama/v1/moderations` from a local guard; inputs run
-    concurrently (a local model batches them into shared decode calls).
-    """
-
-    async def one(item: str | Sequence[Message]) -> ModerationResult:
-        msgs = [Message.of("user", item)] if isinstance(item, str) else list(item)
-        last = msgs[-1].role if msgs else "user"
-        if last == "assistant":
-            inp = GuardInput(stage="output", messages=msgs[:-1], text=msgs[-1].text)
-        else:
-            inp = GuardInput(stage="input", messages=msgs)
-        v = await guard.check(inp)
-        return ModerationResult(v.flagged, v.score, list(v.categories), v)
-
-    return list(await asyncio.gather(*(one(i) for i in inputs)))
-
-
-def _default_model_path() -> Path | None:  # pragma: no cover - convenience for the CLI
-    env = os.environ.get("GUARDGATE_LLAMA_GUARD")
-    return Path(env) if env else None
