@@ -1,0 +1,299 @@
+"""The policy chain for one request: input steps, the stream gate, output steps, the audit record.
+
+    run = PolicyRun(policy, request_id=..., route=..., dialect=..., model=..., key=..., audit=log)
+    decision = await run.check_input(exchange)          # InputDecision; blocked → HTTP 400
+    async for ev in run.guard_stream(exchange, events):  # the gate (neutral events in and out)
+        ...
+    completion = await run.check_output(exchange, completion)   # non-stream answers
+    record = run.finish(status=200)                      # one audit record (written once)
+
+Verdict merge: input steps run concurrently; the first that blocks (flagged with action block,
+or failed with on_error block) decides and the others are cancelled ("cancelled" in the record,
+verdict "not run" if they had not answered). The strongest action over all stages is the
+request's `action` (block > redact > warn > log > allow). Shadow mode never changes a request;
+its records carry `would` and the request's `would_action`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import time
+from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from gateway.guards.base import GuardInput
+from gateway.policy.gate import GateResult, StreamGate
+from gateway.policy.record import StepRecord, strongest
+from gateway.policy.reload import PolicyStore
+from gateway.policy.schema import Policy, PolicyError, Step, load_policy, parse_policy_text
+from gateway.types import (
+    Completion,
+    Event,
+    Exchange,
+    Finish,
+    Message,
+    Part,
+    TextDelta,
+    ToolCall,
+    ToolCallDelta,
+    UsageEvent,
+    Verdict,
+    new_id,
+)
+
+__all__ = ["InputDecision", "Policy", "PolicyError", "PolicyRun", "PolicyStore", "load_policy",
+           "parse_policy_text"]
+
+
+@dataclass
+class InputDecision:
+    blocked: bool = False
+    message: str = ""
+    action: str = "allow"
+    step: str | None = None  # label of the deciding step
+    categories: list[str] = field(default_factory=list)
+    verdicts: list[Verdict] = field(default_factory=list)
+
+
+class PolicyRun:
+    """One request going through one policy. Not reusable; call `finish()` exactly once at the end."""
+
+    def __init__(self, policy: Policy, *, request_id: str | None = None, route: str | None = None,
+                 dialect: str | None = None, model: str | None = None, key: str | None = None,
+                 audit: Any = None) -> None:
+        self.policy = policy
+        self.request_id = request_id or new_id("req_")
+        self.route, self.dialect, self.model, self.key = route, dialect, model, key
+        self.audit = audit
+        self.started = time.perf_counter()
+        self.ts = _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        self.records: dict[Step, StepRecord] = {
+            s: StepRecord(stage=s.stage, index=s.index, guard=s.guard_name, action=s.action,
+                          on_error=s.on_error, label=s.label)
+            for s in policy.steps
+        }
+        self.action = "allow"
+        self.would = "allow"
+        self.blocked_stage: str | None = None
+        self.input_decision: InputDecision | None = None
+        self.gates: list[tuple[str, StreamGate]] = []
+        self.content: dict[str, Any] = {}
+        self._record: dict[str, Any] | None = None
+        policy.acquire()
+
+    # ------------------------------------------------------------------ input
+
+    async def check_input(self, exchange: Exchange) -> InputDecision:
+        """Run every input step concurrently; the first enforced block decides and cancels the rest."""
+        self.content.setdefault("messages", _messages_record(exchange.messages))
+        steps = self.policy.input.steps
+        decision = InputDecision()
+        self.input_decision = decision
+        if not steps:
+            return decision
+        tasks = {asyncio.create_task(self._input_step(s, exchange)): s for s in steps}
+        pending = set(tasks)
+        try:
+            while pending and not decision.blocked:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for t in sorted(done, key=lambda t: tasks[t].index):
+                    step, v = tasks[t], t.result()
+                    self._input_verdict(step, v, decision)
+        finally:
+            for t in pending:
+                t.cancel()
+                self.records[tasks[t]].cancelled += 1
+            if pending:
+                await asyncio.wait(pending)
+        return decision
+
+    async def _input_step(self, step: Step, exchange: Exchange) -> Verdict:
+        t0 = time.perf_counter()
+        try:
+            if step.unavailable:
+                raise RuntimeError(step.unavailable)
+            inp = GuardInput(stage="input", messages=exchange.messages, request_id=self.request_id,
+                             context={"model": exchange.model, "route": self.route, "key": self.key})
+            async with asyncio.timeout(step.timeout_s):
+                v = await step.guard.check(inp)
+            if not isinstance(v, Verdict):
+                raise TypeError(f"guard returned {type(v).__name__}, not a Verdict")
+            return v
+        except TimeoutError:
+            return Verdict(guard=step.guard_name, error=f"timeout after {step.timeout_s * 1000:.0f} ms",
+                           latency_ms=(time.perf_counter() - t0) * 1000)
+        except Exception as e:
+            return Verdict(guard=step.guard_name, error=f"{type(e).__name__}: {e}",
+                           latency_ms=(time.perf_counter() - t0) * 1000)
+
+    def _input_verdict(self, step: Step, v: Verdict, decision: InputDecision) -> None:
+        rec = self.records[step]
+        rec.add(v)
+        decision.verdicts.append(v)
+        if v.error is not None:
+            eff = "block" if step.on_error == "block" else None
+            if eff is None:
+                rec.allowed_errors += 1
+        else:
+            eff = step.action if v.flagged else None
+        if eff is None:
+            return
+        rec.note(eff, self.policy.shadow)
+        if self.policy.shadow:
+            self.would = strongest(self.would, eff)
+            return
+        self.action = strongest(self.action, eff)
+        decision.action = strongest(decision.action, eff)
+        if eff == "block" and not decision.blocked:
+            decision.blocked = True
+            decision.step = step.label
+            decision.categories = list(v.categories)
+            self.blocked_stage = "input"
+            if v.error is not None:
+                decision.message = (f"Request blocked by policy '{self.policy.name}': guard "
+                                    f"{step.guard_name} failed ({v.error}) and the policy blocks on "
+                                    "guard errors")
+            else:
+                cats = f" ({', '.join(v.categories)})" if v.categories else ""
+                decision.message = (f"Request blocked by policy '{self.policy.name}': "
+                                    f"{step.guard_name} flagged the input{cats}")
+
+    # ------------------------------------------------------------------ stream / output
+
+    def guard_stream(self, exchange: Exchange, events: AsyncIterable[Event]) -> AsyncIterator[Event]:
+        """The upstream's neutral events, guarded by the policy's stream steps (an async generator)."""
+        self.content.setdefault("messages", _messages_record(exchange.messages))
+        sc = self.policy.stream
+        gate = StreamGate(sc.steps, self.records, messages=exchange.messages, request_id=self.request_id,
+                          check_every_tokens=sc.check_every_tokens,
+                          max_unchecked_tokens=sc.max_unchecked_tokens,
+                          shadow=self.policy.shadow, annotate=self._annotate_stream)
+        self.gates.append(("stream", gate))
+        return gate.run(events)
+
+    async def check_output(self, exchange: Exchange, completion: Completion) -> Completion:
+        """A non-stream answer through the output steps and, one-shot, the stream steps."""
+        self.content.setdefault("messages", _messages_record(exchange.messages))
+        steps = [*self.policy.output.steps, *self.policy.stream.steps]
+        gate = StreamGate(steps, self.records, messages=exchange.messages, request_id=self.request_id,
+                          shadow=self.policy.shadow, one_shot=True, annotate=self._annotate_stream)
+        self.gates.append(("output", gate))
+        out: list[Event] = [ev async for ev in gate.run(_completion_events(completion))]
+        return _rebuild(completion, out)
+
+    def _annotate_stream(self, res: GateResult) -> dict[str, Any] | None:
+        if res.blocked and self.blocked_stage is None:
+            self.blocked_stage = "stream" if self.gates and self.gates[-1][0] == "stream" else "output"
+        return None if self.policy.shadow else self.annotation()
+
+    # ------------------------------------------------------------------ decisions
+
+    def final_action(self) -> tuple[str, str]:
+        """(action taken, action the policy would take in enforce mode)."""
+        action, would = self.action, self.would
+        for _, g in self.gates:
+            r = g._result
+            action = strongest(action, r.action)
+            would = strongest(would, r.would)
+        return action, strongest(action, would)
+
+    def annotation(self) -> dict[str, Any]:
+        """The in-band decision: rendered by the client's dialect on the final chunk / response."""
+        action, _ = self.final_action()
+        return {"policy": self.policy.name, "action": action,
+                "steps": [r.summary() for r in self.records.values()]}
+
+    def record(self, status: int = 200, error: str | None = None) -> dict[str, Any]:
+        action, would = self.final_action()
+        rec: dict[str, Any] = {
+            "ts": self.ts, "id": self.request_id, "route": self.route, "dialect": self.dialect,
+            "model": self.model, "key": self.key, "policy": self.policy.name, "mode": self.policy.mode,
+            "status": status, "error": error, "action": action, "blocked_stage": self.blocked_stage,
+        }
+        if self.policy.shadow:
+            rec["would_action"] = would
+        rec["steps"] = [r.to_record() for r in self.records.values()]
+        leaked = released = 0
+        flagged_at = None
+        for stage, g in self.gates:
+            r = g.result()
+            leaked += r.leaked_tokens
+            released += r.released_tokens
+            if flagged_at is None and r.flagged_at is not None:
+                flagged_at = r.flagged_at
+            if r.error and not rec["error"]:
+                rec["error"] = r.error
+            if r.released_text:
+                self.content.setdefault("released", {})[stage] = r.released_text.get(0, "")
+        rec["leaked_tokens"] = leaked
+        rec["released_tokens"] = released
+        rec["flagged_at"] = flagged_at
+        if self.gates:
+            sc = self.policy.stream
+            rec["stream"] = {"check_every_tokens": sc.check_every_tokens,
+                             "max_unchecked_tokens": sc.max_unchecked_tokens,
+                             "checks": sum(g._result.checks for _, g in self.gates)}
+        rec["latency_ms"] = round((time.perf_counter() - self.started) * 1000, 3)
+        if self.content:
+            rec["content"] = self.content
+        return rec
+
+    def finish(self, status: int = 200, error: str | None = None) -> dict[str, Any]:
+        """Build the audit record, write it once (when an audit log is set), release the policy."""
+        if self._record is not None:
+            return self._record
+        self._record = self.record(status, error)
+        self.policy.release()
+        if self.audit is not None:
+            self.audit.write(self._record)
+        return self._record
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _messages_record(messages: list[Message]) -> list[dict[str, Any]]:
+    return [{"role": m.role, "content": m.text} for m in messages]
+
+
+async def _completion_events(c: Completion) -> AsyncIterator[Event]:
+    if c.message.text:
+        yield TextDelta(c.message.text)
+    for i, tc in enumerate(c.message.tool_calls):
+        yield ToolCallDelta(call_index=i, id=tc.id, name=tc.name, arguments=tc.arguments)
+    yield Finish(c.finish_reason)
+    if c.usage is not None:
+        yield UsageEvent(c.usage)
+
+
+def _rebuild(c: Completion, events: list[Event]) -> Completion:
+    """The completion as the gate released it (redacted, or cut to nothing on a block)."""
+    from gateway.types import Annotation
+
+    text: list[str] = []
+    calls: dict[int, ToolCall] = {}
+    finish, ann = c.finish_reason, None
+    for ev in events:
+        if isinstance(ev, TextDelta):
+            text.append(ev.text)
+        elif isinstance(ev, ToolCallDelta):
+            tc = calls.setdefault(ev.call_index, ToolCall(id=ev.id or "", name=ev.name or ""))
+            tc.arguments += ev.arguments
+        elif isinstance(ev, Finish):
+            finish = ev.reason
+        elif isinstance(ev, Annotation):
+            ann = ev.data
+    new_text = "".join(text)
+    msg = c.message
+    if new_text != msg.text or len(calls) != len(msg.tool_calls) or \
+            any(calls[i].arguments != tc.arguments for i, tc in enumerate(msg.tool_calls) if i in calls):
+        parts = [p for p in msg.parts if p.type != "text"]
+        if new_text:
+            parts.insert(0, Part("text", new_text))
+        msg = replace(msg, parts=parts, tool_calls=[calls[i] for i in sorted(calls)])
+    extra = dict(c.extra)
+    if ann is not None:
+        extra["guardgate"] = ann
+    return replace(c, message=msg, finish_reason=finish, extra=extra)

@@ -1,0 +1,572 @@
+"""The stream gate: a hold-back buffer and a guard scheduler between the upstream and the client.
+
+Neutral events in, neutral events out (the client's dialect renders them). Per choice, the text
+deltas and the tool-call arguments form one *guarded text* (a tool call is introduced by a short
+separator such as ``[tool_call get_weather]`` that guards see and the client does not). Every
+`check_every_tokens` new tokens (cl100k), each stream step checks the window not yet checked,
+in a background task, one check at a time per step; at the end of the choice a last check runs
+with `final=True`.
+
+Release rule (enforce mode): text is released up to `max_unchecked_tokens` tokens past the offset
+every step has passed (0 = only text every step has passed), never past a step's `hold_from`
+(e.g. an open code block), and never once a step blocked. So with 0 nothing reaches the client
+unchecked, and with N > 0 at most N tokens run ahead of the verdicts: that is the leak bound, and
+`leaked_tokens` measures what actually got out.
+
+Actions when a step flags (or fails, with `on_error: block`):
+  block   stop: cancel the upstream and the other checks, emit the Annotation, then a
+          Finish(content_filter) for every choice and a UsageEvent (upstream's if it came, else
+          our count), then end.
+  redact  replace `Verdict.span` (all of `details["spans"]` when given; the window without a span)
+          with the step's notice, where it is not released yet; continue.
+  warn    continue; the annotation says so.  log: record only.
+Shadow mode runs every check but releases everything at once and changes nothing.
+
+Finish events are held until the choice's final checks are done, so the Annotation can go just
+before them; StreamStart goes out at once. `StreamCheck.close()` is called for every check that
+was opened, whether the stream ends, is blocked, or is closed by the client (generator aclose).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from gateway.guards.base import GuardInput, StreamCheck
+from gateway.policy.record import StepRecord, strongest
+from gateway.policy.schema import Step
+from gateway.policy.tokens import count_tokens, token_starts
+from gateway.types import (
+    Annotation,
+    Event,
+    Finish,
+    Message,
+    StreamStart,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+    UsageEvent,
+    Verdict,
+)
+
+log = logging.getLogger("guardgate.gate")
+
+_EV, _END, _ERR, _CHECK = range(4)
+
+
+@dataclass(slots=True)
+class _Piece:
+    """A run of guarded text waiting for release, and how to hand it to the client."""
+
+    start: int
+    end: int
+    text: str
+    kind: str  # "text" | "args" | "header" (tool-call start: emits id/name, never split) | "sep"
+    call_index: int = 0
+    id: str | None = None
+    name: str | None = None
+
+
+@dataclass(slots=True)
+class _Redaction:
+    start: int
+    end: int
+    notice: str
+    emitted: bool = False
+
+
+class _OneShot:
+    """A non-stream answer: one `guard.check` on the whole text (stage "output")."""
+
+    def __init__(self, step: Step, messages: list[Message], request_id: str) -> None:
+        self.step, self.messages, self.request_id = step, messages, request_id
+
+    async def check(self, text: str, window_start: int, final: bool) -> Verdict:
+        return await self.step.guard.check(GuardInput(stage="output", messages=self.messages, text=text,
+                                                      window_start=0, final=True, request_id=self.request_id))
+
+    async def close(self) -> None:
+        pass
+
+
+@dataclass(slots=True, eq=False)
+class _StepState:
+    step: Step
+    rec: StepRecord
+    checker: StreamCheck | _OneShot | None = None
+    checked_to: int = 0
+    hold_from: int | None = None
+    task: asyncio.Task[Verdict] | None = None
+    args: tuple[int, int, bool] = (0, 0, False)
+    final_done: bool = False
+    ran: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class _Choice:
+    index: int
+    chunks: list[str] = field(default_factory=list)
+    length: int = 0
+    joined_len: int = 0
+    tok_starts: list[int] = field(default_factory=list)
+    pieces: deque[_Piece] = field(default_factory=deque)
+    released: int = 0
+    finish: Finish | None = None
+    ended: bool = False
+    steps: list[_StepState] = field(default_factory=list)
+    redactions: list[_Redaction] = field(default_factory=list)
+    # what went out: (start, end, client text, verbatim = no redaction inside)
+    emitted: list[tuple[int, int, str, bool]] = field(default_factory=list)
+    open_call: int | None = None
+    flag_start: int | None = None  # start of the first window a step blocked (or would have)
+    late_spans: list[tuple[int, int]] = field(default_factory=list)  # redact targets already released
+
+    def text(self) -> str:
+        if self.joined_len != self.length or len(self.chunks) != 1:
+            self.chunks = ["".join(self.chunks)]
+            self.joined_len = self.length
+        return self.chunks[0] if self.chunks else ""
+
+    def append(self, text: str, kind: str, call_index: int = 0, id: str | None = None,
+               name: str | None = None) -> None:
+        start = self.length
+        self.chunks.append(text)
+        self.length += len(text)
+        self.tok_starts.extend(start + o for o in token_starts(text))
+        self.pieces.append(_Piece(start, self.length, text, kind, call_index, id, name))
+
+    def tokens_between(self, a: int, b: int) -> int:
+        return bisect.bisect_left(self.tok_starts, b) - bisect.bisect_left(self.tok_starts, a)
+
+
+@dataclass
+class GateResult:
+    """What the gate did to one stream (filled as it runs; `leaked_tokens` etc. by `StreamGate.result()`)."""
+
+    blocked: bool = False
+    block_step: str | None = None
+    action: str = "allow"  # strongest action taken (enforce)
+    would: str = "allow"  # strongest action the policy would have taken (shadow)
+    checks: int = 0
+    flagged_at: int | None = None
+    leaked_tokens: int = 0
+    released_tokens: int = 0
+    received_tokens: int = 0
+    redactions: int = 0
+    error: str | None = None
+    released_text: dict[int, str] = field(default_factory=dict)
+
+
+class StreamGate:
+    """Guards one stream. Build one per request and iterate `run(upstream_events)` once."""
+
+    def __init__(self, steps: Sequence[Step], records: dict[Step, StepRecord], *, messages: list[Message],
+                 request_id: str = "", check_every_tokens: int = 32, max_unchecked_tokens: int = 0,
+                 shadow: bool = False, one_shot: bool = False,
+                 annotate: Callable[[GateResult], dict[str, Any] | None] | None = None,
+                 read_ahead: int = 64) -> None:
+        self.steps = list(steps)
+        self.records = records
+        self.messages = messages
+        self.request_id = request_id
+        self.every = math.inf if one_shot else max(1, check_every_tokens)
+        self.max_unchecked = 0 if one_shot else max(0, max_unchecked_tokens)
+        self.shadow = shadow
+        self.one_shot = one_shot
+        self.annotate = annotate
+        self.read_ahead = read_ahead
+        self._result = GateResult()
+        self._choices: dict[int, _Choice] = {}
+        self._usage: UsageEvent | None = None
+        self._trailers: list[Event] = []
+        self._now: list[Event] = []  # events to release at the next drain, ahead of any text
+        self._upstream: AsyncIterable[Event] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._q: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        self._room = asyncio.Semaphore(read_ahead)
+        self._upstream_done = False
+        self._error: BaseException | None = None
+        self._block: tuple[_Choice, _StepState, Verdict] | None = None
+        self._started = False
+
+    # ------------------------------------------------------------------ public
+
+    async def run(self, upstream: AsyncIterable[Event]) -> AsyncIterator[Event]:
+        """The guarded stream. Closing it (aclose) cancels the upstream and every check."""
+        if self._started:
+            raise RuntimeError("a StreamGate runs once")
+        self._started = True
+        self._upstream = upstream
+        self._reader = asyncio.create_task(self._read(upstream))
+        try:
+            while not self._done():
+                self._handle(await self._q.get())
+                while not self._q.empty() and self._block is None:
+                    self._handle(self._q.get_nowait())
+                if self._block is not None:
+                    for ev in await self._block_out():
+                        yield ev
+                    return
+                if self._error is not None:
+                    self._result.error = f"upstream: {type(self._error).__name__}: {self._error}"
+                    raise self._error
+                self._schedule()
+                for ev in self._drain():
+                    yield ev
+            for ev in self._end_out():
+                yield ev
+        finally:
+            await self._cleanup()
+
+    def result(self) -> GateResult:
+        """The summary so far, with the leak and release counts computed from what was emitted."""
+        r = self._result
+        r.received_tokens = sum(len(c.tok_starts) for c in self._choices.values())
+        leaked = released = 0
+        r.flagged_at = None
+        r.released_text = {}
+        for c in self._choices.values():
+            client = "".join(t for _, _, t, _ in c.emitted)
+            r.released_text[c.index] = client
+            released += count_tokens(client)
+            f = c.flag_start
+            if f is not None:
+                if r.flagged_at is None:
+                    r.flagged_at = f
+                after = [t if s >= f else t[f - s:] if verbatim else t
+                         for s, e, t, verbatim in c.emitted if e > f]
+                leaked += count_tokens("".join(after))
+            full = c.text() if c.late_spans else ""
+            for a, b in c.late_spans:
+                if f is not None:
+                    b = min(b, f)
+                if b > a:
+                    leaked += count_tokens(full[a:b])
+        r.leaked_tokens = leaked
+        r.released_tokens = released
+        return r
+
+    # ------------------------------------------------------------------ reading
+
+    async def _read(self, upstream: AsyncIterable[Event]) -> None:
+        try:
+            async for ev in upstream:
+                await self._room.acquire()
+                self._q.put_nowait((_EV, ev))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._q.put_nowait((_ERR, e))
+            return
+        self._q.put_nowait((_END, None))
+
+    def _handle(self, item: tuple[int, Any]) -> None:
+        kind, payload = item
+        if kind == _EV:
+            self._room.release()
+            self._on_event(payload)
+        elif kind == _CHECK:
+            self._on_check(*payload)
+        elif kind == _END:
+            self._upstream_done = True
+            for c in self._choices.values():
+                c.ended = True
+        else:
+            self._upstream_done = True
+            self._error = payload
+
+    def _choice(self, index: int) -> _Choice:
+        c = self._choices.get(index)
+        if c is None:
+            c = self._choices[index] = _Choice(index)
+            c.steps = [_StepState(s, self.records[s]) for s in self.steps]
+        return c
+
+    def _on_event(self, ev: Event) -> None:
+        if isinstance(ev, TextDelta):
+            c = self._choice(ev.index)
+            if c.open_call is not None:
+                c.open_call = None
+                c.append("\n", "sep")
+            if ev.text:
+                c.append(ev.text, "text")
+        elif isinstance(ev, ToolCallDelta):
+            c = self._choice(ev.index)
+            if ev.call_index != c.open_call:
+                c.open_call = ev.call_index
+                label = f"[tool_call {ev.name}] " if ev.name else "[tool_call] "
+                c.append(("\n" if c.length else "") + label, "header", ev.call_index, ev.id, ev.name)
+            if ev.arguments:
+                c.append(ev.arguments, "args", ev.call_index)
+        elif isinstance(ev, Finish):
+            c = self._choice(ev.index)
+            c.finish = ev
+            c.ended = True
+        elif isinstance(ev, StreamStart):
+            self._now.append(ev)  # the identity every chunk needs: out at once
+        elif isinstance(ev, UsageEvent):
+            self._usage = ev
+        else:
+            self._trailers.append(ev)
+
+    # ------------------------------------------------------------------ checking
+
+    def _schedule(self) -> None:
+        for c in self._choices.values():
+            for st in c.steps:
+                if st.task is not None or st.final_done:
+                    continue
+                if c.ended:
+                    if c.length > st.checked_to or st.hold_from is not None or st.ran == 0:
+                        self._start(c, st, final=True)
+                    else:
+                        st.final_done = True
+                elif c.tokens_between(st.checked_to, c.length) >= self.every:
+                    self._start(c, st, final=False)
+
+    def _start(self, c: _Choice, st: _StepState, final: bool) -> None:
+        text = c.text()
+        st.args = (st.checked_to, len(text), final)
+        st.ran += 1
+        st.task = asyncio.create_task(self._check(st, text, st.checked_to, final))
+        st.task.add_done_callback(partial(self._check_done, c, st))
+
+    def _check_done(self, c: _Choice, st: _StepState, task: asyncio.Task[Verdict]) -> None:
+        self._q.put_nowait((_CHECK, (c, st, task)))
+
+    def _open(self, step: Step) -> StreamCheck | _OneShot:
+        if self.one_shot and "output" in step.guard.stages:
+            return _OneShot(step, self.messages, self.request_id)
+        return step.guard.open_stream(self.messages, self.request_id)
+
+    async def _check(self, st: _StepState, text: str, window_start: int, final: bool) -> Verdict:
+        step = st.step
+        t0 = time.perf_counter()
+        try:
+            if step.unavailable:
+                raise RuntimeError(step.unavailable)
+            if st.checker is None:
+                st.checker = self._open(step)
+            async with asyncio.timeout(step.timeout_s):
+                v = await st.checker.check(text, window_start, final)
+            if not isinstance(v, Verdict):
+                raise TypeError(f"guard returned {type(v).__name__}, not a Verdict")
+            return v
+        except TimeoutError:
+            return Verdict(guard=step.guard_name, error=f"timeout after {step.timeout_s * 1000:.0f} ms",
+                           latency_ms=(time.perf_counter() - t0) * 1000)
+        except Exception as e:
+            return Verdict(guard=step.guard_name, error=f"{type(e).__name__}: {e}",
+                           latency_ms=(time.perf_counter() - t0) * 1000)
+
+    def _on_check(self, c: _Choice, st: _StepState, task: asyncio.Task[Verdict]) -> None:
+        if st.task is not task:
+            return
+        st.task = None
+        if task.cancelled():
+            return
+        v = task.result()
+        window_start, end, final = st.args
+        st.rec.add(v)
+        self._result.checks += 1
+        if v.error is not None:
+            eff = "block" if st.step.on_error == "block" else None
+            if eff is None:
+                st.rec.allowed_errors += 1
+        else:
+            eff = st.step.action if v.flagged else None
+        if eff is not None:
+            st.rec.note(eff, self.shadow)
+            if self.shadow:
+                self._result.would = strongest(self._result.would, eff)
+            else:
+                self._result.action = strongest(self._result.action, eff)
+        if eff == "block":
+            start = window_start if v.span is None else min(window_start, max(0, v.span[0]))
+            if c.flag_start is None:
+                c.flag_start = start
+            if not self.shadow:
+                self._block = (c, st, v)
+                return
+        elif eff == "redact":
+            spans = v.details.get("spans") if isinstance(v.details, dict) else None
+            targets = [tuple(s) for s in spans] if spans else [v.span] if v.span else [(window_start, end)]
+            for a, b in targets:
+                self._redact(c, max(0, int(a)), min(end, int(b)), st.step.notice)
+        st.checked_to = max(st.checked_to, end)
+        hold = v.hold_from if (not final and v.error is None) else None
+        st.hold_from = hold if hold is None else max(0, min(int(hold), end))
+        if final:
+            st.final_done = True
+
+    def _redact(self, c: _Choice, a: int, b: int, notice: str) -> None:
+        if b <= a:
+            return
+        self._result.redactions += 1
+        if self.shadow:  # nothing is replaced: the whole span reached the client
+            c.late_spans.append((a, b))
+            return
+        if a < c.released:
+            c.late_spans.append((a, min(b, c.released)))
+            a = c.released
+        if a >= b:
+            return
+        new = _Redaction(a, b, notice)
+        keep: list[_Redaction] = []
+        for r in c.redactions:
+            if r.end < new.start or r.start > new.end:
+                keep.append(r)
+            else:  # overlapping or touching: one notice for the union
+                new = _Redaction(min(r.start, new.start), max(r.end, new.end), r.notice, r.emitted)
+        keep.append(new)
+        keep.sort(key=lambda r: r.start)
+        c.redactions = keep
+
+    # ------------------------------------------------------------------ releasing
+
+    def _limit(self, c: _Choice) -> int:
+        if self.shadow or not c.steps or all(st.final_done for st in c.steps):
+            return c.length
+        checked = min(st.checked_to for st in c.steps)
+        if self.max_unchecked:
+            i = bisect.bisect_left(c.tok_starts, checked) + self.max_unchecked
+            limit = c.tok_starts[i] if i < len(c.tok_starts) else c.length
+        else:
+            limit = checked
+        for st in c.steps:
+            if st.hold_from is not None:
+                limit = min(limit, st.hold_from)
+        return max(limit, c.released)
+
+    def _client_text(self, c: _Choice, p: _Piece, a: int, b: int) -> tuple[str, bool]:
+        """Guarded text [a, b) of piece `p` as the client sees it (redactions applied)."""
+        if not c.redactions:
+            return p.text[a - p.start:b - p.start], True
+        out: list[str] = []
+        pos = a
+        for r in c.redactions:
+            if r.end <= pos or r.start >= b:
+                continue
+            if r.start > pos:
+                out.append(p.text[pos - p.start:r.start - p.start])
+            if not r.emitted:
+                out.append(r.notice)
+                r.emitted = True
+            pos = min(r.end, b)
+        verbatim = pos == a
+        if pos < b:
+            out.append(p.text[pos - p.start:b - p.start])
+        return "".join(out), verbatim
+
+    def _drain(self) -> list[Event]:
+        out: list[Event] = self._now
+        self._now = []
+        for c in self._choices.values():
+            limit = self._limit(c)
+            while c.pieces and c.pieces[0].start < limit:
+                p = c.pieces[0]
+                if p.kind == "header":
+                    if p.end > limit:
+                        break
+                    if p.id is not None or p.name is not None:
+                        out.append(ToolCallDelta(call_index=p.call_index, id=p.id, name=p.name,
+                                                 index=c.index))
+                    c.emitted.append((p.start, p.end, "", False))
+                    cut = p.end
+                elif p.kind == "sep":
+                    cut = min(p.end, limit)
+                else:
+                    cut = min(p.end, limit)
+                    s, verbatim = self._client_text(c, p, p.start, cut)
+                    if s:
+                        out.append(TextDelta(s, c.index) if p.kind == "text"
+                                   else ToolCallDelta(call_index=p.call_index, arguments=s, index=c.index))
+                    c.emitted.append((p.start, cut, s, verbatim))
+                if cut >= p.end:
+                    c.pieces.popleft()
+                else:
+                    p.text = p.text[cut - p.start:]
+                    p.start = cut
+                c.released = cut
+        return out
+
+    def _done(self) -> bool:
+        if not self._upstream_done:
+            return False
+        return all(not c.pieces and all(st.final_done and st.task is None for st in c.steps)
+                   for c in self._choices.values())
+
+    def _annotation(self) -> list[Event]:
+        data = self.annotate(self._result) if self.annotate is not None else None
+        return [Annotation(data)] if data is not None else []
+
+    def _end_out(self) -> list[Event]:
+        out = self._drain() + self._annotation()
+        out += [c.finish for _, c in sorted(self._choices.items()) if c.finish is not None]
+        if self._usage is not None:
+            out.append(self._usage)
+        return out + self._trailers
+
+    async def _block_out(self) -> list[Event]:
+        assert self._block is not None
+        _, st, _ = self._block
+        self._result.blocked = True
+        self._result.block_step = st.step.label
+        await self._stop_upstream()
+        self._cancel_checks()
+        out = self._now + self._annotation()
+        self._now = []
+        out += [Finish("content_filter", i) for i in (sorted(self._choices) or [0])]
+        out.append(self._usage or UsageEvent(self._estimate_usage()))
+        return out
+
+    def _estimate_usage(self) -> Usage:
+        prompt = sum(count_tokens(m.text) for m in self.messages)
+        completion = sum(len(c.tok_starts) for c in self._choices.values())
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    # ------------------------------------------------------------------ teardown
+
+    async def _stop_upstream(self) -> None:
+        if self._reader is not None and not self._reader.done():
+            self._reader.cancel()
+            await asyncio.wait([self._reader])
+        aclose = getattr(self._upstream, "aclose", None)
+        if aclose is not None:
+            try:
+                await aclose()
+            except Exception:
+                log.debug("closing the upstream stream", exc_info=True)
+
+    def _cancel_checks(self) -> list[asyncio.Task[Verdict]]:
+        tasks = []
+        for c in self._choices.values():
+            for st in c.steps:
+                if st.task is not None and not st.task.done():
+                    st.task.cancel()
+                    st.rec.cancelled += 1
+                    tasks.append(st.task)
+                st.task = None
+        return tasks
+
+    async def _cleanup(self) -> None:
+        await self._stop_upstream()
+        tasks = self._cancel_checks()
+        if tasks:
+            await asyncio.wait(tasks)
+        for c in self._choices.values():
+            for st in c.steps:
+                if st.checker is not None:
+                    try:
+                        await st.checker.close()
+                    except Exception:
+                        log.exception("closing the stream check of %s", st.step.label)
+                    st.checker = None

@@ -1,0 +1,130 @@
+"""What a policy run remembers about each step: the raw material of the audit record and the annotation.
+
+A `StepRecord` aggregates every verdict one step produced during one request (a stream step may
+check many windows). A step that produced no verdict is recorded as "not run", never as a pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from gateway.types import Verdict
+
+Action = Literal["block", "redact", "warn", "log"]
+ACTIONS: tuple[str, ...] = ("block", "redact", "warn", "log")
+
+# Precedence when several steps act on the same request: the strongest wins.
+ACTION_RANK: dict[str, int] = {"allow": 0, "log": 1, "warn": 2, "redact": 3, "block": 4}
+
+
+def strongest(*actions: str | None) -> str:
+    """The action of highest precedence among `actions` ("allow" when none)."""
+    best = "allow"
+    for a in actions:
+        if a is not None and ACTION_RANK[a] > ACTION_RANK[best]:
+            best = a
+    return best
+
+
+@dataclass(slots=True)
+class StepRecord:
+    """Everything one step said during one request."""
+
+    stage: str
+    index: int
+    guard: str
+    action: str  # the configured action
+    on_error: str
+    label: str = ""
+    checks: int = 0
+    flagged_checks: int = 0
+    errors: list[str] = field(default_factory=list)
+    cancelled: int = 0
+    score: float | None = None  # max over checks
+    categories: list[str] = field(default_factory=list)
+    latency_ms: float = 0.0
+    max_latency_ms: float = 0.0
+    tokens_evaluated: int = 0
+    reason: str = ""
+    outcome: str | None = None  # what the step made happen: block | redact | warn | log (None: nothing)
+    would: str | None = None  # shadow mode: what it would have made happen
+    allowed_errors: int = 0  # errors let through by on_error: allow
+    first_flag: dict[str, Any] | None = None  # details of the first flagged verdict
+
+    def add(self, v: Verdict) -> None:
+        self.checks += 1
+        self.latency_ms += v.latency_ms
+        self.max_latency_ms = max(self.max_latency_ms, v.latency_ms)
+        self.tokens_evaluated += v.tokens_evaluated
+        if v.error is not None:
+            self.errors.append(v.error)
+            return
+        if v.score is not None:
+            self.score = v.score if self.score is None else max(self.score, v.score)
+        if v.flagged:
+            self.flagged_checks += 1
+            for c in v.categories:
+                if c not in self.categories:
+                    self.categories.append(c)
+            if self.first_flag is None:
+                self.reason = v.reason
+                self.first_flag = {k: val for k, val in (("span", v.span), ("reason", v.reason)) if val}
+
+    def note(self, outcome: str, shadow: bool) -> None:
+        """Remember the strongest action this step caused (or would have caused, in shadow mode)."""
+        if shadow:
+            self.would = strongest(self.would, outcome) if outcome in ACTION_RANK else self.would
+        else:
+            self.outcome = strongest(self.outcome, outcome)
+
+    @property
+    def verdict(self) -> str:
+        if self.checks == 0:
+            return "not run"
+        if self.flagged_checks:
+            return "flagged"
+        if self.errors:
+            return "error"
+        return "pass"
+
+    def to_record(self) -> dict[str, Any]:
+        rec: dict[str, Any] = {
+            "stage": self.stage,
+            "step": self.label or f"{self.stage}[{self.index}]",
+            "guard": self.guard,
+            "verdict": self.verdict,
+            "action": self.action,
+            "outcome": self.outcome,
+            "score": self.score,
+            "categories": list(self.categories),
+            "latency_ms": round(self.latency_ms, 3),
+            "checks": self.checks,
+            "tokens_evaluated": self.tokens_evaluated,
+        }
+        if self.would is not None:
+            rec["would"] = self.would
+        if self.checks > 1:
+            rec["max_latency_ms"] = round(self.max_latency_ms, 3)
+        if self.errors:
+            rec["error"] = self.errors[0]
+            rec["errors"] = len(self.errors)
+            rec["on_error"] = self.on_error
+        if self.cancelled:
+            rec["cancelled"] = self.cancelled
+        if self.reason:
+            rec["reason"] = self.reason
+        if self.first_flag and self.first_flag.get("span"):
+            rec["span"] = list(self.first_flag["span"])
+        return rec
+
+    def summary(self) -> dict[str, Any]:
+        """The short form that travels in-band to the client."""
+        s: dict[str, Any] = {"stage": self.stage, "guard": self.guard, "verdict": self.verdict}
+        if self.outcome:
+            s["action"] = self.outcome
+        if self.categories:
+            s["categories"] = list(self.categories)
+        if self.score is not None:
+            s["score"] = round(self.score, 4)
+        return s
