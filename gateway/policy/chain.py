@@ -29,6 +29,7 @@ from gateway.policy.record import StepRecord, strongest
 from gateway.policy.reload import PolicyStore
 from gateway.policy.schema import Policy, PolicyError, Step, load_policy, parse_policy_text
 from gateway.types import (
+    Annotation,
     Completion,
     Event,
     Exchange,
@@ -270,8 +271,6 @@ async def _completion_events(c: Completion) -> AsyncIterator[Event]:
 
 def _rebuild(c: Completion, events: list[Event]) -> Completion:
     """The completion as the gate released it (redacted, or cut to nothing on a block)."""
-    from gateway.types import Annotation
-
     text: list[str] = []
     calls: dict[int, ToolCall] = {}
     finish, ann = c.finish_reason, None

@@ -234,9 +234,8 @@ class StreamGate:
         r.flagged_at = None
         r.released_text = {}
         for c in self._choices.values():
-            client = "".join(t for _, _, t, _ in c.emitted)
-            r.released_text[c.index] = client
-            released += count_tokens(client)
+            r.released_text[c.index] = "".join(t for _, _, t, _ in c.emitted)
+            released += c.tokens_between(0, c.released)  # per-delta token boundaries: no re-encoding
             f = c.flag_start
             if f is not None:
                 if r.flagged_at is None:
