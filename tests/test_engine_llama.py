@@ -1,0 +1,212 @@
+"""The llama.cpp engine on a tiny random-weight model with the real Llama 3 vocabulary.
+
+Exactness: with flash attention off, logits of an incremental (KV-reuse) evaluation are
+bit-identical to a fresh evaluation of the same tokens. With flash attention on (llama.cpp's
+CPU default) they differ by float noise only: we require max |diff| <= 2e-3 on logits of magnitude
+~1 (measured ~5e-4; the FA kernel accumulates in f16 over blocks whose split depends on KV length).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from gateway.engine.llama_cpp import (
+    EngineError,
+    EnginePool,
+    LlamaModel,
+    ModelOptions,
+    SamplingParams,
+)
+from gateway.guards.llama_guard import LG3_1B_CODES, LG3_CATEGORIES, render_lg3
+
+pytest.importorskip("llama_cpp")
+pytest_plugins = ["llama_fixtures"]
+
+CATS = {c: LG3_CATEGORIES[c] for c in LG3_1B_CODES}
+ANSWER = (
+    "Sure. Mix flour, water, salt and yeast; knead for ten minutes, then let the dough rise!!\n\n"
+    "```python\nimport time\nprint('bake', 220)\n```\nThat's it. Salt and...done."
+)
+
+
+def prompt_for(answer: str) -> tuple[str, str]:
+    """(full prompt, body = prompt minus the fixed suffix) for a partial answer."""
+    p = render_lg3([("user", "How do I bake bread?"), ("assistant", answer)], CATS) + "\n\n"
+    head = p.index("\n\nAgent: ") + len("\n\nAgent: ")
+    return p, p[:head] + answer.strip()
+
+
+async def load(path, **kw) -> LlamaModel:
+    kw.setdefault("n_ctx", 4096)
+    kw.setdefault("n_threads", 2)
+    m = LlamaModel(ModelOptions(str(path), **kw))
+    await m.wait_ready()
+    return m
+
+
+@pytest.mark.parametrize("flash_attn, tol", [(False, 0.0), (None, 2e-3)])
+async def test_incremental_logits_equal_fresh_evaluation(tiny_gguf, flash_attn, tol):
+    m = await load(tiny_gguf, flash_attn=flash_attn)
+    try:
+        s = m.open_session()
+        cuts = [1, 9, 23, 40, 57, 88, 89, 90, 101, 120, 133, 150, len(ANSWER)]
+        worst = 0.0
+        for cut in cuts:
+            prompt, body = prompt_for(ANSWER[:cut])
+            inc = await m.evaluate(prompt, session=s, keep=body)
+            fresh = await m.evaluate(prompt)  # temporary sequence, nothing cached
+            assert inc.n_prompt == fresh.n_prompt == len(m.tokenize(prompt))
+            assert fresh.n_reused == 0
+            worst = max(worst, float(np.abs(inc.logits - fresh.logits).max()))
+            if cut > 1:
+                # only the new tokens (+ a few re-tokenized at the boundary) and the suffix are evaluated
+                suffix = len(m.tokenize(prompt)) - len(m.tokenize(body))
+                assert inc.n_evaluated <= suffix + 60
+                assert inc.n_reused >= 140
+        assert worst <= tol, worst
+        await s.close()
+    finally:
+        await m.aclose()
+
+
+async def test_suffix_is_rolled_back_and_session_close_frees_the_sequence(tiny_gguf):
+    m = await load(tiny_gguf, max_sessions=2)
+    try:
+        prompt, body = prompt_for(ANSWER[:60])
+        sessions = [m.open_session() for _ in range(2)]
+        for s in sessions:
+            await m.evaluate(prompt, session=s, keep=body)
+        assert m.stats.sessions_alive == 2
+        # The cache holds exactly `body`'s common prefix with the prompt: the suffix was removed.
+        import llama_cpp.llama_cpp as C
+
+        n_body = len(m.tokenize(body))
+        for s in sessions:
+            seq = m._seqs[s.id].seq
+            assert C.llama_memory_seq_pos_max(m._mem, seq) + 1 <= n_body
+        for s in sessions:
+            await s.close()
+        await m.evaluate("x")  # a round trip through the worker: closes are processed in order
+        assert m.stats.sessions_alive == 0
+        assert sorted(m._free_seq) == [0, 1]
+        with pytest.raises(EngineError, match="closed"):
+            await m.evaluate(prompt, session=sessions[0])
+    finally:
+        await m.aclose()
+
+
+async def test_batched_sessions_match_one_by_one(tiny_gguf):
+    answers = [ANSWER[:n] for n in (30, 55, 80, 110)]
+    seq_m = await load(tiny_gguf, batching=False, flash_attn=False)
+    bat_m = await load(tiny_gguf, batching=True, flash_attn=False)
+    try:
+        one_by_one = []
+        for a in answers:
+            p, b = prompt_for(a)
+            one_by_one.append(await seq_m.evaluate(p, session=seq_m.open_session(), keep=b))
+        calls0 = bat_m.stats.decode_calls
+        sess = [bat_m.open_session() for _ in answers]
+        jobs = [(prompt_for(a), s) for a, s in zip(answers, sess, strict=True)]
+        batched = await asyncio.gather(*(bat_m.evaluate(p, session=s, keep=b) for (p, b), s in jobs))
+        assert bat_m.stats.decode_calls - calls0 < len(answers)  # shared decode calls
+        for x, y in zip(one_by_one, batched, strict=True):
+            assert int(np.argmax(x.logits)) == int(np.argmax(y.logits))
+            np.testing.assert_allclose(x.logits, y.logits, atol=2e-3)
+    finally:
+        await seq_m.aclose()
+        await bat_m.aclose()
+
+
+async def test_lru_session_is_evicted_and_rebuilt(tiny_gguf):
+    m = await load(tiny_gguf, max_sessions=2, flash_attn=False)
+    try:
+        p, b = prompt_for(ANSWER[:70])
+        s1, s2, s3 = (m.open_session() for _ in range(3))
+        r1 = await m.evaluate(p, session=s1, keep=b)
+        await m.evaluate(p, session=s2, keep=b)
+        await m.evaluate(p, session=s3, keep=b)  # no free sequence: s1 (least recently used) goes
+        assert m.stats.sessions_evicted == 1
+        again = await m.evaluate(p, session=s1, keep=b)
+        assert again.n_reused == 0  # rebuilt from scratch
+        np.testing.assert_array_equal(again.logits, r1.logits)
+    finally:
+        await m.aclose()
+
+
+async def test_prompt_longer_than_context_is_an_error(tiny_gguf):
+    m = await load(tiny_gguf, n_ctx=256)
+    try:
+        with pytest.raises(EngineError, match="n_ctx"):
+            await m.evaluate(prompt_for(ANSWER * 3)[0])
+        r = await m.evaluate("still works")
+        assert r.n_prompt > 0
+        assert m.stats.requests_failed == 1
+    finally:
+        await m.aclose()
+
+
+async def test_greedy_decode_when_asked_and_cancelled_generation(tiny_gguf):
+    m = await load(tiny_gguf)
+    try:
+        r = await m.evaluate("Hello there", decode_if=lambda row: True, force=(19193,), max_new=5)
+        assert r.generated[0] == 19193 and 1 < len(r.generated) <= 6
+        r2 = await m.evaluate("Hello there", decode_if=lambda row: False, force=(19193,), max_new=5)
+        assert r2.generated == []
+        toks = [t async for t in m.generate("Hello", sampling=SamplingParams(temperature=0), max_tokens=6)]
+        toks2 = [t async for t in m.generate("Hello", sampling=SamplingParams(temperature=0), max_tokens=6)]
+        assert toks == toks2 and len(toks) <= 6
+        gen = m.generate("Hello", sampling=SamplingParams(temperature=0.8, seed=1), max_tokens=500)
+        async for _ in gen:
+            break
+        await gen.aclose()  # stops the worker-side task at the next round
+        r3 = await m.evaluate("after cancel")
+        assert r3.n_prompt > 0
+    finally:
+        await m.aclose()
+
+
+async def test_event_loop_keeps_running_during_inference(tiny_gguf):
+    m = await load(tiny_gguf, n_batch=64)
+    try:
+        gaps: list[float] = []
+        done = asyncio.Event()
+
+        async def ticker() -> None:
+            last = time.perf_counter()
+            while not done.is_set():
+                await asyncio.sleep(0.002)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        t = asyncio.create_task(ticker())
+        for _ in range(3):
+            await m.evaluate(prompt_for(ANSWER)[0])
+        done.set()
+        await t
+        assert len(gaps) > 5
+        assert max(gaps) < 0.25  # the loop was never blocked by a decode
+    finally:
+        await m.aclose()
+
+
+async def test_pool_shares_models_and_reports_load_errors(tiny_gguf, tmp_path):
+    pool = EnginePool()
+    a = await pool.acquire(ModelOptions(str(tiny_gguf), n_ctx=1024, n_threads=2))
+    b = await pool.acquire(ModelOptions(str(tiny_gguf), n_ctx=1024, n_threads=2))
+    assert a is b
+    await pool.release(a)
+    assert not a._closed
+    await pool.release(b)
+    assert a._closed
+    with pytest.raises(EngineError, match="not found"):
+        await pool.acquire(ModelOptions(str(tmp_path / "missing.gguf")))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(EngineError, match="could not load"):
+        await pool.acquire(ModelOptions(str(bad)))
+    await pool.aclose()
