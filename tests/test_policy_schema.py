@@ -9,7 +9,13 @@ import pytest
 
 from gateway.guards import base as guard_base
 from gateway.guards.base import Guard, GuardConfigError, GuardInput
-from gateway.policy.schema import PolicyError, UnavailableGuard, load_policy, parse_policy_text
+from gateway.policy.schema import (
+    PolicyError,
+    UnavailableGuard,
+    ensure_builtin_guards,
+    load_policy,
+    parse_policy_text,
+)
 from gateway.types import Verdict
 
 REPO = Path(__file__).resolve().parent.parent
@@ -141,6 +147,7 @@ def _contract_guard(name: str) -> type[Guard]:
 
 @pytest.mark.parametrize("path", PACKS, ids=lambda p: p.name)
 def test_shipped_pack_is_valid_against_the_guard_option_contract(path: Path, monkeypatch: pytest.MonkeyPatch):
+    ensure_builtin_guards()  # import the real modules first, so they cannot re-register over the stubs
     for name in OPTION_CONTRACT:
         monkeypatch.setitem(guard_base._REGISTRY, name, _contract_guard(name))
     p = load_policy(path)
