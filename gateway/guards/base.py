@@ -111,19 +111,25 @@ def register(name: str) -> Callable[[GuardFactory], GuardFactory]:
 BUILTIN_MODULES = ("regex", "llama_guard", "prompt_guard", "code_shield")
 
 
+_builtins_loaded = False
+
+
 def _load_builtins() -> None:
     # Import the built-in guards for their @register side effect; optional runtimes
     # (llama.cpp, onnxruntime, semgrep) are imported lazily inside each guard, so these
     # imports are cheap and never fail for a missing optional dependency.
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
     import importlib
 
     for mod in BUILTIN_MODULES:
         importlib.import_module(f"gateway.guards.{mod}")
+    _builtins_loaded = True
 
 
 def create(name: str, **options: Any) -> Guard:
-    if not _REGISTRY:
-        _load_builtins()
+    _load_builtins()
     try:
         factory = _REGISTRY[name]
     except KeyError:
@@ -132,6 +138,5 @@ def create(name: str, **options: Any) -> Guard:
 
 
 def known() -> list[str]:
-    if not _REGISTRY:
-        _load_builtins()
+    _load_builtins()
     return sorted(_REGISTRY)
