@@ -157,7 +157,7 @@ def decode_messages(v: Any, r: Reader = REQ, param: str = "messages") -> list[Me
         p = f"{param}[{i}]"
         m = r.obj(m, p)
         role = m.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             r.fail(f"'{p}.role' must be one of {sorted(ROLES)}", f"{p}.role")
         msg = Message(
             role=role, parts=_decode_parts(m.get("content"), r, f"{p}.content", images=role == "user")

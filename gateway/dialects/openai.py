@@ -127,7 +127,7 @@ def _decode_parts(content: Any, r: Reader, param: str, *, role: str) -> list[Par
             iu = item.get("image_url")
             url = iu if isinstance(iu, str) else r.obj(iu, f"{p}.image_url").get("url")
             parts.append(Part("image", image_url=r.str_(url, f"{p}.image_url.url")))
-        elif typ in _IGNORED_PARTS:
+        elif isinstance(typ, str) and typ in _IGNORED_PARTS:
             continue
         else:
             r.fail(f"unsupported content part type {typ!r} in a {role} message", f"{p}.type")
@@ -169,7 +169,7 @@ def decode_messages(v: Any, r: Reader = REQ, param: str = "messages") -> list[Me
         p = f"{param}[{i}]"
         m = r.obj(m, p)
         role = m.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             r.fail(f"'{p}.role' must be one of {sorted(ROLES)}", f"{p}.role")
         parts = _decode_parts(m.get("content"), r, f"{p}.content", role=role)
         msg = Message(
