@@ -1,0 +1,182 @@
+"""CodeShield tier 2: semgrep run by us, end to end through a stream, batched, timed out, cleaned up.
+
+Each semgrep process costs ~0.1-0.4 s on 2 cores, so the tests share one guard and batch blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.guards.code_fences import extract_code_blocks
+from gateway.guards.code_shield import CodeShieldGuard, SemgrepRunner, find_rules_dir
+from gateway.types import Message
+
+if find_rules_dir() is None or SemgrepRunner.locate() is None:  # pragma: no cover
+    pytest.skip("codeshield and semgrep are not installed", allow_module_level=True)
+
+PY_BAD = (
+    "```python\nimport subprocess\n\ndef run(user_input):\n    value = eval(user_input)\n"
+    "    subprocess.call(user_input, shell=True)\n    return value\n```"
+)
+JS_BAD = (
+    "```js\nconst cp = require('child_process');\nfunction handle(input) {\n"
+    "  cp.exec(input, (err, out) => console.log(out));\n}\n```"
+)
+C_BAD = "```c\nvoid copy(char *src) {\n  char buf[16];\n  strcpy(buf, src);\n}\n```"
+JAVA_XXE = (
+    "```java\nclass P {\n  void f(java.io.InputStream in, DefaultHandler h) throws Exception {\n"
+    "    SAXParserFactory spf = SAXParserFactory.newInstance();\n    SAXParser p = spf.newSAXParser();\n"
+    "    p.parse(in, h);\n  }\n}\n```"
+)
+PY_OK = "```python\ndef add(a, b):\n    return a + b\n```"
+ANSWER = (
+    f"First, Python:\n\n{PY_BAD}\n\nThen JavaScript:\n\n{JS_BAD}\n\nAnd a safe helper:\n\n{PY_OK}\n\nDone.\n"
+)
+
+
+@pytest.fixture
+def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Point tempfile at an empty dir, so a leaked semgrep file would show."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    yield tmp_path
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def shared() -> CodeShieldGuard:
+    return CodeShieldGuard(hold_code_blocks=True)
+
+
+def runs(g: CodeShieldGuard) -> int:
+    assert g._scanner is not None and g._scanner.semgrep is not None
+    return g._scanner.semgrep.runs
+
+
+async def test_semgrep_findings_end_to_end_through_a_stream(
+    shared: CodeShieldGuard, private_tmp: Path
+) -> None:
+    py, js, ok = extract_code_blocks(ANSWER)
+    await shared.start()
+    before = runs(shared)
+    s = shared.open_stream([Message.of("user", "write code")], "r-semgrep")
+    flagged = []
+    size = 23
+    for end in range(size, len(ANSWER) + size, size):
+        end = min(end, len(ANSWER))
+        v = await s.check(ANSWER[:end], end - size, end == len(ANSWER))
+        assert v.error is None, v.error
+        if v.flagged:
+            flagged.append(v)
+        for b in (py, js, ok):
+            if b.start < end <= b.end:
+                assert v.hold_from is not None and v.hold_from <= b.start
+    await s.close()
+    assert [v.span for v in flagged] == [py.span, js.span]
+    py_rules = {(f["rule"], f["line"], f["analyzer"]) for f in flagged[0].details["findings"]}
+    assert py_rules == {
+        ("insecure-eval-use", 4, "semgrep"),
+        ("insecure-subprocess-using-shell", 5, "semgrep"),
+    }
+    assert flagged[0].details["tier2"] == "ran" and set(flagged[0].categories) == {"CWE-78", "CWE-94"}
+    assert {f["rule"] for f in flagged[1].details["findings"]} == {"child-process"}
+    assert flagged[1].details["findings"][0]["offset"] == ANSWER.index("cp.exec(input")
+    assert runs(shared) - before == 2  # one process per block that needed it; the safe block needed none
+
+
+async def test_one_semgrep_process_per_batch_of_blocks(shared: CodeShieldGuard, private_tmp: Path) -> None:
+    text = "\n\n".join([PY_BAD, C_BAD, JS_BAD, JAVA_XXE, PY_OK]) + "\n"
+    await shared.start()
+    before = runs(shared)
+    v = await shared.scan_text(text)
+    assert runs(shared) - before == 1
+    blocks = extract_code_blocks(text)
+    assert v.details["spans"] == [list(b.span) for b in blocks[:4]]
+    by_block = {f["block"].split()[2]: f["rule"] for f in v.details["findings"]}
+    assert by_block["2"] == "vulnerable-strcpy"  # no prescan in Meta's rule: its driver never runs it alone
+    assert by_block["4"] == "xxe-insecure-sax-parser"
+    java = [f for f in v.details["findings"] if f["rule"] == "xxe-insecure-sax-parser"]
+    # semgrep's "ERROR" maps to error -> block (Meta's driver compares "ERROR" with "error": always warn)
+    assert java[0]["severity"] == "error" and java[0]["action"] == "block"
+    assert v.details["recommended_action"] == "block"
+
+
+async def test_purplellama_golden_cases_and_what_metas_driver_misses(shared: CodeShieldGuard) -> None:
+    # CodeShield/tests/test_codeshield.py: eval(input) is insecure (their own driver misses it with
+    # current semgrep: --project-root / makes it scan nothing), the other two are secure.
+    r = await shared.scan_code("eval(input)", "python")
+    assert [f.rule for f in r.findings] == ["insecure-eval-use"] and r.tier2 == "ran"
+    for code in ("hello world", "temp_filename = tmpnam(NULL);"):
+        assert (await shared.scan_code(code, "c")).findings == []
+
+
+async def test_prefilters_skip_semgrep_when_no_rule_can_match(shared: CodeShieldGuard) -> None:
+    scanner = await shared.scanner()
+    assert scanner.rules.prefilters_loaded
+    # Meta's prescan `run\(` would start semgrep here; semgrep's own prefilter knows shell= is missing
+    assert scanner.tier2_rules("result = runner.run(job)\n", "python") == []
+    assert [r.id for r in scanner.tier2_rules("x = eval(s)\n", "python")] == ["insecure-eval-use"]
+    before = runs(shared)
+    r = await shared.scan_code("def f(job):\n    return runner.run(job)\n", "python")
+    assert r.tier2 == "not_needed" and runs(shared) == before
+
+
+async def test_tier1_block_skips_tier2(shared: CodeShieldGuard) -> None:
+    before = runs(shared)
+    r = await shared.scan_code("void f(char *s) { char b[4]; gets(b); strcpy(b, s); }", "c")
+    assert r.tier2 == "skipped" and [f.rule for f in r.findings] == ["bugprone-gets"]
+    assert runs(shared) == before
+
+
+async def test_timeout_is_a_guard_error_and_leaves_nothing_behind(private_tmp: Path) -> None:
+    g = CodeShieldGuard(semgrep_timeout_s=0.001)
+    v = await g.scan_text(PY_BAD + "\n")
+    assert not v.flagged and v.error is not None and "timed out" in v.error
+    assert v.details["tier2"] == "error"
+
+
+def _our_semgreps() -> list[int]:
+    """Live child processes of this test process running as osemgrep."""
+    out = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+        if fields.get("PPid", "").strip() == str(os.getpid()) and fields.get("State", "").strip()[:1] != "Z":
+            cmd = (status.parent / "cmdline").read_bytes().split(b"\0")[0]
+            if cmd.endswith(b"osemgrep"):
+                out.append(int(status.parent.name))
+    return out
+
+
+async def test_cancelled_scan_kills_semgrep_and_cleans_up(shared: CodeShieldGuard, private_tmp: Path) -> None:
+    await shared.start()
+    before = runs(shared)
+    task = asyncio.create_task(shared.scan_text(PY_BAD + "\n"))
+    for _ in range(500):  # until the process is started
+        await asyncio.sleep(0.001)
+        if runs(shared) > before:
+            break
+    await asyncio.sleep(0.01)
+    assert runs(shared) == before + 1 and not task.done()
+    task.cancel()  # what the gate does on a step timeout or a client disconnect
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    if Path("/proc/self/status").exists():
+        assert _our_semgreps() == []
+
+
+async def test_regex_hit_does_not_hide_a_stronger_semgrep_finding(shared: CodeShieldGuard) -> None:
+    code = "import hashlib, subprocess\nh = hashlib.md5(data)\nsubprocess.run(cmd, shell=True)\n"
+    r = await shared.scan_code(code, "python")
+    assert {f.rule for f in r.findings} == {"insecure-md5-hash-usage", "insecure-subprocess-using-shell"}
+    greedy = CodeShieldGuard(greedy=True)  # Meta's fast mode: stop at the first regex hit
+    g = await greedy.scan_code(code, "python")
+    assert [f.rule for f in g.findings] == ["insecure-md5-hash-usage"] and g.tier2 == "skipped"
