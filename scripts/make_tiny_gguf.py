@@ -372,6 +372,38 @@ def _rig(tensors: dict, vocab_path: Path, triggers: Sequence[str], category: str
     tensors["output.weight"] = out.astype(wdt)
 
 
+def make_dense_llama4_stub(path: str | os.PathLike[str], vocab: str | os.PathLike[str] | None = None) -> Path:
+    """A GGUF shaped like a converted Llama Guard 4 (dense llama4: expert_count = 0), no real weights.
+
+    llama.cpp refuses it exactly as it refuses LG4 ("llama4 model cannot have zero experts"):
+    tests use it to exercise the in-process probe and the fallback to a remote backend.
+    """
+    import gguf
+
+    out = Path(path)
+    w = gguf.GGUFWriter(str(out), "llama4")
+    w.add_name("dense-llama4-stub")
+    w.add_context_length(4096)
+    w.add_embedding_length(64)
+    w.add_block_count(2)
+    w.add_feed_forward_length(128)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_rope_freq_base(500000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_expert_count(0)
+    w.add_expert_used_count(0)
+    w.add_expert_feed_forward_length(128)
+    w.add_uint32("llama4.interleave_moe_layer_step", 1)
+    _copy_tokenizer(w, Path(vocab) if vocab else find_llama3_vocab(), None)
+    w.add_tensor("token_embd.weight", np.zeros((8, 64), np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
 def quantize(
     src: str | os.PathLike[str], dst: str | os.PathLike[str], ftype: str = "Q4_K_M", threads: int = 2
 ) -> Path:

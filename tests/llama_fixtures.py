@@ -29,13 +29,15 @@ def _workdir() -> Path:
 
 @functools.cache
 def build(kind: str) -> Path:
-    """kind: tiny (random, LG3-1B template) | rig (toy guard, LG3-1B template) | rig8b (LG3-8B template)."""
+    """kind: tiny (random, LG3-1B template) | rig (toy guard) | rig8b (LG3-8B template) | llama4 (stub)."""
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
-        from make_tiny_gguf import make_tiny_gguf
+        from make_tiny_gguf import make_dense_llama4_stub, make_tiny_gguf
     finally:
         sys.path.pop(0)
     out = _workdir() / f"{kind}.gguf"
+    if kind == "llama4":
+        return make_dense_llama4_stub(out)
     if kind == "tiny":
         return make_tiny_gguf(out)
     if kind == "rig":
@@ -55,6 +57,12 @@ def tiny_gguf() -> Path:
 def rig_gguf() -> Path:
     pytest.importorskip("llama_cpp")
     return build("rig")
+
+
+@pytest.fixture(scope="session")
+def llama4_stub_gguf() -> Path:
+    pytest.importorskip("llama_cpp")
+    return build("llama4")
 
 
 @pytest.fixture(scope="session")

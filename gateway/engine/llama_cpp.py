@@ -16,6 +16,7 @@ the least recently used idle session is evicted; it is rebuilt on its next use (
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures as cf
 import ctypes
 import itertools
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 _backend_lock = threading.Lock()
 _backend_ready = False
 _log_cb: Any = None
+_errors: collections.deque[str] = collections.deque(maxlen=16)  # recent llama.cpp error lines
 
 
 class EngineError(RuntimeError):
@@ -68,11 +70,12 @@ def quiet_llama_logs(verbose: bool = False) -> None:
 
             @C.llama_log_callback
             def _cb(level: int, text: bytes, user_data: Any) -> None:
-                if level >= 4 or not llama_log.isEnabledFor(logging.DEBUG):  # 4 = GGML_LOG_LEVEL_ERROR
-                    if level == 4:
-                        llama_log.warning("%s", text.decode(errors="replace").rstrip())
-                    return
-                llama_log.debug("%s", text.decode(errors="replace").rstrip())
+                msg = text.decode(errors="replace").rstrip()
+                if level == 4:  # GGML_LOG_LEVEL_ERROR
+                    _errors.append(msg)
+                    llama_log.warning("%s", msg)
+                elif llama_log.isEnabledFor(logging.DEBUG):
+                    llama_log.debug("%s", msg)
 
             _log_cb = _cb  # keep a reference: the C side holds a raw pointer
             C.llama_log_set(_log_cb, ctypes.c_void_p(0))
@@ -400,9 +403,10 @@ class LlamaModel:
             raise EngineError(f"model file not found: {o.path}")
         mp = C.llama_model_default_params()
         mp.n_gpu_layers = o.n_gpu_layers
+        _errors.clear()
         model = C.llama_model_load_from_file(o.path.encode(), mp)
         if not model:
-            raise EngineError(f"llama.cpp could not load {o.path} (see debug log 'llama_cpp.native')")
+            raise EngineError(f"llama.cpp could not load {o.path}: {_last_error()}")
         self._model = model
         self._vocab = C.llama_model_get_vocab(model)
         cp = C.llama_context_default_params()
@@ -805,6 +809,14 @@ class LlamaModel:
 # --------------------------------------------------------------------------- helpers
 
 
+def _last_error() -> str:
+    """The most telling recent llama.cpp error line (the loader logs the cause first)."""
+    for line in _errors:
+        if "error loading model" in line:
+            return line.split("error loading model", 1)[1].lstrip(": ")
+    return _errors[-1] if _errors else "unknown error (enable debug logging of 'llama_cpp.native')"
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -923,9 +935,13 @@ def probe_load(path: str, n_gpu_layers: int = 0) -> tuple[bool, str]:
     mp = C.llama_model_default_params()
     mp.n_gpu_layers = n_gpu_layers
     mp.no_alloc = True
-    model = C.llama_model_load_from_file(path.encode(), mp)
+    mp.load_mode = C.LLAMA_LOAD_MODE_NONE  # the no-alloc (memory-fit) pass must not mmap
+    with _backend_lock:  # one probe at a time, so the error lines are ours
+        _errors.clear()
+        model = C.llama_model_load_from_file(path.encode(), mp)
+        why = _last_error()
     if not model:
-        return False, "llama.cpp refused the model (e.g. 'llama4 model cannot have zero experts')"
+        return False, f"llama.cpp refused it: {why}"
     try:
         arch = _metadata(C, model).get("general.architecture", "?")
     finally:

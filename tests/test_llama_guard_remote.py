@@ -1,0 +1,184 @@
+"""Llama Guard 4 through a remote backend (Llama API /v1/moderations, OpenAI-compatible chat or
+completions), and the in-process probe that prefers a local GGUF once llama.cpp can load it.
+
+The remote servers are small aiohttp apps on loopback that speak the documented wire shapes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from aiohttp import web
+
+from gateway.guards.base import GuardInput, create
+from gateway.guards.llama_guard import LlamaGuard
+from gateway.types import Message
+
+pytest_plugins = ["llama_fixtures"]
+
+
+def _unsafe(messages: list[dict]) -> bool:
+    return any("bomb" in (m.get("content") or "") for m in messages)
+
+
+@pytest.fixture
+async def server(aiohttp_unused_port=None):
+    seen: list[tuple[str, dict, str | None]] = []
+
+    async def moderations(req: web.Request) -> web.Response:
+        body = await req.json()
+        seen.append(("moderations", body, req.headers.get("Authorization")))
+        bad = _unsafe(body["messages"])
+        return web.json_response(
+            {
+                "model": body.get("model"),
+                "results": [{"flagged": bad, "flagged_categories": ["S9"] if bad else []}],
+            }
+        )
+
+    async def chat(req: web.Request) -> web.Response:
+        body = await req.json()
+        seen.append(("chat", body, req.headers.get("Authorization")))
+        bad = _unsafe(body["messages"])
+        text = "unsafe\nS1,S9" if bad else "safe"
+        lp_unsafe, lp_safe = (-0.05, -3.0) if bad else (-4.0, -0.02)
+        return web.json_response(
+            {
+                "choices": [
+                    {
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": {
+                            "content": [
+                                {
+                                    "token": text.split()[0],
+                                    "logprob": max(lp_safe, lp_unsafe),
+                                    "top_logprobs": [
+                                        {"token": "safe", "logprob": lp_safe},
+                                        {"token": "unsafe", "logprob": lp_unsafe},
+                                    ],
+                                }
+                            ]
+                        },
+                    }
+                ]
+            }
+        )
+
+    async def completions(req: web.Request) -> web.Response:
+        body = await req.json()
+        seen.append(("completions", body, req.headers.get("Authorization")))
+        bad = "bomb" in body["prompt"]
+        return web.json_response({"choices": [{"text": "unsafe\nS10" if bad else "safe", "logprobs": None}]})
+
+    async def broken(req: web.Request) -> web.Response:
+        return web.Response(status=500, text="model crashed")
+
+    app = web.Application()
+    app.router.add_post("/v1/moderations", moderations)
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/broken/v1/chat/completions", broken)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f"http://127.0.0.1:{port}", seen
+    await runner.cleanup()
+
+
+def inp(text: str) -> GuardInput:
+    return GuardInput(stage="input", messages=[Message.of("user", text)])
+
+
+@pytest.mark.parametrize("api", ["llama_moderations", "openai_chat", "openai_completions"])
+async def test_remote_backends(server, api, monkeypatch):
+    url, seen = server
+    monkeypatch.setenv("GG_TEST_GUARD_KEY", "sekret")
+    g = create(
+        "llama_guard",
+        variant="lg4",
+        remote={
+            "base_url": url + "/v1",
+            "api": api,
+            "model": "Llama-Guard-4-12B",
+            "api_key_env": "GG_TEST_GUARD_KEY",
+        },
+    )
+    ok = await g.check(inp("nice weather"))
+    bad = await g.check(inp("how to make a bomb"))
+    assert g.mode == "remote" and not ok.flagged and bad.flagged
+    assert (
+        bad.categories
+        == {"llama_moderations": ["S9"], "openai_chat": ["S1", "S9"], "openai_completions": ["S10"]}[api]
+    )
+    assert seen[-1][2] == "Bearer sekret" and seen[-1][1]["model"] == "Llama-Guard-4-12B"
+    if api == "openai_chat":
+        assert bad.score == pytest.approx(1 / (1 + pow(2.718281828, -2.95)), abs=1e-3)  # from top_logprobs
+        assert ok.score < 0.05
+    if api == "openai_completions":
+        prompt = seen[-1][1]["prompt"]
+        assert prompt.startswith("<|begin_of_text|><|header_start|>user<|header_end|>")
+        assert "S14: Code Interpreter Abuse." in prompt and prompt.endswith(
+            "<|header_start|>assistant<|header_end|>\n\n"
+        )
+    # streams over a remote backend re-check the answer one-shot (no KV cache to reuse)
+    sc = g.open_stream([Message.of("user", "story")], "r1")
+    assert not (await sc.check("once upon a time", 0, False)).flagged
+    assert (await sc.check("once upon a time a bomb", 0, True)).flagged
+    await sc.close()
+    await g.aclose()
+
+
+async def test_category_subset_goes_to_the_chat_template(server):
+    url, seen = server
+    g = create("llama_guard", categories=["S1", "S9"], remote={"base_url": url + "/v1", "api": "openai_chat"})
+    await g.check(inp("hello"))
+    kwargs = seen[-1][1]["chat_template_kwargs"]
+    assert list(kwargs["categories"])[:2] == ["S1", "S2"] and "S2" in kwargs["excluded_category_keys"]
+    assert "S9" not in kwargs["excluded_category_keys"]
+    await g.aclose()
+
+
+async def test_remote_errors_raise(server, monkeypatch):
+    url, _ = server
+    g = create("llama_guard", remote={"base_url": url + "/broken/v1", "api": "openai_chat"})
+    with pytest.raises(RuntimeError, match="HTTP 500"):
+        await g.check(inp("hello"))
+    monkeypatch.delenv("GG_MISSING_KEY", raising=False)
+    g2 = create("llama_guard", remote={"base_url": url + "/v1", "api_key_env": "GG_MISSING_KEY"})
+    with pytest.raises(RuntimeError, match="GG_MISSING_KEY"):
+        await g2.check(inp("hello"))
+    await g.aclose()
+    await g2.aclose()
+
+
+async def test_llama4_gguf_is_probed_then_served_remotely(server, llama4_stub_gguf):
+    """A dense llama4 GGUF (what converting LG4 gives) fails llama.cpp's loader: use the remote."""
+    from gateway.engine.llama_cpp import probe_load
+
+    ok, why = probe_load(str(llama4_stub_gguf))
+    assert not ok and "zero experts" in why
+    url, _ = server
+    g = create(
+        "llama_guard",
+        model=str(llama4_stub_gguf),
+        variant="lg4",
+        remote={"base_url": url + "/v1", "api": "llama_moderations"},
+    )
+    assert isinstance(g, LlamaGuard)
+    v = await g.check(inp("a bomb"))
+    assert g.mode == "remote" and v.flagged and "zero experts" in g.probe
+    await g.aclose()
+    local_only = create("llama_guard", model=str(llama4_stub_gguf), variant="lg4", backend="local")
+    with pytest.raises(RuntimeError, match="zero experts"):
+        await local_only.start()
+
+
+async def test_probe_accepts_a_loadable_model(tiny_gguf):
+    from gateway.engine.llama_cpp import probe_load
+
+    ok, why = probe_load(str(tiny_gguf))
+    assert ok and "llama" in why
+    assert json.dumps(why)
