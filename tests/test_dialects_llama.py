@@ -256,6 +256,7 @@ def test_response_variants() -> None:
     assert r.completion_message.content.text == ""  # type: ignore[union-attr]
     assert r.completion_message.stop_reason == "content_filter"
     for bad in (
+        b'{"completion_message":{},"metrics":[{"metric":"num_total_tokens","value":1e999}]}',
         b"{}",
         b'{"completion_message":[]}',
         b'{"completion_message":{},"metrics":[{"metric":"num_total_tokens","value":"x"}]}',

@@ -218,6 +218,7 @@ def test_include_usage_only_with_stream_and_dropped_parts() -> None:
             _b({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": True}),
             "temperature",
         ),
+        (b'{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":1e999}', "temperature"),
         (_b({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1.5}), "max_tokens"),
         (_b({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}), "stream"),
         (_b({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": [1]}), "stop[0]"),

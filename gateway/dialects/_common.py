@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from json.encoder import encode_basestring
+from math import isfinite
 from typing import Any, NoReturn
 
 from gateway.dialects.base import DialectError, ModelInfo
@@ -33,9 +34,21 @@ def to_bytes(text: str) -> bytes:
     return text.encode("utf-8", "backslashreplace")
 
 
+_scan = _DECODER.scan_once
+
+
 def loads(text: str) -> Any:
-    """Strict JSON (no NaN/Infinity); ValueError/RecursionError on anything else."""
-    return _loads(text)
+    """Strict JSON (no NaN/Infinity); ValueError/RecursionError on anything else.
+
+    Hot path (one call per stream event): the C scanner straight from offset 0, falling back to
+    the full decoder (leading whitespace, errors with a message) when that does not fit."""
+    try:
+        obj, end = _scan(text, 0)
+    except StopIteration:
+        return _loads(text)
+    if end != len(text) and text[end:].strip(" \t\n\r"):
+        raise ValueError("extra data after the JSON value")
+    return obj
 
 
 def load_json(body: bytes | str, *, status: int = 400, what: str = "request body") -> Any:
@@ -104,8 +117,13 @@ class Reader:
         return v
 
     def num(self, v: Any, param: str) -> float | int:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            self.fail(f"'{param}' must be a number", param)
+        # 1e999 parses to inf: neither dialect can carry it (and int(inf) would raise)
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            or (isinstance(v, float) and not isfinite(v))
+        ):
+            self.fail(f"'{param}' must be a finite number", param)
         return v
 
     def int_(self, v: Any, param: str) -> int:

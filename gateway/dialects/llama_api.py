@@ -447,6 +447,13 @@ class LlamaStreamDecoder:
             ) from None
 
     def _events(self, obj: dict[str, Any], ev: dict[str, Any]) -> list[Event]:
+        # Fast path, most events: progress with a text delta.
+        if self._started and ev.get("event_type") == "progress" and len(ev) == 2:
+            delta = ev.get("delta")
+            if type(delta) is dict and delta.get("type") == "text":
+                text = delta.get("text")
+                if type(text) is str:
+                    return [TextDelta(text)] if text else []
         r = UP
         out: list[Event] = []
         if not self._started:

@@ -468,9 +468,19 @@ class OpenAIStreamDecoder:
             ) from None
 
     def _events(self, obj: dict[str, Any]) -> list[Event]:
+        choices = obj.get("choices")
+        # Fast path, most chunks: one choice whose delta is just a content string.
+        if self._started and type(choices) is list and len(choices) == 1 and not obj.get("usage"):
+            ch = choices[0]
+            if type(ch) is dict and ch.get("finish_reason") is None:
+                delta = ch.get("delta")
+                if type(delta) is dict and len(delta) == 1:
+                    text = delta.get("content")
+                    idx = ch.get("index", 0)
+                    if type(text) is str and type(idx) is int:
+                        return [TextDelta(text, idx)] if text else []
         r = UP
         out: list[Event] = []
-        choices = obj.get("choices")
         usage = obj.get("usage")
         if not self._started:
             if not choices and not usage:
