@@ -2,7 +2,14 @@
 
 A dialect turns its wire format into the neutral types of `gateway.types` and back. Nothing
 outside `dialects/` knows a wire format. Decoders never raise anything but `DialectError`
-(a clean 400 in the client's format), whatever bytes they are given.
+(a clean 400 in the client's format), whatever bytes they are given; decoders of upstream bytes
+(responses, stream events, model lists) raise it with status 502.
+
+Fields with no neutral counterpart ride in `Exchange.extra` / `Completion.extra` /
+`StreamStart.extra` under the dialect's name (`extra["openai"]`, `extra["llama"]`): only that
+dialect's encoder re-emits them, so a same-dialect upstream keeps them and any other drops them.
+`extra["guardgate"]` on a Completion is rendered by every dialect (the non-stream counterpart of
+the `Annotation` stream event).
 """
 
 from __future__ import annotations

@@ -651,7 +651,7 @@ class LlamaStreamEncoder:
         if self._ended:
             return b""
         self._ended = True
-        body = error_body(502, message, type=type, code=code)
+        body = error_body(400 if type == "invalid_request_error" else 502, message, type=type, code=code)
         return to_bytes(self._flush() + "event: error\ndata: " + dumps(body) + "\n\n")
 
 
