@@ -200,7 +200,8 @@ async def main() -> None:
         for other in ("translated", "gate-regex"):
             if other in rel:
                 r, o = rel["relay"], rel[other]
-                print(f"{other} vs relay: stream p50 x{statistics.median(o.lat['stream']) / statistics.median(r.lat['stream']):.2f}, "
+                ratio = statistics.median(o.lat["stream"]) / statistics.median(r.lat["stream"])
+                print(f"{other} vs relay: stream p50 x{ratio:.2f}, "
                       f"ttft p50 x{statistics.median(o.lat['ttft']) / statistics.median(r.lat['ttft']):.2f}, "
                       f"stream rps x{o.rps['stream'] / r.rps['stream']:.2f}")
 

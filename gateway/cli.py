@@ -21,7 +21,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--upstream", help="upstream base URL, e.g. https://api.openai.com/v1")
     p.add_argument("--upstream-dialect", choices=("openai", "llama"), default="openai")
     p.add_argument("--upstream-key-env", help="environment variable holding the upstream API key")
-    p.add_argument("--local-model", help="serve chat from a local GGUF (manifest name or path) instead of an HTTP upstream")
+    p.add_argument("--local-model",
+                   help="serve chat from a local GGUF (manifest name or path) instead of an HTTP upstream")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--policy", help="policy name (from policies/) or YAML file applied to every request")

@@ -53,9 +53,7 @@ class Route:
     def matches(self, path: str, model: str | None) -> bool:
         if self.path is not None and not path.startswith(self.path):
             return False
-        if self.model is not None and (model is None or not fnmatch.fnmatchcase(model, self.model)):
-            return False
-        return True
+        return self.model is None or (model is not None and fnmatch.fnmatchcase(model, self.model))
 
 
 @dataclass(slots=True)
@@ -131,9 +129,11 @@ def _upstream(name: str, obj: object, file: str | None) -> UpstreamConfig:
     )
 
 
+TOP_KEYS = {"listen", "upstreams", "routes", "keys", "limits", "policy", "policy_dirs", "audit", "shutdown_grace_s"}
+
+
 def parse(obj: object, file: str | None = None) -> GatewayConfig:
-    top = Fields(obj if obj is not None else {}, file, "config",
-                 {"listen", "upstreams", "routes", "keys", "limits", "policy", "policy_dirs", "audit", "shutdown_grace_s"})
+    top = Fields(obj if obj is not None else {}, file, "config", TOP_KEYS)
     cfg = GatewayConfig(source=file)
     if "listen" in top.obj:
         lf = Fields(top.obj["listen"], file, "listen", {"host", "port"})

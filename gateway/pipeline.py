@@ -17,7 +17,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway import dialects
-from gateway.dialects.base import DialectError
+from gateway.dialects.base import DialectError, UpstreamStreamError
 from gateway.relay import SSE_HEADERS
 from gateway.types import Event, Exchange
 from gateway.upstreams.base import NeutralUpstream, UpstreamError
@@ -25,14 +25,6 @@ from gateway.upstreams.http import HttpUpstream, request_headers
 
 if TYPE_CHECKING:
     from gateway.server import Gateway, RequestContext
-
-
-class UpstreamStreamError(Exception):
-    """The upstream failed after the stream started; the client gets a dialect error frame."""
-
-    def __init__(self, message: str, code: str = "upstream_error") -> None:
-        super().__init__(message)
-        self.message, self.code = message, code
 
 
 def _gateway_error(*args: Any, **kw: Any) -> Exception:
@@ -55,13 +47,17 @@ async def upstream_events(resp: aiohttp.ClientResponse, dialect_name: str) -> As
                         yield ev
                 if dec.done():
                     return
-        except (aiohttp.ClientError, TimeoutError, asyncio.TimeoutError) as e:
+            for sse in parser.close():
+                for ev in dec.feed(sse.event, sse.data):
+                    yield ev
+        except (aiohttp.ClientError, TimeoutError) as e:
             raise UpstreamStreamError(f"upstream stream failed: {type(e).__name__}") from None
+        except UpstreamStreamError:
+            raise
         except DialectError as e:
-            raise UpstreamStreamError(f"upstream sent an error mid-stream: {e.message}",
-                                      e.code or "upstream_error") from None
-        if not dec.done():
-            raise UpstreamStreamError("upstream stream ended before its terminator", "upstream_truncated")
+            raise UpstreamStreamError(f"upstream stream does not decode: {e.message}") from None
+        if not dec.ended_cleanly():
+            raise UpstreamStreamError("upstream stream ended before its terminator", code="upstream_truncated")
     finally:
         resp.close()
 
@@ -193,7 +189,7 @@ class Pipeline:
         if not ex.stream:
             try:
                 raw = await resp.read()
-            except (aiohttp.ClientError, TimeoutError, asyncio.TimeoutError):
+            except (aiohttp.ClientError, TimeoutError):
                 resp.close()
                 raise UpstreamError("upstream failed while sending its answer", 502) from None
             finally:
@@ -230,8 +226,8 @@ class Pipeline:
                         await out.write(frame)
                 await out.write(enc.end())
             except UpstreamStreamError as e:
-                ctx.outcome = e.code
-                await out.write(enc.error(e.message, e.code))
+                ctx.outcome = e.code or "upstream_error"
+                await out.write(enc.error(e.message, ctx.outcome))
             except UpstreamError as e:
                 ctx.outcome = e.code
                 await out.write(enc.error(e.message, e.code))

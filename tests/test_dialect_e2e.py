@@ -20,6 +20,7 @@ from harness import (
 TOOLS_LL = [{"type": "function", "function": {"name": "get_weather", "description": "Weather",
                                               "parameters": {"type": "object", "properties": {
                                                   "city": {"type": "string"}}}}}]
+HI = [{"role": "user", "content": "hi"}]
 ARGS = ['{"ci', 'ty": "Par', 'is"}']
 
 
@@ -142,7 +143,7 @@ def test_openai_sdk_to_llama_upstream_stream(make_stack) -> None:
 
 def test_openai_sdk_to_llama_upstream_no_usage_chunk_unless_asked(make_stack) -> None:
     st = make_stack(handler=handler_for("llama"), dialect="llama")
-    chunks = list(st.openai().chat.completions.create(model="m", stream=True, messages=[{"role": "user", "content": "hi"}]))
+    chunks = list(st.openai().chat.completions.create(model="m", stream=True, messages=HI))
     assert all(c.choices for c in chunks)  # code indexing choices[0] must not crash
 
 
@@ -158,7 +159,7 @@ async def test_openai_async_sdk_to_llama_upstream_non_stream(make_stack) -> None
 
 def test_compat_route_speaks_openai(make_stack) -> None:
     st = make_stack(handler=handler_for("llama"), dialect="llama")
-    c = st.openai(prefix="/llama/compat/v1").chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    c = st.openai(prefix="/llama/compat/v1").chat.completions.create(model="m", messages=HI)
     assert c.choices[0].message.content == "Bonjour"
 
 
@@ -201,7 +202,7 @@ def test_llama_upstream_error_translated_for_openai_client(make_stack) -> None:
 
 def test_llama_upstream_midstream_error_reaches_openai_client(make_stack) -> None:
     async def handler(request: web.Request, up) -> web.StreamResponse:
-        frames = llama_stream(["partial"])[:2] + [b'{"error": {"message": "overloaded"}}\n\n']
+        frames = [*llama_stream(["partial"])[:2], b'{"error": {"message": "overloaded"}}\n\n']
         return await stream_frames(request, frames)
 
     st = make_stack(handler=handler, dialect="llama")

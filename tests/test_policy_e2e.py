@@ -22,7 +22,7 @@ from gateway.types import Verdict
 
 PHRASE = "purple elephant protocol"
 WORDS = [f"word{i} " for i in range(60)]
-ANSWER_PIECES = WORDS[:30] + ["the pur", "ple eleph", "ant proto", "col is "] + WORDS[30:]
+ANSWER_PIECES = [*WORDS[:30], "the pur", "ple eleph", "ant proto", "col is ", *WORDS[30:]]
 ANSWER = "".join(ANSWER_PIECES)
 PHRASE_AT = ANSWER.index(PHRASE)
 
@@ -215,7 +215,7 @@ def test_input_block_is_400_content_filter_not_retried(guarded, tmp_path, dialec
 
 
 def test_parallel_input_block_cancels_upstream(guarded, tmp_path) -> None:
-    path = policy_file(tmp_path, f"""
+    path = policy_file(tmp_path, """
         input:
           steps:
             - guard: test_slow_flag
@@ -257,7 +257,7 @@ def test_on_error_both_ways(guarded, tmp_path, guard: str, on_error: str, expect
     assert text == ("" if on_error == "block" else ANSWER)
     rec = audit_records(st)[-1]
     step = rec["steps"][0]
-    assert step["verdict"] != "pass" and step.get("errors", 0) >= 1 or "error" in json.dumps(step)
+    assert (step["verdict"] != "pass" and step.get("errors", 0) >= 1) or "error" in json.dumps(step)
 
 
 def test_input_guard_error_blocks_by_default(guarded, tmp_path) -> None:
