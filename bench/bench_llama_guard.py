@@ -1,0 +1,335 @@
+#!/usr/bin/env python3
+"""Llama Guard on a streamed answer: incremental (KV reuse) vs naive full re-check, concurrency, prefill.
+
+Model: random weights at Llama Guard 3 1B's exact shape (2048 hidden, 16 layers, 32/8 heads, FFN
+8192, 128,256 vocab, untied output), quantized to Q4_K_M with llama.cpp, the real Llama 3 vocabulary
+and the LG3-1B chat template (scripts/make_tiny_gguf.py --shape lg3-1b). Speed does not depend on
+weight values; verdicts of a random model are meaningless, so category decoding is off and every
+check costs exactly its prompt evaluation.
+
+    python bench/bench_llama_guard.py                    # CPU, 2 threads
+    python bench/bench_llama_guard.py --n-gpu-layers -1  # CUDA / Metal build, full offload
+
+Parts (one run, side by side):
+  A  one 1,000-token answer checked every 32 tokens (+ a final check): guard tokens evaluated and
+     wall time, incremental session vs naive full re-check of the whole prompt at every check;
+  B  1 / 4 / 16 concurrent streams (shorter answers), with and without batching of pending checks
+     into shared llama_decode calls;
+  C  prefill tokens/s (fresh evaluation of the whole 1,000-token-answer prompt) and per-check
+     latency of an incremental check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+CACHE = Path(os.environ.get("GUARDGATE_CACHE", Path.home() / ".cache" / "guardgate")) / "bench"
+
+WORDS = [
+    "the",
+    "dough",
+    "flour",
+    "water",
+    "salt",
+    "yeast",
+    "oven",
+    "bake",
+    "minutes",
+    "rise",
+    "knead",
+    "bowl",
+    "mix",
+    "warm",
+    "slowly",
+    "until",
+    "smooth",
+    "elastic",
+    "shape",
+    "loaf",
+    "crust",
+    "golden",
+    "temperature",
+    "degrees",
+    "rest",
+    "cover",
+    "towel",
+    "hour",
+    "double",
+    "size",
+    "gently",
+    "press",
+    "air",
+    "bubbles",
+    "then",
+    "place",
+    "tray",
+    "preheat",
+    "heat",
+    "steam",
+    "bread",
+    "cool",
+    "rack",
+    "slice",
+    "serve",
+    "butter",
+]
+
+
+def answer_text(seed: int, approx_tokens: int) -> str:
+    """Deterministic prose with a code block: ~1.25 tokens per word in the Llama 3 vocabulary."""
+    rng = random.Random(seed)
+    out: list[str] = []
+    n = 0
+    while n < approx_tokens * 0.8:
+        sent = " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 16)))
+        out.append(sent.capitalize() + rng.choice([".", ".", "!", ";", ":"]))
+        n += len(sent.split())
+        if rng.random() < 0.08:
+            out.append(f"\n\n```python\nfor i in range({rng.randint(2, 9)}):\n    print('knead', i)\n```\n\n")
+            n += 20
+        elif rng.random() < 0.15:
+            out.append("\n\n")
+    return " ".join(out)
+
+
+def build_model(quant: str) -> Path:
+    from make_tiny_gguf import make_tiny_gguf, quantize
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    target = CACHE / f"lg3-1b-shape-random-{quant.lower()}.gguf"
+    if target.is_file():
+        return target
+    raw = CACHE / "lg3-1b-shape-random-f16.gguf"
+    t = time.perf_counter()
+    make_tiny_gguf(raw, shape="lg3-1b", template="lg3-1b", name="lg3-1b-shape-random")
+    print(f"# wrote f16 {raw.stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t:.0f} s", flush=True)
+    t = time.perf_counter()
+    quantize(raw, target, quant, threads=os.cpu_count() or 2)
+    raw.unlink()
+    print(
+        f"# quantized to {quant}: {target.stat().st_size:,} bytes in {time.perf_counter() - t:.0f} s",
+        flush=True,
+    )
+    return target
+
+
+async def make_guard(path: Path, pool, args, **kw):
+    from gateway.guards.llama_guard import LlamaGuard
+
+    g = LlamaGuard(
+        model=str(path),
+        pool=pool,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        n_gpu_layers=args.n_gpu_layers,
+        decode_categories=False,
+        **kw,
+    )
+    await g.start()
+    return g
+
+
+def cuts(tokens: list[int], every: int) -> list[int]:
+    c = list(range(every, len(tokens), every))
+    return [*c, len(tokens)]
+
+
+async def part_a(path: Path, args) -> dict:
+    from gateway.engine.llama_cpp import EnginePool
+    from gateway.guards.base import GuardInput
+    from gateway.types import Message
+
+    pool = EnginePool()
+    g = await make_guard(path, pool, args, n_ctx=4096, max_sessions=4)
+    m = g.model
+    msgs = [Message.of("user", "How do I bake bread at home? Explain step by step.")]
+    toks = m.tokenize(answer_text(1, args.answer_tokens + 40), special=False)[: args.answer_tokens]
+    texts = [m.detokenize(toks[:n]) for n in cuts(toks, args.every)]
+    pre, post = g.prompter.split([("user", msgs[0].text), ("assistant", "x")])
+    P, S = len(m.tokenize(pre.rstrip())), len(m.tokenize(post))
+
+    await m.evaluate(texts[0])  # warm-up: first-call graph allocation is not part of any mode
+    sc = g.open_stream(msgs, "bench")
+    inc_tokens, inc_lat = 0, []
+    t0 = time.perf_counter()
+    for i, text in enumerate(texts):
+        v = await sc.check(text, 0, i == len(texts) - 1)
+        inc_tokens += v.tokens_evaluated
+        inc_lat.append(v.latency_ms)
+    inc_wall = time.perf_counter() - t0
+    await sc.close()
+
+    naive_tokens, naive_lat = 0, []
+    t0 = time.perf_counter()
+    for text in texts:
+        v = await g.check(GuardInput(stage="output", messages=msgs, text=text))
+        naive_tokens += v.tokens_evaluated
+        naive_lat.append(v.latency_ms)
+    naive_wall = time.perf_counter() - t0
+    prefill = naive_tokens and (v.tokens_evaluated / (v.latency_ms / 1000.0))
+    await g.aclose()
+    await pool.aclose()
+    checks = len(texts)
+    return {
+        "answer_tokens": len(toks),
+        "checks": checks,
+        "prefix": P,
+        "suffix": S,
+        "inc_tokens": inc_tokens,
+        "inc_wall": inc_wall,
+        "inc_lat": inc_lat,
+        "naive_tokens": naive_tokens,
+        "naive_wall": naive_wall,
+        "naive_lat": naive_lat,
+        "prefill_tps": prefill,
+        "full_check_ms": naive_lat[-1],
+        "full_prompt_tokens": v.tokens_evaluated,
+    }
+
+
+async def part_b(path: Path, args, n_streams: int, batching: bool) -> dict:
+    from gateway.engine.llama_cpp import EnginePool
+    from gateway.types import Message
+
+    pool = EnginePool()
+    per = 180 + args.conc_tokens + 60 * (args.conc_tokens // args.every + 1)
+    g = await make_guard(
+        path,
+        pool,
+        args,
+        n_ctx=max(4096, per * n_streams + 512),
+        max_sessions=max(4, n_streams),
+        batching=batching,
+    )
+    m = g.model
+    msgs = [Message.of("user", "How do I bake bread at home? Explain step by step.")]
+    answers = []
+    for i in range(n_streams):
+        toks = m.tokenize(answer_text(100 + i, args.conc_tokens + 40), special=False)[: args.conc_tokens]
+        answers.append([m.detokenize(toks[:n]) for n in cuts(toks, args.every)])
+    await m.evaluate(answers[0][0])  # warm-up
+    streams = [g.open_stream(msgs, f"s{i}") for i in range(n_streams)]
+    calls0, tok0 = m.stats.decode_calls, m.stats.tokens_evaluated
+    lat: list[float] = []
+    t0 = time.perf_counter()
+    for step in range(len(answers[0])):
+        vs = await asyncio.gather(
+            *(s.check(a[step], 0, step == len(a) - 1) for s, a in zip(streams, answers, strict=True))
+        )
+        lat += [v.latency_ms for v in vs]
+    wall = time.perf_counter() - t0
+    res = {
+        "streams": n_streams,
+        "batching": batching,
+        "wall": wall,
+        "tokens": m.stats.tokens_evaluated - tok0,
+        "decode_calls": m.stats.decode_calls - calls0,
+        "lat_mean": statistics.mean(lat),
+        "lat_p95": sorted(lat)[int(0.95 * (len(lat) - 1))],
+        "checks": len(lat),
+    }
+    for s in streams:
+        await s.close()
+    await g.aclose()
+    await pool.aclose()
+    return res
+
+
+def report(a: dict, b: list[dict], args, device: str) -> None:
+    L, C, P, S = a["answer_tokens"], a["checks"], a["prefix"], a["suffix"]
+    ideal = L + C * S
+    print(f"\n## Llama Guard 3 1B shape ({args.quant}), {device}, {args.threads} threads")
+    print(
+        f"prompt: prefix P={P} tokens (template + user turn), suffix S={S}; answer L={L} tokens, "
+        f"checked every {args.every} -> {C} checks"
+    )
+    print("\n### A. one streamed answer: incremental session vs naive full re-check")
+    print("| mode | guard tokens evaluated | wall s | mean check ms | p95 check ms |")
+    print("|---|---:|---:|---:|---:|")
+    for name, t, w, lat in (
+        ("incremental (KV reuse)", a["inc_tokens"], a["inc_wall"], a["inc_lat"]),
+        ("naive full re-check", a["naive_tokens"], a["naive_wall"], a["naive_lat"]),
+    ):
+        p95 = sorted(lat)[int(0.95 * (len(lat) - 1))]
+        print(f"| {name} | {t:,} | {w:.1f} | {statistics.mean(lat):.0f} | {p95:.0f} |")
+    ratio = a["naive_tokens"] / a["inc_tokens"]
+    print(
+        f"\nincremental / (answer + checks x suffix) = {a['inc_tokens']:,} / {ideal:,} = "
+        f"{a['inc_tokens'] / ideal:.3f}  (goal <= 1.1; the prefix P is paid once: "
+        f"{a['inc_tokens'] - P:,} / {ideal:,} = {(a['inc_tokens'] - P) / ideal:.3f} without it)"
+    )
+    print(f"naive / incremental tokens = {ratio:.1f}x; wall {a['naive_wall'] / a['inc_wall']:.1f}x")
+    # The ratio is bounded by the template: naive = C(P+S) + sum(n_k), incremental = P + L + C*S.
+    for L2 in (1000, 2048, 4096):
+        ks = [*range(args.every, L2, args.every), L2]
+        naive2 = len(ks) * (P + S) + sum(ks)
+        inc2 = P + L2 + len(ks) * S
+        print(
+            f"  token-count model at L={L2}: naive {naive2:,} / incremental {inc2:,} = {naive2 / inc2:.1f}x"
+        )
+    print(
+        "\n### B. concurrent streams "
+        f"({args.conc_tokens}-token answers, a check every {args.every} tokens, all streams in lockstep)"
+    )
+    print(
+        "| streams | batching | wall s | guard tokens | decode calls | tokens/s | mean check ms | p95 check ms |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for r in b:
+        print(
+            f"| {r['streams']} | {'on' if r['batching'] else 'off'} | {r['wall']:.1f} | {r['tokens']:,} | "
+            f"{r['decode_calls']} | {r['tokens'] / r['wall']:.0f} | {r['lat_mean']:.0f} | {r['lat_p95']:.0f} |"
+        )
+    inc_check = statistics.mean(a["inc_lat"][1:]) if len(a["inc_lat"]) > 1 else a["inc_lat"][0]
+    print("\n### C. prefill and per-check latency")
+    print(
+        f"prefill: {a['prefill_tps']:.0f} tokens/s (fresh {a['full_prompt_tokens']:,}-token check in "
+        f"{a['full_check_ms']:.0f} ms); incremental check ({args.every} new + {S} suffix): {inc_check:.0f} ms "
+        f"-> keeps up with a generator of ~{args.every / (inc_check / 1000):.0f} tokens/s"
+    )
+
+
+async def main_async(args) -> None:
+    path = Path(args.model) if args.model else build_model(args.quant)
+    import llama_cpp.llama_cpp as C
+
+    device = "GPU offload" if args.n_gpu_layers and C.llama_supports_gpu_offload() else "CPU"
+    print(f"# model {path} ({path.stat().st_size:,} bytes), device {device}", flush=True)
+    a = await part_a(path, args)
+    print(f"# part A done: incremental {a['inc_wall']:.1f} s, naive {a['naive_wall']:.1f} s", flush=True)
+    b = []
+    for n in args.streams:
+        for batching in (True, False):
+            b.append(await part_b(path, args, n, batching))
+            print(f"# part B {n} streams batching={batching}: {b[-1]['wall']:.1f} s", flush=True)
+    report(a, b, args, device)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="use this GGUF instead of building the random LG3-1B-shaped one")
+    ap.add_argument("--quant", default="Q4_K_M")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n-gpu-layers", type=int, default=0)
+    ap.add_argument("--answer-tokens", type=int, default=1000)
+    ap.add_argument("--every", type=int, default=32)
+    ap.add_argument("--conc-tokens", type=int, default=96, help="answer length in part B (CPU-friendly)")
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16])
+    args = ap.parse_args()
+    asyncio.run(main_async(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
