@@ -7,8 +7,6 @@ client gets a whole error frame in its dialect instead of half an event.
 
 from __future__ import annotations
 
-import asyncio
-
 import aiohttp
 from aiohttp import web
 
@@ -66,7 +64,7 @@ async def relay_response(request: web.Request, upstream_resp: aiohttp.ClientResp
             if end:
                 await out.write(bytes(pending[:end]))
                 del pending[:end]
-    except (aiohttp.ClientError, TimeoutError, asyncio.TimeoutError):
+    except (aiohttp.ClientError, TimeoutError):
         # The upstream died mid-stream: drop its half event, tell the client in its dialect.
         await out.write(error_frame)
         await out.write_eof()

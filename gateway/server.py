@@ -22,8 +22,8 @@ from aiohttp import web
 
 from gateway import dialects
 from gateway.config import GatewayConfig, GatewayKey, Route
-from gateway.types import Exchange
 from gateway.relay import relay_response
+from gateway.types import Exchange
 from gateway.upstreams.base import NeutralUpstream, UpstreamError
 from gateway.upstreams.http import HttpUpstream, request_headers
 

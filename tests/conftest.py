@@ -10,10 +10,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from harness import Loop, ScriptedUpstream  # noqa: E402
+from harness import Loop, ScriptedUpstream
 
-from gateway.config import parse  # noqa: E402
-from gateway.server import Gateway, create_app  # noqa: E402
+from gateway.config import parse
+from gateway.server import Gateway, create_app
 
 
 @dataclass

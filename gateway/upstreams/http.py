@@ -7,7 +7,6 @@ what its bytes mean.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from collections.abc import Mapping
 
@@ -104,7 +103,7 @@ class HttpUpstream:
         try:
             return await self._session.request(method, url, data=body, headers=headers,
                                                allow_redirects=False)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             raise UpstreamError(f"upstream {self.name} timed out", status=504, code="upstream_timeout") from None
         except aiohttp.ClientConnectorError as e:
             raise UpstreamError(f"cannot connect to upstream {self.name}: {e.os_error.strerror or e}",
