@@ -129,6 +129,11 @@ def test_option_validation():
     g = LlamaGuard(model="x.gguf", categories=["S1", "S99"])
     with pytest.raises(GuardConfigError, match="S99"):
         g._make_prompter(None, "lg3-1b", 16)
+    g = LlamaGuard(model="x.gguf", categories=["S1", "S14"])  # S14: 8B-only, rendered with its text
+    assert g._make_prompter(None, "lg3-1b", 16).categories == {
+        "S1": "Violent Crimes.",
+        "S14": "Code Interpreter Abuse.",
+    }
     g = LlamaGuard(model="x.gguf", categories=["S1"])
     assert g._make_prompter(None, "lg3-1b", 16).excluded == [c for c in LG3_1B_CODES if c != "S1"]
 

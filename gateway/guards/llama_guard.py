@@ -657,6 +657,14 @@ class LlamaGuard(Guard):
     def _make_prompter(self, tmpl: str | None, variant: str, n_layer: int) -> _Prompter:
         base_codes = LG3_8B_CODES if variant in ("lg3-8b", "lg4") else LG3_1B_CODES
         all_cats = {c: LG3_CATEGORIES[c] for c in base_codes}
+        untrained = [c for c in self.selected or () if c in LG3_CATEGORIES and c not in all_cats]
+        if untrained:  # e.g. S14 with the 1B: render it with its LG3 text, but say so
+            log.warning(
+                "llama_guard: %s not among the categories %s was trained on; rendered anyway",
+                untrained,
+                variant,
+            )
+            all_cats.update({c: LG3_CATEGORIES[c] for c in untrained})
         all_cats.update(self.custom)
         selected = self.selected or list(all_cats)
         unknown = [c for c in selected if c not in all_cats]
