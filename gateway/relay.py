@@ -7,24 +7,28 @@ client gets a whole error frame in its dialect instead of half an event.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import aiohttp
 from aiohttp import web
 
+from gateway.dialects.sse import MAX_EVENT_BYTES
+from gateway.upstreams.base import UpstreamError
 from gateway.upstreams.http import response_headers
 
 SMALL_BODY = 1 << 20  # non-SSE bodies up to this size are read whole and sent with Content-Length
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def last_event_end(buf: bytes | bytearray) -> int:
-    """Offset just past the last complete SSE event in `buf` (0 if none).
+def last_event_end(buf: bytes | bytearray, start: int = 0) -> int:
+    """Offset just past the last complete SSE event in `buf` (0 if none), searching from `start`.
 
     An event ends at a blank line: LF LF, CR LF CR LF, or CR CR (mixed endings are rare enough
     that the three plain forms suffice; a missed boundary only delays bytes, never corrupts).
     """
     end = 0
     for sep in (b"\n\n", b"\r\n\r\n", b"\r\r"):
-        i = buf.rfind(sep)
+        i = buf.rfind(sep, start)
         if i >= 0:
             end = max(end, i + len(sep))
     return end
@@ -36,14 +40,26 @@ def is_sse(headers: object) -> bool:
 
 
 async def relay_response(request: web.Request, upstream_resp: aiohttp.ClientResponse,
-                         extra_headers: dict[str, str], error_frame: bytes) -> web.StreamResponse:
-    """Send an upstream response to the client as it arrives. The caller closes `upstream_resp`."""
+                         extra_headers: dict[str, str], error_frame: Callable[[str, str], bytes],
+                         terminator: bytes | None = None) -> web.StreamResponse:
+    """Send an upstream response to the client as it arrives. The caller closes `upstream_resp`.
+
+    `error_frame(message, code)` renders the event that ends a failed SSE stream in the client's
+    dialect. `terminator`, when given, is a byte string the stream's last events must contain
+    (``data: [DONE]``): a clean EOF without it is a truncation, and the client is told so.
+    """
     headers = response_headers(upstream_resp.headers)
     headers.update(extra_headers)
     sse = is_sse(upstream_resp.headers)
     length = upstream_resp.content_length
     if not sse and length is not None and length <= SMALL_BODY:
-        body = await upstream_resp.read()
+        try:
+            body = await upstream_resp.read()
+        except TimeoutError:
+            raise UpstreamError("upstream timed out while sending its answer", 504, "upstream_timeout") from None
+        except aiohttp.ClientError as e:
+            raise UpstreamError(f"upstream failed while sending its answer: {type(e).__name__}", 502,
+                                "upstream_error") from None
         return web.Response(body=body, status=upstream_resp.status, headers=headers)
 
     if sse:
@@ -57,16 +73,28 @@ async def relay_response(request: web.Request, upstream_resp: aiohttp.ClientResp
         return out
 
     pending = bytearray()
+    seen = terminator is None
     try:
         async for chunk in upstream_resp.content.iter_any():
+            # everything before `pending` was flushed at an event end: a new end can only be in
+            # the new bytes (or straddle their start), so only those are searched
+            start = max(0, len(pending) - 3)
             pending += chunk
-            end = last_event_end(pending)
+            end = last_event_end(pending, start)
             if end:
-                await out.write(bytes(pending[:end]))
+                block = bytes(pending[:end])
+                if not seen and terminator in block:  # type: ignore[operator]
+                    seen = True
+                await out.write(block)
                 del pending[:end]
+            elif len(pending) > MAX_EVENT_BYTES:
+                await out.write(error_frame(f"upstream SSE event larger than {MAX_EVENT_BYTES} bytes",
+                                            "upstream_event_too_large"))
+                await out.write_eof()
+                return out
     except (aiohttp.ClientError, TimeoutError):
         # The upstream died mid-stream: drop its half event, tell the client in its dialect.
-        await out.write(error_frame)
+        await out.write(error_frame("the upstream stream failed before it finished", "upstream_error"))
         await out.write_eof()
         return out
     tail = bytes(pending).strip()
@@ -74,6 +102,9 @@ async def relay_response(request: web.Request, upstream_resp: aiohttp.ClientResp
         await out.write(tail + b"\n\n")  # a terminator missing only its blank line
     elif tail:
         # EOF inside an event: the SDKs would drop it silently; an error frame makes the cut visible.
-        await out.write(error_frame)
+        await out.write(error_frame("the upstream stream ended inside an event", "upstream_truncated"))
+    elif not seen:
+        # A clean EOF without the terminator: the SDKs would end quietly and hide the truncation.
+        await out.write(error_frame("the upstream stream ended before its terminator", "upstream_truncated"))
     await out.write_eof()
     return out

@@ -82,10 +82,15 @@ def error_response(dialect: str, err: GatewayError, request_id: str) -> web.Resp
 
 
 @functools.cache
-def _relay_error_frame(dialect: str) -> bytes:
+def _relay_error_frame(dialect: str, message: str, code: str) -> bytes:
     """The frame that ends a relayed stream whose upstream failed mid-way."""
     enc = dialects.get(dialect).stream_encoder(Exchange(model="", messages=[], stream=True))
-    return enc.error("the upstream stream failed before it finished", "upstream_error")
+    return enc.error(message, code)
+
+
+# What a relayed SSE stream must carry before EOF to count as finished (None: not checked).
+_STREAM_TERMINATORS = {("openai", "/chat/completions"): b"data: [DONE]", ("openai", "/completions"): b"data: [DONE]",
+                       ("llama", "/chat/completions"): b'"complete"'}
 
 
 def split_prefix(path: str) -> tuple[str, str, str] | None:
@@ -230,7 +235,8 @@ class Gateway:
         try:
             ctx.ttfb_ms = (time.perf_counter() - ctx.started) * 1000
             return await relay_response(request, resp, {"X-Guardgate-Request-Id": ctx.id},
-                                        _relay_error_frame(ctx.dialect))
+                                        functools.partial(_relay_error_frame, ctx.dialect),
+                                        _STREAM_TERMINATORS.get((ctx.dialect, ctx.tail)))
         finally:
             resp.close()
 
