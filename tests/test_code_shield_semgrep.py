@@ -1,6 +1,7 @@
 """CodeShield tier 2: semgrep run by us, end to end through a stream, batched, timed out, cleaned up.
 
-Each semgrep process costs ~0.1-0.4 s on 2 cores, so the tests share one guard and batch blocks.
+Both engines: the default long-lived `osemgrep lsp` server (one per event loop) and one
+`osemgrep scan` process per batch (~0.1-0.4 s each on 2 cores, so those tests batch blocks).
 """
 
 from __future__ import annotations
@@ -35,14 +36,12 @@ JAVA_XXE = (
     "    p.parse(in, h);\n  }\n}\n```"
 )
 PY_OK = "```python\ndef add(a, b):\n    return a + b\n```"
-ANSWER = (
-    f"First, Python:\n\n{PY_BAD}\n\nThen JavaScript:\n\n{JS_BAD}\n\nAnd a safe helper:\n\n{PY_OK}\n\nDone.\n"
-)
+ANSWER = f"First, Python:\n\n{PY_BAD}\n\nThen JavaScript:\n\n{JS_BAD}\n\nAnd a safe helper:\n\n{PY_OK}\n\nDone.\n"
 
 
 @pytest.fixture
 def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """Point tempfile at an empty dir, so a leaked semgrep file would show."""
+    """Point tempfile at an empty dir, so a leaked semgrep file would show (tests aclose() first)."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     yield tmp_path
     assert list(tmp_path.iterdir()) == []
@@ -58,9 +57,14 @@ def runs(g: CodeShieldGuard) -> int:
     return g._scanner.semgrep.runs
 
 
-async def test_semgrep_findings_end_to_end_through_a_stream(
-    shared: CodeShieldGuard, private_tmp: Path
-) -> None:
+def processes(g: CodeShieldGuard) -> int:
+    assert g._scanner is not None and g._scanner.semgrep is not None
+    return g._scanner.semgrep.processes
+
+
+@pytest.mark.parametrize("mode", ["server", "process"])
+async def test_semgrep_findings_end_to_end_through_a_stream(mode: str, private_tmp: Path) -> None:
+    shared = CodeShieldGuard(hold_code_blocks=True, semgrep_mode=mode)
     py, js, ok = extract_code_blocks(ANSWER)
     await shared.start()
     before = runs(shared)
@@ -86,10 +90,14 @@ async def test_semgrep_findings_end_to_end_through_a_stream(
     assert flagged[0].details["tier2"] == "ran" and set(flagged[0].categories) == {"CWE-78", "CWE-94"}
     assert {f["rule"] for f in flagged[1].details["findings"]} == {"child-process"}
     assert flagged[1].details["findings"][0]["offset"] == ANSWER.index("cp.exec(input")
-    assert runs(shared) - before == 2  # one process per block that needed it; the safe block needed none
+    assert runs(shared) - before == 2  # one batch per block that needed it; the safe block needed none
+    assert processes(shared) == (1 if mode == "server" else 2)
+    await shared.aclose()
 
 
-async def test_one_semgrep_process_per_batch_of_blocks(shared: CodeShieldGuard, private_tmp: Path) -> None:
+@pytest.mark.parametrize("mode", ["server", "process"])
+async def test_one_semgrep_request_per_batch_of_blocks(mode: str, private_tmp: Path) -> None:
+    shared = CodeShieldGuard(semgrep_mode=mode)
     text = "\n\n".join([PY_BAD, C_BAD, JS_BAD, JAVA_XXE, PY_OK]) + "\n"
     await shared.start()
     before = runs(shared)
@@ -104,6 +112,8 @@ async def test_one_semgrep_process_per_batch_of_blocks(shared: CodeShieldGuard, 
     # semgrep's "ERROR" maps to error -> block (Meta's driver compares "ERROR" with "error": always warn)
     assert java[0]["severity"] == "error" and java[0]["action"] == "block"
     assert v.details["recommended_action"] == "block"
+    assert processes(shared) == 1
+    await shared.aclose()
 
 
 async def test_purplellama_golden_cases_and_what_metas_driver_misses(shared: CodeShieldGuard) -> None:
@@ -133,11 +143,15 @@ async def test_tier1_block_skips_tier2(shared: CodeShieldGuard) -> None:
     assert runs(shared) == before
 
 
-async def test_timeout_is_a_guard_error_and_leaves_nothing_behind(private_tmp: Path) -> None:
-    g = CodeShieldGuard(semgrep_timeout_s=0.001)
+@pytest.mark.parametrize("mode", ["server", "process"])
+async def test_timeout_is_a_guard_error_and_leaves_nothing_behind(mode: str, private_tmp: Path) -> None:
+    g = CodeShieldGuard(semgrep_timeout_s=0.001, semgrep_mode=mode)
     v = await g.scan_text(PY_BAD + "\n")
     assert not v.flagged and v.error is not None and "timed out" in v.error
     assert v.details["tier2"] == "error"
+    await g.aclose()
+    if Path("/proc/self/status").exists():
+        assert _our_semgreps() == []
 
 
 def _our_semgreps() -> list[int]:
@@ -146,26 +160,25 @@ def _our_semgreps() -> list[int]:
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
             text = status.read_text()
+            fields = dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+            ours = fields.get("PPid", "").strip() == str(os.getpid()) and fields.get("State", "")[:1] != "Z"
+            if ours and (status.parent / "cmdline").read_bytes().split(b"\0")[0].endswith(b"osemgrep"):
+                out.append(int(status.parent.name))
         except OSError:
             continue
-        fields = dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
-        if fields.get("PPid", "").strip() == str(os.getpid()) and fields.get("State", "").strip()[:1] != "Z":
-            cmd = (status.parent / "cmdline").read_bytes().split(b"\0")[0]
-            if cmd.endswith(b"osemgrep"):
-                out.append(int(status.parent.name))
     return out
 
 
-async def test_cancelled_scan_kills_semgrep_and_cleans_up(shared: CodeShieldGuard, private_tmp: Path) -> None:
-    await shared.start()
-    before = runs(shared)
-    task = asyncio.create_task(shared.scan_text(PY_BAD + "\n"))
+async def test_cancelled_scan_kills_the_semgrep_process_and_cleans_up(private_tmp: Path) -> None:
+    g = CodeShieldGuard(semgrep_mode="process")
+    await g.start()
+    task = asyncio.create_task(g.scan_text(PY_BAD + "\n"))
     for _ in range(500):  # until the process is started
         await asyncio.sleep(0.001)
-        if runs(shared) > before:
+        if processes(g):
             break
     await asyncio.sleep(0.01)
-    assert runs(shared) == before + 1 and not task.done()
+    assert processes(g) == 1 and not task.done()
     task.cancel()  # what the gate does on a step timeout or a client disconnect
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -173,10 +186,63 @@ async def test_cancelled_scan_kills_semgrep_and_cleans_up(shared: CodeShieldGuar
         assert _our_semgreps() == []
 
 
-async def test_regex_hit_does_not_hide_a_stronger_semgrep_finding(shared: CodeShieldGuard) -> None:
+async def test_server_survives_a_cancelled_scan_and_aclose_stops_it(private_tmp: Path) -> None:
+    g = CodeShieldGuard()
+    assert (await g.scan_code("eval(x)", "python")).findings  # starts this loop's server
+    srv = next(iter(g._scanner.semgrep._servers.values()))  # type: ignore[union-attr]
+    task = asyncio.create_task(g.scan_text(PY_BAD + "\n"))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert sorted(p.name for p in Path(srv.ws).iterdir()) == ["rules.json"]  # the scan's files are gone
+    r = await g.scan_code("subprocess.call(c, shell=True)", "python")
+    assert [f.rule for f in r.findings] == ["insecure-subprocess-using-shell"] and processes(g) == 1
+    await g.aclose()
+    await asyncio.sleep(0.05)
+    assert srv.dead and not Path(srv.ws).exists()
+    if Path("/proc/self/status").exists():
+        assert _our_semgreps() == []
+
+
+async def test_server_that_cannot_start_falls_back_to_a_process_per_batch(tmp_path: Path) -> None:
+    fake = tmp_path / "semgrep-core"
+    fake.write_text("#!/bin/sh\nexit 3\n")
+    fake.chmod(0o755)
+    g = CodeShieldGuard(semgrep_path=str(fake), semgrep_timeout_s=5)
+    v = await g.scan_text(PY_BAD + "\n")
+    assert v.error is not None and "without JSON" in v.error  # the fallback ran and failed loudly
+    assert g.describe()["semgrep_mode"] == "process" and g.describe()["semgrep_server_error"]
+
+
+async def test_nosemgrep_comments_in_model_output_do_not_switch_the_scanner_off(shared: CodeShieldGuard) -> None:
+    for marker in ("# nosemgrep", "# nosem", "# NOSEMGREP: insecure-eval-use"):
+        r = await shared.scan_code(f"def f(u):\n    return eval(u)  {marker}\n", "python")
+        assert [f.rule for f in r.findings] == ["insecure-eval-use"], marker
+
+
+async def test_tier2_runs_after_a_regex_hit_only_when_it_can_change_the_outcome(
+    shared: CodeShieldGuard,
+) -> None:
     code = "import hashlib, subprocess\nh = hashlib.md5(data)\nsubprocess.run(cmd, shell=True)\n"
-    r = await shared.scan_code(code, "python")
-    assert {f.rule for f in r.findings} == {"insecure-md5-hash-usage", "insecure-subprocess-using-shell"}
-    greedy = CodeShieldGuard(greedy=True)  # Meta's fast mode: stop at the first regex hit
-    g = await greedy.scan_code(code, "python")
-    assert [f.rule for f in g.findings] == ["insecure-md5-hash-usage"] and g.tier2 == "skipped"
+    before = runs(shared)
+    r = await shared.scan_code(code, "python")  # flagged by tier 1; the step's action applies either way
+    assert [f.rule for f in r.findings] == ["insecure-md5-hash-usage"] and r.tier2 == "skipped"
+    assert runs(shared) == before
+    full = await CodeShieldGuard(exhaustive=True).scan_code(code, "python")
+    assert {f.rule for f in full.findings} == {"insecure-md5-hash-usage", "insecure-subprocess-using-shell"}
+    # with a severity mapping, a semgrep ERROR rule (xxe: block) can escalate a regex warning (md5: warn)
+    java = (
+        JAVA_XXE.split("\n", 1)[1]
+        .rsplit("```", 1)[0]
+        .replace(
+            "SAXParser p",
+            'MessageDigest d = MessageDigest.getInstance("MD5");\n    SAXParser p',
+        )
+    )
+    mapped = CodeShieldGuard(severity_actions={"error": "block", "warning": "warn"})
+    m = await mapped.scan_code(java, "java")
+    assert {f.rule for f in m.findings} == {
+        "weak-md5-hashing",
+        "xxe-insecure-sax-parser",
+    } and m.action == "block"

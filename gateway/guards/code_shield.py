@@ -15,9 +15,10 @@ inside site-packages (fails on a read-only install). What the driver does differ
   its own timeout, a private temp dir that is always removed, never a file left behind. A rule is
   sent to semgrep only if it can match: semgrep's own prefilter for that rule (computed once with
   ``semgrep-core -prefilter_of_rules``, a necessary condition) matches the block, or, for rules
-  without one, one of the language's ``prescan_regex``es matches (Meta's gate). Tier 2 is skipped
-  when tier 1 already decided the strongest action ("block"), or on any tier-1 hit with
-  ``greedy: true`` (Meta's fast mode).
+  without one, one of the language's ``prescan_regex``es matches (Meta's gate). Tier 2 is also
+  skipped when it cannot change the outcome: the block is already flagged by tier 1 and no
+  candidate rule's severity maps to a stronger action (``exhaustive: true`` runs it anyway, for
+  complete findings; Meta's driver skips semgrep on any regex hit).
 - Severities are normalised (error / warning / advice / info; semgrep's upper-case strings too:
   Meta's driver compares ``"ERROR"`` with ``"error"`` and never blocks on a semgrep finding) and
   mapped to actions by ``severity_actions``.
@@ -34,6 +35,7 @@ value: string values under code-like keys, or that contain fences or look like c
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import hashlib
 import importlib.util
@@ -42,6 +44,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -103,8 +106,7 @@ def _words(s: str) -> frozenset[str]:
 
 
 _GENERIC_KEYS = _words(
-    "guard action notice on_error timeout timeout_ms timeout_s mode name id description stage stages enabled "
-    "model"
+    "guard action notice on_error timeout timeout_ms timeout_s mode name id description stage stages enabled model"
 )
 # JSON keys whose string values are code (tool-call arguments of code-running / file-editing tools).
 _CODE_KEYS = _words(
@@ -338,17 +340,259 @@ class SemgrepError(RuntimeError):
     """semgrep failed or timed out; tier 2 produced no verdict."""
 
 
-class SemgrepRunner:
-    """Runs semgrep-core as `osemgrep` (what the `semgrep` wrapper itself does), one process per batch."""
+# `nosemgrep` / `nosem` comments make semgrep drop findings on that line: model output must not.
+_NOSEM = re.compile(r"(?i)nosem")
 
-    def __init__(self, binary: str, timeout_s: float = 10.0, concurrency: int = 2) -> None:
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """One semgrep match: target index in the batch, rule, 1-based line and column, message."""
+
+    target: int
+    rule: SemgrepRule
+    line: int
+    col: int | None
+    message: str = ""
+    severity: str = ""
+
+
+_LIVE_SERVERS: weakref.WeakSet[_LspServer] = weakref.WeakSet()
+
+
+def _current_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+@atexit.register
+def _kill_servers() -> None:
+    for srv in list(_LIVE_SERVERS):
+        srv.kill()
+
+
+class _LspServer:
+    """`osemgrep lsp` with the whole rule set loaded: scanning a file costs milliseconds, not a
+    process start (~0.1-0.4 s, a 260 MB binary). Files are written to a private workspace dir,
+    announced (workspace/didCreateFiles), opened (textDocument/didOpen; the server answers with
+    textDocument/publishDiagnostics), then closed and deleted. One batch at a time."""
+
+    def __init__(self, binary: str, rules: Sequence[SemgrepRule], env: dict[str, str]) -> None:
+        self.binary, self.rules, self.env = binary, list(rules), env
+        self.by_id = {f"r{r.key}": r for r in self.rules}
+        self.ws = tempfile.mkdtemp(prefix="guardgate-cs-lsp-")
+        self.proc: asyncio.subprocess.Process | None = None
+        self.dead: str | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._diags: dict[str, asyncio.Future[list[dict[str, Any]]]] = {}
+        self._replies: dict[int, asyncio.Future[Any]] = {}
+        self._ready = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._seq = 0
+        _LIVE_SERVERS.add(self)
+
+    async def start(self, timeout: float) -> None:
+        with open(os.path.join(self.ws, "rules.json"), "w", encoding="utf-8") as f:
+            json.dump({"rules": [dict(r.raw, id=rid) for rid, r in self.by_id.items()]}, f)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                "osemgrep", "lsp", executable=self.binary, cwd=self.ws, env=self.env,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+        except OSError as exc:
+            raise SemgrepError(f"cannot start osemgrep lsp: {exc}") from None
+        self._reader = asyncio.create_task(self._read())
+        uri = Path(self.ws).as_uri()
+        options = {
+            "scan": {"configuration": [os.path.join(self.ws, "rules.json")], "exclude": [], "include": [],
+                     "jobs": 1, "maxMemory": 0, "maxTargetBytes": 5_000_000, "onlyGitDirty": False,
+                     "ci": False},
+            "trace": {"server": "off"}, "metrics": {"enabled": False}, "doHover": False,
+        }  # fmt: skip
+        try:
+            await asyncio.wait_for(
+                self._request("initialize", {"processId": os.getpid(), "rootUri": uri, "capabilities": {},
+                                             "workspaceFolders": [{"uri": uri, "name": "guardgate"}],
+                                             "initializationOptions": options}),
+                timeout,
+            )  # fmt: skip
+            self._notify("initialized", {})
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            raise SemgrepError(f"osemgrep lsp did not load the rules within {timeout:g}s") from None
+        if self.dead:
+            raise SemgrepError(f"osemgrep lsp: {self.dead}")
+
+    async def scan(self, targets: Sequence[tuple[str, str]], rules: Sequence[SemgrepRule], timeout: float) -> list[Hit]:
+        wanted = {f"r{r.key}" for r in rules}
+        async with self._lock:
+            if self.dead or self.proc is None or self.proc.stdin is None:
+                raise SemgrepError(f"semgrep server gone: {self.dead}")
+            loop = asyncio.get_running_loop()
+            self._seq += 1
+            paths = [os.path.join(self.ws, f"s{self._seq}_{i}{ext}") for i, (_, ext) in enumerate(targets)]
+            uris = [Path(p).as_uri() for p in paths]
+            futs = []
+            try:
+                for path, (code, _) in zip(paths, targets, strict=True):
+                    with open(path, "w", encoding="utf-8") as f:
+                        f.write(code)
+                self._notify("workspace/didCreateFiles", {"files": [{"uri": u} for u in uris]})
+                for uri, (code, ext) in zip(uris, targets, strict=True):
+                    fut: asyncio.Future[list[dict[str, Any]]] = loop.create_future()
+                    self._diags[uri] = fut
+                    futs.append(fut)
+                    doc = {"uri": uri, "languageId": ext.lstrip("."), "version": 1, "text": code}
+                    self._notify("textDocument/didOpen", {"textDocument": doc})
+                await self.proc.stdin.drain()
+                try:
+                    results = await asyncio.wait_for(asyncio.gather(*futs), timeout)
+                except TimeoutError:
+                    self.kill()  # a wedged server is replaced on the next batch
+                    raise SemgrepError(f"semgrep timed out after {timeout:g}s") from None
+            finally:
+                for uri in uris:
+                    self._diags.pop(uri, None)
+                if self.dead is None:
+                    for uri in uris:
+                        self._notify("textDocument/didClose", {"textDocument": {"uri": uri}})
+                    self._notify("workspace/didDeleteFiles", {"files": [{"uri": u} for u in uris]})
+                for path in paths:
+                    with contextlib.suppress(OSError):
+                        os.remove(path)
+        hits: list[Hit] = []
+        for i, diags in enumerate(results):
+            for d in diags:
+                rid = str(d.get("code", "")).rsplit(".", 1)[-1]
+                if rid in wanted:
+                    start = (d.get("range") or {}).get("start") or {}
+                    hits.append(Hit(i, self.by_id[rid], int(start.get("line", 0)) + 1,
+                                    int(start.get("character", 0)) + 1, str(d.get("message") or "")))  # fmt: skip
+        return hits
+
+    def kill(self) -> None:
+        """Stop the server now (sync: also from atexit, or for a loop that is already closed)."""
+        if self.dead is None:
+            self.dead = "stopped"
+        reader = self._reader
+        if reader is not None and not reader.done():
+            loop = reader.get_loop()
+            if _current_loop() is loop:
+                reader.cancel()  # the reader kills and reaps the process on its own loop
+                return
+            if loop.is_running():  # another thread's loop: let it clean up its transports too
+                loop.call_soon_threadsafe(reader.cancel)
+        self._finish()
+
+    def _finish(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                os.kill(proc.pid, signal.SIGKILL)
+        here = _current_loop()
+        for fut in [*self._diags.values(), *self._replies.values()]:
+            if not fut.done() and fut.get_loop() is here:
+                fut.set_exception(SemgrepError(f"semgrep server {self.dead}"))
+        if here is not None and self._reader is not None and self._reader.get_loop() is here:
+            self._ready.set()
+        shutil.rmtree(self.ws, ignore_errors=True)
+        _LIVE_SERVERS.discard(self)
+
+    # JSON-RPC over stdio ------------------------------------------------------
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        if self.proc is None or self.proc.stdin is None or self.proc.stdin.is_closing():
+            return
+        body = json.dumps(msg).encode()
+        self.proc.stdin.write(b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+
+    def _notify(self, method: str, params: dict[str, Any]) -> None:
+        self._send({"jsonrpc": "2.0", "method": method, "params": params})
+
+    def _request(self, method: str, params: dict[str, Any]) -> asyncio.Future[Any]:
+        self._seq += 1
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._replies[self._seq] = fut
+        self._send({"jsonrpc": "2.0", "id": self._seq, "method": method, "params": params})
+        return fut
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        out = self.proc.stdout
+        try:
+            while True:
+                length = None
+                while True:
+                    line = await out.readline()
+                    if not line:
+                        raise EOFError
+                    line = line.strip()
+                    if not line:
+                        break
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                if length is None:
+                    continue
+                msg = json.loads(await out.readexactly(length))
+                method = msg.get("method")
+                if method is not None and "id" in msg:  # a request from the server: acknowledge it
+                    self._send({"jsonrpc": "2.0", "id": msg["id"], "result": None})
+                elif method == "textDocument/publishDiagnostics":
+                    params = msg.get("params") or {}
+                    fut = self._diags.pop(str(params.get("uri")), None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(list(params.get("diagnostics") or []))
+                elif method == "semgrep/rulesRefreshed":
+                    self._ready.set()
+                elif method is None and msg.get("id") in self._replies:
+                    fut = self._replies.pop(msg["id"])
+                    if not fut.done():
+                        fut.set_result(msg.get("result"))
+        except (EOFError, asyncio.IncompleteReadError, ValueError, OSError) as exc:
+            if self.dead is None:
+                self.dead = f"exited ({type(exc).__name__})"
+            self._finish()
+        except asyncio.CancelledError:  # kill(), or the loop shutting down: reap on this loop
+            self.dead = self.dead or "stopped"
+            proc = self.proc
+            if proc is not None and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(proc.wait(), 5)
+            # close the pipes now, on a live loop: a transport left for the GC after its loop closed
+            # would complain from __del__ (asyncio.subprocess.Process exposes no close())
+            transport = getattr(proc, "_transport", None)
+            if transport is not None:
+                transport.close()
+            self.proc = proc
+            self._finish()
+            raise
+
+
+class SemgrepRunner:
+    """Runs semgrep-core as `osemgrep` (what the `semgrep` wrapper itself does): a long-lived language
+    server per event loop, or one `osemgrep scan` process per batch."""
+
+    def __init__(self, binary: str, timeout_s: float = 10.0, concurrency: int = 2, mode: str = "server") -> None:
         self.binary = binary
         self.timeout_s = timeout_s
         self.concurrency = max(1, concurrency)
+        self.mode = mode  # "server": one long-lived osemgrep lsp per event loop; "process": one per batch
+        self.server_rules: list[SemgrepRule] = []  # what a server loads (every rule it may be asked for)
+        self.server_error: str | None = None  # why the server could not start (then: process mode)
         self._sems: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
             weakref.WeakKeyDictionary()
         )
-        self.runs = 0  # processes started (for tests and metrics)
+        self._servers: dict[asyncio.AbstractEventLoop, _LspServer] = {}
+        self._start_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.runs = 0  # tier-2 batches sent to semgrep
+        self.processes = 0  # semgrep processes started (one per batch in process mode)
 
     @staticmethod
     def locate(explicit: str | None = None) -> str | None:
@@ -448,14 +692,30 @@ class SemgrepRunner:
             sem = self._sems[loop] = asyncio.Semaphore(self.concurrency)
         return sem
 
-    async def scan(
-        self, targets: Sequence[tuple[str, str]], rules: Sequence[SemgrepRule]
-    ) -> tuple[list[tuple[int, SemgrepRule, dict[str, Any]]], int]:
-        """Scan `targets` ((code, extension) pairs) with `rules` in one semgrep process.
+    async def scan(self, targets: Sequence[tuple[str, str]], rules: Sequence[SemgrepRule]) -> tuple[list[Hit], int]:
+        """Scan `targets` ((code, extension) pairs) with `rules`: one semgrep request for the batch.
 
-        Returns ([(target index, rule, raw result)], number of semgrep errors reported) or raises
-        SemgrepError. The temp dir is removed whatever happens (timeout, cancellation).
+        Returns ([Hit], number of semgrep errors reported) or raises SemgrepError. In "server"
+        mode the batch goes to this event loop's long-lived `osemgrep lsp` (started on first use,
+        restarted after a timeout); if that server cannot start, every batch falls back to one
+        `osemgrep scan` process. `nosemgrep` markers in model output are neutralised first: the
+        model must not be able to switch the scanner off.
         """
+        targets = [(_NOSEM.sub(lambda m: "n0" + m.group(0)[2:], code), ext) for code, ext in targets]
+        self.runs += 1
+        if self.mode == "server" and self.server_error is None:
+            try:
+                server = await self._server()
+            except SemgrepError as exc:
+                self.server_error = str(exc)
+                LOG.warning("code_shield: semgrep server unavailable (%s); one process per batch instead", exc)
+            else:
+                return await server.scan(targets, rules, self.timeout_s), 0
+        return await self._scan_process(targets, rules)
+
+    async def _scan_process(
+        self, targets: Sequence[tuple[str, str]], rules: Sequence[SemgrepRule]
+    ) -> tuple[list[Hit], int]:
         by_id = {f"r{r.key}": r for r in rules}
         async with self._semaphore():
             tmp = tempfile.mkdtemp(prefix="guardgate-cs-")
@@ -474,7 +734,7 @@ class SemgrepRunner:
                     "--quiet", "--json", "--disable-version-check", "--jobs", "1",
                     "--timeout", str(max(1, int(self.timeout_s))), "--config", "rules.json", *names,
                 ]  # fmt: skip
-                self.runs += 1
+                self.processes += 1
                 proc = await asyncio.create_subprocess_exec(
                     *argv,
                     executable=self.binary,
@@ -501,14 +761,60 @@ class SemgrepRunner:
                         await asyncio.shield(proc.wait())
                 shutil.rmtree(tmp, ignore_errors=True)
         index = {name: i for i, name in enumerate(names)}
-        found: list[tuple[int, SemgrepRule, dict[str, Any]]] = []
+        found: list[Hit] = []
         for res in data.get("results", []):
             path = os.path.basename(str(res.get("path", "")))
             rid = str(res.get("check_id", "")).rsplit(".", 1)[-1]
             if path in index and rid in by_id:
-                found.append((index[path], by_id[rid], res))
+                start = res.get("start") or {}
+                extra = res.get("extra") or {}
+                found.append(
+                    Hit(index[path], by_id[rid], int(start.get("line") or 1), start.get("col"),
+                        str(extra.get("message") or ""), str(extra.get("severity") or ""))
+                )  # fmt: skip
         errors = [e for e in data.get("errors", []) if str(e.get("level", "")).lower() == "error"]
         return found, len(errors)
+
+    # long-lived server -----------------------------------------------------
+
+    async def _server(self) -> _LspServer:
+        loop = asyncio.get_running_loop()
+        for other, srv in list(self._servers.items()):
+            if other is not loop and other.is_closed():  # a finished test's or worker's loop
+                srv.kill()
+                del self._servers[other]
+        srv = self._servers.get(loop)
+        if srv is not None and srv.dead is None:
+            return srv
+        lock = self._start_locks.setdefault(loop, asyncio.Lock())
+        async with lock:
+            srv = self._servers.get(loop)
+            if srv is not None and srv.dead is None:
+                return srv
+            if srv is not None:
+                srv.kill()
+            srv = _LspServer(self.binary, self.server_rules, self._env())
+            self.processes += 1
+            try:
+                await srv.start(max(15.0, self.timeout_s))
+            except BaseException:
+                srv.kill()
+                raise
+            self._servers[loop] = srv
+            return srv
+
+    async def aclose(self) -> None:
+        """Stop every semgrep server this runner started (and wait for this loop's to exit)."""
+        servers = list(self._servers.values())
+        self._servers.clear()
+        for srv in servers:
+            srv.kill()
+        loop = asyncio.get_running_loop()
+        for srv in servers:
+            reader = srv._reader
+            if reader is not None and reader.get_loop() is loop:
+                with contextlib.suppress(BaseException):
+                    await reader
 
 
 # --------------------------------------------------------------------------- findings
@@ -619,8 +925,9 @@ class CodeShieldOptions:
     semgrep_timeout_s: float = 10.0
     semgrep_path: str | None = None
     semgrep_concurrency: int = 2
+    semgrep_mode: Literal["server", "process"] = "server"
     semgrep_languages: tuple[str, ...] = DEFAULT_SEMGREP_LANGUAGES
-    greedy: bool = False
+    exhaustive: bool = False  # run tier 2 even when it cannot change the verdict (complete findings)
     detect_language: bool = True
     unknown_language: Literal["all", "agnostic"] = "all"
     tool_arguments: bool = True
@@ -637,7 +944,7 @@ class CodeShieldOptions:
             raise GuardConfigError(
                 f"code_shield: unknown option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
             )
-        for key in ("hold_code_blocks", "greedy", "detect_language", "tool_arguments"):
+        for key in ("hold_code_blocks", "exhaustive", "detect_language", "tool_arguments"):
             if key in options:
                 v = options[key]
                 if not isinstance(v, bool):
@@ -651,9 +958,7 @@ class CodeShieldOptions:
                 sv = str(sev).lower()
                 if sv not in SEVERITIES:
                     known_sev = ", ".join(SEVERITIES)
-                    raise GuardConfigError(
-                        f"code_shield: unknown severity {sev!r} in severity_actions ({known_sev})"
-                    )
+                    raise GuardConfigError(f"code_shield: unknown severity {sev!r} in severity_actions ({known_sev})")
                 o.severity_actions[sv] = _check_action(act, f"severity_actions.{sv}")
             o.severity_actions_set = True
         if "usecase" in options:
@@ -674,6 +979,10 @@ class CodeShieldOptions:
             o.semgrep_timeout_s = t
         if options.get("semgrep_path"):
             o.semgrep_path = str(options["semgrep_path"])
+        mode = options.get("semgrep_mode", "server")
+        if mode not in ("server", "process"):
+            raise GuardConfigError(f"code_shield: semgrep_mode must be server or process, got {mode!r}")
+        o.semgrep_mode = mode
         if "semgrep_concurrency" in options:
             o.semgrep_concurrency = max(1, int(options["semgrep_concurrency"]))
         if "semgrep_languages" in options:
@@ -786,6 +1095,18 @@ class CodeScanner:
                 out.append(r)
         return out
 
+    def _may_escalate(self, res: ScanResult, wanted: list[tuple[str, list[SemgrepRule]]]) -> bool:
+        """Whether a candidate semgrep rule could raise an already flagged block's action.
+
+        Without `severity_actions` the policy step's own action applies to any flagged block, so
+        nothing tier 2 finds can change what happens to it.
+        """
+        if not self.opts.severity_actions_set:
+            return False
+        acts = self.opts.severity_actions
+        best = max(_ACTION_RANK[acts.get(r.severity, "warn")] for _, rules in wanted for r in rules)
+        return best > _ACTION_RANK[res.action]
+
     # scanning --------------------------------------------------------------
 
     async def scan_items(self, items: Sequence[ScanItem]) -> list[ScanResult]:
@@ -808,7 +1129,7 @@ class CodeScanner:
             wanted = [(lang, rules) for lang, rules in wanted if rules]
             if not wanted:
                 continue  # not_needed
-            if res.action == "block" or (self.opts.greedy and found):
+            if res.flagged and not self.opts.exhaustive and not self._may_escalate(res, wanted):
                 res.tier2, res.tier2_reason = "skipped", "tier 1 already decided"
                 continue
             if self.semgrep is None:
@@ -848,28 +1169,25 @@ class CodeScanner:
             return
         allowed = [{r.key for r in rules} for _, _, _, rules in pending]
         acts = self.opts.severity_actions
-        for t, rule, raw in found:
-            if rule.key not in allowed[t]:
+        for hit in found:
+            rule = hit.rule
+            if rule.key not in allowed[hit.target]:
                 continue  # the batch shares one config; keep only what this target's gate allowed
-            i = pending[t][0]
-            res = results[i]
-            start = raw.get("start") or {}
-            line = int(start.get("line") or 1)
-            extra = raw.get("extra") or {}
-            sev = _norm_severity(str(extra.get("severity") or rule.severity.upper()))
-            if any(f.analyzer == "semgrep" and f.rule == rule.id and f.line == line for f in res.findings):
+            res = results[pending[hit.target][0]]
+            sev = _norm_severity(hit.severity) if hit.severity else rule.severity
+            if any(f.analyzer == "semgrep" and f.rule == rule.id and f.line == hit.line for f in res.findings):
                 continue
             res.findings.append(
                 Finding(
                     rule=rule.id,
-                    cwe=rule.cwe or str((extra.get("metadata") or {}).get("cwe_id") or ""),
+                    cwe=rule.cwe,
                     severity=sev,
-                    line=line,
-                    description=str(extra.get("message") or rule.description).strip(),
+                    line=hit.line,
+                    description=(hit.message or rule.description).strip(),
                     analyzer="semgrep",
                     language=rule.language,
                     action=acts.get(sev, "warn"),
-                    column=start.get("col"),
+                    column=hit.col,
                 )
             )
         for i, *_ in pending:
@@ -963,8 +1281,7 @@ def _json_items(
         tracker.finish()
         if tracker.blocks:
             return [
-                ScanItem(span, b.code, b.language, b.language_source, f"fenced code in {where}")
-                for b in tracker.blocks
+                ScanItem(span, b.code, b.language, b.language_source, f"fenced code in {where}") for b in tracker.blocks
             ]
     named = normalize_language(k) if k else None
     if named in SUPPORTED_LANGUAGES or named == "typescript":
@@ -1047,9 +1364,7 @@ class _Document:
 
     def hold_from(self) -> int | None:
         held = [self.tracker.pending_fence_start()]
-        held += [
-            s.base + s.scanner.open_at for s in self.segments if not s.done and s.scanner.open_at is not None
-        ]
+        held += [s.base + s.scanner.open_at for s in self.segments if not s.done and s.scanner.open_at is not None]
         cands = [h for h in held if h is not None]
         return min(cands) if cands else None
 
@@ -1147,11 +1462,22 @@ class CodeShieldGuard(Guard):
                     if self.opts.semgrep == "required":
                         raise GuardConfigError(f"code_shield: semgrep: required, but {reason}")
                 else:
-                    runner = SemgrepRunner(binary, self.opts.semgrep_timeout_s, self.opts.semgrep_concurrency)
+                    runner = SemgrepRunner(
+                        binary, self.opts.semgrep_timeout_s, self.opts.semgrep_concurrency, self.opts.semgrep_mode
+                    )
             rules = _shared_rules(self.opts.rules_dir, self.opts.usecase, runner)
+            if runner is not None:
+                langs = set(self.opts.semgrep_languages)
+                runner.server_rules = [r for r in rules.all_semgrep_rules if r.language in langs or (
+                    r.language == "c" and "cpp" in langs)]  # fmt: skip
             self._scanner = CodeScanner(rules, self.opts, runner, reason)
             self.startup_ms = (time.perf_counter() - t0) * 1000.0
             return self._scanner
+
+    async def aclose(self) -> None:
+        """Stop the semgrep servers this guard started."""
+        if self._scanner is not None and self._scanner.semgrep is not None:
+            await self._scanner.semgrep.aclose()
 
     async def scanner(self) -> CodeScanner:
         if self._scanner is None:
@@ -1173,6 +1499,8 @@ class CodeShieldGuard(Guard):
             "semgrep": s.semgrep.binary if s.semgrep else None,
             "semgrep_version": s.semgrep.version() if s.semgrep else None,
             "semgrep_reason": s.semgrep_reason,
+            "semgrep_mode": (s.semgrep.mode if s.semgrep.server_error is None else "process") if s.semgrep else None,
+            "semgrep_server_error": s.semgrep.server_error if s.semgrep else None,
             "prefilters": s.rules.prefilters_loaded,
             "skipped_rules": list(s.rules.skipped),
             "startup_ms": round(self.startup_ms, 1),
@@ -1188,9 +1516,7 @@ class CodeShieldGuard(Guard):
                 if m.role not in self.opts.roles:
                     continue
                 for text in [m.text, *(c.arguments for c in m.tool_calls)]:
-                    for it in _Document(self.opts.detect_language, self.opts.tool_arguments).advance(
-                        text, True
-                    ):
+                    for it in _Document(self.opts.detect_language, self.opts.tool_arguments).advance(text, True):
                         it.label = f"message {i} {it.label}"
                         items.append(it)
             return await self._judge(t0, items, hold_from=None)
@@ -1226,9 +1552,7 @@ class CodeShieldGuard(Guard):
         results = await scanner.scan_items(items)
         return self._verdict(t0, items, results, hold_from)
 
-    def _verdict(
-        self, t0: float, items: list[ScanItem], results: list[ScanResult], hold_from: int | None
-    ) -> Verdict:
+    def _verdict(self, t0: float, items: list[ScanItem], results: list[ScanResult], hold_from: int | None) -> Verdict:
         blocks = []
         flagged: list[tuple[ScanItem, ScanResult]] = []
         for item, res in zip(items, results, strict=True):
@@ -1301,9 +1625,7 @@ class CodeShieldGuard(Guard):
                 key=lambda t: {"ignore": 0, "warn": 1, "block": 2}[t],
             ),
             notice=_notice(first_res),
-            annotation=[
-                f"{d['block']}: {d['rule']} {d['cwe']} line {d['line']} ({d['severity']})" for d in findings
-            ],
+            annotation=[f"{d['block']}: {d['rule']} {d['cwe']} line {d['line']} ({d['severity']})" for d in findings],
         )
         if errors:
             details["tier2_error"] = errors[0]
@@ -1360,7 +1682,5 @@ class CodeShieldStream(StreamCheck):
         items = self.doc.advance(text, final)
         hold = self.doc.hold_from() if (g.opts.hold_code_blocks and not final) else None
         if not items:
-            return Verdict(
-                guard=g.name, score=0.0, hold_from=hold, latency_ms=(time.perf_counter() - t0) * 1000.0
-            )
+            return Verdict(guard=g.name, score=0.0, hold_from=hold, latency_ms=(time.perf_counter() - t0) * 1000.0)
         return await g._judge(t0, items, hold)
