@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from harness import llama_stream, oa_completion, openai_text_stream, stream_frames, wait_until
+from harness import llama_stream, oa_completion, openai_text_stream, openai_tool_stream, stream_frames, wait_until
 
 from gateway.guards.code_fences import extract_code_blocks
 from gateway.guards.code_shield import SemgrepRunner, find_rules_dir
@@ -53,13 +53,17 @@ def policy(tmp_path: Path, action: str, answer: str = ANSWER) -> str:
     return str(p)
 
 
-def handler(answer: str, dialect: str = "openai"):
+def handler(answer: str, dialect: str = "openai", tool_args: str | None = None):
     pieces = [answer[i : i + 7] for i in range(0, len(answer), 7)]
 
     async def handle(request: web.Request, up) -> web.StreamResponse:
         if not up.last.json().get("stream"):
             return web.json_response(oa_completion(answer))
-        frames = llama_stream(pieces) if dialect == "llama" else openai_text_stream(pieces)
+        if tool_args is not None:
+            parts = [tool_args[i : i + 5] for i in range(0, len(tool_args), 5)]
+            frames = openai_tool_stream(answer, "call_1", "run_python", parts)
+        else:
+            frames = llama_stream(pieces) if dialect == "llama" else openai_text_stream(pieces)
         return await stream_frames(request, frames, delay=0.001)
 
     return handle
@@ -67,11 +71,11 @@ def handler(answer: str, dialect: str = "openai"):
 
 @pytest.fixture
 def gateway(make_stack, tmp_path):
-    def make(action: str, dialect: str = "openai", answer: str = ANSWER):
+    def make(action: str, dialect: str = "openai", answer: str = ANSWER, tool_args: str | None = None):
         path = policy(tmp_path, action)
         st = make_stack(
             {"upstreams": {"main": {"base_url": "SCRIPTED", "dialect": dialect}}, "policy": path},
-            handler=handler(answer, dialect),
+            handler=handler(answer, dialect, tool_args),
             dialect=dialect,
             policies=PolicyStore(required=[path]),
             audit=AuditLog(tmp_path / "audit.jsonl"),
@@ -96,9 +100,7 @@ def stream_text(chunks: list) -> tuple[str, list[str], list[dict]]:
 
 def test_block_ends_the_stream_before_the_insecure_block_and_prose_flows(gateway) -> None:
     st = gateway("block")
-    text, finishes, notes = stream_text(
-        list(st.openai().chat.completions.create(model="m", messages=MSG, stream=True))
-    )
+    text, finishes, notes = stream_text(list(st.openai().chat.completions.create(model="m", messages=MSG, stream=True)))
     assert finishes == ["content_filter"]
     assert ANSWER[: C_SPAN[0]].startswith(text)  # nothing of the C block (held), nothing after it
     assert text.startswith("Sure. Reading a line in C")  # the prose before it was not held back
@@ -111,9 +113,7 @@ def test_block_ends_the_stream_before_the_insecure_block_and_prose_flows(gateway
 
 def test_redact_replaces_only_the_c_block(gateway) -> None:
     st = gateway("redact")
-    text, finishes, _ = stream_text(
-        list(st.openai().chat.completions.create(model="m", messages=MSG, stream=True))
-    )
+    text, finishes, _ = stream_text(list(st.openai().chat.completions.create(model="m", messages=MSG, stream=True)))
     assert finishes == ["stop"]
     assert text == ANSWER[: C_SPAN[0]] + NOTICE + ANSWER[C_SPAN[1] :]
     assert PY_OK in text and "gets(" not in text
@@ -121,9 +121,7 @@ def test_redact_replaces_only_the_c_block(gateway) -> None:
 
 def test_warn_releases_everything_and_annotates_the_finding(gateway) -> None:
     st = gateway("warn")
-    text, finishes, notes = stream_text(
-        list(st.openai().chat.completions.create(model="m", messages=MSG, stream=True))
-    )
+    text, finishes, notes = stream_text(list(st.openai().chat.completions.create(model="m", messages=MSG, stream=True)))
     assert text == ANSWER and finishes == ["stop"]
     assert notes and notes[-1]["action"] == "warn"
     assert audit(st)["action"] == "warn"
@@ -152,3 +150,21 @@ async def test_llama_sdk_semgrep_finding_blocks(gateway) -> None:
             stop = ev.stop_reason
     assert stop == "content_filter"
     assert "eval" not in text and text.startswith("Evaluate the expression")
+
+
+def test_tool_call_arguments_carrying_code_are_scanned(gateway) -> None:
+    args = json.dumps({"code": "import hashlib\nprint(hashlib.md5(open('f', 'rb').read()).hexdigest())"})
+    st = gateway("block", answer="Running it now.", tool_args=args)
+    chunks = list(st.openai().chat.completions.create(model="m", messages=MSG, stream=True))
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    sent = "".join(
+        tc.function.arguments or ""
+        for c in chunks
+        if c.choices and c.choices[0].delta.tool_calls
+        for tc in c.choices[0].delta.tool_calls
+        if tc.function
+    )
+    assert finishes == ["content_filter"]
+    assert "md5" not in sent  # the code string was held until scanned, then the stream was cut
+    rec = audit(st)
+    assert rec["action"] == "block" and rec["steps"][0]["verdict"] == "flagged"

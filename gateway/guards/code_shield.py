@@ -703,15 +703,21 @@ class SemgrepRunner:
         """
         targets = [(_NOSEM.sub(lambda m: "n0" + m.group(0)[2:], code), ext) for code, ext in targets]
         self.runs += 1
-        if self.mode == "server" and self.server_error is None:
-            try:
-                server = await self._server()
-            except SemgrepError as exc:
-                self.server_error = str(exc)
-                LOG.warning("code_shield: semgrep server unavailable (%s); one process per batch instead", exc)
-            else:
-                return await server.scan(targets, rules, self.timeout_s), 0
+        server = await self.warm()
+        if server is not None:
+            return await server.scan(targets, rules, self.timeout_s), 0
         return await self._scan_process(targets, rules)
+
+    async def warm(self) -> _LspServer | None:
+        """This loop's semgrep server, started if needed; None in process mode or if it cannot start."""
+        if self.mode != "server" or self.server_error is not None:
+            return None
+        try:
+            return await self._server()
+        except SemgrepError as exc:
+            self.server_error = str(exc)
+            LOG.warning("code_shield: semgrep server unavailable (%s); one process per batch instead", exc)
+            return None
 
     async def _scan_process(
         self, targets: Sequence[tuple[str, str]], rules: Sequence[SemgrepRule]
@@ -1443,9 +1449,14 @@ class CodeShieldGuard(Guard):
     # lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load and compile the rules, locate semgrep and read its prefilters (once)."""
+        """Load and compile the rules, locate semgrep, read its prefilters (once per process) and
+        start this loop's semgrep server, so no request pays for it."""
         if self._scanner is None:
             await asyncio.to_thread(self._load)
+        assert self._scanner is not None
+        sg = self._scanner.semgrep
+        if sg is not None:
+            await sg.warm()
 
     def _load(self) -> CodeScanner:
         with self._lock:
@@ -1480,8 +1491,9 @@ class CodeShieldGuard(Guard):
             await self._scanner.semgrep.aclose()
 
     async def scanner(self) -> CodeScanner:
+        """The scanner, loading the rules on first use (the semgrep server then starts lazily)."""
         if self._scanner is None:
-            await self.start()
+            await asyncio.to_thread(self._load)
         assert self._scanner is not None
         return self._scanner
 
