@@ -557,15 +557,29 @@ class StreamGate:
         return tasks
 
     async def _cleanup(self) -> None:
-        await self._stop_upstream()
+        # Each phase runs even if the one before it was cancelled (a client that vanishes can get
+        # the request task cancelled again while it is already cleaning up): checks are always
+        # cancelled and every StreamCheck is always closed; the cancellation is re-raised at the end.
+        cancelled = False
+        try:
+            await self._stop_upstream()
+        except asyncio.CancelledError:
+            cancelled = True
         tasks = self._cancel_checks()
         if tasks:
-            await asyncio.wait(tasks)
+            try:
+                await asyncio.wait(tasks)
+            except asyncio.CancelledError:
+                cancelled = True
         for c in self._choices.values():
             for st in c.steps:
                 if st.checker is not None:
+                    checker, st.checker = st.checker, None
                     try:
-                        await st.checker.close()
+                        await checker.close()
+                    except asyncio.CancelledError:
+                        cancelled = True
                     except Exception:
                         log.exception("closing the stream check of %s", st.step.label)
-                    st.checker = None
+        if cancelled:
+            raise asyncio.CancelledError
