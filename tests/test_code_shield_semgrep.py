@@ -198,6 +198,8 @@ async def test_server_survives_a_cancelled_scan_and_aclose_stops_it(private_tmp:
     assert sorted(p.name for p in Path(srv.ws).iterdir()) == ["rules.json"]  # the scan's files are gone
     r = await g.scan_code("subprocess.call(c, shell=True)", "python")
     assert [f.rule for f in r.findings] == ["insecure-subprocess-using-shell"] and processes(g) == 1
+    info = g.describe()
+    assert info["semgrep_mode"] == "server" and info["prefilters"] and info["semgrep_rules"]["python"] == 10
     await g.aclose()
     await asyncio.sleep(0.05)
     assert srv.dead and not Path(srv.ws).exists()
