@@ -940,7 +940,7 @@ class CodeShieldOptions:
     severity_actions_set: bool = False  # the step configured severity_actions: details["action"] applies
     usecase: str = "codeshield"
     semgrep: Literal["auto", "required", "off"] = "auto"
-    semgrep_timeout_s: float = 10.0
+    semgrep_timeout_s: float = 4.0  # below the policy step timeout (default 5 s): ours reports first
     semgrep_path: str | None = None
     semgrep_concurrency: int = 2
     semgrep_mode: Literal["server", "process"] = "server"
