@@ -25,7 +25,7 @@ from typing import Any
 
 from gateway.guards.base import GuardInput
 from gateway.policy.gate import GateResult, StreamGate
-from gateway.policy.record import StepRecord, strongest
+from gateway.policy.record import StepRecord, flagged_action, strongest
 from gateway.policy.reload import PolicyStore
 from gateway.policy.schema import Policy, PolicyError, Step, load_policy, parse_policy_text
 from gateway.types import (
@@ -138,7 +138,7 @@ class PolicyRun:
             if eff is None:
                 rec.allowed_errors += 1
         else:
-            eff = step.action if v.flagged else None
+            eff = flagged_action(step.action, v)
         if eff is None:
             return
         rec.note(eff, self.policy.shadow)

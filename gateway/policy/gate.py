@@ -41,7 +41,7 @@ from functools import partial
 from typing import Any
 
 from gateway.guards.base import GuardInput, StreamCheck
-from gateway.policy.record import StepRecord, strongest
+from gateway.policy.record import StepRecord, flagged_action, strongest
 from gateway.policy.schema import Step
 from gateway.policy.tokens import count_tokens, token_starts
 from gateway.types import (
@@ -381,7 +381,7 @@ class StreamGate:
             if eff is None:
                 st.rec.allowed_errors += 1
         else:
-            eff = st.step.action if v.flagged else None
+            eff = flagged_action(st.step.action, v)
         if eff is not None:
             st.rec.note(eff, self.shadow)
             if self.shadow:

@@ -18,6 +18,19 @@ ACTIONS: tuple[str, ...] = ("block", "redact", "warn", "log")
 ACTION_RANK: dict[str, int] = {"allow": 0, "log": 1, "warn": 2, "redact": 3, "block": 4}
 
 
+def flagged_action(step_action: str, verdict: Any) -> str | None:
+    """What a flagged verdict does: the step's action, unless the guard maps this finding itself
+    (e.g. CodeShield's `severity_actions`: details["action"] = block | redact | warn | log | ignore)."""
+    if not verdict.flagged:
+        return None
+    own = verdict.details.get("action") if isinstance(verdict.details, dict) else None
+    if own in ACTIONS:
+        return own
+    if own in ("ignore", "allow"):
+        return None
+    return step_action
+
+
 def strongest(*actions: str | None) -> str:
     """The action of highest precedence among `actions` ("allow" when none)."""
     best = "allow"
