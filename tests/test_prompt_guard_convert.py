@@ -4,6 +4,7 @@ Two tiny `DebertaV2ForSequenceClassification` checkpoints (the class of Prompt G
 in the test setup with a real DeBERTa-v2 fast tokenizer built offline:
   * "random": random weights (large init so scores spread over (0, 1)), for ONNX-vs-PyTorch parity,
     per-window parity on a 3,000-token input, and batched-vs-single parity (padding included);
+    converted twice: the CLI defaults (dynamo exporter, int8) and --fast-attention (torchscript);
   * "planted": weights set by hand so that the word "ignore" anywhere in a window drives MALICIOUS
     (the [CLS] query attends only to that token's key), for "an injection at the end is found".
 Tolerances: fp32 ONNX vs PyTorch within 1e-5 in probability; int8 (dynamic) within 0.05.
@@ -130,6 +131,14 @@ def random_model(tmp_path_factory: pytest.TempPathFactory, conv: ModuleType) -> 
 
 
 @pytest.fixture(scope="module")
+def random_fast(random_model: dict[str, Any], conv: ModuleType) -> dict[str, Any]:
+    """The same checkpoint through the gather-free attention rewrite (--fast-attention), fp32 only."""
+    out = random_model["ckpt"].parent / "onnx-fast"
+    conv.convert(random_model["ckpt"], out, exporter="torchscript", int8=False, fast=True)
+    return {**random_model, "out": out}
+
+
+@pytest.fixture(scope="module")
 def planted_model(tmp_path_factory: pytest.TempPathFactory, conv: ModuleType) -> Path:
     root = tmp_path_factory.mktemp("pgplant")
     ckpt = planted_checkpoint(root / "ckpt")
@@ -176,10 +185,14 @@ def test_converter_writes_the_model_directory_and_a_manifest_entry(random_model:
         assert files[name]["size"] == (out / name).stat().st_size
 
 
-@pytest.mark.parametrize("precision,tol", [("fp32", FP32_TOL), ("int8", INT8_TOL)])
-async def test_onnx_scores_match_pytorch(random_model: dict[str, Any], precision: str, tol: float) -> None:
-    tok, model = random_model["tok"], random_model["torch"]
-    g = PromptGuard(model=str(random_model["out"]), precision=precision, preprocess=False, threshold=1.0)
+@pytest.mark.parametrize("variant,precision,tol", [
+    ("default", "fp32", FP32_TOL), ("default", "int8", INT8_TOL), ("fast", "fp32", FP32_TOL),
+])
+async def test_onnx_scores_match_pytorch(request: pytest.FixtureRequest, variant: str, precision: str,
+                                         tol: float) -> None:
+    conv_out = request.getfixturevalue("random_model" if variant == "default" else "random_fast")
+    tok, model = conv_out["tok"], conv_out["torch"]
+    g = PromptGuard(model=str(conv_out["out"]), precision=precision, preprocess=False, threshold=1.0)
     assert g.info.precision == precision
     v = await g.check(GuardInput(stage="input", messages=[Message.of("user", t) for t in TEXTS]))
     got = [m["score"] for m in v.details["messages"]]
@@ -189,10 +202,13 @@ async def test_onnx_scores_match_pytorch(random_model: dict[str, Any], precision
     await g.aclose()
 
 
-async def test_every_window_of_3000_tokens_matches_a_direct_model_call(random_model: dict[str, Any]) -> None:
-    tok, model = random_model["tok"], random_model["torch"]
+@pytest.mark.parametrize("variant", ["default", "fast"])
+async def test_every_window_of_3000_tokens_matches_a_direct_model_call(request: pytest.FixtureRequest,
+                                                                       variant: str) -> None:
+    conv_out = request.getfixturevalue("random_model" if variant == "default" else "random_fast")
+    tok, model = conv_out["tok"], conv_out["torch"]
     text = F.filler_text(3000, seed=23)
-    g = PromptGuard(model=str(random_model["out"]), precision="fp32", preprocess=False, stride=400)
+    g = PromptGuard(model=str(conv_out["out"]), precision="fp32", preprocess=False, stride=400)
     await g.start()
     assert g.scorer is not None
     (res,) = g.scorer.score_texts([text])
