@@ -96,7 +96,8 @@ def _policies_and_audit(cfg: GatewayConfig):  # type: ignore[no-untyped-def]
     if cfg.audit_path:
         from gateway.policy.audit import AuditLog
 
-        audit = AuditLog(cfg.audit_path, include_content=cfg.audit_content)
+        audit = AuditLog(cfg.audit_path, include_content=cfg.audit_content, max_bytes=cfg.audit_max_bytes,
+                         backups=cfg.audit_backups)
     if not names:
         return None, audit
     from gateway.policy.chain import PolicyStore

@@ -84,6 +84,8 @@ class GatewayConfig:
     policy_dirs: list[str] = field(default_factory=lambda: ["policies"])
     audit_path: str | None = None
     audit_content: bool = False
+    audit_max_bytes: int = 0  # rotate the audit log past this size (0 = never)
+    audit_backups: int = 5
     shutdown_grace_s: float = 30.0
     source: str | None = None
 
@@ -165,9 +167,11 @@ def parse(obj: object, file: str | None = None) -> GatewayConfig:
     if dirs is not None:
         cfg.policy_dirs = [str(d) for d in dirs]
     if "audit" in top.obj:
-        af = Fields(top.obj["audit"], file, "audit", {"path", "content"})
+        af = Fields(top.obj["audit"], file, "audit", {"path", "content", "max_bytes", "backups"})
         cfg.audit_path = af.get("path", str)
         cfg.audit_content = af.get("content", bool, False)
+        cfg.audit_max_bytes = af.get("max_bytes", int, 0)
+        cfg.audit_backups = af.get("backups", int, 5)
     cfg.shutdown_grace_s = top.get("shutdown_grace_s", float, cfg.shutdown_grace_s)
     if not cfg.upstreams:
         raise ConfigError("no upstreams defined", file, None)

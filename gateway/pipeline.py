@@ -122,7 +122,7 @@ class Pipeline:
             raise
         finally:
             if run is not None:
-                run.finish(status=status, error=error)
+                self.gw.telemetry.record_audit(run.finish(status=status, error=error))
 
     async def _input_gate(self, task: asyncio.Task[Any], ctx: RequestContext) -> None:
         decision = await task
@@ -155,7 +155,8 @@ class Pipeline:
             headers = request_headers(request.headers, upstream.auth_header(request.headers.get("Authorization"),
                                                                             bool(self.gw._keys)), ctx.id,
                                       {"Content-Type": "application/json"})
-            send = asyncio.ensure_future(upstream.send("POST", ctx.tail, request.query_string, headers, up_body))
+            send = asyncio.ensure_future(
+                self.gw.telemetry.send(upstream, "POST", ctx.tail, request.query_string, headers, up_body))
             if input_task is not None:
                 # Speculative: the upstream is already on its way; no byte leaves before the verdict.
                 try:
@@ -208,12 +209,15 @@ class Pipeline:
             completion = await run.check_output(ex, completion)
         if completion.finish_reason == "content_filter":
             ctx.outcome = "blocked_output"
+        self.gw.telemetry.observe_completion(completion)
         return web.json_response(cd.encode_response(completion, ex), headers={"X-Guardgate-Request-Id": ctx.id})
 
     async def _send_stream(self, request: web.Request, ctx: RequestContext, cd: Any, ex: Exchange,
                            events: AsyncIterator[Event], run: Any) -> web.StreamResponse:
+        events = self.gw.telemetry.upstream_events(events)
         if run is not None and run.policy.has_stream:
             events = run.guard_stream(ex, events)
+        events = self.gw.telemetry.client_events(events)
         enc = cd.stream_encoder(ex)
         out = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream; charset=utf-8",
                                                       "X-Guardgate-Request-Id": ctx.id, **SSE_HEADERS})

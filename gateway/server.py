@@ -23,6 +23,7 @@ from aiohttp import web
 from gateway import dialects
 from gateway.config import GatewayConfig, GatewayKey, Route
 from gateway.relay import relay_response
+from gateway.telemetry import Telemetry
 from gateway.types import Exchange
 from gateway.upstreams.base import NeutralUpstream, UpstreamError
 from gateway.upstreams.http import HttpUpstream, request_headers
@@ -103,7 +104,9 @@ def split_prefix(path: str) -> tuple[str, str, str] | None:
 class Gateway:
     """Owns the upstreams, the policies and the audit log for one running server."""
 
-    def __init__(self, cfg: GatewayConfig, policies: Any = None, audit: Any = None) -> None:
+    def __init__(self, cfg: GatewayConfig, policies: Any = None, audit: Any = None,
+                 telemetry: Telemetry | None = None) -> None:
+        self.telemetry = telemetry if telemetry is not None else Telemetry()
         self.cfg = cfg
         self.policies = policies  # gateway.policy store (None: no policies configured)
         self.audit = audit
@@ -135,6 +138,7 @@ class Gateway:
         self.pipeline = Pipeline(self)
         if self.policies is not None:
             await self.policies.start()
+        self.telemetry.bind(self)
         self.ready = True
 
     async def stop(self, app: web.Application) -> None:
@@ -143,6 +147,7 @@ class Gateway:
             await self.policies.aclose()
         for up in self.upstreams.values():
             await up.aclose()
+        await self.telemetry.aclose()
 
     # ------------------------------------------------------------------ helpers
 
@@ -230,7 +235,7 @@ class Gateway:
         """Byte for byte: no parse, no re-encode."""
         headers = request_headers(request.headers, upstream.auth_header(request.headers.get("Authorization"),
                                                                         bool(self._keys)), ctx.id)
-        resp = await upstream.send(request.method, ctx.tail, request.query_string, headers,
+        resp = await self.telemetry.send(upstream, request.method, ctx.tail, request.query_string, headers,
                                    body if body else None)
         try:
             ctx.ttfb_ms = (time.perf_counter() - ctx.started) * 1000
@@ -309,7 +314,7 @@ def _errors_middleware() -> Any:
 def create_app(gw: Gateway) -> web.Application:
     app = web.Application(
         client_max_size=gw.cfg.limits.max_body_bytes,
-        middlewares=[_access_log_middleware(), _errors_middleware()],
+        middlewares=[gw.telemetry.middleware(), _access_log_middleware(), _errors_middleware()],
         handler_args={"max_field_size": gw.cfg.limits.max_header_bytes,
                       "max_line_size": gw.cfg.limits.max_header_bytes},
     )
@@ -323,6 +328,7 @@ def create_app(gw: Gateway) -> web.Application:
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", gw.telemetry.metrics_handler)
     for prefix, _ in PREFIXES:
         app.router.add_route("*", prefix + "/{tail:.*}", gw.handle)
     app.on_startup.append(gw.start)

@@ -41,7 +41,7 @@ class AuditLog:
         with self._lock:
             try:
                 fh = self._open()
-                if self.max_bytes and fh.tell() and fh.tell() + len(line) > self.max_bytes:
+                if self.max_bytes and fh.tell() and fh.tell() + len(line.encode()) > self.max_bytes:
                     self._rotate()
                     fh = self._open()
                 fh.write(line)
