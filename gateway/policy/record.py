@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from gateway import telemetry
 from gateway.types import Verdict
 
 Action = Literal["block", "redact", "warn", "log"]
@@ -66,6 +67,7 @@ class StepRecord:
     first_flag: dict[str, Any] | None = None  # details of the first flagged verdict
 
     def add(self, v: Verdict) -> None:
+        telemetry.observe_verdict(self.stage, self.label or f"{self.stage}[{self.index}]", v)
         self.checks += 1
         self.latency_ms += v.latency_ms
         self.max_latency_ms = max(self.max_latency_ms, v.latency_ms)
