@@ -259,29 +259,56 @@ def max_length_of(tok: Any, config: Any) -> int:
     return int(getattr(config, "max_position_embeddings", 512) or 512)
 
 
+def default_name(src: Path) -> str:
+    """Llama-Prompt-Guard-2-86M -> prompt-guard-2-86m (the manifest's names)."""
+    return src.resolve().name.lower().removeprefix("llama-")
+
+
+def models_dir() -> Path:
+    try:
+        from gateway.models import models_dir as gateway_models_dir
+    except ImportError:  # the script run from a checkout without the package installed
+        return Path(os.environ.get("GUARDGATE_MODELS_DIR") or Path.home() / ".cache" / "guardgate" / "models")
+    return gateway_models_dir()
+
+
 def manifest_entry(name: str, out: Path, meta: dict[str, Any], licence: str) -> dict[str, Any]:
-    return {
-        "name": name,
+    """An entry for guards_gguf/manifest.yaml in its schema (gateway/models.py ModelEntry).
+
+    `file` is relative to the models directory when the output lies inside it (so `model: NAME`
+    resolves on any machine that converts into its own cache), absolute otherwise.
+    """
+    main = out / (meta["files"].get("int8") or meta["files"]["fp32"])
+    try:
+        file = str(main.resolve().relative_to(models_dir().resolve()))
+    except ValueError:
+        file = str(main.resolve())
+    base = meta["source"].get("base") or meta["source"].get("name_or_path") or ""
+    others = ", ".join(f"{f} sha256 {meta['sha256'][f]}" for f in sorted(meta["sha256"]) if f != main.name)
+    return {name: {
         "guard": "prompt_guard",
         "format": "onnx",
-        "source": meta["source"].get("name_or_path") or meta["source"]["path"],
-        "quantization": "int8-dynamic" if "int8" in meta["files"] else "fp32",
+        "base": base if base.count("/") == 1 and not Path(base).exists() else None,
+        "file": file,
+        "quant": "int8-dynamic" if "int8" in meta["files"] else "fp32",
+        "size_bytes": main.stat().st_size,
+        "sha256": meta["sha256"][main.name],
         "licence": licence,
-        "path": str(out),
-        "files": [
-            {"file": f, "size": (out / f).stat().st_size, "sha256": meta["sha256"].get(f) or sha256(out / f)}
-            for f in [*meta["files"].values(), "tokenizer.json", "metadata.json"]
-        ],
-    }
+        "gated": True,
+        "note": f"converted by scripts/convert_prompt_guard.py; beside it: {others}, metadata.json",
+    }}
 
 
 def convert(
-    src: Path, out: Path, *, name: str | None = None, exporter: str = "dynamo", opset: int | None = None,
+    src: Path, out: Path | None = None, *, name: str | None = None, exporter: str = "dynamo", opset: int | None = None,
     int8: bool = True, keep_fp32: bool = True, per_channel: bool = False, reduce_range: bool = False,
-    check: bool = True, licence: str = "llama (gated; see the model card)", fast: bool = False,
+    check: bool = True, licence: str = "Llama 4 Community License", fast: bool = False,
+    base: str | None = None,
 ) -> dict[str, Any]:
     """The whole conversion; returns the manifest entry."""
     t0 = time.perf_counter()
+    name = name or default_name(src)
+    out = out or models_dir() / name
     model, tok = load_checkpoint(src)
     arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
     out.mkdir(parents=True, exist_ok=True)
@@ -319,7 +346,7 @@ def convert(
         tok.backend_tokenizer.save(str(out / "tokenizer.json"))
     meta: dict[str, Any] = {
         "format": METADATA_FORMAT,
-        "model_id": name or src.name.lower(),
+        "model_id": name,
         "architecture": arch,
         "labels": labels_of(model.config),
         "max_length": max_length,
@@ -338,6 +365,7 @@ def convert(
         "source": {
             "path": str(src.resolve()),
             "name_or_path": getattr(model.config, "_name_or_path", "") or "",
+            "base": base,
             "config_sha256": sha256(src / "config.json") if (src / "config.json").exists() else None,
         },
         "sha256": {p.name: sha256(p) for p in [*files.values(), out / "tokenizer.json"]},
@@ -345,14 +373,15 @@ def convert(
     }
     (out / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     print(f"done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    return manifest_entry(name or src.name.lower(), out, meta, licence)
+    return manifest_entry(name, out, meta, licence)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", type=Path, help="HF checkpoint folder (config.json, weights, tokenizer)")
-    ap.add_argument("--out", type=Path, required=True, help="output model directory")
-    ap.add_argument("--name", help="manifest name (default: the checkpoint folder's name, lower-cased)")
+    ap.add_argument("--name", help="manifest name (default: the folder's name, lower-cased, no 'llama-')")
+    ap.add_argument("--out", type=Path, help="output model directory (default: <models dir>/<name>, "
+                    "where `model: <name>` in a policy finds it)")
     ap.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo",
                     help="torch.onnx exporter (default dynamo; torchscript is the legacy tracer)")
     ap.add_argument("--opset", type=int, help="ONNX opset (default 18 dynamo / 17 torchscript)")
@@ -364,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fast-attention", action="store_true",
                     help="export a gather-free rewrite of DeBERTa's attention: ~25%% faster on prompts "
                          "under ~200 tokens, ~15%% slower on full 512-token windows (2-core CPU)")
-    ap.add_argument("--licence", default="llama (gated; see the model card)")
+    ap.add_argument("--licence", default="Llama 4 Community License", help="for the manifest entry")
+    ap.add_argument("--base", help="the Hugging Face repo it came from, e.g. meta-llama/Llama-Prompt-Guard-2-86M")
     args = ap.parse_args(argv)
     if not (args.checkpoint / "config.json").exists():
         ap.error(f"{args.checkpoint} has no config.json (download the checkpoint folder first)")
@@ -372,12 +402,12 @@ def main(argv: list[str] | None = None) -> int:
         args.checkpoint, args.out, name=args.name, exporter=args.exporter, opset=args.opset,
         int8=not args.no_int8, keep_fp32=not args.drop_fp32, per_channel=args.per_channel,
         reduce_range=args.reduce_range, check=not args.no_verify, licence=args.licence,
-        fast=args.fast_attention,
+        fast=args.fast_attention, base=args.base,
     )
     import yaml
 
-    print("# add under `models:` in guards_gguf/manifest.yaml")
-    print(yaml.safe_dump([entry], sort_keys=False, width=200), end="")
+    print("# under `models:` in guards_gguf/manifest.yaml (or $GUARDGATE_MANIFEST):")
+    print(yaml.safe_dump({"models": entry}, sort_keys=False, width=200), end="")
     return 0
 
 

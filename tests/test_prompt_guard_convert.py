@@ -122,7 +122,7 @@ def random_model(tmp_path_factory: pytest.TempPathFactory, conv: ModuleType) -> 
     out = root / "onnx"
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        rc = conv.main([str(ckpt), "--out", str(out), "--name", "tiny-prompt-guard"])
+        rc = conv.main([str(ckpt), "--out", str(out), "--name", "tiny-prompt-guard", "--base", "test/tiny-deberta"])
     assert rc == 0
     auto = transformers.AutoModelForSequenceClassification
     model = auto.from_pretrained(ckpt, local_files_only=True).eval()
@@ -175,14 +175,26 @@ def test_converter_writes_the_model_directory_and_a_manifest_entry(random_model:
     assert meta["architecture"] == "DebertaV2ForSequenceClassification"
     assert meta["special_tokens"] == {"cls_token_id": 1, "sep_token_id": 2, "pad_token_id": 0}
     assert meta["export"]["max_abs_prob_diff"]["fp32"] < FP32_TOL
-    text = random_model["stdout"]
-    entry = yaml.safe_load(text)[0]
-    assert entry["name"] == "tiny-prompt-guard" and entry["guard"] == "prompt_guard"
-    files = {f["file"]: f for f in entry["files"]}
-    conv = converter()
-    for name in ["model.int8.onnx", "model.onnx", "tokenizer.json"]:
-        assert files[name]["sha256"] == conv.sha256(out / name)
-        assert files[name]["size"] == (out / name).stat().st_size
+    spec = yaml.safe_load(random_model["stdout"])["models"]["tiny-prompt-guard"]
+    assert spec["guard"] == "prompt_guard" and spec["base"] == "test/tiny-deberta"
+    from gateway.models import ModelEntry
+
+    entry = ModelEntry(name="tiny-prompt-guard", **spec)  # the manifest's own schema accepts it
+    assert Path(entry.file or "") == (out / "model.int8.onnx").resolve()
+    assert entry.sha256 == converter().sha256(out / "model.int8.onnx")
+    assert entry.size_bytes == (out / "model.int8.onnx").stat().st_size
+
+
+async def test_the_printed_manifest_entry_makes_the_model_loadable_by_name(
+    random_model: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = tmp_path / "manifest.yaml"
+    manifest.write_text(random_model["stdout"])
+    monkeypatch.setenv("GUARDGATE_MANIFEST", str(manifest))
+    g = PromptGuard(model="tiny-prompt-guard")
+    v = await g.check(GuardInput(stage="input", messages=[Message.of("user", "hello")]))
+    assert v.ran and v.details["model"] == "tiny-prompt-guard" and v.details["precision"] == "int8"
+    await g.aclose()
 
 
 @pytest.mark.parametrize("variant,precision,tol", [
@@ -193,7 +205,8 @@ async def test_onnx_scores_match_pytorch(request: pytest.FixtureRequest, variant
     conv_out = request.getfixturevalue("random_model" if variant == "default" else "random_fast")
     tok, model = conv_out["tok"], conv_out["torch"]
     g = PromptGuard(model=str(conv_out["out"]), precision=precision, preprocess=False, threshold=1.0)
-    assert g.info.precision == precision
+    await g.start()
+    assert g.info is not None and g.info.precision == precision
     v = await g.check(GuardInput(stage="input", messages=[Message.of("user", t) for t in TEXTS]))
     got = [m["score"] for m in v.details["messages"]]
     want = torch_scores(model, [tok(t).input_ids for t in TEXTS])
@@ -250,7 +263,8 @@ async def test_batched_equals_one_by_one_with_padding(random_model: dict[str, An
 
 async def test_injection_at_the_end_of_3000_tokens_is_found(planted_model: Path) -> None:
     g = PromptGuard(model=str(planted_model))
-    assert g.info.precision == "fp32"
+    await g.start()
+    assert g.info is not None and g.info.precision == "fp32"  # --no-int8: auto falls back to fp32
     clean = F.filler_text(2999, seed=26)
     benign = await g.check(GuardInput(stage="input", messages=[Message.of("tool", clean)]))
     assert not benign.flagged and benign.score is not None and benign.score < 0.05

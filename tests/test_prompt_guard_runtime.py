@@ -290,14 +290,46 @@ async def test_prompt_guard_1_three_class_head(tmp_path: Path) -> None:
     assert jailbreak.flagged and jailbreak.categories == ["JAILBREAK"]
 
 
+async def loaded(**opts: Any) -> PromptGuard:
+    g = PromptGuard(**opts)
+    await g.start()
+    return g
+
+
 async def test_precision_choice_and_model_as_onnx_file(tmp_path: Path) -> None:
     d = F.write_trigger_model(tmp_path / "m")
     F.write_trigger_model(tmp_path / "m", file_name="model.int8.onnx", metadata=False)
-    assert PromptGuard(model=str(d)).info.precision == "int8"  # auto prefers int8 on CPU
-    assert PromptGuard(model=str(d), precision="fp32").info.model_file.name == "model.onnx"
-    g = PromptGuard(model=str(d / "model.onnx"))
-    assert g.info.precision == "fp32"
+    g = await loaded(model=str(d))
+    assert g.info is not None and g.info.precision == "int8"  # auto prefers int8 on CPU
+    g = await loaded(model=str(d), precision="fp32")
+    assert g.info is not None and g.info.model_file.name == "model.onnx"
+    g = await loaded(model=str(d / "model.onnx"))
+    assert g.info is not None and g.info.precision == "fp32"
     assert (await g.check(inp(("user", "ignore")))).flagged
+    v = await g.check(inp(("user", "hello")))
+    assert v.details["model"] == "test/trigger-2" and v.details["precision"] == "fp32"
+
+
+async def test_manifest_name_resolves_to_the_converted_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = tmp_path / "models"
+    F.write_trigger_model(models / "pg-by-dir")  # the converter's default --out for --name pg-by-dir
+    F.write_trigger_model(models / "pg-by-file", file_name="model.int8.onnx")
+    manifest = tmp_path / "manifest.yaml"
+    manifest.write_text(
+        "models:\n"
+        "  pg-by-file: {guard: prompt_guard, format: onnx, file: pg-by-file/model.int8.onnx}\n"
+        "  pg-by-dir: {guard: prompt_guard, format: onnx}\n"
+    )
+    monkeypatch.setenv("GUARDGATE_MANIFEST", str(manifest))
+    monkeypatch.setenv("GUARDGATE_MODELS_DIR", str(models))
+    by_file = await loaded(model="pg-by-file")
+    assert by_file.info is not None and by_file.info.model_file == models / "pg-by-file" / "model.int8.onnx"
+    by_dir = await loaded(model="pg-by-dir")
+    assert by_dir.info is not None and by_dir.info.directory == models / "pg-by-dir"
+    with pytest.raises(GuardConfigError, match=r"convert_prompt_guard\.py --name nope"):
+        await loaded(model="nope")
 
 
 # --------------------------------------------------------------------------- protocol
@@ -359,25 +391,34 @@ def test_registered_under_its_name(model_dir: Path) -> None:
 @pytest.mark.parametrize("opts,match", [
     ({"thresold": 0.5}, "unknown option"),
     ({"messages": ["users"]}, "unknown message group"),
-    ({"stride": 600}, "stride"),
-    ({"window_tokens": 1024}, "window_tokens"),
     ({"threshold": 2}, "threshold"),
     ({"precision": "int4"}, "precision"),
-    ({"providers": ["nosuch"]}, None),
+    ({"graph_optimization": "max"}, "graph_optimization"),
+    ({"model": ""}, "needs option 'model'"),
 ])
-def test_bad_options_fail_at_policy_load(model_dir: Path, opts: dict[str, Any], match: str | None) -> None:
-    if match is None:  # providers are checked when the session is made (start)
-        with pytest.raises(GuardConfigError, match="execution providers"):
-            asyncio.run(PromptGuard(model=str(model_dir), **opts).start())
-        return
+def test_bad_options_fail_at_policy_load(model_dir: Path, opts: dict[str, Any], match: str) -> None:
     with pytest.raises(GuardConfigError, match=match):
-        g = PromptGuard(model=str(model_dir), **opts)
-        g._load()  # window options are checked against the model when it loads
+        PromptGuard(**{"model": str(model_dir), **opts})
 
 
-def test_missing_model_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(GuardConfigError, match=r"does not exist|cannot resolve"):
-        PromptGuard(model=str(tmp_path / "nope"))
+@pytest.mark.parametrize("opts,match", [
+    ({"stride": 600}, "stride"),  # checked against the model's window when it loads
+    ({"window_tokens": 1024}, "window_tokens"),
+    ({"providers": ["nosuch"]}, "execution providers"),
+])
+async def test_bad_model_dependent_options_fail_at_start(model_dir: Path, opts: dict[str, Any],
+                                                         match: str) -> None:
+    g = PromptGuard(model=str(model_dir), **opts)
+    with pytest.raises(GuardConfigError, match=match):
+        await g.start()
+    v = await g.check(inp(("user", "hello")))  # and every check is an error verdict, never a pass
+    assert not v.ran and match.split()[0] in (v.error or "")
+
+
+async def test_a_missing_model_loads_the_policy_and_fails_at_start(tmp_path: Path) -> None:
+    g = PromptGuard(model=str(tmp_path / "nope"))  # a policy naming an absent model still loads
+    with pytest.raises(GuardConfigError, match=r"cannot resolve"):
+        await g.start()
     (tmp_path / "empty").mkdir()
     with pytest.raises(GuardConfigError, match="has no"):
-        PromptGuard(model=str(tmp_path / "empty"))
+        await PromptGuard(model=str(tmp_path / "empty")).start()

@@ -87,19 +87,24 @@ def resolve_model_dir(name_or_path: str | os.PathLike[str]) -> tuple[Path, str |
     """A model option -> (model directory, explicit .onnx file name or None).
 
     An existing path is used as is (a directory, or an .onnx file inside one). Anything else is a
-    manifest name, looked up by `gateway.models.resolve_model`; where that module is not part of
-    the install, the value can only be a path and a missing one is reported as such.
+    manifest name: `gateway.models.resolve_model` gives its file (an entry whose `file` is e.g.
+    `prompt-guard-2-86m/model.int8.onnx`); an entry with no file is looked up as the directory
+    the converter writes by default, `<models dir>/<name>/`.
     """
     p = Path(name_or_path).expanduser()
     if not p.exists():
-        try:
-            from gateway.models import resolve_model
-        except ImportError:
-            raise GuardConfigError(f"prompt_guard: model path {str(p)!r} does not exist") from None
+        from gateway.models import models_dir, resolve_model
+
         try:
             p = Path(resolve_model(str(name_or_path)))
         except Exception as e:
-            raise GuardConfigError(f"prompt_guard: cannot resolve model {name_or_path!r}: {e}") from e
+            converted = models_dir() / str(name_or_path)
+            if not (converted / METADATA_FILE).is_file():
+                raise GuardConfigError(
+                    f"prompt_guard: cannot resolve model {name_or_path!r}: {e} (convert a checkpoint with "
+                    f"scripts/convert_prompt_guard.py --name {name_or_path} to put it in {converted})"
+                ) from e
+            p = converted
     if p.is_file() and p.suffix == ".onnx":
         return p.parent, p.name
     if not p.is_dir():
@@ -584,11 +589,12 @@ class PromptGuard(Guard):
         self.graph_optimization = str(options.get("graph_optimization", "all"))
         if self.graph_optimization not in GRAPH_OPT_LEVELS:
             raise GuardConfigError(f"prompt_guard: graph_optimization must be one of {GRAPH_OPT_LEVELS}")
-        directory, model_file = resolve_model_dir(options["model"])
-        first = PROVIDER_ALIASES.get(self.providers[0].lower(), self.providers[0])
-        gpu_first = first != "CPUExecutionProvider"
-        self.info = ModelInfo.load(directory, str(options.get("precision", "auto")),
-                                   options.get("model_file") or model_file, prefer_fp32=gpu_first)
+        self.precision = str(options.get("precision", "auto"))
+        if self.precision not in ("auto", "int8", "fp32"):
+            raise GuardConfigError(f"prompt_guard: precision must be auto, int8 or fp32: {self.precision!r}")
+        # The model is found and loaded by start(): a policy naming a model that is not on this
+        # machine still loads (its step then fails its checks, and on_error decides).
+        self.info: ModelInfo | None = None
         self._scorer_opts: dict[str, Any] = {
             "window_tokens": options.get("window_tokens"),
             "stride": options.get("stride"),
@@ -613,13 +619,18 @@ class PromptGuard(Guard):
         with self._start_lock:
             if self.scorer is None:
                 spin = bool(self.options.get("allow_spinning", False))
-                session = make_session(self.info.model_file, self.providers, self.threads,
+                directory, model_file = resolve_model_dir(self.options["model"])
+                first = PROVIDER_ALIASES.get(self.providers[0].lower(), self.providers[0])
+                info = ModelInfo.load(directory, self.precision, self.options.get("model_file") or model_file,
+                                      prefer_fp32=first != "CPUExecutionProvider")
+                session = make_session(info.model_file, self.providers, self.threads,
                                        self.graph_optimization, spin)
-                tok = load_tokenizer(self.info.directory / TOKENIZER_FILE)
-                self.scorer = PromptGuardScorer(self.info, session, tok, **self._scorer_opts)
-                self._model_key = self.info.key
-                log.info("prompt_guard: loaded %s (%s, %s, %d labels)", self.info.model_file,
-                         self.info.precision, session.get_providers()[0], len(self.info.labels))
+                tok = load_tokenizer(info.directory / TOKENIZER_FILE)
+                self.scorer = PromptGuardScorer(info, session, tok, **self._scorer_opts)
+                self.info = info
+                self._model_key = info.key
+                log.info("prompt_guard: loaded %s (%s, %s, %d labels)", info.model_file,
+                         info.precision, session.get_providers()[0], len(info.labels))
             return self.scorer
 
     async def start(self) -> None:
@@ -639,7 +650,7 @@ class PromptGuard(Guard):
 
     def _key(self, text: str, indirect: bool) -> tuple[str, ...]:
         assert self.scorer is not None
-        kind = "indirect" if indirect and len(self.info.labels) > 2 else "last"
+        kind = "indirect" if indirect and self.scorer.num_labels > 2 else "last"
         digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
         return (self._model_key, self.scorer.config_key, kind, digest)
 
@@ -731,10 +742,11 @@ class PromptGuard(Guard):
                 worst = (s.score, i, m.role, s)
         score = worst[0] if worst else 0.0
         flagged = score >= self.threshold
-        label = self.info.labels[-1]
+        info = self.scorer.info if self.scorer is not None else None
+        label = info.labels[-1] if info else "MALICIOUS"
         details: dict[str, Any] = {
-            "model": self.info.model_id,
-            "precision": self.info.precision,
+            "model": info.model_id if info else str(self.options["model"]),
+            "precision": info.precision if info else self.precision,
             "threshold": self.threshold,
             "messages": per_message,
             "inference_calls": stats.inference_calls,
