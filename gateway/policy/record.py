@@ -65,6 +65,7 @@ class StepRecord:
     would: str | None = None  # shadow mode: what it would have made happen
     allowed_errors: int = 0  # errors let through by on_error: allow
     first_flag: dict[str, Any] | None = None  # details of the first flagged verdict
+    details: dict[str, Any] | None = None  # the guard's own details: first flagged verdict, else the latest
 
     def add(self, v: Verdict) -> None:
         telemetry.observe_verdict(self.stage, self.label or f"{self.stage}[{self.index}]", v)
@@ -77,6 +78,8 @@ class StepRecord:
             return
         if v.score is not None:
             self.score = v.score if self.score is None else max(self.score, v.score)
+        if v.details and not self.flagged_checks:
+            self.details = v.details
         if v.flagged:
             self.flagged_checks += 1
             for c in v.categories:
@@ -131,6 +134,8 @@ class StepRecord:
             rec["reason"] = self.reason
         if self.first_flag and self.first_flag.get("span"):
             rec["span"] = list(self.first_flag["span"])
+        if self.details:
+            rec["details"] = self.details
         return rec
 
     def summary(self) -> dict[str, Any]:
