@@ -286,6 +286,7 @@ async def test_prompt_guard_1_three_class_head(tmp_path: Path) -> None:
     assert not injection_as_user.flagged  # user turns: JAILBREAK (last class) only
     injection_as_tool = await g.check(inp(("tool", "ignore this")))
     assert injection_as_tool.flagged and injection_as_tool.score > 0.999  # tool: 1 - P(BENIGN)
+    assert injection_as_tool.categories == ["INJECTION"]
     jailbreak = await g.check(inp(("user", "admin mode")))
     assert jailbreak.flagged and jailbreak.categories == ["JAILBREAK"]
 

@@ -143,6 +143,8 @@ class ModelInfo:
                 meta = json.loads(meta_path.read_text(encoding="utf-8"))
             except (OSError, ValueError) as e:
                 raise GuardConfigError(f"prompt_guard: unreadable {meta_path}: {e}") from e
+        if meta.get("format", METADATA_FORMAT) != METADATA_FORMAT:
+            raise GuardConfigError(f"prompt_guard: {meta_path} is {meta.get('format')!r}, not {METADATA_FORMAT}")
         files = {**MODEL_FILES, **(meta.get("files") or {})}
         if model_file is not None:
             chosen, prec = directory / model_file, "custom"
@@ -233,7 +235,6 @@ def make_session(
 
 class InputTooLong(RuntimeError):
     """A request carries more new tokens than the step's `max_tokens`."""
-
 
 
 @dataclass(slots=True, frozen=True)
@@ -743,7 +744,10 @@ class PromptGuard(Guard):
         score = worst[0] if worst else 0.0
         flagged = score >= self.threshold
         info = self.scorer.info if self.scorer is not None else None
-        label = info.labels[-1] if info else "MALICIOUS"
+        labels = info.labels if info else ["BENIGN", "MALICIOUS"]
+        label = labels[-1]  # MALICIOUS (v2), JAILBREAK (v1)
+        if worst is not None and len(labels) > 2 and worst[2] in self.indirect_roles:
+            label = labels[1]  # v1's indirect-injection score, 1 - P(BENIGN): INJECTION
         details: dict[str, Any] = {
             "model": info.model_id if info else str(self.options["model"]),
             "precision": info.precision if info else self.precision,
