@@ -76,6 +76,12 @@ async def relay_response(request: web.Request, upstream_resp: aiohttp.ClientResp
     seen = terminator is None
     try:
         async for chunk in upstream_resp.content.iter_any():
+            if not pending and (chunk.endswith(b"\n\n") or chunk.endswith(b"\r\n\r\n")):
+                # the common case: whole events, nothing held back; no copy, no search
+                if not seen and terminator in chunk:  # type: ignore[operator]
+                    seen = True
+                await out.write(chunk)
+                continue
             # everything before `pending` was flushed at an event end: a new end can only be in
             # the new bytes (or straddle their start), so only those are searched
             start = max(0, len(pending) - 3)
