@@ -91,7 +91,7 @@ def answer_text(seed: int, approx_tokens: int) -> str:
     rng = random.Random(seed)
     out: list[str] = []
     n = 0
-    while n < approx_tokens * 0.8:
+    while n < approx_tokens:
         sent = " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 16)))
         out.append(sent.capitalize() + rng.choice([".", ".", "!", ";", ":"]))
         n += len(sent.split())

@@ -210,3 +210,25 @@ async def test_pool_shares_models_and_reports_load_errors(tiny_gguf, tmp_path):
     with pytest.raises(EngineError, match="could not load"):
         await pool.acquire(ModelOptions(str(bad)))
     await pool.aclose()
+
+
+async def test_more_requests_than_sequences_wait_instead_of_failing(tiny_gguf):
+    m = await load(tiny_gguf, max_sessions=2, n_ctx=1024)
+    try:
+        held = m.open_session()
+        await m.evaluate("a session that stays resident", session=held)
+        prompts = [f"question number {i}: how are you?" for i in range(7)]
+        res = await asyncio.gather(*(m.evaluate(p) for p in prompts))
+        assert [r.n_prompt for r in res] == [len(m.tokenize(p)) for p in prompts]
+        assert m.stats.requests_failed == 0
+
+        def boom(row):
+            raise ValueError("callback failed")
+
+        bad, good = await asyncio.gather(
+            m.evaluate("x y z", decode_if=boom, max_new=2), m.evaluate("fine"), return_exceptions=True
+        )
+        assert isinstance(bad, ValueError) and not isinstance(good, BaseException)
+        assert (await m.evaluate("still alive")).n_prompt > 0
+    finally:
+        await m.aclose()

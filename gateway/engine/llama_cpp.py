@@ -118,6 +118,7 @@ class EngineStats:
         self.decode_calls = 0
         self.requests = 0
         self.requests_failed = 0
+        self.requests_cancelled = 0  # abandoned by the caller (timeout, client gone, stop string)
         self.sessions_alive = 0
         self.sessions_evicted = 0
         self.latency_ms_sum = 0.0
@@ -133,13 +134,14 @@ class EngineStats:
                 break
 
     def snapshot(self) -> dict[str, Any]:
-        done = self.requests - self.requests_failed
+        done = self.requests - self.requests_failed - self.requests_cancelled
         return {
             "tokens_evaluated": self.tokens_evaluated,
             "tokens_reused": self.tokens_reused,
             "decode_calls": self.decode_calls,
             "requests": self.requests,
             "requests_failed": self.requests_failed,
+            "requests_cancelled": self.requests_cancelled,
             "sessions_alive": self.sessions_alive,
             "sessions_evicted": self.sessions_evicted,
             "latency_ms_avg": self.latency_ms_sum / done if done else 0.0,
@@ -602,20 +604,27 @@ class LlamaModel:
                 still.append(t)
                 continue
             try:
-                self._prepare(t, active)
+                ready = self._prepare(t, active)
             except Exception as e:
                 self._fail(t, e)
                 continue
-            active.append(t)
+            if ready:
+                active.append(t)
+            else:  # resources are held by running tasks: wait for them
+                still.append(t)
         pending[:] = still
 
-    def _prepare(self, t: _Task, active: list[_Task]) -> None:
+    def _prepare(self, t: _Task, active: list[_Task]) -> bool:
+        """Claim a sequence and KV room for `t`; False: must wait for active tasks to finish."""
         C = _llama()
         s = t.seq
-        s.busy = True
-        s.last_used = time.monotonic()
         if s.seq is None:
-            self._claim_seq(s, active)
+            if not self._free_seq and not self._evict_one(active):
+                if active:
+                    return False
+                raise EngineError(f"all {self.n_seq_max} sequences are in use")
+            s.seq = self._free_seq.pop()
+            s.cached = []
         # Reuse the longest cached prefix; the last prompt token is always evaluated (fresh logits).
         n = min(_common_prefix(s.cached, t.prompt), len(t.prompt) - 1)
         if n < len(s.cached):
@@ -623,36 +632,38 @@ class LlamaModel:
             del s.cached[n:]
         t.n_reused = n
         t.feed = t.prompt[n:]
-        self._make_room([*active, t])
+        need = len(t.feed) + len(t.force) + t.max_new
+        while self._used(active) + need > self.n_ctx:
+            if not self._evict_one(active, keep=s):
+                if active:
+                    if s.temporary:
+                        self._release_seq(s)
+                    return False
+                raise EngineError(f"KV cache full: {need} more tokens do not fit n_ctx={self.n_ctx}")
+        s.busy = True
+        s.last_used = time.monotonic()
+        return True
 
-    def _claim_seq(self, s: _Seq, active: list[_Task]) -> None:
-        if not self._free_seq:
-            self._evict_one(active, reason="no free sequence")
-        s.seq = self._free_seq.pop()
-        s.cached = []
+    def _used(self, active: list[_Task]) -> int:
+        """KV cells held by resident sequences plus those that running tasks will still add."""
+        cached = sum(len(s.cached) for s in self._seqs.values() if s.seq is not None)
+        cached += sum(len(t.seq.cached) for t in active if t.seq.temporary)
+        return cached + sum(len(t.feed) + len(t.force) + t.max_new for t in active)
 
-    def _make_room(self, active: list[_Task]) -> None:
-        used = sum(len(s.cached) for s in self._resident(active))
-        inflight = sum(len(t.feed) + len(t.force) + t.max_new for t in active)
-        while used + inflight > self.n_ctx:
-            freed = self._evict_one(active, reason="KV cache full")
-            used -= freed
-
-    def _resident(self, active: list[_Task]) -> list[_Seq]:
-        seqs = [s for s in self._seqs.values() if s.seq is not None]
-        seqs += [t.seq for t in active if t.seq.temporary and t.seq.seq is not None]
-        return seqs
-
-    def _evict_one(self, active: list[_Task], reason: str) -> int:
+    def _evict_one(self, active: list[_Task], keep: _Seq | None = None) -> bool:
+        """Free the least recently used idle session's sequence (rebuilt on its next use)."""
         busy = {id(t.seq) for t in active}
-        idle = [s for s in self._seqs.values() if s.seq is not None and not s.busy and id(s) not in busy]
+        idle = [
+            s
+            for s in self._seqs.values()
+            if s.seq is not None and not s.busy and id(s) not in busy and s is not keep
+        ]
         if not idle:
-            raise EngineError(f"{reason}: all {self.n_seq_max} sequences / {self.n_ctx} KV cells are in use")
+            return False
         victim = min(idle, key=lambda s: s.last_used)
-        freed = len(victim.cached)
         self._release_seq(victim)
         self.stats.sessions_evicted += 1
-        return freed
+        return True
 
     def _release_seq(self, s: _Seq) -> None:
         if s.seq is not None:
@@ -703,10 +714,14 @@ class LlamaModel:
         rc = C.llama_decode(self._ctx, b)
         self.stats.decode_calls += 1
         if rc != 0:
-            # Positions may be partially written; drop what this round added and fail its tasks.
-            err = EngineError(f"llama_decode failed ({rc}){': KV cache full' if rc == 1 else ''}")
+            # Positions may be partially written: drop what this round added. No KV slot (1): evict
+            # an idle session and retry next round; otherwise fail the round's tasks.
             for t, _, _ in rows:
                 C.llama_memory_seq_rm(self._mem, t.seq.seq, len(t.seq.cached), -1)
+            if rc == 1 and self._evict_one(active):
+                return
+            err = EngineError(f"llama_decode failed ({rc}){': no KV slot' if rc == 1 else ''}")
+            for t, _, _ in rows:
                 active.remove(t)
                 self._fail(t, err)
             return
@@ -720,7 +735,13 @@ class LlamaModel:
             if not last:
                 continue
             row = np.ctypeslib.as_array(C.llama_get_logits_ith(self._ctx, idx - 1), shape=(self.n_vocab,))
-            if self._step(t, row):
+            try:
+                done = self._step(t, row)
+            except Exception as e:  # e.g. a decode_if callback raised: fail this task only
+                active.remove(t)
+                self._fail(t, e)
+                continue
+            if done:
                 active.remove(t)
                 self._finish(t)
 
@@ -775,7 +796,7 @@ class LlamaModel:
             self._drop(s)
         ms = (time.perf_counter() - t.t0) * 1000.0
         if cancelled:
-            self.stats.requests_failed += 1
+            self.stats.requests_cancelled += 1
             if t.emit is not None:
                 t.emit(_STOP)
             return
@@ -796,6 +817,9 @@ class LlamaModel:
             s.busy = False
             if s.temporary:
                 self._release_seq(s)
+            elif s.seq is not None and t.keep < len(s.cached):
+                _llama().llama_memory_seq_rm(self._mem, s.seq, t.keep, -1)
+                del s.cached[t.keep :]
             if s.closed and not s.temporary:
                 self._drop(s)
         self.stats.requests_failed += 1
