@@ -54,6 +54,7 @@ class PolicyStore:
         self._files: dict[Path, _File] = {}
         self._by_name: dict[str, Policy] = {}
         self._aliases: dict[str, str] = {}  # path as given → policy name
+        self._alias_keys: dict[str, Path] = {}  # path as given → resolved file key (no realpath per request)
         self._lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
         self._sighup = False
@@ -88,7 +89,10 @@ class PolicyStore:
     def _resolve(self, name: str) -> Policy | None:
         p = self._by_name.get(name)
         if p is None and name in self._aliases:
-            f = self._files.get(self._key(Path(name)))
+            key = self._alias_keys.get(name)
+            if key is None:
+                key = self._alias_keys[name] = self._key(Path(name))
+            f = self._files.get(key)
             if f is not None and f.policy is not None:
                 p = self._by_name.get(f.policy.name)
         return p
