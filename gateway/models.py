@@ -313,10 +313,10 @@ def main_models(args: argparse.Namespace, out: Any = None) -> int:
                 size = f"{e.size_bytes / 1e6:,.0f} MB" if e.size_bytes else "-"
                 if e.format == "remote":
                     status = "remote backend"
+                elif local_path(e).exists():
+                    status = f"present {local_path(e)}"
                 elif not e.file:
                     status = "made locally (see note)"
-                elif local_path(e).is_file():
-                    status = f"present {local_path(e)}"
                 else:
                     status = "not downloaded" + (" (gated)" if e.gated else "")
                 cols = f"{e.name:<20} {e.guard or '-':<13} {e.format:<7} {e.quant or '-':<7} {size:>9}"
@@ -325,9 +325,9 @@ def main_models(args: argparse.Namespace, out: Any = None) -> int:
             return 0
         if cmd == "path":
             e = _entry(manifest, args.name)
-            path = local_path(e)
+            path = local_path(e)  # a file, or the directory a converter writes (Prompt Guard)
             out.write(f"{path}\n")
-            return 0 if path.is_file() else 1
+            return 0 if path.exists() else 1
         if cmd == "pull":
             e = _entry(manifest, args.name)
             if e.gated and not (args.token or args.from_path or os.environ.get("HF_TOKEN")):
