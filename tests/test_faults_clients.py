@@ -117,9 +117,11 @@ def test_slow_reader_gets_everything_and_back_pressure_reaches_upstream(make_sta
     s = open_stream(st, path, rcvbuf=16384)
     try:
         first = s.recv(1024)  # headers are out: the stream is flowing
-        time.sleep(1.0)  # the client stops reading
-        stalled_at = written[0]
-        time.sleep(0.3)
+        # the client stops reading; wait until the upstream is held back (its writes stop advancing)
+        stalled_at, deadline = -1, time.monotonic() + 20
+        while written[0] != stalled_at and time.monotonic() < deadline:
+            stalled_at = written[0]
+            time.sleep(0.4)
         # Kernel buffers (client rcvbuf, gateway sndbuf, gateway rcvbuf, upstream sndbuf) and the
         # gateway's bounded read-ahead hold some MiB (5-9 measured); the rest must wait in the upstream.
         assert written[0] == stalled_at < 24 << 20, (written[0], stalled_at)
