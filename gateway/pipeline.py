@@ -268,15 +268,32 @@ class Pipeline:
 
     async def moderations(self, request: web.Request, ctx: RequestContext, body: bytes,
                           policy: Any) -> web.Response | None:
-        """Served by the policy's local guard models when it configures them; else relayed (None)."""
-        if policy is None or getattr(policy, "moderation_guard", None) is None:
+        """Served by the policy's local Llama Guard when it has one (first llama_guard step); else None (relay)."""
+        step = _moderation_step(policy)
+        if step is None:
             return None
+        if step.unavailable:
+            raise UpstreamError(f"moderation guard unavailable: {step.unavailable}", 503, "guard_unavailable")
+        guard = step.guard
         cd = dialects.get(ctx.dialect)
         try:
-            messages = cd.decode_moderation_request(body)
+            req = cd.decode_moderation_request(body)
         except DialectError as e:
             raise _gateway_error(e.status, e.message, e.code or "invalid_request", param=e.param) from None
         from gateway.guards.moderation import moderate
 
-        results = await moderate(policy.moderation_guard, messages)
-        return web.json_response(cd.encode_moderation_response(results, model=policy.moderation_guard.name))
+        try:
+            results = await moderate(guard, req)
+        except Exception as e:  # a guard that did not run never answers "not flagged"
+            raise UpstreamError(f"moderation guard failed: {type(e).__name__}: {e}", 503, "guard_error") from None
+        ctx.outcome = "moderation"
+        model = req.model or str(guard.options.get("model", guard.name))
+        return web.json_response(cd.encode_moderation_response(results, model=model),
+                                 headers={"X-Guardgate-Request-Id": ctx.id})
+
+
+def _moderation_step(policy: Any) -> Any:
+    for step in policy.steps if policy is not None else ():
+        if step.guard_name == "llama_guard":
+            return step
+    return None
