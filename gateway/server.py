@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
+import itertools
 import json
 import logging
+import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +93,24 @@ def _relay_error_frame(dialect: str, message: str, code: str) -> bytes:
 # What a relayed SSE stream must carry before EOF to count as finished (None: not checked).
 _STREAM_TERMINATORS = {("openai", "/chat/completions"): b"data: [DONE]", ("openai", "/completions"): b"data: [DONE]",
                        ("llama", "/chat/completions"): b'"complete"'}
+
+
+_ID_PREFIX = os.urandom(8).hex()
+_ID_SEQ = itertools.count(1)
+
+
+def _reseed_ids() -> None:
+    global _ID_PREFIX, _ID_SEQ
+    _ID_PREFIX, _ID_SEQ = os.urandom(8).hex(), itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_reseed_ids)
+
+
+def new_request_id() -> str:
+    """32 hex characters, like uuid4().hex: a random per-process prefix and a counter. Ids must be
+    unique, not unguessable; uuid4 per request was ~2% of the relay's CPU (urandom syscall)."""
+    return f"{_ID_PREFIX}{next(_ID_SEQ):016x}"
 
 
 def split_prefix(path: str) -> tuple[str, str, str] | None:
@@ -193,7 +212,7 @@ class Gateway:
         if split is None:  # routed here only for dialect prefixes; defensive
             raise web.HTTPNotFound()
         prefix, dialect, tail = split
-        ctx = RequestContext(id=request.headers.get("X-Request-Id") or uuid.uuid4().hex, dialect=dialect,
+        ctx = RequestContext(id=request.headers.get("X-Request-Id") or new_request_id(), dialect=dialect,
                              prefix=prefix, tail=tail)
         request[CTX_KEY] = ctx
         try:
