@@ -50,3 +50,15 @@ def test_small_load_is_exact(path: str) -> None:
     assert r.tokens_expected == 12 * r.requests
     assert 0 < r.rss_kib_start <= r.rss_kib_peak
     assert r.rss_kib_end - r.rss_kib_warm < 30 * 1024  # no runaway growth within a short run
+
+
+@pytest.mark.slow
+def test_gateway_memory_flat_under_concurrent_guarded_streams() -> None:
+    """200 guarded streams for 15 s: RSS after warm-up must not keep growing (a GC tuning that let
+    objects alive across streams pile up grew it ~4 MiB/s here)."""
+    lt = loadtest()
+    r = asyncio.run(lt.run(streams=200, seconds=15, path="gate", chunks=20, chunk_delay_ms=50, timeout=30, grace=30,
+                           warmup=5))
+    print(lt.summary(r))
+    assert r.clean, lt.summary(r)
+    assert r.rss_kib_end - r.rss_kib_warm < 16 * 1024, lt.summary(r)
