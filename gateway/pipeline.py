@@ -21,7 +21,7 @@ from gateway.dialects.base import DialectError, UpstreamStreamError
 from gateway.relay import SSE_HEADERS
 from gateway.types import Event, Exchange
 from gateway.upstreams.base import NeutralUpstream, UpstreamError
-from gateway.upstreams.http import HttpUpstream, request_headers
+from gateway.upstreams.http import HttpUpstream, release_after_eof, request_headers
 
 if TYPE_CHECKING:
     from gateway.server import Gateway, RequestContext
@@ -59,7 +59,10 @@ async def upstream_events(resp: aiohttp.ClientResponse, dialect_name: str) -> As
         if not dec.ended_cleanly():
             raise UpstreamStreamError("upstream stream ended before its terminator", code="upstream_truncated")
     finally:
-        resp.close()
+        if dec.done():  # complete: the connection goes back to the pool once the body ends
+            release_after_eof(resp)
+        else:
+            resp.close()
 
 
 class Pipeline:

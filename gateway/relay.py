@@ -14,10 +14,11 @@ from aiohttp import web
 
 from gateway.dialects.sse import MAX_EVENT_BYTES
 from gateway.upstreams.base import UpstreamError
-from gateway.upstreams.http import response_headers
+from gateway.upstreams.http import release_after_eof, response_headers
 
 SMALL_BODY = 1 << 20  # non-SSE bodies up to this size are read whole and sent with Content-Length
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DONE = b"data: [DONE]"  # the OpenAI stream terminator
 
 
 def last_event_end(buf: bytes | bytearray, start: int = 0) -> int:
@@ -42,11 +43,14 @@ def is_sse(headers: object) -> bool:
 async def relay_response(request: web.Request, upstream_resp: aiohttp.ClientResponse,
                          extra_headers: dict[str, str], error_frame: Callable[[str, str], bytes],
                          terminator: bytes | None = None) -> web.StreamResponse:
-    """Send an upstream response to the client as it arrives. The caller closes `upstream_resp`.
+    """Send an upstream response to the client as it arrives. The caller closes `upstream_resp`
+    (unless it is `draining`, see below).
 
     `error_frame(message, code)` renders the event that ends a failed SSE stream in the client's
     dialect. `terminator`, when given, is a byte string the stream's last events must contain
-    (``data: [DONE]``): a clean EOF without it is a truncation, and the client is told so.
+    (``data: [DONE]``): a clean EOF without it is a truncation, and the client is told so. After
+    ``data: [DONE]`` the client's response ends at once and the upstream connection is released
+    once its body ends (`release_after_eof`): the caller must not close a `draining` response.
     """
     headers = response_headers(upstream_resp.headers)
     headers.update(extra_headers)
@@ -74,13 +78,16 @@ async def relay_response(request: web.Request, upstream_resp: aiohttp.ClientResp
 
     pending = bytearray()
     seen = terminator is None
+    last = terminator == DONE  # nothing may follow it: the response can end right there
     try:
         async for chunk in upstream_resp.content.iter_any():
             if not pending and (chunk.endswith(b"\n\n") or chunk.endswith(b"\r\n\r\n")):
                 # the common case: whole events, nothing held back; no copy, no search
+                await out.write(chunk)
                 if not seen and terminator in chunk:  # type: ignore[operator]
                     seen = True
-                await out.write(chunk)
+                    if last:
+                        return await _finish(out, upstream_resp)
                 continue
             # everything before `pending` was flushed at an event end: a new end can only be in
             # the new bytes (or straddle their start), so only those are searched
@@ -89,10 +96,14 @@ async def relay_response(request: web.Request, upstream_resp: aiohttp.ClientResp
             end = last_event_end(pending, start)
             if end:
                 block = bytes(pending[:end])
-                if not seen and terminator in block:  # type: ignore[operator]
-                    seen = True
                 await out.write(block)
                 del pending[:end]
+                if not seen and terminator in block:  # type: ignore[operator]
+                    seen = True
+                    if last:
+                        if pending.strip():
+                            await out.write(bytes(pending))  # bytes after the terminator: pass them on as they are
+                        return await _finish(out, upstream_resp)
             elif len(pending) > MAX_EVENT_BYTES:
                 await out.write(error_frame(f"upstream SSE event larger than {MAX_EVENT_BYTES} bytes",
                                             "upstream_event_too_large"))
@@ -112,5 +123,13 @@ async def relay_response(request: web.Request, upstream_resp: aiohttp.ClientResp
     elif not seen:
         # A clean EOF without the terminator: the SDKs would end quietly and hide the truncation.
         await out.write(error_frame("the upstream stream ended before its terminator", "upstream_truncated"))
+    await out.write_eof()
+    return out
+
+
+async def _finish(out: web.StreamResponse, upstream_resp: aiohttp.ClientResponse) -> web.StreamResponse:
+    """The terminator is out: end the client's response now (the SDKs hang up at [DONE] anyway) and
+    let the upstream connection go back to the pool once its body ends, without waiting for that."""
+    release_after_eof(upstream_resp)
     await out.write_eof()
     return out

@@ -27,7 +27,7 @@ from gateway.relay import relay_response
 from gateway.telemetry import Telemetry
 from gateway.types import Exchange
 from gateway.upstreams.base import NeutralUpstream, UpstreamError
-from gateway.upstreams.http import HttpUpstream, request_headers
+from gateway.upstreams.http import HttpUpstream, draining, request_headers
 
 log = logging.getLogger("guardgate")
 access_log = logging.getLogger("guardgate.access")
@@ -262,7 +262,8 @@ class Gateway:
                                         functools.partial(_relay_error_frame, ctx.dialect),
                                         _STREAM_TERMINATORS.get((ctx.dialect, ctx.tail)))
         finally:
-            resp.close()
+            if not draining(resp):  # a finished stream's connection may be on its way back to the pool
+                resp.close()
 
 
 # ---------------------------------------------------------------------- app factory

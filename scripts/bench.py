@@ -18,9 +18,10 @@ Targets that are not installed are skipped, and the run says so. To install them
            (a separate venv, so its pinned dependencies never touch ours; or set LITELLM_BIN)
   wrk      apt-get install -y wrk   (optional: the max-RPS load generator; else an aiohttp client)
 
-Latency: requests one at a time, interleaved round-robin over the targets (machine noise hits all
-alike), after a warm-up: a non-stream JSON request, and a stream (time to first byte = TTFT, and
-time to the last byte). "Added" = target p50/p99 minus direct p50/p99. Max RPS: `--concurrency`
+Latency: requests one at a time, in rounds over all targets in a shuffled order (machine noise hits
+all alike), after a warm-up: a non-stream JSON request, and a stream (time to first byte = TTFT, and
+time to the last byte). "Added" p50 = the median over rounds of (target - direct) in that round;
+added p99 = target p99 minus direct p99. Max RPS: `--concurrency`
 connections for `--seconds`, non-stream and stream, in `--rounds` rounds over all targets (median).
 Goals (issue 9): relay added p50 ≤ 2× nginx's and ≤ 0.05× LiteLLM's, relay max RPS ≥ 30× LiteLLM's.
 """
@@ -334,7 +335,10 @@ def report(direct: Target, targets: list[Target], skipped: list[Target], a: argp
     for t in targets:
         ad = {}
         for k in KINDS:
-            ad[f"{k}_p50"] = pct(t.lat[k], 0.5) - pct(direct.lat[k], 0.5)
+            # p50: the median of per-round differences (target and direct measured back to back in
+            # the same round), which cancels slow drifts in machine load; p99: p99 minus p99
+            diffs = [x - y for x, y in zip(t.lat[k], direct.lat[k], strict=True)]
+            ad[f"{k}_p50"] = pct(diffs, 0.5)
             ad[f"{k}_p99"] = pct(t.lat[k], 0.99) - pct(direct.lat[k], 0.99)
         ad["per_chunk"] = ad["stream_p50"] / (a.chunks + 2)
         added[t.name] = ad

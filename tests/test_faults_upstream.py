@@ -35,7 +35,7 @@ from faults import (
     truncated_at_boundary,
     truncated_mid_event,
 )
-from harness import oa_completion, wait_until
+from harness import oa_completion, stream_frames, wait_until
 
 
 def no_leaks(st) -> None:
@@ -217,22 +217,28 @@ def test_non_stream_body_fault(make_stack, tmp_path, path: str, fault: str, stat
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_upstream_connection_reused_after_a_clean_stream(make_stack, tmp_path, path: str) -> None:
+@pytest.mark.parametrize("eof_after", [0.0, 0.1])
+def test_upstream_connection_reused_after_a_clean_stream(make_stack, tmp_path, path: str, eof_after: float) -> None:
     """A stream that ended cleanly hands its upstream connection back to the pool (no new TCP or TLS
-    handshake per request, no reset seen by the upstream) on every path. (Known limit: when the
-    body's last chunk comes well after [DONE] and the client hangs up at [DONE], as the SDKs do,
-    the connection is closed instead.)"""
+    handshake per request, no reset seen by the upstream) on every path: also when the body's end
+    comes well after [DONE] and the client (the SDKs do) hangs up at [DONE]; the client is not kept
+    waiting for that end either."""
     ports: list[int] = []
 
     async def handler(request: web.Request, up) -> web.StreamResponse:
         ports.append(request.transport.get_extra_info("peername")[1])
-        return await h_frames(frames())(request, up)
+        resp = await stream_frames(request, frames(), eof=False)
+        await asyncio.sleep(eof_after)
+        await resp.write_eof()
+        return resp
 
     st = make_path_stack(make_stack, path, tmp_path, handler)
-    for _ in range(3):
+    for i in range(3):
+        t0 = time.monotonic()
         out = read_stream(st, path)
         assert out.error is None and out.text == FULL
-    assert wait_until(lambda: st.upstream.completed == 3)
+        assert time.monotonic() - t0 < 0.1 + eof_after * 0.5 or eof_after == 0
+        assert wait_until(lambda i=i: st.upstream.completed == i + 1)
     assert st.upstream.disconnects == 0
     assert len(set(ports)) == 1, ports
     no_leaks(st)

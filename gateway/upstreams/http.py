@@ -7,7 +7,9 @@ what its bytes mean.
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import weakref
 from collections.abc import Mapping
 
 import aiohttp
@@ -59,6 +61,44 @@ def response_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]:
         if k.lower() not in drop:
             out.add(k, v)
     return out
+
+
+_DRAINING: weakref.WeakSet[aiohttp.ClientResponse] = weakref.WeakSet()
+_DRAIN_TASKS: set[asyncio.Task[None]] = set()
+
+
+def release_after_eof(resp: aiohttp.ClientResponse, timeout: float = 2.0, limit: int = 1 << 16) -> None:
+    """The stream is complete (its terminator came) but the body's end may not have arrived yet:
+    read it in the background and hand the connection back to the pool, so the next request needs
+    no new TCP/TLS handshake; close it instead if more than `limit` bytes or no end comes within
+    `timeout`. Nobody waits for this. The caller must not close `resp` afterwards (see `draining`)."""
+    if resp.content.at_eof():
+        resp.release()
+        return
+
+    async def drain() -> None:
+        try:
+            n = 0
+            async with asyncio.timeout(timeout):
+                while chunk := await resp.content.readany():
+                    n += len(chunk)
+                    if n > limit:
+                        raise ValueError("too much data after the stream's terminator")
+            resp.release()  # at EOF: the connection goes back to the pool
+        except BaseException:
+            resp.close()
+        finally:
+            _DRAINING.discard(resp)
+
+    _DRAINING.add(resp)
+    task = asyncio.get_running_loop().create_task(drain())
+    _DRAIN_TASKS.add(task)
+    task.add_done_callback(_DRAIN_TASKS.discard)
+
+
+def draining(resp: aiohttp.ClientResponse) -> bool:
+    """True while `release_after_eof` owns `resp`."""
+    return resp in _DRAINING
 
 
 class HttpUpstream:
