@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,6 +112,15 @@ def new_request_id() -> str:
     """32 hex characters, like uuid4().hex: a random per-process prefix and a counter. Ids must be
     unique, not unguessable; uuid4 per request was ~2% of the relay's CPU (urandom syscall)."""
     return f"{_ID_PREFIX}{next(_ID_SEQ):016x}"
+
+
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id_for(request: web.Request) -> str:
+    """The client's X-Request-Id when it is a sane token (it lands in logs and the audit), else ours."""
+    rid = request.headers.get("X-Request-Id")
+    return rid if rid is not None and _CLIENT_ID.fullmatch(rid) else new_request_id()
 
 
 def split_prefix(path: str) -> tuple[str, str, str] | None:
@@ -212,7 +222,7 @@ class Gateway:
         if split is None:  # routed here only for dialect prefixes; defensive
             raise web.HTTPNotFound()
         prefix, dialect, tail = split
-        ctx = RequestContext(id=request.headers.get("X-Request-Id") or new_request_id(), dialect=dialect,
+        ctx = RequestContext(id=request_id_for(request), dialect=dialect,
                              prefix=prefix, tail=tail)
         request[CTX_KEY] = ctx
         try:
@@ -318,7 +328,7 @@ def _errors_middleware() -> Any:
             dialect = split[1] if split else ("llama" if request.path.startswith("/llama/") else "openai")
             code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status, "error")
             msg = f"{request.method} {request.path}: {e.reason}"
-            return error_response(dialect, GatewayError(e.status, msg, code), request.headers.get("X-Request-Id", ""))
+            return error_response(dialect, GatewayError(e.status, msg, code), request_id_for(request))
         except (asyncio.CancelledError, ConnectionResetError):
             raise
         except Exception:

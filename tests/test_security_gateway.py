@@ -298,3 +298,15 @@ def test_config_with_a_literal_key_refused(tmp_path) -> None:
     os.chmod(p, 0o600)
     with pytest.raises(ConfigError, match="environment variable"):
         load_file(p)
+
+
+def test_client_request_id_kept_only_when_sane(stack) -> None:
+    import httpx as _httpx
+
+    ok = _httpx.post(stack.url + "/v1/chat/completions", json={"model": "m", "messages": []},
+                     headers={"X-Request-Id": "trace-123.abc"})
+    assert ok.headers["X-Guardgate-Request-Id"] == "trace-123.abc"
+    huge = _httpx.post(stack.url + "/v1/chat/completions", json={"model": "m", "messages": []},
+                       headers={"X-Request-Id": "x" * 5000})
+    rid = huge.headers["X-Guardgate-Request-Id"]
+    assert len(rid) == 32 and rid != "x" * 5000
