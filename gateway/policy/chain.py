@@ -27,7 +27,7 @@ from gateway.guards.base import GuardInput
 from gateway.policy.gate import GateResult, StreamGate
 from gateway.policy.record import StepRecord, flagged_action, strongest
 from gateway.policy.reload import PolicyStore
-from gateway.policy.schema import Policy, PolicyError, Step, load_policy, parse_policy_text
+from gateway.policy.schema import Policy, PolicyError, Step, load_policy, parse_policy_text, run_step
 from gateway.types import (
     Annotation,
     Completion,
@@ -111,23 +111,9 @@ class PolicyRun:
         return decision
 
     async def _input_step(self, step: Step, exchange: Exchange) -> Verdict:
-        t0 = time.perf_counter()
-        try:
-            if step.unavailable:
-                raise RuntimeError(step.unavailable)
-            inp = GuardInput(stage="input", messages=exchange.messages, request_id=self.request_id,
-                             context={"model": exchange.model, "route": self.route, "key": self.key})
-            async with asyncio.timeout(step.timeout_s):
-                v = await step.guard.check(inp)
-            if not isinstance(v, Verdict):
-                raise TypeError(f"guard returned {type(v).__name__}, not a Verdict")
-            return v
-        except TimeoutError:
-            return Verdict(guard=step.guard_name, error=f"timeout after {step.timeout_s * 1000:.0f} ms",
-                           latency_ms=(time.perf_counter() - t0) * 1000)
-        except Exception as e:
-            return Verdict(guard=step.guard_name, error=f"{type(e).__name__}: {e}",
-                           latency_ms=(time.perf_counter() - t0) * 1000)
+        inp = GuardInput(stage="input", messages=exchange.messages, request_id=self.request_id,
+                         context={"model": exchange.model, "route": self.route, "key": self.key})
+        return await run_step(step, lambda: step.guard.check(inp))
 
     def _input_verdict(self, step: Step, v: Verdict, decision: InputDecision) -> None:
         rec = self.records[step]

@@ -33,16 +33,15 @@ import asyncio
 import bisect
 import logging
 import math
-import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 from gateway.guards.base import GuardInput, StreamCheck
 from gateway.policy.record import StepRecord, flagged_action, strongest
-from gateway.policy.schema import Step
+from gateway.policy.schema import Step, run_step
 from gateway.policy.tokens import count_tokens, token_starts
 from gateway.types import (
     Annotation,
@@ -347,24 +346,12 @@ class StreamGate:
         return step.guard.open_stream(self.messages, self.request_id)
 
     async def _check(self, st: _StepState, text: str, window_start: int, final: bool) -> Verdict:
-        step = st.step
-        t0 = time.perf_counter()
-        try:
-            if step.unavailable:
-                raise RuntimeError(step.unavailable)
+        def call() -> Awaitable[Verdict]:
             if st.checker is None:
-                st.checker = self._open(step)
-            async with asyncio.timeout(step.timeout_s):
-                v = await st.checker.check(text, window_start, final)
-            if not isinstance(v, Verdict):
-                raise TypeError(f"guard returned {type(v).__name__}, not a Verdict")
-            return v
-        except TimeoutError:
-            return Verdict(guard=step.guard_name, error=f"timeout after {step.timeout_s * 1000:.0f} ms",
-                           latency_ms=(time.perf_counter() - t0) * 1000)
-        except Exception as e:
-            return Verdict(guard=step.guard_name, error=f"{type(e).__name__}: {e}",
-                           latency_ms=(time.perf_counter() - t0) * 1000)
+                st.checker = self._open(st.step)
+            return st.checker.check(text, window_start, final)
+
+        return await run_step(st.step, call)
 
     def _on_check(self, c: _Choice, st: _StepState, task: asyncio.Task[Verdict]) -> None:
         if st.task is not task:

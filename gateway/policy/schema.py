@@ -18,6 +18,8 @@ import asyncio
 import importlib
 import logging
 import re
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -37,6 +39,27 @@ DEFAULT_CHECK_EVERY = 32
 DEFAULT_NOTICE = "[redacted]"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s)?\s*$")
+
+
+
+async def run_step(step: Step, call: Callable[[], Awaitable[Verdict]]) -> Verdict:
+    """One guard call under the step's timeout. Never raises: a guard that crashed, timed out, is
+    unavailable or answered nonsense becomes a Verdict with `error` set (never a pass)."""
+    t0 = time.perf_counter()
+    try:
+        if step.unavailable:
+            raise RuntimeError(step.unavailable)
+        async with asyncio.timeout(step.timeout_s):
+            v = await call()
+        if not isinstance(v, Verdict):
+            raise TypeError(f"guard returned {type(v).__name__}, not a Verdict")
+        return v
+    except TimeoutError:
+        return Verdict(guard=step.guard_name, error=f"timeout after {step.timeout_s * 1000:.0f} ms",
+                       latency_ms=(time.perf_counter() - t0) * 1000)
+    except Exception as e:
+        return Verdict(guard=step.guard_name, error=f"{type(e).__name__}: {e}",
+                       latency_ms=(time.perf_counter() - t0) * 1000)
 
 
 class PolicyError(ConfigError):
