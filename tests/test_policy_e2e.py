@@ -272,3 +272,27 @@ def test_input_guard_error_blocks_by_default(guarded, tmp_path) -> None:
     r = httpx.post(st.url + "/v1/chat/completions", json={"model": "m", "messages": MSG})
     assert r.status_code == 400 and r.json()["error"]["code"] == "content_filter"
     assert "failed" in r.json()["error"]["message"]
+
+
+def test_policy_chosen_per_model_glob_and_per_key(make_stack, tmp_path, monkeypatch) -> None:
+    """Routes pick a policy by model glob; a gateway key's policy overrides the route's."""
+    strict = regex_policy(tmp_path)  # blocks the phrase
+    (tmp_path / "open").mkdir()
+    lax = policy_file(tmp_path / "open", "mode: shadow\n", name="lax")
+    monkeypatch.setenv("GG_KEY_A", "key-a")
+    monkeypatch.setenv("GG_KEY_B", "key-b")
+    store = PolicyStore(required=[strict, lax])
+    st = make_stack({"upstreams": {"main": {"base_url": "SCRIPTED"}},
+                     "routes": [{"model": "guarded-*", "upstream": "main", "policy": strict},
+                                {"upstream": "main"}],
+                     "keys": [{"name": "a", "key_env": "GG_KEY_A"},
+                              {"name": "b", "key_env": "GG_KEY_B", "policy": lax}]},
+                    handler=answer_handler(), policies=store)
+
+    def finish(model: str, key: str) -> str:
+        chunks = list(st.openai(api_key=key).chat.completions.create(model=model, messages=MSG, stream=True))
+        return [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason][0]
+
+    assert finish("guarded-1", "key-a") == "content_filter"  # route policy
+    assert finish("plain-1", "key-a") == "stop"  # no policy on this route: byte relay
+    assert finish("guarded-1", "key-b") == "stop"  # the key's (shadow) policy wins over the route's
