@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway import dialects
 from gateway.config import GatewayConfig, GatewayKey, Route
@@ -341,6 +342,23 @@ def _errors_middleware() -> Any:
     return mw
 
 
+class _BadRequestLogFilter(logging.Filter):
+    """aiohttp logs every malformed request (bad header, bad request line) at ERROR with a traceback:
+    a client can fill the logs at will. Keep one line, at INFO, without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "malformed request refused: %s", (str(exc.message).strip().splitlines()[0],)
+            record.exc_info = record.exc_text = None
+            return logging.getLogger("aiohttp.server").isEnabledFor(logging.INFO)
+        return True
+
+
+_BAD_REQUEST_FILTER = _BadRequestLogFilter()
+
+
 def create_app(gw: Gateway) -> web.Application:
     app = web.Application(
         client_max_size=gw.cfg.limits.max_body_bytes,
@@ -349,6 +367,7 @@ def create_app(gw: Gateway) -> web.Application:
                       "max_line_size": gw.cfg.limits.max_header_bytes},
     )
     app[GATEWAY_KEY] = gw
+    logging.getLogger("aiohttp.server").addFilter(_BAD_REQUEST_FILTER)  # idempotent
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
