@@ -21,7 +21,7 @@ from gateway.dialects.base import DialectError, UpstreamStreamError
 from gateway.relay import SSE_HEADERS
 from gateway.types import Event, Exchange
 from gateway.upstreams.base import NeutralUpstream, UpstreamError
-from gateway.upstreams.http import HttpUpstream, release_after_eof, request_headers
+from gateway.upstreams.http import HttpUpstream, release_after_eof
 
 if TYPE_CHECKING:
     from gateway.server import Gateway, RequestContext
@@ -155,9 +155,7 @@ class Pipeline:
 
             ud = dialects.get(upstream.dialect)
             up_body = json.dumps(ud.encode_request(ex), separators=(",", ":")).encode()
-            headers = request_headers(request.headers, upstream.auth_header(request.headers.get("Authorization"),
-                                                                            bool(self.gw._keys)), ctx.id,
-                                      {"Content-Type": "application/json"})
+            headers = self.gw.upstream_headers(request, ctx, upstream, {"Content-Type": "application/json"})
             send = asyncio.ensure_future(
                 self.gw.telemetry.send(upstream, "POST", ctx.tail, request.query_string, headers, up_body))
             if input_task is not None:
@@ -252,8 +250,7 @@ class Pipeline:
             models = [{"id": m, "created": 0, "owned_by": "guardgate"} for m in await upstream.models()]
         else:
             ud = dialects.get(upstream.dialect)
-            headers = request_headers(request.headers, upstream.auth_header(request.headers.get("Authorization"),
-                                                                            bool(self.gw._keys)), ctx.id)
+            headers = self.gw.upstream_headers(request, ctx, upstream)
             resp = await upstream.send("GET", "/models", "", headers, None)
             try:
                 raw = await resp.read()

@@ -22,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from multidict import CIMultiDict
 
 from gateway import dialects
 from gateway.config import GatewayConfig, GatewayKey, Route
@@ -209,6 +210,12 @@ class Gateway:
             raise GatewayError(413, f"request body exceeds the limit of {limit} bytes",
                                "request_too_large") from None
 
+    def upstream_headers(self, request: web.Request, ctx: RequestContext, upstream: HttpUpstream,
+                         extra: dict[str, str] | None = None) -> CIMultiDict[str]:
+        """The client's headers for the upstream: hop-by-hop dropped, the right Authorization set."""
+        auth = upstream.auth_header(request.headers.get("Authorization"), gateway_keys_on=bool(self._keys))
+        return request_headers(request.headers, auth, ctx.id, extra)
+
     def policy_name(self, ctx: RequestContext) -> str | None:
         if self.cfg.policy:
             return self.cfg.policy
@@ -263,8 +270,7 @@ class Gateway:
     async def relay(self, request: web.Request, ctx: RequestContext, upstream: HttpUpstream,
                     body: bytes) -> web.StreamResponse:
         """Byte for byte: no parse, no re-encode."""
-        headers = request_headers(request.headers, upstream.auth_header(request.headers.get("Authorization"),
-                                                                        bool(self._keys)), ctx.id)
+        headers = self.upstream_headers(request, ctx, upstream)
         resp = await self.telemetry.send(upstream, request.method, ctx.tail, request.query_string, headers,
                                    body if body else None)
         try:
