@@ -5,7 +5,8 @@ from __future__ import annotations
 from gateway.dialects import llama_api, openai
 from gateway.dialects.base import Dialect, DialectError, UpstreamStreamError
 
-_DIALECTS: dict[str, Dialect] = {"openai": openai.dialect, "llama": llama_api.dialect}
+# Each dialect module exposes the `Dialect` functions at module level, so the module is the dialect.
+_DIALECTS: dict[str, Dialect] = {"openai": openai, "llama": llama_api}  # type: ignore[dict-item]
 _ALIASES = {"llama_api": "llama", "llama-api": "llama"}
 
 NAMES = tuple(_DIALECTS)

@@ -73,6 +73,7 @@ from gateway.types import (
 )
 
 NAME = "llama"
+name = NAME  # the module itself is the `Dialect` (see gateway/dialects/__init__.py)
 ROLES = frozenset(("system", "user", "assistant", "tool"))
 STOP_REASONS = frozenset(("stop", "tool_calls", "length", "content_filter"))
 _STOP_IN = {"end_of_turn": "stop", "end_of_message": "stop", "out_of_tokens": "length"}
@@ -790,28 +791,3 @@ def decode_moderation_response(body: bytes) -> list[ModerationResult]:
             }
         )
     return out
-
-
-# --------------------------------------------------------------------------- the dialect object
-
-
-class LlamaDialect:
-    name = NAME
-    decode_request = staticmethod(decode_request)
-    encode_request = staticmethod(encode_request)
-    decode_response = staticmethod(decode_response)
-    encode_response = staticmethod(encode_response)
-    stream_decoder = staticmethod(stream_decoder)
-    stream_encoder = staticmethod(stream_encoder)
-    error_body = staticmethod(error_body)
-    decode_error = staticmethod(decode_error)
-    encode_model = staticmethod(encode_model)
-    encode_models = staticmethod(encode_models)
-    decode_models = staticmethod(decode_models)
-    decode_moderation_request = staticmethod(decode_moderation_request)
-    encode_moderation_request = staticmethod(encode_moderation_request)
-    encode_moderation_response = staticmethod(encode_moderation_response)
-    decode_moderation_response = staticmethod(decode_moderation_response)
-
-
-dialect = LlamaDialect()

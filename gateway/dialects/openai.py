@@ -78,6 +78,7 @@ from gateway.types import (
 )
 
 NAME = "openai"
+name = NAME  # the module itself is the `Dialect` (see gateway/dialects/__init__.py)
 ROLES = frozenset(("system", "developer", "user", "assistant", "tool", "function"))
 FINISH_REASONS = frozenset(("stop", "length", "tool_calls", "content_filter", "function_call"))
 # Field a translated request uses for the token limit: the one every OpenAI-compatible server
@@ -937,28 +938,3 @@ def decode_moderation_response(body: bytes) -> list[ModerationResult]:
 
 
 assert set(CODE_TO_OPENAI) <= set(LLAMA_GUARD_CATEGORIES)
-
-
-# --------------------------------------------------------------------------- the dialect object
-
-
-class OpenAIDialect:
-    name = NAME
-    decode_request = staticmethod(decode_request)
-    encode_request = staticmethod(encode_request)
-    decode_response = staticmethod(decode_response)
-    encode_response = staticmethod(encode_response)
-    stream_decoder = staticmethod(stream_decoder)
-    stream_encoder = staticmethod(stream_encoder)
-    error_body = staticmethod(error_body)
-    decode_error = staticmethod(decode_error)
-    encode_model = staticmethod(encode_model)
-    encode_models = staticmethod(encode_models)
-    decode_models = staticmethod(decode_models)
-    decode_moderation_request = staticmethod(decode_moderation_request)
-    encode_moderation_request = staticmethod(encode_moderation_request)
-    encode_moderation_response = staticmethod(encode_moderation_response)
-    decode_moderation_response = staticmethod(decode_moderation_response)
-
-
-dialect = OpenAIDialect()
