@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from gateway.config import GatewayConfig, Route, UpstreamConfig, load_file
 from gateway.yamlio import ConfigError
@@ -85,9 +87,36 @@ def main_serve(args: argparse.Namespace) -> int:
     print(f"guardgate listening on http://{cfg.host}:{cfg.port} "
           f"(upstreams: {', '.join(f'{n}={u.base_url or u.model}' for n, u in cfg.upstreams.items())})",
           file=sys.stderr, flush=True)
-    web.run_app(app, host=cfg.host, port=cfg.port, print=None, access_log=None,
-                shutdown_timeout=cfg.shutdown_grace_s, handler_cancellation=True)
+    loop = asyncio.new_event_loop()
+    main_task = loop.create_task(_serve(app, cfg))
+    try:
+        loop.run_until_complete(main_task)
+    except (web.GracefulExit, KeyboardInterrupt):  # SIGTERM / SIGINT
+        pass
+    finally:
+        main_task.cancel()  # its `finally` runs the graceful cleanup
+        with contextlib.suppress(asyncio.CancelledError, web.GracefulExit, KeyboardInterrupt):
+            loop.run_until_complete(main_task)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
     return 0
+
+
+async def _serve(app: Any, cfg: GatewayConfig) -> None:
+    """`web.run_app`, with the fast front on the listening socket (gateway.fastpath). SIGINT/SIGTERM
+    raise GracefulExit; cleanup lets in-flight responses finish within shutdown_grace_s."""
+    from aiohttp import web
+
+    from gateway.fastpath import FastSite
+
+    runner = web.AppRunner(app, handle_signals=True, access_log=None, shutdown_timeout=cfg.shutdown_grace_s,
+                           handler_cancellation=True)
+    await runner.setup()
+    try:
+        await FastSite(runner, cfg.host, cfg.port).start()
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
 
 
 def _tune_gc() -> None:

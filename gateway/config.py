@@ -87,6 +87,7 @@ class GatewayConfig:
     audit_max_bytes: int = 0  # rotate the audit log past this size (0 = never)
     audit_backups: int = 5
     shutdown_grace_s: float = 30.0
+    fast_path: bool = True  # serve plain relay requests in gateway.fastpath (False: aiohttp serves all)
     source: str | None = None
 
     def route_for(self, path: str, model: str | None) -> Route | None:
@@ -131,7 +132,8 @@ def _upstream(name: str, obj: object, file: str | None) -> UpstreamConfig:
     )
 
 
-TOP_KEYS = {"listen", "upstreams", "routes", "keys", "limits", "policy", "policy_dirs", "audit", "shutdown_grace_s"}
+TOP_KEYS = {"listen", "upstreams", "routes", "keys", "limits", "policy", "policy_dirs", "audit", "shutdown_grace_s",
+            "fast_path"}
 
 
 def parse(obj: object, file: str | None = None) -> GatewayConfig:
@@ -173,6 +175,7 @@ def parse(obj: object, file: str | None = None) -> GatewayConfig:
         cfg.audit_max_bytes = af.get("max_bytes", int, 0)
         cfg.audit_backups = af.get("backups", int, 5)
     cfg.shutdown_grace_s = top.get("shutdown_grace_s", float, cfg.shutdown_grace_s)
+    cfg.fast_path = top.get("fast_path", bool, cfg.fast_path)
     if not cfg.upstreams:
         raise ConfigError("no upstreams defined", file, None)
     return cfg

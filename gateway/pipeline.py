@@ -78,11 +78,13 @@ class Pipeline:
     async def dispatch(self, request: web.Request, ctx: RequestContext, upstream: HttpUpstream | NeutralUpstream,
                        body: bytes, payload: Any) -> web.StreamResponse:
         policy = self._policy(ctx)
+        if self._relays(request.method, ctx, upstream, policy):
+            assert isinstance(upstream, HttpUpstream)
+            return await self.gw.relay(request, ctx, upstream, body)
         neutral = isinstance(upstream, NeutralUpstream)
         same = not neutral and upstream.dialect == ctx.dialect
         if request.method == "POST" and ctx.tail == "/chat/completions":
-            if neutral or not same or (policy is not None and policy.needs_inspection):
-                return await self.chat(request, ctx, upstream, body, policy)
+            return await self.chat(request, ctx, upstream, body, policy)
         elif request.method == "POST" and ctx.tail == "/moderations":
             served = await self.moderations(request, ctx, body, policy)
             if served is not None:
@@ -95,6 +97,20 @@ class Pipeline:
                                  "not_found")
         assert isinstance(upstream, HttpUpstream)
         return await self.gw.relay(request, ctx, upstream, body)
+
+    def relays(self, method: str, ctx: RequestContext, upstream: HttpUpstream | NeutralUpstream) -> bool:
+        """True when `dispatch` sends this request to the byte relay as it is (the fast front asks)."""
+        return self._relays(method, ctx, upstream, self._policy(ctx))
+
+    @staticmethod
+    def _relays(method: str, ctx: RequestContext, upstream: HttpUpstream | NeutralUpstream, policy: Any) -> bool:
+        if isinstance(upstream, NeutralUpstream) or upstream.dialect != ctx.dialect:
+            return False  # a local model, or a translation
+        if method == "POST" and ctx.tail == "/chat/completions":
+            return policy is None or not policy.needs_inspection
+        if method == "POST" and ctx.tail == "/moderations":
+            return _moderation_step(policy) is None  # else the policy's Llama Guard answers
+        return True
 
     # ------------------------------------------------------------------ chat
 

@@ -77,17 +77,19 @@ class GatewayError(Exception):
         self.retry = retry
 
 
+def error_headers(err: GatewayError, request_id: str) -> dict[str, str]:
+    retry = err.retry if err.retry is not None else err.status in (429, 502, 503, 504)
+    return {"X-Guardgate-Request-Id": request_id, "x-should-retry": "true" if retry else "false"}
+
+
 def error_response(dialect: str, err: GatewayError, request_id: str) -> web.Response:
     body = dialects.get(dialect).error_body(err.status, err.message, type=err.type, code=err.code,
                                             param=err.param)
-    headers = {"X-Guardgate-Request-Id": request_id}
-    retry = err.retry if err.retry is not None else err.status in (429, 502, 503, 504)
-    headers["x-should-retry"] = "true" if retry else "false"
-    return web.json_response(body, status=err.status, headers=headers)
+    return web.json_response(body, status=err.status, headers=error_headers(err, request_id))
 
 
 @functools.cache
-def _relay_error_frame(dialect: str, message: str, code: str) -> bytes:
+def relay_error_frame(dialect: str, message: str, code: str) -> bytes:
     """The frame that ends a relayed stream whose upstream failed mid-way."""
     enc = dialects.get(dialect).stream_encoder(Exchange(model="", messages=[], stream=True))
     return enc.error(message, code)
@@ -120,8 +122,11 @@ _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def request_id_for(request: web.Request) -> str:
+    return client_request_id(request.headers.get("X-Request-Id"))
+
+
+def client_request_id(rid: str | None) -> str:
     """The client's X-Request-Id when it is a sane token (it lands in logs and the audit), else ours."""
-    rid = request.headers.get("X-Request-Id")
     return rid if rid is not None and _CLIENT_ID.fullmatch(rid) else new_request_id()
 
 
@@ -182,11 +187,18 @@ class Gateway:
 
     # ------------------------------------------------------------------ helpers
 
+    @property
+    def keys_on(self) -> bool:
+        return bool(self._keys)
+
     def authenticate(self, request: web.Request) -> GatewayKey | None:
+        return self.check_key(request.headers.get("Authorization"))
+
+    def check_key(self, auth: str | None) -> GatewayKey | None:
         """The gateway key the client presented; compared in constant time against every key."""
         if not self._keys:
             return None
-        auth = request.headers.get("Authorization", "")
+        auth = auth or ""
         token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
         found: GatewayKey | None = None
         presented = token.encode()
@@ -247,25 +259,63 @@ class Gateway:
     async def _handle(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
         ctx.key = self.authenticate(request)
         body = await self.read_body(request) if request.can_read_body else b""
-        payload: Any = None
-        if body and request.method == "POST" and "json" in request.headers.get("Content-Type", "json"):
-            try:
-                payload = json.loads(body)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise GatewayError(400, f"request body is not valid JSON: {e}", "invalid_json") from None
-            if isinstance(payload, dict):
-                model = payload.get("model")
-                ctx.model = model if isinstance(model, str) else None
-                ctx.stream = payload.get("stream") is True
-        route = self.cfg.route_for(request.path, ctx.model)
+        payload = self._payload(ctx, request.method, request.headers.get("Content-Type"), body)
+        upstream = self._route(ctx, request.path)
+        return await self.pipeline.dispatch(request, ctx, upstream, body, payload)
+
+    @staticmethod
+    def _payload(ctx: RequestContext, method: str, ctype: str | None, body: bytes) -> Any:
+        """The JSON body of a POST (None for others); sets ctx.model and ctx.stream."""
+        if not body or method != "POST" or "json" not in (ctype if ctype is not None else "json"):
+            return None
+        try:
+            payload = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise GatewayError(400, f"request body is not valid JSON: {e}", "invalid_json") from None
+        if isinstance(payload, dict):
+            model = payload.get("model")
+            ctx.model = model if isinstance(model, str) else None
+            ctx.stream = payload.get("stream") is True
+        return payload
+
+    def _route(self, ctx: RequestContext, path: str) -> HttpUpstream | NeutralUpstream:
+        route = self.cfg.route_for(path, ctx.model)
         if route is None:
             if ctx.model is not None:
                 raise GatewayError(404, f"no route for model {ctx.model!r}", "model_not_found", param="model")
-            raise GatewayError(404, f"no route for {request.path}", "not_found")
+            raise GatewayError(404, f"no route for {path}", "not_found")
         ctx.route, ctx.upstream = route, route.upstream
         ctx.policy = self.policy_name(ctx)
-        upstream = self.upstreams[route.upstream]
-        return await self.pipeline.dispatch(request, ctx, upstream, body, payload)
+        return self.upstreams[route.upstream]
+
+    def fast_context(self, path: str, request_id: str | None) -> RequestContext | None:
+        """For the fast front (`gateway.fastpath`): a context for a dialect path, while it may serve
+        requests itself (ready, tracing off); else None (aiohttp's path serves it)."""
+        if not self.ready or self.telemetry.tracing:
+            return None
+        split = split_prefix(path)
+        if split is None:
+            return None
+        prefix, dialect, tail = split
+        return RequestContext(id=client_request_id(request_id), dialect=dialect, prefix=prefix, tail=tail)
+
+    def plan_relay(self, ctx: RequestContext, method: str, path: str, auth: str | None, ctype: str | None,
+                   body: bytes) -> HttpUpstream | None:
+        """The upstream when this request goes straight to the byte relay; None when it needs the
+        aiohttp path (guards, translation, a local model). Raises GatewayError as `handle` would."""
+        ctx.key = self.check_key(auth)
+        self._payload(ctx, method, ctype, body)
+        upstream = self._route(ctx, path)
+        if not isinstance(upstream, HttpUpstream) or not self.pipeline.relays(method, ctx, upstream):
+            return None
+        return upstream
+
+    def record_fast_request(self, ctx: RequestContext, status: int, method: str) -> None:
+        """Metrics and the access log line for a request the fast front served."""
+        ctx.status = status
+        self.telemetry.count_request(ctx, status, ctx.started)
+        if access_log.isEnabledFor(logging.INFO):
+            log_access(ctx, method, ctx.prefix + ctx.tail, status, ctx.started)
 
     async def relay(self, request: web.Request, ctx: RequestContext, upstream: HttpUpstream,
                     body: bytes) -> web.StreamResponse:
@@ -276,7 +326,7 @@ class Gateway:
         try:
             ctx.ttfb_ms = (time.perf_counter() - ctx.started) * 1000
             return await relay_response(request, resp, {"X-Guardgate-Request-Id": ctx.id},
-                                        functools.partial(_relay_error_frame, ctx.dialect),
+                                        functools.partial(relay_error_frame, ctx.dialect),
                                         _STREAM_TERMINATORS.get((ctx.dialect, ctx.tail)))
         finally:
             if not draining(resp):  # a finished stream's connection may be on its way back to the pool
@@ -304,21 +354,24 @@ def _access_log_middleware() -> Any:
         finally:
             ctx: RequestContext | None = request.get(CTX_KEY)
             if access_log.isEnabledFor(logging.INFO) and request.path not in ("/healthz", "/readyz", "/metrics"):
-                rec: dict[str, Any] = {
-                    "id": ctx.id if ctx else None, "method": request.method, "path": request.path,
-                    "status": ctx.status if ctx and ctx.status and status != 499 else status,
-                    "ms": round((time.perf_counter() - t0) * 1000, 2),
-                }
-                if ctx:
-                    rec.update(dialect=ctx.dialect, upstream=ctx.upstream, model=ctx.model,
-                               policy=ctx.policy, stream=ctx.stream)
-                    if ctx.ttfb_ms is not None:
-                        rec["ttfb_ms"] = round(ctx.ttfb_ms, 2)
-                    if ctx.outcome:
-                        rec["outcome"] = ctx.outcome
-                access_log.info(json.dumps(rec, separators=(",", ":")))
+                log_access(ctx, request.method, request.path,
+                           ctx.status if ctx and ctx.status and status != 499 else status, t0)
 
     return mw
+
+
+def log_access(ctx: RequestContext | None, method: str, path: str, status: int, t0: float) -> None:
+    """One JSON line per request: no keys, no content."""
+    rec: dict[str, Any] = {"id": ctx.id if ctx else None, "method": method, "path": path, "status": status,
+                           "ms": round((time.perf_counter() - t0) * 1000, 2)}
+    if ctx:
+        rec.update(dialect=ctx.dialect, upstream=ctx.upstream, model=ctx.model, policy=ctx.policy,
+                   stream=ctx.stream)
+        if ctx.ttfb_ms is not None:
+            rec["ttfb_ms"] = round(ctx.ttfb_ms, 2)
+        if ctx.outcome:
+            rec["outcome"] = ctx.outcome
+    access_log.info(json.dumps(rec, separators=(",", ":")))
 
 
 def _errors_middleware() -> Any:

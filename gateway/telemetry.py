@@ -402,14 +402,20 @@ class Telemetry:
 
         return telemetry_mw
 
+    def count_request(self, ctx: Any, status: int, t0: float) -> None:
+        """The request counter and duration histogram (`t0`: perf_counter at the request's start)."""
+        route = route_label(ctx)
+        dialect = getattr(ctx, "dialect", None) or "none"
+        self.m.requests.labels(route, dialect, str(status)).inc()
+        self.m.duration.labels(route, dialect).observe(time.perf_counter() - t0)
+
     def _end_request(self, st: _Request, status: int) -> None:
         ctx = st.ctx()
         if ctx is not None and ctx.status and status != 499:
             status = ctx.status
+        self.count_request(ctx, status, st.t0)
         route = route_label(ctx)
         dialect = getattr(ctx, "dialect", None) or "none"
-        self.m.requests.labels(route, dialect, str(status)).inc()
-        self.m.duration.labels(route, dialect).observe(time.perf_counter() - st.t0)
         span = st.span
         if span is None:
             return

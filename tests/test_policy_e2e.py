@@ -291,7 +291,7 @@ def test_policy_chosen_per_model_glob_and_per_key(make_stack, tmp_path, monkeypa
 
     def finish(model: str, key: str) -> str:
         chunks = list(st.openai(api_key=key).chat.completions.create(model=model, messages=MSG, stream=True))
-        return [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason][0]
+        return next(c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason)
 
     assert finish("guarded-1", "key-a") == "content_filter"  # route policy
     assert finish("plain-1", "key-a") == "stop"  # no policy on this route: byte relay

@@ -17,6 +17,7 @@ from multidict import CIMultiDict
 
 from gateway.config import UpstreamConfig
 from gateway.upstreams.base import UpstreamError
+from gateway.upstreams.pool import ConnectionPool
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus ones a proxy must not pass on as-is.
 HOP_BY_HOP = frozenset(
@@ -109,9 +110,11 @@ class HttpUpstream:
         self.name = cfg.name
         self.dialect = cfg.dialect
         self._session: aiohttp.ClientSession | None = None
+        self.pool: ConnectionPool | None = None  # the fast front's client (gateway.fastpath)
 
     async def start(self) -> None:
         t = self.cfg.timeouts
+        self.pool = ConnectionPool(self.cfg.base_url, limit=self.cfg.max_connections, connect_timeout=t.connect)
         connector = aiohttp.TCPConnector(limit=self.cfg.max_connections, ttl_dns_cache=300,
                                          family=socket.AF_UNSPEC, keepalive_timeout=30)
         self._session = aiohttp.ClientSession(
@@ -122,6 +125,8 @@ class HttpUpstream:
         )
 
     async def aclose(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -1,0 +1,747 @@
+"""The front door: a protocol that serves plain byte-relay requests itself and gives every other
+connection to aiohttp.
+
+Why: aiohttp's server and client together add ~0.5 ms per relayed request on 2 cores, nginx adds
+~0.12 ms, and a bare uvloop protocol relay ~0.13 ms (bench/raw_floor.py). Most traffic through a
+gateway whose policy does not inspect a route is plain relay, so that path is served here:
+requests parsed by httptools, responses by `upstreams.pool`, bytes written from callbacks.
+
+A request is served here only when all of these hold (`Gateway.plan_relay` decides the last ones
+with the same code the aiohttp handler uses): HTTP/1.1, GET or POST, a Content-Length body (or
+none) within the limits, no Expect/Upgrade, a dialect prefix without percent-escapes, a valid
+gateway key when keys are on, valid JSON, a route to an HTTP upstream of the same dialect, no
+policy that inspects this request, and tracing off. For anything else, including every error, the
+connection is handed to aiohttp's `RequestHandler` with the bytes read so far, and aiohttp serves
+it (and the rest of that connection) exactly as before. What the relay does is the same on both
+paths (`relay.py` is the aiohttp twin): hop-by-hop headers dropped, keys injected, request id,
+gzip decoded, SSE forwarded on event boundaries, a clean dialect error frame when the upstream
+fails or truncates a stream, 502/504 before the head, back-pressure both ways, and the upstream
+connection closed the moment the client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import zlib
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+
+import httptools
+from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
+
+from gateway import dialects
+from gateway.dialects.sse import MAX_EVENT_BYTES
+from gateway.relay import DONE, SMALL_BODY, last_event_end
+from gateway.server import _STREAM_TERMINATORS, GATEWAY_KEY, GatewayError, error_headers, relay_error_frame
+from gateway.upstreams.http import HOP_BY_HOP
+from gateway.upstreams.pool import UpstreamConnection, UpstreamDisconnected
+
+if TYPE_CHECKING:
+    from gateway.server import Gateway, RequestContext
+    from gateway.upstreams.http import HttpUpstream
+
+log = logging.getLogger("guardgate.fastpath")
+
+IDLE_TIMEOUT_S = 75.0  # a keep-alive client connection with no request for this long is closed (as aiohttp)
+DRAIN_TIMEOUT_S = 2.0  # after a stream's terminator: how long the rest of the upstream body may take
+DRAIN_LIMIT = 1 << 16
+PIPELINE_LIMIT = 1 << 16  # bytes of a next request buffered while one is in flight
+
+_DROP_REQUEST = frozenset(h.encode() for h in HOP_BY_HOP) | {
+    b"host", b"content-length", b"accept-encoding", b"authorization", b"expect", b"x-guardgate-request-id"}
+_DROP_RESPONSE = frozenset(h.encode() for h in HOP_BY_HOP) | {
+    b"content-length", b"content-encoding", b"date", b"server", b"x-guardgate-request-id"}
+_SSE_DROP = frozenset({b"cache-control", b"x-accel-buffering"})
+_SSE_HEADERS = b"Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\n"
+_SERVER = f"Server: {SERVER_SOFTWARE}\r\n".encode()
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+_NO_BODY = frozenset({204, 304})
+
+
+class _Date:
+    """`Date:` header line, formatted once per second."""
+
+    sec = -1
+    line = b""
+
+    @classmethod
+    def get(cls) -> bytes:
+        now = int(time.time())
+        if now != cls.sec:
+            cls.sec, cls.line = now, f"Date: {formatdate(now, usegmt=True)}\r\n".encode()
+        return cls.line
+
+
+def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Header names listed in `Connection:` (hop-by-hop too)."""
+    out: set[bytes] = set()
+    for k, v in headers:
+        if k.lower() == b"connection":
+            out.update(t.strip().lower() for t in v.split(b",") if t.strip())
+    return frozenset(out)
+
+
+def error_bytes(dialect: str, err: GatewayError, request_id: str, keep_alive: bool) -> bytes:
+    """A whole error response, as `server.error_response` renders it on aiohttp's path."""
+    body = json.dumps(dialects.get(dialect).error_body(err.status, err.message, type=err.type, code=err.code,
+                                                       param=err.param)).encode()
+    head = [b"HTTP/1.1 %d %s\r\n" % (err.status, _REASONS.get(err.status, "Error").encode())]
+    head += (f"{k}: {v}\r\n".encode() for k, v in error_headers(err, request_id).items())
+    head += (b"Content-Type: application/json; charset=utf-8\r\n", _SERVER, _Date.get(),
+             b"Content-Length: %d\r\n" % len(body))
+    if not keep_alive:
+        head.append(b"Connection: close\r\n")
+    return b"".join(head) + b"\r\n" + body
+
+
+class FastFront:
+    """Shared by all connections of one listening socket: the gateway, aiohttp's handler factory,
+    and the connections for graceful shutdown."""
+
+    def __init__(self, gw: Gateway, handler_factory: web.Server) -> None:
+        self.gw = gw
+        self.handler_factory = handler_factory
+        self.conns: set[FrontProtocol] = set()
+        self.closing = False
+        self.served = 0  # requests relayed here
+        self.handed_off = 0  # connections given to aiohttp
+        self.max_header = gw.cfg.limits.max_header_bytes
+        self.max_body = gw.cfg.limits.max_body_bytes
+
+    def __call__(self) -> FrontProtocol:
+        return FrontProtocol(self)
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop taking requests: idle connections close now, in-flight responses may finish within
+        `timeout` seconds, then what is left is cut."""
+        self.closing = True
+        for c in list(self.conns):
+            if c.relay is None and not c.raw:
+                c.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while any(c.relay is not None for c in self.conns):
+                    await asyncio.sleep(0.05)
+        for c in list(self.conns):
+            c.close()
+
+
+class FastSite(web.TCPSite):
+    """`web.TCPSite` whose connections start in the fast front (aiohttp gets them on hand-off)."""
+
+    front: FastFront | None = None
+
+    async def start(self) -> None:
+        self._runner._reg_site(self)
+        server = self._runner.server
+        assert server is not None
+        app = getattr(self._runner, "app", None)
+        self.front = FastFront(app[GATEWAY_KEY], server) if app is not None else None
+        factory: Any = self.front if self.front is not None and self.front.gw.cfg.fast_path else server
+        self._server = await asyncio.get_running_loop().create_server(
+            factory, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port)
+        self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
+
+    async def stop(self) -> None:
+        await super().stop()
+        if self.front is not None:
+            await self.front.shutdown(self._runner._shutdown_timeout)
+
+
+class FrontProtocol(asyncio.Protocol):
+    """One client connection while it is ours."""
+
+    def __init__(self, front: FastFront) -> None:
+        self.front = front
+        self.transport: asyncio.Transport | None = None
+        self.raw = bytearray()  # bytes of the request being read (replayed to aiohttp on hand-off)
+        self.relay: _Relay | None = None
+        self.writing_paused = False
+        self.reading_paused = False
+        self.last_active = time.monotonic()
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._new_request()
+
+    def _new_request(self) -> None:
+        self.parser = httptools.HttpRequestParser(self)
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.complete = False
+        self.keep_alive = False
+        self.method = b""
+        self.auth: str | None = None
+        self.ctype: str | None = None
+        self.request_id: str | None = None
+        self.refuse = False
+        self.head_done = False
+
+    # ---------------------------------------------------------------- connection
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.front.conns.add(self)
+        self._idle_timer = asyncio.get_running_loop().call_later(IDLE_TIMEOUT_S, self._idle_check)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.front.conns.discard(self)
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        if self.relay is not None:
+            self.relay.client_gone()
+            self.relay = None
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        if self.relay is not None:
+            self.relay.pause_upstream()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        if self.relay is not None:
+            self.relay.resume_upstream()
+
+    def _idle_check(self) -> None:
+        now = time.monotonic()
+        if self.relay is None and now - self.last_active >= IDLE_TIMEOUT_S:
+            self.close()
+            return
+        self._idle_timer = asyncio.get_running_loop().call_later(
+            max(1.0, IDLE_TIMEOUT_S - (now - self.last_active)), self._idle_check)
+
+    # ---------------------------------------------------------------- reading requests
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
+        self.raw += data
+        if self.relay is not None:  # a pipelined request: read once the response is out
+            if len(self.raw) > PIPELINE_LIMIT and self.transport is not None:
+                self.transport.pause_reading()
+                self.reading_paused = True
+            return
+        self._parse(data)
+
+    def _parse(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.refuse = True  # aiohttp answers the malformed request in its own way
+        if not self.refuse and not self.head_done and len(self.raw) > self.front.max_header:
+            self.refuse = True
+        if self.refuse:
+            self.hand_off()
+        elif self.complete:
+            self._start()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.head_done = True
+        p = self.parser
+        self.method = p.get_method()
+        head_len = self.raw.find(b"\r\n\r\n")
+        if (head_len < 0 or head_len > self.front.max_header or self.front.closing or p.get_http_version() != "1.1" or self.method not in (b"GET", b"POST")
+                or p.should_upgrade()):
+            self.refuse = True
+            return
+        for k, v in self.headers:
+            lk = k.lower()
+            if lk == b"authorization":
+                self.auth = v.decode("latin-1")
+            elif lk == b"content-type":
+                self.ctype = v.decode("latin-1")
+            elif lk == b"x-request-id":
+                self.request_id = v.decode("latin-1")
+            elif lk == b"transfer-encoding" or lk == b"expect":
+                self.refuse = True
+            elif lk == b"content-length":
+                try:
+                    if int(v) > self.front.max_body:
+                        self.refuse = True
+                except ValueError:
+                    self.refuse = True
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self.keep_alive = self.parser.should_keep_alive()  # llhttp forgets it once the callback returns
+
+    def hand_off(self) -> None:
+        """aiohttp takes this connection from here on, starting with the bytes of this request."""
+        tr = self.transport
+        if tr is None or tr.is_closing():
+            return
+        self.front.conns.discard(self)
+        self.front.handed_off += 1
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        handler = self.front.handler_factory()
+        tr.set_protocol(handler)
+        handler.connection_made(tr)
+        if self.reading_paused:
+            tr.resume_reading()
+        if self.raw:
+            handler.data_received(bytes(self.raw))
+        self.raw = bytearray()
+
+    # ---------------------------------------------------------------- serving
+
+    def _start(self) -> None:
+        body = b"".join(self.body)
+        head_end = self.raw.find(b"\r\n\r\n") + 4
+        if head_end < 4 or head_end + len(body) != len(self.raw):  # LF-only heads or pipelined bytes
+            self.hand_off()
+            return
+        keep_alive = self.keep_alive and not self.front.closing
+        plan = None
+        url = httptools.parse_url(self.url)
+        path = url.path.decode("latin-1")
+        ctx = None if "%" in path or url.fragment else self.front.gw.fast_context(path, self.request_id)
+        try:
+            if ctx is not None:
+                plan = self._plan(ctx, path, url.query, body)
+        except GatewayError as e:  # answered here as aiohttp's path would: the request is fully read
+            assert ctx is not None and self.transport is not None
+            self.raw = bytearray()
+            ctx.outcome = e.code
+            self.transport.write(error_bytes(ctx.dialect, e, ctx.id, keep_alive))
+            self.front.gw.record_fast_request(ctx, e.status, self.method.decode())
+            self.finished(keep_alive)
+            return
+        except Exception:  # anything odd: aiohttp's path decides and answers
+            log.debug("fast path declined a request", exc_info=True)
+        if plan is None:
+            self.hand_off()
+            return
+        upstream, request = plan
+        self.raw = bytearray()
+        self.front.served += 1
+        self.relay = _Relay(self, ctx, upstream, request, keep_alive)  # type: ignore[arg-type]
+        self.relay.start()
+
+    def _plan(self, ctx: RequestContext, path: str, query: bytes | None,
+              body: bytes) -> tuple[HttpUpstream, bytes] | None:
+        """The upstream and the request bytes for it, or None (aiohttp's path serves the request)."""
+        method = self.method.decode()
+        upstream = self.front.gw.plan_relay(ctx, method, path, self.auth, self.ctype, body)
+        if upstream is None or upstream.pool is None:
+            return None
+        pool = upstream.pool
+        target = pool.path.encode() + ctx.tail.encode()
+        if query:
+            target += b"?" + query
+        out = [method.encode(), b" ", target, b" HTTP/1.1\r\nHost: ", pool.host_header.encode(), b"\r\n"]
+        drop = _DROP_REQUEST | _connection_tokens(self.headers)
+        has_accept = has_ctype = False
+        for k, v in self.headers:
+            lk = k.lower()
+            if lk not in drop:
+                out += (k, b": ", v, b"\r\n")
+                has_accept = has_accept or lk == b"accept"
+                has_ctype = has_ctype or lk == b"content-type"
+        new_auth = upstream.auth_header(self.auth, gateway_keys_on=self.front.gw.keys_on)
+        if new_auth:
+            out += (b"Authorization: ", new_auth.encode("latin-1"), b"\r\n")
+        out += (b"X-Guardgate-Request-Id: ", ctx.id.encode(), b"\r\n")
+        if not has_accept:
+            out.append(b"Accept: */*\r\n")
+        out.append(b"Accept-Encoding: gzip, deflate\r\n")
+        if body or method == "POST":
+            if not has_ctype and body:
+                out.append(b"Content-Type: application/octet-stream\r\n")
+            out += (b"Content-Length: ", str(len(body)).encode(), b"\r\n")
+        out += (b"\r\n", body)
+        return upstream, b"".join(out)
+
+    def finished(self, keep_alive: bool) -> None:
+        """The response is out (or abandoned): next request, or close."""
+        self.relay = None
+        self.last_active = time.monotonic()
+        if not keep_alive or self.front.closing:
+            self.close()
+            return
+        self._new_request()
+        if self.reading_paused and self.transport is not None:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        if self.raw:  # a request that arrived while the last one was being answered
+            pending = bytes(self.raw)
+            self.raw = bytearray(pending)
+            self._parse(pending)
+
+
+class _Drain:
+    """After a stream's terminator: reads the rest of the upstream body so the connection can go
+    back to the pool; gives up (closes it) past `DRAIN_LIMIT` bytes or `DRAIN_TIMEOUT_S`."""
+
+    def __init__(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+        self.n = 0
+        asyncio.get_running_loop().call_later(DRAIN_TIMEOUT_S, self._expire)
+
+    def _expire(self) -> None:
+        if self.conn.sink is self:
+            self.conn.abort()
+
+    def on_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        pass
+
+    def on_body(self, data: bytes) -> None:
+        self.n += len(data)
+        if self.n > DRAIN_LIMIT:
+            self.conn.abort()
+
+    def on_end(self) -> None:
+        pass
+
+    def on_error(self, exc: Exception) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+class _Relay:
+    """One request relayed: sends it upstream, and is the sink its response flows through."""
+
+    def __init__(self, client: FrontProtocol, ctx: RequestContext, upstream: HttpUpstream, request: bytes,
+                 keep_alive: bool) -> None:
+        self.client = client
+        self.transport = client.transport
+        self.ctx = ctx
+        self.upstream = upstream
+        self.request = request
+        self.keep_alive = keep_alive
+        self.method = client.method.decode()
+        self.conn: UpstreamConnection | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.sent_at = 0.0
+        self.deadline: float | None = None
+        self.retried = False
+        self.done = False
+        self.head_sent = False
+        self.status = 0
+        self.out: list[bytes] = []
+        self.buffered: bytearray | None = None  # small non-SSE body, sent whole with Content-Length
+        self.head = b""
+        self.decoder: Any = None
+        self.sse = False
+        self.terminator: bytes | None = None
+        self.last = False
+        self.seen = True
+        self.pending = bytearray()
+
+    # ---------------------------------------------------------------- request
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._send())
+
+    async def _send(self) -> None:
+        t = self.upstream.cfg.timeouts
+        if t.total:
+            self.deadline = time.monotonic() + t.total
+        try:
+            conn = await self.upstream.pool.acquire()  # type: ignore[union-attr]
+        except TimeoutError:
+            self._error(504, f"upstream {self.upstream.name} timed out", "upstream_timeout")
+            return
+        except OSError as e:
+            self._error(502, f"cannot connect to upstream {self.upstream.name}: {e.strerror or e}",
+                        "upstream_unreachable")
+            return
+        if self.done:  # the client left while we connected
+            conn.pool._release(conn)
+            return
+        self.conn = conn
+        self.sent_at = time.monotonic()
+        if self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(self._next_check(), self._check_timeouts)
+        if self.client.writing_paused:
+            conn.pause()
+        conn.start(self, self.request)
+
+    def _next_check(self) -> float:
+        read = self.upstream.cfg.timeouts.read
+        return read if self.deadline is None else max(0.0, min(read, self.deadline - time.monotonic()))
+
+    def _check_timeouts(self) -> None:
+        self.timer = None
+        if self.done or self.conn is None:
+            return
+        now = time.monotonic()
+        read = self.upstream.cfg.timeouts.read
+        if (self.deadline is not None and now >= self.deadline) or (
+                not self.client.writing_paused and now - self.conn.last_read >= read):
+            conn, self.conn = self.conn, None
+            conn.abort()
+            self._failed(TimeoutError())
+            return
+        wait = read - (now - self.conn.last_read) if not self.client.writing_paused else read
+        if self.deadline is not None:
+            wait = min(wait, self.deadline - now)
+        self.timer = asyncio.get_running_loop().call_later(max(0.01, wait), self._check_timeouts)
+
+    def pause_upstream(self) -> None:
+        if self.conn is not None:
+            self.conn.pause()
+
+    def resume_upstream(self) -> None:
+        if self.conn is not None:
+            self.conn.resume()
+            self.conn.last_read = time.monotonic()  # a slow reader is not an idle upstream
+
+    def client_gone(self) -> None:
+        """The client closed its connection: drop the upstream request at once."""
+        if self.done:
+            return
+        self.ctx.outcome = self.ctx.outcome or "client_disconnected"
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        if self.conn is not None:
+            self.conn.abort()
+            self.conn = None
+        self._complete(499)
+
+    # ---------------------------------------------------------------- the response (ResponseSink)
+
+    def on_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        ctx = self.ctx
+        now = time.monotonic()
+        ctx.ttfb_ms = (time.perf_counter() - ctx.started) * 1000
+        self.client.front.gw.telemetry.m.upstream.labels(self.upstream.name, str(status)).observe(now - self.sent_at)
+        self.status = status
+        drop = _DROP_RESPONSE | _connection_tokens(headers)
+        ctype = b""
+        length: int | None = None
+        encoding = b""
+        for k, v in headers:
+            lk = k.lower()
+            if lk == b"content-type":
+                ctype = v
+            elif lk == b"content-length":
+                with contextlib.suppress(ValueError):
+                    length = int(v)
+            elif lk == b"content-encoding":
+                encoding = v.strip().lower()
+        self.sse = b"text/event-stream" in ctype
+        if encoding in (b"gzip", b"x-gzip"):
+            self.decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif encoding == b"deflate":
+            self.decoder = zlib.decompressobj()
+        elif encoding not in (b"", b"identity"):
+            drop = drop - {b"content-encoding"}  # not one we decode: the client gets it as it is
+        out = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, "Unknown").encode())]
+        for k, v in headers:
+            lk = k.lower()
+            if lk not in drop and not (self.sse and lk in _SSE_DROP):
+                out += (k, b": ", v, b"\r\n")
+        out += (b"X-Guardgate-Request-Id: ", ctx.id.encode(), b"\r\n", _SERVER, _Date.get())
+        if self.sse:
+            out.append(_SSE_HEADERS)
+            self.terminator = _STREAM_TERMINATORS.get((ctx.dialect, ctx.tail))
+            self.seen = self.terminator is None
+            self.last = self.terminator == DONE
+        if not self.keep_alive:
+            out.append(b"Connection: close\r\n")
+        if status in _NO_BODY:
+            self.head = b"".join(out) + b"\r\n"
+            self.buffered = bytearray()
+        elif not self.sse and length is not None and length <= SMALL_BODY:
+            self.head = b"".join(out)
+            self.buffered = bytearray()
+        else:
+            out.append(b"Transfer-Encoding: chunked\r\n\r\n")
+            self.out.append(b"".join(out))
+            self.head_sent = True
+
+    def on_body(self, data: bytes) -> None:
+        if self.done:
+            return
+        if self.decoder is not None:
+            try:
+                data = self.decoder.decompress(data)
+            except zlib.error:
+                self._fail_upstream("upstream sent a body that does not decompress")
+                return
+            if not data:
+                return
+        if self.buffered is not None:
+            self.buffered += data
+        elif self.sse:
+            self._sse(data)
+        else:
+            self._chunk(data)
+
+    def on_end(self) -> None:
+        if self.done:
+            return
+        if self.decoder is not None:
+            rest = self.decoder.flush()
+            self.decoder = None
+            if rest:
+                self.on_body(rest)
+        if self.buffered is not None:
+            if self.status in _NO_BODY:
+                self.out.append(self.head)
+            else:
+                self.out += (self.head, b"Content-Length: %d\r\n\r\n" % len(self.buffered), bytes(self.buffered))
+            self.head_sent = True
+        elif self.sse:
+            tail = bytes(self.pending).strip()
+            if tail.startswith(DONE):
+                self._chunk(tail + b"\n\n")  # a terminator missing only its blank line
+            elif tail:
+                self._error_frame("the upstream stream ended inside an event", "upstream_truncated")
+            elif not self.seen:
+                self._error_frame("the upstream stream ended before its terminator", "upstream_truncated")
+            self.out.append(b"0\r\n\r\n")
+        else:
+            self.out.append(b"0\r\n\r\n")
+        self.conn = None  # it goes back to the pool by itself
+        self._complete(self.status)
+
+    def on_error(self, exc: Exception) -> None:
+        self.conn = None  # already closed
+        if self.done:
+            return
+        if (isinstance(exc, UpstreamDisconnected) and exc.nothing_received and not self.retried
+                and self.status == 0 and self.task is not None and self.task.done()):
+            # A reused keep-alive connection the upstream had closed (it saw nothing of this request):
+            # send it once more on a fresh connection, as HTTP clients do for an idle close.
+            self.retried = True
+            self.task = asyncio.get_running_loop().create_task(self._send())
+            return
+        self._failed(exc)
+
+    def flush(self) -> None:
+        if self.out and self.transport is not None:
+            data = b"".join(self.out) if len(self.out) > 1 else self.out[0]
+            self.out.clear()
+            self.transport.write(data)
+        if self.done:
+            self._flushed_done()
+
+    # ---------------------------------------------------------------- SSE
+
+    def _chunk(self, data: bytes) -> None:
+        self.out += (b"%x\r\n" % len(data), data, b"\r\n")
+
+    def _error_frame(self, message: str, code: str) -> None:
+        self.ctx.outcome = self.ctx.outcome or code
+        self._chunk(relay_error_frame(self.ctx.dialect, message, code))
+
+    def _sse(self, chunk: bytes) -> None:
+        """As `relay.relay_response`: whole events only, the terminator ends the response."""
+        pending = self.pending
+        term = self.terminator
+        if not pending and (chunk.endswith(b"\n\n") or chunk.endswith(b"\r\n\r\n")):
+            self._chunk(chunk)
+            if not self.seen and term in chunk:  # type: ignore[operator]
+                self.seen = True
+                if self.last:
+                    self._end_at_terminator()
+            return
+        start = max(0, len(pending) - 3)
+        pending += chunk
+        end = last_event_end(pending, start)
+        if end:
+            block = bytes(pending[:end])
+            self._chunk(block)
+            del pending[:end]
+            if not self.seen and term in block:  # type: ignore[operator]
+                self.seen = True
+                if self.last:
+                    if pending.strip():
+                        self._chunk(bytes(pending))
+                    self._end_at_terminator()
+        elif len(pending) > MAX_EVENT_BYTES:
+            self._error_frame(f"upstream SSE event larger than {MAX_EVENT_BYTES} bytes", "upstream_event_too_large")
+            self.out.append(b"0\r\n\r\n")
+            conn, self.conn = self.conn, None
+            if conn is not None:
+                conn.abort()
+            self._complete(self.status)
+
+    def _end_at_terminator(self) -> None:
+        """[DONE] is out: end the client's response now; the upstream connection drains on its own."""
+        self.out.append(b"0\r\n\r\n")
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.detach(_Drain(conn))
+        self._complete(self.status)
+
+    # ---------------------------------------------------------------- failures and the end
+
+    def _fail_upstream(self, message: str) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abort()
+        self._failed(ValueError(message))
+
+    def _failed(self, exc: BaseException) -> None:
+        timeout = isinstance(exc, TimeoutError)
+        name = self.upstream.name
+        if not self.head_sent:
+            if self.buffered is not None:  # the head came, the body did not
+                msg = "upstream timed out while sending its answer" if timeout else \
+                    f"upstream failed while sending its answer: {exc}"
+            else:
+                msg = f"upstream {name} timed out" if timeout else f"upstream {name} failed: {exc}"
+            self._error(504 if timeout else 502, msg, "upstream_timeout" if timeout else "upstream_error")
+        elif self.sse:
+            self._error_frame("the upstream stream failed before it finished", "upstream_error")
+            self.out.append(b"0\r\n\r\n")
+            self._complete(self.status)
+            self.flush()
+        else:  # mid-body, no way to say so in HTTP/1.1 but to cut the connection
+            self.ctx.outcome = self.ctx.outcome or "upstream_error"
+            self.keep_alive = False
+            if self.transport is not None:
+                self.transport.abort()
+            self._complete(self.status)
+
+    def _error(self, status: int, message: str, code: str) -> None:
+        """An error answered before any of the upstream's response went out, in the client's dialect."""
+        if self.done:
+            return
+        self.ctx.outcome = code
+        self.out.append(error_bytes(self.ctx.dialect, GatewayError(status, message, code, type="api_error"),
+                                    self.ctx.id, self.keep_alive))
+        self.head_sent = True
+        self._complete(status)
+        self.flush()
+
+    def _complete(self, status: int) -> None:
+        """Record the request once; the client connection moves on after the next flush."""
+        if self.done:
+            return
+        self.done = True
+        self.status = status
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.client.front.gw.record_fast_request(self.ctx, status, self.method)
+        if status == 499:
+            self._flushed_done()
+
+    def _flushed_done(self) -> None:
+        if self.client.relay is self:
+            self.client.finished(self.keep_alive and self.status != 499)
