@@ -109,7 +109,7 @@ class FastFront:
         self.handler_factory = handler_factory
         self.conns: set[FrontProtocol] = set()
         self.closing = False
-        self.served = 0  # requests relayed here
+        self.served = 0  # requests answered here (relayed, or refused with an error)
         self.handed_off = 0  # connections given to aiohttp
         self.max_header = gw.cfg.limits.max_header_bytes
         self.max_body = gw.cfg.limits.max_body_bytes
@@ -142,7 +142,8 @@ class FastSite(web.TCPSite):
         server = self._runner.server
         assert server is not None
         app = getattr(self._runner, "app", None)
-        self.front = FastFront(app[GATEWAY_KEY], server) if app is not None else None
+        gw = app.get(GATEWAY_KEY) if app is not None else None
+        self.front = FastFront(gw, server) if gw is not None else None
         factory: Any = self.front if self.front is not None and self.front.gw.cfg.fast_path else server
         self._server = await asyncio.get_running_loop().create_server(
             factory, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
@@ -255,8 +256,8 @@ class FrontProtocol(asyncio.Protocol):
         p = self.parser
         self.method = p.get_method()
         head_len = self.raw.find(b"\r\n\r\n")
-        if (head_len < 0 or head_len > self.front.max_header or self.front.closing or p.get_http_version() != "1.1" or self.method not in (b"GET", b"POST")
-                or p.should_upgrade()):
+        if (head_len < 0 or head_len > self.front.max_header or self.front.closing
+                or p.get_http_version() != "1.1" or self.method not in (b"GET", b"POST") or p.should_upgrade()):
             self.refuse = True
             return
         for k, v in self.headers:
@@ -320,6 +321,7 @@ class FrontProtocol(asyncio.Protocol):
         except GatewayError as e:  # answered here as aiohttp's path would: the request is fully read
             assert ctx is not None and self.transport is not None
             self.raw = bytearray()
+            self.front.served += 1
             ctx.outcome = e.code
             self.transport.write(error_bytes(ctx.dialect, e, ctx.id, keep_alive))
             self.front.gw.record_fast_request(ctx, e.status, self.method.decode())
@@ -619,10 +621,11 @@ class _Relay:
         self._complete(self.status)
 
     def on_error(self, exc: Exception) -> None:
+        reused = self.conn is not None and self.conn.reused
         self.conn = None  # already closed
         if self.done:
             return
-        if (isinstance(exc, UpstreamDisconnected) and exc.nothing_received and not self.retried
+        if (reused and isinstance(exc, UpstreamDisconnected) and exc.nothing_received and not self.retried
                 and self.status == 0 and self.task is not None and self.task.done()):
             # A reused keep-alive connection the upstream had closed (it saw nothing of this request):
             # send it once more on a fresh connection, as HTTP clients do for an idle close.

@@ -72,8 +72,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport.write(request)
 
     def detach(self, sink: ResponseSink) -> None:
-        """Give the rest of the response to another sink (a drain) without touching the socket."""
+        """Give the rest of the response to another sink (a drain), reading on whatever the client does."""
         self.sink = sink
+        self.resume()
 
     def abort(self) -> None:
         """Drop the connection now (the client went away, or the response is unusable)."""
@@ -245,6 +246,7 @@ class ConnectionPool:
         if self.closed:
             conn.abort()
             return
+        conn.resume()  # the last client may have paused it (back-pressure)
         conn.idle_since = time.monotonic()
         self._idle.append(conn)
 

@@ -1,0 +1,273 @@
+"""The fast front (gateway/fastpath.py): what it serves itself, what it hands to aiohttp, and that a
+client can't tell the two apart: the same raw request gives the same status, headers and body
+bytes with `fast_path: true` and `fast_path: false`."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import socket
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from aiohttp import web
+from harness import oa_completion, openai_text_stream, sse, stream_frames, wait_until
+
+from gateway.fastpath import FastFront
+
+MSG = [{"role": "user", "content": "hi"}]
+RID = "req-fixed-1"
+
+
+def front_of(st: Any) -> FastFront:
+    fronts = [s.front for r in st.loop.runners for s in r.sites if getattr(s, "front", None) is not None]
+    assert len(fronts) == 1
+    return fronts[0]
+
+
+def http(st: Any, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes, read until the server closes."""
+    host, port = st.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+    return out
+
+
+def post(path: str, body: Any, headers: bytes = b"", *, close: bool = True) -> bytes:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return (b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + b"X-Request-Id: " + RID.encode() + b"\r\n" + headers
+            + b"Content-Length: %d\r\n" % len(raw) + (b"Connection: close\r\n" if close else b"") + b"\r\n" + raw)
+
+
+def parse_response(resp: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers (lower-cased names, Date dropped) and the de-chunked body."""
+    head, _, rest = resp.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        if k.lower() != "date":
+            headers[k.lower()] = v.strip()
+    if headers.get("transfer-encoding") == "chunked":
+        body = b""
+        while rest:
+            size_line, _, rest = rest.partition(b"\r\n")
+            n = int(size_line, 16)
+            if n == 0:
+                break
+            body, rest = body + rest[:n], rest[n + 2:]
+        return status, headers, body
+    return status, headers, rest
+
+
+# ---------------------------------------------------------------------------- upstream scenarios
+
+
+async def h_gzip(request: web.Request, up: Any) -> web.StreamResponse:
+    body = gzip.compress(json.dumps(oa_completion("zipped")).encode())
+    return web.Response(body=body, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+
+
+async def h_429(request: web.Request, up: Any) -> web.StreamResponse:
+    return web.json_response({"error": {"message": "slow down", "type": "rate_limit", "code": "rate"}},
+                             status=429, headers={"Retry-After": "7", "X-Upstream-Thing": "kept"})
+
+
+async def h_truncated(request: web.Request, up: Any) -> web.StreamResponse:
+    return await stream_frames(request, openai_text_stream(["a", "b"])[:-1])  # no [DONE]
+
+
+async def h_split(request: web.Request, up: Any) -> web.StreamResponse:
+    data = b"".join(openai_text_stream(["one", " two", " three"]))
+    return await stream_frames(request, [data[i:i + 7] for i in range(0, len(data), 7)])
+
+
+async def h_hop(request: web.Request, up: Any) -> web.StreamResponse:
+    return web.json_response({"ok": True}, headers={"Connection": "X-Secret-Hop", "X-Secret-Hop": "no",
+                                                    "Keep-Alive": "timeout=5", "X-Guardgate-Request-Id": "forged"})
+
+
+SCENARIOS = {
+    "json": (None, post("/v1/chat/completions", {"model": "m", "messages": MSG})),
+    "stream": (None, post("/v1/chat/completions", {"model": "m", "messages": MSG, "stream": True})),
+    "gzip": (h_gzip, post("/v1/chat/completions", {"model": "m", "messages": MSG})),
+    "429": (h_429, post("/v1/chat/completions", {"model": "m", "messages": MSG})),
+    "truncated": (h_truncated, post("/v1/chat/completions", {"model": "m", "messages": MSG, "stream": True})),
+    "split-events": (h_split, post("/v1/chat/completions", {"model": "m", "messages": MSG, "stream": True})),
+    "hop-by-hop": (h_hop, post("/v1/embeddings", {"model": "m", "input": "x"})),
+    "models": (None, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Request-Id: " + RID.encode()
+               + b"\r\nConnection: close\r\n\r\n"),
+    "bad-json": (None, post("/v1/chat/completions", b'{"model": ')),
+    "unknown-model": (None, post("/v1/chat/completions", {"model": "nope", "messages": MSG})),
+    "no-key": (None, post("/v1/chat/completions", {"model": "m", "messages": MSG})),
+    "llama-stream": (None, post("/llama/v1/chat/completions", {"model": "m", "messages": MSG, "stream": True})),
+}
+
+
+def _config(name: str, fast: bool) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"fast_path": fast}
+    if name == "unknown-model":
+        cfg["upstreams"] = {"main": {"base_url": "SCRIPTED"}}
+        cfg["routes"] = [{"model": "m*", "upstream": "main"}]
+    if name == "no-key":
+        cfg["keys"] = [{"name": "team", "key_env": "GG_FP_TEST_KEY"}]
+    return cfg
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_fast_and_aiohttp_paths_answer_alike(make_stack, monkeypatch, name: str) -> None:
+    monkeypatch.setenv("GG_FP_TEST_KEY", "gk-secret-1")
+    handler, request = SCENARIOS[name]
+    answers, seen = [], []
+    for fast in (True, False):
+        st = make_stack(_config(name, fast), handler=handler)
+        answers.append(parse_response(http(st, request)))
+        seen.append([(r.method, r.path, {k.lower(): v for k, v in r.headers.items() if k.lower() not in (
+            "host", "x-guardgate-request-id")}, r.body) for r in st.upstream.requests])
+        if fast:
+            front = front_of(st)
+            assert front.served + front.handed_off == 1
+    (fs, fh, fb), (ss, sh, sb) = answers
+    assert fs == ss and fb == sb, (answers[0], answers[1])
+    assert fh == sh, {k: (fh.get(k), sh.get(k)) for k in set(fh) | set(sh) if fh.get(k) != sh.get(k)}
+    assert seen[0] == seen[1]  # what the upstream received, too
+
+
+def test_relay_requests_are_served_by_the_front_on_one_connection(stack) -> None:
+    """Keep-alive: several requests, one client connection, all served without aiohttp."""
+    with httpx.Client(base_url=stack.url + "/v1") as c:
+        for i in range(5):
+            r = c.post("/chat/completions", json={"model": "m", "messages": MSG, "stream": i % 2 == 1})
+            assert r.status_code == 200 and r.headers["x-guardgate-request-id"]
+    front = front_of(stack)
+    assert front.served == 5 and front.handed_off == 0
+    assert len(front.conns) == 1  # one keep-alive connection, still ours
+
+
+def test_sdk_through_the_front(stack) -> None:
+    client = stack.openai()
+    assert client.chat.completions.create(model="m", messages=MSG).choices[0].message.content == "Hello there!"
+    text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="m", messages=MSG, stream=True) if c.choices)
+    assert text == "Hello there!"
+    assert front_of(stack).served == 2
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",  # not a dialect route
+    b"GET /v1/models HTTP/1.0\r\nHost: x\r\n\r\n",  # HTTP/1.0
+    b"GET /v1/mod%65ls HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",  # percent-escapes
+    b"DELETE /v1/files/1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",  # other methods
+    b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    b"2\r\n{}\r\n0\r\n\r\n",  # chunked request body
+    b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n"
+    b"Connection: close\r\n\r\n{}",
+])
+def test_what_the_front_hands_to_aiohttp(stack, request_bytes: bytes) -> None:
+    status, _, _ = parse_response(http(stack, request_bytes))
+    assert status in (100, 200, 404)  # 100: aiohttp answers Expect first
+    front = front_of(stack)
+    assert front.handed_off == 1 and front.served == 0
+
+
+def test_guarded_and_translated_requests_go_to_aiohttp(make_stack, tmp_path) -> None:
+    from faults import REGEX_POLICY, policy_store
+
+    store, ppath = policy_store(tmp_path, REGEX_POLICY)
+    st = make_stack({"policy": ppath}, policies=store)
+    st.openai().chat.completions.create(model="m", messages=MSG)
+    assert front_of(st).handed_off == 1 and front_of(st).served == 0
+    st2 = make_stack()
+    st2.llama().chat.completions.create(model="m", messages=MSG)  # llama client, openai upstream
+    assert front_of(st2).handed_off == 1 and front_of(st2).served == 0
+
+
+def test_pipelined_requests_answered_in_order(stack) -> None:
+    one = post("/v1/embeddings", {"model": "m", "input": "first"}, close=False)
+    two = post("/v1/embeddings", {"model": "m", "input": "second"})
+    resp = http(stack, one + two)
+    assert resp.count(b"HTTP/1.1 200") == 2
+    assert resp.index(b'"first"') < resp.index(b'"second"')
+
+
+def test_a_stale_pooled_upstream_connection_is_retried_once(make_stack) -> None:
+    """The upstream closes a keep-alive connection while it sits idle in the pool: the next request
+    goes out on a fresh connection and the client sees nothing of it."""
+    async def closing(request: web.Request, up: Any) -> web.StreamResponse:
+        return web.json_response(oa_completion("ok"), headers={"Connection": "close"} if up.completed == 0 else {})
+
+    st = make_stack(handler=None)
+    client = st.openai()
+    assert client.chat.completions.create(model="m", messages=MSG).choices[0].message.content
+    pool = st.gateway.upstreams["main"].pool
+    assert len(pool._idle) == 1
+    conn = pool._idle[0]
+    conn.transport.close()  # as if the upstream had: the socket is gone, the pool has not looked yet
+    conn.alive = True  # pretend nobody noticed
+    for _ in range(2):
+        assert client.chat.completions.create(model="m", messages=MSG).choices[0].message.content
+    assert len(st.upstream.requests) == 3
+
+
+def test_client_gone_mid_stream_closes_the_upstream(make_stack) -> None:
+    async def slow(request: web.Request, up: Any) -> web.StreamResponse:
+        return await stream_frames(request, [sse({"choices": []})] * 100, delay=0.05)
+
+    st = make_stack(handler=slow)
+    host, port = st.url.removeprefix("http://").split(":")
+    s = socket.create_connection((host, int(port)))
+    s.sendall(post("/v1/chat/completions", {"model": "m", "messages": MSG, "stream": True}))
+    assert s.recv(100).startswith(b"HTTP/1.1 200")
+    s.close()
+    assert wait_until(lambda: st.upstream.disconnects == 1)
+    assert front_of(st).served == 1
+    pool = st.gateway.upstreams["main"].pool
+    assert wait_until(lambda: not pool._open)
+
+
+def test_metrics_count_fast_requests(stack) -> None:
+    stack.openai().chat.completions.create(model="m", messages=MSG)
+    text = httpx.get(stack.url + "/metrics").text
+    line = [x for x in text.splitlines() if x.startswith("guardgate_requests_total{")
+            and 'route="/v1/chat/completions"' in x]
+    assert line and line[0].endswith(" 1.0") and 'status="200"' in line[0]
+
+
+def test_upstream_unreachable_is_a_502_in_the_dialect(make_stack) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    st = make_stack({"upstreams": {"main": {"base_url": f"http://127.0.0.1:{dead}/v1", "timeouts": {"connect": 1}}}})
+    with pytest.raises(openai.APIStatusError) as ei:
+        st.openai(max_retries=0).chat.completions.create(model="m", messages=MSG)
+    assert ei.value.status_code == 502 and ei.value.code == "upstream_unreachable"
+    assert front_of(st).served == 1
+
+
+def test_shutdown_lets_a_fast_stream_finish(make_stack) -> None:
+    async def slow(request: web.Request, up: Any) -> web.StreamResponse:
+        return await stream_frames(request, openai_text_stream(["a", "b", "c"]), delay=0.2)
+
+    st = make_stack({"shutdown_grace_s": 5}, handler=slow)
+    host, port = st.url.removeprefix("http://").split(":")
+    s = socket.create_connection((host, int(port)), timeout=5)
+    s.sendall(post("/v1/chat/completions", {"model": "m", "messages": MSG, "stream": True}))
+    assert s.recv(20).startswith(b"HTTP/1.1 200")
+    front = front_of(st)
+    fut = asyncio.run_coroutine_threadsafe(front.shutdown(5), st.loop.loop)
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    fut.result(5)
+    assert b"data: [DONE]" in out and out.endswith(b"0\r\n\r\n")
