@@ -78,11 +78,11 @@ class _Date:
         return cls.line
 
 
-def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+def _connection_tokens(headers: list[tuple[bytes, bytes, bytes]]) -> frozenset[bytes]:
     """Header names listed in `Connection:` (hop-by-hop too)."""
     out: set[bytes] = set()
-    for k, v in headers:
-        if k.lower() == b"connection":
+    for _, v, lk in headers:
+        if lk == b"connection":
             out.update(t.strip().lower() for t in v.split(b",") if t.strip())
     return frozenset(out)
 
@@ -173,7 +173,8 @@ class FrontProtocol(asyncio.Protocol):
     def _new_request(self) -> None:
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: list[tuple[bytes, bytes, bytes]] = []  # name, value, lower-cased name
+        self.connection_header = False
         self.body: list[bytes] = []
         self.complete = False
         self.keep_alive = False
@@ -249,7 +250,10 @@ class FrontProtocol(asyncio.Protocol):
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        lk = name.lower()
+        self.headers.append((name, value, lk))
+        if lk == b"connection":
+            self.connection_header = True
 
     def on_headers_complete(self) -> None:
         self.head_done = True
@@ -260,8 +264,7 @@ class FrontProtocol(asyncio.Protocol):
                 or p.get_http_version() != "1.1" or self.method not in (b"GET", b"POST") or p.should_upgrade()):
             self.refuse = True
             return
-        for k, v in self.headers:
-            lk = k.lower()
+        for _, v, lk in self.headers:
             if lk == b"authorization":
                 self.auth = v.decode("latin-1")
             elif lk == b"content-type":
@@ -350,10 +353,9 @@ class FrontProtocol(asyncio.Protocol):
         if query:
             target += b"?" + query
         out = [method.encode(), b" ", target, b" HTTP/1.1\r\nHost: ", pool.host_header.encode(), b"\r\n"]
-        drop = _DROP_REQUEST | _connection_tokens(self.headers)
+        drop = _DROP_REQUEST | _connection_tokens(self.headers) if self.connection_header else _DROP_REQUEST
         has_accept = has_ctype = False
-        for k, v in self.headers:
-            lk = k.lower()
+        for k, v, lk in self.headers:
             if lk not in drop:
                 out += (k, b": ", v, b"\r\n")
                 has_accept = has_accept or lk == b"accept"
@@ -402,7 +404,7 @@ class _Drain:
         if self.conn.sink is self:
             self.conn.abort()
 
-    def on_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    def on_head(self, status: int, headers: list[tuple[bytes, bytes, bytes]]) -> None:
         pass
 
     def on_body(self, data: bytes) -> None:
@@ -436,6 +438,7 @@ class _Relay:
         self.task: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.sent_at = 0.0
+        self.upstream_s: float | None = None
         self.deadline: float | None = None
         self.retried = False
         self.done = False
@@ -454,14 +457,20 @@ class _Relay:
     # ---------------------------------------------------------------- request
 
     def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._send())
-
-    async def _send(self) -> None:
+        pool = self.upstream.pool
+        assert pool is not None
         t = self.upstream.cfg.timeouts
         if t.total:
             self.deadline = time.monotonic() + t.total
+        conn = pool.take_idle()
+        if conn is not None:  # the common case: the request goes out before this callback returns
+            self._begin(conn)
+        else:
+            self.task = asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self, fresh: bool = False) -> None:
         try:
-            conn = await self.upstream.pool.acquire()  # type: ignore[union-attr]
+            conn = await self.upstream.pool.acquire(fresh=fresh)  # type: ignore[union-attr]
         except TimeoutError:
             self._error(504, f"upstream {self.upstream.name} timed out", "upstream_timeout")
             return
@@ -472,13 +481,16 @@ class _Relay:
         if self.done:  # the client left while we connected
             conn.pool._release(conn)
             return
+        self._begin(conn)
+
+    def _begin(self, conn: UpstreamConnection) -> None:
         self.conn = conn
         self.sent_at = time.monotonic()
-        if self.timer is None:
-            self.timer = asyncio.get_running_loop().call_later(self._next_check(), self._check_timeouts)
         if self.client.writing_paused:
             conn.pause()
         conn.start(self, self.request)
+        if self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(self._next_check(), self._check_timeouts)
 
     def _next_check(self) -> float:
         read = self.upstream.cfg.timeouts.read
@@ -524,18 +536,16 @@ class _Relay:
 
     # ---------------------------------------------------------------- the response (ResponseSink)
 
-    def on_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    def on_head(self, status: int, headers: list[tuple[bytes, bytes, bytes]]) -> None:
         ctx = self.ctx
         now = time.monotonic()
         ctx.ttfb_ms = (time.perf_counter() - ctx.started) * 1000
-        self.client.front.gw.telemetry.m.upstream.labels(self.upstream.name, str(status)).observe(now - self.sent_at)
+        self.upstream_s = now - self.sent_at  # recorded once the response is out
         self.status = status
-        drop = _DROP_RESPONSE | _connection_tokens(headers)
-        ctype = b""
+        ctype = encoding = b""
         length: int | None = None
-        encoding = b""
-        for k, v in headers:
-            lk = k.lower()
+        tokens = False
+        for _, v, lk in headers:
             if lk == b"content-type":
                 ctype = v
             elif lk == b"content-length":
@@ -543,7 +553,12 @@ class _Relay:
                     length = int(v)
             elif lk == b"content-encoding":
                 encoding = v.strip().lower()
+            elif lk == b"connection":
+                tokens = True
+        drop = _DROP_RESPONSE | _connection_tokens(headers) if tokens else _DROP_RESPONSE
         self.sse = b"text/event-stream" in ctype
+        if self.sse:
+            drop = drop | _SSE_DROP
         if encoding in (b"gzip", b"x-gzip"):
             self.decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
         elif encoding == b"deflate":
@@ -551,9 +566,8 @@ class _Relay:
         elif encoding not in (b"", b"identity"):
             drop = drop - {b"content-encoding"}  # not one we decode: the client gets it as it is
         out = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, "Unknown").encode())]
-        for k, v in headers:
-            lk = k.lower()
-            if lk not in drop and not (self.sse and lk in _SSE_DROP):
+        for k, v, lk in headers:
+            if lk not in drop:
                 out += (k, b": ", v, b"\r\n")
         out += (b"X-Guardgate-Request-Id: ", ctx.id.encode(), b"\r\n", _SERVER, _Date.get())
         if self.sse:
@@ -625,12 +639,11 @@ class _Relay:
         self.conn = None  # already closed
         if self.done:
             return
-        if (reused and isinstance(exc, UpstreamDisconnected) and exc.nothing_received and not self.retried
-                and self.status == 0 and self.task is not None and self.task.done()):
+        if reused and isinstance(exc, UpstreamDisconnected) and exc.nothing_received and not self.retried:
             # A reused keep-alive connection the upstream had closed (it saw nothing of this request):
             # send it once more on a fresh connection, as HTTP clients do for an idle close.
             self.retried = True
-            self.task = asyncio.get_running_loop().create_task(self._send())
+            self.task = asyncio.get_running_loop().create_task(self._connect(fresh=True))
             return
         self._failed(exc)
 
@@ -720,6 +733,7 @@ class _Relay:
             if self.transport is not None:
                 self.transport.abort()
             self._complete(self.status)
+            self._flushed_done()
 
     def _error(self, status: int, message: str, code: str) -> None:
         """An error answered before any of the upstream's response went out, in the client's dialect."""
@@ -733,7 +747,8 @@ class _Relay:
         self.flush()
 
     def _complete(self, status: int) -> None:
-        """Record the request once; the client connection moves on after the next flush."""
+        """The response is decided; it is recorded and the connection moves on once it is written
+        (`flush`), so metrics and the access log cost the client nothing."""
         if self.done:
             return
         self.done = True
@@ -741,10 +756,14 @@ class _Relay:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        self.client.front.gw.record_fast_request(self.ctx, status, self.method)
         if status == 499:
             self._flushed_done()
 
     def _flushed_done(self) -> None:
-        if self.client.relay is self:
-            self.client.finished(self.keep_alive and self.status != 499)
+        if self.client.relay is not self:
+            return
+        gw = self.client.front.gw
+        if self.upstream_s is not None:
+            gw.telemetry.m.upstream.labels(self.upstream.name, str(self.status)).observe(self.upstream_s)
+        gw.record_fast_request(self.ctx, self.status, self.method)
+        self.client.finished(self.keep_alive and self.status != 499)

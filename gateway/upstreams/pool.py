@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from collections import deque
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -31,7 +32,7 @@ class UpstreamBadResponse(Exception):
 
 
 class ResponseSink(Protocol):
-    def on_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
+    def on_head(self, status: int, headers: list[tuple[bytes, bytes, bytes]]) -> None: ...
     def on_body(self, data: bytes) -> None: ...
     def on_end(self) -> None: ...
     def on_error(self, exc: Exception) -> None: ...
@@ -47,7 +48,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.sink: ResponseSink | None = None
         self.parser: httptools.HttpResponseParser | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: list[tuple[bytes, bytes, bytes]] = []  # name, value, lower-cased name
         self.alive = True
         self.reused = False
         self.received = 0
@@ -56,20 +57,21 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_done = self._ended = self._extra = False
         self._holding = False  # holds one of the pool's permits
         self._close_delimited = False
+        self._framed = False
         self._keep_alive = False
 
     # ---------------------------------------------------------------- used by the relay
 
     def start(self, sink: ResponseSink, request: bytes) -> None:
         """Send one request; its response goes to `sink`."""
+        assert self.transport is not None
+        self.transport.write(request)  # first: the rest happens while the upstream works
         self.sink = sink
         self.parser = httptools.HttpResponseParser(self)
         self.headers = []
         self.received = 0
         self.last_read = time.monotonic()
-        self._head_done = self._ended = self._extra = False
-        assert self.transport is not None
-        self.transport.write(request)
+        self._head_done = self._ended = self._extra = self._framed = False
 
     def detach(self, sink: ResponseSink) -> None:
         """Give the rest of the response to another sink (a drain), reading on whatever the client does."""
@@ -138,7 +140,10 @@ class UpstreamConnection(asyncio.Protocol):
             self._extra = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        lk = name.lower()
+        self.headers.append((name, value, lk))
+        if lk == b"content-length" or (lk == b"transfer-encoding" and b"chunked" in value.lower()):
+            self._framed = True
 
     def on_headers_complete(self) -> None:
         if self._extra or self.sink is None:
@@ -146,15 +151,10 @@ class UpstreamConnection(asyncio.Protocol):
         assert self.parser is not None
         status = self.parser.get_status_code()
         if 100 <= status < 200:  # an interim response (103 Early Hints): the real head follows
-            self.headers = []
+            self.headers, self._framed = [], False
             return
         self._head_done = True
-        framed = False
-        for k, v in self.headers:
-            lk = k.lower()
-            if lk == b"content-length" or (lk == b"transfer-encoding" and b"chunked" in v.lower()):
-                framed = True
-        self._close_delimited = not framed and status not in (204, 304)
+        self._close_delimited = not self._framed and status not in (204, 304)
         self.sink.on_head(status, self.headers)
 
     def on_body(self, body: bytes) -> None:
@@ -205,21 +205,36 @@ class ConnectionPool:
         self.keepalive_s = keepalive_s
         self._ssl = ssl.create_default_context() if self.https else None
         self._idle: list[UpstreamConnection] = []
-        self._sem: asyncio.Semaphore | None = None
+        self.in_use = 0  # permits held: connections in use, or being opened
+        self._waiters: deque[asyncio.Future[None]] = deque()
         self._open: set[UpstreamConnection] = set()
         self.closed = False
 
-    async def acquire(self) -> UpstreamConnection:
-        """An idle keep-alive connection, or a new one. Raises OSError / TimeoutError when the upstream
-        can't be reached."""
-        if self._sem is None:
-            self._sem = asyncio.Semaphore(self.limit)
-        await self._sem.acquire()
+    def take_idle(self) -> UpstreamConnection | None:
+        """An idle keep-alive connection, right now (no await), or None: then `acquire`."""
+        if self.in_use >= self.limit or self._waiters:
+            return None
+        now = time.monotonic()
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.alive and now - conn.idle_since < self.keepalive_s:
+                self.in_use += 1
+                conn.reused, conn._holding = True, True
+                return conn
+            conn.abort()
+        return None
+
+    async def acquire(self, *, fresh: bool = False) -> UpstreamConnection:
+        """An idle keep-alive connection, or a new one (always, with `fresh`). Raises OSError /
+        TimeoutError when the upstream can't be reached."""
+        conn = None if fresh else self.take_idle()
+        if conn is not None:
+            return conn
+        await self._permit()
         try:
-            now = time.monotonic()
-            while self._idle:
+            while self._idle and not fresh:  # one may have come back while we waited
                 conn = self._idle.pop()
-                if conn.alive and now - conn.idle_since < self.keepalive_s:
+                if conn.alive and time.monotonic() - conn.idle_since < self.keepalive_s:
                     conn.reused, conn._holding = True, True
                     return conn
                 conn.abort()
@@ -235,14 +250,35 @@ class ConnectionPool:
             self._open.add(conn)
             return conn
         except BaseException:
-            self._sem.release()
+            self._give_back()
             raise
+
+    async def _permit(self) -> None:
+        """One of `limit` permits (a connection in use holds one); FIFO when none is free."""
+        if self.in_use < self.limit and not self._waiters:
+            self.in_use += 1
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut  # the permit is handed over by _give_back (in_use stays the same)
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._give_back()  # it came just as we were cancelled: pass it on
+            raise
+
+    def _give_back(self) -> None:
+        while self._waiters:
+            w = self._waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+                return
+        self.in_use -= 1
 
     def _release(self, conn: UpstreamConnection) -> None:
         if conn._holding:
             conn._holding = False
-            assert self._sem is not None
-            self._sem.release()
+            self._give_back()
         if self.closed:
             conn.abort()
             return
@@ -254,8 +290,7 @@ class ConnectionPool:
         self._open.discard(conn)
         if conn._holding:
             conn._holding = False
-            assert self._sem is not None
-            self._sem.release()
+            self._give_back()
 
     def close(self) -> None:
         self.closed = True
