@@ -170,8 +170,9 @@ class FrontProtocol(asyncio.Protocol):
         self._idle_timer: asyncio.TimerHandle | None = None
         self._new_request()
 
-    def _new_request(self) -> None:
-        self.parser = httptools.HttpRequestParser(self)
+    def _new_request(self, fresh_parser: bool = True) -> None:
+        if fresh_parser:  # else reuse: llhttp starts afresh after each whole message
+            self.parser = httptools.HttpRequestParser(self)
         self.url = b""
         self.headers: list[tuple[bytes, bytes, bytes]] = []  # name, value, lower-cased name
         self.connection_header = False
@@ -381,7 +382,7 @@ class FrontProtocol(asyncio.Protocol):
         if not keep_alive or self.front.closing:
             self.close()
             return
-        self._new_request()
+        self._new_request(fresh_parser=bool(self.raw))  # pipelined bytes: the parser has seen some of them
         if self.reading_paused and self.transport is not None:
             self.reading_paused = False
             self.transport.resume_reading()

@@ -67,7 +67,8 @@ class UpstreamConnection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(request)  # first: the rest happens while the upstream works
         self.sink = sink
-        self.parser = httptools.HttpResponseParser(self)
+        if self.parser is None:  # one per connection: llhttp starts afresh after each whole response
+            self.parser = httptools.HttpResponseParser(self)
         self.headers = []
         self.received = 0
         self.last_read = time.monotonic()
