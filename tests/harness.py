@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -183,6 +184,20 @@ class Loop:
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(5)
+
+
+def raw_http(base_url: str, data: bytes, timeout: float = 5) -> bytes:
+    """Send raw bytes to a server, read until it closes (or resets, or goes quiet for `timeout`)."""
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+    return out
 
 
 def wait_until(pred: Callable[[], bool], timeout: float = 5.0) -> bool:

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 from aiohttp import web
-from harness import oa_completion, openai_text_stream, sse, stream_frames, wait_until
+from harness import oa_completion, openai_text_stream, raw_http, sse, stream_frames, wait_until
 
 from gateway.fastpath import FastFront
 
@@ -29,17 +29,7 @@ def front_of(st: Any) -> FastFront:
 
 
 def http(st: Any, data: bytes, timeout: float = 5.0) -> bytes:
-    """Send raw bytes, read until the server closes."""
-    host, port = st.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=timeout) as s:
-        s.sendall(data)
-        out = b""
-        try:
-            while chunk := s.recv(65536):
-                out += chunk
-        except (ConnectionResetError, TimeoutError):
-            pass
-    return out
+    return raw_http(st.url, data, timeout)
 
 
 def post(path: str, body: Any, headers: bytes = b"", *, close: bool = True) -> bytes:

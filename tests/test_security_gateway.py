@@ -11,14 +11,13 @@ import json
 import logging
 import os
 import re
-import socket
 import stat
 
 import httpx
 import pytest
 from aiohttp import web
 from faults import h_reset, h_status, policy_store
-from harness import openai_text_stream, stream_frames, wait_until
+from harness import openai_text_stream, raw_http, stream_frames, wait_until
 
 import gateway.server as server_mod
 from gateway.config import load_file
@@ -189,16 +188,7 @@ def test_models_listing_translated_does_not_forward_gateway_key(keyed) -> None:
 
 
 def raw(st, data: bytes, timeout: float = 5) -> bytes:
-    host, port = st.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=timeout) as s:
-        s.sendall(data)
-        out = b""
-        try:
-            while chunk := s.recv(65536):
-                out += chunk
-        except (ConnectionResetError, TimeoutError):
-            pass
-    return out
+    return raw_http(st.url, data, timeout)
 
 
 def request_with(header_lines: bytes, body: bytes = b'{"model":"m","messages":[]}') -> bytes:
