@@ -136,13 +136,13 @@ def test_fast_and_aiohttp_paths_answer_alike(make_stack, monkeypatch, name: str)
 
 def test_relay_requests_are_served_by_the_front_on_one_connection(stack) -> None:
     """Keep-alive: several requests, one client connection, all served without aiohttp."""
+    front = front_of(stack)
     with httpx.Client(base_url=stack.url + "/v1") as c:
         for i in range(5):
             r = c.post("/chat/completions", json={"model": "m", "messages": MSG, "stream": i % 2 == 1})
             assert r.status_code == 200 and r.headers["x-guardgate-request-id"]
-    front = front_of(stack)
+        assert len(front.conns) == 1  # one keep-alive connection, still ours
     assert front.served == 5 and front.handed_off == 0
-    assert len(front.conns) == 1  # one keep-alive connection, still ours
 
 
 def test_sdk_through_the_front(stack) -> None:
@@ -192,22 +192,25 @@ def test_pipelined_requests_answered_in_order(stack) -> None:
 
 
 def test_a_stale_pooled_upstream_connection_is_retried_once(make_stack) -> None:
-    """The upstream closes a keep-alive connection while it sits idle in the pool: the next request
-    goes out on a fresh connection and the client sees nothing of it."""
-    async def closing(request: web.Request, up: Any) -> web.StreamResponse:
-        return web.json_response(oa_completion("ok"), headers={"Connection": "close"} if up.completed == 0 else {})
+    """The upstream drops a reused keep-alive connection without answering (as a server does when
+    its idle timeout fires just as the request arrives): the request goes out once more on a fresh
+    connection and the client sees nothing of it. A fresh connection that fails is not retried."""
+    calls: list[int] = []
 
-    st = make_stack(handler=None)
-    client = st.openai()
-    assert client.chat.completions.create(model="m", messages=MSG).choices[0].message.content
+    async def drop_second(request: web.Request, up: Any) -> web.StreamResponse:
+        calls.append(request.transport.get_extra_info("peername")[1])
+        if len(calls) == 2:  # the second request, on the pooled connection: hang up
+            request.transport.close()
+            raise asyncio.CancelledError
+        return web.json_response(oa_completion("ok"))
+
+    st = make_stack(handler=drop_second)
+    client = st.openai(max_retries=0)
     pool = st.gateway.upstreams["main"].pool
-    assert len(pool._idle) == 1
-    conn = pool._idle[0]
-    conn.transport.close()  # as if the upstream had: the socket is gone, the pool has not looked yet
-    conn.alive = True  # pretend nobody noticed
-    for _ in range(2):
-        assert client.chat.completions.create(model="m", messages=MSG).choices[0].message.content
-    assert len(st.upstream.requests) == 3
+    assert client.chat.completions.create(model="m", messages=MSG).choices[0].message.content == "ok"
+    assert wait_until(lambda: len(pool._idle) == 1)
+    assert client.chat.completions.create(model="m", messages=MSG).choices[0].message.content == "ok"
+    assert len(calls) == 3 and calls[0] == calls[1] != calls[2]  # pooled, dropped, then a fresh connection
 
 
 def test_client_gone_mid_stream_closes_the_upstream(make_stack) -> None:
