@@ -37,9 +37,9 @@ from aiohttp.http import SERVER_SOFTWARE
 
 from gateway import dialects
 from gateway.dialects.sse import MAX_EVENT_BYTES
-from gateway.relay import DONE, SMALL_BODY, last_event_end
+from gateway.relay import DONE, SMALL_BODY, SSE_HEADERS, last_event_end
 from gateway.server import _STREAM_TERMINATORS, GATEWAY_KEY, GatewayError, error_headers, relay_error_frame
-from gateway.upstreams.http import HOP_BY_HOP
+from gateway.upstreams.http import DROP_REQUEST, DROP_RESPONSE
 from gateway.upstreams.pool import UpstreamConnection, UpstreamDisconnected
 
 if TYPE_CHECKING:
@@ -53,12 +53,12 @@ DRAIN_TIMEOUT_S = 2.0  # after a stream's terminator: how long the rest of the u
 DRAIN_LIMIT = 1 << 16
 PIPELINE_LIMIT = 1 << 16  # bytes of a next request buffered while one is in flight
 
-_DROP_REQUEST = frozenset(h.encode() for h in HOP_BY_HOP) | {
-    b"host", b"content-length", b"accept-encoding", b"authorization", b"expect", b"x-guardgate-request-id"}
-_DROP_RESPONSE = frozenset(h.encode() for h in HOP_BY_HOP) | {
-    b"content-length", b"content-encoding", b"date", b"server", b"x-guardgate-request-id"}
-_SSE_DROP = frozenset({b"cache-control", b"x-accel-buffering"})
-_SSE_HEADERS = b"Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\n"
+# The aiohttp path's header rules (upstreams/http.py, relay.py) as bytes, plus our request id: on
+# aiohttp's path CIMultiDict assignment replaces a forged one, here it is dropped before ours is added.
+_DROP_REQUEST = frozenset(h.encode() for h in DROP_REQUEST) | {b"x-guardgate-request-id"}
+_DROP_RESPONSE = frozenset(h.encode() for h in DROP_RESPONSE) | {b"x-guardgate-request-id"}
+_SSE_DROP = frozenset(k.lower().encode() for k in SSE_HEADERS)
+_SSE_HEADERS = "".join(f"{k}: {v}\r\n" for k, v in SSE_HEADERS.items()).encode()
 _SERVER = f"Server: {SERVER_SOFTWARE}\r\n".encode()
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _NO_BODY = frozenset({204, 304})

@@ -28,9 +28,9 @@ HOP_BY_HOP = frozenset(
     )
 )
 # Never forwarded upstream: set by aiohttp or by us.
-_DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "authorization", "expect"}
+DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "authorization", "expect"}
 # Never passed back: aiohttp decompresses and re-frames the body.
-_DROP_RESPONSE = HOP_BY_HOP | {"content-length", "content-encoding", "date", "server"}
+DROP_RESPONSE = HOP_BY_HOP | {"content-length", "content-encoding", "date", "server"}
 
 
 def _connection_named(headers: Mapping[str, str]) -> set[str]:
@@ -42,7 +42,7 @@ def _connection_named(headers: Mapping[str, str]) -> set[str]:
 def request_headers(client: Mapping[str, str], auth: str | None, request_id: str,
                     extra: Mapping[str, str] | None = None) -> CIMultiDict[str]:
     """Headers for the upstream request: the client's minus hop-by-hop, plus the chosen auth."""
-    drop = _DROP_REQUEST | _connection_named(client)
+    drop = DROP_REQUEST | _connection_named(client)
     out: CIMultiDict[str] = CIMultiDict()
     for k, v in client.items():
         if k.lower() not in drop:
@@ -56,7 +56,7 @@ def request_headers(client: Mapping[str, str], auth: str | None, request_id: str
 
 
 def response_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]:
-    drop = _DROP_RESPONSE | _connection_named(upstream)
+    drop = DROP_RESPONSE | _connection_named(upstream)
     out: CIMultiDict[str] = CIMultiDict()
     for k, v in upstream.items():
         if k.lower() not in drop:
