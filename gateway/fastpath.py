@@ -36,8 +36,7 @@ from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
 from gateway import dialects
-from gateway.dialects.sse import MAX_EVENT_BYTES
-from gateway.relay import DONE, SMALL_BODY, SSE_HEADERS, last_event_end
+from gateway.relay import SMALL_BODY, SSE_HEADERS, EventAligner, EventTooLarge
 from gateway.server import _STREAM_TERMINATORS, GATEWAY_KEY, GatewayError, error_headers, relay_error_frame
 from gateway.upstreams.http import DROP_REQUEST, DROP_RESPONSE
 from gateway.upstreams.pool import UpstreamConnection, UpstreamDisconnected
@@ -450,10 +449,7 @@ class _Relay:
         self.head = b""
         self.decoder: Any = None
         self.sse = False
-        self.terminator: bytes | None = None
-        self.last = False
-        self.seen = True
-        self.pending = bytearray()
+        self.aligner: EventAligner | None = None  # SSE: whole events only
 
     # ---------------------------------------------------------------- request
 
@@ -573,9 +569,7 @@ class _Relay:
         out += (b"X-Guardgate-Request-Id: ", ctx.id.encode(), b"\r\n", _SERVER, _Date.get())
         if self.sse:
             out.append(_SSE_HEADERS)
-            self.terminator = _STREAM_TERMINATORS.get((ctx.dialect, ctx.tail))
-            self.seen = self.terminator is None
-            self.last = self.terminator == DONE
+            self.aligner = EventAligner(_STREAM_TERMINATORS.get((ctx.dialect, ctx.tail)))
         if not self.keep_alive:
             out.append(b"Connection: close\r\n")
         if status in _NO_BODY:
@@ -621,14 +615,12 @@ class _Relay:
             else:
                 self.out += (self.head, b"Content-Length: %d\r\n\r\n" % len(self.buffered), bytes(self.buffered))
             self.head_sent = True
-        elif self.sse:
-            tail = bytes(self.pending).strip()
-            if tail.startswith(DONE):
-                self._chunk(tail + b"\n\n")  # a terminator missing only its blank line
-            elif tail:
-                self._error_frame("the upstream stream ended inside an event", "upstream_truncated")
-            elif not self.seen:
-                self._error_frame("the upstream stream ended before its terminator", "upstream_truncated")
+        elif self.aligner is not None:
+            tail, cut = self.aligner.finish()
+            if tail:
+                self._chunk(tail)
+            elif cut:
+                self._error_frame(cut, "upstream_truncated")
             self.out.append(b"0\r\n\r\n")
         else:
             self.out.append(b"0\r\n\r\n")
@@ -667,35 +659,21 @@ class _Relay:
 
     def _sse(self, chunk: bytes) -> None:
         """As `relay.relay_response`: whole events only, the terminator ends the response."""
-        pending = self.pending
-        term = self.terminator
-        if not pending and (chunk.endswith(b"\n\n") or chunk.endswith(b"\r\n\r\n")):
-            self._chunk(chunk)
-            if not self.seen and term in chunk:  # type: ignore[operator]
-                self.seen = True
-                if self.last:
-                    self._end_at_terminator()
-            return
-        start = max(0, len(pending) - 3)
-        pending += chunk
-        end = last_event_end(pending, start)
-        if end:
-            block = bytes(pending[:end])
-            self._chunk(block)
-            del pending[:end]
-            if not self.seen and term in block:  # type: ignore[operator]
-                self.seen = True
-                if self.last:
-                    if pending.strip():
-                        self._chunk(bytes(pending))
-                    self._end_at_terminator()
-        elif len(pending) > MAX_EVENT_BYTES:
-            self._error_frame(f"upstream SSE event larger than {MAX_EVENT_BYTES} bytes", "upstream_event_too_large")
+        assert self.aligner is not None
+        try:
+            block, end = self.aligner.feed(chunk)
+        except EventTooLarge as e:
+            self._error_frame(str(e), "upstream_event_too_large")
             self.out.append(b"0\r\n\r\n")
             conn, self.conn = self.conn, None
             if conn is not None:
                 conn.abort()
             self._complete(self.status)
+            return
+        if block:
+            self._chunk(block)
+        if end:
+            self._end_at_terminator()
 
     def _end_at_terminator(self) -> None:
         """[DONE] is out: end the client's response now; the upstream connection drains on its own."""

@@ -35,6 +35,73 @@ def last_event_end(buf: bytes | bytearray, start: int = 0) -> int:
     return end
 
 
+class EventTooLarge(ValueError):
+    """An upstream SSE event outgrew `MAX_EVENT_BYTES` without ending."""
+
+    def __init__(self) -> None:
+        super().__init__(f"upstream SSE event larger than {MAX_EVENT_BYTES} bytes")
+
+
+class EventAligner:
+    """Cuts an upstream SSE body into runs of whole events, and knows when the stream is over.
+    Both relay paths use it (`relay_response` below, and `fastpath` from its callbacks), so the
+    client sees the same bytes whichever path served it.
+
+    `terminator`, when given, is a byte string the stream's last events must contain (``data:
+    [DONE]``): a clean EOF without it is a truncation. Nothing may follow ``data: [DONE]``, so the
+    response can end as soon as it has been sent.
+    """
+
+    def __init__(self, terminator: bytes | None) -> None:
+        self.terminator = terminator
+        self.seen = terminator is None
+        self.last = terminator == DONE
+        self.pending = bytearray()
+
+    def feed(self, chunk: bytes) -> tuple[bytes, bool]:
+        """The whole events to send now (b"" if none) and whether the response ends with them (its
+        terminator is in them; any bytes after it are passed on as they are). Raises EventTooLarge."""
+        pending = self.pending
+        if not pending and (chunk.endswith(b"\n\n") or chunk.endswith(b"\r\n\r\n")):
+            return chunk, self._ends(chunk)  # the common case: whole events, no copy, no search
+        # everything before `pending` was sent at an event end: a new end can only be in the new
+        # bytes (or straddle their start), so only those are searched
+        start = max(0, len(pending) - 3)
+        pending += chunk
+        end = last_event_end(pending, start)
+        if not end:
+            if len(pending) > MAX_EVENT_BYTES:
+                raise EventTooLarge()
+            return b"", False
+        block = bytes(pending[:end])
+        del pending[:end]
+        if not self._ends(block):
+            return block, False
+        if pending.strip():
+            block += bytes(pending)
+        pending.clear()
+        return block, True
+
+    def _ends(self, block: bytes) -> bool:
+        if not self.seen and self.terminator in block:  # type: ignore[operator]
+            self.seen = True
+            return self.last
+        return False
+
+    def finish(self) -> tuple[bytes, str]:
+        """At the upstream's EOF: bytes still to send, or why the stream counts as cut ("" if not)."""
+        tail = bytes(self.pending).strip()
+        if tail.startswith(DONE):
+            return tail + b"\n\n", ""  # a terminator missing only its blank line
+        if tail:
+            # EOF inside an event: the SDKs would drop it silently; an error frame makes the cut visible
+            return b"", "the upstream stream ended inside an event"
+        if not self.seen:
+            # a clean EOF without the terminator: the SDKs would end quietly and hide the truncation
+            return b"", "the upstream stream ended before its terminator"
+        return b"", ""
+
+
 def is_sse(headers: object) -> bool:
     ctype = headers.get("Content-Type", "") if hasattr(headers, "get") else ""
     return "text/event-stream" in ctype
@@ -47,10 +114,9 @@ async def relay_response(request: web.Request, upstream_resp: aiohttp.ClientResp
     (unless it is `draining`, see below).
 
     `error_frame(message, code)` renders the event that ends a failed SSE stream in the client's
-    dialect. `terminator`, when given, is a byte string the stream's last events must contain
-    (``data: [DONE]``): a clean EOF without it is a truncation, and the client is told so. After
-    ``data: [DONE]`` the client's response ends at once and the upstream connection is released
-    once its body ends (`release_after_eof`): the caller must not close a `draining` response.
+    dialect; `terminator` is `EventAligner`'s. After ``data: [DONE]`` the client's response ends at
+    once and the upstream connection is released once its body ends (`release_after_eof`): the
+    caller must not close a `draining` response.
     """
     headers = response_headers(upstream_resp.headers)
     headers.update(extra_headers)
@@ -76,53 +142,29 @@ async def relay_response(request: web.Request, upstream_resp: aiohttp.ClientResp
         await out.write_eof()
         return out
 
-    pending = bytearray()
-    seen = terminator is None
-    last = terminator == DONE  # nothing may follow it: the response can end right there
+    aligner = EventAligner(terminator)
     try:
         async for chunk in upstream_resp.content.iter_any():
-            if not pending and (chunk.endswith(b"\n\n") or chunk.endswith(b"\r\n\r\n")):
-                # the common case: whole events, nothing held back; no copy, no search
-                await out.write(chunk)
-                if not seen and terminator in chunk:  # type: ignore[operator]
-                    seen = True
-                    if last:
-                        return await _finish(out, upstream_resp)
-                continue
-            # everything before `pending` was flushed at an event end: a new end can only be in
-            # the new bytes (or straddle their start), so only those are searched
-            start = max(0, len(pending) - 3)
-            pending += chunk
-            end = last_event_end(pending, start)
-            if end:
-                block = bytes(pending[:end])
-                await out.write(block)
-                del pending[:end]
-                if not seen and terminator in block:  # type: ignore[operator]
-                    seen = True
-                    if last:
-                        if pending.strip():
-                            await out.write(bytes(pending))  # bytes after the terminator: pass them on as they are
-                        return await _finish(out, upstream_resp)
-            elif len(pending) > MAX_EVENT_BYTES:
-                await out.write(error_frame(f"upstream SSE event larger than {MAX_EVENT_BYTES} bytes",
-                                            "upstream_event_too_large"))
+            try:
+                block, end = aligner.feed(chunk)
+            except EventTooLarge as e:
+                await out.write(error_frame(str(e), "upstream_event_too_large"))
                 await out.write_eof()
                 return out
+            if block:
+                await out.write(block)
+            if end:
+                return await _finish(out, upstream_resp)
     except (aiohttp.ClientError, TimeoutError):
         # The upstream died mid-stream: drop its half event, tell the client in its dialect.
         await out.write(error_frame("the upstream stream failed before it finished", "upstream_error"))
         await out.write_eof()
         return out
-    tail = bytes(pending).strip()
-    if tail.startswith(b"data: [DONE]"):
-        await out.write(tail + b"\n\n")  # a terminator missing only its blank line
-    elif tail:
-        # EOF inside an event: the SDKs would drop it silently; an error frame makes the cut visible.
-        await out.write(error_frame("the upstream stream ended inside an event", "upstream_truncated"))
-    elif not seen:
-        # A clean EOF without the terminator: the SDKs would end quietly and hide the truncation.
-        await out.write(error_frame("the upstream stream ended before its terminator", "upstream_truncated"))
+    tail, cut = aligner.finish()
+    if tail:
+        await out.write(tail)
+    elif cut:
+        await out.write(error_frame(cut, "upstream_truncated"))
     await out.write_eof()
     return out
 
