@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import io
 import os
+import random
 import subprocess
 import sys
 import tarfile
@@ -55,9 +56,10 @@ async def measure(targets: list[B.Target], n: int, json_only: bool) -> None:
         for t in targets:
             for _ in range(50):
                 await B.one(s, t.base, False)
+        rng = random.Random(9)
         order = list(targets)
-        for i in range(n):
-            order = order[1:] + order[:1] if i % 2 else order[::-1]  # no target always first
+        for _ in range(n):
+            rng.shuffle(order)  # no target always goes first, as in scripts/bench.py
             for t in order:
                 t.lat["json"].append((await B.one(s, t.base, False))[1])
 
