@@ -31,14 +31,17 @@ import logging
 import os
 import sys
 import time
+from bisect import bisect_left
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from gateway.types import (
     Completion,
@@ -155,20 +158,96 @@ class _Cached:
         return child
 
 
+class _LoopCounter:
+    """A labelled counter for the per-request path, kept as plain floats and exported at scrape time.
+
+    Why not prometheus_client's: each of its children takes a lock per `inc`/`observe` (a histogram
+    one per bucket walked), ~4 us of the fast relay's ~26 us of Python per request. These are only
+    ever touched from the event loop's thread, which is what makes dropping the lock safe.
+    Exposition (names, `_total`, `_created`) is the same as prometheus_client's."""
+
+    def __init__(self, name: str, doc: str, labelnames: list[str]) -> None:
+        self.name, self.doc, self.labelnames = name, doc, labelnames
+        self.children: dict[tuple[str, ...], list[float]] = {}  # labels -> [value, created]
+
+    def inc(self, *labels: str) -> None:
+        child = self.children.get(labels)
+        if child is None:
+            child = self.children[labels] = [0.0, time.time()]
+        child[0] += 1
+
+    def collect(self) -> CounterMetricFamily:
+        fam = CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
+        for labels, (value, created) in list(self.children.items()):
+            fam.add_metric(list(labels), value, created=created)
+        return fam
+
+
+class _LoopHistogramChild:
+    __slots__ = ("bounds", "counts", "created", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # per bucket (not cumulative); the last is +Inf
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # the first bucket with value <= bound
+        self.sum += value
+
+
+class _LoopHistogram:
+    """A labelled histogram for the per-request path; see `_LoopCounter`."""
+
+    def __init__(self, name: str, doc: str, labelnames: list[str], buckets: tuple[float, ...]) -> None:
+        self.name, self.doc, self.labelnames = name, doc, labelnames
+        self.bounds = tuple(float(b) for b in buckets)
+        self.children: dict[tuple[str, ...], _LoopHistogramChild] = {}
+
+    def labels(self, *values: str) -> _LoopHistogramChild:
+        child = self.children.get(values)
+        if child is None:
+            child = self.children[values] = _LoopHistogramChild(self.bounds)
+        return child
+
+    def collect(self) -> HistogramMetricFamily:
+        fam = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
+        for labels, child in list(self.children.items()):
+            acc, buckets = 0, []
+            for bound, n in zip((*self.bounds, float("inf")), list(child.counts), strict=True):
+                acc += n
+                buckets.append((floatToGoString(bound), acc))
+            fam.add_metric(list(labels), buckets, child.sum)
+            fam.samples.append(Sample(self.name + "_created", dict(zip(self.labelnames, labels, strict=True)),
+                                      child.created))
+        return fam
+
+
+class _LoopCollector:
+    """Exports the `_Loop*` metrics of one registry."""
+
+    def __init__(self, metrics: list[_LoopCounter | _LoopHistogram]) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Any]:
+        return [m.collect() for m in self.metrics]
+
+
 class _Metrics:
     """Every Prometheus metric Guardgate exports, in one registry."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         r = registry
-        self.requests = _Cached(Counter("guardgate_requests",
-                                        "Client requests by route, dialect and HTTP status.",
-                                        ["route", "dialect", "status"], registry=r))
-        self.duration = _Cached(Histogram("guardgate_request_duration_seconds",
-                                  "Whole request time, streams included.", ["route", "dialect"],
-                                  buckets=LATENCY_BUCKETS, registry=r))
-        self.upstream = _Cached(Histogram("guardgate_upstream_latency_seconds",
-                                  "Upstream call: request sent to response headers.", ["upstream", "status"],
-                                  buckets=LATENCY_BUCKETS, registry=r))
+        # Touched by every request: lock-free, exported by a collector (see _LoopCounter).
+        self.requests = _LoopCounter("guardgate_requests", "Client requests by route, dialect and HTTP status.",
+                                     ["route", "dialect", "status"])
+        self.duration = _LoopHistogram("guardgate_request_duration_seconds", "Whole request time, streams included.",
+                                       ["route", "dialect"], LATENCY_BUCKETS)
+        self.upstream = _LoopHistogram("guardgate_upstream_latency_seconds",
+                                       "Upstream call: request sent to response headers.", ["upstream", "status"],
+                                       LATENCY_BUCKETS)
+        r.register(_LoopCollector([self.requests, self.duration, self.upstream]))
         self.added_ttft = _Cached(Histogram("guardgate_added_ttft_seconds",
                                     "Time to first token added by the gateway (client TTFT minus upstream "
                                     "TTFT): input checks that run first, decoding, stream hold-back.",
@@ -406,7 +485,7 @@ class Telemetry:
         """The request counter and duration histogram (`t0`: perf_counter at the request's start)."""
         route = route_label(ctx)
         dialect = getattr(ctx, "dialect", None) or "none"
-        self.m.requests.labels(route, dialect, str(status)).inc()
+        self.m.requests.inc(route, dialect, str(status))
         self.m.duration.labels(route, dialect).observe(time.perf_counter() - t0)
 
     def _end_request(self, st: _Request, status: int) -> None:

@@ -346,3 +346,30 @@ async def test_metrics_handler_serves_text_the_parser_reads() -> None:
                                                        headers={"Accept": "application/openmetrics-text"}))
     assert om.headers["Content-Type"].startswith("application/openmetrics-text")
     assert om.body.decode().rstrip().endswith("# EOF")
+
+
+def test_loop_metrics_export_exactly_as_prometheus_client_does() -> None:
+    """The lock-free request metrics print the same exposition as prometheus_client's own Counter and
+    Histogram fed the same values (edge values on bucket bounds included), `_created` aside."""
+    import re
+
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    c = T._LoopCounter("x_requests", "Doc.", ["a", "b"])
+    h = T._LoopHistogram("x_seconds", "Doc.", ["a"], T.LATENCY_BUCKETS)
+    ours.register(T._LoopCollector([c, h]))
+    pc = Counter("x_requests", "Doc.", ["a", "b"], registry=theirs)
+    ph = Histogram("x_seconds", "Doc.", ["a"], buckets=T.LATENCY_BUCKETS, registry=theirs)
+    for i, v in enumerate([0.0, 0.001, 0.0011, 0.0025, 0.3, 1.0, 59.9, 60.0, 61.0, 1e9, 0.01]):
+        labels = ("p" if i % 3 else "q", "z")
+        c.inc(*labels)
+        pc.labels(*labels).inc()
+        h.labels(labels[0]).observe(v)
+        ph.labels(labels[0]).observe(v)
+
+    def text(r: CollectorRegistry) -> str:
+        return re.sub(r"(_created\{[^}]*\}) \S+", r"\1 T", generate_latest(r).decode())
+
+    assert text(ours) == text(theirs)
+    assert 'x_seconds_bucket{a="q",le="0.0025"} 2.0' in text(ours)  # 0.0 and 0.0025: le is inclusive
