@@ -51,6 +51,7 @@ IDLE_TIMEOUT_S = 75.0  # a keep-alive client connection with no request for this
 DRAIN_TIMEOUT_S = 2.0  # after a stream's terminator: how long the rest of the upstream body may take
 DRAIN_LIMIT = 1 << 16
 PIPELINE_LIMIT = 1 << 16  # bytes of a next request buffered while one is in flight
+SWEEP_MIN_S, SWEEP_MAX_S = 0.01, 0.5  # how often in-flight relays are checked for timeouts (see FastFront)
 
 # The aiohttp path's header rules (upstreams/http.py, relay.py) as bytes, plus our request id: on
 # aiohttp's path CIMultiDict assignment replaces a forged one, here it is dropped before ours is added.
@@ -112,9 +113,33 @@ class FastFront:
         self.handed_off = 0  # connections given to aiohttp
         self.max_header = gw.cfg.limits.max_header_bytes
         self.max_body = gw.cfg.limits.max_body_bytes
+        # Upstream timeouts are checked by one sweep over the relays in flight rather than a timer per
+        # request (call_later + cancel was ~2 us of a ~26 us request): a timeout fires up to a tenth
+        # of the shortest configured one late (aiohttp rounds timeouts over 5 s up to the second).
+        shortest = min((t for u in gw.cfg.upstreams.values() for t in (u.timeouts.read, u.timeouts.total) if t),
+                       default=SWEEP_MAX_S * 10)
+        self.sweep_s = min(SWEEP_MAX_S, max(SWEEP_MIN_S, shortest / 10))
+        self.in_flight: set[_Relay] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def __call__(self) -> FrontProtocol:
         return FrontProtocol(self)
+
+    def watch(self, relay: _Relay) -> None:
+        """Check `relay`'s timeouts from now until it is `unwatch`ed."""
+        self.in_flight.add(relay)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(self.sweep_s, self._sweep)
+
+    def unwatch(self, relay: _Relay) -> None:
+        self.in_flight.discard(relay)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for relay in list(self.in_flight):
+            relay.check_timeouts(now)
+        self._sweeper = (asyncio.get_running_loop().call_later(self.sweep_s, self._sweep)
+                         if self.in_flight else None)
 
     async def shutdown(self, timeout: float) -> None:
         """Stop taking requests: idle connections close now, in-flight responses may finish within
@@ -436,7 +461,6 @@ class _Relay:
         self.method = client.method.decode()
         self.conn: UpstreamConnection | None = None
         self.task: asyncio.Task[None] | None = None
-        self.timer: asyncio.TimerHandle | None = None
         self.sent_at = 0.0
         self.upstream_s: float | None = None
         self.deadline: float | None = None
@@ -486,29 +510,17 @@ class _Relay:
         if self.client.writing_paused:
             conn.pause()
         conn.start(self, self.request)
-        if self.timer is None:
-            self.timer = asyncio.get_running_loop().call_later(self._next_check(), self._check_timeouts)
+        self.client.front.watch(self)
 
-    def _next_check(self) -> float:
-        read = self.upstream.cfg.timeouts.read
-        return read if self.deadline is None else max(0.0, min(read, self.deadline - time.monotonic()))
-
-    def _check_timeouts(self) -> None:
-        self.timer = None
-        if self.done or self.conn is None:
+    def check_timeouts(self, now: float) -> None:
+        """The whole-exchange deadline, and the read timeout (not while the client is what is slow)."""
+        if self.done or self.conn is None:  # connecting: the pool's connect timeout applies
             return
-        now = time.monotonic()
-        read = self.upstream.cfg.timeouts.read
         if (self.deadline is not None and now >= self.deadline) or (
-                not self.client.writing_paused and now - self.conn.last_read >= read):
+                not self.client.writing_paused and now - self.conn.last_read >= self.upstream.cfg.timeouts.read):
             conn, self.conn = self.conn, None
             conn.abort()
             self._failed(TimeoutError())
-            return
-        wait = read - (now - self.conn.last_read) if not self.client.writing_paused else read
-        if self.deadline is not None:
-            wait = min(wait, self.deadline - now)
-        self.timer = asyncio.get_running_loop().call_later(max(0.01, wait), self._check_timeouts)
 
     def pause_upstream(self) -> None:
         if self.conn is not None:
@@ -732,9 +744,7 @@ class _Relay:
             return
         self.done = True
         self.status = status
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.client.front.unwatch(self)
         if status == 499:
             self._flushed_done()
 
