@@ -288,13 +288,10 @@ class Gateway:
         ctx.policy = self.policy_name(ctx)
         return self.upstreams[route.upstream]
 
-    def fast_context(self, path: str, request_id: str | None) -> RequestContext | None:
-        """For the fast front (`gateway.fastpath`): a context for a dialect path, while it may serve
-        requests itself (ready, tracing off); else None (aiohttp's path serves it)."""
+    def fast_context(self, split: tuple[str, str, str], request_id: str | None) -> RequestContext | None:
+        """For the fast front (`gateway.fastpath`): a context for a dialect path (`split_prefix`), while
+        it may serve requests itself (ready, tracing off); else None (aiohttp's path serves it)."""
         if not self.ready or self.telemetry.tracing:
-            return None
-        split = split_prefix(path)
-        if split is None:
             return None
         prefix, dialect, tail = split
         return RequestContext(id=client_request_id(request_id), dialect=dialect, prefix=prefix, tail=tail)

@@ -8,6 +8,7 @@ import asyncio
 import gzip
 import json
 import socket
+import time
 from typing import Any
 
 import httpx
@@ -123,15 +124,79 @@ def test_fast_and_aiohttp_paths_answer_alike(make_stack, monkeypatch, name: str)
     for fast in (True, False):
         st = make_stack(_config(name, fast), handler=handler)
         answers.append(parse_response(http(st, request)))
+        if fast:  # once more: now its head is a remembered one (fastpath._Head), served without parsing
+            assert parse_response(http(st, request)) == answers[0]
+            front = front_of(st)
+            assert front.served + front.handed_off == 2 and front.known_heads == 1
         seen.append([(r.method, r.path, {k.lower(): v for k, v in r.headers.items() if k.lower() not in (
             "host", "x-guardgate-request-id")}, r.body) for r in st.upstream.requests])
-        if fast:
-            front = front_of(st)
-            assert front.served + front.handed_off == 1
     (fs, fh, fb), (ss, sh, sb) = answers
     assert fs == ss and fb == sb, (answers[0], answers[1])
     assert fh == sh, {k: (fh.get(k), sh.get(k)) for k in set(fh) | set(sh) if fh.get(k) != sh.get(k)}
-    assert seen[0] == seen[1]  # what the upstream received, too
+    assert seen[0] == seen[1] * 2  # what the upstream received, too
+
+
+# ---------------------------------------------------------------------------- remembered heads
+
+
+def _sent(st: Any) -> list[tuple[str | None, bytes]]:
+    return [(r.headers.get("Content-Length"), r.body) for r in st.upstream.requests]
+
+
+def test_a_remembered_head_frames_each_body_by_its_own_length(stack) -> None:
+    """Same head, bodies of other lengths: each is relayed whole with its own Content-Length, from the
+    second on without parsing the head."""
+    front = front_of(stack)
+    bodies = [json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * n}]}).encode()
+              for n in (1, 50, 3, 1000)]
+    for body in bodies:
+        status, _, out = parse_response(http(stack, post("/v1/chat/completions", body)))
+        assert status == 200, out
+    assert _sent(stack) == [(str(len(b)), b) for b in bodies]
+    assert front.known_heads == 3 and len(front.heads) == 1
+
+
+def test_a_remembered_head_with_a_body_in_pieces_or_a_second_request(stack) -> None:
+    """A known head is only taken as is when its request came whole in one read; a body in two
+    reads goes through the parser, two requests in one read to aiohttp, and all are answered."""
+    front = front_of(stack)
+    body = json.dumps({"model": "m", "messages": MSG}).encode()
+    req = post("/v1/chat/completions", body, close=False)
+    assert parse_response(http(stack, post("/v1/chat/completions", body)))[0] == 200
+    host, port = stack.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(req[:-10])
+        assert wait_until(lambda: len(front.conns) == 1)
+        time.sleep(0.05)
+        s.sendall(req[-10:])  # the body's end, in a read of its own
+        time.sleep(0.05)
+        s.sendall(req + post("/v1/chat/completions", body))  # two requests in one write, the last says close
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    assert got.count(b"HTTP/1.1 200 OK") == 3
+    assert _sent(stack) == [(str(len(body)), body)] * 4
+    assert front.known_heads == 0 and front.served == 2 and front.handed_off == 1  # pipelined: aiohttp's
+
+
+@pytest.mark.parametrize("tweak", ["two-lengths", "over-limit"])
+def test_a_remembered_head_does_not_bypass_the_parser_s_checks(make_stack, tweak: str) -> None:
+    """A head with two Content-Lengths is never remembered (aiohttp refuses each such request); a known
+    head whose length is over the body limit goes to aiohttp too (413)."""
+    st = make_stack({"limits": {"max_body_bytes": 1000}})
+    front = front_of(st)
+    body = json.dumps({"model": "m", "messages": MSG}).encode()
+    if tweak == "two-lengths":
+        req = post("/v1/chat/completions", body, b"Content-Length: %d\r\n" % len(body))
+        for _ in range(2):
+            assert parse_response(http(st, req))[0] == 400
+        assert front.heads == {} and front.handed_off == 2
+    else:
+        assert parse_response(http(st, post("/v1/chat/completions", body)))[0] == 200
+        big = json.dumps({"model": "m", "messages": MSG, "pad": "x" * 1000}).encode()
+        assert parse_response(http(st, post("/v1/chat/completions", big)))[0] == 413
+        assert front.known_heads == 0 and front.handed_off == 1
+    assert len(st.upstream.requests) == (0 if tweak == "two-lengths" else 1)
 
 
 def test_relay_requests_are_served_by_the_front_on_one_connection(stack) -> None:
