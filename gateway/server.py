@@ -100,6 +100,19 @@ _STREAM_TERMINATORS = {("openai", "/chat/completions"): b"data: [DONE]", ("opena
                        ("llama", "/chat/completions"): b'"complete"'}
 
 
+_JSON = json.JSONDecoder()
+_NOT_PLAIN_UTF8 = frozenset(b"\x00\xef\xfe\xff")  # first bytes of the BOMs and UTF-16/32 text
+
+
+def loads_body(body: bytes) -> Any:
+    """`json.loads(body)`, same results and errors, without its encoding detection when the body
+    plainly starts as UTF-8 (no BOM, no NUL in the first two bytes: what `json.detect_encoding`
+    calls UTF-8). That detection was ~1 us of each relayed request."""
+    if body and body[0] not in _NOT_PLAIN_UTF8 and (len(body) < 2 or body[1]):
+        return _JSON.decode(body.decode("utf-8", "surrogatepass"))
+    return json.loads(body)
+
+
 _ID_PREFIX = os.urandom(8).hex()
 _ID_SEQ = itertools.count(1)
 
@@ -269,7 +282,7 @@ class Gateway:
         if not body or method != "POST" or "json" not in (ctype if ctype is not None else "json"):
             return None
         try:
-            payload = json.loads(body)
+            payload = loads_body(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise GatewayError(400, f"request body is not valid JSON: {e}", "invalid_json") from None
         if isinstance(payload, dict):
