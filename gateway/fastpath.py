@@ -71,12 +71,14 @@ _SSE_DROP = frozenset(k.lower().encode() for k in SSE_HEADERS)
 _SSE_HEADERS = "".join(f"{k}: {v}\r\n" for k, v in SSE_HEADERS.items()).encode()
 _SERVER = f"Server: {SERVER_SOFTWARE}\r\n".encode()
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
+_STATUS_LINES = {code: b"HTTP/1.1 %d %s\r\n" % (code, phrase.encode()) for code, phrase in _REASONS.items()}
+_DROP_RESPONSE_SSE = _DROP_RESPONSE | _SSE_DROP
 _NO_BODY = frozenset({204, 304})
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,18})[ \t]*\r\n", re.IGNORECASE)
 
 
 class _Date:
-    """`Date:` header line, formatted once per second."""
+    """`Server:` and `Date:` header lines, formatted once per second."""
 
     sec = -1
     line = b""
@@ -85,7 +87,7 @@ class _Date:
     def get(cls) -> bytes:
         now = int(time.time())
         if now != cls.sec:
-            cls.sec, cls.line = now, f"Date: {formatdate(now, usegmt=True)}\r\n".encode()
+            cls.sec, cls.line = now, _SERVER + f"Date: {formatdate(now, usegmt=True)}\r\n".encode()
         return cls.line
 
 
@@ -104,7 +106,7 @@ def error_bytes(dialect: str, err: GatewayError, request_id: str, keep_alive: bo
                                                        param=err.param)).encode()
     head = [b"HTTP/1.1 %d %s\r\n" % (err.status, _REASONS.get(err.status, "Error").encode())]
     head += (f"{k}: {v}\r\n".encode() for k, v in error_headers(err, request_id).items())
-    head += (b"Content-Type: application/json; charset=utf-8\r\n", _SERVER, _Date.get(),
+    head += (b"Content-Type: application/json; charset=utf-8\r\n", _Date.get(),
              b"Content-Length: %d\r\n" % len(body))
     if not keep_alive:
         head.append(b"Connection: close\r\n")
@@ -134,7 +136,7 @@ class _Head:
     has_ctype: bool
     starts: dict[str, tuple[str | None, bytes]] = field(default_factory=dict)  # upstream -> (auth, head start)
 
-    def upstream_request(self, upstream: HttpUpstream, new_auth: str | None, request_id: str, body: bytes) -> bytes:
+    def upstream_request(self, upstream: HttpUpstream, new_auth: str | None, rid_line: bytes, body: bytes) -> bytes:
         """The request for `upstream`, as aiohttp's path would send it (upstreams/http.py)."""
         known = self.starts.get(upstream.name)
         if known is None or known[0] != new_auth:  # the key is read per request: it may change
@@ -148,7 +150,7 @@ class _Head:
             if new_auth:
                 start += b"Authorization: " + new_auth.encode("latin-1") + b"\r\n"
             known = self.starts[upstream.name] = (new_auth, start)
-        out = [known[1], b"X-Guardgate-Request-Id: ", request_id.encode(), b"\r\n"]
+        out = [known[1], rid_line]
         if not self.has_accept:
             out.append(b"Accept: */*\r\n")
         out.append(b"Accept-Encoding: gzip, deflate\r\n")
@@ -481,11 +483,12 @@ class FrontProtocol(asyncio.Protocol):
             self.hand_off()
             return
         assert ctx is not None
+        rid_line = b"X-Guardgate-Request-Id: %s\r\n" % ctx.id.encode()
         request = head.upstream_request(upstream, upstream.auth_header(head.auth, gateway_keys_on=gw.keys_on),
-                                        ctx.id, body)
+                                        rid_line, body)
         self.raw = bytearray()
         self.front.served += 1
-        self.relay = _Relay(self, ctx, upstream, head.method, request, keep_alive)
+        self.relay = _Relay(self, ctx, upstream, head.method, request, rid_line, keep_alive)
         self.relay.start()
 
     def finished(self, keep_alive: bool) -> None:
@@ -540,12 +543,13 @@ class _Relay:
     """One request relayed: sends it upstream, and is the sink its response flows through."""
 
     def __init__(self, client: FrontProtocol, ctx: RequestContext, upstream: HttpUpstream, method: str,
-                 request: bytes, keep_alive: bool) -> None:
+                 request: bytes, rid_line: bytes, keep_alive: bool) -> None:
         self.client = client
         self.transport = client.transport
         self.ctx = ctx
         self.upstream = upstream
         self.request = request
+        self.rid_line = rid_line  # our X-Guardgate-Request-Id header line, sent both ways
         self.keep_alive = keep_alive
         self.method = method
         self.conn: UpstreamConnection | None = None
@@ -558,7 +562,7 @@ class _Relay:
         self.head_sent = False
         self.status = 0
         self.out: list[bytes] = []
-        self.buffered: bytearray | None = None  # small non-SSE body, sent whole with Content-Length
+        self.buffered: list[bytes] | None = None  # small non-SSE body, sent whole with Content-Length
         self.head = b""
         self.decoder: Any = None
         self.sse = False
@@ -647,27 +651,30 @@ class _Relay:
             if lk == b"content-type":
                 ctype = v
             elif lk == b"content-length":
-                with contextlib.suppress(ValueError):
+                try:
                     length = int(v)
+                except ValueError:
+                    pass
             elif lk == b"content-encoding":
                 encoding = v.strip().lower()
             elif lk == b"connection":
                 tokens = True
-        drop = _DROP_RESPONSE | _connection_tokens(headers) if tokens else _DROP_RESPONSE
         self.sse = b"text/event-stream" in ctype
-        if self.sse:
-            drop = drop | _SSE_DROP
+        drop = _DROP_RESPONSE_SSE if self.sse else _DROP_RESPONSE
+        if tokens:
+            drop = drop | _connection_tokens(headers)
         if encoding in (b"gzip", b"x-gzip"):
             self.decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
         elif encoding == b"deflate":
             self.decoder = zlib.decompressobj()
         elif encoding not in (b"", b"identity"):
             drop = drop - {b"content-encoding"}  # not one we decode: the client gets it as it is
-        out = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, "Unknown").encode())]
+        line = _STATUS_LINES.get(status)
+        out = [line if line is not None else b"HTTP/1.1 %d Unknown\r\n" % status]
         for k, v, lk in headers:
             if lk not in drop:
                 out += (k, b": ", v, b"\r\n")
-        out += (b"X-Guardgate-Request-Id: ", ctx.id.encode(), b"\r\n", _SERVER, _Date.get())
+        out += (self.rid_line, _Date.get())
         if self.sse:
             out.append(_SSE_HEADERS)
             self.aligner = EventAligner(_STREAM_TERMINATORS.get((ctx.dialect, ctx.tail)))
@@ -675,10 +682,10 @@ class _Relay:
             out.append(b"Connection: close\r\n")
         if status in _NO_BODY:
             self.head = b"".join(out) + b"\r\n"
-            self.buffered = bytearray()
+            self.buffered = []
         elif not self.sse and length is not None and length <= SMALL_BODY:
             self.head = b"".join(out)
-            self.buffered = bytearray()
+            self.buffered = []
         else:
             out.append(b"Transfer-Encoding: chunked\r\n\r\n")
             self.out.append(b"".join(out))
@@ -696,7 +703,7 @@ class _Relay:
             if not data:
                 return
         if self.buffered is not None:
-            self.buffered += data
+            self.buffered.append(data)
         elif self.sse:
             self._sse(data)
         else:
@@ -714,7 +721,8 @@ class _Relay:
             if self.status in _NO_BODY:
                 self.out.append(self.head)
             else:
-                self.out += (self.head, b"Content-Length: %d\r\n\r\n" % len(self.buffered), bytes(self.buffered))
+                body = b"".join(self.buffered)
+                self.out += (self.head, b"Content-Length: %d\r\n\r\n" % len(body), body)
             self.head_sent = True
         elif self.aligner is not None:
             tail, cut = self.aligner.finish()
