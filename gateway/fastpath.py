@@ -162,13 +162,13 @@ class _Head:
         return b"".join(out)
 
 
-def _head_key(data: bytes, end: int) -> tuple[tuple[bytes, ...], int] | None:
-    """(key in FastFront.heads, Content-Length) of the head `data[:end]`; None if it has more than one."""
+def _head_key(data: bytes, end: int) -> tuple[tuple[bytes, ...], int]:
+    """(key in FastFront.heads, Content-Length) of the head `data[:end]`: the head without the digits of
+    its first Content-Length. Only heads with one are remembered, so a second one (left in the key)
+    never matches."""
     m = _CONTENT_LENGTH.search(data, 0, end + 2)
     if m is None:
         return (data[:end],), 0
-    if _CONTENT_LENGTH.search(data, m.end(1), end + 2) is not None:
-        return None
     return (data[:m.start(1)], data[m.end(1):end]), int(m.group(1))
 
 
@@ -341,10 +341,7 @@ class FrontProtocol(asyncio.Protocol):
         end = data.find(b"\r\n\r\n")
         if end < 0:
             return False
-        found = _head_key(data, end)
-        if found is None:
-            return False
-        key, length = found
+        key, length = _head_key(data, end)
         head = self.front.heads.get(key)
         if (head is None or end + 4 + length != len(data) or length > self.front.max_body
                 or end > self.front.max_header or self.front.closing):
@@ -436,13 +433,14 @@ class FrontProtocol(asyncio.Protocol):
             return
         head = self._head()
         raw = bytes(self.raw[:end + 4])
-        found = _head_key(raw, end)
-        # Remembered only when the Content-Length the key cut out is the one httptools framed the body by.
-        if found is not None and found[1] == len(body) and self.content_lengths == len(found[0]) - 1:
+        key, length = _head_key(raw, end)
+        # Remembered only when the Content-Length the key cut out is the one httptools framed the body by
+        # (and the only one).
+        if length == len(body) and self.content_lengths == len(key) - 1:
             heads = self.front.heads
             if len(heads) >= HEADS_MAX:
                 heads.clear()
-            heads[found[0]] = head
+            heads[key] = head
         self._serve(head, body, self.keep_alive)
 
     def _head(self) -> _Head:
@@ -541,6 +539,10 @@ class _Drain:
 
 class _Relay:
     """One request relayed: sends it upstream, and is the sink its response flows through."""
+
+    __slots__ = ("aligner", "buffered", "client", "conn", "ctx", "deadline", "decoder", "done", "head", "head_sent",
+                 "keep_alive", "method", "out", "request", "retried", "rid_line", "sent_at", "sse", "status", "task",
+                 "transport", "upstream", "upstream_s")
 
     def __init__(self, client: FrontProtocol, ctx: RequestContext, upstream: HttpUpstream, method: str,
                  request: bytes, rid_line: bytes, keep_alive: bool) -> None:
