@@ -11,6 +11,10 @@ Runs, side by side on loopback, non-stream JSON requests one at a time against:
   nginx      Debian's nginx, proxy_pass, keepalive upstream (skipped if not installed)
 and prints the p50 each adds over direct. If raw-py alone adds more than 2× what nginx adds, the
 goal is out of reach for a relay written in Python on this machine, whatever its design.
+
+    --client raw   a blocking-socket client (one keep-alive connection per target, ~nothing of its
+                   own on the CPU) instead of aiohttp's: what the proxies add, with less of the
+                   client's own work competing for the 2 cores
 """
 
 from __future__ import annotations
@@ -114,12 +118,53 @@ async def latency(bases: dict[str, str], n: int) -> dict[str, list[float]]:
     return out
 
 
+def raw_latency(bases: dict[str, str], n: int) -> dict[str, list[float]]:
+    """As `latency`, with one blocking keep-alive socket per target. nginx closes a client connection
+    after 1000 requests (keepalive_requests), so a closed one is reopened."""
+    import json
+    import socket
+
+    body = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    req = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+           b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    ports = {name: int(base.rsplit(":", 1)[1].split("/")[0]) for name, base in bases.items()}
+    socks: dict[str, socket.socket] = {}
+
+    def one(name: str) -> float:
+        s = socks.get(name)
+        if s is None:
+            s = socks[name] = socket.create_connection(("127.0.0.1", ports[name]), timeout=10)
+        t0 = time.perf_counter()
+        s.sendall(req)
+        buf = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                s.close()
+                del socks[name]
+                return one(name)
+            buf += chunk
+            split = _split_head(buf)
+            if split and len(buf) >= split[0] + split[1]:
+                return time.perf_counter() - t0
+
+    out: dict[str, list[float]] = {k: [] for k in bases}
+    for _ in range(30):
+        for name in bases:
+            one(name)
+    for _ in range(n):
+        for name in bases:
+            out[name].append(one(name))
+    return out
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--raw-server":
         serve_raw(int(sys.argv[2]), int(sys.argv[3]))
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=400)
+    ap.add_argument("--client", choices=("aiohttp", "raw"), default="aiohttp")
     a = ap.parse_args()
     up_port, raw_port, gg_port, ng_port = (B.free_port() for _ in range(4))
     procs = [subprocess.Popen([sys.executable, "bench/fake_upstream.py", "--port", str(up_port)], cwd=B.ROOT),
@@ -137,12 +182,13 @@ def main() -> None:
         bases["nginx"] = f"http://127.0.0.1:{ng_port}/v1"
     try:
         time.sleep(3)
-        lat = asyncio.run(latency(bases, a.requests))
+        lat = raw_latency(bases, a.requests) if a.client == "raw" else asyncio.run(latency(bases, a.requests))
     finally:
         for p in procs:
             p.terminate()
     d = lat["direct"]
-    print(f"{a.requests} sequential non-stream requests per target, interleaved; CPUs: {os.cpu_count()}")
+    print(f"{a.requests} sequential non-stream requests per target, interleaved, {a.client} client; "
+          f"CPUs: {os.cpu_count()}")
     for name, xs in lat.items():
         added = statistics.median([x - y for x, y in zip(xs, d, strict=True)]) * 1000
         print(f"  {name:<10} p50 {statistics.median(xs) * 1000:6.3f} ms   added p50 {added:+.3f} ms")
