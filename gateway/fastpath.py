@@ -61,6 +61,7 @@ DRAIN_TIMEOUT_S = 2.0  # after a stream's terminator: how long the rest of the u
 DRAIN_LIMIT = 1 << 16
 PIPELINE_LIMIT = 1 << 16  # bytes of a next request buffered while one is in flight
 HEADS_MAX = 256  # request heads remembered per listening socket (FastFront.heads); all forgotten when full
+HEAD_REMEMBER_BYTES = 4096  # longer heads are not remembered (an SDK's is ~600 bytes): ≤ ~3 MiB in all
 SWEEP_MIN_S, SWEEP_MAX_S = 0.01, 0.5  # how often in-flight relays are checked for timeouts (see FastFront)
 
 # The aiohttp path's header rules (upstreams/http.py, relay.py) as bytes, plus our request id: on
@@ -436,7 +437,7 @@ class FrontProtocol(asyncio.Protocol):
         key, length = _head_key(raw, end)
         # Remembered only when the Content-Length the key cut out is the one httptools framed the body by
         # (and the only one).
-        if length == len(body) and self.content_lengths == len(key) - 1:
+        if end <= HEAD_REMEMBER_BYTES and length == len(body) and self.content_lengths == len(key) - 1:
             heads = self.front.heads
             if len(heads) >= HEADS_MAX:
                 heads.clear()

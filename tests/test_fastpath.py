@@ -179,10 +179,11 @@ def test_a_remembered_head_with_a_body_in_pieces_or_a_second_request(stack) -> N
     assert front.known_heads == 0 and front.served == 2 and front.handed_off == 1  # pipelined: aiohttp's
 
 
-@pytest.mark.parametrize("tweak", ["two-lengths", "over-limit"])
+@pytest.mark.parametrize("tweak", ["two-lengths", "over-limit", "long-head"])
 def test_a_remembered_head_does_not_bypass_the_parser_s_checks(make_stack, tweak: str) -> None:
     """A head with two Content-Lengths is never remembered (aiohttp refuses each such request); a known
-    head whose length is over the body limit goes to aiohttp too (413)."""
+    head whose length is over the body limit goes to aiohttp too (413); a head over 4 KiB is served
+    but not remembered (the memory they take stays small)."""
     st = make_stack({"limits": {"max_body_bytes": 1000}})
     front = front_of(st)
     body = json.dumps({"model": "m", "messages": MSG}).encode()
@@ -191,12 +192,17 @@ def test_a_remembered_head_does_not_bypass_the_parser_s_checks(make_stack, tweak
         for _ in range(2):
             assert parse_response(http(st, req))[0] == 400
         assert front.heads == {} and front.handed_off == 2
+    elif tweak == "long-head":
+        req = post("/v1/chat/completions", body, b"X-Pad: %s\r\n" % (b"p" * 4096))
+        for _ in range(2):
+            assert parse_response(http(st, req))[0] == 200
+        assert front.heads == {} and front.served == 2
     else:
         assert parse_response(http(st, post("/v1/chat/completions", body)))[0] == 200
         big = json.dumps({"model": "m", "messages": MSG, "pad": "x" * 1000}).encode()
         assert parse_response(http(st, post("/v1/chat/completions", big)))[0] == 413
         assert front.known_heads == 0 and front.handed_off == 1
-    assert len(st.upstream.requests) == (0 if tweak == "two-lengths" else 1)
+    assert len(st.upstream.requests) == {"two-lengths": 0, "over-limit": 1, "long-head": 2}[tweak]
 
 
 def test_relay_requests_are_served_by_the_front_on_one_connection(stack) -> None:
