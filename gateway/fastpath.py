@@ -120,7 +120,8 @@ class _Head:
 
     Kept in `FastFront.heads` under those bytes with the Content-Length digits cut out: a client sends
     the same headers with every request (an SDK does), so the next one skips httptools' per-header
-    callbacks and the header rewriting (~8 us of a ~22 us request). A request is looked up only when
+    callbacks and the header rewriting: ~4 us of Python per request for a 6-header head, ~15 us for
+    the openai SDK's 17 headers (measured with fake transports). A request is looked up only when
     it arrived whole in one read; its head then differs from one httptools accepted in the digits of
     its single Content-Length alone, which parse the same way."""
 
