@@ -1,6 +1,6 @@
 """Guardgate next to the gateways users know: latency and throughput added, side by side, one run.
 
-    python scripts/bench.py [--requests 300] [--concurrency 32] [--seconds 4] [--rounds 3] [--chunks 20]
+    python scripts/bench.py [--requests 1000] [--concurrency 32] [--seconds 4] [--rounds 3] [--chunks 20]
                             [--targets relay,gate-regex,nginx,litellm] [--json]
 
 Everything on loopback, same scripted upstream (bench/fake_upstream.py, OpenAI dialect, a stream of
@@ -443,7 +443,7 @@ async def main_async(a: argparse.Namespace) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--requests", type=int, default=300, help="sequential requests per kind per target")
+    ap.add_argument("--requests", type=int, default=1000, help="sequential requests per kind per target")
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=4.0, help="duration of each max-RPS run")
