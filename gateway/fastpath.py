@@ -121,9 +121,9 @@ class _Head:
     Kept in `FastFront.heads` under those bytes with the Content-Length digits cut out: a client sends
     the same headers with every request (an SDK does), so the next one skips httptools' per-header
     callbacks and the header rewriting: ~4 us of Python per request for a 6-header head, ~15 us for
-    the openai SDK's 17 headers (measured with fake transports). A request is looked up only when
-    it arrived whole in one read; its head then differs from one httptools accepted in the digits of
-    its single Content-Length alone, which parse the same way."""
+    the openai SDK's 17 headers (bench/fastpath_cpu.py). A request is looked up when a read starts
+    it and holds its whole head; the head then differs from one httptools accepted in the digits of
+    its single Content-Length alone, which parse the same way. Its body may come in later reads."""
 
     method: str
     path: str
@@ -277,6 +277,8 @@ class FrontProtocol(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes, bytes]] = []  # name, value, lower-cased name
         self.connection_header = False
         self.content_lengths = 0
+        self.awaiting: tuple[_Head, int, int] | None = None  # a remembered head, its body not all in yet:
+        # (head, where the body starts, where it ends) in self.raw
         self.body: list[bytes] = []
         self.complete = False
         self.keep_alive = False
@@ -335,22 +337,39 @@ class FrontProtocol(asyncio.Protocol):
                 self.transport.pause_reading()
                 self.reading_paused = True
             return
-        if not (fresh and self._known(data)):
+        if self.awaiting is not None:
+            self._await_body()
+        elif not (fresh and self._known(data)):
             self._parse(data)
 
     def _known(self, data: bytes) -> bool:
-        """Serve a whole request whose head the front has seen before (see _Head), without parsing it."""
+        """A request whose head the front has seen before (see _Head): served without parsing it, now
+        or once its body is in (httpx, under the openai SDK, writes the head and the body apart)."""
         end = data.find(b"\r\n\r\n")
         if end < 0:
             return False
         key, length = _head_key(data, end)
         head = self.front.heads.get(key)
-        if (head is None or end + 4 + length != len(data) or length > self.front.max_body
+        if (head is None or end + 4 + length < len(data) or length > self.front.max_body
                 or end > self.front.max_header or self.front.closing):
             return False
         self.front.known_heads += 1
-        self._serve(head, data[end + 4:], head.keep_alive)
+        if len(data) == end + 4 + length:  # the whole request in this read (the common case)
+            self._serve(head, data[end + 4:], head.keep_alive)
+        else:
+            self.awaiting = head, end + 4, end + 4 + length
         return True
+
+    def _await_body(self) -> None:
+        assert self.awaiting is not None
+        head, start, end = self.awaiting
+        if len(self.raw) < end:
+            return
+        self.awaiting = None
+        if len(self.raw) > end:  # a pipelined request behind it: the parser takes both, from the start
+            self._parse(bytes(self.raw))
+            return
+        self._serve(head, bytes(memoryview(self.raw)[start:]), head.keep_alive)
 
     def _parse(self, data: bytes) -> None:
         try:
