@@ -78,7 +78,7 @@ _NO_BODY = frozenset({204, 304})
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,18})[ \t]*\r\n", re.IGNORECASE)
 
 
-class _Date:
+class _ServerDate:
     """`Server:` and `Date:` header lines, formatted once per second."""
 
     sec = -1
@@ -107,7 +107,7 @@ def error_bytes(dialect: str, err: GatewayError, request_id: str, keep_alive: bo
                                                        param=err.param)).encode()
     head = [b"HTTP/1.1 %d %s\r\n" % (err.status, _REASONS.get(err.status, "Error").encode())]
     head += (f"{k}: {v}\r\n".encode() for k, v in error_headers(err, request_id).items())
-    head += (b"Content-Type: application/json; charset=utf-8\r\n", _Date.get(),
+    head += (b"Content-Type: application/json; charset=utf-8\r\n", _ServerDate.get(),
              b"Content-Length: %d\r\n" % len(body))
     if not keep_alive:
         head.append(b"Connection: close\r\n")
@@ -453,15 +453,15 @@ class FrontProtocol(asyncio.Protocol):
             self.hand_off()
             return
         head = self._head()
-        raw = bytes(self.raw[:end + 4])
-        key, length = _head_key(raw, end)
-        # Remembered only when the Content-Length the key cut out is the one httptools framed the body by
-        # (and the only one).
-        if end <= HEAD_REMEMBER_BYTES and length == len(body) and self.content_lengths == len(key) - 1:
-            heads = self.front.heads
-            if len(heads) >= HEADS_MAX:
-                heads.clear()
-            heads[key] = head
+        if end <= HEAD_REMEMBER_BYTES:
+            key, length = _head_key(bytes(self.raw[:end + 2]), end)
+            # Remembered only when the Content-Length the key cut out is the one httptools framed the
+            # body by (and the only one).
+            if length == len(body) and self.content_lengths == len(key) - 1:
+                heads = self.front.heads
+                if len(heads) >= HEADS_MAX:
+                    heads.clear()
+                heads[key] = head
         self._serve(head, body, self.keep_alive)
 
     def _head(self) -> _Head:
@@ -697,7 +697,7 @@ class _Relay:
         for k, v, lk in headers:
             if lk not in drop:
                 out += (k, b": ", v, b"\r\n")
-        out += (self.rid_line, _Date.get())
+        out += (self.rid_line, _ServerDate.get())
         if self.sse:
             out.append(_SSE_HEADERS)
             self.aligner = EventAligner(_STREAM_TERMINATORS.get((ctx.dialect, ctx.tail)))
