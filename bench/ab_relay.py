@@ -13,6 +13,11 @@ change's effect can be told from noise. Targets, each its own process, on loopba
 Prints each target's added p50 (median of the per-round differences to direct) for a non-stream
 JSON request, and unless --json-only the time to first byte and the whole of a 20-chunk stream,
 and tree's figures as ratios to ref's and nginx's.
+
+    --cpu N   also N rounds (shuffled) of `wrk -c1` for 2 s per target: CPU time per request of the
+              target's processes (/proc/PID/schedstat: on-CPU ns, not ticks) and wrk's mean latency.
+              On 2 cores a sequential client, the relay and the upstream often all run on one core
+              (sync wakeups pull them together), so all of a relay's CPU per request is added latency.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ import asyncio
 import io
 import os
 import random
+import re
+import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -64,6 +72,41 @@ async def measure(targets: list[B.Target], n: int, json_only: bool) -> None:
                 t.lat["json"].append((await B.one(s, t.base, False))[1])
 
 
+def on_cpu_ns(pids: list[int]) -> int:
+    """On-CPU time so far of these processes and their children (nginx's worker), in ns."""
+    total = 0
+    for pid in pids:
+        kids = Path(f"/proc/{pid}/task/{pid}/children")
+        more = [int(k) for k in kids.read_text().split()] if kids.exists() else []
+        for q in [pid, *more]:
+            for task in Path(f"/proc/{q}/task").iterdir():
+                total += int((task / "schedstat").read_text().split()[0])
+    return total
+
+
+def cpu_rounds(targets: list[B.Target], rounds: int, tmp: Path) -> dict[str, tuple[list[float], list[float]]]:
+    """Per target: CPU us per request, and wrk's mean latency in us, one value per round."""
+    script = tmp / "cpu.lua"
+    script.write_text(B.WRK_LUA.format(body='\'{"model":"bench","messages":[{"role":"user","content":"hi"}]}\''))
+    out: dict[str, tuple[list[float], list[float]]] = {t.name: ([], []) for t in targets}
+    rng = random.Random(7)
+    order = list(targets)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for t in order:
+            pids = [p.pid for p in t.procs]
+            before = on_cpu_ns(pids)
+            res = subprocess.run(["wrk", "-t1", "-c1", "-d2s", "--latency", "-s", str(script),
+                                  t.base + "/chat/completions"], capture_output=True, text=True).stdout
+            used = on_cpu_ns(pids) - before
+            n = int(re.search(r"(\d+) requests in", res).group(1))  # type: ignore[union-attr]
+            lat = re.search(r"Latency\s+([\d.]+)(us|ms)", res)
+            assert lat is not None, res
+            out[t.name][0].append(used / n / 1000)
+            out[t.name][1].append(float(lat.group(1)) * (1000 if lat.group(2) == "ms" else 1))
+    return out
+
+
 async def main_async(a: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="gg-ab-") as tmpd:
         tmp = Path(tmpd)
@@ -84,6 +127,7 @@ async def main_async(a: argparse.Namespace) -> None:
             if direct.skipped or not any(t.name == "tree" for t in live):
                 raise SystemExit(f"could not start: {direct.skipped or 'tree'}")
             await measure([direct, *live], a.requests, a.json_only)
+            cpu = cpu_rounds([direct, *live], a.cpu, tmp) if a.cpu and shutil.which("wrk") else {}
         finally:
             B.stop([direct, *targets])
     kinds = ("json",) if a.json_only else B.KINDS
@@ -96,6 +140,16 @@ async def main_async(a: argparse.Namespace) -> None:
         if other in added:
             print(f"  tree/{other:<5}" + "".join(f"  {k} x{B.ratio(added['tree'][k], added[other][k]):.2f}"
                                                for k in kinds))
+    if cpu:
+        med = {name: (statistics.median(c), statistics.median(w)) for name, (c, w) in cpu.items()}
+        print(f"\nwrk -c1, {a.cpu} rounds of 2 s, medians: CPU us per request of the target's processes, "
+              "wrk mean latency us (added over direct)")
+        for name, (c, w) in med.items():
+            print(f"  {name:<6}  cpu {c:6.1f}  latency {w:6.1f} ({w - med['direct'][1]:+.1f})")
+        for other in ("ref", "nginx"):
+            if other in med:
+                print(f"  tree/{other:<5}  cpu x{B.ratio(med['tree'][0], med[other][0]):.2f}  added latency "
+                      f"x{B.ratio(med['tree'][1] - med['direct'][1], med[other][1] - med['direct'][1]):.2f}")
 
 
 def main() -> None:
@@ -103,6 +157,7 @@ def main() -> None:
     ap.add_argument("--ref", default="HEAD", help="git ref to compare the working tree against")
     ap.add_argument("--requests", type=int, default=1000, help="rounds over all targets")
     ap.add_argument("--json-only", action="store_true", help="non-stream requests only (faster)")
+    ap.add_argument("--cpu", type=int, default=0, metavar="N", help="N rounds of wrk -c1: CPU per request")
     asyncio.run(main_async(ap.parse_args()))
 
 

@@ -100,7 +100,7 @@ async def main_async(a: argparse.Namespace) -> None:
         for _ in range(2000):
             one()
         assert upstream_side.out[-1].endswith(BODY) and client_side.out[-1].endswith(ANSWER), "not relayed"
-        assert front.known_heads > 0 and front.handed_off == 0
+        assert front.known_heads > 0 and front.handed_off == 0 and pool.known_heads > 0
         best = float("inf")
         for _ in range(5):
             t0 = time.perf_counter()

@@ -557,13 +557,19 @@ class _Drain:
     def flush(self) -> None:
         pass
 
+    def memo(self) -> None:
+        return None
+
+    def on_known(self, memo: object, body: bytes) -> None:
+        pass
+
 
 class _Relay:
     """One request relayed: sends it upstream, and is the sink its response flows through."""
 
     __slots__ = ("aligner", "buffered", "client", "conn", "ctx", "deadline", "decoder", "done", "head", "head_sent",
-                 "keep_alive", "method", "out", "request", "retried", "rid_line", "sent_at", "sse", "status", "task",
-                 "transport", "upstream", "upstream_s")
+                 "keep_alive", "memo_head", "method", "out", "request", "retried", "rid_line", "sent_at", "sse",
+                 "status", "task", "transport", "upstream", "upstream_s")
 
     def __init__(self, client: FrontProtocol, ctx: RequestContext, upstream: HttpUpstream, method: str,
                  request: bytes, rid_line: bytes, keep_alive: bool) -> None:
@@ -590,6 +596,7 @@ class _Relay:
         self.decoder: Any = None
         self.sse = False
         self.aligner: EventAligner | None = None  # SSE: whole events only
+        self.memo_head: bytes | None = None  # see memo
 
     # ---------------------------------------------------------------- request
 
@@ -697,6 +704,8 @@ class _Relay:
         for k, v, lk in headers:
             if lk not in drop:
                 out += (k, b": ", v, b"\r\n")
+        if not self.sse and self.decoder is None and status not in _NO_BODY:
+            self.memo_head = b"".join(out)  # what on_known starts from, for the next such head (pool.heads)
         out += (self.rid_line, _ServerDate.get())
         if self.sse:
             out.append(_SSE_HEADERS)
@@ -713,6 +722,27 @@ class _Relay:
             out.append(b"Transfer-Encoding: chunked\r\n\r\n")
             self.out.append(b"".join(out))
             self.head_sent = True
+
+    def memo(self) -> tuple[int, bytes] | None:
+        """A plain answer (not SSE, not encoded) that came whole: its status and the start of the head
+        `on_head` made of it, which depend on the upstream's head alone (pool.heads)."""
+        return None if self.memo_head is None or self.buffered is None else (self.status, self.memo_head)
+
+    def on_known(self, memo: object, body: bytes) -> None:
+        """A whole answer whose head matched a `memo`: as on_head, on_body and on_end would serve it."""
+        if self.done:
+            return
+        status, head = memo  # type: ignore[misc]
+        self.ctx.ttfb_ms = (time.perf_counter() - self.ctx.started) * 1000
+        self.upstream_s = time.monotonic() - self.sent_at
+        out = [head, self.rid_line, _ServerDate.get()]
+        if not self.keep_alive:
+            out.append(b"Connection: close\r\n")
+        out += (b"Content-Length: %d\r\n\r\n" % len(body), body)
+        self.out.append(b"".join(out))
+        self.head_sent = True
+        self.conn = None  # it goes back to the pool by itself
+        self._complete(status)
 
     def on_body(self, data: bytes) -> None:
         if self.done:

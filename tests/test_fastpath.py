@@ -8,7 +8,9 @@ import asyncio
 import gzip
 import json
 import socket
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -18,6 +20,7 @@ from aiohttp import web
 from harness import oa_completion, openai_text_stream, raw_http, sse, stream_frames, wait_until
 
 from gateway.fastpath import FastFront
+from gateway.upstreams.pool import response_key
 
 MSG = [{"role": "user", "content": "hi"}]
 RID = "req-fixed-1"
@@ -124,10 +127,13 @@ def test_fast_and_aiohttp_paths_answer_alike(make_stack, monkeypatch, name: str)
     for fast in (True, False):
         st = make_stack(_config(name, fast), handler=handler)
         answers.append(parse_response(http(st, request)))
-        if fast:  # once more: now its head is a remembered one (fastpath._Head), served without parsing
+        if fast:  # once more: now its head is a remembered one (fastpath._Head), served without parsing,
+            # and so is the upstream's answer when it is a plain JSON one (pool.heads)
             assert parse_response(http(st, request)) == answers[0]
             front = front_of(st)
             assert front.served + front.handed_off == 2 and front.known_heads == 1
+            pool = st.gateway.upstreams["main"].pool
+            assert pool.known_heads == (1 if name in ("json", "429", "hop-by-hop", "models") else 0)
         seen.append([(r.method, r.path, {k.lower(): v for k, v in r.headers.items() if k.lower() not in (
             "host", "x-guardgate-request-id")}, r.body) for r in st.upstream.requests])
     (fs, fh, fb), (ss, sh, sb) = answers
@@ -174,6 +180,132 @@ def test_a_remembered_head_with_its_body_in_pieces_or_a_second_request_behind(st
     assert got.count(b"HTTP/1.1 200 OK") == 4
     assert _sent(stack) == [(str(len(body)), body)] * 4
     assert front.known_heads == 1 and front.served == 2 and front.handed_off == 1  # pipelined: aiohttp's
+
+
+# ---------------------------------------------------------------------------- remembered response heads
+
+
+class RawUpstream:
+    """An upstream that answers the i-th request (over all connections) with the exact bytes of
+    `answer(i)`: a list of parts, each its own write, 50 ms apart."""
+
+    def __init__(self, answer: Callable[[int], list[bytes]]) -> None:
+        self.answer = answer
+        self.n = 0
+        self.connections = 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buf = b""
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                length = next((int(v) for k, _, v in (x.partition(b":") for x in head.split(b"\r\n")[1:])
+                               if k.strip().lower() == b"content-length"), 0)
+                while len(buf) < length:
+                    buf += conn.recv(65536)
+                buf = buf[length:]
+                i, self.n = self.n, self.n + 1
+                for k, part in enumerate(self.answer(i)):
+                    if k:
+                        time.sleep(0.05)
+                    conn.sendall(part)
+
+
+def answer(body: bytes, i: int, extra: bytes = b"") -> bytes:
+    """A JSON answer whose head differs from the last one's in its Date and Content-Length alone."""
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nDate: Thu, 26 Nov 2026 10:00:%02d GMT\r\n"
+            b"Content-Length: %d\r\nX-Upstream-Thing: kept\r\n%s\r\n" % (i % 60, len(body), extra) + body)
+
+
+def test_response_key_cuts_out_the_length_digits_and_the_date() -> None:
+    a, b = answer(b"{}", 1), answer(b'{"a": 12345}', 2)
+    ka, kb = response_key(a, a.index(b"\r\n\r\n")), response_key(b, b.index(b"\r\n\r\n"))
+    assert ka is not None and kb is not None and ka[0] == kb[0] and (ka[1], kb[1]) == (2, 12)
+    assert ka[0] == (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nDate:", b"\r\nContent-Length: ",
+                     b"\r\nX-Upstream-Thing: kept")
+    two = answer(b"{}", 1, b"Content-Length: 2\r\n")  # a second length stays in the key: never a match
+    assert response_key(two, two.index(b"\r\n\r\n"))[0] != ka[0]  # type: ignore[index]
+    assert response_key(b"HTTP/1.1 204 No Content\r\nDate: x\r\n\r\n", 36) is None
+
+
+def _json_bodies(n: int) -> list[bytes]:
+    return [json.dumps(oa_completion("x" * (i * 37 % 101))).encode() for i in range(n)]
+
+
+def test_a_remembered_response_head_frames_each_body_by_its_own_length(make_stack) -> None:
+    """Answers with one head bar Date and Content-Length, bodies of other lengths: from the second on
+    they are served from the remembered head, each body whole with its own length, the upstream's
+    other headers kept, its Date and length replaced."""
+    bodies = _json_bodies(5)
+    up = RawUpstream(lambda i: [answer(bodies[i], i)])
+    st = make_stack({"upstreams": {"main": {"base_url": up.url}}})
+    with httpx.Client(base_url=st.url + "/v1") as c:
+        for body in bodies:
+            r = c.post("/chat/completions", json={"model": "m", "messages": MSG})
+            assert r.status_code == 200 and r.content == body
+            assert r.headers["content-length"] == str(len(body)) and r.headers["x-upstream-thing"] == "kept"
+            assert "10:00" not in r.headers["date"] and r.headers["x-guardgate-request-id"]
+    pool = st.gateway.upstreams["main"].pool
+    assert pool.known_heads == 4 and len(pool.heads) == 1 and up.connections == 1
+
+
+@pytest.mark.parametrize("case", ["close", "head-then-body", "interim", "per-answer-id", "chunked", "two-answers"])
+def test_response_heads_that_are_not_served_from_memory(make_stack, monkeypatch, case: str) -> None:
+    """The parser frames these (they are never remembered, or a read holds more than one whole answer),
+    and each client still gets its answer exactly. A pool that has seen HEADS_MAX heads (here 3) that
+    differ (a hosted API's per-answer ids) stops remembering them."""
+    monkeypatch.setattr("gateway.upstreams.pool.HEADS_MAX", 3)
+    bodies = _json_bodies(4)
+
+    def respond(i: int) -> list[bytes]:
+        body = bodies[i]
+        if case == "close":
+            return [answer(body, i, b"Connection: close\r\n")]
+        if case == "head-then-body":
+            whole = answer(body, i)
+            return [whole[:-len(body)], whole[-len(body):]]
+        if case == "interim":  # with a length that frames the final answer as if it were a body
+            final = answer(body, i)
+            return [b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\nContent-Length: %d\r\n\r\n" % len(final) + final]
+        if case == "per-answer-id":
+            return [answer(body, i, b"X-Request-Id: up-%d\r\n" % i)]
+        if case == "chunked":
+            return [b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)]
+        return [answer(body, i) + (answer(b"{}", i) if i == 2 else b"")]  # two-answers: one too many
+
+    up = RawUpstream(respond)
+    st = make_stack({"upstreams": {"main": {"base_url": up.url}}})
+    pool = st.gateway.upstreams["main"].pool
+    with httpx.Client(base_url=st.url + "/v1") as c:
+        for body in bodies:
+            r = c.post("/chat/completions", json={"model": "m", "messages": MSG})
+            assert r.status_code == 200 and r.content == body
+    if case == "two-answers":  # remembered after the 1st, served so the 2nd; the 3rd read holds two answers:
+        # parsed, and the connection dropped for the extra one; the 4th, on a new one, served so again
+        assert pool.known_heads == 2 and up.connections == 2
+    elif case == "per-answer-id":
+        assert pool.known_heads == 0 and len(pool.heads) == 3 and not pool.remembering
+    else:
+        assert pool.known_heads == 0 and not pool.heads
+        assert up.connections == (4 if case == "close" else 1)
 
 
 @pytest.mark.parametrize("tweak", ["two-lengths", "over-limit", "long-head"])

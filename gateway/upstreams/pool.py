@@ -10,6 +10,7 @@ the phases); this module keeps connections and frames responses.
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import time
 from collections import deque
@@ -17,6 +18,29 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 import httptools
+
+HEAD_REMEMBER_BYTES = 4096  # longer response heads are not remembered
+HEADS_MAX = 64  # response heads remembered per pool at most (ConnectionPool.heads)
+_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,18})[ \t]*\r\n", re.IGNORECASE)
+_DATE = re.compile(rb"\r\ndate:([\t -~]*)\r\n", re.IGNORECASE)
+
+
+def response_key(data: bytes, end: int) -> tuple[tuple[bytes, ...], int] | None:
+    """(key in ConnectionPool.heads, Content-Length) of the response head `data[:end]`: the head without
+    the digits of its first Content-Length and the value of its first Date, the two parts of a
+    self-hosted server's JSON answer head that change from one answer to the next. None without a
+    Content-Length. Only heads with one are remembered, so a second one (left in the key) never matches."""
+    m = _LENGTH.search(data, 0, end + 2)
+    if m is None:
+        return None
+    a, b = m.span(1)
+    d = _DATE.search(data, 0, end + 2)
+    if d is None:
+        return (data[:a], data[b:end]), int(m.group(1))
+    c, e = d.span(1)
+    if c < a:
+        return (data[:c], data[e:a], data[b:end]), int(m.group(1))
+    return (data[:a], data[b:c], data[e:end]), int(m.group(1))
 
 
 class UpstreamDisconnected(Exception):
@@ -37,6 +61,10 @@ class ResponseSink(Protocol):
     def on_end(self) -> None: ...
     def on_error(self, exc: Exception) -> None: ...
     def flush(self) -> None: ...  # after each read from the socket: write what the callbacks gathered
+    # Remembered responses (see ConnectionPool.heads): what the sink derived from a response head
+    # that it can serve again from the memo alone (None: nothing), and a whole response served so.
+    def memo(self) -> object | None: ...
+    def on_known(self, memo: object, body: bytes) -> None: ...
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -59,6 +87,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._close_delimited = False
         self._framed = False
         self._keep_alive = False
+        self._lengths = 0  # Content-Length headers in this response's head
+        self._interim = False  # a 1xx response came first
 
     # ---------------------------------------------------------------- used by the relay
 
@@ -72,7 +102,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers = []
         self.received = 0
         self.last_read = time.monotonic()
-        self._head_done = self._ended = self._extra = self._framed = False
+        self._head_done = self._ended = self._extra = self._framed = self._interim = False
+        self._lengths = 0
 
     def detach(self, sink: ResponseSink) -> None:
         """Give the rest of the response to another sink (a drain), reading on whatever the client does."""
@@ -105,16 +136,57 @@ class UpstreamConnection(asyncio.Protocol):
         if sink is None or self.parser is None:  # bytes nobody asked for: the connection is unusable
             self.abort()
             return
+        first = self.received == 0
         self.received += len(data)
         self.last_read = time.monotonic()
+        if first and self._known(sink, data):
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
             self._fail(UpstreamBadResponse(f"invalid HTTP from upstream: {e}"))
             return
+        if first and self._ended:
+            self._remember(sink, data)
         sink.flush()  # the sink this read started with, even if the response ended or was detached
         if self._ended:
             self._after_response()
+
+    def _known(self, sink: ResponseSink, data: bytes) -> bool:
+        """A whole response in the read that starts it, whose head the pool has seen before (bar its
+        Content-Length and Date): served from the sink's memo, without the parser's callbacks."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        found = response_key(data, end)
+        if found is None:
+            return False
+        memo = self.pool.heads.get(found[0])
+        if memo is None or end + 4 + found[1] != len(data):
+            return False
+        self.pool.known_heads += 1
+        self._head_done = self._ended = self._keep_alive = True
+        self.sink = None
+        sink.on_known(memo, data[end + 4:])
+        sink.flush()
+        self._after_response()
+        return True
+
+    def _remember(self, sink: ResponseSink, data: bytes) -> None:
+        """After the parser framed a whole response from one read: keep its head for `_known` when it
+        is a plain keep-alive answer framed by its one Content-Length, and the sink has a memo of it."""
+        if self._extra or self._interim or not self._keep_alive or self._lengths != 1 or not self._framed:
+            return
+        end = data.find(b"\r\n\r\n")
+        found = response_key(data, end) if 0 <= end <= HEAD_REMEMBER_BYTES else None
+        if found is None or end + 4 + found[1] != len(data):
+            return
+        memo = sink.memo()
+        if memo is not None and self.pool.remembering:
+            heads = self.pool.heads
+            heads[found[0]] = memo
+            if len(heads) >= HEADS_MAX:  # this upstream's heads differ from one answer to the next
+                self.pool.remembering = False
 
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost follows
@@ -143,8 +215,12 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         lk = name.lower()
         self.headers.append((name, value, lk))
-        if lk == b"content-length" or (lk == b"transfer-encoding" and b"chunked" in value.lower()):
+        if lk == b"content-length":
             self._framed = True
+            self._lengths += 1
+        elif lk == b"transfer-encoding":
+            self._framed = self._framed or b"chunked" in value.lower()
+            self._lengths = 2  # never remembered
 
     def on_headers_complete(self) -> None:
         if self._extra or self.sink is None:
@@ -152,7 +228,7 @@ class UpstreamConnection(asyncio.Protocol):
         assert self.parser is not None
         status = self.parser.get_status_code()
         if 100 <= status < 200:  # an interim response (103 Early Hints): the real head follows
-            self.headers, self._framed = [], False
+            self.headers, self._framed, self._lengths, self._interim = [], False, 0, True
             return
         self._head_done = True
         self._close_delimited = not self._framed and status not in (204, 304)
@@ -210,6 +286,14 @@ class ConnectionPool:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._open: set[UpstreamConnection] = set()
         self.closed = False
+        # Response heads seen before (key: `response_key`), each with its sink's memo: a self-hosted
+        # server (vLLM, llama.cpp) answers with the same head each time bar Content-Length and Date,
+        # so the next answer skips httptools' per-header callbacks and the head rewriting. Hosted
+        # APIs put a fresh id in each head: theirs never match (one dict lookup lost per response).
+        # A pool that has seen HEADS_MAX different ones stops remembering (the memos it has are kept).
+        self.heads: dict[tuple[bytes, ...], object] = {}
+        self.remembering = True
+        self.known_heads = 0  # responses served from a remembered head
 
     def take_idle(self) -> UpstreamConnection | None:
         """An idle keep-alive connection, right now (no await), or None: then `acquire`."""
