@@ -330,7 +330,10 @@ class FrontProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
-        fresh = not self.raw  # this read starts a request (nothing of it is in the parser yet)
+        # A read that starts a request (nothing of it is in the parser yet) may be a known head; a whole
+        # request served so is never copied into self.raw.
+        if not self.raw and self.relay is None and self._known(data):
+            return
         self.raw += data
         if self.relay is not None:  # a pipelined request: read once the response is out
             if len(self.raw) > PIPELINE_LIMIT and self.transport is not None:
@@ -339,7 +342,7 @@ class FrontProtocol(asyncio.Protocol):
             return
         if self.awaiting is not None:
             self._await_body()
-        elif not (fresh and self._known(data)):
+        else:
             self._parse(data)
 
     def _known(self, data: bytes) -> bool:
@@ -355,8 +358,9 @@ class FrontProtocol(asyncio.Protocol):
             return False
         self.front.known_heads += 1
         if len(data) == end + 4 + length:  # the whole request in this read (the common case)
-            self._serve(head, data[end + 4:], head.keep_alive)
+            self._serve(head, data[end + 4:], head.keep_alive, data)
         else:
+            self.raw += data
             self.awaiting = head, end + 4, end + 4 + length
         return True
 
@@ -479,7 +483,9 @@ class FrontProtocol(asyncio.Protocol):
                      url.query, self.auth, self.ctype, self.request_id, self.keep_alive, b"".join(lines),
                      has_accept, has_ctype)
 
-    def _serve(self, head: _Head, body: bytes, keep_alive: bool) -> None:
+    def _serve(self, head: _Head, body: bytes, keep_alive: bool, read: bytes = b"") -> None:
+        """Relay the request, answer its error, or hand it to aiohttp (`read`: the whole request, when
+        it came in one read that was not copied into self.raw)."""
         keep_alive = keep_alive and not self.front.closing
         gw = self.front.gw
         ctx = None if head.split is None else gw.fast_context(head.split, head.request_id)
@@ -489,7 +495,8 @@ class FrontProtocol(asyncio.Protocol):
                 upstream = gw.plan_relay(ctx, head.method, head.path, head.auth, head.ctype, body)
         except GatewayError as e:  # answered here as aiohttp's path would: the request is fully read
             assert ctx is not None and self.transport is not None
-            self.raw = bytearray()
+            if self.raw:
+                self.raw = bytearray()
             self.front.served += 1
             ctx.outcome = e.code
             self.transport.write(error_bytes(ctx.dialect, e, ctx.id, keep_alive))
@@ -499,13 +506,16 @@ class FrontProtocol(asyncio.Protocol):
         except Exception:  # anything odd: aiohttp's path decides and answers
             log.debug("fast path declined a request", exc_info=True)
         if upstream is None or upstream.pool is None:
+            if read:
+                self.raw += read
             self.hand_off()
             return
         assert ctx is not None
         rid_line = b"X-Guardgate-Request-Id: %s\r\n" % ctx.id.encode()
         request = head.upstream_request(upstream, upstream.auth_header(head.auth, gateway_keys_on=gw.keys_on),
                                         rid_line, body)
-        self.raw = bytearray()
+        if self.raw:
+            self.raw = bytearray()
         self.front.served += 1
         self.relay = _Relay(self, ctx, upstream, head.method, request, rid_line, keep_alive)
         self.relay.start()
@@ -517,7 +527,8 @@ class FrontProtocol(asyncio.Protocol):
         if not keep_alive or self.front.closing:
             self.close()
             return
-        self._new_request(fresh_parser=bool(self.raw))  # pipelined bytes: the parser has seen some of them
+        if self.head_done:  # the parser read this request (else it came from a known head: nothing to reset)
+            self._new_request(fresh_parser=bool(self.raw))  # pipelined bytes: the parser has seen some of them
         if self.reading_paused and self.transport is not None:
             self.reading_paused = False
             self.transport.resume_reading()
@@ -902,7 +913,5 @@ class _Relay:
         if self.client.relay is not self:
             return
         gw = self.client.front.gw
-        if self.upstream_s is not None:
-            gw.telemetry.m.upstream.labels(self.upstream.name, str(self.status)).observe(self.upstream_s)
-        gw.record_fast_request(self.ctx, self.status, self.method)
+        gw.record_fast_request(self.ctx, self.status, self.method, self.upstream.name, self.upstream_s)
         self.client.finished(self.keep_alive and self.status != 499)

@@ -64,7 +64,6 @@ class RequestContext:
     status: int = 0
     ttfb_ms: float | None = None
     outcome: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class GatewayError(Exception):
@@ -320,10 +319,12 @@ class Gateway:
             return None
         return upstream
 
-    def record_fast_request(self, ctx: RequestContext, status: int, method: str) -> None:
-        """Metrics and the access log line for a request the fast front served."""
+    def record_fast_request(self, ctx: RequestContext, status: int, method: str, upstream: str | None = None,
+                            upstream_s: float | None = None) -> None:
+        """Metrics and the access log line for a request the fast front served (`upstream_s`: from the
+        request sent to the response head, when one came)."""
         ctx.status = status
-        self.telemetry.count_request(ctx, status, ctx.started)
+        self.telemetry.note_fast_request(ctx, status, upstream, upstream_s)
         if access_log.isEnabledFor(logging.INFO):
             log_access(ctx, method, ctx.prefix + ctx.tail, status, ctx.started)
 
