@@ -514,11 +514,14 @@ class FrontProtocol(asyncio.Protocol):
         rid_line = b"X-Guardgate-Request-Id: %s\r\n" % ctx.id.encode()
         request = head.upstream_request(upstream, upstream.auth_header(head.auth, gateway_keys_on=gw.keys_on),
                                         rid_line, body)
+        conn = upstream.pool.take_idle()
+        if conn is not None:  # the common case: the request goes out first, the relay is set up after
+            conn.send(request)
         if self.raw:
             self.raw = bytearray()
         self.front.served += 1
         self.relay = _Relay(self, ctx, upstream, head.method, request, rid_line, keep_alive)
-        self.relay.start()
+        self.relay.start(conn)
 
     def finished(self, keep_alive: bool) -> None:
         """The response is out (or abandoned): next request, or close."""
@@ -611,14 +614,12 @@ class _Relay:
 
     # ---------------------------------------------------------------- request
 
-    def start(self) -> None:
-        pool = self.upstream.pool
-        assert pool is not None
+    def start(self, conn: UpstreamConnection | None) -> None:
+        """`conn`: the pooled connection the request was just sent on; None: none was idle, connect."""
         t = self.upstream.cfg.timeouts
         if t.total:
             self.deadline = time.monotonic() + t.total
-        conn = pool.take_idle()
-        if conn is not None:  # the common case: the request goes out before this callback returns
+        if conn is not None:
             self._begin(conn)
         else:
             self.task = asyncio.get_running_loop().create_task(self._connect())
@@ -636,6 +637,7 @@ class _Relay:
         if self.done:  # the client left while we connected
             conn.pool._release(conn)
             return
+        conn.send(self.request)
         self._begin(conn)
 
     def _begin(self, conn: UpstreamConnection) -> None:
@@ -643,7 +645,7 @@ class _Relay:
         self.sent_at = time.monotonic()
         if self.client.writing_paused:
             conn.pause()
-        conn.start(self, self.request)
+        conn.start(self)
         self.client.front.watch(self)
 
     def check_timeouts(self, now: float) -> None:

@@ -92,10 +92,14 @@ class UpstreamConnection(asyncio.Protocol):
 
     # ---------------------------------------------------------------- used by the relay
 
-    def start(self, sink: ResponseSink, request: bytes) -> None:
-        """Send one request; its response goes to `sink`."""
+    def send(self, request: bytes) -> None:
+        """Send one request (then `start` its response), before anything else: the upstream works on
+        it while the caller sets up the rest."""
         assert self.transport is not None
-        self.transport.write(request)  # first: the rest happens while the upstream works
+        self.transport.write(request)
+
+    def start(self, sink: ResponseSink) -> None:
+        """The response to the request just sent goes to `sink`."""
         self.sink = sink
         if self.parser is None:  # one per connection: llhttp starts afresh after each whole response
             self.parser = httptools.HttpResponseParser(self)
