@@ -51,7 +51,7 @@ from gateway.upstreams.http import DROP_REQUEST, DROP_RESPONSE
 from gateway.upstreams.pool import UpstreamConnection, UpstreamDisconnected
 
 if TYPE_CHECKING:
-    from gateway.server import Gateway, RequestContext
+    from gateway.server import Gateway, RelayPlan, RequestContext
     from gateway.upstreams.http import HttpUpstream
 
 log = logging.getLogger("guardgate.fastpath")
@@ -137,6 +137,7 @@ class _Head:
     has_accept: bool
     has_ctype: bool
     starts: dict[str, tuple[str | None, bytes]] = field(default_factory=dict)  # upstream -> (auth, head start)
+    plans: dict[str | None, RelayPlan] = field(default_factory=dict)  # see Gateway.plan_relay
 
     def upstream_request(self, upstream: HttpUpstream, new_auth: str | None, rid_line: bytes, body: bytes) -> bytes:
         """The request for `upstream`, as aiohttp's path would send it (upstreams/http.py)."""
@@ -492,7 +493,7 @@ class FrontProtocol(asyncio.Protocol):
         upstream = None
         try:
             if ctx is not None:
-                upstream = gw.plan_relay(ctx, head.method, head.path, head.auth, head.ctype, body)
+                upstream = gw.plan_relay(ctx, head.method, head.path, head.auth, head.ctype, body, head.plans)
         except GatewayError as e:  # answered here as aiohttp's path would: the request is fully read
             assert ctx is not None and self.transport is not None
             if self.raw:

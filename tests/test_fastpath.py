@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import pathlib
 import socket
 import threading
 import time
@@ -180,6 +181,54 @@ def test_a_remembered_head_with_its_body_in_pieces_or_a_second_request_behind(st
     assert got.count(b"HTTP/1.1 200 OK") == 4
     assert _sent(stack) == [(str(len(body)), body)] * 4
     assert front.known_heads == 1 and front.served == 2 and front.handed_off == 1  # pipelined: aiohttp's
+
+
+# ---------------------------------------------------------------------------- plans per remembered head
+
+
+def test_a_head_s_plan_is_per_model_and_follows_a_policy_reload(make_stack, tmp_path) -> None:
+    """Gateway.plan_relay keeps, per request head and model, the route and the relay decision. Each
+    model keeps its own route (and an unknown one its 404, every time); when the policy the plan
+    names is reloaded with a step that inspects, the very next request with that head goes to the
+    aiohttp path and is guarded."""
+    from faults import policy_store
+
+    store, ppath = policy_store(tmp_path, "name: faults\n")  # no step: the byte relay serves it
+    routes = [{"model": "a*", "upstream": "a", "policy": "faults"}, {"model": "b*", "upstream": "b"}]
+    st = make_stack({"upstreams": {"a": {"base_url": "SCRIPTED"}, "b": {"base_url": "SCRIPTED"}}, "routes": routes},
+                    policies=store)
+    front, gw = front_of(st), st.gateway
+    ask = post("/v1/chat/completions", {"model": "a1", "messages": MSG, "stream": True})
+    for _ in range(2):
+        assert parse_response(http(st, ask))[0] == 200
+        for model, status in (("b1", 200), ("nope", 404)):
+            req = post("/v1/chat/completions", {"model": model, "messages": MSG})
+            assert parse_response(http(st, req))[0] == status
+    assert len(front.heads) == 1  # one head (bar Content-Length) for all
+    head = next(iter(front.heads.values()))
+    assert set(head.plans) == {"a1", "b1"}  # 404s are never kept
+    assert head.plans["a1"].route.upstream == "a" and head.plans["b1"].route.upstream == "b"
+    assert front.served == 6 and front.handed_off == 0 and gw.upstreams["b"].pool.in_use == 0
+
+    pathlib.Path(ppath).write_text("name: faults\nstream:\n  steps:\n    - guard: regex\n      patterns: ['Hello']\n"
+                           "      action: block\n")
+    assert st.loop.run(store.reload()) == []
+    status, _, body = parse_response(http(st, ask))
+    assert status == 200 and b"Hello there" not in body  # the stream gate held it back
+    assert front.handed_off == 1
+
+
+def test_an_invalid_key_is_refused_every_time_and_never_planned(make_stack, monkeypatch) -> None:
+    monkeypatch.setenv("GG_FP_TEST_KEY", "gk-secret-1")
+    st = make_stack({"keys": [{"name": "team", "key_env": "GG_FP_TEST_KEY"}]})
+    front = front_of(st)
+    for token, status in (("gk-wrong", 401), ("gk-secret-1", 200)):
+        auth = b"Authorization: Bearer %s\r\n" % token.encode()
+        req = post("/v1/chat/completions", {"model": "m", "messages": MSG}, auth)
+        for _ in range(3):
+            assert parse_response(http(st, req))[0] == status
+    plans = sorted(len(h.plans) for h in front.heads.values())
+    assert plans == [0, 1] and front.known_heads == 4
 
 
 # ---------------------------------------------------------------------------- remembered response heads
