@@ -43,6 +43,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -69,7 +70,8 @@ class Target:
     ready: str = ""  # URL that answers once it is up
     procs: list[subprocess.Popen] = field(default_factory=list)
     skipped: str = ""
-    lat: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in KINDS})
+    lat: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in KINDS})  # the client reported
+    lat_by: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # client -> kind -> seconds
     rps: dict[str, float] = field(default_factory=dict)
     rps_errors: dict[str, int] = field(default_factory=dict)
     ref: Target | None = None  # the `direct` measured in the same latency phase (None: the main one)
@@ -254,6 +256,115 @@ async def one(session: aiohttp.ClientSession, base: str, stream: bool) -> tuple[
     return ttft, time.perf_counter() - t0
 
 
+class RawClient:
+    """The lightest client there is: one blocking keep-alive socket per target, the request's bytes
+    made once, the response read just far enough to know it ended (Content-Length or chunked). On 2
+    cores the client's own CPU shares the machine with the servers: aiohttp's client spends ~0.4 ms
+    of CPU per request, 2-3x the upstream's, and how the scheduler packs it next to each server moves
+    that server's added latency by more than the server's own work does."""
+
+    def __init__(self) -> None:
+        self.socks: dict[str, socket.socket] = {}
+
+    def close(self) -> None:
+        for s in self.socks.values():
+            s.close()
+        self.socks.clear()
+
+    def one(self, base: str, stream: bool) -> tuple[float, float]:
+        """(time to the first body byte, time to the end) of one chat completion, in seconds."""
+        u = urlsplit(base)
+        body = json.dumps({**BODY, "stream": stream}).encode()
+        req = (b"POST %s/chat/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n" % (u.path.encode(), u.netloc.encode(), len(body)) + body)
+        key = f"{base} {stream}"
+        s = self.socks.get(key)
+        if s is None:
+            s = self.socks[key] = socket.create_connection((u.hostname, u.port), timeout=30)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        t0 = time.perf_counter()
+        s.sendall(req)
+        try:
+            first, end, close = self._read(s, t0)
+        except ConnectionError:  # a server closes a keep-alive connection now and then (nginx: 1000 requests)
+            s.close()
+            del self.socks[key]
+            return self.one(base, stream)
+        if close:
+            s.close()
+            del self.socks[key]
+        return first - t0, end - t0
+
+    @staticmethod
+    def _read(s: socket.socket, t0: float) -> tuple[float, float, bool]:
+        buf = b""
+        while (i := buf.find(b"\r\n\r\n")) < 0:
+            buf += RawClient._recv(s)
+        head, rest = buf[:i].lower(), buf[i + 4:]
+        if not head.startswith(b"http/1.1 200"):
+            raise RuntimeError(f"HTTP {head[:40]!r}")
+        close = b"\r\nconnection: close" in head
+        first = time.perf_counter() if rest else 0.0
+        if b"\r\ntransfer-encoding: chunked" in head:
+            while True:  # chunk by chunk until the last (0-size) one and its CRLF
+                while (j := rest.find(b"\r\n")) < 0:
+                    rest += RawClient._recv(s)
+                    first = first or time.perf_counter()
+                size = int(rest[:j].split(b";")[0], 16)
+                while len(rest) < j + 2 + size + 2:
+                    rest += RawClient._recv(s)
+                rest = rest[j + 2 + size + 2:]
+                if size == 0:
+                    return first, time.perf_counter(), close
+        m = re.search(rb"\r\ncontent-length: *(\d+)", head)
+        n = int(m.group(1)) if m else 0
+        while len(rest) < n:
+            rest += RawClient._recv(s)
+            first = first or time.perf_counter()
+        return first or time.perf_counter(), time.perf_counter(), close
+
+    @staticmethod
+    def _recv(s: socket.socket) -> bytes:
+        data = s.recv(65536)
+        if not data:
+            raise ConnectionResetError("closed")
+        return data
+
+
+def latency_raw(targets: list[Target], n: int, warmup: int) -> None:
+    """As `latency`, with RawClient."""
+    c = RawClient()
+    try:
+        for t in targets:
+            for stream in (False, True):
+                for _ in range(warmup):
+                    c.one(t.base, stream)
+        rng = random.Random(9)
+        order = list(targets)
+        for _ in range(n):
+            rng.shuffle(order)
+            for t in order:
+                _, total = c.one(t.base, False)
+                t.lat["json"].append(total)
+                ttft, total = c.one(t.base, True)
+                t.lat["ttft"].append(ttft)
+                t.lat["stream"].append(total)
+    finally:
+        c.close()
+
+
+async def latency_with(client: str, targets: list[Target], n: int, warmup: int) -> None:
+    """One latency phase with `client`; each target's figures go to lat_by[client]."""
+    for t in targets:
+        t.lat = {k: [] for k in KINDS}
+    if client == "raw":
+        latency_raw(targets, n, warmup)
+    else:
+        await latency(targets, n, warmup)
+    for t in targets:
+        t.lat_by[client] = t.lat
+
+
 async def latency(targets: list[Target], n: int, warmup: int) -> None:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
         for t in targets:
@@ -335,22 +446,18 @@ def added_of(t: Target, direct: Target, chunks: int) -> dict[str, float]:
     return ad
 
 
-def report(direct: Target, targets: list[Target], skipped: list[Target], a: argparse.Namespace,
-           rps_tool: str, heavy_phase: dict[str, Target]) -> dict:
-    allt = [direct, *targets]
-    print(f"\nloopback, CPUs: {os.cpu_count()}; {a.requests} sequential requests per kind per target, interleaved; "
-          f"stream = {a.chunks} chunks; max RPS: {a.concurrency} connections x {a.seconds:g} s, median of "
-          f"{a.rounds} rounds ({rps_tool})")
-    for t in skipped:
-        print(f"  skipped {t.name}: {t.skipped}")
-    print(f"\n{'target':<12}{'json p50':>10}{'p99':>8}{'ttft p50':>10}{'p99':>8}{'strm p50':>10}{'p99':>8}"
-          f"{'rps json':>10}{'rps strm':>10}")
-    for t in allt:
-        print(f"{t.name:<12}" + "".join(f"{pct(t.lat[k], 0.5):>10.2f}{pct(t.lat[k], 0.99):>8.2f}" for k in KINDS)
-              + f"{t.rps.get('json', 0):>10.0f}{t.rps.get('stream', 0):>10.0f}"
-              + (f"  errors {t.rps_errors}" if any(t.rps_errors.values()) else ""))
+def latency_report(direct: Target, targets: list[Target], heavy_phase: dict[str, Target], a: argparse.Namespace,
+                   client: str) -> dict[str, dict[str, float]]:
+    """The latency table, the added figures and the ratios of one client's phases."""
+    every = [direct, *targets, *heavy_phase.values()]
+    for t in [*every, *(t.ref for t in every if t.ref is not None)]:
+        t.lat = t.lat_by.get(client, t.lat)
+    print(f"\nlatency, {client} client ({'RawClient: blocking sockets' if client == 'raw' else 'aiohttp'}), ms:")
+    print(f"{'target':<12}{'json p50':>10}{'p99':>8}{'ttft p50':>10}{'p99':>8}{'strm p50':>10}{'p99':>8}")
+    for t in [direct, *targets]:
+        print(f"{t.name:<12}" + "".join(f"{pct(t.lat[k], 0.5):>10.2f}{pct(t.lat[k], 0.99):>8.2f}" for k in KINDS))
     added: dict[str, dict[str, float]] = {}
-    print("\nadded by each gateway, ms (target minus direct), p50 / p99:")
+    print("added by each gateway, ms (target minus direct), p50 / p99:")
     for t in [*targets, *heavy_phase.values()]:
         ad = added_of(t, direct, a.chunks)
         name = t.name if t in targets else f"{t.name}*"
@@ -362,27 +469,52 @@ def report(direct: Target, targets: list[Target], skipped: list[Target], a: argp
         print(f"  (* measured again in {', '.join(sorted(HEAVY & set(added)))}'s own latency phase, next to it; "
               "see HEAVY in this script)")
     by = {t.name: t for t in targets}
-    goals: dict[str, object] = {}
     if "relay" in by:
-        r = added["relay"]
-        print("\nratios (relay vs others):")
+        print("ratios (relay vs others):")
         for other in ("nginx", "litellm", "gate-regex", "translated"):
             if other not in by:
                 continue
             o = added[other]
-            rr = added["relay*"] if other in HEAVY and "relay*" in added else r  # the same phase's relay
+            rr = added["relay*"] if other in HEAVY and "relay*" in added else added["relay"]  # the same phase's
             print(f"  relay/{other:<11} added json p50 x{ratio(rr['json_p50'], o['json_p50']):.3f}  "
                   f"ttft p50 x{ratio(rr['ttft_p50'], o['ttft_p50']):.3f}  "
                   f"stream p50 x{ratio(rr['stream_p50'], o['stream_p50']):.3f}   "
                   f"max rps json x{ratio(by['relay'].rps['json'], by[other].rps['json']):.1f} "
                   f"stream x{ratio(by['relay'].rps['stream'], by[other].rps['stream']):.1f}")
-        print("\ngoals (issue 9):")
+    return added
+
+
+def report(direct: Target, targets: list[Target], skipped: list[Target], a: argparse.Namespace,
+           rps_tool: str, heavy_phase: dict[str, Target]) -> dict:
+    allt = [direct, *targets]
+    clients = [c for c in a.client.split(",") if c]
+    print(f"\nloopback, CPUs: {os.cpu_count()}; {a.requests} sequential requests per kind per target, interleaved, "
+          f"with each client ({', '.join(clients)}); stream = {a.chunks} chunks; max RPS: {a.concurrency} "
+          f"connections x {a.seconds:g} s, median of {a.rounds} rounds ({rps_tool})")
+    for t in skipped:
+        print(f"  skipped {t.name}: {t.skipped}")
+    print(f"\n{'target':<12}{'rps json':>10}{'rps strm':>10}")
+    for t in allt:
+        print(f"{t.name:<12}{t.rps.get('json', 0):>10.0f}{t.rps.get('stream', 0):>10.0f}"
+              + (f"  errors {t.rps_errors}" if any(t.rps_errors.values()) else ""))
+    added_by = {c: latency_report(direct, targets, heavy_phase, a, c) for c in clients}
+    added, others = added_by[clients[0]], {c: added_by[c] for c in clients[1:]}
+    by = {t.name: t for t in targets}
+    goals: dict[str, object] = {}
+    if "relay" in by:
+        print(f"\ngoals (issue 9; latency with the {clients[0]} client, the others' in parentheses):")
+
+        def also(other: str, key: str = "relay") -> str:
+            return "".join(f", {c} x{ratio(o.get(key, o['relay'])['json_p50'], o[other]['json_p50']):.2f}"
+                           for c, o in others.items())
+
+        r = added["relay"]
         if "nginx" in by:
             v = ratio(r["json_p50"], added["nginx"]["json_p50"])
             goals["relay_added_p50_vs_nginx"] = round(v, 3)
             print(f"  relay added p50 <= 2x nginx's ........ x{v:.2f} {'PASS' if v <= 2 else 'FAIL'}"
                   f"  (json; ttft x{ratio(r['ttft_p50'], added['nginx']['ttft_p50']):.2f}, "
-                  f"stream x{ratio(r['stream_p50'], added['nginx']['stream_p50']):.2f})")
+                  f"stream x{ratio(r['stream_p50'], added['nginx']['stream_p50']):.2f}{also('nginx')})")
         else:
             print("  relay added p50 <= 2x nginx's ........ not measured (nginx skipped)")
         if "litellm" in by:
@@ -392,15 +524,15 @@ def report(direct: Target, targets: list[Target], skipped: list[Target], a: argp
             goals["relay_added_p50_vs_litellm"] = round(v, 4)
             print(f"  relay added p50 <= 0.05x LiteLLM's ... x{v:.3f} {'PASS' if v <= 0.05 else 'FAIL'}"
                   f"  (ttft x{ratio(r['ttft_p50'], lt['ttft_p50']):.3f}, "
-                  f"stream x{ratio(r['stream_p50'], lt['stream_p50']):.3f})")
+                  f"stream x{ratio(r['stream_p50'], lt['stream_p50']):.3f}{also('litellm', 'relay*')})")
             for k in ("json", "stream"):
                 v = ratio(by["relay"].rps[k], by["litellm"].rps[k])
                 goals[f"relay_rps_{k}_vs_litellm"] = round(v, 1)
                 print(f"  relay max RPS >= 30x LiteLLM's ({k:<6}) x{v:.1f} {'PASS' if v >= 30 else 'FAIL'}")
         else:
             print("  LiteLLM goals ......................... not measured (litellm skipped)")
-    return {"added_ms": added, "rps": {t.name: t.rps for t in allt}, "goals": goals,
-            "p50_ms": {t.name: {k: pct(t.lat[k], 0.5) for k in KINDS} for t in allt},
+    return {"added_ms": added_by, "rps": {t.name: t.rps for t in allt}, "goals": goals,
+            "p50_ms": {c: {t.name: {k: pct(t.lat_by[c][k], 0.5) for k in KINDS} for t in allt} for c in clients},
             "skipped": {t.name: t.skipped for t in skipped}}
 
 
@@ -412,14 +544,17 @@ async def main_async(a: argparse.Namespace) -> dict:
         try:
             light = [t for t in targets if t.name not in HEAVY]
             heavy = [t for t in targets if t.name in HEAVY]
-            await latency([direct, *light], a.requests, a.warmup)
+            clients = [c for c in a.client.split(",") if c]
+            for client in clients:
+                await latency_with(client, [direct, *light], a.requests, a.warmup)
             heavy_phase: dict[str, Target] = {}
             if heavy:
                 direct2 = Target("direct", direct.base)
                 heavy_phase = {t.name: Target(t.name, t.base, ref=direct2) for t in light if t.name == "relay"}
                 for t in heavy:
                     t.ref = direct2
-                await latency([direct2, *heavy_phase.values(), *heavy], a.requests, a.warmup)
+                for client in clients:
+                    await latency_with(client, [direct2, *heavy_phase.values(), *heavy], a.requests, a.warmup)
             tool = "wrk" if shutil.which("wrk") and not a.no_wrk else "aiohttp client"
             runs: dict[tuple[str, str], list[float]] = {}
             for _ in range(a.rounds):  # rounds over all targets: a noisy neighbour hits them all alike
@@ -449,6 +584,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=4.0, help="duration of each max-RPS run")
     ap.add_argument("--rounds", type=int, default=3, help="max-RPS rounds over all targets (median reported)")
     ap.add_argument("--chunks", type=int, default=20)
+    ap.add_argument("--client", default="raw,aiohttp",
+                    help="latency clients, in order (the first is the one the goals use): raw (RawClient), aiohttp")
     ap.add_argument("--targets", default="relay,gate-regex,nginx,litellm")
     ap.add_argument("--no-wrk", action="store_true", help="measure max RPS with the aiohttp client even if wrk exists")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON at the end")
