@@ -1,7 +1,7 @@
 """Guardgate next to the gateways users know: latency and throughput added, side by side, one run.
 
     python scripts/bench.py [--requests 1000] [--concurrency 32] [--seconds 4] [--rounds 3] [--chunks 20]
-                            [--targets relay,gate-regex,nginx,litellm] [--json]
+                            [--targets relay,gate-regex,nginx,litellm] [--client raw,aiohttp] [--json]
 
 Everything on loopback, same scripted upstream (bench/fake_upstream.py, OpenAI dialect, a stream of
 `--chunks` text chunks), same load, each target its own process:
@@ -19,8 +19,11 @@ Targets that are not installed are skipped, and the run says so. To install them
   wrk      apt-get install -y wrk   (optional: the max-RPS load generator; else an aiohttp client)
 
 Latency: requests one at a time, in rounds over all targets in a shuffled order (machine noise hits
-all alike), after a warm-up: a non-stream JSON request, and a stream (time to first byte = TTFT, and
-time to the last byte). "Added" p50 = the median over rounds of (target - direct) in that round;
+all alike), after a warm-up: a non-stream JSON request, and a stream (time to the first body byte =
+TTFT, and time to the last byte). Each latency phase runs once per client: RawClient (blocking
+sockets, one keep-alive connection per target; the goals use it) and aiohttp's (~0.4 ms of CPU per
+request of its own, the heaviest process here, which moves the figures with where the scheduler
+puts it; shown beside). "Added" p50 = the median over rounds of (target - direct) in that round;
 added p99 = target p99 minus direct p99. LiteLLM's latency is measured in a second phase, with
 direct and the relay again (see HEAVY); the relay/LiteLLM ratios use that phase's figures. Max RPS: `--concurrency`
 connections for `--seconds`, non-stream and stream, in `--rounds` rounds over all targets (median).
