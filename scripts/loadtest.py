@@ -1,7 +1,7 @@
 """Load test: N concurrent streaming clients through a Guardgate subprocess, every stream checked.
 
     python scripts/loadtest.py [--streams 500] [--seconds 60] [--path relay|gate|translate]
-                               [--chunks 20] [--chunk-delay-ms 50] [--max-requests 0] [--json]
+                               [--chunks 20] [--chunk-delay-ms 50] [--max-requests 0] [--answers json] [--json]
 
 Everything runs on loopback: a scripted upstream (bench/fake_upstream.py), `guardgate serve` in
 front of it, and N client loops in this process. Each request asks the upstream for its own text
@@ -10,6 +10,10 @@ lost, duplicated, reordered or delivered to the wrong client is detected. Paths:
   relay      openai → openai, no policy (the byte relay)
   gate       the same with bench/regex-stream.yaml (decoded, stream gate with a regex step)
   translate  openai client → llama-dialect upstream (every event decoded and re-encoded)
+
+`--answers json`: non-stream requests instead, each answer's JSON text checked the same way. The
+scripted upstream's answers then share one head bar Content-Length and Date, so the relay serves
+them from a remembered response head (upstreams/pool.py) with a body of another length each time.
 
 Bounded: clients stop starting requests at `--seconds` (or after `--max-requests`), in-flight
 streams get a grace period, each request has a timeout, and every process is stopped at the end.
@@ -62,6 +66,7 @@ class Report:
     path: str
     streams: int
     seconds: float
+    answers: str = "stream"  # or "json": non-stream requests
     requests: int = 0
     ok: int = 0
     tokens_expected: int = 0
@@ -109,6 +114,7 @@ class Load:
     def __init__(self, base: str, report: Report, chunks: int, deadline: float, max_requests: int,
                  timeout: float) -> None:
         self.base, self.r, self.chunks, self.deadline = base, report, chunks, deadline
+        self.stream = report.answers == "stream"
         self.max_requests, self.timeout = max_requests, timeout
         self.ttft: list[float] = []
         self.total: list[float] = []
@@ -130,7 +136,7 @@ class Load:
 
     async def one(self, session: aiohttp.ClientSession, cid: int, seq: int) -> None:
         want = expected_text(cid, seq, self.chunks)
-        body = {"model": "bench", "messages": [{"role": "user", "content": f"client {cid}"}], "stream": True}
+        body = {"model": "bench", "messages": [{"role": "user", "content": f"client {cid}"}], "stream": self.stream}
         self.r.requests += 1
         self.inflight += 1
         self.r.peak_concurrency = max(self.r.peak_concurrency, self.inflight)
@@ -146,6 +152,9 @@ class Load:
                     if resp.status != 200:
                         error = f"http_{resp.status}"
                         await resp.read()
+                    elif not self.stream:
+                        ttft = time.perf_counter() - t0
+                        parts.append(json.loads(await resp.read())["choices"][0]["message"]["content"])
                     else:
                         buf = b""
                         async for chunk in resp.content.iter_any():
@@ -167,7 +176,7 @@ class Load:
             error = "timeout"
         except aiohttp.ClientError as e:
             error = type(e).__name__
-        except ValueError:
+        except (ValueError, KeyError, IndexError, TypeError):
             error = "bad_json"
         finally:
             self.inflight -= 1
@@ -237,9 +246,9 @@ async def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60) -> N
 
 async def run(streams: int = 500, seconds: float = 60, path: str = "relay", chunks: int = 20,
               chunk_delay_ms: float = 50, max_requests: int = 0, timeout: float = 60, grace: float = 30,
-              warmup: float | None = None, quiet: bool = False) -> Report:
+              warmup: float | None = None, quiet: bool = False, answers: str = "stream") -> Report:
     """Start the upstream and the gateway, run the load, stop everything; the report."""
-    report = Report(path=path, streams=streams, seconds=seconds)
+    report = Report(path=path, streams=streams, seconds=seconds, answers=answers)
     up_port, gw_port = free_port(), free_port()
     dialect = "llama" if path == "translate" else "openai"
     procs = [spawn([PY, "bench/fake_upstream.py", "--port", str(up_port), "--chunks", str(chunks),
@@ -306,7 +315,8 @@ def summary(r: Report) -> str:
     mib = lambda k: f"{k / 1024:.1f}"  # noqa: E731
     growth = (r.rss_kib_end - r.rss_kib_warm) / 1024
     return "\n".join([
-        f"loadtest: path={r.path} streams={r.streams} seconds={r.seconds:g} wall={r.wall_s:g}s CPUs={os.cpu_count()}",
+        f"loadtest: path={r.path} answers={r.answers} streams={r.streams} seconds={r.seconds:g} wall={r.wall_s:g}s "
+        f"CPUs={os.cpu_count()}",
         f"  requests {r.requests}  exact {r.ok}  ({r.streams_per_s:g} streams/s, peak concurrency "
         f"{r.peak_concurrency})",
         f"  tokens expected {r.tokens_expected}  lost {r.tokens_lost}  mixed {r.tokens_mixed}  "
@@ -329,6 +339,7 @@ def main() -> int:
     ap.add_argument("--chunk-delay-ms", type=float, default=50)
     ap.add_argument("--max-requests", type=int, default=0, help="stop after this many requests (0: no limit)")
     ap.add_argument("--timeout", type=float, default=60, help="per request")
+    ap.add_argument("--answers", choices=("stream", "json"), default="stream", help="json: non-stream requests")
     ap.add_argument("--json", action="store_true", help="print the report as JSON too")
     a = ap.parse_args()
     try:
@@ -337,7 +348,8 @@ def main() -> int:
         uvloop.install()
     except ImportError:
         pass
-    r = asyncio.run(run(a.streams, a.seconds, a.path, a.chunks, a.chunk_delay_ms, a.max_requests, a.timeout))
+    r = asyncio.run(run(a.streams, a.seconds, a.path, a.chunks, a.chunk_delay_ms, a.max_requests, a.timeout,
+                        answers=a.answers))
     print(summary(r))
     if a.json:
         d = asdict(r)
