@@ -272,7 +272,6 @@ class _Metrics:
         self.actions = _Cached(Counter("guardgate_policy_actions", "Requests by policy and the action taken.",
                                ["policy", "action"], registry=r))
 
-
     def count(self, ctx: Any, status: int, seconds: float) -> None:
         route = route_label(ctx)
         dialect = getattr(ctx, "dialect", None) or "none"

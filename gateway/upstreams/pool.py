@@ -143,7 +143,7 @@ class UpstreamConnection(asyncio.Protocol):
         first = self.received == 0
         self.received += len(data)
         self.last_read = time.monotonic()
-        if first and self._known(sink, data):
+        if first and self.pool.heads and self._known(sink, data):
             return
         try:
             self.parser.feed_data(data)
@@ -189,8 +189,9 @@ class UpstreamConnection(asyncio.Protocol):
         if memo is not None and self.pool.remembering:
             heads = self.pool.heads
             heads[found[0]] = memo
-            if len(heads) >= HEADS_MAX:  # this upstream's heads differ from one answer to the next
-                self.pool.remembering = False
+            if len(heads) >= HEADS_MAX:  # this upstream's heads differ from one answer to the next: the
+                self.pool.remembering = False  # lookups would never pay, so there are none from now on
+                heads.clear()
 
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost follows
@@ -293,8 +294,8 @@ class ConnectionPool:
         # Response heads seen before (key: `response_key`), each with its sink's memo: a self-hosted
         # server (vLLM, llama.cpp) answers with the same head each time bar Content-Length and Date,
         # so the next answer skips httptools' per-header callbacks and the head rewriting. Hosted
-        # APIs put a fresh id in each head: theirs never match (one dict lookup lost per response).
-        # A pool that has seen HEADS_MAX different ones stops remembering (the memos it has are kept).
+        # APIs put a fresh id in each head: theirs never match. A pool that has seen HEADS_MAX different
+        # ones forgets them and stops remembering (and looking up: no cost per answer from then on).
         self.heads: dict[tuple[bytes, ...], object] = {}
         self.remembering = True
         self.known_heads = 0  # responses served from a remembered head
