@@ -334,56 +334,40 @@ class RawClient:
         return data
 
 
-def latency_raw(targets: list[Target], n: int, warmup: int) -> None:
-    """As `latency`, with RawClient."""
-    c = RawClient()
-    try:
-        for t in targets:
-            for stream in (False, True):
-                for _ in range(warmup):
-                    c.one(t.base, stream)
-        rng = random.Random(9)
-        order = list(targets)
-        for _ in range(n):
-            rng.shuffle(order)
-            for t in order:
-                _, total = c.one(t.base, False)
-                t.lat["json"].append(total)
-                ttft, total = c.one(t.base, True)
-                t.lat["ttft"].append(ttft)
-                t.lat["stream"].append(total)
-    finally:
-        c.close()
-
-
 async def latency_with(client: str, targets: list[Target], n: int, warmup: int) -> None:
     """One latency phase with `client`; each target's figures go to lat_by[client]."""
     for t in targets:
         t.lat = {k: [] for k in KINDS}
-    if client == "raw":
-        latency_raw(targets, n, warmup)
-    else:
-        await latency(targets, n, warmup)
+    await latency(targets, n, warmup, client)
     for t in targets:
         t.lat_by[client] = t.lat
 
 
-async def latency(targets: list[Target], n: int, warmup: int) -> None:
+async def latency(targets: list[Target], n: int, warmup: int, client: str = "aiohttp") -> None:
+    raw = RawClient() if client == "raw" else None
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
-        for t in targets:
-            for stream in (False, True):
-                for _ in range(warmup):
-                    await one(s, t.base, stream)
-        rng = random.Random(9)
-        order = list(targets)
-        for _ in range(n):
-            rng.shuffle(order)  # no target always goes first (or right after the slow one)
-            for t in order:
-                _, total = await one(s, t.base, False)
-                t.lat["json"].append(total)
-                ttft, total = await one(s, t.base, True)
-                t.lat["ttft"].append(ttft)
-                t.lat["stream"].append(total)
+
+        async def request(base: str, stream: bool) -> tuple[float, float]:
+            return raw.one(base, stream) if raw is not None else await one(s, base, stream)
+
+        try:
+            for t in targets:
+                for stream in (False, True):
+                    for _ in range(warmup):
+                        await request(t.base, stream)
+            rng = random.Random(9)
+            order = list(targets)
+            for _ in range(n):
+                rng.shuffle(order)  # no target always goes first (or right after the slow one)
+                for t in order:
+                    _, total = await request(t.base, False)
+                    t.lat["json"].append(total)
+                    ttft, total = await request(t.base, True)
+                    t.lat["ttft"].append(ttft)
+                    t.lat["stream"].append(total)
+        finally:
+            if raw is not None:
+                raw.close()
 
 
 WRK_LUA = """
