@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ from gateway.server import (
     split_prefix,
 )
 from gateway.upstreams.http import DROP_REQUEST, DROP_RESPONSE
-from gateway.upstreams.pool import UpstreamConnection, UpstreamDisconnected
+from gateway.upstreams.pool import CONTENT_LENGTH, UpstreamConnection, UpstreamDisconnected
 
 if TYPE_CHECKING:
     from gateway.server import Gateway, RelayPlan, RequestContext
@@ -75,7 +74,6 @@ _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _STATUS_LINES = {code: b"HTTP/1.1 %d %s\r\n" % (code, phrase.encode()) for code, phrase in _REASONS.items()}
 _DROP_RESPONSE_SSE = _DROP_RESPONSE | _SSE_DROP
 _NO_BODY = frozenset({204, 304})
-_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,18})[ \t]*\r\n", re.IGNORECASE)
 
 
 class _ServerDate:
@@ -169,7 +167,7 @@ def _head_key(data: bytes, end: int) -> tuple[tuple[bytes, ...], int]:
     """(key in FastFront.heads, Content-Length) of the head `data[:end]`: the head without the digits of
     its first Content-Length. Only heads with one are remembered, so a second one (left in the key)
     never matches."""
-    m = _CONTENT_LENGTH.search(data, 0, end + 2)
+    m = CONTENT_LENGTH.search(data, 0, end + 2)
     if m is None:
         return (data[:end],), 0
     return (data[:m.start(1)], data[m.end(1):end]), int(m.group(1))

@@ -315,7 +315,8 @@ def test_a_remembered_response_head_frames_each_body_by_its_own_length(make_stac
     assert pool.known_heads == 4 and len(pool.heads) == 1 and up.connections == 1
 
 
-@pytest.mark.parametrize("case", ["close", "head-then-body", "interim", "per-answer-id", "chunked", "two-answers"])
+@pytest.mark.parametrize("case", ["close", "head-then-body", "interim", "per-answer-id", "chunked", "two-answers",
+                                  "shouted-length"])
 def test_response_heads_that_are_not_served_from_memory(make_stack, monkeypatch, case: str) -> None:
     """The parser frames these (they are never remembered, or a read holds more than one whole answer),
     and each client still gets its answer exactly. A pool that has seen HEADS_MAX heads (here 3) that
@@ -335,6 +336,8 @@ def test_response_heads_that_are_not_served_from_memory(make_stack, monkeypatch,
             return [b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\nContent-Length: %d\r\n\r\n" % len(final) + final]
         if case == "per-answer-id":
             return [answer(body, i, b"X-Request-Id: up-%d\r\n" % i)]
+        if case == "shouted-length":  # a spelling the key does not cut: the whole head is the key, no length
+            return [answer(body, i).replace(b"Content-Length", b"CONTENT-LENGTH")]
         if case == "chunked":
             return [b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
                     b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)]
@@ -355,6 +358,16 @@ def test_response_heads_that_are_not_served_from_memory(make_stack, monkeypatch,
     else:
         assert pool.known_heads == 0 and not pool.heads
         assert up.connections == (4 if case == "close" else 1)
+
+
+def test_a_request_head_that_spells_its_length_otherwise_is_served_but_not_remembered(stack) -> None:
+    front = front_of(stack)
+    bodies = [json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * n}]}).encode() for n in (1, 30)]
+    for body in bodies:
+        req = post("/v1/chat/completions", body).replace(b"Content-Length", b"CONTENT-LENGTH")
+        assert parse_response(http(stack, req))[0] == 200
+    assert front.heads == {} and front.known_heads == 0 and front.served == 2
+    assert _sent(stack) == [(str(len(b)), b) for b in bodies]
 
 
 @pytest.mark.parametrize("tweak", ["two-lengths", "over-limit", "long-head"])

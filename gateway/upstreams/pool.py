@@ -21,8 +21,12 @@ import httptools
 
 HEAD_REMEMBER_BYTES = 4096  # longer response heads are not remembered
 HEADS_MAX = 64  # response heads remembered per pool at most (ConnectionPool.heads)
-_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,18})[ \t]*\r\n", re.IGNORECASE)
-_DATE = re.compile(rb"\r\ndate:([\t -~]*)\r\n", re.IGNORECASE)
+# The first Content-Length / Date header of a head, as servers and clients write them (the regex engine
+# finds a case-sensitive pattern ~2x faster). A head that spells one otherwise is never served from
+# memory: its key keeps that header whole, and heads are remembered only with exactly one length,
+# which the key cut out.
+CONTENT_LENGTH = re.compile(rb"\r\n[Cc]ontent-[Ll]ength:[ \t]*(\d{1,18})[ \t]*\r\n")
+_DATE = re.compile(rb"\r\n[Dd]ate:([\t -~]*)\r\n")
 
 
 def response_key(data: bytes, end: int) -> tuple[tuple[bytes, ...], int] | None:
@@ -30,7 +34,7 @@ def response_key(data: bytes, end: int) -> tuple[tuple[bytes, ...], int] | None:
     the digits of its first Content-Length and the value of its first Date, the two parts of a
     self-hosted server's JSON answer head that change from one answer to the next. None without a
     Content-Length. Only heads with one are remembered, so a second one (left in the key) never matches."""
-    m = _LENGTH.search(data, 0, end + 2)
+    m = CONTENT_LENGTH.search(data, 0, end + 2)
     if m is None:
         return None
     a, b = m.span(1)
@@ -89,6 +93,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = False
         self._lengths = 0  # Content-Length headers in this response's head
         self._interim = False  # a 1xx response came first
+        self.paused = False  # reading paused (back-pressure from the client)
 
     # ---------------------------------------------------------------- used by the relay
 
@@ -125,10 +130,12 @@ class UpstreamConnection(asyncio.Protocol):
     def pause(self) -> None:
         if self.transport is not None and self.alive:
             self.transport.pause_reading()
+            self.paused = True
 
     def resume(self) -> None:
-        if self.transport is not None and self.alive:
+        if self.paused and self.transport is not None and self.alive:
             self.transport.resume_reading()
+            self.paused = False
 
     # ---------------------------------------------------------------- asyncio.Protocol
 
@@ -372,7 +379,8 @@ class ConnectionPool:
         if self.closed:
             conn.abort()
             return
-        conn.resume()  # the last client may have paused it (back-pressure)
+        if conn.paused:  # the last client paused it (back-pressure)
+            conn.resume()
         conn.idle_since = time.monotonic()
         self._idle.append(conn)
 
