@@ -716,9 +716,10 @@ class _Relay:
         for k, v, lk in headers:
             if lk not in drop:
                 out += (k, b": ", v, b"\r\n")
+        prefix = b"".join(out)  # the part that depends on the upstream's head alone
         if not self.sse and self.decoder is None and status not in _NO_BODY:
-            self.memo_head = b"".join(out)  # what on_known starts from, for the next such head (pool.heads)
-        out += (self.rid_line, _ServerDate.get())
+            self.memo_head = prefix  # what on_known starts from, for the next such head (pool.heads)
+        out = [prefix, self.rid_line, _ServerDate.get()]
         if self.sse:
             out.append(_SSE_HEADERS)
             self.aligner = EventAligner(_STREAM_TERMINATORS.get((ctx.dialect, ctx.tail)))

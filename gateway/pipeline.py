@@ -70,10 +70,14 @@ class Pipeline:
         self.gw = gw
 
     def _policy(self, ctx: RequestContext) -> Any:
+        return self.policy_named(ctx.policy)
+
+    def policy_named(self, name: str | None) -> Any:
+        """The running policy of that name (None for none, or without a policy store)."""
         store = self.gw.policies
-        if store is None or not ctx.policy:
+        if store is None or not name:
             return None
-        return store.get(ctx.policy)
+        return store.get(name)
 
     async def dispatch(self, request: web.Request, ctx: RequestContext, upstream: HttpUpstream | NeutralUpstream,
                        body: bytes, payload: Any) -> web.StreamResponse:

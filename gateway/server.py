@@ -344,7 +344,7 @@ class Gateway:
         if plans:  # one was made for this head, so its key is valid: the body may be read before the check
             self._payload(ctx, method, ctype, body)
             plan = plans.get(ctx.model)
-            if plan is not None and (plan.policy is None or self._policy_named(plan.policy) is plan.policy_obj):
+            if plan is not None and (plan.policy is None or self.pipeline.policy_named(plan.policy) is plan.policy_obj):
                 ctx.key, ctx.route, ctx.upstream, ctx.policy = plan.key, plan.route, plan.route.upstream, plan.policy
                 return plan.upstream
         ctx.key = self.check_key(auth)
@@ -356,11 +356,8 @@ class Gateway:
             if len(plans) >= PLANS_MAX:
                 plans.clear()
             plans[ctx.model] = RelayPlan(ctx.key, ctx.route, upstream if relays else None,  # type: ignore[arg-type]
-                                         ctx.policy, self._policy_named(ctx.policy))
+                                         ctx.policy, self.pipeline.policy_named(ctx.policy))
         return upstream if relays else None  # type: ignore[return-value]
-
-    def _policy_named(self, name: str | None) -> Any:
-        return self.policies.get(name) if name and self.policies is not None else None
 
     def record_fast_request(self, ctx: RequestContext, status: int, method: str, upstream: str | None = None,
                             upstream_s: float | None = None) -> None:

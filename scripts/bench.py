@@ -275,7 +275,7 @@ class RawClient:
             s.close()
         self.socks.clear()
 
-    def one(self, base: str, stream: bool) -> tuple[float, float]:
+    def one(self, base: str, stream: bool, retry: bool = True) -> tuple[float, float]:
         """(time to the first body byte, time to the end) of one chat completion, in seconds."""
         key = f"{base} {stream}"
         u = urlsplit(base)
@@ -296,7 +296,9 @@ class RawClient:
         except ConnectionError:  # a server closes a keep-alive connection now and then (nginx: 1000 requests)
             s.close()
             del self.socks[key]
-            return self.one(base, stream)
+            if not retry:
+                raise
+            return self.one(base, stream, retry=False)  # once, on a new connection
         if close:
             s.close()
             del self.socks[key]
