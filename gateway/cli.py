@@ -103,17 +103,15 @@ def main_serve(args: argparse.Namespace) -> int:
 
 
 async def _serve(app: Any, cfg: GatewayConfig) -> None:
-    """`web.run_app`, with the fast front on the listening socket (gateway.fastpath). SIGINT/SIGTERM
-    raise GracefulExit; cleanup lets in-flight responses finish within shutdown_grace_s."""
+    """`web.run_app`'s steps: SIGINT/SIGTERM raise GracefulExit; cleanup lets in-flight responses finish
+    within shutdown_grace_s."""
     from aiohttp import web
-
-    from gateway.fastpath import FastSite
 
     runner = web.AppRunner(app, handle_signals=True, access_log=None, shutdown_timeout=cfg.shutdown_grace_s,
                            handler_cancellation=True)
     await runner.setup()
     try:
-        await FastSite(runner, cfg.host, cfg.port).start()
+        await web.TCPSite(runner, cfg.host, cfg.port).start()
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()

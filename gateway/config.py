@@ -49,6 +49,8 @@ class Route:
     path: str | None = None  # client path prefix, e.g. "/llama/"
     model: str | None = None  # model name glob, e.g. "gpt-*"
     policy: str | None = None
+    # Endpoint names (gateway.endpoints) relayed unguarded even under an inspecting policy.
+    passthrough: frozenset[str] = frozenset()
 
     def matches(self, path: str, model: str | None) -> bool:
         if self.path is not None and not path.startswith(self.path):
@@ -87,7 +89,6 @@ class GatewayConfig:
     audit_max_bytes: int = 0  # rotate the audit log past this size (0 = never)
     audit_backups: int = 5
     shutdown_grace_s: float = 30.0
-    fast_path: bool = True  # serve plain relay requests in gateway.fastpath (False: aiohttp serves all)
     source: str | None = None
 
     def route_for(self, path: str, model: str | None) -> Route | None:
@@ -132,8 +133,7 @@ def _upstream(name: str, obj: object, file: str | None) -> UpstreamConfig:
     )
 
 
-TOP_KEYS = {"listen", "upstreams", "routes", "keys", "limits", "policy", "policy_dirs", "audit", "shutdown_grace_s",
-            "fast_path"}
+TOP_KEYS = {"listen", "upstreams", "routes", "keys", "limits", "policy", "policy_dirs", "audit", "shutdown_grace_s"}
 
 
 def parse(obj: object, file: str | None = None) -> GatewayConfig:
@@ -148,12 +148,13 @@ def parse(obj: object, file: str | None = None) -> GatewayConfig:
         cfg.upstreams[str(name)] = _upstream(str(name), u, file)
     routes = top.get("routes", list, [])
     for i, r in enumerate(routes):
-        rf = Fields(r, file, f"routes[{i}]", {"path", "model", "upstream", "policy"})
+        rf = Fields(r, file, f"routes[{i}]", {"path", "model", "upstream", "policy", "passthrough"})
         up = rf.get("upstream", str, required=True)
         if up not in cfg.upstreams:
             raise rf.error("upstream", f"routes[{i}].upstream {up!r} is not defined under upstreams")
         cfg.routes.append(Route(upstream=up, path=rf.get("path", str), model=rf.get("model", str),
-                                policy=rf.get("policy", str)))
+                                policy=rf.get("policy", str),
+                                passthrough=_passthrough(rf.get("passthrough", list, []), rf, i)))
     if not cfg.routes and len(cfg.upstreams) == 1:
         cfg.routes.append(Route(upstream=next(iter(cfg.upstreams))))
     for i, k in enumerate(top.get("keys", list, [])):
@@ -175,10 +176,25 @@ def parse(obj: object, file: str | None = None) -> GatewayConfig:
         cfg.audit_max_bytes = af.get("max_bytes", int, 0)
         cfg.audit_backups = af.get("backups", int, 5)
     cfg.shutdown_grace_s = top.get("shutdown_grace_s", float, cfg.shutdown_grace_s)
-    cfg.fast_path = top.get("fast_path", bool, cfg.fast_path)
     if not cfg.upstreams:
         raise ConfigError("no upstreams defined", file, None)
     return cfg
+
+
+def _passthrough(names: list[object], rf: Fields, i: int) -> frozenset[str]:
+    """A route's `passthrough:` list: endpoint names the policy cannot inspect (gateway.endpoints)."""
+    from gateway.endpoints import GUARDED_KINDS, PASSTHROUGH_NAMES, TABLE
+
+    unguarded = {e.name for e in TABLE if e.kind not in GUARDED_KINDS} | set(PASSTHROUGH_NAMES) | {"other"}
+    guarded = {e.name for e in TABLE} - unguarded
+    for n in names:
+        if n in guarded:
+            raise rf.error("passthrough", f"routes[{i}].passthrough: {n!r} is guarded by the policy; passthrough "
+                           "lists only endpoints it cannot inspect")
+        if n not in unguarded:
+            raise rf.error("passthrough", f"routes[{i}].passthrough: unknown endpoint {n!r} (known: "
+                           f"{', '.join(sorted(unguarded))})")
+    return frozenset(str(n) for n in names)
 
 
 def load_file(path: str | os.PathLike[str]) -> GatewayConfig:

@@ -1,36 +1,46 @@
-"""The decoded path: request → input guards → upstream → stream gate → client.
+"""Carries out the plan `gateway.routing` made for a request, one way:
+request → input guards → upstream → stream gate → client.
 
-Used when a chat request must be inspected (the policy has steps) or translated (client and
-upstream speak different dialects, or the upstream is a local model). Everything else goes to the
-byte relay. Data flows one way; this module wires the layers and knows no wire format itself.
+Chat that must be inspected or translated is decoded into neutral types and re-encoded in the
+client's dialect; embeddings and moderations under an input policy pass the input stage and are
+then relayed; everything the plan says to relay goes through the byte relay. This module wires the
+layers and knows no wire format itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from gateway import dialects
+from gateway.context import GatewayError, RequestContext
 from gateway.dialects.base import DialectError, UpstreamStreamError
-from gateway.relay import SSE_HEADERS
+from gateway.dialects.embeddings import decode_embedding_inputs
+from gateway.endpoints import Kind, path_param
+from gateway.relay import SSE_HEADERS, relay_response
+from gateway.routing import Action, Plan, moderation_step
+from gateway.telemetry import Telemetry
 from gateway.types import Event, Exchange
 from gateway.upstreams.base import NeutralUpstream, UpstreamError
-from gateway.upstreams.http import HttpUpstream, release_after_eof
+from gateway.upstreams.http import HttpUpstream, draining, release_after_eof, request_headers
 
-if TYPE_CHECKING:
-    from gateway.server import Gateway, RequestContext
+CHAT_PATH = "/chat/completions"  # the chat endpoint in both upstream dialects
+MODELS_PATH = "/models"
 
 
-def _gateway_error(*args: Any, **kw: Any) -> Exception:
-    from gateway.server import GatewayError
-
-    return GatewayError(*args, **kw)
+@functools.cache
+def relay_error_frame(dialect: str, message: str, code: str) -> bytes:
+    """The frame that ends a relayed stream whose upstream failed mid-way."""
+    enc = dialects.get(dialect).stream_encoder(Exchange(model="", messages=[], stream=True))
+    return enc.error(message, code)
 
 
 async def upstream_events(resp: aiohttp.ClientResponse, dialect_name: str) -> AsyncIterator[Event]:
@@ -66,74 +76,97 @@ async def upstream_events(resp: aiohttp.ClientResponse, dialect_name: str) -> As
 
 
 class Pipeline:
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
+    """Carries out a `routing.Plan`. It holds only what it needs: telemetry, the audit log, and
+    whether gateway keys are on (then a client's Authorization is never forwarded)."""
 
-    def _policy(self, ctx: RequestContext) -> Any:
-        return self.policy_named(ctx.policy)
+    def __init__(self, telemetry: Telemetry, audit: Any = None, *, keys_on: bool = False) -> None:
+        self.telemetry = telemetry
+        self.audit = audit
+        self.keys_on = keys_on
 
-    def policy_named(self, name: str | None) -> Any:
-        """The running policy of that name (None for none, or without a policy store)."""
-        store = self.gw.policies
-        if store is None or not name:
-            return None
-        return store.get(name)
+    def upstream_headers(self, request: web.Request, ctx: RequestContext, upstream: HttpUpstream,
+                         extra: dict[str, str] | None = None) -> CIMultiDict[str]:
+        """The client's headers for the upstream: hop-by-hop dropped, the right Authorization set."""
+        auth = upstream.auth_header(request.headers.get("Authorization"), gateway_keys_on=self.keys_on)
+        return request_headers(request.headers, auth, ctx.id, extra)
 
-    async def dispatch(self, request: web.Request, ctx: RequestContext, upstream: HttpUpstream | NeutralUpstream,
-                       body: bytes, payload: Any) -> web.StreamResponse:
-        policy = self._policy(ctx)
-        if self._relays(request.method, ctx, upstream, policy):
-            assert isinstance(upstream, HttpUpstream)
-            return await self.gw.relay(request, ctx, upstream, body)
-        neutral = isinstance(upstream, NeutralUpstream)
-        same = not neutral and upstream.dialect == ctx.dialect
-        if request.method == "POST" and ctx.tail == "/chat/completions":
-            return await self.chat(request, ctx, upstream, body, policy)
-        elif request.method == "POST" and ctx.tail == "/moderations":
-            served = await self.moderations(request, ctx, body, policy)
-            if served is not None:
-                return served
-        if request.method == "GET" and ctx.tail.rstrip("/") == "/models" and not same:
-            return await self.models(request, ctx, upstream)
-        if neutral or not same:
-            raise _gateway_error(404, f"{request.method} {ctx.prefix}{ctx.tail} is not available on upstream "
-                                 f"{ctx.upstream} ({'local model' if neutral else upstream.dialect + ' dialect'})",
-                                 "not_found")
+    async def dispatch(self, request: web.Request, plan: Plan) -> web.StreamResponse:
+        action = plan.action
+        if action is Action.RELAY:
+            return await self.relay(request, plan)
+        if action is Action.CHAT:
+            return await self.chat(request, plan)
+        if action is Action.INPUT_THEN_RELAY:
+            await self.input_then_relay(plan)
+            return await self.relay(request, plan)
+        if action is Action.MODERATE:
+            return await self.moderations(plan)
+        assert action is Action.MODELS
+        return await self.models(request, plan)
+
+    async def relay(self, request: web.Request, plan: Plan) -> web.StreamResponse:
+        """Byte for byte: no parse, no re-encode; the upstream gets the path that was classified."""
+        ctx, upstream = plan.ctx, plan.upstream
         assert isinstance(upstream, HttpUpstream)
-        return await self.gw.relay(request, ctx, upstream, body)
+        headers = self.upstream_headers(request, ctx, upstream)
+        resp = await self.telemetry.send(upstream, plan.method, ctx.tail, plan.query, headers, plan.body or None)
+        try:
+            ctx.ttfb_ms = (time.perf_counter() - ctx.started) * 1000
+            return await relay_response(request, resp, {"X-Guardgate-Request-Id": ctx.id},
+                                        functools.partial(relay_error_frame, ctx.dialect),
+                                        plan.endpoint.terminator)
+        finally:
+            if not draining(resp):  # a finished stream's connection may be on its way back to the pool
+                resp.close()
 
-    def relays(self, method: str, ctx: RequestContext, upstream: HttpUpstream | NeutralUpstream) -> bool:
-        """True when `dispatch` sends this request to the byte relay as it is (the fast front asks)."""
-        return self._relays(method, ctx, upstream, self._policy(ctx))
+    def _run(self, plan: Plan) -> Any:
+        """A policy run for this request (None without a policy)."""
+        if plan.policy is None:
+            return None
+        from gateway.policy.chain import PolicyRun
 
-    @staticmethod
-    def _relays(method: str, ctx: RequestContext, upstream: HttpUpstream | NeutralUpstream, policy: Any) -> bool:
-        if isinstance(upstream, NeutralUpstream) or upstream.dialect != ctx.dialect:
-            return False  # a local model, or a translation
-        if method == "POST" and ctx.tail == "/chat/completions":
-            return policy is None or not policy.needs_inspection
-        if method == "POST" and ctx.tail == "/moderations":
-            return _moderation_step(policy) is None  # else the policy's Llama Guard answers
-        return True
+        ctx = plan.ctx
+        return PolicyRun(plan.policy, request_id=ctx.id, route=ctx.prefix + ctx.tail, dialect=ctx.dialect,
+                         model=ctx.model, key=ctx.key.name if ctx.key else None, audit=self.audit)
+
+    async def input_then_relay(self, plan: Plan) -> None:
+        """Embeddings and moderations under an input policy: the texts pass the input stage first."""
+        ctx = plan.ctx
+        try:
+            if plan.endpoint.kind is Kind.EMBEDDINGS:
+                messages = decode_embedding_inputs(plan.payload)
+            else:
+                req = dialects.get(ctx.dialect).decode_moderation_request(plan.body)
+                messages = [m for conversation in req.inputs for m in conversation]
+        except DialectError as e:
+            raise GatewayError(e.status, e.message, e.code or "invalid_request", param=e.param) from None
+        run = self._run(plan)
+        status, error = 200, None
+        try:
+            await self._input_gate(asyncio.ensure_future(
+                run.check_input(Exchange(model=ctx.model or "", messages=messages))), ctx, param="input")
+        except GatewayError as e:
+            status, error = e.status, e.code
+            raise
+        finally:
+            self.telemetry.record_audit(run.finish(status=status, error=error))
 
     # ------------------------------------------------------------------ chat
 
-    async def chat(self, request: web.Request, ctx: RequestContext, upstream: HttpUpstream | NeutralUpstream,
-                   body: bytes, policy: Any) -> web.StreamResponse:
+    async def chat(self, request: web.Request, plan: Plan) -> web.StreamResponse:
+        ctx = plan.ctx
         cd = dialects.get(ctx.dialect)
+        body = plan.body
+        if "model" not in plan.payload and ctx.model:  # Azure: the deployment in the path names the model
+            body = json.dumps({**plan.payload, "model": ctx.model}).encode()
         try:
             ex = cd.decode_request(body)
         except DialectError as e:
-            raise _gateway_error(e.status, e.message, e.code or "invalid_request", param=e.param) from None
-        run = None
-        if policy is not None:
-            from gateway.policy.chain import PolicyRun
-
-            run = PolicyRun(policy, request_id=ctx.id, route=ctx.prefix + ctx.tail, dialect=ctx.dialect,
-                            model=ex.model, key=ctx.key.name if ctx.key else None, audit=self.gw.audit)
+            raise GatewayError(e.status, e.message, e.code or "invalid_request", param=e.param) from None
+        run = self._run(plan)
         status, error = 500, None
         try:
-            resp = await self._chat(request, ctx, upstream, ex, run)
+            resp = await self._chat(request, plan, ex, run)
             status = resp.status
             return resp
         except Exception as e:
@@ -145,17 +178,17 @@ class Pipeline:
             raise
         finally:
             if run is not None:
-                self.gw.telemetry.record_audit(run.finish(status=status, error=error))
+                self.telemetry.record_audit(run.finish(status=status, error=error))
 
-    async def _input_gate(self, task: asyncio.Task[Any], ctx: RequestContext) -> None:
+    async def _input_gate(self, task: asyncio.Future[Any], ctx: RequestContext, param: str = "messages") -> None:
         decision = await task
         if decision.blocked:
             ctx.outcome = "blocked_input"
-            raise _gateway_error(400, decision.message or "Request blocked by content policy", "content_filter",
-                                 param="messages", retry=False)
+            raise GatewayError(400, decision.message or "Request blocked by content policy", "content_filter",
+                               param=param, retry=False)
 
-    async def _chat(self, request: web.Request, ctx: RequestContext, upstream: HttpUpstream | NeutralUpstream,
-                    ex: Exchange, run: Any) -> web.StreamResponse:
+    async def _chat(self, request: web.Request, plan: Plan, ex: Exchange, run: Any) -> web.StreamResponse:
+        ctx, upstream = plan.ctx, plan.upstream
         cd = dialects.get(ctx.dialect)
         input_task: asyncio.Task[Any] | None = None
         if run is not None and run.policy.has_input:
@@ -175,9 +208,11 @@ class Pipeline:
 
             ud = dialects.get(upstream.dialect)
             up_body = json.dumps(ud.encode_request(ex), separators=(",", ":")).encode()
-            headers = self.gw.upstream_headers(request, ctx, upstream, {"Content-Type": "application/json"})
-            send = asyncio.ensure_future(
-                self.gw.telemetry.send(upstream, "POST", ctx.tail, request.query_string, headers, up_body))
+            headers = self.upstream_headers(request, ctx, upstream, {"Content-Type": "application/json"})
+            # Same dialect: the path that was classified (an Azure deployment path stays one);
+            # translated: the upstream dialect's chat path.
+            path = ctx.tail if upstream.dialect == ctx.dialect else CHAT_PATH
+            send = asyncio.ensure_future(self.telemetry.send(upstream, "POST", path, plan.query, headers, up_body))
             if input_task is not None:
                 # Speculative: the upstream is already on its way; no byte leaves before the verdict.
                 try:
@@ -230,15 +265,15 @@ class Pipeline:
             completion = await run.check_output(ex, completion)
         if completion.finish_reason == "content_filter":
             ctx.outcome = "blocked_output"
-        self.gw.telemetry.observe_completion(completion)
+        self.telemetry.observe_completion(completion)
         return web.json_response(cd.encode_response(completion, ex), headers={"X-Guardgate-Request-Id": ctx.id})
 
     async def _send_stream(self, request: web.Request, ctx: RequestContext, cd: Any, ex: Exchange,
                            events: AsyncIterator[Event], run: Any) -> web.StreamResponse:
-        events = self.gw.telemetry.upstream_events(events)
+        events = self.telemetry.upstream_events(events)
         if run is not None and run.policy.has_stream:
             events = run.guard_stream(ex, events)
-        events = self.gw.telemetry.client_events(events)
+        events = self.telemetry.client_events(events)
         enc = cd.stream_encoder(ex)
         out = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream; charset=utf-8",
                                                       "X-Guardgate-Request-Id": ctx.id, **SSE_HEADERS})
@@ -263,15 +298,16 @@ class Pipeline:
 
     # ------------------------------------------------------------------ models, moderations
 
-    async def models(self, request: web.Request, ctx: RequestContext,
-                     upstream: HttpUpstream | NeutralUpstream) -> web.Response:
+    async def models(self, request: web.Request, plan: Plan) -> web.Response:
+        """The models list (or one model) of a local model or another dialect's upstream, translated."""
+        ctx, upstream = plan.ctx, plan.upstream
         cd = dialects.get(ctx.dialect)
         if isinstance(upstream, NeutralUpstream):
             models = [{"id": m, "created": 0, "owned_by": "guardgate"} for m in await upstream.models()]
         else:
             ud = dialects.get(upstream.dialect)
-            headers = self.gw.upstream_headers(request, ctx, upstream)
-            resp = await upstream.send("GET", "/models", "", headers, None)
+            headers = self.upstream_headers(request, ctx, upstream)
+            resp = await upstream.send("GET", MODELS_PATH, "", headers, None)
             try:
                 raw = await resp.read()
             finally:
@@ -284,22 +320,26 @@ class Pipeline:
                 models = ud.decode_models(raw)
             except DialectError as e:
                 raise UpstreamError(f"upstream models list does not decode: {e.message}", 502) from None
-        return web.json_response(cd.encode_models(models))
+        one = path_param(plan.endpoint, ctx.tail, "model")
+        if one is None:
+            return web.json_response(cd.encode_models(models))
+        for m in cd.encode_models(models).get("data", []):
+            if m.get("id") == one:
+                return web.json_response(m)
+        raise GatewayError(404, f"model {one!r} not found", "model_not_found", param="model")
 
-    async def moderations(self, request: web.Request, ctx: RequestContext, body: bytes,
-                          policy: Any) -> web.Response | None:
-        """Served by the policy's local Llama Guard when it has one (first llama_guard step); else None (relay)."""
-        step = _moderation_step(policy)
-        if step is None:
-            return None
+    async def moderations(self, plan: Plan) -> web.Response:
+        """Answered by the policy's local Llama Guard (its first llama_guard step)."""
+        ctx = plan.ctx
+        step = moderation_step(plan.policy)
         if step.unavailable:
             raise UpstreamError(f"moderation guard unavailable: {step.unavailable}", 503, "guard_unavailable")
         guard = step.guard
         cd = dialects.get(ctx.dialect)
         try:
-            req = cd.decode_moderation_request(body)
+            req = cd.decode_moderation_request(plan.body)
         except DialectError as e:
-            raise _gateway_error(e.status, e.message, e.code or "invalid_request", param=e.param) from None
+            raise GatewayError(e.status, e.message, e.code or "invalid_request", param=e.param) from None
         from gateway.guards.moderation import moderate
 
         try:
@@ -310,10 +350,3 @@ class Pipeline:
         model = req.model or str(guard.options.get("model", guard.name))
         return web.json_response(cd.encode_moderation_response(results, model=model),
                                  headers={"X-Guardgate-Request-Id": ctx.id})
-
-
-def _moderation_step(policy: Any) -> Any:
-    for step in policy.steps if policy is not None else ():
-        if step.guard_name == "llama_guard":
-            return step
-    return None

@@ -43,6 +43,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
+from gateway.endpoints import TABLE
 from gateway.types import (
     Completion,
     Event,
@@ -57,10 +58,7 @@ from gateway.types import (
 log = logging.getLogger("guardgate.telemetry")
 
 SKIP_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
-# Client paths (after the dialect prefix) kept as route labels; anything else is "/other".
-KNOWN_TAILS = frozenset({"/chat/completions", "/completions", "/embeddings", "/models", "/moderations",
-                         "/responses"})
-OPERATIONS = {"/chat/completions": "chat", "/completions": "text_completion", "/embeddings": "embeddings"}
+TABLE_SET = frozenset(TABLE)
 # gen_ai.system by upstream dialect (OpenTelemetry GenAI semantic conventions; custom values where
 # the registry has none).
 SYSTEMS = {"openai": "openai", "llama": "meta_llama", "llama_cpp": "llama_cpp"}
@@ -454,7 +452,7 @@ class Telemetry:
         `gateway.server.CTX_KEY`) when the request ends.
         """
         if ctx_key is None:
-            from gateway.server import CTX_KEY  # at wiring time: the server module is loaded by then
+            from gateway.context import CTX_KEY
 
             ctx_key = CTX_KEY
         self.ctx_key = ctx_key
@@ -538,7 +536,7 @@ class Telemetry:
                 attrs["guardgate.policy"] = ctx.policy
             if ctx.model:
                 attrs["gen_ai.request.model"] = ctx.model
-            op = OPERATIONS.get(ctx.tail)
+            op = ctx.operation
             if op:
                 attrs["gen_ai.operation.name"] = op
             attrs["guardgate.stream"] = bool(ctx.stream)
@@ -864,12 +862,9 @@ def _guard_attrs(guard: str, stage: str, step: str, verdict: str, score: Any, ca
 
 
 def route_label(ctx: Any) -> str:
-    """A bounded route label: dialect prefix + a known endpoint, else "/other"; "unmatched" without ctx."""
-    if ctx is None:
+    """A bounded route label: dialect prefix + the endpoint's template from the table (gateway.endpoints);
+    an endpoint outside the table by its name ("/files/*", "/other/*"); "unmatched" before classification."""
+    if ctx is None or ctx.endpoint is None:
         return "unmatched"
-    tail = ctx.tail.rstrip("/") or "/"
-    if tail in KNOWN_TAILS:
-        return ctx.prefix + tail
-    if tail.startswith("/models/"):
-        return ctx.prefix + "/models/{id}"
-    return ctx.prefix + "/other"
+    ep = ctx.endpoint
+    return ctx.prefix + (ep.template if ep in TABLE_SET else f"/{ep.name}/*")

@@ -17,9 +17,6 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.fastpath import FastSite
-from gateway.server import GATEWAY_KEY
-
 # ---------------------------------------------------------------------------- SSE scenarios
 
 CHUNK_ID = "chatcmpl-abc123"
@@ -167,7 +164,7 @@ class Loop:
         async def start() -> int:
             runner = web.AppRunner(app, handler_cancellation=True, access_log=None, **runner_kw)
             await runner.setup()
-            site = FastSite(runner, "127.0.0.1", 0) if GATEWAY_KEY in app else web.TCPSite(runner, "127.0.0.1", 0)
+            site = web.TCPSite(runner, "127.0.0.1", 0)
             await site.start()
             self.runners.append(runner)
             return site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]

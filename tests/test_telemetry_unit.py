@@ -17,7 +17,8 @@ from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import telemetry as T
-from gateway.server import CTX_KEY, RequestContext
+from gateway.context import CTX_KEY, RequestContext
+from gateway.endpoints import lookup
 from gateway.types import TextDelta, Usage, UsageEvent, Verdict
 
 # ---------------------------------------------------------------------------- helpers
@@ -69,7 +70,8 @@ def audit_record(**over: Any) -> dict[str, Any]:
 def request_with_ctx(tail: str = "/chat/completions", **ctx_kw: Any) -> tuple[web.Request, RequestContext]:
     req = make_mocked_request("POST", "/v1" + tail, headers={
         "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
-    ctx = RequestContext(id="req-1", dialect="openai", prefix="/v1", tail=tail, **ctx_kw)
+    ctx = RequestContext(id="req-1", dialect="openai", prefix="/v1", tail=tail,
+                         endpoint=lookup("openai", "POST", tail), **ctx_kw)
     return req, ctx
 
 
@@ -180,12 +182,18 @@ def test_sessions_and_cache_hits_come_from_callbacks() -> None:
 
 
 def test_route_labels_are_bounded() -> None:
-    ctx = RequestContext(id="x", dialect="openai", prefix="/v1", tail="/chat/completions")
+    ctx = RequestContext(id="x", dialect="openai", prefix="/v1", tail="/chat/completions",
+                         endpoint=lookup("openai", "POST", "/chat/completions"))
     assert T.route_label(ctx) == "/v1/chat/completions"
     ctx.tail = "/models/gpt-4o"
-    assert T.route_label(ctx) == "/v1/models/{id}"
+    ctx.endpoint = lookup("openai", "GET", ctx.tail)
+    assert T.route_label(ctx) == "/v1/models/{model}"
     ctx.tail = "/files/file-abc123/content"
-    assert T.route_label(ctx) == "/v1/other"
+    ctx.endpoint = lookup("openai", "GET", ctx.tail)
+    assert T.route_label(ctx) == "/v1/files/*"
+    ctx.tail = "/anything/else-42"
+    ctx.endpoint = lookup("openai", "GET", ctx.tail)
+    assert T.route_label(ctx) == "/v1/other/*"
     assert T.route_label(None) == "unmatched"
 
 
@@ -381,7 +389,8 @@ def test_fast_requests_are_counted_in_batches_and_exactly_at_every_scrape() -> N
     tel = T.Telemetry()
     n = T.FOLD_EVERY + 7
     for i in range(n):
-        ctx = RequestContext(id=f"r{i}", dialect="openai", prefix="/v1", tail="/chat/completions")
+        ctx = RequestContext(id=f"r{i}", dialect="openai", prefix="/v1", tail="/chat/completions",
+                             endpoint=lookup("openai", "POST", "/chat/completions"))
         tel.note_fast_request(ctx, 200 if i % 2 else 429, "main", 0.004)
     assert len(tel.m.pending) == 7  # one batch folded, 7 waiting for the next (or a scrape)
     labels = {"route": "/v1/chat/completions", "dialect": "openai"}

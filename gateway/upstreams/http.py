@@ -14,10 +14,10 @@ from collections.abc import Mapping
 
 import aiohttp
 from multidict import CIMultiDict
+from yarl import URL
 
 from gateway.config import UpstreamConfig
 from gateway.upstreams.base import UpstreamError
-from gateway.upstreams.pool import ConnectionPool
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus ones a proxy must not pass on as-is.
 HOP_BY_HOP = frozenset(
@@ -110,11 +110,9 @@ class HttpUpstream:
         self.name = cfg.name
         self.dialect = cfg.dialect
         self._session: aiohttp.ClientSession | None = None
-        self.pool: ConnectionPool | None = None  # the fast front's client (gateway.fastpath)
 
     async def start(self) -> None:
         t = self.cfg.timeouts
-        self.pool = ConnectionPool(self.cfg.base_url, limit=self.cfg.max_connections, connect_timeout=t.connect)
         connector = aiohttp.TCPConnector(limit=self.cfg.max_connections, ttl_dns_cache=300,
                                          family=socket.AF_UNSPEC, keepalive_timeout=30)
         self._session = aiohttp.ClientSession(
@@ -125,8 +123,6 @@ class HttpUpstream:
         )
 
     async def aclose(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -142,9 +138,13 @@ class HttpUpstream:
 
     async def send(self, method: str, path: str, query: str, headers: Mapping[str, str],
                    body: bytes | None) -> aiohttp.ClientResponse:
-        """Start a request; the caller owns the response (must release/close it)."""
+        """Start a request; the caller owns the response (must release/close it).
+
+        `path` is canonical (gateway.endpoints) and `query` raw, so the URL is used as it is
+        (`encoded=True`): nothing decodes or resolves it on the way, and the upstream receives the
+        path that was classified, under the configured base path."""
         assert self._session is not None, "upstream not started"
-        url = self.cfg.base_url + path + (f"?{query}" if query else "")
+        url = URL(self.cfg.base_url + path + (f"?{query}" if query else ""), encoded=True)
         try:
             return await self._session.request(method, url, data=body, headers=headers,
                                                allow_redirects=False)

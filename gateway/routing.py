@@ -1,0 +1,214 @@
+"""One routing decision per request: the plan every path consumes.
+
+    head  → `Router.admit`: canonical path, prefix and dialect, endpoint (the table), gateway key;
+            all of it before a byte of the body is read
+    body  → `Router.plan`:  payload (JSON for every endpoint that is decoded or routed by model),
+            route, upstream, policy, and the action: relay, guard, translate, serve, or refuse
+
+The rule that decides the action (deny by default) lives in `decide` and nowhere else:
+  - no policy, or one with no step: every endpoint is relayed as it is (or translated for chat and
+    models when the upstream speaks another dialect or is a local model);
+  - chat: decoded, guarded, re-encoded;
+  - models: relayed (metadata, never content);
+  - embeddings, moderations: the input stage runs on their texts, then the request is relayed (a
+    policy with a `llama_guard` step answers moderations itself);
+  - stored reads: refused under a policy that checks answers (a blocked answer could be read back),
+    relayed under an input-only one;
+  - everything else (responses, completions, files, audio, ..., unknown paths): refused with 403
+    `endpoint_not_guarded`, unless the route lists the endpoint under `passthrough:`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from gateway.context import GatewayError, RequestContext, describe
+from gateway.endpoints import Endpoint, Kind, canonical_target, lookup, path_param, split_prefix
+from gateway.upstreams.base import NeutralUpstream
+from gateway.upstreams.http import HttpUpstream
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from gateway.config import GatewayConfig, GatewayKey, Route
+
+Upstream = HttpUpstream | NeutralUpstream
+
+# Kinds whose request body is JSON the gateway reads (to route by model, or to guard).
+_JSON_KINDS = frozenset({Kind.CHAT, Kind.RESPONSES, Kind.COMPLETIONS, Kind.EMBEDDINGS, Kind.MODERATIONS})
+_NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+
+
+class Action(StrEnum):
+    RELAY = "relay"  # bytes as they came (same dialect, nothing to inspect)
+    CHAT = "chat"  # decode → input stage → upstream → stream gate → encode (pipeline.chat)
+    INPUT_THEN_RELAY = "input_then_relay"  # input stage on the texts, then the bytes as they came
+    MODERATE = "moderate"  # answered by the policy's Llama Guard
+    MODELS = "models"  # the models list translated into the client's dialect
+
+
+@dataclass(slots=True)
+class Plan:
+    """Everything decided about one request; the pipeline only carries it out."""
+
+    ctx: RequestContext
+    method: str
+    query: str
+    body: bytes
+    payload: Any  # the JSON body for the kinds in _JSON_KINDS (None otherwise)
+    upstream: Upstream
+    policy: Any  # gateway.policy.schema.Policy | None
+    action: Action
+
+    @property
+    def endpoint(self) -> Endpoint:
+        assert self.ctx.endpoint is not None
+        return self.ctx.endpoint
+
+
+def loads_json(body: bytes) -> Any:
+    """The body as JSON, or 400 `invalid_json` (never a 500: deep nesting and huge integers too)."""
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
+        raise GatewayError(400, f"request body is not valid JSON: {str(e)[:200]}", "invalid_json") from None
+
+
+def moderation_step(policy: Any) -> Any:
+    """The policy's first `llama_guard` step (it answers moderation requests), or None."""
+    for step in policy.steps if policy is not None else ():
+        if step.guard_name == "llama_guard":
+            return step
+    return None
+
+
+class Router:
+    """Keys, routes, upstreams and policies of one running gateway, and the decisions over them."""
+
+    def __init__(self, cfg: GatewayConfig, upstreams: Mapping[str, Upstream], policies: Any) -> None:
+        self.cfg = cfg
+        self.upstreams = upstreams
+        self.policies = policies
+        self.keys: list[tuple[bytes, GatewayKey]] = []
+        for k in cfg.keys:
+            value = k.value()
+            if not value:
+                raise RuntimeError(f"gateway key {k.name}: environment variable {k.key_env} is not set")
+            self.keys.append((value.encode(), k))
+
+    # ------------------------------------------------------------------ the head
+
+    def admit(self, ctx: RequestContext, method: str, target: str, authorizations: list[str]) -> str:
+        """Classify the request from its head alone (fills ctx.prefix, tail, endpoint, key); returns
+        the query. Raises GatewayError: 400 non-canonical path, 404 no dialect prefix, 401 key."""
+        path, query = canonical_target(target)
+        split = split_prefix(path)
+        if split is None:
+            raise GatewayError(404, f"{method} {path[:200]}: no such endpoint (paths start with /v1, /openai/v1, "
+                               "/llama/v1 or /llama/compat/v1)", "not_found")
+        ctx.prefix, ctx.dialect, ctx.tail = split
+        ctx.endpoint = lookup(ctx.dialect, method, ctx.tail)
+        if len(authorizations) > 1:
+            raise GatewayError(400, "more than one Authorization header", "invalid_request")
+        ctx.key = self.check_key(authorizations[0] if authorizations else None)
+        return query
+
+    def check_key(self, auth: str | None) -> GatewayKey | None:
+        """The gateway key the client presented; compared in constant time against every key."""
+        if not self.keys:
+            return None
+        auth = auth or ""
+        token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        found: GatewayKey | None = None
+        presented = token.encode("utf-8", "surrogateescape")
+        for value, key in self.keys:
+            # compare every key (no early exit) so timing does not reveal which one matched
+            if hmac.compare_digest(presented, value) and token:
+                found = key
+        if found is None:
+            raise GatewayError(401, "missing or invalid gateway key" if token else "missing gateway key",
+                               "invalid_api_key", type="authentication_error")
+        return found
+
+    # ------------------------------------------------------------------ the body
+
+    def plan(self, ctx: RequestContext, method: str, query: str, body: bytes) -> Plan:
+        ep = ctx.endpoint
+        assert ep is not None
+        if body and method in _NO_BODY_METHODS:
+            raise GatewayError(400, f"{describe(ctx, method)} takes no request body", "invalid_request")
+        payload = None
+        if ep.kind in _JSON_KINDS and method == "POST":
+            # Parsed whatever the Content-Type says: the model it names picks the route and policy.
+            payload = loads_json(body)
+            if not isinstance(payload, dict):
+                raise GatewayError(400, "request body must be a JSON object", "invalid_request")
+            model = payload.get("model")
+            ctx.model = model if isinstance(model, str) else None
+            ctx.stream = payload.get("stream") is True
+        if ctx.model is None:
+            ctx.model = path_param(ep, ctx.tail, "deployment") or path_param(ep, ctx.tail, "model")
+        route = self.cfg.route_for(ctx.prefix + ctx.tail, ctx.model)
+        if route is None:
+            if ctx.model is not None:
+                raise GatewayError(404, f"no route for model {ctx.model!r}", "model_not_found", param="model")
+            raise GatewayError(404, f"no route for {ctx.prefix}{ctx.tail}", "not_found")
+        ctx.route, ctx.upstream = route, route.upstream
+        ctx.policy = self.policy_name(ctx.key, route)
+        policy = self.policy_named(ctx.policy)
+        upstream = self.upstreams[route.upstream]
+        action = decide(ctx, method, upstream, policy, route)
+        return Plan(ctx, method, query, body, payload, upstream, policy, action)
+
+    def policy_name(self, key: GatewayKey | None, route: Route) -> str | None:
+        """`--policy` (the config's `policy:`) > the key's policy > the route's."""
+        if self.cfg.policy:
+            return self.cfg.policy
+        if key is not None and key.policy:
+            return key.policy
+        return route.policy
+
+    def policy_named(self, name: str | None) -> Any:
+        """The running policy of that name; None for none. A name that is not loaded is refused (503)
+        rather than served unguarded."""
+        if not name:
+            return None
+        if self.policies is None or name not in self.policies:
+            raise GatewayError(503, f"policy {name!r} is not loaded; the request is refused rather than served "
+                               "unguarded", "policy_unavailable", type="api_error")
+        return self.policies.get(name)
+
+
+def decide(ctx: RequestContext, method: str, upstream: Upstream, policy: Any, route: Route) -> Action:
+    """Deny by default: the action for this endpoint under this policy (see the module docstring)."""
+    ep = ctx.endpoint
+    assert ep is not None
+    same = isinstance(upstream, HttpUpstream) and upstream.dialect == ctx.dialect
+    inspects = policy is not None and policy.needs_inspection
+    if ep.kind is Kind.MODERATIONS and moderation_step(policy) is not None:
+        return Action.MODERATE
+    if ep.kind is Kind.CHAT and (inspects or not same):
+        return Action.CHAT
+    if ep.kind is Kind.MODELS:
+        return Action.RELAY if same else Action.MODELS
+    if not same:
+        where = "a local model" if isinstance(upstream, NeutralUpstream) else f"the {upstream.dialect} dialect"
+        raise GatewayError(404, f"{describe(ctx, method)} is not available on upstream {route.upstream} ({where})",
+                           "not_found")
+    if not inspects:
+        return Action.RELAY
+    if ep.kind in (Kind.EMBEDDINGS, Kind.MODERATIONS):
+        return Action.INPUT_THEN_RELAY if policy.has_input else Action.RELAY
+    if ep.kind is Kind.STORED_READ and not policy.has_output:
+        return Action.RELAY  # an input-only policy never checks answers: reading one back changes nothing
+    if ep.name in route.passthrough:
+        return Action.RELAY
+    why = ("it reads back stored answers this policy checks" if ep.kind is Kind.STORED_READ
+           else f"the gateway does not inspect {ep.kind.value} requests")
+    raise GatewayError(403, f"{describe(ctx, method)} ({ep.name}) is refused under policy {ctx.policy!r}: {why}. "
+                       f"To relay it unguarded, list it on the route: passthrough: [{ep.name}]",
+                       "endpoint_not_guarded", type="permission_error")
