@@ -82,6 +82,7 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: bytes
+    target: str = ""  # the raw request target, as it came on the wire
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -104,7 +105,7 @@ class ScriptedUpstream:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        self.requests.append(Recorded(request.method, request.path, dict(request.headers), body))
+        self.requests.append(Recorded(request.method, request.path, dict(request.headers), body, request.raw_path))
         try:
             resp = await (self.handler or default_handler)(request, self)
             self.completed += 1
