@@ -63,7 +63,6 @@ TABLE_SET = frozenset(TABLE)
 # the registry has none).
 SYSTEMS = {"openai": "openai", "llama": "meta_llama", "llama_cpp": "llama_cpp"}
 
-FOLD_EVERY = 256  # fast-path requests noted before they are folded into the metrics (see note_fast_request)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 GUARD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 LEAK_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -161,7 +160,7 @@ class _LoopCounter:
     """A labelled counter for the per-request path, kept as plain floats and exported at scrape time.
 
     Why not prometheus_client's: each of its children takes a lock per `inc`/`observe` (a histogram
-    one per bucket walked): ~3 us of the fast relay's ~27 us of Python per request. These are only
+    one per bucket walked), paid on every request. These are only
     ever touched from the event loop's thread, which is what makes dropping the lock safe.
     Exposition (names, `_total`, `_created`) is the same as prometheus_client's."""
 
@@ -224,14 +223,12 @@ class _LoopHistogram:
 
 
 class _LoopCollector:
-    """Exports the `_Loop*` metrics of one registry (`before`: folds what is pending into them first)."""
+    """Exports the `_Loop*` metrics of one registry."""
 
-    def __init__(self, metrics: list[_LoopCounter | _LoopHistogram], before: Callable[[], None]) -> None:
+    def __init__(self, metrics: list[_LoopCounter | _LoopHistogram]) -> None:
         self.metrics = metrics
-        self.before = before
 
     def collect(self) -> Iterable[Any]:
-        self.before()
         return [m.collect() for m in self.metrics]
 
 
@@ -248,10 +245,7 @@ class _Metrics:
         self.upstream = _LoopHistogram("guardgate_upstream_latency_seconds",
                                        "Upstream call: request sent to response headers.", ["upstream", "status"],
                                        LATENCY_BUCKETS)
-        # Requests the fast front served, not yet in the three above (see Telemetry.note_fast_request):
-        # (context, status, perf_counter at the end, upstream, upstream latency or None)
-        self.pending: list[tuple[Any, int, float, str | None, float | None]] = []
-        r.register(_LoopCollector([self.requests, self.duration, self.upstream], self.fold))
+        r.register(_LoopCollector([self.requests, self.duration, self.upstream]))
         self.added_ttft = _Cached(Histogram("guardgate_added_ttft_seconds",
                                     "Time to first token added by the gateway (client TTFT minus upstream "
                                     "TTFT): input checks that run first, decoding, stream hold-back.",
@@ -275,13 +269,6 @@ class _Metrics:
         dialect = getattr(ctx, "dialect", None) or "none"
         self.requests.inc(route, dialect, str(status))
         self.duration.labels(route, dialect).observe(seconds)
-
-    def fold(self) -> None:
-        pending, self.pending = self.pending, []
-        for ctx, status, end, upstream, upstream_s in pending:
-            self.count(ctx, status, end - ctx.started)
-            if upstream_s is not None:
-                self.upstream.labels(upstream, str(status)).observe(upstream_s)
 
 
 class _CallbackCollector:
@@ -501,15 +488,6 @@ class Telemetry:
     def count_request(self, ctx: Any, status: int, t0: float) -> None:
         """The request counter and duration histogram (`t0`: perf_counter at the request's start)."""
         self.m.count(ctx, status, time.perf_counter() - t0)
-
-    def note_fast_request(self, ctx: Any, status: int, upstream: str | None, upstream_s: float | None) -> None:
-        """`count_request`, and the upstream latency, for a request the fast front served: noted in a
-        list and folded into the metrics every FOLD_EVERY requests and at every scrape. The figures are
-        the same; the label work runs in batches, off the path of each request (~1 us of its Python)."""
-        pending = self.m.pending
-        pending.append((ctx, status, time.perf_counter(), upstream, upstream_s))
-        if len(pending) >= FOLD_EVERY:
-            self.m.fold()
 
     def _end_request(self, st: _Request, status: int) -> None:
         ctx = st.ctx()

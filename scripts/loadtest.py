@@ -11,9 +11,8 @@ lost, duplicated, reordered or delivered to the wrong client is detected. Paths:
   gate       the same with bench/regex-stream.yaml (decoded, stream gate with a regex step)
   translate  openai client → llama-dialect upstream (every event decoded and re-encoded)
 
-`--answers json`: non-stream requests instead, each answer's JSON text checked the same way. The
-scripted upstream's answers then share one head bar Content-Length and Date, so the relay serves
-them from a remembered response head (upstreams/pool.py) with a body of another length each time.
+`--answers json`: non-stream requests instead, each answer's JSON text checked the same way (answers
+of many lengths under one head: a relay that mixed up bodies or lengths would show here).
 
 Bounded: clients stop starting requests at `--seconds` (or after `--max-requests`), in-flight
 streams get a grace period, each request has a timeout, and every process is stopped at the end.

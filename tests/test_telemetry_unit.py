@@ -366,7 +366,7 @@ def test_loop_metrics_export_exactly_as_prometheus_client_does() -> None:
     ours, theirs = CollectorRegistry(), CollectorRegistry()
     c = T._LoopCounter("x_requests", "Doc.", ["a", "b"])
     h = T._LoopHistogram("x_seconds", "Doc.", ["a"], T.LATENCY_BUCKETS)
-    ours.register(T._LoopCollector([c, h], lambda: None))
+    ours.register(T._LoopCollector([c, h]))
     pc = Counter("x_requests", "Doc.", ["a", "b"], registry=theirs)
     ph = Histogram("x_seconds", "Doc.", ["a"], buckets=T.LATENCY_BUCKETS, registry=theirs)
     for i, v in enumerate([0.0, 0.001, 0.0011, 0.0025, 0.3, 1.0, 59.9, 60.0, 61.0, 1e9, 0.01]):
@@ -381,21 +381,3 @@ def test_loop_metrics_export_exactly_as_prometheus_client_does() -> None:
 
     assert text(ours) == text(theirs)
     assert 'x_seconds_bucket{a="q",le="0.0025"} 2.0' in text(ours)  # 0.0 and 0.0025: le is inclusive
-
-
-def test_fast_requests_are_counted_in_batches_and_exactly_at_every_scrape() -> None:
-    """Fast-path requests are noted and folded into the request metrics every FOLD_EVERY requests; a
-    scrape folds what is pending first, so it always sees every request so far."""
-    tel = T.Telemetry()
-    n = T.FOLD_EVERY + 7
-    for i in range(n):
-        ctx = RequestContext(id=f"r{i}", dialect="openai", prefix="/v1", tail="/chat/completions",
-                             endpoint=lookup("openai", "POST", "/chat/completions"))
-        tel.note_fast_request(ctx, 200 if i % 2 else 429, "main", 0.004)
-    assert len(tel.m.pending) == 7  # one batch folded, 7 waiting for the next (or a scrape)
-    labels = {"route": "/v1/chat/completions", "dialect": "openai"}
-    assert value(tel, "guardgate_requests_total", status="200", **labels) == n // 2
-    assert value(tel, "guardgate_requests_total", status="429", **labels) == n - n // 2
-    assert value(tel, "guardgate_request_duration_seconds_count", **labels) == n
-    assert value(tel, "guardgate_upstream_latency_seconds_bucket", upstream="main", status="200", le="0.005") == n // 2
-    assert tel.m.pending == []
