@@ -114,7 +114,7 @@ class Pipeline:
             ctx.ttfb_ms = (time.perf_counter() - ctx.started) * 1000
             return await relay_response(request, resp, {"X-Guardgate-Request-Id": ctx.id},
                                         functools.partial(relay_error_frame, ctx.dialect),
-                                        plan.endpoint.terminator)
+                                        plan.endpoint.terminator, upstream.redact)
         finally:
             if not draining(resp):  # a finished stream's connection may be on its way back to the pool
                 resp.close()
@@ -232,7 +232,7 @@ class Pipeline:
         ctx.ttfb_ms = (time.perf_counter() - ctx.started) * 1000
         if resp.status >= 400:
             try:
-                raw = await resp.read()
+                raw = upstream.redact(await resp.read())
             finally:
                 resp.close()
             message, code = ud.decode_error(resp.status, raw)
@@ -309,7 +309,7 @@ class Pipeline:
             headers = self.upstream_headers(request, ctx, upstream)
             resp = await upstream.send("GET", MODELS_PATH, "", headers, None)
             try:
-                raw = await resp.read()
+                raw = upstream.redact(await resp.read())
             finally:
                 resp.close()
             if resp.status >= 400:

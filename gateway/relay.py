@@ -109,14 +109,16 @@ def is_sse(headers: object) -> bool:
 
 async def relay_response(request: web.Request, upstream_resp: aiohttp.ClientResponse,
                          extra_headers: dict[str, str], error_frame: Callable[[str, str], bytes],
-                         terminator: bytes | None = None) -> web.StreamResponse:
+                         terminator: bytes | None = None,
+                         redact: Callable[[bytes], bytes] | None = None) -> web.StreamResponse:
     """Send an upstream response to the client as it arrives. The caller closes `upstream_resp`
     (unless it is `draining`, see below).
 
     `error_frame(message, code)` renders the event that ends a failed SSE stream in the client's
     dialect; `terminator` is `EventAligner`'s. After ``data: [DONE]`` the client's response ends at
     once and the upstream connection is released once its body ends (`release_after_eof`): the
-    caller must not close a `draining` response.
+    caller must not close a `draining` response. `redact` rewrites an error answer's body (status
+    400 or more) before it is sent: known secrets out.
     """
     headers = response_headers(upstream_resp.headers)
     headers.update(extra_headers)
@@ -130,6 +132,8 @@ async def relay_response(request: web.Request, upstream_resp: aiohttp.ClientResp
         except aiohttp.ClientError as e:
             raise UpstreamError(f"upstream failed while sending its answer: {type(e).__name__}", 502,
                                 "upstream_error") from None
+        if redact is not None and upstream_resp.status >= 400:
+            body = redact(body)
         return web.Response(body=body, status=upstream_resp.status, headers=headers)
 
     if sse:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -70,10 +71,23 @@ class Plan:
         return self.ctx.endpoint
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 def loads_json(body: bytes) -> Any:
-    """The body as JSON, or 400 `invalid_json` (never a 500: deep nesting and huge integers too)."""
+    """The body as strict JSON, or 400 `invalid_json`: never a 500 (deep nesting, 5000-digit integers),
+    and no NaN, Infinity or a number that overflows to it (`1e999`), which would be re-encoded as
+    `Infinity`, not JSON."""
     try:
-        return json.loads(body)
+        return json.loads(body, parse_constant=_no_constant, parse_float=_finite)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
         raise GatewayError(400, f"request body is not valid JSON: {str(e)[:200]}", "invalid_json") from None
 

@@ -120,7 +120,14 @@ class Gateway:
     # ------------------------------------------------------------------ the handler
 
     async def read_body(self, request: web.Request) -> bytes:
+        """The whole body, within the limit. A compressed body is refused: aiohttp would inflate it
+        (a decompression bomb within the wire limit) and the relay would have to re-label it; no
+        SDK compresses requests."""
         limit = self.cfg.limits.max_body_bytes
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding != "identity":
+            raise GatewayError(415, f"request bodies with Content-Encoding {encoding[:40]!r} are not accepted; "
+                               "send it uncompressed", "unsupported_content_encoding")
         if request.content_length is not None and request.content_length > limit:
             raise GatewayError(413, f"request body of {request.content_length} bytes exceeds the limit of "
                                f"{limit} bytes", "request_too_large")
@@ -129,6 +136,8 @@ class Gateway:
         except web.HTTPRequestEntityTooLarge:
             raise GatewayError(413, f"request body exceeds the limit of {limit} bytes",
                                "request_too_large") from None
+        except (web.HTTPBadRequest, ValueError) as e:  # a malformed body framing or payload
+            raise GatewayError(400, f"request body could not be read: {e}", "invalid_request") from None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Every request that is not a health or metrics probe: head → plan → pipeline."""

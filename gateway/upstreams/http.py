@@ -27,8 +27,11 @@ HOP_BY_HOP = frozenset(
         "TE", "Trailer", "Transfer-Encoding", "Upgrade",
     )
 )
-# Never forwarded upstream: set by aiohttp or by us.
-DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "authorization", "expect"}
+# Never forwarded upstream: set by aiohttp or by us; and method overrides, which would make the
+# upstream run another method than the one the gateway classified.
+DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "authorization", "expect",
+                             "x-http-method-override", "x-http-method", "x-method-override"}
+REDACTED = b"[REDACTED]"
 # Never passed back: aiohttp decompresses and re-frames the body.
 DROP_RESPONSE = HOP_BY_HOP | {"content-length", "content-encoding", "date", "server"}
 
@@ -135,6 +138,12 @@ class HttpUpstream:
         if gateway_keys_on:
             return None
         return client_auth
+
+    def redact(self, data: bytes) -> bytes:
+        """`data` with the upstream key cut out: an upstream error that echoes the key it was sent
+        (some do, for a key it rejects) must not hand it to the client."""
+        key = self.cfg.api_key()
+        return data.replace(key.encode(), REDACTED) if key and len(key) >= 8 else data
 
     async def send(self, method: str, path: str, query: str, headers: Mapping[str, str],
                    body: bytes | None) -> aiohttp.ClientResponse:
