@@ -25,7 +25,7 @@ from gateway.context import GatewayError, RequestContext
 from gateway.dialects.base import DialectError, UpstreamStreamError
 from gateway.dialects.embeddings import decode_embedding_inputs
 from gateway.endpoints import Kind, path_param
-from gateway.relay import SSE_HEADERS, relay_response
+from gateway.relay import SSE_HEADERS, TimedResponse, relay_response
 from gateway.routing import Action, Plan, moderation_step
 from gateway.telemetry import Telemetry
 from gateway.types import Event, Exchange
@@ -79,10 +79,12 @@ class Pipeline:
     """Carries out a `routing.Plan`. It holds only what it needs: telemetry, the audit log, and
     whether gateway keys are on (then a client's Authorization is never forwarded)."""
 
-    def __init__(self, telemetry: Telemetry, audit: Any = None, *, keys_on: bool = False) -> None:
+    def __init__(self, telemetry: Telemetry, audit: Any = None, *, keys_on: bool = False,
+                 send_timeout: float | None = None) -> None:
         self.telemetry = telemetry
         self.audit = audit
         self.keys_on = keys_on
+        self.send_timeout = send_timeout  # see relay.TimedResponse
 
     def upstream_headers(self, request: web.Request, ctx: RequestContext, upstream: HttpUpstream,
                          extra: dict[str, str] | None = None) -> CIMultiDict[str]:
@@ -114,7 +116,7 @@ class Pipeline:
             ctx.ttfb_ms = (time.perf_counter() - ctx.started) * 1000
             return await relay_response(request, resp, {"X-Guardgate-Request-Id": ctx.id},
                                         functools.partial(relay_error_frame, ctx.dialect),
-                                        plan.endpoint.terminator, upstream.redact)
+                                        plan.endpoint.terminator, upstream.redact, self.send_timeout)
         finally:
             if not draining(resp):  # a finished stream's connection may be on its way back to the pool
                 resp.close()
@@ -275,8 +277,9 @@ class Pipeline:
             events = run.guard_stream(ex, events)
         events = self.telemetry.client_events(events)
         enc = cd.stream_encoder(ex)
-        out = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream; charset=utf-8",
-                                                      "X-Guardgate-Request-Id": ctx.id, **SSE_HEADERS})
+        out = TimedResponse(status=200, headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                                 "X-Guardgate-Request-Id": ctx.id, **SSE_HEADERS},
+                            send_timeout=self.send_timeout)
         await out.prepare(request)
         try:
             try:

@@ -7,7 +7,9 @@ client gets a whole error frame in its dialect instead of half an event.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -102,6 +104,39 @@ class EventAligner:
         return b"", ""
 
 
+class TimedResponse(web.StreamResponse):
+    """A streamed response whose every write must be taken by the client within `send_timeout`
+    seconds. A client that stops reading would otherwise hold its upstream connection, and with it a
+    place in the upstream pool, for as long as it likes: two such clients exhausted a pool of two.
+    On expiry the client's connection is cut and ConnectionResetError raised, so the caller closes
+    the upstream response as for any client that went away."""
+
+    def __init__(self, *, send_timeout: float | None = None, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.send_timeout = send_timeout
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                await super().write(data)
+        except TimeoutError:
+            self._cut()
+            raise ConnectionResetError(f"client took no data for {self.send_timeout} s") from None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                await super().write_eof(data)
+        except TimeoutError:
+            self._cut()
+            raise ConnectionResetError(f"client took no data for {self.send_timeout} s") from None
+
+    def _cut(self) -> None:
+        req = self._req
+        if req is not None and req.transport is not None:
+            req.transport.abort()
+
+
 def is_sse(headers: object) -> bool:
     ctype = headers.get("Content-Type", "") if hasattr(headers, "get") else ""
     return "text/event-stream" in ctype
@@ -110,7 +145,8 @@ def is_sse(headers: object) -> bool:
 async def relay_response(request: web.Request, upstream_resp: aiohttp.ClientResponse,
                          extra_headers: dict[str, str], error_frame: Callable[[str, str], bytes],
                          terminator: bytes | None = None,
-                         redact: Callable[[bytes], bytes] | None = None) -> web.StreamResponse:
+                         redact: Callable[[bytes], bytes] | None = None,
+                         send_timeout: float | None = None) -> web.StreamResponse:
     """Send an upstream response to the client as it arrives. The caller closes `upstream_resp`
     (unless it is `draining`, see below).
 
@@ -138,7 +174,7 @@ async def relay_response(request: web.Request, upstream_resp: aiohttp.ClientResp
 
     if sse:
         headers.update(SSE_HEADERS)
-    out = web.StreamResponse(status=upstream_resp.status, headers=headers)
+    out = TimedResponse(status=upstream_resp.status, headers=headers, send_timeout=send_timeout)
     await out.prepare(request)
     if not sse:
         async for chunk in upstream_resp.content.iter_any():

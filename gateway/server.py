@@ -37,7 +37,10 @@ GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")
 
 def error_headers(err: GatewayError, request_id: str) -> dict[str, str]:
     retry = err.retry if err.retry is not None else err.status in (429, 502, 503, 504)
-    return {"X-Guardgate-Request-Id": request_id, "x-should-retry": "true" if retry else "false"}
+    out = {"X-Guardgate-Request-Id": request_id, "x-should-retry": "true" if retry else "false"}
+    if err.status == 503 and retry:
+        out["Retry-After"] = "1"
+    return out
 
 
 def error_response(dialect: str, err: GatewayError, request_id: str) -> web.Response:
@@ -103,7 +106,8 @@ class Gateway:
             await up.start()
             self.upstreams[name] = up
         self.router = Router(self.cfg, self.upstreams, self.policies)
-        self.pipeline = Pipeline(self.telemetry, self.audit, keys_on=bool(self.router.keys))
+        self.pipeline = Pipeline(self.telemetry, self.audit, keys_on=bool(self.router.keys),
+                                 send_timeout=self.cfg.limits.send_timeout_s)
         if self.policies is not None:
             await self.policies.start()
         self.telemetry.bind(self)

@@ -120,7 +120,9 @@ class HttpUpstream:
                                          family=socket.AF_UNSPEC, keepalive_timeout=30)
         self._session = aiohttp.ClientSession(
             connector=connector,
-            timeout=aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.read),
+            # `connect` bounds the wait for a free pooled connection as well as the connect itself:
+            # with every connection held (clients streaming slowly), a request gets 503, not a hang.
+            timeout=aiohttp.ClientTimeout(total=t.total, connect=t.connect, sock_connect=t.connect, sock_read=t.read),
             auto_decompress=True,
             skip_auto_headers=("User-Agent",),
         )
@@ -157,6 +159,10 @@ class HttpUpstream:
         try:
             return await self._session.request(method, url, data=body, headers=headers,
                                                allow_redirects=False)
+        except aiohttp.ConnectionTimeoutError:
+            raise UpstreamError(f"no connection to upstream {self.name} within {self.cfg.timeouts.connect} s (all "
+                                f"{self.cfg.max_connections} busy, or it does not answer); retry later", status=503,
+                                code="upstream_unavailable") from None
         except TimeoutError:
             raise UpstreamError(f"upstream {self.name} timed out", status=504, code="upstream_timeout") from None
         except aiohttp.ClientConnectorError as e:
