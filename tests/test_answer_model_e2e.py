@@ -13,6 +13,7 @@ real gateway with the real `openai` SDK as client and a scripted upstream:
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -344,3 +345,14 @@ def test_after_finish_of_one_choice_the_other_choice_still_flows(gw) -> None:
             by[ch.index] += ch.delta.content or ""
     assert by == {0: "A", 1: "B more"}
     assert audit(st)["after_finish"] == {"0": len(" late")}
+
+
+def test_field_table_is_documented() -> None:
+    """Every field the OpenAI answer model has a rule for is in the table users read."""
+    from gateway.dialects.openai import CHOICE_FIELDS, MESSAGE_FIELDS
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    table = doc[doc.index("### What the output and stream stages see"):doc.index("### Guard options")]
+    for key in (*MESSAGE_FIELDS, *CHOICE_FIELDS):
+        if key not in ("*", "role", "index", "message", "finish_reason"):
+            assert re.search(rf"`[^`]*\b{key}\b[^`]*`", table), key
