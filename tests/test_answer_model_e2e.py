@@ -115,6 +115,15 @@ def test_n2_each_choice_is_gated_on_its_own(gw, bad: int) -> None:
     assert rec["action"] == "block" and rec["blocked_stage"] == "output"
 
 
+def test_duplicate_choice_indexes_are_guarded_apart(gw) -> None:
+    """Two choices that both say index 0 are not merged into one guarded text."""
+    body = completion_body(msg("first answer"), msg("second answer"))
+    body["choices"][1]["index"] = 0
+    st = gw(body)
+    c = st.openai().chat.completions.create(model="m", messages=MSG, n=2)
+    assert [ch.message.content for ch in c.choices] == ["first answer", "second answer"]
+
+
 def test_n2_redact_applies_per_choice(gw) -> None:
     st = gw(completion_body(msg(f"one {PHRASE} one"), msg(f"two {PHRASE} two")), action="redact")
     c, body = create_raw(st, n=2)

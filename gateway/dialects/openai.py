@@ -453,6 +453,9 @@ def decode_response(body: bytes) -> Completion:
     obj = load_object(body, status=502, what="upstream response")
     r = UP
     choices = [_decode_choice(ch, i, r) for i, ch in enumerate(r.list_(obj.get("choices"), "choices"))]
+    if len({ch.index for ch in choices}) != len(choices):  # each choice is guarded by its index
+        for i, ch in enumerate(choices):
+            ch.index = i
     extra: dict[str, Any] = {}
     usage = None
     u = obj.get("usage")
