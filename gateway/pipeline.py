@@ -265,7 +265,7 @@ class Pipeline:
                                run: Any) -> web.Response:
         if run is not None and run.policy.has_output:
             completion = await run.check_output(ex, completion)
-        if completion.finish_reason == "content_filter":
+        if any(ch.finish_reason == "content_filter" for ch in completion.choices):
             ctx.outcome = "blocked_output"
         self.telemetry.observe_completion(completion)
         return web.json_response(cd.encode_response(completion, ex), headers={"X-Guardgate-Request-Id": ctx.id})

@@ -715,7 +715,7 @@ class Telemetry:
         st = _REQ.get()
         if st is None:
             return
-        st.finish_reasons = [completion.finish_reason]
+        st.finish_reasons = [ch.finish_reason for ch in completion.choices]
         st.usage = completion.usage
         st.response_model, st.response_id = completion.model or None, completion.id or None
 

@@ -19,11 +19,17 @@ Stage = Literal["input", "stream", "output"]
 # --------------------------------------------------------------------------- messages
 
 
+# The kinds of model-written text an assistant answer carries (its *channels*). Every one is
+# guarded; "text" is the content proper and the only channel `Message.text` joins.
+TEXT_CHANNELS = ("text", "refusal", "reasoning", "transcript")
+
+
 @dataclass(slots=True)
 class Part:
-    """One content part of a message: text or an image reference."""
+    """One content part of a message: text, an image reference, or (assistant answers only) text of
+    another channel: `refusal`, `reasoning` (reasoning_content), `transcript` (spoken audio's text)."""
 
-    type: Literal["text", "image"]
+    type: Literal["text", "image", "refusal", "reasoning", "transcript"]
     text: str = ""
     image_url: str | None = None
 
@@ -78,16 +84,72 @@ class Exchange:
 
 
 @dataclass(slots=True)
+class Attached:
+    """A dialect value that rides on an answer's model-written text (OpenAI `annotations`, audio
+    data, `logprobs`): it either carries text (`text`, guarded as a segment of its own) or is derived
+    from the message's channels (`channels`). The gate keeps it only when the choice was not blocked
+    and that text and every one of those channels reached the client verbatim; otherwise it is
+    dropped (a redacted transcript's audio would still say the redacted words)."""
+
+    dialect: str
+    key: str
+    value: Any
+    text: str = ""
+    channels: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class Choice:
+    """One answer of a non-stream completion: the message every guard checks, and its finish."""
+
+    message: Message
+    finish_reason: str = "stop"  # stop | length | tool_calls | content_filter | function_call
+    index: int = 0
+    attached: list[Attached] = field(default_factory=list)
+
+
+@dataclass(slots=True, init=False)
 class Completion:
-    """A non-stream chat answer."""
+    """A non-stream chat answer: one `Choice` per generated answer (`n`), all guarded.
+
+    `message` / `finish_reason` read and write choice 0 (most answers have one choice), so
+    `Completion(id, model, message, finish_reason, ...)` builds a one-choice answer.
+    """
 
     id: str
     model: str
-    message: Message
-    finish_reason: str = "stop"  # stop | length | tool_calls | content_filter
-    usage: Usage | None = None
-    created: int = field(default_factory=lambda: int(time.time()))
-    extra: dict[str, Any] = field(default_factory=dict)
+    choices: list[Choice]
+    usage: Usage | None
+    created: int
+    extra: dict[str, Any]
+
+    def __init__(self, id: str, model: str, message: Message | None = None, finish_reason: str = "stop",
+                 usage: Usage | None = None, created: int | None = None, extra: dict[str, Any] | None = None,
+                 *, choices: list[Choice] | None = None) -> None:
+        self.id, self.model, self.usage = id, model, usage
+        self.created = int(time.time()) if created is None else created
+        self.extra = {} if extra is None else extra
+        if choices is None:
+            choices = [Choice(message if message is not None else Message("assistant"), finish_reason)]
+        elif message is not None:
+            raise TypeError("Completion: pass either message/finish_reason or choices")
+        self.choices = choices
+
+    @property
+    def message(self) -> Message:
+        return self.choices[0].message
+
+    @message.setter
+    def message(self, m: Message) -> None:
+        self.choices[0].message = m
+
+    @property
+    def finish_reason(self) -> str:
+        return self.choices[0].finish_reason
+
+    @finish_reason.setter
+    def finish_reason(self, r: str) -> None:
+        self.choices[0].finish_reason = r
 
 
 # --------------------------------------------------------------------------- stream events
@@ -109,6 +171,7 @@ class StreamStart:
 class TextDelta:
     text: str
     index: int = 0  # choice index
+    channel: str = "text"  # one of TEXT_CHANNELS (or "@<n>": a one-shot Attached's text, never sent)
 
 
 @dataclass(slots=True)

@@ -18,6 +18,7 @@ from gateway.dialects.base import DialectError
 from gateway.dialects.sse import SSEParser
 from gateway.types import (
     Annotation,
+    Choice,
     Completion,
     Event,
     Exchange,
@@ -148,6 +149,22 @@ def completion(draw: st.DrawFn) -> Completion:
 
 
 @st.composite
+def answer_choice(draw: st.DrawFn, index: int) -> Choice:
+    """A choice of an OpenAI answer: text channels in the order the decoder reads them."""
+    parts = [Part(ch, draw(nonempty)) for ch in ("text", "refusal", "reasoning", "transcript")  # type: ignore[arg-type]
+             if draw(st.booleans())]
+    return Choice(Message("assistant", parts, tool_calls=draw(st.lists(tool_call, max_size=2))),
+                  draw(st.sampled_from(["stop", "length", "tool_calls", "content_filter", "function_call"])), index)
+
+
+@st.composite
+def multi_completion(draw: st.DrawFn) -> Completion:
+    n = draw(st.integers(1, 3))
+    return Completion(id=draw(ident), model=draw(ident), usage=draw(st.none() | st.builds(Usage, count, count, count)),
+                      created=draw(st.integers(0, 2**33)), choices=[draw(answer_choice(i)) for i in range(n)])
+
+
+@st.composite
 def event_stream(draw: st.DrawFn, *, openai: bool) -> tuple[list[Event], bool]:
     """A well-formed neutral stream: start, deltas (tool calls opened in index order, the first
     fragment with id and name, later ones with non-empty arguments), one finish per choice,
@@ -164,7 +181,8 @@ def event_stream(draw: st.DrawFn, *, openai: bool) -> tuple[list[Event], bool]:
         idx = draw(st.integers(0, nchoices - 1))
         kind = draw(st.sampled_from(["text", "new_tool", "more_tool"]))
         if kind == "text" or (kind == "more_tool" and not started[idx]):
-            events.append(TextDelta(draw(nonempty), idx))
+            channel = draw(st.sampled_from(["text", "refusal", "reasoning"])) if openai else "text"
+            events.append(TextDelta(draw(nonempty), idx, channel))
         elif kind == "new_tool":
             k = started[idx]
             started[idx] += 1
@@ -223,6 +241,13 @@ def test_request_llama_through_openai_and_back(ex: Exchange) -> None:
 @SETTINGS
 @given(completion())
 def test_response_round_trip_openai(c: Completion) -> None:
+    assert OA.decode_response(json.dumps(OA.encode_response(c, Exchange("x", []))).encode()) == c
+
+
+@SETTINGS
+@given(multi_completion())
+def test_response_round_trip_openai_every_choice(c: Completion) -> None:
+    """Every choice of `n`, every text channel (content, refusal, reasoning, audio transcript)."""
     assert OA.decode_response(json.dumps(OA.encode_response(c, Exchange("x", []))).encode()) == c
 
 

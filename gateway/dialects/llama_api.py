@@ -15,9 +15,11 @@ A Llama stream always carries metrics, so a decoded streaming request has `inclu
 Dropped on purpose when encoding neutral data from another dialect (the Llama API has no
 counterpart): `stop`, `seed`, `n`, `frequency_penalty`, `presence_penalty`, response_format
 `json_object` (and json_schema `strict`/`description`), message `name`, image parts in system
-and tool messages, stream events of choices other than 0, response `created`. Lossy: the
-`developer` role is sent as `system`; several assistant text parts are joined into the single
-content object the API takes; a legacy tool message with no `tool_call_id` gets `""`.
+and tool messages, stream events and answer choices other than 0, response `created`, answer text
+of the reasoning and transcript channels, and every OpenAI answer extra (annotations, audio,
+logprobs). Lossy: the `developer` role is sent as `system`; several assistant text parts are joined
+into the single content object the API takes; an answer's refusal becomes its content text; a
+legacy tool message with no `tool_call_id` gets `""`.
 Stop reasons outside stop/tool_calls/length: `content_filter` is passed through (the SDK accepts
 it, §4.3), `function_call` becomes `tool_calls`, anything else `stop`. Older Llama Stack values
 (`end_of_turn`, `end_of_message`, `out_of_tokens`) are read as stop/stop/length.
@@ -307,6 +309,10 @@ def encode_request(ex: Exchange) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- non-stream responses
 
+# Answer text channels the Llama API can carry: content, and a refusal as content (it has no refusal
+# field). Reasoning and audio transcripts have no Llama counterpart and are dropped (never sent raw).
+_TEXT_OUT = frozenset(("text", "refusal"))
+
 
 def _usage_from_metrics(metrics: Any, r: Reader, param: str) -> Usage | None:
     vals: dict[str, int] = {}
@@ -361,7 +367,7 @@ def encode_response(c: Completion, ex: Exchange) -> dict[str, Any]:
     m = c.message
     cm: dict[str, Any] = {
         "role": "assistant",
-        "content": {"type": "text", "text": "".join(p.text for p in m.parts if p.type == "text")},
+        "content": {"type": "text", "text": "".join(p.text for p in m.parts if p.type in _TEXT_OUT)},
         "stop_reason": stop_reason_out(c.finish_reason),
     }
     if m.tool_calls:
@@ -570,7 +576,7 @@ class LlamaStreamEncoder:
             return b""
         t = type(ev)
         if t is TextDelta:
-            if not ev.text or ev.index:  # type: ignore[union-attr]
+            if not ev.text or ev.index or ev.channel not in _TEXT_OUT:  # type: ignore[union-attr]
                 return b""
             pre = self._flush() if self._held is not None else ""
             if not self._started:

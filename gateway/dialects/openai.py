@@ -11,17 +11,22 @@ dropped on purpose by any other dialect):
   keys), `stream_options` keys other than `include_usage`, non-function tools (`custom`), and
   `tool_choice` shapes other than none/auto/required/one function (`allowed_tools`, `custom`);
   which of `max_tokens` / `max_completion_tokens` the client used (`extra["openai_max_tokens_field"]`).
-- responses: top-level extras (`system_fingerprint`, `service_tier`, ...), message extras
-  (`annotations`, `audio`, legacy `function_call`), usage details (`prompt_tokens_details`, ...).
-- stream chunks: `system_fingerprint`, `service_tier` (via `StreamStart.extra`).
+- responses: top-level extras (`system_fingerprint`, `service_tier`, ...) and usage details
+  (`prompt_tokens_details`, ...). Answer *message* fields follow one model, `MESSAGE_FIELDS` and
+  `CHOICE_FIELDS` below (every choice of `n`; every model-written field gated or dropped by rule).
+- stream chunks: `system_fingerprint`, `service_tier` (via `StreamStart.extra`); deltas of
+  `content`, `refusal`, `reasoning_content` / `reasoning` (text channels), `tool_calls` and legacy
+  `function_call` (written back as `function_call` to a client that sent `functions`).
 
 Dropped on purpose (no neutral counterpart): message parts `input_audio` and `file` (guards
 cannot read them; other unknown part types are rejected with a 400 so nothing unguarded slips
-through), `image_url.detail`, `prompt_cache_breakpoint`, message `audio`; choices other than
-index 0 of a non-stream response; `logprobs`; `obfuscation`; stream `function_call` deltas.
-Lossy on purpose: `refusal` text becomes ordinary text (a guard must see it); custom tool calls
-are carried as function calls (`input` as `arguments`); legacy `function` role messages become
-`tool` messages without `tool_call_id` (and are written back as `function` messages).
+through), `image_url.detail`, `prompt_cache_breakpoint`, request message `audio`; stream
+`logprobs`, `audio` deltas (audio data cannot be checked and arrives before its transcript is
+complete), `annotations` deltas and `obfuscation`.
+Lossy on purpose: in requests, assistant `refusal` text becomes ordinary text (a guard must see
+it); custom tool calls are carried as function calls (`input` as `arguments`); legacy `function`
+role messages become `tool` messages without `tool_call_id` (and are written back as `function`
+messages).
 
 Params: `max_completion_tokens` (else `max_tokens`) → `max_tokens`; `top_k` and
 `repetition_penalty` (vLLM / llama.cpp extensions) are read and written as-is, so a Llama client
@@ -62,6 +67,8 @@ from gateway.dialects.base import (
 )
 from gateway.types import (
     Annotation,
+    Attached,
+    Choice,
     Completion,
     Event,
     Exchange,
@@ -324,31 +331,132 @@ def _map_finish(v: Any) -> str:
     return v if isinstance(v, str) and v else "stop"
 
 
+# The message model of a non-stream answer (docs/architecture.md, "Answer fields"): every key an
+# upstream may put in `choices[i].message` / `choices[i]`, and what happens to it. A key not listed
+# is dropped: nothing model-written reaches the client without a rule.
+MESSAGE_FIELDS: dict[str, str] = {
+    "role": "fixed: always assistant",
+    "content": "gated: channel text",
+    "refusal": "gated: channel refusal",
+    "reasoning_content": "gated: channel reasoning",
+    "reasoning": "gated: channel reasoning (a string; written back under the name it came in)",
+    "tool_calls": "gated: each call's name and arguments (custom tools: input)",
+    "function_call": "gated: legacy call, name and arguments; written back as function_call to a "
+    "client that sent `functions`",
+    "audio": "transcript gated (channel transcript); id/data/expires_at kept only when the transcript "
+    "passed verbatim",
+    "annotations": "gated: every string they carry (url, title) is a segment of its own; kept only when "
+    "that and the content passed verbatim (their offsets point into the content)",
+    "*": "dropped: unknown message keys carry text no rule covers",
+}
+CHOICE_FIELDS: dict[str, str] = {
+    "index": "kept",
+    "message": "see MESSAGE_FIELDS",
+    "finish_reason": "kept (content_filter when a guard blocked the choice)",
+    "logprobs": "content/refusal tokens kept only when they spell exactly the text that passed "
+    "verbatim; top_logprobs emptied (alternatives the model did not write, single tokens no text guard "
+    "can judge)",
+    "*": "dropped: unknown choice keys (content_filter_results, provider stop strings, ...)",
+}
+_REASONING_KEYS = ("reasoning_content", "reasoning")
+# Stream delta key per text channel (a reasoning stream is written as reasoning_content, the name
+# vLLM, llama.cpp and DeepSeek use; a `reasoning` delta is read as the same channel).
+_DELTA_KEYS = {"text": '"content"', "refusal": '"refusal"', "reasoning": '"reasoning_content"'}
+
+
+def _strings(v: Any, out: list[str]) -> None:
+    """Every string inside a JSON value (dict keys excluded, `type` tags skipped)."""
+    if isinstance(v, str):
+        if v:
+            out.append(v)
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            if k != "type":
+                _strings(x, out)
+    elif isinstance(v, list):
+        for x in v:
+            _strings(x, out)
+
+
+def _logprobs(v: Any, parts: list[Part]) -> Attached | None:
+    """A choice's `logprobs`, kept only if each list's tokens spell exactly that channel's text."""
+    if not isinstance(v, dict):
+        return None
+    kept: dict[str, Any] = {}
+    for key, channel in (("content", "text"), ("refusal", "refusal")):
+        items = v.get(key)
+        if items is None:
+            continue
+        if not isinstance(items, list) or not all(isinstance(t, dict) and isinstance(t.get("token"), str)
+                                                  for t in items):
+            return None
+        if "".join(t["token"] for t in items) != "".join(p.text for p in parts if p.type == channel):
+            return None
+        kept[key] = [{**t, "top_logprobs": []} if "top_logprobs" in t else t for t in items]
+    return Attached(NAME, "logprobs", kept, channels=("text", "refusal")) if kept else None
+
+
+def _decode_choice(ch: Any, i: int, r: Reader) -> Choice:
+    p = f"choices[{i}]"
+    ch = r.obj(ch, p)
+    m = r.obj(ch.get("message"), f"{p}.message")
+    msg = Message(role="assistant")
+    choice = Choice(msg, _map_finish(ch.get("finish_reason")))
+    idx = ch.get("index")
+    choice.index = r.int_(idx, f"{p}.index") if idx is not None else i
+    content = m.get("content")
+    if content:  # "" / null: no text part
+        if isinstance(content, list):
+            for j, item in enumerate(content):  # assistant parts: text and refusal only
+                item = r.obj(item, f"{p}.message.content[{j}]")
+                if item.get("type") == "refusal":
+                    msg.parts.append(Part("refusal", r.str_(item.get("refusal"), f"{p}.message.content[{j}]")))
+                else:
+                    msg.parts += _decode_parts([item], r, f"{p}.message.content[{j}]", role="assistant")
+        else:
+            msg.parts = _decode_parts(content, r, f"{p}.message.content", role="assistant")
+    if m.get("refusal"):
+        msg.parts.append(Part("refusal", r.str_(m["refusal"], f"{p}.message.refusal")))
+    for key in _REASONING_KEYS:
+        if m.get(key):
+            msg.parts.append(Part("reasoning", r.str_(m[key], f"{p}.message.{key}")))
+            if key != "reasoning_content":
+                choice.attached.append(Attached(NAME, "reasoning_field", key, channels=("reasoning",)))
+            break
+    if m.get("tool_calls") is not None:
+        msg.tool_calls = _decode_tool_calls(m["tool_calls"], r, f"{p}.message.tool_calls")
+    if m.get("function_call") is not None:
+        fc = r.obj(m["function_call"], f"{p}.message.function_call")
+        msg.tool_calls.append(ToolCall("", r.str_(fc.get("name"), f"{p}.message.function_call.name"),
+                                       arguments_str(fc.get("arguments"), r, f"{p}.message.function_call.arguments")))
+    audio = m.get("audio")
+    if audio is not None:
+        audio = r.obj(audio, f"{p}.message.audio")
+        transcript = audio.get("transcript")
+        if transcript:
+            msg.parts.append(Part("transcript", r.str_(transcript, f"{p}.message.audio.transcript")))
+        rest = {k: v for k, v in audio.items() if k != "transcript"}
+        if rest:
+            choice.attached.append(Attached(NAME, "audio", rest, channels=("transcript",)))
+    ann = m.get("annotations")
+    if ann is not None:
+        texts: list[str] = []
+        _strings(ann, texts)
+        choice.attached.append(Attached(NAME, "annotations", ann, text="\n".join(texts), channels=("text",)))
+    lp = _logprobs(ch.get("logprobs"), msg.parts)
+    if lp is not None:
+        choice.attached.append(lp)
+    return choice
+
+
 def decode_response(body: bytes) -> Completion:
     obj = load_object(body, status=502, what="upstream response")
     r = UP
-    choices = r.list_(obj.get("choices"), "choices")
-    msg = Message(role="assistant")
-    finish = "stop"
+    choices = [_decode_choice(ch, i, r) for i, ch in enumerate(r.list_(obj.get("choices"), "choices"))]
+    if len({ch.index for ch in choices}) != len(choices):  # each choice is guarded by its index
+        for i, ch in enumerate(choices):
+            ch.index = i
     extra: dict[str, Any] = {}
-    if choices:
-        ch = r.obj(choices[0], "choices[0]")
-        m = r.obj(ch.get("message"), "choices[0].message")
-        content = m.get("content")
-        if content:  # "" / null: no text part
-            msg.parts = _decode_parts(content, r, "choices[0].message.content", role="assistant")
-        if isinstance(m.get("refusal"), str) and m["refusal"]:
-            msg.parts.append(Part("text", m["refusal"]))
-        if m.get("tool_calls") is not None:
-            msg.tool_calls = _decode_tool_calls(m["tool_calls"], r, "choices[0].message.tool_calls")
-        mx = {
-            k: v
-            for k, v in m.items()
-            if k not in ("role", "content", "refusal", "tool_calls") and v is not None
-        }
-        if mx:
-            extra["message"] = mx
-        finish = _map_finish(ch.get("finish_reason"))
     usage = None
     u = obj.get("usage")
     if u is not None:
@@ -372,10 +480,9 @@ def decode_response(body: bytes) -> Completion:
     c = Completion(
         id=r.opt_str(obj.get("id"), "id") or new_id("chatcmpl-"),
         model=r.opt_str(obj.get("model"), "model") or "",
-        message=msg,
-        finish_reason=finish,
         usage=usage,
         created=r.int_(created, "created") if created is not None else int(time.time()),
+        choices=choices or [Choice(Message("assistant"))],
     )
     if extra:
         c.extra[NAME] = extra
@@ -393,26 +500,51 @@ def _usage_dict(u: Usage, extra: dict[str, Any] | None = None) -> dict[str, Any]
     return d
 
 
+def legacy_functions(ex: Exchange) -> bool:
+    """The client asked with legacy `functions` (and no `tools`): calls go back as `function_call`."""
+    ox = ex.extra.get(NAME) or {}
+    return bool(ox.get("functions")) and not ex.params.get("tools") and not ox.get("tools_other")
+
+
+def _encode_choice(ch: Choice, legacy: bool) -> dict[str, Any]:
+    m = ch.message
+    by: dict[str, list[str]] = {}
+    for p in m.parts:
+        if p.type != "image":
+            by.setdefault(p.type, []).append(p.text)
+    att = {a.key: a.value for a in ch.attached if a.dialect == NAME}
+    texts = by.get("text")
+    content: str | None = "".join(texts) if texts else (None if m.tool_calls or "refusal" in by else "")
+    msg: dict[str, Any] = {"role": "assistant", "content": content,
+                           "refusal": "".join(by["refusal"]) if "refusal" in by else None}
+    if "reasoning" in by:
+        msg[att.get("reasoning_field", "reasoning_content")] = "".join(by["reasoning"])
+    if m.tool_calls:
+        if legacy and len(m.tool_calls) == 1:
+            tc = m.tool_calls[0]
+            msg["function_call"] = {"name": tc.name, "arguments": tc.arguments}
+        else:
+            msg["tool_calls"] = [
+                {"id": tc.id, "type": "function", "function": {"name": tc.name, "arguments": tc.arguments}}
+                for tc in m.tool_calls
+            ]
+    if "transcript" in by or "audio" in att:
+        msg["audio"] = {**(att.get("audio") or {}), "transcript": "".join(by.get("transcript", ()))}
+    if "annotations" in att:
+        msg["annotations"] = att["annotations"]
+    fr = ch.finish_reason if ch.finish_reason in FINISH_REASONS else "stop"
+    return {"index": ch.index, "message": msg, "logprobs": att.get("logprobs"), "finish_reason": fr}
+
+
 def encode_response(c: Completion, ex: Exchange) -> dict[str, Any]:
     ox: dict[str, Any] = c.extra.get(NAME) or {}
-    m = c.message
-    texts = [p.text for p in m.parts if p.type == "text"]
-    content: str | None = "".join(texts) if texts else (None if m.tool_calls else "")
-    msg: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
-    if m.tool_calls:
-        msg["tool_calls"] = [
-            {"id": tc.id, "type": "function", "function": {"name": tc.name, "arguments": tc.arguments}}
-            for tc in m.tool_calls
-        ]
-    if ox.get("message"):
-        msg.update(ox["message"])
-    fr = c.finish_reason if c.finish_reason in FINISH_REASONS else "stop"
+    legacy = legacy_functions(ex)
     out: dict[str, Any] = {
         "id": c.id,
         "object": "chat.completion",
         "created": c.created,
         "model": c.model or ex.model,
-        "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": fr}],
+        "choices": [_encode_choice(ch, legacy) for ch in c.choices],
     }
     if c.usage is not None:
         out["usage"] = _usage_dict(c.usage, ox.get("usage"))
@@ -427,7 +559,8 @@ def encode_response(c: Completion, ex: Exchange) -> dict[str, Any]:
 
 
 class OpenAIStreamDecoder:
-    """OpenAI chunks → neutral events. Role chunks, `obfuscation` and `logprobs` are dropped; a
+    """OpenAI chunks → neutral events. Role chunks, `obfuscation`, `logprobs`, `audio` and
+    `annotations` are dropped; a
     chunk before the first one with choices or usage (Azure's prompt-filter chunk) is skipped."""
 
     __slots__ = ("_done", "_started", "_tools")
@@ -510,10 +643,18 @@ class OpenAIStreamDecoder:
                         out.append(TextDelta(r.str_(text, "delta.content"), idx))
                     text = delta.get("refusal")
                     if text:
-                        out.append(TextDelta(r.str_(text, "delta.refusal"), idx))
+                        out.append(TextDelta(r.str_(text, "delta.refusal"), idx, "refusal"))
+                    for key in _REASONING_KEYS:
+                        text = delta.get(key)
+                        if text:
+                            out.append(TextDelta(r.str_(text, f"delta.{key}"), idx, "reasoning"))
+                            break
                     tcs = delta.get("tool_calls")
                     if tcs:
                         self._tool_deltas(tcs, idx, out)
+                    fc = delta.get("function_call")
+                    if fc:
+                        self._function_call(fc, idx, out)
                 fr = ch.get("finish_reason")
                 if fr:
                     out.append(Finish(r.str_(fr, "finish_reason"), idx))
@@ -529,6 +670,19 @@ class OpenAIStreamDecoder:
                 )
             )
         return out
+
+    def _function_call(self, fc: Any, idx: int, out: list[Event]) -> None:
+        """A legacy `function_call` fragment: call 0 of the choice (the legacy API has one call)."""
+        r = UP
+        fc = r.obj(fc, "delta.function_call")
+        args = arguments_str(fc.get("arguments"), r, "delta.function_call.arguments")
+        key = (idx, -1)
+        if key not in self._tools:
+            self._tools.add(key)
+            out.append(ToolCallDelta(0, args, id="", name=r.opt_str(fc.get("name"), "function_call.name") or "",
+                                     index=idx))
+        elif args:
+            out.append(ToolCallDelta(0, args, index=idx))
 
     def _tool_deltas(self, tcs: Any, idx: int, out: list[Event]) -> None:
         r = UP
@@ -572,6 +726,7 @@ class OpenAIStreamEncoder:
         "_head",
         "_held",
         "_id",
+        "_legacy",
         "_opened",
         "_tail",
         "_text0",
@@ -582,6 +737,7 @@ class OpenAIStreamEncoder:
 
     def __init__(self, ex: Exchange) -> None:
         self._ex = ex
+        self._legacy = legacy_functions(ex)
         self._usage = ex.include_usage
         self._tail = ',"usage":null}\n\n' if ex.include_usage else "}\n\n"
         self._head = ""
@@ -633,12 +789,16 @@ class OpenAIStreamEncoder:
             if not self._head:
                 self._start(None)
             index = ev.index  # type: ignore[union-attr]
+            channel = ev.channel  # type: ignore[union-attr]
+            key = _DELTA_KEYS.get(channel)
+            if key is None:  # transcript (audio is not streamed) or a one-shot Attached text
+                return to_bytes(pre)
             if index not in self._opened:
                 pre += self._open(index)
-            if index == 0:
+            if index == 0 and channel == "text":
                 return to_bytes(pre + self._text0 + qstr(ev.text) + self._text_end)  # type: ignore[union-attr]
             return to_bytes(
-                f'{pre}{self._head}{{"index":{index},"delta":{{"content":{qstr(ev.text)}'  # type: ignore[union-attr]
+                f'{pre}{self._head}{{"index":{index},"delta":{{{key}:{qstr(ev.text)}'  # type: ignore[union-attr]
                 + self._text_end
             )
         if t is StreamStart:
@@ -685,6 +845,19 @@ class OpenAIStreamEncoder:
         if ev.index not in self._opened:
             pre += self._open(ev.index)
         key = (ev.index, ev.call_index)
+        if self._legacy and ev.call_index == 0:  # the client sent `functions`: legacy deltas
+            if key not in self._tools:
+                self._tools.add(key)
+                fc = f'{{"name":{qstr(ev.name or "")},"arguments":{qstr(ev.arguments)}}}'
+            elif ev.arguments:
+                fc = f'{{"arguments":{qstr(ev.arguments)}}}'
+            else:
+                return to_bytes(pre)
+            return to_bytes(
+                f'{pre}{self._head}{{"index":{ev.index},"delta":{{"function_call":{fc}}},'
+                + '"logprobs":null,"finish_reason":null}]'
+                + self._tail
+            )
         if key not in self._tools:
             self._tools.add(key)
             tc = (

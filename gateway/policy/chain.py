@@ -29,6 +29,7 @@ from gateway.policy.record import StepRecord, flagged_action, strongest
 from gateway.policy.reload import PolicyStore
 from gateway.policy.schema import Policy, PolicyError, Step, load_policy, parse_policy_text, run_step
 from gateway.types import (
+    TEXT_CHANNELS,
     Annotation,
     Completion,
     Event,
@@ -214,6 +215,10 @@ class PolicyRun:
                 rec["error"] = r.error
             if r.released_text:
                 self.content.setdefault("released", {})[stage] = r.released_text.get(0, "")
+            if r.after_finish:  # text the upstream sent after a choice's finish: never released
+                af = rec.setdefault("after_finish", {})
+                for i, n in r.after_finish.items():
+                    af[str(i)] = af.get(str(i), 0) + n
         rec["leaked_tokens"] = leaked
         rec["released_tokens"] = released
         rec["flagged_at"] = flagged_at
@@ -246,39 +251,75 @@ def _messages_record(messages: list[Message]) -> list[dict[str, Any]]:
 
 
 async def _completion_events(c: Completion) -> AsyncIterator[Event]:
-    if c.message.text:
-        yield TextDelta(c.message.text)
-    for i, tc in enumerate(c.message.tool_calls):
-        yield ToolCallDelta(call_index=i, id=tc.id, name=tc.name, arguments=tc.arguments)
-    yield Finish(c.finish_reason)
+    """A non-stream answer as the gate reads it: per choice, each text channel's parts, the tool
+    calls, then each `Attached` text (channel "@<n>", a segment guards see and no client does)."""
+    for ch in c.choices:
+        i = ch.index
+        for p in ch.message.parts:
+            if p.type in TEXT_CHANNELS and p.text:
+                yield TextDelta(p.text, i, p.type)
+        for k, tc in enumerate(ch.message.tool_calls):
+            yield ToolCallDelta(call_index=k, id=tc.id, name=tc.name, arguments=tc.arguments, index=i)
+        for k, a in enumerate(ch.attached):
+            if a.text:
+                yield TextDelta(a.text, i, f"@{k}")
+        yield Finish(ch.finish_reason, i)
     if c.usage is not None:
         yield UsageEvent(c.usage)
 
 
+def _channel_texts(parts: list[Part]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for p in parts:
+        if p.type in TEXT_CHANNELS:
+            out[p.type] = out.get(p.type, "") + p.text
+    return out
+
+
 def _rebuild(c: Completion, events: list[Event]) -> Completion:
-    """The completion as the gate released it (redacted, or cut to nothing on a block)."""
-    text: list[str] = []
-    calls: dict[int, ToolCall] = {}
-    finish, ann = c.finish_reason, None
+    """The completion as the gate released it, choice by choice (redacted, or emptied and finished
+    `content_filter` when blocked). Text channels keep their order; an `Attached` value survives only
+    when its own text and every channel it derives from came out verbatim (see `types.Attached`)."""
+    released: dict[int, dict[str, list[str]]] = {}
+    calls: dict[int, dict[int, ToolCall]] = {}
+    finishes: dict[int, str] = {}
+    ann = None
     for ev in events:
         if isinstance(ev, TextDelta):
-            text.append(ev.text)
+            released.setdefault(ev.index, {}).setdefault(ev.channel, []).append(ev.text)
         elif isinstance(ev, ToolCallDelta):
-            tc = calls.setdefault(ev.call_index, ToolCall(id=ev.id or "", name=ev.name or ""))
+            tc = calls.setdefault(ev.index, {}).setdefault(ev.call_index, ToolCall(id=ev.id or "", name=ev.name or ""))
             tc.arguments += ev.arguments
         elif isinstance(ev, Finish):
-            finish = ev.reason
+            finishes[ev.index] = ev.reason
         elif isinstance(ev, Annotation):
             ann = ev.data
-    new_text = "".join(text)
-    msg = c.message
-    if new_text != msg.text or len(calls) != len(msg.tool_calls) or \
-            any(calls[i].arguments != tc.arguments for i, tc in enumerate(msg.tool_calls) if i in calls):
-        parts = [p for p in msg.parts if p.type != "text"]
-        if new_text:
-            parts.insert(0, Part("text", new_text))
-        msg = replace(msg, parts=parts, tool_calls=[calls[i] for i in sorted(calls)])
+    choices = []
+    for ch in c.choices:
+        out = {k: "".join(v) for k, v in released.get(ch.index, {}).items()}
+        before = _channel_texts(ch.message.parts)
+        finish = finishes.get(ch.index, ch.finish_reason)
+        blocked = finish == "content_filter" and ch.finish_reason != "content_filter"
+        msg = ch.message
+        got = calls.get(ch.index, {})
+        tools_same = len(got) == len(msg.tool_calls) and all(
+            got[k].arguments == tc.arguments for k, tc in enumerate(msg.tool_calls) if k in got)
+        if any(out.get(k, "") != v for k, v in before.items()) or not tools_same:
+            parts: list[Part] = []
+            seen: set[str] = set()
+            for p in msg.parts:
+                if p.type not in TEXT_CHANNELS:
+                    parts.append(p)
+                elif p.type not in seen:
+                    seen.add(p.type)
+                    if out.get(p.type):
+                        parts.append(Part(p.type, out[p.type]))  # type: ignore[arg-type]
+            msg = replace(msg, parts=parts, tool_calls=msg.tool_calls if tools_same else [got[k] for k in sorted(got)])
+        attached = [a for k, a in enumerate(ch.attached)
+                    if not blocked and out.get(f"@{k}", "") == a.text
+                    and all(out.get(x, "") == before.get(x, "") for x in a.channels)]
+        choices.append(replace(ch, message=msg, finish_reason=finish, attached=attached))
     extra = dict(c.extra)
     if ann is not None:
         extra["guardgate"] = ann
-    return replace(c, message=msg, finish_reason=finish, extra=extra)
+    return replace(c, choices=choices, extra=extra)

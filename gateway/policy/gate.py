@@ -72,6 +72,7 @@ class _Piece:
     call_index: int = 0
     id: str | None = None
     name: str | None = None
+    channel: str = "text"  # a "text" piece's channel (TextDelta.channel)
 
 
 @dataclass(slots=True)
@@ -125,6 +126,8 @@ class _Choice:
     # what went out: (start, end, client text, verbatim = no redaction inside)
     emitted: list[tuple[int, int, str, bool]] = field(default_factory=list)
     open_call: int | None = None
+    channel: str | None = "text"  # channel of the text segment being appended (None after a tool call)
+    blocked: bool = False  # one-shot: this choice was blocked (the others go on)
     flag_start: int | None = None  # start of the first window a step blocked (or would have)
     late_spans: list[tuple[int, int]] = field(default_factory=list)  # redact targets already released
 
@@ -135,12 +138,12 @@ class _Choice:
         return self.chunks[0] if self.chunks else ""
 
     def append(self, text: str, kind: str, call_index: int = 0, id: str | None = None,
-               name: str | None = None) -> None:
+               name: str | None = None, channel: str = "text") -> None:
         start = self.length
         self.chunks.append(text)
         self.length += len(text)
         self.tok_starts.extend(start + o for o in token_starts(text))
-        self.pieces.append(_Piece(start, self.length, text, kind, call_index, id, name))
+        self.pieces.append(_Piece(start, self.length, text, kind, call_index, id, name, channel))
 
     def tokens_between(self, a: int, b: int) -> int:
         return bisect.bisect_left(self.tok_starts, b) - bisect.bisect_left(self.tok_starts, a)
@@ -162,6 +165,9 @@ class GateResult:
     redactions: int = 0
     error: str | None = None
     released_text: dict[int, str] = field(default_factory=dict)
+    # Text (and tool-call) characters the upstream sent for a choice after its finish: never
+    # released, counted here per choice index (the audit record's `after_finish`).
+    after_finish: dict[int, int] = field(default_factory=dict)
 
 
 class StreamGate:
@@ -288,24 +294,50 @@ class StreamGate:
             c.steps = [_StepState(s, self.records[s]) for s in self.steps]
         return c
 
+    def _after_finish(self, c: _Choice, ev: TextDelta | ToolCallDelta | Finish) -> bool:
+        """True (and recorded) when `ev` comes for a choice that already finished: it is ignored.
+        A choice's answer ends at its finish; anything after it would skip the final checks."""
+        if c.finish is None:
+            return False
+        n = len(ev.text) if isinstance(ev, TextDelta) else \
+            len(ev.arguments) + len(ev.name or "") if isinstance(ev, ToolCallDelta) else 0
+        if n:
+            r = self._result
+            if c.index not in r.after_finish:
+                log.warning("request %s: upstream sent text for choice %d after its finish; ignored",
+                            self.request_id, c.index)
+            r.after_finish[c.index] = r.after_finish.get(c.index, 0) + n
+        return True
+
     def _on_event(self, ev: Event) -> None:
         if isinstance(ev, TextDelta):
             c = self._choice(ev.index)
-            if c.open_call is not None:
+            if c.blocked or self._after_finish(c, ev):
+                return
+            if c.open_call is not None or c.channel != ev.channel:
                 c.open_call = None
-                c.append("\n", "sep")
+                label = "" if ev.channel == "text" else f"[{ev.channel}] "
+                sep = ("\n" if c.length else "") + label
+                if sep:
+                    c.append(sep, "sep")
+                c.channel = ev.channel
             if ev.text:
-                c.append(ev.text, "text")
+                c.append(ev.text, "text", channel=ev.channel)
         elif isinstance(ev, ToolCallDelta):
             c = self._choice(ev.index)
+            if c.blocked or self._after_finish(c, ev):
+                return
             if ev.call_index != c.open_call:
                 c.open_call = ev.call_index
+                c.channel = None
                 label = f"[tool_call {ev.name}] " if ev.name else "[tool_call] "
                 c.append(("\n" if c.length else "") + label, "header", ev.call_index, ev.id, ev.name)
             if ev.arguments:
                 c.append(ev.arguments, "args", ev.call_index)
         elif isinstance(ev, Finish):
             c = self._choice(ev.index)
+            if c.blocked or self._after_finish(c, ev):
+                return  # a second finish: the first one stands
             c.finish = ev
             c.ended = True
         elif isinstance(ev, StreamStart):
@@ -380,7 +412,10 @@ class StreamGate:
             if c.flag_start is None:
                 c.flag_start = start
             if not self.shadow:
-                self._block = (c, st, v)
+                if self.one_shot:  # a non-stream answer: only this choice is blocked
+                    self._block_choice(c, st)
+                else:
+                    self._block = (c, st, v)
                 return
         elif eff == "redact":
             spans = v.details.get("spans") if isinstance(v.details, dict) else None
@@ -392,6 +427,23 @@ class StreamGate:
         st.hold_from = hold if hold is None else max(0, min(int(hold), end))
         if final:
             st.final_done = True
+
+    def _block_choice(self, c: _Choice, st: _StepState) -> None:
+        """One-shot block of one choice: nothing of it is released, it finishes `content_filter`,
+        its other checks are cancelled; the other choices of the answer are judged on their own."""
+        self._result.blocked = True
+        if self._result.block_step is None:
+            self._result.block_step = st.step.label
+        c.blocked = True
+        c.pieces.clear()
+        c.finish = Finish("content_filter", c.index)
+        c.ended = True
+        for other in c.steps:
+            if other.task is not None and not other.task.done():
+                other.task.cancel()
+                other.rec.cancelled += 1
+            other.task = None
+            other.final_done = True
 
     def _redact(self, c: _Choice, a: int, b: int, notice: str) -> None:
         if b <= a:
@@ -473,7 +525,7 @@ class StreamGate:
                     cut = min(p.end, limit)
                     s, verbatim = self._client_text(c, p, p.start, cut)
                     if s:
-                        out.append(TextDelta(s, c.index) if p.kind == "text"
+                        out.append(TextDelta(s, c.index, p.channel) if p.kind == "text"
                                    else ToolCallDelta(call_index=p.call_index, arguments=s, index=c.index))
                     c.emitted.append((p.start, cut, s, verbatim))
                 if cut >= p.end:
