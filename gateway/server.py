@@ -24,8 +24,9 @@ from gateway.config import GatewayConfig
 from gateway.context import CTX_KEY, GatewayError, RequestContext
 from gateway.endpoints import dialect_of
 from gateway.pipeline import Pipeline
+from gateway.policy.record import on_verdict
 from gateway.routing import Router
-from gateway.telemetry import Telemetry
+from gateway.telemetry import Telemetry, observe_verdict
 from gateway.upstreams.base import NeutralUpstream, UpstreamError
 from gateway.upstreams.http import HttpUpstream
 
@@ -85,6 +86,7 @@ class Gateway:
     def __init__(self, cfg: GatewayConfig, policies: Any = None, audit: Any = None,
                  telemetry: Telemetry | None = None) -> None:
         self.telemetry = telemetry if telemetry is not None else Telemetry()
+        on_verdict(observe_verdict)  # guard spans and metrics, per verdict as it arrives
         self.cfg = cfg
         self.policies = policies  # gateway.policy store (None: no policies configured)
         self.audit = audit

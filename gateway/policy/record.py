@@ -6,11 +6,22 @@ check many windows). A step that produced no verdict is recorded as "not run", n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from gateway import telemetry
 from gateway.types import Verdict
+
+# Called with (stage, step label, verdict) for every verdict as it arrives. The policy code reports
+# through it and never imports telemetry; the server sets it to `telemetry.observe_verdict`.
+VerdictListener = Callable[[str, str, Verdict], None]
+_listeners: list[VerdictListener] = []
+
+
+def on_verdict(listener: VerdictListener) -> None:
+    """Report every verdict to `listener` from now on (idempotent)."""
+    if listener not in _listeners:
+        _listeners.append(listener)
 
 Action = Literal["block", "redact", "warn", "log"]
 ACTIONS: tuple[str, ...] = ("block", "redact", "warn", "log")
@@ -68,7 +79,9 @@ class StepRecord:
     details: dict[str, Any] | None = None  # the guard's own details: first flagged verdict, else the latest
 
     def add(self, v: Verdict) -> None:
-        telemetry.observe_verdict(self.stage, self.label or f"{self.stage}[{self.index}]", v)
+        label = self.label or f"{self.stage}[{self.index}]"
+        for listener in _listeners:
+            listener(self.stage, label, v)
         self.checks += 1
         self.latency_ms += v.latency_ms
         self.max_latency_ms = max(self.max_latency_ms, v.latency_ms)
