@@ -10,13 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from gateway import telemetry
-from gateway.types import Verdict
+from gateway.types import ACTION_RANK, Verdict, strongest
 
 Action = Literal["block", "redact", "warn", "log"]
 ACTIONS: tuple[str, ...] = ("block", "redact", "warn", "log")
-
-# Precedence when several steps act on the same request: the strongest wins.
-ACTION_RANK: dict[str, int] = {"allow": 0, "log": 1, "warn": 2, "redact": 3, "block": 4}
 
 
 def flagged_action(step_action: str, verdict: Any) -> str | None:
@@ -30,15 +27,6 @@ def flagged_action(step_action: str, verdict: Any) -> str | None:
     if own in ("ignore", "allow"):
         return None
     return step_action
-
-
-def strongest(*actions: str | None) -> str:
-    """The action of highest precedence among `actions` ("allow" when none)."""
-    best = "allow"
-    for a in actions:
-        if a is not None and ACTION_RANK[a] > ACTION_RANK[best]:
-            best = a
-    return best
 
 
 @dataclass(slots=True)
