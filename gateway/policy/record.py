@@ -54,6 +54,9 @@ class StepRecord:
     allowed_errors: int = 0  # errors let through by on_error: allow
     first_flag: dict[str, Any] | None = None  # details of the first flagged verdict
     details: dict[str, Any] | None = None  # the guard's own details: first flagged verdict, else the latest
+    # per-piece reports (details["blocks"]: CodeShield's code blocks, with each block's findings and
+    # tier-2 state) of every check, in order: a stream step checks many windows, each reports its own
+    blocks: list[Any] = field(default_factory=list)
 
     def add(self, v: Verdict) -> None:
         telemetry.observe_verdict(self.stage, self.label or f"{self.stage}[{self.index}]", v)
@@ -61,8 +64,12 @@ class StepRecord:
         self.latency_ms += v.latency_ms
         self.max_latency_ms = max(self.max_latency_ms, v.latency_ms)
         self.tokens_evaluated += v.tokens_evaluated
+        if v.details and isinstance(v.details.get("blocks"), list):
+            self.blocks.extend(v.details["blocks"])
         if v.error is not None:
             self.errors.append(v.error)
+            if v.details and not self.flagged_checks:
+                self.details = v.details  # why it failed, where the guard says (e.g. per block)
             return
         if v.score is not None:
             self.score = v.score if self.score is None else max(self.score, v.score)
@@ -124,6 +131,8 @@ class StepRecord:
             rec["span"] = list(self.first_flag["span"])
         if self.details:
             rec["details"] = self.details
+        if self.blocks:
+            rec["blocks"] = self.blocks
         return rec
 
     def summary(self) -> dict[str, Any]:

@@ -9,12 +9,13 @@ released only after it was scanned.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from gateway.guards.base import Guard, GuardConfigError, GuardInput, StreamCheck, register
+from gateway.guards.base import Guard, GuardInput, StreamCheck, register
 from gateway.guards.code_fences import detect_language, normalize_language
 from gateway.guards.code_shield.document import Document
 from gateway.guards.code_shield.options import CodeShieldOptions
@@ -22,6 +23,8 @@ from gateway.guards.code_shield.rules import SEVERITY_RANK
 from gateway.guards.code_shield.scanner import CodeScanner, ScanItem, ScanResult, shared_rules
 from gateway.guards.code_shield.semgrep import SemgrepRunner
 from gateway.types import ACTION_RANK, Message, Verdict
+
+LOG = logging.getLogger("gateway.guards.code_shield")
 
 
 @register("code_shield")
@@ -41,14 +44,23 @@ class CodeShieldGuard(Guard):
     # lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load and compile the rules, locate semgrep, read its prefilters (once per process) and
-        start this loop's semgrep server, so no request pays for it."""
+        """Load and compile the rules, locate semgrep, read its prefilters (once per process), start
+        this loop's semgrep server and prove tier 2 works on a canary, so no request pays for it and
+        `status()` (/readyz) and the log say which tiers are live."""
         if self._scanner is None:
             await asyncio.to_thread(self._load)
         assert self._scanner is not None
         sg = self._scanner.semgrep
         if sg is not None:
-            await sg.warm()
+            await sg.self_test()
+        st = self.status()
+        tier2 = st["semgrep"]
+        if st["state"] == "ready" and tier2["state"] in ("ready", "off"):
+            LOG.info("code_shield: live tiers %s (semgrep %s)", "+".join(st["tiers"]),
+                     tier2.get("engine", tier2["state"]))  # fmt: skip
+        else:
+            LOG.warning("code_shield: %s; live tiers %s; semgrep %s: %s", st["state"], "+".join(st["tiers"]),
+                        tier2["state"], tier2.get("reason", ""))  # fmt: skip
 
     def _load(self) -> CodeScanner:
         with self._lock:
@@ -57,13 +69,15 @@ class CodeShieldGuard(Guard):
             t0 = time.perf_counter()
             runner: SemgrepRunner | None = None
             reason = ""
-            binary = None
+            broken = False
             if self.opts.semgrep != "off":
                 binary = SemgrepRunner.locate(self.opts.semgrep_path)
-                if binary is None:
+                if binary is None and self.opts.semgrep_path:
+                    reason = f"semgrep_path {self.opts.semgrep_path} is not an executable file"
+                    broken = True  # configured and missing: a broken tier, never "not installed"
+                elif binary is None:
                     reason = "semgrep not installed (pip install semgrep) or semgrep-core not on PATH"
-                    if self.opts.semgrep == "required":
-                        raise GuardConfigError(f"code_shield: semgrep: required, but {reason}")
+                    broken = self.opts.semgrep == "required"
                 else:
                     runner = SemgrepRunner(
                         binary, self.opts.semgrep_timeout_s, self.opts.semgrep_concurrency, self.opts.semgrep_mode
@@ -73,7 +87,7 @@ class CodeShieldGuard(Guard):
                 langs = set(self.opts.semgrep_languages)
                 runner.server_rules = [r for r in rules.all_semgrep_rules if r.language in langs or (
                     r.language == "c" and "cpp" in langs)]  # fmt: skip
-            self._scanner = CodeScanner(rules, self.opts, runner, reason)
+            self._scanner = CodeScanner(rules, self.opts, runner, reason, broken)
             self.startup_ms = (time.perf_counter() - t0) * 1000.0
             return self._scanner
 
@@ -88,6 +102,30 @@ class CodeShieldGuard(Guard):
             await asyncio.to_thread(self._load)
         assert self._scanner is not None
         return self._scanner
+
+    def status(self) -> dict[str, Any]:
+        """Which tiers are live, for /readyz and the startup log.
+
+        state: "ready"; "degraded" when tier 2 does not work (not installed, or broken) and the step
+        allows it (``semgrep: auto``): blocks that needed it are reported not run, or are errors;
+        "failed" (the gateway is not ready) when it does not work and the step says
+        ``semgrep: required``. "semgrep" says the tier's own state and why.
+        """
+        s = self._scanner
+        if s is None:
+            return {"state": "ready", "tiers": [], "semgrep": {"state": "not loaded"}}
+        if self.opts.semgrep == "off":
+            tier2: dict[str, Any] = {"state": "off"}
+        elif s.semgrep is None:
+            tier2 = {"state": "failed" if s.semgrep_broken else "not installed", "reason": s.semgrep_reason}
+        else:
+            tier2 = s.semgrep.status()
+            if not s.semgrep.tested:
+                tier2["self_test"] = "not run"
+        up = tier2["state"] in ("ready", "off")
+        state = "ready" if up else ("failed" if self.opts.semgrep == "required" else "degraded")
+        tiers = ["regex", "semgrep"] if tier2["state"] == "ready" else ["regex"]
+        return {"state": state, "tiers": tiers, "semgrep": tier2}
 
     def describe(self) -> dict[str, Any]:
         """Rule counts and tier-2 availability (for `guardgate models`/health output)."""
@@ -167,9 +205,12 @@ class CodeShieldGuard(Guard):
                     "language": item.language,
                     "language_source": item.language_source,
                     "scanned_as": res.scanned_as,
-                    "findings": len(res.findings),
+                    "findings": [
+                        {"rule": f.rule, "cwe": f.cwe, "line": f.line, "severity": f.severity, "analyzer": f.analyzer}
+                        for f in res.findings
+                    ],
                     "action": res.action,
-                    "tier2": res.tier2,
+                    "tier2": res.tier2,  # ran | not_needed | skipped | not_run | off | error
                     **({"tier2_reason": res.tier2_reason} if res.tier2_reason else {}),
                 }
             )

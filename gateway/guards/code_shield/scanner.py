@@ -136,11 +136,14 @@ class CodeScanner:
     """Tier 1 in-process, tier 2 batched through one semgrep process."""
 
     def __init__(self, rules: RuleSet, opts: CodeShieldOptions, semgrep: SemgrepRunner | None,
-                 semgrep_reason: str = "") -> None:  # fmt: skip
+                 semgrep_reason: str = "", semgrep_broken: bool = False) -> None:  # fmt: skip
         self.rules = rules
         self.opts = opts
         self.semgrep = semgrep
-        self.semgrep_reason = semgrep_reason
+        self.semgrep_reason = semgrep_reason  # why there is no runner
+        # no runner because the configured semgrep is broken (not merely absent): blocks that need
+        # tier 2 are errors, never "not run"
+        self.semgrep_broken = semgrep_broken
         self._gate_cache: dict[str, tuple[list[SemgrepRule], list[re.Pattern[str]]]] = {}
 
     # languages -------------------------------------------------------------
@@ -254,7 +257,8 @@ class CodeScanner:
                 res.tier2, res.tier2_reason = "skipped", "tier 1 already decided"
                 continue
             if self.semgrep is None:
-                res.tier2, res.tier2_reason = "not_run", self.semgrep_reason or "semgrep not available"
+                state = "error" if self.semgrep_broken else "not_run"
+                res.tier2, res.tier2_reason = state, self.semgrep_reason or "semgrep not available"
                 continue
             for lang, rules in wanted:
                 ext = ".ts" if item.language == "typescript" else _EXTENSIONS.get(lang, ".txt")

@@ -82,6 +82,10 @@ class SemgrepError(RuntimeError):
     """semgrep failed or timed out; tier 2 produced no verdict."""
 
 
+class SemgrepTimeout(SemgrepError):
+    """semgrep did not answer in time (a slow batch, not a broken tier)."""
+
+
 # `nosemgrep` / `nosem` comments make semgrep drop findings on that line: model output must not.
 _NOSEM = re.compile(r"(?i)nosem")
 
@@ -97,6 +101,20 @@ class Hit:
     message: str = ""
     severity: str = ""
 
+
+# A rule of ours and a target it must match: the self-test proving tier 2 finds what it should.
+CANARY_RULE = SemgrepRule(
+    id="guardgate-canary",
+    language="python",
+    cwe="",
+    severity="info",
+    description="guardgate self-test",
+    raw={"id": "guardgate-canary", "languages": ["python"], "severity": "INFO", "message": "canary",
+         "pattern": "guardgate_canary($X)"},
+    prescan=None,
+    key=-1,
+)  # fmt: skip
+CANARY_TARGET = ("guardgate_canary(1)\n", ".py")
 
 _LIVE_SERVERS: weakref.WeakSet[_LspServer] = weakref.WeakSet()
 _RECYCLE_AFTER = 20_000  # batches per server before a fresh one (its RSS creeps up ~4 KB a batch)
@@ -201,7 +219,7 @@ class _LspServer:
                     results = await asyncio.wait_for(asyncio.gather(*futs), timeout)
                 except TimeoutError:
                     self.kill()  # a wedged server is replaced on the next batch
-                    raise SemgrepError(f"semgrep timed out after {timeout:g}s") from None
+                    raise SemgrepTimeout(f"semgrep timed out after {timeout:g}s") from None
             finally:
                 for uri in uris:
                     self._diags.pop(uri, None)
@@ -343,6 +361,39 @@ class SemgrepRunner:
         )
         self.runs = 0  # tier-2 batches sent to semgrep
         self.processes = 0  # semgrep processes started (one per batch in process mode)
+        self.failure: str | None = None  # why tier 2 does not work now (self-test or last batch); None: it does
+        self.tested = False  # the self-test ran
+        self.wrong_answers = False  # the self-test got an answer without the canary finding
+
+    @property
+    def engine(self) -> str:
+        """What batches go to: "server" (this loop's osemgrep lsp) or "process" (one per batch)."""
+        return "server" if self.mode == "server" and self.server_error is None else "process"
+
+    def status(self) -> dict[str, Any]:
+        """The tier's state for /readyz: ready or failed (and why), and the engine in use."""
+        out: dict[str, Any] = {"state": "failed" if self.failure else "ready", "engine": self.engine}
+        if self.failure:
+            out["reason"] = self.failure
+        if self.mode == "server" and self.server_error:
+            out["server_error"] = self.server_error
+        return out
+
+    async def self_test(self) -> str | None:
+        """Scan a canary that a rule of ours must match, on the engine batches use (starting the
+        server). Returns why tier 2 does not work (None: it does), which `failure` keeps until a
+        batch succeeds: a semgrep that starts but answers nothing useful is caught here, at start-up,
+        not on the first insecure block."""
+        self.tested = True
+        try:
+            hits, _ = await self._scan([CANARY_TARGET], [CANARY_RULE])
+        except SemgrepError as exc:
+            self.failure = f"self-test failed: {exc}"
+            return self.failure
+        if not any(h.rule.key == CANARY_RULE.key for h in hits):
+            self.wrong_answers = True  # answers without errors, but wrong: later batches cannot clear it
+            self.failure = "self-test failed: semgrep ran but did not report the canary finding"
+        return self.failure
 
     @staticmethod
     def locate(explicit: str | None = None) -> str | None:
@@ -453,10 +504,24 @@ class SemgrepRunner:
         """
         targets = [(_NOSEM.sub(lambda m: "n0" + m.group(0)[2:], code), ext) for code, ext in targets]
         self.runs += 1
-        server = await self.warm()
-        if server is not None:
-            return await server.scan(targets, rules, self.timeout_s), 0
-        return await self._scan_process(targets, rules)
+        return await self._scan(targets, rules)
+
+    async def _scan(self, targets: Sequence[tuple[str, str]], rules: Sequence[SemgrepRule]) -> tuple[list[Hit], int]:
+        """One batch on the engine in use; a failure other than a timeout marks the tier failed."""
+        try:
+            server = await self.warm()
+            if server is not None:
+                result = await server.scan(targets, rules, self.timeout_s), 0
+            else:
+                result = await self._scan_process(targets, rules)
+        except SemgrepTimeout:
+            raise
+        except SemgrepError as exc:
+            self.failure = str(exc)
+            raise
+        if not self.wrong_answers:
+            self.failure = None
+        return result
 
     async def warm(self) -> _LspServer | None:
         """This loop's semgrep server, started if needed; None in process mode or if it cannot start."""
@@ -502,7 +567,7 @@ class SemgrepRunner:
                 try:
                     stdout, stderr = await asyncio.wait_for(proc.communicate(), self.timeout_s)
                 except TimeoutError:
-                    raise SemgrepError(f"semgrep timed out after {self.timeout_s:g}s") from None
+                    raise SemgrepTimeout(f"semgrep timed out after {self.timeout_s:g}s") from None
                 try:
                     data = json.loads(stdout.decode("utf-8", "replace"))
                 except ValueError:
@@ -548,7 +613,7 @@ class SemgrepRunner:
                 return srv
             if srv is not None:
                 srv.kill()
-            srv = _LspServer(self.binary, self.server_rules, self._env())
+            srv = _LspServer(self.binary, [*self.server_rules, CANARY_RULE], self._env())
             self.processes += 1
             try:
                 await srv.start(max(15.0, self.timeout_s))
