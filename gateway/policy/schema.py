@@ -160,11 +160,12 @@ class Policy:
                 log.error("policy %s: %s (%s:%s)", self.name, step.unavailable, step.file, step.line)
 
     def status(self) -> dict[str, dict[str, Any]]:
-        """{step label: state} for /readyz: the guard's own `status()`, or failed when it did not start."""
+        """{step label: state} for /readyz: the guard's own `status()`; "unavailable" when it did not start
+        (its checks fail and `on_error` decides, per request, as designed: not a readiness failure)."""
         out: dict[str, dict[str, Any]] = {}
         for step in self.steps:
             if step.unavailable:
-                out[step.label] = {"state": "failed", "reason": step.unavailable}
+                out[step.label] = {"state": "unavailable", "reason": step.unavailable}
             else:
                 try:
                     out[step.label] = step.guard.status()
