@@ -15,6 +15,11 @@ findings. Findings are compared per snippet as sets of rule ids against:
     design finds with a working semgrep tier). This is the parity target.
 Also: temp files Meta's driver leaves behind (ours: none), one-process batching on multi-block
 answers, and what the stream check costs per call on prose with no code.
+
+Through the server (``--no-server`` skips it): the same snippets, one fenced block per answer, streamed
+by a local upstream through `guardgate serve` (a subprocess, on its own event loop: uvloop) with the
+`openai` SDK; per block the step's guard time from the audit and the client's end-to-end time, and
+the audit's findings against Meta's on the same snippets. The bench itself runs the serve loop too.
 """
 
 from __future__ import annotations
@@ -23,17 +28,22 @@ import argparse
 import ast
 import asyncio
 import json
+import os
 import random
 import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gateway.cli import serve_loop_policy
 from gateway.guards.code_shield import CodeShieldGuard, find_rules_dir
 
 EXT_LANG = {".c": "c", ".js": "javascript", ".php": "php", ".py": "python", ".java": "java", ".cs": "csharp"}
@@ -92,6 +102,7 @@ async def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="passes over the corpus (latency samples)")
     ap.add_argument("--limit", type=int, default=0, help="only the first N snippets (smoke runs)")
     ap.add_argument("--json", help="write all figures here")
+    ap.add_argument("--no-server", action="store_true", help="skip the run through `guardgate serve`")
     args = ap.parse_args()
 
     rules_dir = find_rules_dir()
@@ -187,6 +198,8 @@ async def main() -> None:
                 semgrep_started["ours"] += res["ours"][2]
                 semgrep_started["meta"] += res["meta"][2]
                 rows.append((lang, src, res["ours"][1], res["meta"][1], res["meta_fixed"][1]))
+
+    served = None if args.no_server else await through_server(items, rows)
 
     leaked = sum(1 for _ in meta_tmp.rglob("*"))
     await guard.aclose()
@@ -299,6 +312,15 @@ async def main() -> None:
         f"stream check on prose, no code ({len(per_check)} checks of {step} chars): "
         f"p50 {pc['p50']:.1f} us, p99 {pc['p99']:.1f} us, mean {pc['mean']:.1f} us"
     )
+    if served is not None:
+        print(f"through guardgate serve ({served['loop']}, {served['blocks']} blocks, one per streamed answer):")
+        print(line("guard time (audit)", served["guard_ms"]))
+        print(line("client end-to-end", served["e2e_ms"]))
+        cs = served["vs_meta"]
+        print(f"  findings vs meta (fixed) on the same snippets: same {cs['same']}, ours more {cs['ours_more']}, "
+              f"ours missing {cs['ours_missing']}; step errors {served['errors']}; tier 2 {served['tier2']}")
+        for m in cs["missed"]:
+            print(f"     missing: {m}")
     if args.json:
         Path(args.json).write_text(
             json.dumps(
@@ -313,6 +335,7 @@ async def main() -> None:
                     "meta_temp_files_left": leaked,
                     "batch_ms": {"ours": batch_ours, "meta": batch_meta},
                     "prose_check_us": pc,
+                    "server": served and {k: (summary(v) if k.endswith("_ms") else v) for k, v in served.items()},
                 },
                 indent=1,
                 default=list,
@@ -320,5 +343,110 @@ async def main() -> None:
         )
 
 
+async def through_server(items: list[tuple[str, str, str]], rows: list[Any]) -> dict[str, Any]:
+    """Each snippet as the only fenced block of a streamed answer, through `guardgate serve`."""
+    import httpx
+    import openai
+    from aiohttp import web
+
+    async def upstream(request: web.Request) -> web.StreamResponse:  # answers with the user's text
+        body = await request.json()
+        text = body["messages"][-1]["content"]
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(0, len(text), 24):
+            delta = {"choices": [{"index": 0, "delta": {"content": text[i : i + 24]}, "finish_reason": None}]}
+            await resp.write(f"data: {json.dumps(delta)}\n\n".encode())
+        await resp.write(b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", upstream)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    up_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    work = Path(tempfile.mkdtemp(prefix="bench-cs-serve-"))
+    policy, audit, log = work / "cs.yaml", work / "audit.jsonl", work / "serve.log"
+    policy.write_text(textwrap.dedent("""\
+        name: cs
+        stream:
+          steps:
+            - guard: code_shield
+              action: warn
+              timeout_ms: 20000
+        """))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--upstream", f"http://127.0.0.1:{up_port}/v1",
+             "--port", str(port), "--policy", str(policy), "--audit", str(audit), "--log-level", "WARNING"],
+            stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=work,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    out: dict[str, Any] = {"guard_ms": [], "e2e_ms": [], "errors": 0, "tier2": {}}
+    try:
+        async with httpx.AsyncClient() as http:
+            for _ in range(600):
+                try:
+                    ready = (await http.get(url + "/readyz")).json()
+                    break
+                except httpx.HTTPError:
+                    await asyncio.sleep(0.1)
+            else:
+                raise RuntimeError(f"guardgate serve did not start: {log.read_text()}")
+        status = ready["policies"]["cs"]["stream[0]:code_shield"]
+        assert status["state"] == "ready", status
+        out["loop"] = log.read_text().rsplit("event loop: ", 1)[-1].split(")")[0].strip()
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        found: list[set[str]] = []
+        for lang, code, _ in items:
+            answer = f"Here it is:\n\n```{lang}\n{code.rstrip()}\n```\n\nDone.\n"
+            n_before = len(audit.read_text().splitlines()) if audit.exists() else 0
+            t = time.perf_counter()
+            stream = await client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": answer}], stream=True
+            )
+            async for _chunk in stream:
+                pass
+            out["e2e_ms"].append((time.perf_counter() - t) * 1000)
+            for _ in range(1000):
+                lines = audit.read_text().splitlines() if audit.exists() else []
+                if len(lines) > n_before:
+                    break
+                await asyncio.sleep(0.005)
+            step = json.loads(lines[-1])["steps"][0]
+            out["guard_ms"].append(step["latency_ms"])
+            out["errors"] += bool(step.get("error"))
+            for b in step.get("blocks", []):
+                out["tier2"][b["tier2"]] = out["tier2"].get(b["tier2"], 0) + 1
+            found.append({f["rule"] for b in step.get("blocks", []) for f in b["findings"]})
+        await client.close()
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        await runner.cleanup()
+    same = more = missing = 0
+    missed = []
+    for row, ours in zip(rows, found, strict=True):
+        meta = row[4]  # Meta fixed (a working semgrep tier)
+        if ours == meta:
+            same += 1
+        elif meta <= ours:
+            more += 1
+        else:
+            missing += 1
+            missed.append((row[0], row[1], sorted(meta - ours)))
+    out["blocks"] = len(found)
+    out["vs_meta"] = {"same": same, "ours_more": more, "ours_missing": missing, "missed": missed[:10]}
+    return out
+
+
 if __name__ == "__main__":
+    asyncio.set_event_loop_policy(serve_loop_policy())  # the loop `guardgate serve` runs
     asyncio.run(main())

@@ -75,20 +75,15 @@ def main_serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"guardgate: {e}", file=sys.stderr)
         return 2
-    try:
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    except ImportError:
-        pass
+    asyncio.set_event_loop_policy(serve_loop_policy())
     gw = Gateway(cfg, policies=policies, audit=audit)
     app = create_app(gw)
     _tune_gc()
     _return_freed_buffers()
-    print(f"guardgate listening on http://{cfg.host}:{cfg.port} "
-          f"(upstreams: {', '.join(f'{n}={u.base_url or u.model}' for n, u in cfg.upstreams.items())})",
-          file=sys.stderr, flush=True)
     loop = asyncio.new_event_loop()
+    print(f"guardgate listening on http://{cfg.host}:{cfg.port} "
+          f"(upstreams: {', '.join(f'{n}={u.base_url or u.model}' for n, u in cfg.upstreams.items())}; "
+          f"event loop: {loop_name(loop)})", file=sys.stderr, flush=True)
     main_task = loop.create_task(_serve(app, cfg))
     try:
         loop.run_until_complete(main_task)
@@ -101,6 +96,23 @@ def main_serve(args: argparse.Namespace) -> int:
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
     return 0
+
+
+def serve_loop_policy() -> asyncio.AbstractEventLoopPolicy:
+    """The event loop policy `serve` runs under: uvloop's where it is installed, else asyncio's.
+
+    The test suite installs the same one (tests/conftest.py) and a test compares them: code that
+    works under asyncio's loop and not under uvloop (semgrep's argv[0] did) must fail in the tests."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.DefaultEventLoopPolicy()
+    return uvloop.EventLoopPolicy()
+
+
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    """`module.Class` of an event loop, as the startup line prints it."""
+    return f"{type(loop).__module__}.{type(loop).__qualname__}"
 
 
 async def _serve(app: Any, cfg: GatewayConfig) -> None:

@@ -262,7 +262,10 @@ def create_app(gw: Gateway) -> web.Application:
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
-        return web.json_response({"ready": gw.ready}, status=200 if gw.ready else 503)
+        body: dict[str, Any] = {"ready": gw.ready}
+        if gw.ready and gw.policies is not None:  # per policy per step: e.g. which CodeShield tiers are live
+            body["ready"], body["policies"] = gw.policies.status()
+        return web.json_response(body, status=200 if body["ready"] else 503)
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

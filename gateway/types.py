@@ -12,6 +12,20 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+# Actions by precedence: when several apply to one request, the strongest wins. "ignore" (a CodeShield
+# severity mapped to no action) ranks with "allow". The one ranking of the project.
+ACTION_RANK: dict[str, int] = {"allow": 0, "ignore": 0, "log": 1, "warn": 2, "redact": 3, "block": 4}
+
+
+def strongest(*actions: str | None, default: str = "allow") -> str:
+    """The action of highest precedence among `actions` (`default` when none ranks above it)."""
+    best = default
+    for a in actions:
+        if a is not None and ACTION_RANK[a] > ACTION_RANK[best]:
+            best = a
+    return best
+
+
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 Stage = Literal["input", "stream", "output"]
 

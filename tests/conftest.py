@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -12,8 +13,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from harness import Loop, ScriptedUpstream
 
+from gateway.cli import serve_loop_policy
 from gateway.config import parse
 from gateway.server import Gateway, create_app
+
+# Every test runs the event loop `guardgate serve` runs (uvloop where installed): pytest-asyncio's
+# loops (its default `event_loop_policy` fixture returns this global policy) and the harness's server
+# threads alike. tests/test_event_loop_policy.py fails if they ever differ.
+asyncio.set_event_loop_policy(serve_loop_policy())
 
 
 @dataclass

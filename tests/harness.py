@@ -17,6 +17,8 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.cli import serve_loop_policy
+
 # ---------------------------------------------------------------------------- SSE scenarios
 
 CHUNK_ID = "chatcmpl-abc123"
@@ -153,7 +155,7 @@ class Loop:
     """An event loop in a daemon thread, for servers the tests talk to over TCP."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = serve_loop_policy().new_event_loop()  # the loop `guardgate serve` runs
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.runners: list[web.AppRunner] = []

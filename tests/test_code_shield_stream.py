@@ -9,7 +9,7 @@ import pytest
 from gateway.guards import base as guard_base
 from gateway.guards.base import GuardConfigError, GuardInput
 from gateway.guards.code_fences import extract_code_blocks
-from gateway.guards.code_shield import CodeShieldGuard, find_rules_dir
+from gateway.guards.code_shield import CodeShieldGuard, SemgrepRunner, find_rules_dir
 from gateway.types import Message, Verdict
 
 if find_rules_dir() is None:  # pragma: no cover
@@ -190,18 +190,41 @@ async def test_unlabelled_block_is_detected_or_scanned_as_every_language() -> No
     assert {f["language"] for f in w.details["findings"]} == {"java", "php", "python"}
 
 
-async def test_semgrep_unavailable_is_reported_as_not_run_never_as_a_pass() -> None:
-    g = CodeShieldGuard(semgrep_path="/nonexistent/semgrep-core")
+async def test_semgrep_not_installed_is_reported_as_not_run_never_as_a_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(SemgrepRunner, "locate", staticmethod(lambda explicit=None: None))
+    g = CodeShieldGuard()
+    await g.start()
     v = await g.scan_text("```python\ndef f(user):\n    return eval(user)\n```\n")
     assert not v.flagged and v.error is None
     assert v.details["tier2"] == "not_run" and "not installed" in v.details["tier2_not_run"]
     assert v.details["blocks"][0]["tier2"] == "not_run"
+    assert g.status()["state"] == "degraded" and g.status()["tiers"] == ["regex"]
+    assert g.status()["semgrep"]["state"] == "not installed"
     # tier 1 still works, and a block that needs no tier 2 says so
     w = await g.scan_text("```python\nprint('hi')\n```\n")
     assert w.details["tier2"] == "not_needed"
-    required = CodeShieldGuard(semgrep="required", semgrep_path="/nonexistent/semgrep-core")
-    with pytest.raises(GuardConfigError, match="required"):
-        await required.start()
+    # semgrep: required: the step is failed (the gateway not ready) and such a block is an error
+    required = CodeShieldGuard(semgrep="required")
+    await required.start()
+    assert required.status()["state"] == "failed"
+    r = await required.scan_text("```python\ndef f(user):\n    return eval(user)\n```\n")
+    assert not r.flagged and r.error is not None and "not installed" in r.error
+    assert r.details["blocks"][0]["tier2"] == "error"
+
+
+@pytest.mark.parametrize("semgrep", ["auto", "required"])
+async def test_a_configured_semgrep_that_is_missing_is_an_error_never_a_pass(semgrep: str) -> None:
+    g = CodeShieldGuard(semgrep=semgrep, semgrep_path="/nonexistent/semgrep-core")
+    await g.start()
+    v = await g.scan_text("```python\ndef f(user):\n    return eval(user)\n```\n")
+    assert not v.flagged and v.error is not None and "/nonexistent/semgrep-core" in v.error
+    assert v.details["blocks"][0]["tier2"] == "error"
+    st = g.status()
+    assert st["state"] == ("failed" if semgrep == "required" else "degraded")
+    assert st["semgrep"]["state"] == "failed" and "not an executable" in st["semgrep"]["reason"]
+    # what tier 1 finds is still flagged
+    c = await g.scan_text("```c\nvoid f(char *b) { gets(b); }\n```\n")
+    assert c.flagged and c.error is None
 
 
 async def test_semgrep_off_is_reported() -> None:

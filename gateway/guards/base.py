@@ -85,6 +85,15 @@ class Guard(ABC):
     async def aclose(self) -> None:
         """Release models and workers."""
 
+    def status(self) -> dict[str, Any]:
+        """What this guard can do now, for /readyz: {"state": "ready" | "degraded" | "failed", ...}.
+
+        "failed" makes the gateway not ready (every check would fail, or a part the step requires is
+        down); "degraded" is reported but still ready. Guards with parts that can fail on their own
+        (CodeShield's semgrep tier) override this; the default is ready once `start()` returned.
+        """
+        return {"state": "ready"}
+
     def verdict(self, t0: float, **kw: Any) -> Verdict:
         """A verdict stamped with this guard's name and the latency since `t0` (perf_counter)."""
         return Verdict(guard=self.name, latency_ms=(time.perf_counter() - t0) * 1000.0, **kw)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from gateway.types import Verdict
+from gateway.types import ACTION_RANK, Verdict, strongest
 
 # Called with (stage, step label, verdict) for every verdict as it arrives. The policy code reports
 # through it and never imports telemetry; the server sets it to `telemetry.observe_verdict`.
@@ -26,9 +26,6 @@ def on_verdict(listener: VerdictListener) -> None:
 Action = Literal["block", "redact", "warn", "log"]
 ACTIONS: tuple[str, ...] = ("block", "redact", "warn", "log")
 
-# Precedence when several steps act on the same request: the strongest wins.
-ACTION_RANK: dict[str, int] = {"allow": 0, "log": 1, "warn": 2, "redact": 3, "block": 4}
-
 
 def flagged_action(step_action: str, verdict: Any) -> str | None:
     """What a flagged verdict does: the step's action, unless the guard maps this finding itself
@@ -41,15 +38,6 @@ def flagged_action(step_action: str, verdict: Any) -> str | None:
     if own in ("ignore", "allow"):
         return None
     return step_action
-
-
-def strongest(*actions: str | None) -> str:
-    """The action of highest precedence among `actions` ("allow" when none)."""
-    best = "allow"
-    for a in actions:
-        if a is not None and ACTION_RANK[a] > ACTION_RANK[best]:
-            best = a
-    return best
 
 
 @dataclass(slots=True)
@@ -77,6 +65,9 @@ class StepRecord:
     allowed_errors: int = 0  # errors let through by on_error: allow
     first_flag: dict[str, Any] | None = None  # details of the first flagged verdict
     details: dict[str, Any] | None = None  # the guard's own details: first flagged verdict, else the latest
+    # per-piece reports (details["blocks"]: CodeShield's code blocks, with each block's findings and
+    # tier-2 state) of every check, in order: a stream step checks many windows, each reports its own
+    blocks: list[Any] = field(default_factory=list)
 
     def add(self, v: Verdict) -> None:
         label = self.label or f"{self.stage}[{self.index}]"
@@ -86,8 +77,12 @@ class StepRecord:
         self.latency_ms += v.latency_ms
         self.max_latency_ms = max(self.max_latency_ms, v.latency_ms)
         self.tokens_evaluated += v.tokens_evaluated
+        if v.details and isinstance(v.details.get("blocks"), list):
+            self.blocks.extend(v.details["blocks"])
         if v.error is not None:
             self.errors.append(v.error)
+            if v.details and not self.flagged_checks:
+                self.details = v.details  # why it failed, where the guard says (e.g. per block)
             return
         if v.score is not None:
             self.score = v.score if self.score is None else max(self.score, v.score)
@@ -149,6 +144,8 @@ class StepRecord:
             rec["span"] = list(self.first_flag["span"])
         if self.details:
             rec["details"] = self.details
+        if self.blocks:
+            rec["blocks"] = self.blocks
         return rec
 
     def summary(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import signal
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gateway.policy.schema import Policy, PolicyError, load_policy
 from gateway.policy.tokens import encoding
@@ -108,6 +109,12 @@ class PolicyStore:
 
     def names(self) -> list[str]:
         return sorted(self._by_name)
+
+    def status(self) -> tuple[bool, dict[str, dict[str, dict[str, Any]]]]:
+        """(ready, {policy: {step: state}}): not ready while some step's guard says it is failed."""
+        report = {p.name: p.status() for p in self.policies()}
+        ready = all(st.get("state") != "failed" for steps in report.values() for st in steps.values())
+        return ready, report
 
     def policies(self) -> list[Policy]:
         return [self._by_name[n] for n in self.names()]

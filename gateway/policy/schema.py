@@ -159,6 +159,20 @@ class Policy:
                 step.unavailable = f"guard {step.guard_name} failed to start: {type(e).__name__}: {e}"
                 log.error("policy %s: %s (%s:%s)", self.name, step.unavailable, step.file, step.line)
 
+    def status(self) -> dict[str, dict[str, Any]]:
+        """{step label: state} for /readyz: the guard's own `status()`; "unavailable" when it did not start
+        (its checks fail and `on_error` decides, per request, as designed: not a readiness failure)."""
+        out: dict[str, dict[str, Any]] = {}
+        for step in self.steps:
+            if step.unavailable:
+                out[step.label] = {"state": "unavailable", "reason": step.unavailable}
+            else:
+                try:
+                    out[step.label] = step.guard.status()
+                except Exception as e:  # a status that cannot be read is not a ready guard
+                    out[step.label] = {"state": "failed", "reason": f"status: {type(e).__name__}: {e}"}
+        return out
+
     async def aclose(self) -> None:
         if self._closed:
             return
