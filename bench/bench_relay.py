@@ -4,7 +4,7 @@
 
 Targets (each a separate process, so the load generator does not share a loop with them):
   direct       the scripted upstream itself (bench/fake_upstream.py)
-  relay        guardgate serve → openai upstream (byte relay: the fast path)
+  relay        guardgate serve → openai upstream (byte relay, no policy)
   translated   guardgate serve → llama-dialect upstream (openai client; every event re-encoded)
   gate-regex   guardgate serve --policy bench/regex-stream.yaml (stream gate with the regex guard)
 Latency requests are interleaved round-robin across targets so machine noise hits all alike.

@@ -46,8 +46,6 @@ class EventTooLarge(ValueError):
 
 class EventAligner:
     """Cuts an upstream SSE body into runs of whole events, and knows when the stream is over.
-    Both relay paths use it (`relay_response` below, and `fastpath` from its callbacks), so the
-    client sees the same bytes whichever path served it.
 
     `terminator`, when given, is a byte string the stream's last events must contain (``data:
     [DONE]``): a clean EOF without it is a truncation. Nothing may follow ``data: [DONE]``, so the
