@@ -73,6 +73,8 @@ class Limits:
     max_body_bytes: int = 8 * 1024 * 1024
     max_header_bytes: int = 16 * 1024
     send_timeout_s: float = 60.0  # a client that takes no bytes for this long is cut (relay.TimedResponse)
+    head_timeout_s: float = 60.0  # a request head (or an idle keep-alive connection) may take this long
+    body_timeout_s: float = 60.0  # a request body may take this long to arrive
 
 
 @dataclass(slots=True)
@@ -163,10 +165,14 @@ def parse(obj: object, file: str | None = None) -> GatewayConfig:
         cfg.keys.append(GatewayKey(name=kf.get("name", str, f"key{i}"), key_env=kf.get("key_env", str, required=True),
                                    policy=kf.get("policy", str)))
     if "limits" in top.obj:
-        lf = Fields(top.obj["limits"], file, "limits", {"max_body_bytes", "max_header_bytes", "send_timeout_s"})
-        cfg.limits = Limits(max_body_bytes=lf.get("max_body_bytes", int, cfg.limits.max_body_bytes),
-                            max_header_bytes=lf.get("max_header_bytes", int, cfg.limits.max_header_bytes),
-                            send_timeout_s=float(lf.get("send_timeout_s", (int, float), cfg.limits.send_timeout_s)))
+        lf = Fields(top.obj["limits"], file, "limits", {"max_body_bytes", "max_header_bytes", "send_timeout_s",
+                                                         "head_timeout_s", "body_timeout_s"})
+        d = cfg.limits
+        cfg.limits = Limits(max_body_bytes=lf.get("max_body_bytes", int, d.max_body_bytes),
+                            max_header_bytes=lf.get("max_header_bytes", int, d.max_header_bytes),
+                            send_timeout_s=float(lf.get("send_timeout_s", (int, float), d.send_timeout_s)),
+                            head_timeout_s=float(lf.get("head_timeout_s", (int, float), d.head_timeout_s)),
+                            body_timeout_s=float(lf.get("body_timeout_s", (int, float), d.body_timeout_s)))
     cfg.policy = top.get("policy", str)
     dirs = top.get("policy_dirs", list, None)
     if dirs is not None:

@@ -138,7 +138,11 @@ class Gateway:
             raise GatewayError(413, f"request body of {request.content_length} bytes exceeds the limit of "
                                f"{limit} bytes", "request_too_large")
         try:
-            return await request.read()
+            async with asyncio.timeout(self.cfg.limits.body_timeout_s):
+                return await request.read()
+        except TimeoutError:
+            raise GatewayError(408, f"request body did not arrive within {self.cfg.limits.body_timeout_s} s",
+                               "request_timeout", retry=False) from None
         except web.HTTPRequestEntityTooLarge:
             raise GatewayError(413, f"request body exceeds the limit of {limit} bytes",
                                "request_too_large") from None
@@ -253,7 +257,11 @@ def create_app(gw: Gateway) -> web.Application:
         client_max_size=gw.cfg.limits.max_body_bytes,
         middlewares=[gw.telemetry.middleware(), _access_log_middleware(), _errors_middleware()],
         handler_args={"max_field_size": gw.cfg.limits.max_header_bytes,
-                      "max_line_size": gw.cfg.limits.max_header_bytes},
+                      "max_line_size": gw.cfg.limits.max_header_bytes,
+                      # aiohttp closes a connection that is idle, or still sending its request head,
+                      # this long after its last request (or its start): a head trickled a byte at a
+                      # time cannot hold a connection open past it.
+                      "keepalive_timeout": gw.cfg.limits.head_timeout_s},
     )
     app[GATEWAY_KEY] = gw
     logging.getLogger("aiohttp.server").addFilter(_BAD_REQUEST_FILTER)  # idempotent

@@ -205,3 +205,48 @@ def test_partial_uploads_leave_no_memory_behind() -> None:
         proc.terminate()
         proc.wait(10)
         loop.close()
+
+
+def test_slow_heads_and_bodies_meet_a_deadline(hard) -> None:
+    """A head trickled a byte at a time is closed at `head_timeout_s`; a body trickled the same way gets
+    408 at `body_timeout_s`. Neither holds a connection (or a handler) past its deadline."""
+    st = hard(head_timeout_s=1.5, body_timeout_s=1.5)
+    host, port = st.url.removeprefix("http://").split(":")
+
+    def trickle(data: bytes) -> tuple[float, bytes]:
+        s = socket.create_connection((host, int(port)))
+        s.settimeout(0.05)
+        t0, got = time.monotonic(), b""
+        try:
+            for b in data:
+                s.send(bytes([b]))
+                try:
+                    got = s.recv(65536)
+                    break  # answered or closed
+                except TimeoutError:
+                    time.sleep(0.25)
+            else:
+                s.settimeout(5)
+                got = s.recv(65536)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        finally:
+            s.close()
+        return time.monotonic() - t0, got
+
+    took, got = trickle(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+    assert took < 4 and b"200 OK" not in got
+    body = json.dumps({"model": "m", "messages": []}).encode()
+    s = socket.create_connection((host, int(port)))
+    s.sendall(post("/v1/chat/completions", body).replace(b"Connection: close\r\n", b""))
+    t0 = time.monotonic()
+    try:
+        for b in body[:10]:
+            s.send(bytes([b]))
+            time.sleep(0.25)
+        s.settimeout(5)
+        got = s.recv(65536)
+    finally:
+        s.close()
+    assert got.startswith(b"HTTP/1.1 408") and b"request_timeout" in got and time.monotonic() - t0 < 4
+    assert st.upstream.requests == []
