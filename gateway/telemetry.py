@@ -15,9 +15,9 @@ one INTERNAL child per guard check (`guardgate.guard <name>`). Guard spans are l
 policy code reports each verdict to `observe_verdict` through `policy.record.on_verdict` (exact
 timing: end = when the verdict arrived, start = end - its latency); otherwise they are built from
 the audit record at the end of the request, one per step, marked `guardgate.guard.synthetic`
-(input steps start with the request, stream steps span the guarded stream). With no exporter configured there is no tracer at all: the
-middleware then only bumps a counter and a histogram, and the client's own `traceparent` passes
-through to the upstream untouched.
+(input steps start with the request, stream steps span the guarded stream). With no exporter
+configured there is no tracer at all: the middleware then only bumps a counter and a histogram,
+and the client's own `traceparent` passes through to the upstream untouched.
 
 Metrics. A private `CollectorRegistry` per `Telemetry` (tests stay isolated); see `_Metrics`.
 """

@@ -36,6 +36,10 @@ class GuardInput:
     final: bool = True
     request_id: str = ""
     context: dict[str, Any] = field(default_factory=dict)
+    # Input stage: the text of request fields besides `messages` that the upstream renders to the
+    # model (tool definitions, the response_format schema, documents, template kwargs, ...), as
+    # (field path, text). Untrusted: an MCP server writes tool descriptions, a retriever documents.
+    fields: list[tuple[str, str]] = field(default_factory=list)
 
 
 class StreamCheck:

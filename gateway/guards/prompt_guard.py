@@ -537,6 +537,8 @@ class PromptGuard(Guard):
       temperature      softmax temperature (default 1.0)
       messages         which messages to score: user, tool, system, assistant, all (default [user, tool])
       indirect_roles   roles scored as third-party data: 1 - P(BENIGN) (v1 models; default [tool])
+      fields           also score the request's other rendered fields (tool definitions, response_format,
+                       documents, ...: GuardInput.fields) as third-party data, like tool output (default true)
       window_tokens    tokens per window incl. special tokens (default: the model's max_length, 512)
       stride           tokens between window starts (default window - 2 - 64: 64 tokens overlap)
       preprocess       whitespace hardening of guards.md §2.3 (default true)
@@ -553,7 +555,7 @@ class PromptGuard(Guard):
         "model", "precision", "model_file", "providers", "threads", "workers", "graph_optimization",
         "allow_spinning", "threshold", "temperature", "messages", "indirect_roles", "window_tokens",
         "stride", "preprocess", "max_batch_windows", "max_padding_ratio", "max_tokens", "cache_size",
-        "cache_ttl_s",
+        "cache_ttl_s", "fields",
     })
 
     def __init__(self, **options: Any) -> None:
@@ -583,6 +585,7 @@ class PromptGuard(Guard):
                                    "cache_size >= 0, cache_ttl_s > 0")
         self.roles = _opt_roles(options.get("messages", ["user", "tool"]))
         self.indirect_roles = _opt_roles(options.get("indirect_roles", ["tool"]))
+        self.scan_fields = bool(options.get("fields", True))
         providers = options.get("providers", ["cpu"])
         self.providers = [providers] if isinstance(providers, str) else [str(p) for p in providers]
         if not self.providers:
@@ -720,6 +723,8 @@ class PromptGuard(Guard):
         if inp.stage != "input":
             return self.verdict(t0, error=f"prompt_guard checks the input stage only, not {inp.stage!r}")
         chosen = self.selected(inp.messages)
+        if self.scan_fields:  # untrusted, like a tool's output; index -1: not one of the messages
+            chosen += [(-1, Message.of("tool", text)) for _, text in inp.fields]
         try:
             scores, cached, stats = await self.score(
                 [m.text for _, m in chosen], [m.role in self.indirect_roles for _, m in chosen]

@@ -4,7 +4,10 @@ Options:
     patterns      list of "pattern" or {pattern, category}; at least one
     ignore_case   fold case for every pattern (default false; `(?i)` works per pattern)
     category      category of plain-string patterns (default "regex")
-    messages      input stage: roles whose messages are scanned (default [user, tool])
+    messages      input stage: roles whose messages are scanned (default: every role; a data-leak
+                  rule must see a system prompt or an assistant turn the client sends as well)
+    fields        input stage: also scan the request's other rendered fields (tool definitions,
+                  response_format, documents, ...; GuardInput.fields) (default true)
     scan_timeout_ms  cap on one scan, against pathological patterns (default 1000)
 
 Stream stage: text arrives in windows. A match may straddle a window boundary, so the scanner
@@ -63,17 +66,22 @@ class RegexGuard(Guard):
         category: str = "regex",
         messages: list[str] | None = None,
         scan_timeout_ms: float = 1000,
+        fields: bool = True,
         **options: Any,
     ) -> None:
         if options:
             raise _config_error(
                 f"unknown option(s) {', '.join(sorted(options))} (known: patterns, ignore_case, "
-                "category, messages, scan_timeout_ms)",
+                "category, messages, fields, scan_timeout_ms)",
                 next(iter(sorted(options))),
             )
-        super().__init__(patterns=patterns, ignore_case=ignore_case, category=category, messages=messages)
+        super().__init__(patterns=patterns, ignore_case=ignore_case, category=category, messages=messages,
+                         fields=fields)
         if not isinstance(ignore_case, bool):
             raise _config_error("ignore_case must be true or false", "ignore_case")
+        if not isinstance(fields, bool):
+            raise _config_error("fields must be true or false", "fields")
+        self.scan_fields = fields
         if not isinstance(patterns, list) or not patterns:
             raise _config_error("patterns must be a non-empty list", "patterns")
         flags = regex.IGNORECASE | regex.FULLCASE if ignore_case else 0
@@ -96,7 +104,7 @@ class RegexGuard(Guard):
             if rx.fullmatch(""):
                 raise _config_error(f"patterns[{i}] matches the empty string", "patterns", i)
             self.patterns.append(_Pattern(i, src, cat, rx))
-        roles = messages if messages is not None else ["user", "tool"]
+        roles = messages if messages is not None else list(ROLES)
         if not isinstance(roles, list) or any(r not in ROLES for r in roles):
             raise _config_error(f"messages must be a list of roles ({', '.join(ROLES)})", "messages")
         self.roles = frozenset(roles)
@@ -161,6 +169,9 @@ class RegexGuard(Guard):
             for msg in inp.messages:
                 if msg.role in self.roles:
                     matches += self.scan(_message_text(msg)).matches
+            if self.scan_fields:
+                for _, text in inp.fields:
+                    matches += self.scan(text).matches
             v = self._verdict(t0, _Scan(matches, None), hold=False)
             v.span = None  # spans are per message; meaningless on the conversation
             return v

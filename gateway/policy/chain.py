@@ -113,7 +113,8 @@ class PolicyRun:
 
     async def _input_step(self, step: Step, exchange: Exchange) -> Verdict:
         inp = GuardInput(stage="input", messages=exchange.messages, request_id=self.request_id,
-                         context={"model": exchange.model, "route": self.route, "key": self.key})
+                         context={"model": exchange.model, "route": self.route, "key": self.key},
+                         fields=request_fields(exchange))
         return await run_step(step, lambda: step.guard.check(inp))
 
     def _input_verdict(self, step: Step, v: Verdict, decision: InputDecision) -> None:
@@ -323,3 +324,34 @@ def _rebuild(c: Completion, events: list[Event]) -> Completion:
     if ann is not None:
         extra["guardgate"] = ann
     return replace(c, choices=choices, extra=extra)
+
+
+# Exchange.params keys whose values carry text the model is shown (tool_choice, n, stop, ... do not).
+_RENDERED_PARAMS = ("tools", "response_format")
+
+
+def request_fields(exchange: Exchange) -> list[tuple[str, str]]:
+    """(path, text) of every string the upstream may render to the model besides the messages: tool
+    definitions (names, descriptions, parameter schemas), the response_format schema, and every
+    string in fields the gateway has no neutral slot for (`documents`, `chat_template_kwargs`, ...).
+    Input guards see these (GuardInput.fields), so an instruction hidden in a tool description is not
+    invisible to them."""
+    out: list[tuple[str, str]] = []
+
+    def walk(path: str, value: Any) -> None:
+        if isinstance(value, str):
+            if value.strip():
+                out.append((path, value))
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{path}.{k}", v)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(f"{path}[{i}]", v)
+
+    for key in _RENDERED_PARAMS:
+        if key in exchange.params:
+            walk(key, exchange.params[key])
+    for key, value in exchange.extra.items():
+        walk(key, value)
+    return out
