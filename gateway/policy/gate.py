@@ -126,10 +126,20 @@ class _Choice:
     # what went out: (start, end, client text, verbatim = no redaction inside)
     emitted: list[tuple[int, int, str, bool]] = field(default_factory=list)
     open_call: int | None = None
+    # The tool calls of this choice in the guarded text, (header start, end; None while it streams).
+    # A call is released whole or not at all: only once it is complete (the next call, text, or the
+    # finish) and checked to its end, so a blocked call never leaves a fragment of arguments
+    # (`{"city": `, not JSON) on the client.
+    calls: list[list[int | None]] = field(default_factory=list)
     channel: str | None = "text"  # channel of the text segment being appended (None after a tool call)
     blocked: bool = False  # one-shot: this choice was blocked (the others go on)
     flag_start: int | None = None  # start of the first window a step blocked (or would have)
     late_spans: list[tuple[int, int]] = field(default_factory=list)  # redact targets already released
+
+    def close_call(self) -> None:
+        """The call being streamed (if any) ends here."""
+        if self.calls and self.calls[-1][1] is None:
+            self.calls[-1][1] = self.length
 
     def text(self) -> str:
         if self.joined_len != self.length or len(self.chunks) != 1:
@@ -316,6 +326,7 @@ class StreamGate:
                 return
             if c.open_call is not None or c.channel != ev.channel:
                 c.open_call = None
+                c.close_call()
                 label = "" if ev.channel == "text" else f"[{ev.channel}] "
                 sep = ("\n" if c.length else "") + label
                 if sep:
@@ -329,6 +340,8 @@ class StreamGate:
                 return
             if ev.call_index != c.open_call:
                 c.open_call = ev.call_index
+                c.close_call()
+                c.calls.append([c.length, None])
                 c.channel = None
                 label = f"[tool_call {ev.name}] " if ev.name else "[tool_call] "
                 c.append(("\n" if c.length else "") + label, "header", ev.call_index, ev.id, ev.name)
@@ -340,6 +353,7 @@ class StreamGate:
                 return  # a second finish: the first one stands
             c.finish = ev
             c.ended = True
+            c.close_call()
         elif isinstance(ev, StreamStart):
             self._now.append(ev)  # the identity every chunk needs: out at once
         elif isinstance(ev, UsageEvent):
@@ -482,6 +496,11 @@ class StreamGate:
         for st in c.steps:
             if st.hold_from is not None:
                 limit = min(limit, st.hold_from)
+        for start, end in c.calls:  # never part of a call: back to its header
+            assert start is not None
+            if start < limit and (end is None or limit < end):
+                limit = start
+                break
         return max(limit, c.released)
 
     def _client_text(self, c: _Choice, p: _Piece, a: int, b: int) -> tuple[str, bool]:
