@@ -1,4 +1,4 @@
-"""`guardgate` command line: serve | check | models | audit."""
+"""`guardgate` command line: serve | check | models | audit | doctor."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from gateway.config import GatewayConfig, Route, UpstreamConfig, load_file
 from gateway.yamlio import ConfigError
 
 DEFAULT_CONFIG = Path("conf/gateway.yaml")
+STARTER = "starter"  # gateway.starter.NAME, without importing the policy machinery here
+NO_POLICY = "none"
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,15 +28,24 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--upstream-key-env", help="environment variable holding the upstream API key")
     p.add_argument("--local-model",
                    help="serve chat from a local GGUF (manifest name or path) instead of an HTTP upstream")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--policy", help="policy name (from policies/) or YAML file applied to every request")
+    p.add_argument("--host", default=os.environ.get("GUARDGATE_HOST"), help="address to bind ($GUARDGATE_HOST)")
+    p.add_argument("--port", type=int, default=_env_port(), help="port ($GUARDGATE_PORT)")
+    p.add_argument("--policy", help="policy name (from policies/, or the built-in `starter`) or YAML file applied "
+                   "to every request; `none` turns guarding off (default with no --config: starter)")
     p.add_argument("--audit", help="audit log path (JSONL)")
     p.add_argument("--log-level", default=os.environ.get("GUARDGATE_LOG_LEVEL", "INFO"))
 
 
+def _env_port() -> int | None:
+    v = os.environ.get("GUARDGATE_PORT")
+    return int(v) if v and v.isdigit() else None
+
+
 def build_config(args: argparse.Namespace) -> GatewayConfig:
-    """Config from --config / conf/gateway.yaml, or from the quick flags, or the embedded local model."""
+    """Config from --config / conf/gateway.yaml, or from the quick flags, or the embedded local model.
+
+    The quick flags (and no flags at all) guard with the built-in `starter` policy: a safety gateway
+    that does nothing until configured is a trap. A config file says what it wants."""
     path = args.config or (str(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() and not args.upstream else None)
     if path:
         cfg = load_file(path)
@@ -43,16 +54,22 @@ def build_config(args: argparse.Namespace) -> GatewayConfig:
             raise ConfigError(f"--upstream must be an http(s) URL, got {args.upstream!r}")
         up = UpstreamConfig(name="default", base_url=args.upstream.rstrip("/"), dialect=args.upstream_dialect,
                             api_key_env=args.upstream_key_env)
-        cfg = GatewayConfig(upstreams={"default": up}, routes=[Route(upstream="default")])
+        cfg = GatewayConfig(upstreams={"default": up}, routes=[Route(upstream="default", policy=STARTER)])
     else:
         up = UpstreamConfig(name="local", type="llama_cpp", dialect="openai",
                             model=args.local_model or "gemma-3-270m")
-        cfg = GatewayConfig(upstreams={"local": up}, routes=[Route(upstream="local")])
+        cfg = GatewayConfig(upstreams={"local": up}, routes=[Route(upstream="local", policy=STARTER)])
     if args.host:
         cfg.host = args.host
     if args.port is not None:
         cfg.port = args.port
-    if args.policy:
+    if args.policy == NO_POLICY or cfg.policy == NO_POLICY:
+        cfg.policy = None  # guarding off everywhere: routes and keys too
+        for r in cfg.routes:
+            r.policy = None
+        for k in cfg.keys:
+            k.policy = None
+    elif args.policy:
         cfg.policy = args.policy
     if args.audit:
         cfg.audit_path = args.audit
@@ -84,11 +101,8 @@ def main_serve(args: argparse.Namespace) -> int:
     gw = Gateway(cfg, policies=policies, audit=audit)
     app = create_app(gw)
     _tune_gc()
-    print(f"guardgate listening on http://{cfg.host}:{cfg.port} "
-          f"(upstreams: {', '.join(f'{n}={u.base_url or u.model}' for n, u in cfg.upstreams.items())})",
-          file=sys.stderr, flush=True)
     loop = asyncio.new_event_loop()
-    main_task = loop.create_task(_serve(app, cfg))
+    main_task = loop.create_task(_serve(app, cfg, gw))
     try:
         loop.run_until_complete(main_task)
     except (web.GracefulExit, KeyboardInterrupt):  # SIGTERM / SIGINT
@@ -102,9 +116,9 @@ def main_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(app: Any, cfg: GatewayConfig) -> None:
+async def _serve(app: Any, cfg: GatewayConfig, gw: Any = None) -> None:
     """`web.run_app`'s steps: SIGINT/SIGTERM raise GracefulExit; cleanup lets in-flight responses finish
-    within shutdown_grace_s."""
+    within shutdown_grace_s. Once listening, the startup table goes to stderr."""
     from aiohttp import web
 
     runner = web.AppRunner(app, handle_signals=True, access_log=None, shutdown_timeout=cfg.shutdown_grace_s,
@@ -112,6 +126,10 @@ async def _serve(app: Any, cfg: GatewayConfig) -> None:
     await runner.setup()
     try:
         await web.TCPSite(runner, cfg.host, cfg.port).start()
+        if gw is not None:
+            from gateway.readiness import describe, render
+
+            print(render(describe(gw)), file=sys.stderr, flush=True)
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
@@ -129,7 +147,8 @@ def _tune_gc() -> None:
 
 def _policies_and_audit(cfg: GatewayConfig):  # type: ignore[no-untyped-def]
     """The policy store and audit log the config asks for (None when no policy is used anywhere)."""
-    names = {cfg.policy} | {r.policy for r in cfg.routes} | {k.policy for k in cfg.keys}
+    # `policy:` / --policy overrides routes and keys (routing.Router.policy_name): load only what is used
+    names = {cfg.policy} if cfg.policy else {r.policy for r in cfg.routes} | {k.policy for k in cfg.keys}
     names.discard(None)
     audit = None
     if cfg.audit_path:
@@ -141,7 +160,12 @@ def _policies_and_audit(cfg: GatewayConfig):  # type: ignore[no-untyped-def]
         return None, audit
     from gateway.policy.chain import PolicyStore
 
-    store = PolicyStore(dirs=cfg.policy_dirs, required=sorted(n for n in names if n))
+    builtins = []
+    if STARTER in names:
+        from gateway import starter
+
+        builtins.append(starter.build())
+    store = PolicyStore(dirs=cfg.policy_dirs, required=sorted(n for n in names if n), builtins=builtins)
     return store, audit
 
 
@@ -154,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         ("gateway.check", "add_check_parser", "main_check", "check"),
         ("gateway.models", "add_models_parser", "main_models", "models"),
         ("gateway.audit_cli", "add_audit_parser", "main_audit", "audit"),
+        ("gateway.doctor", "add_doctor_parser", "main_doctor", "doctor"),
     ):
         try:
             mod = __import__(module, fromlist=[adder])

@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway import dialects
+from gateway import dialects, readiness
 from gateway.config import GatewayConfig
 from gateway.context import CTX_KEY, GatewayError, RequestContext
 from gateway.endpoints import dialect_of
@@ -256,7 +256,7 @@ def create_app(gw: Gateway) -> web.Application:
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
-        return web.json_response({"ready": gw.ready}, status=200 if gw.ready else 503)
+        return web.json_response(readiness.describe(gw), status=200 if gw.ready else 503)  # issue 19: the table
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -42,11 +42,12 @@ class PolicyStore:
     """Policies loaded from files and directories (*.yaml, *.yml), selected by name.
 
     `required` names (or policy file paths) must load at construction, else `PolicyError`; other
-    files in the directories that fail to load are logged and skipped.
+    files in the directories that fail to load are logged and skipped. `builtins` are policies made
+    in code (the `starter` policy): their names are reserved, a file defining one is rejected.
     """
 
     def __init__(self, *paths: str | Path, dirs: Iterable[str | Path] = (), required: Iterable[str] = (),
-                 poll_interval: float = 2.0) -> None:
+                 poll_interval: float = 2.0, builtins: Iterable[Policy] = ()) -> None:
         self.dirs = [Path(d) for d in dirs]
         self.explicit: list[Path] = []
         self.poll_interval = poll_interval
@@ -59,6 +60,10 @@ class PolicyStore:
         self._watcher: asyncio.Task[None] | None = None
         self._sighup = False
         self._started = False
+        self._builtins = list(builtins)
+        self._dir_warned: set[Path] = set()
+        for b in self._builtins:
+            self._by_name[b.name] = b
         for p in paths:
             self._add_path(Path(p))
         required = list(required)
@@ -127,7 +132,9 @@ class PolicyStore:
             try:
                 out += sorted(f for f in d.iterdir() if f.suffix in SUFFIXES and f.is_file())
             except OSError as e:
-                log.warning("policy directory %s: %s", d, e.strerror)
+                if d not in self._dir_warned:  # once, not at every poll of the watcher
+                    self._dir_warned.add(d)
+                    log.warning("policy directory %s: %s", d, e.strerror)
         out += self.explicit
         return out
 
@@ -164,7 +171,7 @@ class PolicyStore:
             try:
                 new = load_policy(path)
                 owner = self._by_name.get(new.name)
-                if owner is not None and self._key(Path(owner.file or "")) != key:
+                if owner is not None and (owner in self._builtins or self._key(Path(owner.file or "")) != key):
                     raise PolicyError(f"duplicate policy name {new.name!r} (also defined in {owner.file})",
                                       str(path), None)
             except (PolicyError, ConfigError) as e:
@@ -281,6 +288,9 @@ class PolicyStore:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             self._sighup = False
         closed: set[int] = set()
+        for b in self._builtins:
+            closed.add(id(b))
+            await b.aclose()
         for f in self._files.values():
             if f.policy is not None and id(f.policy) not in closed:
                 closed.add(id(f.policy))
