@@ -20,8 +20,8 @@ STARTER = "starter"  # gateway.starter.NAME, without importing the policy machin
 NO_POLICY = "none"
 
 
-def _serve_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the gateway")
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that decide the configuration (`serve` and `doctor` read it the same way)."""
     p.add_argument("--config", help=f"gateway YAML (default: {DEFAULT_CONFIG} when present)")
     p.add_argument("--upstream", help="upstream base URL, e.g. https://api.openai.com/v1")
     p.add_argument("--upstream-dialect", choices=("openai", "llama"), default="openai")
@@ -33,6 +33,11 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", help="policy name (from policies/, or the built-in `starter`) or YAML file applied "
                    "to every request; `none` turns guarding off (default with no --config: starter)")
     p.add_argument("--audit", help="audit log path (JSONL)")
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the gateway")
+    add_config_arguments(p)
     p.add_argument("--log-level", default=os.environ.get("GUARDGATE_LOG_LEVEL", "INFO"))
 
 
@@ -147,17 +152,22 @@ def _tune_gc() -> None:
 
 def _policies_and_audit(cfg: GatewayConfig):  # type: ignore[no-untyped-def]
     """The policy store and audit log the config asks for (None when no policy is used anywhere)."""
-    # `policy:` / --policy overrides routes and keys (routing.Router.policy_name): load only what is used
-    names = {cfg.policy} if cfg.policy else {r.policy for r in cfg.routes} | {k.policy for k in cfg.keys}
-    names.discard(None)
     audit = None
     if cfg.audit_path:
         from gateway.policy.audit import AuditLog
 
         audit = AuditLog(cfg.audit_path, include_content=cfg.audit_content, max_bytes=cfg.audit_max_bytes,
                          backups=cfg.audit_backups)
+    return policy_store(cfg), audit
+
+
+def policy_store(cfg: GatewayConfig):  # type: ignore[no-untyped-def]
+    """The policies the config uses, loaded (None when it uses none); raises PolicyError."""
+    # `policy:` / --policy overrides routes and keys (routing.Router.policy_name): load only what is used
+    names = {cfg.policy} if cfg.policy else {r.policy for r in cfg.routes} | {k.policy for k in cfg.keys}
+    names.discard(None)
     if not names:
-        return None, audit
+        return None
     from gateway.policy.chain import PolicyStore
 
     builtins = []
@@ -165,8 +175,7 @@ def _policies_and_audit(cfg: GatewayConfig):  # type: ignore[no-untyped-def]
         from gateway import starter
 
         builtins.append(starter.build())
-    store = PolicyStore(dirs=cfg.policy_dirs, required=sorted(n for n in names if n), builtins=builtins)
-    return store, audit
+    return PolicyStore(dirs=cfg.policy_dirs, required=sorted(n for n in names if n), builtins=builtins)
 
 
 def main(argv: list[str] | None = None) -> int:

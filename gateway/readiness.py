@@ -188,7 +188,8 @@ def render(desc: dict[str, Any]) -> str:
             if state == "missing":
                 state = f"missing ({s.get('detail') or '?'})" + (f": {s['fix']}" if s.get("fix") else "")
             elif s.get("status"):
-                state += " (" + ", ".join(f"{k}={v}" for k, v in s["status"].items() if not isinstance(v, dict | list)) + ")"
+                flat = [f"{k}={v}" for k, v in s["status"].items() if not isinstance(v, dict | list)]
+                state += f" ({', '.join(flat)})" if flat else ""
             rows.append([s["stage"], s["step"], s["guard"], s.get("model") or "-", s["device"], state])
         lines += _table(rows)
     if desc.get("audit"):

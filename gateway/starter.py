@@ -47,7 +47,7 @@ stream:
     - guard: regex
       name: secrets
       patterns:
-        - {pattern: '%s', category: private_key}
+        - {pattern: 'PRIVATE_KEY', category: private_key}
         - {pattern: '\bAKIA[0-9A-Z]{16}\b', category: secrets}
         - {pattern: '\bgh[pousr]_[A-Za-z0-9]{36,}\b', category: secrets}
         - {pattern: '\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}', category: secrets}
@@ -59,7 +59,7 @@ stream:
       name: code-shield
       hold_code_blocks: true
       action: block
-""" % PRIVATE_KEY
+""".replace("PRIVATE_KEY", PRIVATE_KEY, 1)
 
 
 @dataclass(frozen=True, slots=True)
