@@ -67,6 +67,7 @@ class PolicyStore:
         for p in paths:
             self._add_path(Path(p))
         required = list(required)
+        self.required = required
         for name in required:
             if _looks_like_path(name) and name not in self._by_name:
                 self._add_path(Path(name), alias=name)
@@ -110,6 +111,14 @@ class PolicyStore:
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self._resolve(name) is not None
+
+    def in_use(self) -> list[Policy]:
+        """The policies the server runs: the required ones (every policy when none is required). The
+        others in the directories are validated but never started: their models are not loaded."""
+        if not self.required:
+            return self.policies()
+        found = (self._resolve(n) for n in self.required)
+        return list({id(p): p for p in found if p is not None}.values())
 
     def names(self) -> list[str]:
         return sorted(self._by_name)
@@ -224,7 +233,7 @@ class PolicyStore:
             changed = self._scan()
             for f, old in changed:
                 assert f.policy is not None
-                if self._started:
+                if self._started and any(p is f.policy for p in self.in_use()):
                     await f.policy.start()
                 if old is not None:
                     old.retire()
@@ -249,10 +258,10 @@ class PolicyStore:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self, watch: bool = True, sighup: bool = True) -> None:
-        """Start every policy's guards; then watch the files (mtime polling) and listen for SIGHUP."""
+        """Start the guards of the policies in use; then watch the files (mtime polling) and listen for SIGHUP."""
         encoding()  # load the tokenizer now, not on the first guarded request
         self._started = True
-        for p in self.policies():
+        for p in self.in_use():
             await p.start()
         loop = asyncio.get_running_loop()
         if sighup and hasattr(signal, "SIGHUP"):
