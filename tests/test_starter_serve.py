@@ -136,6 +136,14 @@ def test_serve_with_no_flags_guards_with_the_starter_policy(checkout: Path, mode
         err = r.json()["error"]
         assert err["code"] == "content_filter" and "hidden_unicode" in err["message"], err
 
+        # the same through the openai SDK, as the README shows it
+        import openai
+
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError) as ei:
+            client.chat.completions.create(model="gemma-3-270m", messages=[{"role": "user", "content": TAGGED}])
+        assert ei.value.status_code == 400 and ei.value.code == "content_filter"
+
         # a benign prompt still streams from the embedded model
         with httpx.stream("POST", url + "/v1/chat/completions", timeout=120, json={
                 "model": "gemma-3-270m", "stream": True, "max_tokens": 8, "temperature": 0,
