@@ -51,8 +51,10 @@ def export(ref: str, into: Path) -> None:
 
 def gateway(name: str, up: str, code: Path) -> B.Target:
     port = B.free_port()
+    # `--policy none` where the code has a default policy (the `starter`, since issue 19): the plain relay
+    plain = ["--policy", "none"] if (Path(code) / "gateway" / "starter.py").exists() else []
     p = B.spawn([B.PY, "-m", "gateway.cli", "serve", "--upstream", up, "--port", str(port), "--log-level",
-                 "WARNING"], cwd=code, env={"PYTHONPATH": str(code)})
+                 "WARNING", *plain], cwd=code, env={"PYTHONPATH": str(code)})
     return B.Target(name, f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{port}/healthz", [p])
 
 

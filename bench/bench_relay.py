@@ -72,8 +72,7 @@ async def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60) -> b
 def gateway_cmd(port: int, upstream: str, dialect: str = "openai", policy: str | None = None) -> list[str]:
     cmd = [PY, "-m", "gateway.cli", "serve", "--upstream", upstream, "--upstream-dialect", dialect,
            "--port", str(port), "--log-level", "WARNING"]
-    if policy:
-        cmd += ["--policy", policy]
+    cmd += ["--policy", policy or "none"]  # none: the plain relay (serve guards with `starter` by default)
     return cmd
 
 

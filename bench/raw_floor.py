@@ -170,7 +170,8 @@ def main() -> None:
     procs = [subprocess.Popen([sys.executable, "bench/fake_upstream.py", "--port", str(up_port)], cwd=B.ROOT),
              subprocess.Popen([sys.executable, __file__, "--raw-server", str(raw_port), str(up_port)], cwd=B.ROOT),
              subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--upstream",
-                               f"http://127.0.0.1:{up_port}/v1", "--port", str(gg_port), "--log-level", "WARNING"],
+                               f"http://127.0.0.1:{up_port}/v1", "--port", str(gg_port), "--log-level", "WARNING",
+                               "--policy", "none"],
                               cwd=B.ROOT)]
     bases = {"direct": f"http://127.0.0.1:{up_port}/v1", "raw-py": f"http://127.0.0.1:{raw_port}/v1",
              "guardgate": f"http://127.0.0.1:{gg_port}/v1"}

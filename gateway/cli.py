@@ -1,4 +1,4 @@
-"""`guardgate` command line: serve | check | models | audit."""
+"""`guardgate` command line: serve | check | models | audit | doctor."""
 
 from __future__ import annotations
 
@@ -16,25 +16,41 @@ from gateway.config import GatewayConfig, Route, UpstreamConfig, load_file
 from gateway.yamlio import ConfigError
 
 DEFAULT_CONFIG = Path("conf/gateway.yaml")
+STARTER = "starter"  # gateway.starter.NAME, without importing the policy machinery here
+NO_POLICY = "none"
 
 
-def _serve_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the gateway")
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that decide the configuration (`serve` and `doctor` read it the same way)."""
     p.add_argument("--config", help=f"gateway YAML (default: {DEFAULT_CONFIG} when present)")
     p.add_argument("--upstream", help="upstream base URL, e.g. https://api.openai.com/v1")
     p.add_argument("--upstream-dialect", choices=("openai", "llama"), default="openai")
     p.add_argument("--upstream-key-env", help="environment variable holding the upstream API key")
     p.add_argument("--local-model",
                    help="serve chat from a local GGUF (manifest name or path) instead of an HTTP upstream")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--policy", help="policy name (from policies/) or YAML file applied to every request")
+    p.add_argument("--host", default=os.environ.get("GUARDGATE_HOST"), help="address to bind ($GUARDGATE_HOST)")
+    p.add_argument("--port", type=int, default=_env_port(), help="port ($GUARDGATE_PORT)")
+    p.add_argument("--policy", help="policy name (from policies/, or the built-in `starter`) or YAML file applied "
+                   "to every request; `none` turns guarding off (default with no --config: starter)")
     p.add_argument("--audit", help="audit log path (JSONL)")
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the gateway")
+    add_config_arguments(p)
     p.add_argument("--log-level", default=os.environ.get("GUARDGATE_LOG_LEVEL", "INFO"))
 
 
+def _env_port() -> int | None:
+    v = os.environ.get("GUARDGATE_PORT")
+    return int(v) if v and v.isdigit() else None
+
+
 def build_config(args: argparse.Namespace) -> GatewayConfig:
-    """Config from --config / conf/gateway.yaml, or from the quick flags, or the embedded local model."""
+    """Config from --config / conf/gateway.yaml, or from the quick flags, or the embedded local model.
+
+    The quick flags (and no flags at all) guard with the built-in `starter` policy: a safety gateway
+    that does nothing until configured is a trap. A config file says what it wants."""
     path = args.config or (str(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() and not args.upstream else None)
     if path:
         cfg = load_file(path)
@@ -43,16 +59,22 @@ def build_config(args: argparse.Namespace) -> GatewayConfig:
             raise ConfigError(f"--upstream must be an http(s) URL, got {args.upstream!r}")
         up = UpstreamConfig(name="default", base_url=args.upstream.rstrip("/"), dialect=args.upstream_dialect,
                             api_key_env=args.upstream_key_env)
-        cfg = GatewayConfig(upstreams={"default": up}, routes=[Route(upstream="default")])
+        cfg = GatewayConfig(upstreams={"default": up}, routes=[Route(upstream="default", policy=STARTER)])
     else:
         up = UpstreamConfig(name="local", type="llama_cpp", dialect="openai",
                             model=args.local_model or "gemma-3-270m")
-        cfg = GatewayConfig(upstreams={"local": up}, routes=[Route(upstream="local")])
+        cfg = GatewayConfig(upstreams={"local": up}, routes=[Route(upstream="local", policy=STARTER)])
     if args.host:
         cfg.host = args.host
     if args.port is not None:
         cfg.port = args.port
-    if args.policy:
+    if args.policy == NO_POLICY or cfg.policy == NO_POLICY:
+        cfg.policy = None  # guarding off everywhere: routes and keys too
+        for r in cfg.routes:
+            r.policy = None
+        for k in cfg.keys:
+            k.policy = None
+    elif args.policy:
         cfg.policy = args.policy
     if args.audit:
         cfg.audit_path = args.audit
@@ -84,7 +106,7 @@ def main_serve(args: argparse.Namespace) -> int:
     print(f"guardgate listening on http://{cfg.host}:{cfg.port} "
           f"(upstreams: {', '.join(f'{n}={u.base_url or u.model}' for n, u in cfg.upstreams.items())}; "
           f"event loop: {loop_name(loop)})", file=sys.stderr, flush=True)
-    main_task = loop.create_task(_serve(app, cfg))
+    main_task = loop.create_task(_serve(app, cfg, gw))
     try:
         loop.run_until_complete(main_task)
     except (web.GracefulExit, KeyboardInterrupt):  # SIGTERM / SIGINT
@@ -115,9 +137,9 @@ def loop_name(loop: asyncio.AbstractEventLoop) -> str:
     return f"{type(loop).__module__}.{type(loop).__qualname__}"
 
 
-async def _serve(app: Any, cfg: GatewayConfig) -> None:
+async def _serve(app: Any, cfg: GatewayConfig, gw: Any = None) -> None:
     """`web.run_app`'s steps: SIGINT/SIGTERM raise GracefulExit; cleanup lets in-flight responses finish
-    within shutdown_grace_s."""
+    within shutdown_grace_s. Once listening, the startup table goes to stderr."""
     from aiohttp import web
 
     runner = web.AppRunner(app, handle_signals=True, access_log=None, shutdown_timeout=cfg.shutdown_grace_s,
@@ -125,6 +147,10 @@ async def _serve(app: Any, cfg: GatewayConfig) -> None:
     await runner.setup()
     try:
         await web.TCPSite(runner, cfg.host, cfg.port).start()
+        if gw is not None:
+            from gateway.readiness import describe, render
+
+            print(render(describe(gw)), file=sys.stderr, flush=True)
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
@@ -164,20 +190,30 @@ def _tune_gc() -> None:
 
 def _policies_and_audit(cfg: GatewayConfig):  # type: ignore[no-untyped-def]
     """The policy store and audit log the config asks for (None when no policy is used anywhere)."""
-    names = {cfg.policy} | {r.policy for r in cfg.routes} | {k.policy for k in cfg.keys}
-    names.discard(None)
     audit = None
     if cfg.audit_path:
         from gateway.policy.audit import AuditLog
 
         audit = AuditLog(cfg.audit_path, include_content=cfg.audit_content, max_bytes=cfg.audit_max_bytes,
                          backups=cfg.audit_backups)
+    return policy_store(cfg), audit
+
+
+def policy_store(cfg: GatewayConfig):  # type: ignore[no-untyped-def]
+    """The policies the config uses, loaded (None when it uses none); raises PolicyError."""
+    # `policy:` / --policy overrides routes and keys (routing.Router.policy_name): load only what is used
+    names = {cfg.policy} if cfg.policy else {r.policy for r in cfg.routes} | {k.policy for k in cfg.keys}
+    names.discard(None)
     if not names:
-        return None, audit
+        return None
     from gateway.policy.chain import PolicyStore
 
-    store = PolicyStore(dirs=cfg.policy_dirs, required=sorted(n for n in names if n))
-    return store, audit
+    builtins = []
+    if STARTER in names:
+        from gateway import starter
+
+        builtins.append(starter.build())
+    return PolicyStore(dirs=cfg.policy_dirs, required=sorted(n for n in names if n), builtins=builtins)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         ("gateway.check", "add_check_parser", "main_check", "check"),
         ("gateway.models", "add_models_parser", "main_models", "models"),
         ("gateway.audit_cli", "add_audit_parser", "main_audit", "audit"),
+        ("gateway.doctor", "add_doctor_parser", "main_doctor", "doctor"),
     ):
         try:
             mod = __import__(module, fromlist=[adder])

@@ -219,5 +219,6 @@ def _warn_if_world_readable(p: Path) -> None:
         return
     if mode & stat.S_IWOTH:
         raise ConfigError("config file is world-writable; refusing to load it", p)
-    if mode & stat.S_IROTH and "key" in p.read_text(errors="replace").lower():
+    lines = p.read_text(errors="replace").lower().splitlines()
+    if mode & stat.S_IROTH and any("key" in ln for ln in lines if not ln.lstrip().startswith("#")):
         log.warning("config %s is world-readable; keep keys in the environment only", p)

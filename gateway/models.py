@@ -15,7 +15,6 @@ import hashlib
 import os
 import shutil
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, fields
@@ -142,34 +141,36 @@ def _pin_path(target: Path) -> Path:
 
 def verify(entry: ModelEntry, path: Path | None = None) -> tuple[bool, str]:
     """(ok, message): sha256 against the manifest, else against the digest pinned at pull."""
+    ok, msg, _ = verify_digest(entry, path)
+    return ok, msg
+
+
+def verify_digest(entry: ModelEntry, path: Path | None = None) -> tuple[bool, str, str | None]:
+    """(ok, message, the file's sha256): `verify` that also returns the digest it computed."""
     target = path or local_path(entry)
     if not target.is_file():
-        return False, "missing"
+        return False, "missing", None
     digest = sha256_file(target)
     expected = entry.sha256
     source = "manifest"
     if not expected and _pin_path(target).is_file():
         expected, source = _pin_path(target).read_text().split()[0], "pinned at pull"
     if not expected:
-        return True, f"present, unpinned (sha256 {digest})"
+        return True, f"present, unpinned (sha256 {digest})", digest
     if digest != expected:
-        return False, f"sha256 mismatch: {digest} != {expected} ({source})"
-    return True, f"verified ({source})"
+        return False, f"sha256 mismatch: {digest} != {expected} ({source})", digest
+    return True, f"verified ({source})", digest
 
 
 # --------------------------------------------------------------------------- pull
 
 
-def _progress(done: int, total: int | None, t0: float, stream: Any = sys.stderr) -> None:
-    rate = done / max(time.monotonic() - t0, 1e-6) / 1e6
-    if total:
-        frac = done / total
-        bar = "#" * int(frac * 30)
-        msg = f"\r[{bar:<30}] {frac * 100:5.1f}% {done / 1e6:,.1f}/{total / 1e6:,.1f} MB {rate:,.1f} MB/s"
-    else:
-        msg = f"\r{done / 1e6:,.1f} MB {rate:,.1f} MB/s"
-    stream.write(msg)
-    stream.flush()
+def _bar(entry: ModelEntry, total: int | None, done: int, enabled: bool) -> Any:
+    """A tqdm progress bar (size, rate, ETA; a resumed download starts where it stopped)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, unit="B", unit_scale=True, unit_divisor=1024, desc=entry.name,
+                disable=not enabled, file=sys.stderr, dynamic_ncols=True, mininterval=0.2)
 
 
 def _download(url: str, dest: Path, token: str | None, progress: bool, entry: ModelEntry) -> None:
@@ -203,18 +204,12 @@ def _download(url: str, dest: Path, token: str | None, progress: bool, entry: Mo
         done = have if resumed else 0
         length = resp.headers.get("Content-Length")
         total = done + int(length) if length else entry.size_bytes
-        t0 = time.monotonic()
-        last = 0.0
-        with open(part, mode) as out:
+        with open(part, mode) as out, _bar(entry, total, done, progress) as bar:
+            if resumed:
+                bar.write(f"{entry.name}: resuming at {done:,} bytes", file=sys.stderr)
             while block := resp.read(1 << 20):
                 out.write(block)
-                done += len(block)
-                if progress and time.monotonic() - last > 0.2:
-                    _progress(done, total, t0)
-                    last = time.monotonic()
-        if progress:
-            _progress(done, total, t0)
-            sys.stderr.write("\n")
+                bar.update(len(block))
     part.replace(dest)
 
 
@@ -336,8 +331,8 @@ def main_models(args: argparse.Namespace, out: Any = None) -> int:
                     f"licence at {e.licence_url} and pass --token, or use --from FILE.\n"
                 )
             path = pull(e, token=args.token, from_path=args.from_path, url=args.url, progress=not args.quiet)
-            ok, msg = verify(e, path)
-            out.write(f"{e.name}: {path} ({msg})\n")
+            ok, msg, digest = verify_digest(e, path)
+            out.write(f"{e.name}: {path} ({msg})\nsha256 {digest}\n")
             return 0
         if cmd == "verify":
             names = args.names or [n for n, e in manifest.items() if local_path(e).is_file()]

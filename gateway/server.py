@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway import dialects
+from gateway import dialects, readiness
 from gateway.config import GatewayConfig
 from gateway.context import CTX_KEY, GatewayError, RequestContext
 from gateway.endpoints import dialect_of
@@ -270,10 +270,14 @@ def create_app(gw: Gateway) -> web.Application:
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
-        body: dict[str, Any] = {"ready": gw.ready}
-        if gw.ready and gw.policies is not None:  # per policy per step: e.g. which CodeShield tiers are live
-            body["ready"], body["policies"] = gw.policies.status()
-        return web.json_response(body, status=200 if body["ready"] else 503)
+        # The table of gateway.readiness (upstreams, routes, each step's guard, model, device and
+        # state); not ready while some step's guard says it failed (e.g. `semgrep: required`).
+        body = readiness.describe(gw)
+        ready = gw.ready
+        if ready and gw.policies is not None:
+            ready, body["policies_status"] = gw.policies.status()
+        body["ready"] = ready
+        return web.json_response(body, status=200 if ready else 503)
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -162,8 +162,7 @@ def gateway_target(name: str, up: str, dialect: str = "openai", policy: str | No
     port = free_port()
     cmd = [PY, "-m", "gateway.cli", "serve", "--upstream", up, "--upstream-dialect", dialect,
            "--port", str(port), "--log-level", "WARNING"]
-    if policy:
-        cmd += ["--policy", policy]
+    cmd += ["--policy", policy or "none"]  # none: the plain relay (serve guards with `starter` by default)
     return Target(name, f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{port}/healthz", [spawn(cmd)])
 
 

@@ -254,8 +254,7 @@ async def run(streams: int = 500, seconds: float = 60, path: str = "relay", chun
                     "--chunk-delay-ms", str(chunk_delay_ms), "--dialect", dialect])]
     cmd = [PY, "-m", "gateway.cli", "serve", "--upstream", f"http://127.0.0.1:{up_port}/v1",
            "--upstream-dialect", dialect, "--port", str(gw_port), "--log-level", "WARNING"]
-    if path == "gate":
-        cmd += ["--policy", "bench/regex-stream.yaml"]
+    cmd += ["--policy", "bench/regex-stream.yaml" if path == "gate" else "none"]
     procs.append(spawn(cmd))
     gw = procs[1]
     try:

@@ -84,6 +84,7 @@ INTERNAL_OPTIONS = {"pool"}  # llama_guard / local upstream: an engine pool obje
 
 def guard_option_keys() -> dict[str, set[str]]:
     from gateway.guards.code_shield import CodeShieldOptions
+    from gateway.guards.hidden_unicode import HiddenUnicodeGuard
     from gateway.guards.llama_guard import LlamaGuard, RemoteOptions
     from gateway.guards.prompt_guard import PromptGuard
     from gateway.guards.regex import RegexGuard
@@ -98,6 +99,7 @@ def guard_option_keys() -> dict[str, set[str]]:
         "code_shield": {f.name for f in dataclasses.fields(CodeShieldOptions)} - {"severity_actions_set"}
         | {"semgrep_timeout_ms"},
         "regex": regex_params,
+        "hidden_unicode": set(HiddenUnicodeGuard.OPTIONS),
         "upstreams.*.options (llama_cpp)": set(LocalUpstream._OPTION_KEYS) - INTERNAL_OPTIONS,
     }
 

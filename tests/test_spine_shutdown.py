@@ -27,7 +27,7 @@ def free_port() -> int:
 def start_gateway(upstream_url: str, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--upstream", upstream_url,
-                             "--port", str(port), "--log-level", "WARNING", *extra],
+                             "--port", str(port), "--log-level", "WARNING", "--policy", "none", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30

@@ -43,11 +43,12 @@ class PolicyStore:
     """Policies loaded from files and directories (*.yaml, *.yml), selected by name.
 
     `required` names (or policy file paths) must load at construction, else `PolicyError`; other
-    files in the directories that fail to load are logged and skipped.
+    files in the directories that fail to load are logged and skipped. `builtins` are policies made
+    in code (the `starter` policy): their names are reserved, a file defining one is rejected.
     """
 
     def __init__(self, *paths: str | Path, dirs: Iterable[str | Path] = (), required: Iterable[str] = (),
-                 poll_interval: float = 2.0) -> None:
+                 poll_interval: float = 2.0, builtins: Iterable[Policy] = ()) -> None:
         self.dirs = [Path(d) for d in dirs]
         self.explicit: list[Path] = []
         self.poll_interval = poll_interval
@@ -60,9 +61,14 @@ class PolicyStore:
         self._watcher: asyncio.Task[None] | None = None
         self._sighup = False
         self._started = False
+        self._builtins = list(builtins)
+        self._dir_warned: set[Path] = set()
+        for b in self._builtins:
+            self._by_name[b.name] = b
         for p in paths:
             self._add_path(Path(p))
         required = list(required)
+        self.required = required
         for name in required:
             if _looks_like_path(name) and name not in self._by_name:
                 self._add_path(Path(name), alias=name)
@@ -107,6 +113,14 @@ class PolicyStore:
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self._resolve(name) is not None
 
+    def in_use(self) -> list[Policy]:
+        """The policies the server runs: the required ones (every policy when none is required). The
+        others in the directories are validated but never started: their models are not loaded."""
+        if not self.required:
+            return self.policies()
+        found = (self._resolve(n) for n in self.required)
+        return list({id(p): p for p in found if p is not None}.values())
+
     def names(self) -> list[str]:
         return sorted(self._by_name)
 
@@ -134,7 +148,9 @@ class PolicyStore:
             try:
                 out += sorted(f for f in d.iterdir() if f.suffix in SUFFIXES and f.is_file())
             except OSError as e:
-                log.warning("policy directory %s: %s", d, e.strerror)
+                if d not in self._dir_warned:  # once, not at every poll of the watcher
+                    self._dir_warned.add(d)
+                    log.warning("policy directory %s: %s", d, e.strerror)
         out += self.explicit
         return out
 
@@ -171,7 +187,7 @@ class PolicyStore:
             try:
                 new = load_policy(path)
                 owner = self._by_name.get(new.name)
-                if owner is not None and self._key(Path(owner.file or "")) != key:
+                if owner is not None and (owner in self._builtins or self._key(Path(owner.file or "")) != key):
                     raise PolicyError(f"duplicate policy name {new.name!r} (also defined in {owner.file})",
                                       str(path), None)
             except (PolicyError, ConfigError) as e:
@@ -224,7 +240,7 @@ class PolicyStore:
             changed = self._scan()
             for f, old in changed:
                 assert f.policy is not None
-                if self._started:
+                if self._started and any(p is f.policy for p in self.in_use()):
                     await f.policy.start()
                 if old is not None:
                     old.retire()
@@ -249,10 +265,10 @@ class PolicyStore:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self, watch: bool = True, sighup: bool = True) -> None:
-        """Start every policy's guards; then watch the files (mtime polling) and listen for SIGHUP."""
+        """Start the guards of the policies in use; then watch the files (mtime polling) and listen for SIGHUP."""
         encoding()  # load the tokenizer now, not on the first guarded request
         self._started = True
-        for p in self.policies():
+        for p in self.in_use():
             await p.start()
         loop = asyncio.get_running_loop()
         if sighup and hasattr(signal, "SIGHUP"):
@@ -288,6 +304,9 @@ class PolicyStore:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             self._sighup = False
         closed: set[int] = set()
+        for b in self._builtins:
+            closed.add(id(b))
+            await b.aclose()
         for f in self._files.values():
             if f.policy is not None and id(f.policy) not in closed:
                 closed.add(id(f.policy))

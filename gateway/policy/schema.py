@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import pkgutil
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -237,13 +238,21 @@ def ensure_builtin_guards() -> dict[str, str]:
     global _builtins_loaded
     if not _builtins_loaded:
         _builtins_loaded = True
-        for mod in guard_base.BUILTIN_MODULES:
+        for mod in _guard_modules():
             try:
                 importlib.import_module(f"gateway.guards.{mod}")
             except Exception as e:  # a missing or broken guard module must not break unrelated policies
                 _missing_builtins[mod] = f"{type(e).__name__}: {e}"
                 log.warning("guard module gateway.guards.%s did not load: %s", mod, _missing_builtins[mod])
     return _missing_builtins
+
+
+def _guard_modules() -> list[str]:
+    """The built-in list, then every other module of `gateway.guards` (a new guard is discovered)."""
+    import gateway.guards
+
+    found = [m.name for m in pkgutil.iter_modules(gateway.guards.__path__) if not m.name.startswith("_")]
+    return list(dict.fromkeys([*guard_base.BUILTIN_MODULES, *found]))
 
 
 def build_guard(name: str, options: dict[str, Any]) -> Guard:
