@@ -202,7 +202,7 @@ async def test_every_finding_of_metas_rules_is_in_the_audit_and_benign_blocks_pa
     assert set().union(*expected) >= SEMGREP_ONLY
     served = serve({"exhaustive": True})  # every rule on every block, as the prescan-off reference
     ready = served.readyz()
-    status = ready.json()["policies"]["cs"][STEP]
+    status = ready.json()["policies_status"]["cs"][STEP]
     assert ready.status_code == 200 and status["state"] == "ready", ready.json()
     assert status["tiers"] == ["regex", "semgrep"] and status["semgrep"] == {"state": "ready", "engine": "server"}
     assert "live tiers regex+semgrep (semgrep server)" in served.log.read_text()
@@ -234,7 +234,7 @@ def test_a_broken_semgrep_tier_is_an_error_never_a_pass(serve, tmp_path: Path, b
         path.chmod(0o755)
     served = serve({"semgrep_path": str(path)}, action="warn", on_error=on_error)  # findings flow: errors decide
     ready = served.readyz()
-    status = ready.json()["policies"]["cs"][STEP]
+    status = ready.json()["policies_status"]["cs"][STEP]
     # semgrep: auto: still ready (tier 1 works), but it says the semgrep tier failed, and why
     assert ready.status_code == 200 and status["state"] == "degraded" and status["tiers"] == ["regex"], status
     assert status["semgrep"]["state"] == "failed" and status["semgrep"]["reason"]
@@ -262,5 +262,5 @@ def test_required_semgrep_that_cannot_start_makes_the_gateway_not_ready(serve, t
     served = serve({"semgrep": "required", "semgrep_path": str(path)}, action="block", on_error="allow")
     ready = served.readyz()
     assert ready.status_code == 503 and ready.json()["ready"] is False
-    status = ready.json()["policies"]["cs"][STEP]
+    status = ready.json()["policies_status"]["cs"][STEP]
     assert status["state"] == "failed" and status["semgrep"]["state"] == "failed"

@@ -39,13 +39,16 @@ def test_readyz_reports_steps_and_is_503_while_one_is_failed(make_stack, tmp_pat
     st = make_stack({"policy": str(p)}, policies=PolicyStore(required=[str(p)]))
     r = httpx.get(st.url + "/readyz")
     assert r.status_code == 200
-    assert r.json() == {"ready": True, "policies": {"st": {"input[0]:t_status": {"state": "ready"},
-                                                           "input[1]:t_sleep": {"state": "ready"}}}}
+    assert r.json()["ready"] is True
+    assert r.json()["policies_status"] == {"st": {"input[0]:t_status": {"state": "ready"},
+                                                  "input[1]:t_sleep": {"state": "ready"}}}
+    steps = {s["step"]: s["state"] for s in r.json()["policies"][0]["steps"]}  # the startup table's view
+    assert steps == {"input[0]:t_status": "ready", "input[1]:t_sleep": "ready"}
     STATE.update(state="degraded", why="part down")  # reported, still ready
     assert httpx.get(st.url + "/readyz").status_code == 200
     STATE.update(state="failed")
     r = httpx.get(st.url + "/readyz")
     assert r.status_code == 503 and r.json()["ready"] is False
-    assert r.json()["policies"]["st"]["input[0]:t_status"] == {"state": "failed", "why": "part down"}
+    assert r.json()["policies_status"]["st"]["input[0]:t_status"] == {"state": "failed", "why": "part down"}
     STATE.clear()
     STATE["state"] = "ready"
