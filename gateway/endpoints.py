@@ -24,8 +24,8 @@ from gateway.context import GatewayError
 
 class Kind(StrEnum):
     CHAT = "chat"  # decoded, input stage, output/stream stage
-    RESPONSES = "responses"  # the Responses API (not inspected yet: refused under an inspecting policy)
-    COMPLETIONS = "completions"  # legacy text completions (not inspected yet: refused under a policy)
+    RESPONSES = "responses"  # the Responses API: decoded, guarded, served through the upstream's chat API
+    COMPLETIONS = "completions"  # legacy text completions: prompt on input, text on the stream
     EMBEDDINGS = "embeddings"  # input stage on the texts; the vectors carry no text back
     MODERATIONS = "moderations"  # the policy's Llama Guard answers it, or the input stage runs first
     MODELS = "models"  # metadata: never content, always relayed (or translated)
@@ -35,7 +35,8 @@ class Kind(StrEnum):
 
 
 # Kinds a policy inspects (or that carry no content), so a route's `passthrough:` never names them.
-GUARDED_KINDS = frozenset({Kind.CHAT, Kind.EMBEDDINGS, Kind.MODERATIONS, Kind.MODELS})
+GUARDED_KINDS = frozenset({Kind.CHAT, Kind.RESPONSES, Kind.COMPLETIONS, Kind.EMBEDDINGS, Kind.MODERATIONS,
+                           Kind.MODELS})
 
 # Client-facing prefixes and the dialect each speaks (longest first).
 PREFIXES: tuple[tuple[str, str], ...] = (
@@ -84,7 +85,7 @@ TABLE: tuple[Endpoint, ...] = (
     _e("responses.stored", Kind.STORED_READ, "openai", "GET DELETE", "/responses/{id}"),
     _e("responses.stored", Kind.STORED_READ, "openai", "POST", "/responses/{id}/cancel"),
     _e("responses.stored", Kind.STORED_READ, "openai", "GET", "/responses/{id}/input_items"),
-    _e("responses.input_tokens", Kind.RESPONSES, "openai", "POST", "/responses/input_tokens"),
+    _e("responses.input_tokens", Kind.PASSTHROUGH, "openai", "POST", "/responses/input_tokens"),
     _e("conversations", Kind.STORED_READ, "openai", "GET POST DELETE", "/conversations/{id}"),
     _e("conversations", Kind.STORED_READ, "openai", "GET POST", "/conversations/{id}/items"),
     _e("conversations", Kind.STORED_READ, "openai", "GET DELETE", "/conversations/{id}/items/{item}"),

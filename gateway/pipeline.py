@@ -43,12 +43,13 @@ def relay_error_frame(dialect: str, message: str, code: str) -> bytes:
     return enc.error(message, code)
 
 
-async def upstream_events(resp: aiohttp.ClientResponse, dialect_name: str) -> AsyncIterator[Event]:
-    """Neutral events from an upstream SSE body; closing this generator closes the connection."""
+async def upstream_events(resp: aiohttp.ClientResponse, codec: Any) -> AsyncIterator[Event]:
+    """Neutral events from an upstream SSE body (decoded by the upstream side's `codec`); closing
+    this generator closes the connection."""
     from gateway.dialects.sse import SSEParser
 
     parser = SSEParser()
-    dec = dialects.get(dialect_name).stream_decoder()
+    dec = codec.stream_decoder()
     try:
         try:
             async for chunk in resp.content.iter_any():
@@ -75,6 +76,20 @@ async def upstream_events(resp: aiohttp.ClientResponse, dialect_name: str) -> As
             resp.close()
 
 
+def upstream_side(plan: Plan) -> tuple[Any, str]:
+    """(codec, path) of the upstream request for a decoded generation: the endpoint's own API when the
+    upstream speaks it (chat in the client's dialect, legacy completions on an OpenAI upstream; the
+    path as classified, so an Azure deployment path stays one), else the upstream dialect's chat API
+    (translation: a Responses request, or anything towards the Llama API)."""
+    upstream, ctx, kind = plan.upstream, plan.ctx, plan.endpoint.kind
+    assert isinstance(upstream, HttpUpstream)
+    if kind is Kind.COMPLETIONS and upstream.dialect == "openai":
+        return dialects.codec("openai", kind), ctx.tail
+    if kind is Kind.CHAT and upstream.dialect == ctx.dialect:
+        return dialects.get(upstream.dialect), ctx.tail
+    return dialects.get(upstream.dialect), CHAT_PATH
+
+
 class Pipeline:
     """Carries out a `routing.Plan`. It holds only what it needs: telemetry, the audit log, and
     whether gateway keys are on (then a client's Authorization is never forwarded)."""
@@ -96,7 +111,7 @@ class Pipeline:
         action = plan.action
         if action is Action.RELAY:
             return await self.relay(request, plan)
-        if action is Action.CHAT:
+        if action is Action.GENERATE:
             return await self.chat(request, plan)
         if action is Action.INPUT_THEN_RELAY:
             await self.input_then_relay(plan)
@@ -157,7 +172,7 @@ class Pipeline:
 
     async def chat(self, request: web.Request, plan: Plan) -> web.StreamResponse:
         ctx = plan.ctx
-        cd = dialects.get(ctx.dialect)
+        cd = dialects.codec(ctx.dialect, plan.endpoint.kind)
         body = plan.body
         if "model" not in plan.payload and ctx.model:  # Azure: the deployment in the path names the model
             body = json.dumps({**plan.payload, "model": ctx.model}).encode()
@@ -191,7 +206,7 @@ class Pipeline:
 
     async def _chat(self, request: web.Request, plan: Plan, ex: Exchange, run: Any) -> web.StreamResponse:
         ctx, upstream = plan.ctx, plan.upstream
-        cd = dialects.get(ctx.dialect)
+        cd = dialects.codec(ctx.dialect, plan.endpoint.kind)
         input_task: asyncio.Task[Any] | None = None
         if run is not None and run.policy.has_input:
             input_task = asyncio.create_task(run.check_input(ex))
@@ -208,12 +223,9 @@ class Pipeline:
                     return await self._send_completion(ctx, cd, ex, completion, run)
                 return await self._send_stream(request, ctx, cd, ex, upstream.stream(ex), run)
 
-            ud = dialects.get(upstream.dialect)
+            ud, path = upstream_side(plan)
             up_body = json.dumps(ud.encode_request(ex), separators=(",", ":")).encode()
             headers = self.upstream_headers(request, ctx, upstream, {"Content-Type": "application/json"})
-            # Same dialect: the path that was classified (an Azure deployment path stays one);
-            # translated: the upstream dialect's chat path.
-            path = ctx.tail if upstream.dialect == ctx.dialect else CHAT_PATH
             send = asyncio.ensure_future(self.telemetry.send(upstream, "POST", path, plan.query, headers, up_body))
             if input_task is not None:
                 # Speculative: the upstream is already on its way; no byte leaves before the verdict.
@@ -259,7 +271,7 @@ class Pipeline:
                 raise UpstreamError(f"upstream answer does not decode: {e.message}", 502, "bad_upstream_response") \
                     from None
             return await self._send_completion(ctx, cd, ex, completion, run)
-        return await self._send_stream(request, ctx, cd, ex, upstream_events(resp, upstream.dialect), run)
+        return await self._send_stream(request, ctx, cd, ex, upstream_events(resp, ud), run)
 
     async def _send_completion(self, ctx: RequestContext, cd: Any, ex: Exchange, completion: Any,
                                run: Any) -> web.Response:

@@ -42,11 +42,14 @@ Upstream = HttpUpstream | NeutralUpstream
 # Kinds whose request body is JSON the gateway reads (to route by model, or to guard).
 _JSON_KINDS = frozenset({Kind.CHAT, Kind.RESPONSES, Kind.COMPLETIONS, Kind.EMBEDDINGS, Kind.MODERATIONS})
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+# Kinds decoded into an Exchange, guarded and re-encoded in the client's codec.
+_GENERATION_KINDS = frozenset({Kind.CHAT, Kind.COMPLETIONS, Kind.RESPONSES})
 
 
 class Action(StrEnum):
     RELAY = "relay"  # bytes as they came (same dialect, nothing to inspect)
-    CHAT = "chat"  # decode → input stage → upstream → stream gate → encode (pipeline.chat)
+    GENERATE = "generate"  # chat, completions, responses: decode → input stage → upstream → stream gate →
+    # encode in the client's codec (pipeline.chat)
     INPUT_THEN_RELAY = "input_then_relay"  # input stage on the texts, then the bytes as they came
     MODERATE = "moderate"  # answered by the policy's Llama Guard
     MODELS = "models"  # the models list translated into the client's dialect
@@ -205,8 +208,8 @@ def decide(ctx: RequestContext, method: str, upstream: Upstream, policy: Any, ro
     inspects = policy is not None and policy.needs_inspection
     if ep.kind is Kind.MODERATIONS and moderation_step(policy) is not None:
         return Action.MODERATE
-    if ep.kind is Kind.CHAT and (inspects or not same):
-        return Action.CHAT
+    if ep.kind in _GENERATION_KINDS and (inspects or not same):
+        return Action.GENERATE
     if ep.kind is Kind.MODELS:
         return Action.RELAY if same else Action.MODELS
     if not same:

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 from aiohttp import web
-from harness import oa_completion, openai_text_stream, raw_http, stream_frames
+from harness import oa_completion, openai_text_stream, raw_http, sse, stream_frames
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
@@ -53,6 +53,17 @@ async def everything(request: web.Request, up: Any) -> web.StreamResponse:
     if path.endswith("/moderations"):  # scores: no text either
         return web.json_response({"id": "modr-1", "model": "m", "results": [
             {"flagged": False, "categories": {}, "category_scores": {}}]})
+    if path.endswith("/completions") and not path.endswith("/chat/completions"):  # legacy text completions
+        def chunk(text: str, finish: str | None = None) -> bytes:
+            return sse({"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
+                        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]})
+
+        if body.get("stream"):
+            return await stream_frames(request, [chunk("fine, "), chunk("the "), chunk(OUT), chunk(" is here"),
+                                                 chunk("", "stop"), sse("[DONE]")])
+        return web.json_response({"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
+                                  "choices": [{"text": f"fine, the {OUT} is here", "index": 0, "logprobs": None,
+                                               "finish_reason": "stop"}]})
     if body.get("stream"):
         return await stream_frames(request, openai_text_stream(["fine, ", "the ", OUT, " is here"]))
     return web.json_response(oa_completion(f"fine, the {OUT} is here"))
@@ -142,7 +153,8 @@ def test_every_table_entry_is_guarded_or_refused(guarded) -> None:
         reached = len(st.upstream.requests) > before
         if ep.kind is Kind.MODELS:
             assert status == 200 and reached  # metadata: relayed, never content
-        elif ep.kind is Kind.CHAT or (ep.kind in (Kind.EMBEDDINGS, Kind.MODERATIONS) and ep.dialect == "openai"):
+        elif ep.kind in (Kind.CHAT, Kind.RESPONSES, Kind.COMPLETIONS) or (
+                ep.kind in (Kind.EMBEDDINGS, Kind.MODERATIONS) and ep.dialect == "openai"):
             assert status == 400 and b"content_filter" in raw and not reached, (prefix, method, path, raw[:300])
         elif ep.dialect == "llama":  # not chat or models: nothing to translate it to on an OpenAI upstream
             assert status == 404 and not reached
@@ -158,10 +170,10 @@ def test_every_table_entry_is_guarded_or_refused(guarded) -> None:
 
 def test_passthrough_lets_exactly_the_listed_endpoints_through(guarded) -> None:
     """The control that shows the walk above can fail: listed endpoints reach the upstream, phrase and all."""
-    st = guarded(passthrough=["files", "responses", "chat.completions.stored"])
+    st = guarded(passthrough=["files", "responses.stored", "chat.completions.stored"])
     status, _ = send(st.url, "POST", "/v1/files", body_for("POST"))
     assert status == 200 and len(leaked_upstream(st)) == 1
-    status, raw = send(st.url, "POST", "/v1/responses", benign_for("POST", False))
+    status, raw = send(st.url, "GET", "/v1/responses/resp_1", b"")
     assert status == 200 and OUT.encode() in raw
     status, raw = send(st.url, "GET", "/v1/chat/completions/abc/messages", b"")
     assert status == 200 and OUT.encode() in raw
@@ -216,11 +228,18 @@ def test_real_sdk_endpoints_under_a_policy(guarded) -> None:
     the ones it guards get 400 content_filter on the input phrase and a filtered answer."""
     st = guarded()
     client = st.openai()
-    with pytest.raises(openai.PermissionDeniedError) as e:
-        client.responses.create(model="m", input=f"say {IN}")
-    assert e.value.code == "endpoint_not_guarded" and "passthrough: [responses]" in e.value.message
-    with pytest.raises(openai.PermissionDeniedError):
+    # RESPONSES-PENDING
+    with pytest.raises(openai.BadRequestError) as bad:
         client.completions.create(model="m", prompt=f"say {IN}")
+    assert bad.value.code == "content_filter"
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        client.files.create(file=("a.txt", b"x"), purpose="assistants")
+    assert e.value.code == "endpoint_not_guarded" and "passthrough: [files]" in e.value.message
+    done = client.completions.create(model="m", prompt="hello")
+    assert OUT not in done.choices[0].text and done.choices[0].finish_reason == "content_filter"
+    parts = list(client.completions.create(model="m", prompt="hello", stream=True))
+    assert OUT not in "".join(p.choices[0].text for p in parts if p.choices)
+    assert parts[-1].choices[0].finish_reason == "content_filter"
     with pytest.raises(openai.PermissionDeniedError):
         client.chat.completions.retrieve("chatcmpl-xyz")
     with pytest.raises(openai.PermissionDeniedError):

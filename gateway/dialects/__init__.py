@@ -20,4 +20,18 @@ def get(name: str) -> Dialect:
         raise KeyError(f"unknown dialect {name!r} (known: {', '.join(_DIALECTS)})") from None
 
 
-__all__ = ["NAMES", "Dialect", "DialectError", "UpstreamStreamError", "get"]
+def codec(dialect: str, kind: str) -> Dialect:
+    """The client-facing codec of an endpoint kind (gateway.endpoints.Kind): chat in either dialect;
+    OpenAI's legacy completions and Responses API have codecs of their own."""
+    if kind == "completions":
+        from gateway.dialects import completions
+
+        return completions  # type: ignore[return-value]
+    if kind == "responses":
+        from gateway.dialects import responses
+
+        return responses  # type: ignore[return-value]
+    return get(dialect)
+
+
+__all__ = ["NAMES", "Dialect", "DialectError", "UpstreamStreamError", "codec", "get"]

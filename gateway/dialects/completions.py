@@ -1,0 +1,207 @@
+"""OpenAI legacy text completions (`POST /v1/completions`): the prompt is the input the input stage
+reads, the generated `text` is what the stream gate checks.
+
+A request becomes a one-message conversation (the prompt as a user message) so every guard sees it
+as it sees chat. Towards an OpenAI upstream the request goes out as a completions request again
+(`encode_request`: the prompt, not a chat template, reaches the model); towards a Llama API or local
+upstream the pipeline sends it as chat. Only what a guard can read is accepted under a policy: one
+prompt string (a list of several prompts, or token ids, is refused with a clear error).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from gateway.dialects import openai
+from gateway.dialects.base import DialectError, UpstreamStreamError
+from gateway.types import (
+    Choice,
+    Completion,
+    Event,
+    Exchange,
+    Finish,
+    Message,
+    StreamStart,
+    TextDelta,
+    Usage,
+    UsageEvent,
+)
+
+# Sampling fields with a neutral name (chat shares them); every other key rides in Exchange.extra.
+_PARAMS = ("max_tokens", "temperature", "top_p", "stop", "seed", "n", "user", "presence_penalty",
+           "frequency_penalty")
+_FINISH = {"stop": "stop", "length": "length", "content_filter": "content_filter"}
+
+error_body = openai.error_body
+decode_error = openai.decode_error
+
+
+def _prompt(v: Any) -> str:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str):
+        return v[0]
+    if isinstance(v, list) and v and all(isinstance(x, str) for x in v):
+        raise DialectError("a list of several prompts cannot be guarded as one request; send one prompt per "
+                           "request", code="unsupported_prompt", param="prompt")
+    if isinstance(v, list) and v:
+        raise DialectError("a prompt given as token ids cannot be inspected by the policy's guards; send the text",
+                           code="uninspectable_input", param="prompt")
+    raise DialectError("'prompt' must be a string", param="prompt")
+
+
+def decode_request(body: bytes) -> Exchange:
+    try:
+        obj = json.loads(body)
+    except (ValueError, RecursionError):
+        raise DialectError("request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise DialectError("request body must be a JSON object")
+    model = obj.get("model")
+    if not isinstance(model, str) or not model:
+        raise DialectError("'model' is required", param="model")
+    prompt = _prompt(obj.get("prompt"))
+    stream = obj.get("stream") is True
+    opts = obj.get("stream_options")
+    params = {k: obj[k] for k in _PARAMS if k in obj}
+    extra = {k: v for k, v in obj.items() if k not in _PARAMS and k not in ("model", "prompt", "stream",
+                                                                             "stream_options")}
+    return Exchange(model=model, messages=[Message.of("user", prompt)], stream=stream,
+                    include_usage=isinstance(opts, dict) and opts.get("include_usage") is True,
+                    params=params, extra=extra)
+
+
+def encode_request(ex: Exchange) -> dict[str, Any]:
+    """A completions request for an OpenAI upstream: the conversation's text as the prompt."""
+    body: dict[str, Any] = {"model": ex.model, "prompt": "".join(m.text for m in ex.messages), **ex.extra,
+                            **{k: v for k, v in ex.params.items() if k in _PARAMS}}
+    if ex.stream:
+        body["stream"] = True
+        if ex.include_usage:
+            body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def _usage(u: Any) -> Usage | None:
+    if not isinstance(u, dict):
+        return None
+    p, c = int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
+    return Usage(p, c, int(u.get("total_tokens") or p + c))
+
+
+def decode_response(body: bytes) -> Completion:
+    try:
+        obj = json.loads(body)
+        choices = [Choice(Message.of("assistant", str(ch.get("text") or "")),
+                          _FINISH.get(ch.get("finish_reason") or "stop", "stop"), int(ch.get("index") or i))
+                   for i, ch in enumerate(obj["choices"])]
+        return Completion(str(obj.get("id") or ""), str(obj.get("model") or ""), choices=choices or
+                          [Choice(Message("assistant"))], usage=_usage(obj.get("usage")),
+                          created=int(obj.get("created") or time.time()))
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        raise DialectError("upstream completions answer does not decode", code="bad_upstream_response") from None
+
+
+def _usage_dict(u: Usage | None) -> dict[str, int] | None:
+    return None if u is None else {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                                   "total_tokens": u.total_tokens}
+
+
+def encode_response(c: Completion, ex: Exchange) -> dict[str, Any]:
+    return {"id": c.id or "cmpl-guardgate", "object": "text_completion", "created": c.created,
+            "model": c.model or ex.model,
+            "choices": [{"text": ch.message.text, "index": ch.index, "logprobs": None,
+                         "finish_reason": ch.finish_reason} for ch in c.choices],
+            "usage": _usage_dict(c.usage)}
+
+
+class CompletionsStreamDecoder:
+    """Completions chunks (`choices[].text`) → neutral events; ends at `data: [DONE]`."""
+
+    def __init__(self) -> None:
+        self._done = False
+        self._started = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def ended_cleanly(self) -> bool:
+        return self._done
+
+    def feed(self, event: str | None, data: str) -> list[Event]:
+        if data.startswith("[DONE]"):
+            self._done = True
+            return []
+        try:
+            obj = json.loads(data)
+            if not isinstance(obj, dict):
+                raise ValueError
+        except (ValueError, RecursionError):
+            raise UpstreamStreamError("upstream sent a stream chunk that is not a JSON object",
+                                      code="bad_upstream_response") from None
+        if obj.get("error"):
+            raise UpstreamStreamError("upstream error during streaming", code="upstream_error")
+        out: list[Event] = []
+        if not self._started:
+            self._started = True
+            out.append(StreamStart(str(obj.get("id") or ""), str(obj.get("model") or ""),
+                                   int(obj.get("created") or time.time())))
+        for i, ch in enumerate(obj.get("choices") or []):
+            if not isinstance(ch, dict):
+                continue
+            idx = int(ch.get("index") or i)
+            if ch.get("text"):
+                out.append(TextDelta(str(ch["text"]), idx))
+            if ch.get("finish_reason"):
+                out.append(Finish(_FINISH.get(ch["finish_reason"], "stop"), idx))
+        u = _usage(obj.get("usage"))
+        if u is not None:
+            out.append(UsageEvent(u))
+        return out
+
+
+def stream_decoder() -> CompletionsStreamDecoder:
+    return CompletionsStreamDecoder()
+
+
+class CompletionsStreamEncoder:
+    """Neutral events → completions chunks, then `data: [DONE]`. Tool calls have no place here and a
+    non-text channel (a chat upstream's reasoning) is not part of a completion's text: both are dropped."""
+
+    def __init__(self, ex: Exchange) -> None:
+        self._ex = ex
+        self._id, self._model, self._created = "cmpl-guardgate", ex.model, int(time.time())
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: Usage | None = None) -> bytes:
+        obj: dict[str, Any] = {"id": self._id, "object": "text_completion", "created": self._created,
+                               "model": self._model, "choices": choices}
+        if usage is not None:
+            obj["usage"] = _usage_dict(usage)
+        return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+    def encode(self, ev: Event) -> bytes:
+        if isinstance(ev, StreamStart):
+            self._id, self._model, self._created = ev.id or self._id, ev.model or self._model, ev.created
+            return b""
+        if isinstance(ev, TextDelta):
+            if ev.channel != "text" or not ev.text:
+                return b""
+            return self._chunk([{"text": ev.text, "index": ev.index, "logprobs": None, "finish_reason": None}])
+        if isinstance(ev, Finish):
+            return self._chunk([{"text": "", "index": ev.index, "logprobs": None, "finish_reason": ev.reason}])
+        if isinstance(ev, UsageEvent) and self._ex.include_usage:
+            return self._chunk([], ev.usage)
+        return b""
+
+    def end(self) -> bytes:
+        return b"data: [DONE]\n\n"
+
+    def error(self, message: str, code: str, *, type: str = "server_error") -> bytes:
+        body = json.dumps({"error": {"message": message, "type": type, "param": None, "code": code}})
+        return b"data: " + body.encode() + b"\n\n"
+
+
+def stream_encoder(ex: Exchange) -> CompletionsStreamEncoder:
+    return CompletionsStreamEncoder(ex)
