@@ -8,7 +8,7 @@ client gets a whole error frame in its dialect instead of half an event.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -114,17 +114,15 @@ class TimedResponse(web.StreamResponse):
         self.send_timeout = send_timeout
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            async with asyncio.timeout(self.send_timeout):
-                await super().write(data)
-        except TimeoutError:
-            self._cut()
-            raise ConnectionResetError(f"client took no data for {self.send_timeout} s") from None
+        await self._within(super().write(data))
 
     async def write_eof(self, data: bytes = b"") -> None:
+        await self._within(super().write_eof(data))
+
+    async def _within(self, op: Awaitable[None]) -> None:
         try:
             async with asyncio.timeout(self.send_timeout):
-                await super().write_eof(data)
+                await op
         except TimeoutError:
             self._cut()
             raise ConnectionResetError(f"client took no data for {self.send_timeout} s") from None

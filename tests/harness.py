@@ -269,3 +269,19 @@ def openai_tool_stream(text: str, call_id: str, name: str, arg_parts: list[str],
         frames.append(sse(oa_usage_chunk(11, 1 + len(arg_parts))))
     frames.append(sse("[DONE]"))
     return frames
+
+
+def in_out_policy(path: Any, in_phrase: str, out_phrase: str, every: int = 4) -> str:
+    """A policy file `p` that blocks `in_phrase` on input and `out_phrase` on the stream (regex)."""
+    path.write_text(f"""name: p
+input:
+  steps:
+    - guard: regex
+      patterns: ["{in_phrase}"]
+stream:
+  check_every_tokens: {every}
+  steps:
+    - guard: regex
+      patterns: ["{out_phrase}"]
+""")
+    return str(path)

@@ -20,7 +20,15 @@ from typing import Any
 import openai
 import pytest
 from aiohttp import web
-from harness import llama_completion, llama_stream, oa_completion, openai_text_stream, openai_tool_stream, stream_frames
+from harness import (
+    in_out_policy,
+    llama_completion,
+    llama_stream,
+    oa_completion,
+    openai_text_stream,
+    openai_tool_stream,
+    stream_frames,
+)
 from pydantic import BaseModel
 
 from gateway.policy.chain import PolicyStore
@@ -78,19 +86,7 @@ class AgentUpstream:
 
 
 def policy(tmp_path: Path) -> str:
-    p = tmp_path / "p.yaml"
-    p.write_text(f"""name: p
-input:
-  steps:
-    - guard: regex
-      patterns: ["{IN}"]
-stream:
-  check_every_tokens: 4
-  steps:
-    - guard: regex
-      patterns: ["{OUT}"]
-""")
-    return str(p)
+    return in_out_policy(tmp_path / "p.yaml", IN, OUT)
 
 
 @pytest.fixture

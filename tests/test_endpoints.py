@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 from aiohttp import web
-from harness import oa_completion, openai_text_stream, raw_http, sse, stream_frames
+from harness import in_out_policy, oa_completion, openai_text_stream, raw_http, sse, stream_frames
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
@@ -70,19 +70,7 @@ async def everything(request: web.Request, up: Any) -> web.StreamResponse:
 
 
 def policy(tmp_path: Path) -> str:
-    p = tmp_path / "p.yaml"
-    p.write_text(f"""name: p
-input:
-  steps:
-    - guard: regex
-      patterns: ["{IN}"]
-stream:
-  check_every_tokens: 4
-  steps:
-    - guard: regex
-      patterns: ["{OUT}"]
-""")
-    return str(p)
+    return in_out_policy(tmp_path / "p.yaml", IN, OUT)
 
 
 @pytest.fixture
