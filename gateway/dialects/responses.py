@@ -236,7 +236,8 @@ def _decode_tools(v: Any, r: Reader) -> tuple[list[dict[str, Any]], list[dict[st
         if t.get("strict") is not None:
             d["strict"] = r.bool_(t["strict"], f"{p}.strict")
         neutral.append(d)
-        echo.append({"type": "function", "description": None, "parameters": None, "strict": None, **d})
+        echo.append({"type": "function", "name": d["name"], "description": d.get("description"),
+                     "parameters": d.get("parameters"), "strict": d.get("strict")})
     if unsupported:
         raise _fail(
             f"tools of type {', '.join(sorted(set(unsupported)))} are not supported: Guardgate answers the "
