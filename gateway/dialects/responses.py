@@ -616,8 +616,8 @@ class ResponsesStreamEncoder:
     `text_format`, and a cut JSON text would raise inside its stream iterator.
     """
 
-    __slots__ = ("_annotation", "_calls", "_created", "_current", "_ended", "_ex", "_finish", "_items", "_model",
-                 "_seq", "_started", "_structured", "_usage")
+    __slots__ = ("_annotation", "_calls", "_created", "_current", "_ended", "_ex", "_fast", "_finish", "_items",
+                 "_model", "_seq", "_started", "_structured", "_usage")
 
     def __init__(self, ex: Exchange) -> None:
         self._ex = ex
@@ -631,6 +631,8 @@ class ResponsesStreamEncoder:
         self._current: _Item | None = None  # the open message or reasoning item
         self._calls: dict[int, _Item] = {}  # call_index → open function_call item
         self._finish: str | None = None
+        # Hot path: while an output_text part is open, its delta frame's head and its texts.
+        self._fast: tuple[str, list[str]] | None = None
         self._usage: Usage | None = None
         self._annotation: dict[str, Any] | None = None
         rf = ex.params.get("response_format")
@@ -684,6 +686,7 @@ class ResponsesStreamEncoder:
                         f'{self._loc(item)},"content_index":{len(item.parts) - 1},"part":{part}')
 
     def _close_part(self, item: _Item, incomplete_cut: bool) -> str:
+        self._fast = None
         kind, texts = item.parts[-1]
         text = "".join(texts)
         loc = f'{self._loc(item)},"content_index":{len(item.parts) - 1}'
@@ -700,6 +703,7 @@ class ResponsesStreamEncoder:
         """The done events of an open item, and its final shape."""
         out = ""
         if item.kind == "message":
+            self._fast = None
             if item.parts:
                 out += self._close_part(item, self._finish == "content_filter")
             content = [_text_part("".join(t)) if k == "output_text" else {"type": "refusal", "refusal": "".join(t)}
@@ -762,6 +766,8 @@ class ResponsesStreamEncoder:
         cur.parts[-1][1].append(ev.text)
         loc = f'{self._loc(cur)},"content_index":{len(cur.parts) - 1},"delta":{qstr(ev.text)}'
         if kind == "output_text":
+            self._fast = ('event: response.output_text.delta\ndata: {"type":"response.output_text.delta"'
+                          f'{self._loc(cur)},"content_index":{len(cur.parts) - 1},"delta":', cur.parts[-1][1])
             return out + self._ev("response.output_text.delta", loc + ',"logprobs":[]')
         return out + self._ev("response.refusal.delta", loc)
 
@@ -788,6 +794,12 @@ class ResponsesStreamEncoder:
         if self._ended:
             return b""
         t = type(ev)
+        fast = self._fast
+        if fast is not None and t is TextDelta and ev.channel == "text" and ev.index == 0 and ev.text:  # type: ignore[union-attr]
+            fast[1].append(ev.text)  # type: ignore[union-attr]
+            seq = self._seq
+            self._seq = seq + 1
+            return to_bytes(f'{fast[0]}{qstr(ev.text)},"logprobs":[],"sequence_number":{seq}}}\n\n')  # type: ignore[union-attr]
         if t is TextDelta:
             if not ev.text or ev.index != 0 or self._finish is not None:  # type: ignore[union-attr]
                 return b""
