@@ -554,7 +554,7 @@ def _output(ch: Choice) -> list[dict[str, Any]]:
 
 def encode_response(c: Completion, ex: Exchange) -> dict[str, Any]:
     """A Response object (choice 0: the Responses API has one answer per request)."""
-    ch = next((x for x in c.choices if x.index == 0), c.choices[0])
+    ch = next((x for x in c.choices if x.index == 0), c.choices[0] if c.choices else Choice(Message("assistant")))
     status, incomplete = _status(ch.finish_reason)
     ox: dict[str, Any] = c.extra.get("openai") or {}
     out = _response(ex, model=c.model or ex.model, created=c.created, status=status, incomplete=incomplete,
