@@ -294,6 +294,12 @@ def test_unsupported_parameters_refused(req: dict[str, Any]) -> None:
     assert e.value.code == "unsupported_parameter"
 
 
+def test_a_prompt_that_is_not_a_template_is_dropped() -> None:
+    """Not the API's shape (a legacy-completions body sent here): never sent upstream, listed."""
+    ex = _decode({"model": "m", "input": "x", "prompt": "say something", "messages": []})
+    assert ex.client["ignored"] == ["messages", "prompt"] and "prompt" not in OA.encode_request(ex)
+
+
 def test_error_body_is_the_openai_shape_the_sdk_raises() -> None:
     body = R.error_body(400, "blocked", type="invalid_request_error", code="content_filter", param="input")
     assert body == {"error": {"message": "blocked", "type": "invalid_request_error", "param": "input",

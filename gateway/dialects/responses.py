@@ -43,7 +43,8 @@ Refused (400): built-in tools (`unsupported_tool`: a chat upstream cannot run th
 other than messages and function calls/outputs (`unsupported_item`: `item_reference` points at
 stored items no guard can read), `input_file` parts and `input_image` by `file_id`
 (`unsupported_content`: the gateway cannot read a file, so no guard could check it), images outside
-user messages, `background: true` and `prompt` templates (`unsupported_parameter`).
+user messages, `background: true` and `prompt` templates (an object: `unsupported_parameter`; a
+`prompt` of another shape is not the API's and is dropped like an unknown key).
 
 Answer mapping: channel `reasoning` → a `reasoning` item with its text as the summary (the
 reasoning text a Responses client reads); `text` → an `output_text` part; `refusal` → a `refusal`
@@ -308,7 +309,7 @@ def decode_request(body: bytes) -> Exchange:
         r.fail("'model' is required and must be a non-empty string", "model")
     if obj.get("background"):
         raise _fail("'background' responses are not supported by the gateway", "background", "unsupported_parameter")
-    if obj.get("prompt") is not None:
+    if isinstance(obj.get("prompt"), dict):  # a template reference; any other `prompt` is not the API's
         raise _fail(
             "'prompt' templates are stored upstream, where no guard can read them; send the instructions "
             "and input themselves",
@@ -433,7 +434,7 @@ def decode_request(body: bytes) -> Exchange:
         "background": False,
         **{k: extra.get(k) for k in _CHAT_PASSTHROUGH},
     }
-    client["ignored"] = sorted(k for k in obj if k not in _KNOWN)
+    client["ignored"] = sorted(k for k in obj if k not in _KNOWN or (k == "prompt" and obj[k] is not None))
     ex.client = client
     return ex
 
