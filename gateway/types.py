@@ -95,6 +95,12 @@ class Exchange:
     params: dict[str, Any] = field(default_factory=dict)
     # Fields of the client's dialect with no neutral counterpart, kept for a same-dialect upstream.
     extra: dict[str, Any] = field(default_factory=dict)
+    # State of the client's API that is neither sent upstream nor shown to a guard: what a
+    # translating codec must echo back in its answer (the Responses API's `store`, `metadata`,
+    # request echo fields, `previous_response_id`, ...; see gateway/dialects/responses.py). No
+    # request encoder reads it, and `policy.chain.request_fields` does not walk it (none of it is
+    # rendered to the model).
+    client: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
