@@ -87,6 +87,7 @@ class GatewayConfig:
     limits: Limits = field(default_factory=Limits)
     policy: str | None = None  # applies to everything (overrides routes and keys): `--policy`
     policy_dirs: list[str] = field(default_factory=lambda: ["policies"])
+    responses_state: str = "upstream"  # "gateway": keep guarded Responses conversations (responses_state.py)
     audit_path: str | None = None
     audit_content: bool = False
     audit_max_bytes: int = 0  # rotate the audit log past this size (0 = never)
@@ -136,7 +137,8 @@ def _upstream(name: str, obj: object, file: str | None) -> UpstreamConfig:
     )
 
 
-TOP_KEYS = {"listen", "upstreams", "routes", "keys", "limits", "policy", "policy_dirs", "audit", "shutdown_grace_s"}
+TOP_KEYS = {"listen", "upstreams", "routes", "keys", "limits", "policy", "policy_dirs", "audit", "shutdown_grace_s",
+            "responses_state"}
 
 
 def parse(obj: object, file: str | None = None) -> GatewayConfig:
@@ -174,6 +176,9 @@ def parse(obj: object, file: str | None = None) -> GatewayConfig:
                             head_timeout_s=float(lf.get("head_timeout_s", (int, float), d.head_timeout_s)),
                             body_timeout_s=float(lf.get("body_timeout_s", (int, float), d.body_timeout_s)))
     cfg.policy = top.get("policy", str)
+    cfg.responses_state = top.get("responses_state", str, cfg.responses_state)
+    if cfg.responses_state not in ("upstream", "gateway"):
+        raise top.error("responses_state", "responses_state must be upstream or gateway")
     dirs = top.get("policy_dirs", list, None)
     if dirs is not None:
         cfg.policy_dirs = [str(d) for d in dirs]

@@ -26,9 +26,10 @@ from gateway.dialects.base import DialectError, UpstreamStreamError
 from gateway.dialects.embeddings import decode_embedding_inputs
 from gateway.endpoints import Kind, path_param
 from gateway.relay import SSE_HEADERS, TimedResponse, relay_response
+from gateway.responses_state import ResponseStore
 from gateway.routing import Action, Plan, moderation_step
 from gateway.telemetry import Telemetry
-from gateway.types import Event, Exchange
+from gateway.types import Event, Exchange, Finish, Message, Part, TextDelta, ToolCall, ToolCallDelta
 from gateway.upstreams.base import NeutralUpstream, UpstreamError
 from gateway.upstreams.http import HttpUpstream, draining, release_after_eof, request_headers
 
@@ -95,10 +96,11 @@ class Pipeline:
     whether gateway keys are on (then a client's Authorization is never forwarded)."""
 
     def __init__(self, telemetry: Telemetry, audit: Any = None, *, keys_on: bool = False,
-                 send_timeout: float | None = None) -> None:
+                 send_timeout: float | None = None, responses: ResponseStore | None = None) -> None:
         self.telemetry = telemetry
         self.audit = audit
         self.keys_on = keys_on
+        self.responses = responses  # responses_state: gateway
         self.send_timeout = send_timeout  # see relay.TimedResponse
 
     def upstream_headers(self, request: web.Request, ctx: RequestContext, upstream: HttpUpstream,
@@ -180,6 +182,8 @@ class Pipeline:
             ex = cd.decode_request(body)
         except DialectError as e:
             raise GatewayError(e.status, e.message, e.code or "invalid_request", param=e.param) from None
+        if plan.endpoint.kind is Kind.RESPONSES:
+            self._resolve_state(ctx, ex)
         run = self._run(plan)
         status, error = 500, None
         try:
@@ -279,6 +283,8 @@ class Pipeline:
             completion = await run.check_output(ex, completion)
         if any(ch.finish_reason == "content_filter" for ch in completion.choices):
             ctx.outcome = "blocked_output"
+        else:
+            self._remember(ctx, ex, completion.message)
         self.telemetry.observe_completion(completion)
         return web.json_response(cd.encode_response(completion, ex), headers={"X-Guardgate-Request-Id": ctx.id})
 
@@ -288,6 +294,8 @@ class Pipeline:
         if run is not None and run.policy.has_stream:
             events = run.guard_stream(ex, events)
         events = self.telemetry.client_events(events)
+        if self._keeps(ctx, ex):
+            events = self._remembering(ctx, ex, events)
         enc = cd.stream_encoder(ex)
         out = TimedResponse(status=200, headers={"Content-Type": "text/event-stream; charset=utf-8",
                                                  "X-Guardgate-Request-Id": ctx.id, **SSE_HEADERS},
@@ -310,6 +318,69 @@ class Pipeline:
             await events.aclose()  # type: ignore[attr-defined]
         await out.write_eof()
         return out
+
+    # ------------------------------------------------------------------ Responses state
+
+    @staticmethod
+    def _owner(ctx: RequestContext) -> str:
+        return ctx.key.name if ctx.key is not None else ""
+
+    def _resolve_state(self, ctx: RequestContext, ex: Exchange) -> None:
+        """A Responses request that names state kept elsewhere: continued from the gateway's store, or
+        refused. Such state is never sent upstream unread (a chat upstream could not use it anyway)."""
+        echo = ex.client.setdefault("echo", {})
+        echo["store"] = self.responses is not None and echo.get("store", True) is not False
+        if ex.client.get("conversation"):
+            raise GatewayError(400, "`conversation` names a conversation kept by the provider, which the gateway's "
+                               "guards cannot read; send the conversation as `input`", "unsupported_parameter",
+                               param="conversation")
+        prev = ex.client.get("previous_response_id")
+        if not prev:
+            return
+        if self.responses is None:
+            raise GatewayError(400, "`previous_response_id` names conversation state the gateway's guards cannot "
+                               "read; send the whole conversation as `input`, or set `responses_state: gateway` "
+                               "so the gateway keeps the conversations it guarded", "unsupported_parameter",
+                               param="previous_response_id")
+        earlier = self.responses.get(self._owner(ctx), prev)
+        if earlier is None:
+            raise GatewayError(400, f"no response {prev!r} is kept by the gateway (unknown, expired, or made with "
+                               "another key)", "previous_response_not_found", param="previous_response_id")
+        # This request's own instructions lead; earlier instructions are not carried over (as upstream).
+        lead = 1 if ex.messages and ex.messages[0].role == "system" and echo.get("instructions") else 0
+        ex.messages = [*ex.messages[:lead], *earlier, *ex.messages[lead:]]
+
+    def _keeps(self, ctx: RequestContext, ex: Exchange) -> bool:
+        return (self.responses is not None and ctx.endpoint is not None and ctx.endpoint.kind is Kind.RESPONSES
+                and ex.client.get("echo", {}).get("store", False) is True)
+
+    def _remember(self, ctx: RequestContext, ex: Exchange, answer: Message) -> None:
+        """Keep the conversation as guarded plus the answer as released (not the request's instructions)."""
+        if not self._keeps(ctx, ex):
+            return
+        assert self.responses is not None
+        lead = 1 if ex.messages and ex.messages[0].role == "system" and ex.client["echo"].get("instructions") else 0
+        self.responses.put(self._owner(ctx), str(ex.client.get("response_id")), [*ex.messages[lead:], answer])
+
+    async def _remembering(self, ctx: RequestContext, ex: Exchange,
+                           events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+        """Pass the released events on; once the stream ended unblocked, keep the answer they spell."""
+        text: list[str] = []
+        calls: dict[int, ToolCall] = {}
+        blocked = False
+        async for ev in events:
+            if isinstance(ev, TextDelta) and ev.index == 0 and ev.channel == "text":
+                text.append(ev.text)
+            elif isinstance(ev, ToolCallDelta) and ev.index == 0:
+                call = calls.setdefault(ev.call_index, ToolCall(id=ev.id or "", name=ev.name or "", arguments=""))
+                call.arguments += ev.arguments
+            elif isinstance(ev, Finish) and ev.reason == "content_filter":
+                blocked = True
+            yield ev
+        if not blocked:
+            answer = Message("assistant", [Part("text", "".join(text))] if text else [],
+                             tool_calls=[calls[i] for i in sorted(calls)])
+            self._remember(ctx, ex, answer)
 
     # ------------------------------------------------------------------ models, moderations
 

@@ -25,6 +25,7 @@ from gateway.context import CTX_KEY, GatewayError, RequestContext
 from gateway.endpoints import dialect_of
 from gateway.pipeline import Pipeline
 from gateway.policy.record import on_verdict
+from gateway.responses_state import ResponseStore
 from gateway.routing import Router
 from gateway.telemetry import Telemetry, observe_verdict
 from gateway.upstreams.base import NeutralUpstream, UpstreamError
@@ -109,7 +110,8 @@ class Gateway:
             self.upstreams[name] = up
         self.router = Router(self.cfg, self.upstreams, self.policies)
         self.pipeline = Pipeline(self.telemetry, self.audit, keys_on=bool(self.router.keys),
-                                 send_timeout=self.cfg.limits.send_timeout_s)
+                                 send_timeout=self.cfg.limits.send_timeout_s,
+                                 responses=ResponseStore() if self.cfg.responses_state == "gateway" else None)
         if self.policies is not None:
             await self.policies.start()
         self.telemetry.bind(self)

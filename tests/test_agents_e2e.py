@@ -53,9 +53,14 @@ class AgentUpstream:
     def plan(self, body: dict[str, Any]) -> tuple[str, tuple[str, str, str] | None]:
         msgs = body.get("messages") or []
         last = msgs[-1] if msgs else {}
-        if body.get("tools") and last.get("role") != "tool":
+        tools = {(t.get("function") or t).get("name") for t in body.get("tools") or []}
+        if "get_weather" in tools and last.get("role") != "tool":
             city = f"Paris {OUT}" if self.leak_in == "args" else "Paris"
             return "", ("call_1", "get_weather", json.dumps({"city": city}))
+        final = next((t for t in tools if t and t.startswith("final_result")), None)
+        if final:  # pydantic-ai's output tool
+            summary = f"sunny {OUT}" if self.leak_in == "json" else "sunny"
+            return "", ("call_2", final, json.dumps({"city": "Paris", "summary": summary}))
         if body.get("response_format"):
             summary = f"sunny {OUT}" if self.leak_in == "json" else "sunny"
             return json.dumps({"city": "Paris", "summary": summary}), None
@@ -272,4 +277,65 @@ def test_the_agent_runs_against_a_llama_api_upstream(agent_stack) -> None:
     with pytest.raises(openai.BadRequestError):
         asyncio.run(agents.Runner.run(agent, f"weather? {IN}"))
     st.agent_upstream.leak_in = "text"
-    assert OUT not in str(asyncio.run(agents.Runner.run(agent, "weather in Paris?", max_turns=3)).final_output)
+    try:
+        seen = str(asyncio.run(agents.Runner.run(agent, "weather in Paris?", max_turns=3)).final_output)
+    except agents.exceptions.AgentsException as e:  # the content-filter end, reported by the SDK as an error
+        seen = str(e)
+    assert OUT not in seen
+
+
+# ----------------------------------------------------------------------------- conversation state
+
+
+def test_previous_response_id_is_refused_unless_the_gateway_keeps_the_state(agent_stack) -> None:
+    st = agent_stack()
+    client = st.openai()
+    first = client.responses.create(model="m", input="hi")
+    assert first.store is False  # nothing is kept: the echo says so
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model="m", input="and then?", previous_response_id=first.id)
+    assert e.value.code == "unsupported_parameter" and "responses_state: gateway" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model="m", input="and then?", conversation="conv_123")
+    assert e.value.code == "unsupported_parameter"
+
+
+def test_the_gateway_keeps_guarded_conversations_and_guards_them_whole(make_stack, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("T_KEY_A", "gk-aaaa1111")
+    monkeypatch.setenv("T_KEY_B", "gk-bbbb2222")
+    up = AgentUpstream()
+    st = make_stack({"upstreams": {"main": {"base_url": "SCRIPTED"}}, "policy": "p", "responses_state": "gateway",
+                     "keys": [{"name": "a", "key_env": "T_KEY_A"}, {"name": "b", "key_env": "T_KEY_B"}]},
+                    handler=up, policies=PolicyStore(required=[policy(tmp_path)]))
+    a, b = st.openai(api_key="gk-aaaa1111"), st.openai(api_key="gk-bbbb2222")
+    first = a.responses.create(model="m", instructions="Be brief.", input="hi")
+    assert first.store is True
+    with a.responses.stream(model="m", input="more?", previous_response_id=first.id) as s:
+        second = s.get_final_response()
+    third = a.responses.create(model="m", input="and then?", previous_response_id=second.id)
+    sent = up.bodies[-1]["messages"]
+    assert [(m["role"], m["content"] if isinstance(m["content"], str) else m["content"][0]["text"]) for m in sent] \
+        == [("user", "hi"), ("assistant", first.output_text), ("user", "more?"), ("assistant", second.output_text),
+            ("user", "and then?")]  # earlier instructions are not carried over, as upstream
+    assert third.status == "completed"
+    with pytest.raises(openai.BadRequestError) as e:  # another key cannot continue it
+        b.responses.create(model="m", input="x", previous_response_id=first.id)
+    assert e.value.code == "previous_response_not_found"
+    with pytest.raises(openai.BadRequestError) as e:  # the new turn is guarded with the rest
+        a.responses.create(model="m", input=f"now {IN}", previous_response_id=third.id)
+    assert e.value.code == "content_filter" and not upstream_saw(st, IN)
+    up.leak_in = "text"
+    blocked = a.responses.create(model="m", input="hi")
+    assert blocked.status == "incomplete"
+    with pytest.raises(openai.BadRequestError):  # a blocked answer is never kept
+        a.responses.create(model="m", input="x", previous_response_id=blocked.id)
+
+
+def test_openai_agents_continue_a_run_with_previous_response_id(agent_stack, make_stack, tmp_path) -> None:
+    up = AgentUpstream()
+    st = make_stack({"upstreams": {"main": {"base_url": "SCRIPTED"}}, "policy": "p", "responses_state": "gateway"},
+                    handler=up, policies=PolicyStore(required=[policy(tmp_path)]))
+    agents, agent = _agents(st)
+    first = asyncio.run(agents.Runner.run(agent, "weather in Paris?"))
+    again = asyncio.run(agents.Runner.run(agent, "thanks!", previous_response_id=first.last_response_id))
+    assert again.final_output and any(m.get("role") == "tool" for m in up.bodies[-1]["messages"])

@@ -216,7 +216,9 @@ def test_real_sdk_endpoints_under_a_policy(guarded) -> None:
     the ones it guards get 400 content_filter on the input phrase and a filtered answer."""
     st = guarded()
     client = st.openai()
-    # RESPONSES-PENDING
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.responses.create(model="m", input=f"say {IN}")
+    assert bad.value.code == "content_filter"
     with pytest.raises(openai.BadRequestError) as bad:
         client.completions.create(model="m", prompt=f"say {IN}")
     assert bad.value.code == "content_filter"
