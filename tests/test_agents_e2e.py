@@ -106,6 +106,14 @@ def agent_stack(make_stack, tmp_path):
     return make
 
 
+def seen(call: Any) -> str:
+    """What a client call gives back (or the error it raises, for a content-filter end), as text."""
+    try:
+        return repr(call())
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+
 def upstream_saw(st: Any, phrase: str) -> bool:
     return any(phrase.encode() in r.body for r in st.upstream.requests)
 
@@ -234,6 +242,8 @@ def test_langchain_openai_responses_api(agent_stack) -> None:
     st.agent_upstream.leak_in = "args"
     msg = llm.bind_tools([WEATHER_TOOL]).invoke("weather in Paris?")
     assert OUT not in json.dumps(msg.tool_calls) + str(msg.content)
+    st.agent_upstream.leak_in = "json"
+    assert OUT not in seen(lambda: llm.with_structured_output(Weather).invoke("weather as JSON"))
     assert not upstream_saw(st, IN)
 
 
@@ -263,6 +273,10 @@ def test_pydantic_ai_responses_model_with_a_tool_and_an_output_type(agent_stack)
         agent.run_sync(f"weather? {IN}")
     assert "content_filter" in str(e.value) or isinstance(e.value.__cause__, openai.BadRequestError)
     assert not upstream_saw(st, IN)
+    for where in ("text", "args", "json"):  # the answer, a tool's arguments, the structured output
+        st.agent_upstream.leak_in = where
+        assert OUT not in seen(lambda: agent.run_sync("weather in Paris?").output), where
+        assert OUT not in seen(lambda: typed.run_sync("weather as JSON").output), where
 
 
 # ----------------------------------------------------------------------------- translation
