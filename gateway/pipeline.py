@@ -24,7 +24,7 @@ from gateway import dialects
 from gateway.context import GatewayError, RequestContext
 from gateway.dialects.base import DialectError, UpstreamStreamError
 from gateway.dialects.embeddings import decode_embedding_inputs
-from gateway.endpoints import Kind, path_param
+from gateway.endpoints import CHAT_PATH, MODELS_PATH, Kind, path_param
 from gateway.relay import SSE_HEADERS, TimedResponse, relay_response
 from gateway.responses_state import ResponseStore
 from gateway.routing import Action, Plan, moderation_step
@@ -33,8 +33,6 @@ from gateway.types import Event, Exchange, Finish, Message, Part, TextDelta, Too
 from gateway.upstreams.base import NeutralUpstream, UpstreamError
 from gateway.upstreams.http import HttpUpstream, draining, release_after_eof, request_headers
 
-CHAT_PATH = "/chat/completions"  # the chat endpoint in both upstream dialects
-MODELS_PATH = "/models"
 
 
 @functools.cache
