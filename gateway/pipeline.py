@@ -34,7 +34,6 @@ from gateway.upstreams.base import NeutralUpstream, UpstreamError
 from gateway.upstreams.http import HttpUpstream, draining, release_after_eof, request_headers
 
 
-
 @functools.cache
 def relay_error_frame(dialect: str, message: str, code: str) -> bytes:
     """The frame that ends a relayed stream whose upstream failed mid-way."""
