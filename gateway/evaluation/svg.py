@@ -33,6 +33,11 @@ def _fmt(v: float) -> str:
     return f"{v:.2g}"
 
 
+def _nice_top(n: int) -> int:
+    """A count axis' top: n itself up to 5, else the next multiple of 5 (whole-number ticks)."""
+    return n if n <= 5 else -(-n // 5) * 5
+
+
 def _axes(out: list[str], x0: float, x1: float, y0: float, y1: float, xlabel: str, ylabel: str,
           w: int = W, h: int = H, ticks: int = 5, xnumbers: bool = True) -> None:
     """Axes with `ticks` ticks over [x0, x1] × [y0, y1] and their labels."""
@@ -99,8 +104,8 @@ def histogram(values: list[float], title: str, xlabel: str, bins: int = 20) -> s
     counts = [0] * bins
     for v in values:
         counts[min(bins - 1, int((v - lo) / (hi - lo) * bins))] += 1
-    top = max(counts)
-    _axes(out, lo, hi, 0, top, xlabel, "count", ticks=min(5, top) if top < 5 else 5)
+    top = _nice_top(max(counts))
+    _axes(out, lo, hi, 0, top, xlabel, "count", ticks=min(5, top))
     pw, ph = W - PAD_L - PAD_R, H - PAD_T - PAD_B
     bw = pw / bins
     for i, c in enumerate(counts):
@@ -171,8 +176,8 @@ def timeline(buckets: list[tuple[str, int, int]], title: str) -> str:
     if not buckets:
         out.append(f'<text x="{w / 2}" y="{H / 2}" text-anchor="middle" font-size="12">no records</text></svg>')
         return "\n".join(out)
-    top = max(t for _, t, _ in buckets) or 1
-    _axes(out, 0, len(buckets), 0, top, "time", "requests", w=w, ticks=min(5, top) if top < 5 else 5,
+    top = _nice_top(max(t for _, t, _ in buckets) or 1)
+    _axes(out, 0, len(buckets), 0, top, "time", "requests", w=w, ticks=min(5, top),
           xnumbers=False)
     pw, ph = w - PAD_L - PAD_R, H - PAD_T - PAD_B
     bw = pw / len(buckets)
