@@ -3,6 +3,7 @@ the gates, the report's HTML, and the report rendered by headless Chromium."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -256,7 +257,7 @@ def test_sweep_is_monotone_on_random_scores() -> None:
         pts = [(None if rng.random() < 0.1 else round(rng.random(), 2), rng.random() < 0.4) for _ in range(40)]
         sw = sweep(pts)
         assert [p["threshold"] for p in sw[:-1]] == sorted({s for s, _ in pts if s is not None})
-        for a, b in zip(sw, sw[1:], strict=False):
+        for a, b in itertools.pairwise(sw):
             assert b["tp"] <= a["tp"] and b["fp"] <= a["fp"]
             assert (b["recall"] or 0) <= (a["recall"] or 0) and (b["fpr"] or 0) <= (a["fpr"] or 0)
 
