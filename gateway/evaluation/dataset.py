@@ -12,11 +12,16 @@ malicious, as public sets write it). `category` groups records in the report; `s
 policy step (its `name`/label, or the guard name) expected to catch an unsafe record, so another
 step that does not flag it is not charged a miss.
 
+A `.csv` file is read as a table with `text` (or `prompt`) and `label` columns, optionally
+`response`, `category`, `step` and `id`: the shape public prompt-injection sets ship in (e.g. the
+s-labs set, `text,label` with 1 = injection).
+
 `sample:NAME` names a set shipped in gateway/evaluation/samples/ (NAME.jsonl).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,12 +76,10 @@ def load(path: str) -> list[Record]:
     p = resolve(path, ".jsonl")
     out: list[Record] = []
     seen: set[str] = set()
-    with open(p, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
+    with open(p, encoding="utf-8", newline="" if p.suffix == ".csv" else None) as fh:
+        for n, obj in _rows(fh, csv_file=p.suffix.lower() == ".csv"):
             try:
-                out.append(_record(n, json.loads(line)))
+                out.append(_record(n, json.loads(obj) if isinstance(obj, str) else obj))
             except json.JSONDecodeError as e:
                 raise InputError(f"{p}:{n}: not JSON: {e.msg}") from None
             except InputError as e:
@@ -87,6 +90,18 @@ def load(path: str) -> list[Record]:
     if not out:
         raise InputError(f"{p}: no records")
     return out
+
+
+def _rows(fh: Any, csv_file: bool) -> Any:
+    """(line number, JSON text or CSV row dict) per non-empty record."""
+    if csv_file:
+        reader = csv.DictReader(fh)
+        for row in reader:
+            yield reader.line_num, {k: v for k, v in row.items() if k and v not in (None, "")}
+        return
+    for n, line in enumerate(fh, 1):
+        if line.strip():
+            yield n, line
 
 
 def _record(n: int, obj: Any) -> Record:
