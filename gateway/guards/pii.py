@@ -131,10 +131,14 @@ KINDS: tuple[Kind, ...] = (
         r"|github_pat_[A-Za-z0-9_]{30,}|(?:AKIA|ASIA)[0-9A-Z]{16}|xox[abprs]-[A-Za-z0-9-]{10,}"
         r"|AIza[0-9A-Za-z_-]{35}|eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,})(?![\w-])"
         r"|(?i:bearer)\s+([A-Za-z0-9._~+/=-]{20,})")),
-    Kind("email", re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![\w-])")),
+    Kind("email", re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"
+                             r"(?![\w-])")),
     Kind("iban", re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?(?![A-Za-z0-9])"),
          iban_ok),
-    Kind("card", re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])"), _card_ok),
+    # 16-19 digits in groups of four, or Amex-like 4-6-5 / 4-6-4; one separator style per number, so two
+    # numbers side by side are not read as one
+    Kind("card", re.compile(r"(?<![\d-])(?:\d{4}([ -]?)\d{4}\1\d{4}\1\d{4}(?:\1?\d{1,3})?|\d{4}([ -]?)\d{6}\2\d{4,5})"
+                            r"(?![\d-])"), _card_ok),
     Kind("us_ssn", re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])")),
     Kind("uk_nino", re.compile(
         r"(?<![A-Za-z0-9])(?!BG|GB|NK|KN|TN|NT|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]"
@@ -144,7 +148,7 @@ KINDS: tuple[Kind, ...] = (
     Kind("ipv4", re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
                             r"(?![\d.]|\.\d)")),
     Kind("ipv6", re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])"), _ipv6_ok),
-    Kind("phone", re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,4}){1,4}"
+    Kind("phone", re.compile(r"(?<![\w+:./-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,4}){1,4}"
                              r"(?![\w])"), _phone_ok),
 )
 KIND_NAMES = tuple(k.name for k in KINDS)
@@ -225,6 +229,11 @@ class PiiGuard(Guard):
                 g = (1 if m.group(1) is not None else 2) if kind.name == "api_key" else 0
                 a, b = m.span(g)
                 value = text[a:b]
+                if kind.name == "phone":  # a run of numbers: the longest leading groups that form one alone
+                    while (not _phone_ok(value) or any(a < f.end and f.start < b for f in found)) \
+                            and re.search(r"[ .-]\d+$", value):
+                        value = re.sub(r"[ .-]\d+$", "", value)
+                        b = a + len(value)
                 if value in self.allow or (kind.valid is not None and not kind.valid(value)):
                     continue
                 if any(a < f.end and f.start < b for f in found):
