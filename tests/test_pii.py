@@ -270,3 +270,12 @@ def test_unmask_restores_a_placeholder_split_anywhere() -> None:
         out = asyncio.run(collect(Unmasker(restore).stream(events())))
         assert "".join(e.text for e in out if isinstance(e, TextDelta)) == "x a@b.io y c@d.io <EMAIL_1", cut
         assert isinstance(out[-1], Finish)
+
+
+def test_regex_redact_on_the_input_rewrites_the_request(pii_stack, tmp_path) -> None:
+    p = tmp_path / "r.yaml"
+    p.write_text("name: r\ninput:\n  steps:\n    - {guard: regex, patterns: ['project \\\\w+'], action: redact, "
+                 "notice: '[codename]'}\n")
+    st = pii_stack(str(p))
+    st.openai().chat.completions.create(model="m", messages=[{"role": "user", "content": "about project Falcon?"}])
+    assert st.upstream.last.json()["messages"][0]["content"] == "about [codename]?"
