@@ -274,7 +274,7 @@ def test_unmask_restores_a_placeholder_split_anywhere() -> None:
 
 def test_regex_redact_on_the_input_rewrites_the_request(pii_stack, tmp_path) -> None:
     p = tmp_path / "r.yaml"
-    p.write_text("name: r\ninput:\n  steps:\n    - {guard: regex, patterns: ['project \\\\w+'], action: redact, "
+    p.write_text("name: r\ninput:\n  steps:\n    - {guard: regex, patterns: ['project \\w+'], action: redact, "
                  "notice: '[codename]'}\n")
     st = pii_stack(str(p))
     st.openai().chat.completions.create(model="m", messages=[{"role": "user", "content": "about project Falcon?"}])
