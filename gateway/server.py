@@ -28,8 +28,8 @@ from gateway.policy.record import on_verdict
 from gateway.responses_state import ResponseStore
 from gateway.routing import Router
 from gateway.telemetry import Telemetry, observe_verdict
-from gateway.upstreams.base import NeutralUpstream, UpstreamError
 from gateway.upstreams import registry as upstream_registry
+from gateway.upstreams.base import NeutralUpstream, UpstreamError
 from gateway.upstreams.http import HttpUpstream
 
 log = logging.getLogger("guardgate")

@@ -133,7 +133,7 @@ class ToolsGuard(Guard):
         return f"arguments:{call.name}:{where}:{err.validator}", f"{call.name} {where}: {err.message}"
 
     def judge(self, t0: float, messages: list[Message], calls: list[ToolCall]) -> Verdict:
-        for k, call in enumerate(calls):
+        for call in calls:
             found = self.violation(call)
             if found is not None:
                 rule, why = found
