@@ -111,6 +111,8 @@ class _StepState:
     args: tuple[int, int, bool] = (0, 0, False)
     final_done: bool = False
     ran: int = 0
+    calls_seen: int = 0  # complete tool calls this step has judged (its last verdict covered them)
+    calls_pending: int = 0  # complete tool calls handed to the check in flight
 
 
 @dataclass(slots=True, eq=False)
@@ -386,7 +388,9 @@ class StreamGate:
                 if st.task is not None or st.final_done:
                     continue
                 if c.ended:
-                    if c.length > st.checked_to or st.hold_from is not None or st.ran == 0:
+                    # a call completed by the finish adds no text, yet its step must see it whole
+                    if (c.length > st.checked_to or st.hold_from is not None or st.ran == 0
+                            or st.calls_seen < len(c.calls)):
                         self._start(c, st, final=True)
                     else:
                         st.final_done = True
@@ -398,6 +402,7 @@ class StreamGate:
         st.args = (st.checked_to, len(text), final)
         st.ran += 1
         calls = c.complete_calls() if c.calls else []
+        st.calls_pending = len(calls)
         st.task = asyncio.create_task(self._check(st, text, st.checked_to, final, calls))
         st.task.add_done_callback(partial(self._check_done, c, st))
 
@@ -427,6 +432,7 @@ class StreamGate:
             return
         v = task.result()
         window_start, end, final = st.args
+        st.calls_seen = max(st.calls_seen, st.calls_pending)
         st.rec.add(v)
         self._result.checks += 1
         if v.error is not None:
@@ -519,6 +525,11 @@ class StreamGate:
         for st in c.steps:
             if st.hold_from is not None:
                 limit = min(limit, st.hold_from)
+            if st.calls_seen < len(c.calls) and not st.final_done:
+                # a call this step has not yet been handed whole (its finish came after the last check)
+                start = c.calls[st.calls_seen][0]
+                assert start is not None
+                limit = min(limit, start)
         for start, end in c.calls:  # never part of a call: back to its header
             assert start is not None
             if start < limit and (end is None or limit < end):
