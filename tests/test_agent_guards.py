@@ -57,8 +57,9 @@ class Scripted:
         frames = [sse(oa_chunk({"role": "assistant", "content": ""})), sse(oa_chunk({"content": msg["content"]}))]
         for tc in msg.get("tool_calls", []):
             args = tc["function"]["arguments"]
+            head = {"name": tc["function"]["name"], "arguments": ""}
             frames.append(sse(oa_chunk({"tool_calls": [{"index": 0, "id": tc["id"], "type": "function",
-                                                        "function": {"name": tc["function"]["name"], "arguments": ""}}]})))
+                                                        "function": head}]})))
             for piece in (args[: len(args) // 2], args[len(args) // 2:]):
                 frames.append(sse(oa_chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})))
         frames += [sse(oa_chunk({}, finish)), sse("[DONE]")]
