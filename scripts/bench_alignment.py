@@ -17,14 +17,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import asyncio  # noqa: E402
+import asyncio
 
-from harness import Loop, ScriptedUpstream  # noqa: E402
-from test_agent_guards import TOOL, Scripted  # noqa: E402
+from harness import Loop, ScriptedUpstream
+from test_agent_guards import TOOL, Scripted
 
-from gateway.config import parse  # noqa: E402
-from gateway.policy.chain import PolicyStore  # noqa: E402
-from gateway.server import Gateway, create_app  # noqa: E402
+from gateway.config import parse
+from gateway.policy.chain import PolicyStore
+from gateway.server import Gateway, create_app
 
 
 def stack(policy: str | None, scripted: Scripted) -> tuple[Loop, str]:
