@@ -214,18 +214,21 @@ class Pipeline:
             if not (run.policy.input_parallel and isinstance(upstream, HttpUpstream)):
                 await self._input_gate(input_task, ctx)
                 input_task = None
+        # The request as the input stage rewrote it (input `redact`, pii masking); a rewriting policy
+        # never runs in parallel with the upstream (policy.schema refuses it), so the verdict is in.
+        up_ex = run.upstream_exchange(ex) if run is not None and input_task is None else ex
         try:
             if isinstance(upstream, NeutralUpstream):
                 if not ex.stream:
                     try:
-                        completion = await upstream.complete(ex)
+                        completion = await upstream.complete(up_ex)
                     except UpstreamError:
                         raise
                     return await self._send_completion(ctx, cd, ex, completion, run)
-                return await self._send_stream(request, ctx, cd, ex, upstream.stream(ex), run)
+                return await self._send_stream(request, ctx, cd, ex, upstream.stream(up_ex), run)
 
             ud, path = upstream_side(plan)
-            up_body = json.dumps(ud.encode_request(ex), separators=(",", ":")).encode()
+            up_body = json.dumps(ud.encode_request(up_ex), separators=(",", ":")).encode()
             headers = self.upstream_headers(request, ctx, upstream, {"Content-Type": "application/json"})
             send = asyncio.ensure_future(self.telemetry.send(upstream, "POST", path, plan.query, headers, up_body))
             if input_task is not None:
@@ -278,6 +281,8 @@ class Pipeline:
                                run: Any) -> web.Response:
         if run is not None and run.policy.has_output:
             completion = await run.check_output(ex, completion)
+        if run is not None:
+            completion = run.unmask_completion(completion)
         if any(ch.finish_reason == "content_filter" for ch in completion.choices):
             ctx.outcome = "blocked_output"
         else:
@@ -290,6 +295,8 @@ class Pipeline:
         events = self.telemetry.upstream_events(events)
         if run is not None and run.policy.has_stream:
             events = run.guard_stream(ex, events)
+        if run is not None:
+            events = run.unmask_stream(events)
         events = self.telemetry.client_events(events)
         if self._keeps(ctx, ex):
             events = self._remembering(ctx, ex, events)

@@ -28,6 +28,7 @@ from gateway.policy.record import on_verdict
 from gateway.responses_state import ResponseStore
 from gateway.routing import Router
 from gateway.telemetry import Telemetry, observe_verdict
+from gateway.upstreams import registry as upstream_registry
 from gateway.upstreams.base import NeutralUpstream, UpstreamError
 from gateway.upstreams.http import HttpUpstream
 
@@ -108,6 +109,7 @@ class Gateway:
                 up = HttpUpstream(ucfg)
             await up.start()
             self.upstreams[name] = up
+        upstream_registry.bind(self.upstreams)  # judges (alignment_check) reach upstreams by name
         self.router = Router(self.cfg, self.upstreams, self.policies)
         self.pipeline = Pipeline(self.telemetry, self.audit, keys_on=bool(self.router.keys),
                                  send_timeout=self.cfg.limits.send_timeout_s,
