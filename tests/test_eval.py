@@ -303,11 +303,9 @@ def test_shipped_samples_run_as_a_subprocess(tmp_path: Path, sample: str) -> Non
     s = json.loads((out / "summary.json").read_text())
     lines = [json.loads(x) for x in (SAMPLES_DIR / f"{sample}.jsonl").read_text().splitlines()]
     assert s["records"] == len(lines) and s["unsafe"] == sum(x["label"] == "unsafe" for x in lines)
-    if sample == "pii":  # data for the pii guard: the sample policy has none, and says so
-        assert s["unmatched_expected_steps"] == ["pii"] and "does not have" in p.stderr
-    else:
-        assert s["overall"]["recall"] >= 0.75 and s["overall"]["fpr"] <= 0.1
-        assert s["unmatched_expected_steps"] == []
+    fpr_max = 0.2 if sample == "pii" else 0.1  # the pii set carries an honest false positive in 6 benign rows
+    assert s["overall"]["recall"] >= 0.75 and s["overall"]["fpr"] <= fpr_max
+    assert s["unmatched_expected_steps"] == []
 
 
 # --------------------------------------------------------------------------- the HTML report
