@@ -25,11 +25,13 @@ from gateway.context import GatewayError, RequestContext
 from gateway.dialects.base import DialectError, UpstreamStreamError
 from gateway.dialects.embeddings import decode_embedding_inputs
 from gateway.endpoints import Kind, path_param
+from gateway.limits.usage import Counted, UsageTap, from_usage
+from gateway.policy.tokens import count_tokens
 from gateway.relay import SSE_HEADERS, TimedResponse, relay_response
 from gateway.responses_state import ResponseStore
 from gateway.routing import Action, Plan, moderation_step
 from gateway.telemetry import Telemetry
-from gateway.types import Event, Exchange, Finish, Message, Part, TextDelta, ToolCall, ToolCallDelta
+from gateway.types import Event, Exchange, Finish, Message, Part, TextDelta, ToolCall, ToolCallDelta, UsageEvent
 from gateway.upstreams.base import NeutralUpstream, UpstreamError
 from gateway.upstreams.http import HttpUpstream, draining, release_after_eof, request_headers
 
@@ -91,6 +93,11 @@ def upstream_side(plan: Plan) -> tuple[Any, str]:
     return dialects.get(upstream.dialect), CHAT_PATH
 
 
+def prompt_tokens(ex: Exchange) -> int:
+    """The gateway's own count of a request's prompt (cl100k), for an upstream that reports no usage."""
+    return sum(count_tokens(m.text) for m in ex.messages)
+
+
 class Pipeline:
     """Carries out a `routing.Plan`. It holds only what it needs: telemetry, the audit log, and
     whether gateway keys are on (then a client's Authorization is never forwarded)."""
@@ -129,14 +136,19 @@ class Pipeline:
         assert isinstance(upstream, HttpUpstream)
         headers = self.upstream_headers(request, ctx, upstream)
         resp = await self.telemetry.send(upstream, plan.method, ctx.tail, plan.query, headers, plan.body or None)
+        # Only under a token budget are the relayed bytes read (for their usage); else none of this runs.
+        tap = UsageTap(plan.payload) if ctx.meter_tokens and resp.status < 400 else None
         try:
             ctx.ttfb_ms = (time.perf_counter() - ctx.started) * 1000
             return await relay_response(request, resp, {"X-Guardgate-Request-Id": ctx.id},
                                         functools.partial(relay_error_frame, ctx.dialect),
-                                        plan.endpoint.terminator, upstream.redact, self.send_timeout)
+                                        plan.endpoint.terminator, upstream.redact, self.send_timeout,
+                                        tap.feed if tap is not None else None)
         finally:
             if not draining(resp):  # a finished stream's connection may be on its way back to the pool
                 resp.close()
+            if tap is not None:
+                ctx.usage = tap.count()
 
     def _run(self, plan: Plan) -> Any:
         """A policy run for this request (None without a policy)."""
@@ -285,6 +297,11 @@ class Pipeline:
             ctx.outcome = "blocked_output"
         else:
             self._remember(ctx, ex, completion.message)
+        ctx.usage = from_usage(completion.usage) if completion.usage is not None else None
+        if ctx.meter_tokens and (ctx.usage is None or not ctx.usage.total):
+            texts = [p.text for ch in completion.choices for p in ch.message.parts if p.text]
+            texts += [t.arguments for ch in completion.choices for t in ch.message.tool_calls]
+            ctx.usage = Counted(prompt_tokens(ex), sum(count_tokens(t) for t in texts), "gateway")
         self.telemetry.observe_completion(completion)
         return web.json_response(cd.encode_response(completion, ex), headers={"X-Guardgate-Request-Id": ctx.id})
 
@@ -294,6 +311,7 @@ class Pipeline:
         if run is not None and run.policy.has_stream:
             events = run.guard_stream(ex, events)
         events = self.telemetry.client_events(events)
+        events = self._metered(ctx, ex, events)
         if self._keeps(ctx, ex):
             events = self._remembering(ctx, ex, events)
         enc = cd.stream_encoder(ex)
@@ -318,6 +336,25 @@ class Pipeline:
             await events.aclose()  # type: ignore[attr-defined]
         await out.write_eof()
         return out
+
+    @staticmethod
+    async def _metered(ctx: RequestContext, ex: Exchange, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+        """Pass the released events on; note the upstream's usage, or (under a token budget, when the
+        upstream sent none) count the tokens released, into `ctx.usage`."""
+        released: list[str] = []
+        try:
+            async for ev in events:
+                if isinstance(ev, UsageEvent):
+                    ctx.usage = from_usage(ev.usage)
+                elif ctx.meter_tokens and isinstance(ev, TextDelta):
+                    released.append(ev.text)
+                elif ctx.meter_tokens and isinstance(ev, ToolCallDelta):
+                    released.append(ev.arguments)
+                yield ev
+        finally:
+            if ctx.meter_tokens and (ctx.usage is None or not ctx.usage.total):
+                ctx.usage = Counted(prompt_tokens(ex), count_tokens("".join(released)), "gateway")
+            await events.aclose()  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ Responses state
 
