@@ -173,12 +173,14 @@ class Gateway:
                                       request.headers.getall("Authorization", []))
             body = await self.read_body(request) if request.body_exists else b""
             plan = self.router.plan(ctx, request.method, query, body)
-            if plan.rate is None:
-                resp = await self.pipeline.dispatch(request, plan)
-            else:
-                resp = await self.limited(request, plan, plan.rate)
-            if ctx.usage is not None:
-                self.record_usage(ctx)
+            try:
+                if plan.rate is None:
+                    resp = await self.pipeline.dispatch(request, plan)
+                else:
+                    resp = await self.limited(request, plan, plan.rate)
+            finally:  # also when the client hangs up right after the end of a stream (the handler is cancelled)
+                if ctx.usage is not None:
+                    self.record_usage(ctx)
         except GatewayError as e:
             ctx.outcome = ctx.outcome or e.code
             resp = error_response(ctx.dialect, e, ctx.id)
@@ -214,7 +216,7 @@ class Gateway:
         self.telemetry.record_usage(key, model, u.prompt_tokens, u.completion_tokens, u.source)
         if self.audit is not None:
             self.audit.write({"type": "usage", "ts": _now_iso(), "request_id": ctx.id, "key": key, "model": model,
-                              "route": ctx.prefix + ctx.tail, "upstream": ctx.upstream, "status": ctx.status or 200,
+                              "route": ctx.prefix + ctx.tail, "upstream": ctx.upstream,
                               "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
                               "source": u.source})
 

@@ -109,4 +109,5 @@ class UsageTap:
                 _text_of({k: v for k, v in obj.items() if k != "usage"}, texts)
         if not objs:
             return None
-        return Counted(_prompt_count(self.payload), sum(count_tokens(t) for t in texts), "gateway")
+        # joined: a stream's pieces split words, and counting each piece alone would over-count
+        return Counted(_prompt_count(self.payload), count_tokens("".join(texts)), "gateway")
