@@ -31,7 +31,7 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_relay import free_port, spawn, wait_ready  # noqa: E402
+from bench_relay import free_port, spawn, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable

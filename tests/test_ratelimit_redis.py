@@ -129,7 +129,7 @@ def replicas(tmp_path: Path, upstream: tuple[ScriptedUpstream, str], redis_serve
 
     def start(key_limits: str, on_store_error: str = "allow", n: int = 2) -> list[Replica]:
         out = []
-        for i in range(n):
+        for _ in range(n):
             port = free_port()
             conf = tmp_path / f"gateway-{len(procs)}.yaml"
             conf.write_text(f"""
