@@ -273,3 +273,26 @@ def _metric(url: str, name: str, label: str) -> float:
             total += float(line.rsplit(" ", 1)[1])
     return total
 
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_guarded_chat_is_metered(make_stack, tmp_path, stream: bool) -> None:
+    """Under a policy the answer is decoded: usage from the upstream when it reports it (non-stream),
+    else the gateway's count of what the gate released (the scripted stream has no usage chunk)."""
+    from harness import in_out_policy
+
+    from gateway.policy.chain import PolicyStore
+
+    store = PolicyStore(required=[in_out_policy(tmp_path / "p.yaml", "FORBIDDEN", "NEVERSAID")])
+    cfg = {"upstreams": {"main": {"base_url": "SCRIPTED"}}, "routes": [{"upstream": "main", "policy": "p"}],
+           **keyed(tokens_per_minute=1)}
+    s = make_stack(cfg, policies=store)
+    r = chat(s.url, stream=stream)
+    assert r.status_code == 200
+    assert chat(s.url, stream=stream).status_code == 429  # the first answer spent the budget
+    text = httpx.get(s.url + "/metrics").text
+    source = "gateway" if stream else "upstream"
+    line = [x for x in text.splitlines() if x.startswith("guardgate_usage_tokens_total{") and 'type="completion"' in x]
+    assert len(line) == 1 and f'source="{source}"' in line[0]
+    expected = count_tokens("Hello there!") if stream else 7
+    assert float(line[0].rsplit(" ", 1)[1]) == expected
