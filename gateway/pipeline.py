@@ -137,7 +137,7 @@ class Pipeline:
         headers = self.upstream_headers(request, ctx, upstream)
         resp = await self.telemetry.send(upstream, plan.method, ctx.tail, plan.query, headers, plan.body or None)
         # Only under a token budget are the relayed bytes read (for their usage); else none of this runs.
-        tap = UsageTap(plan.payload) if ctx.meter_tokens and resp.status < 400 else None
+        tap = UsageTap(plan.payload) if ctx.meter_tokens and plan.payload is not None and resp.status < 400 else None
         try:
             ctx.ttfb_ms = (time.perf_counter() - ctx.started) * 1000
             return await relay_response(request, resp, {"X-Guardgate-Request-Id": ctx.id},
