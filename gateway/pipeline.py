@@ -93,6 +93,23 @@ def upstream_side(plan: Plan) -> tuple[Any, str]:
     return dialects.get(upstream.dialect), CHAT_PATH
 
 
+class UsageAudit:
+    """The audit log as a policy run sees it: the request's token usage, when known by the time the
+    record is written (after the answer), rides in the record as `usage`."""
+
+    __slots__ = ("ctx", "log")
+
+    def __init__(self, log: Any, ctx: RequestContext) -> None:
+        self.log, self.ctx = log, ctx
+
+    def write(self, record: dict[str, Any]) -> None:
+        u = self.ctx.usage
+        if u is not None:
+            record["usage"] = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                               "source": u.source}
+        self.log.write(record)
+
+
 def prompt_tokens(ex: Exchange) -> int:
     """The gateway's own count of a request's prompt (cl100k), for an upstream that reports no usage."""
     return sum(count_tokens(m.text) for m in ex.messages)
@@ -157,8 +174,9 @@ class Pipeline:
         from gateway.policy.chain import PolicyRun
 
         ctx = plan.ctx
+        audit = UsageAudit(self.audit, ctx) if self.audit is not None else None
         return PolicyRun(plan.policy, request_id=ctx.id, route=ctx.prefix + ctx.tail, dialect=ctx.dialect,
-                         model=ctx.model, key=ctx.key.name if ctx.key else None, audit=self.audit)
+                         model=ctx.model, key=ctx.key.name if ctx.key else None, audit=audit)
 
     async def input_then_relay(self, plan: Plan) -> None:
         """Embeddings and moderations under an input policy: the texts pass the input stage first."""

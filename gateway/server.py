@@ -180,7 +180,7 @@ class Gateway:
                     resp = await self.limited(request, plan, plan.rate)
             finally:  # also when the client hangs up right after the end of a stream (the handler is cancelled)
                 if ctx.usage is not None:
-                    self.record_usage(ctx)
+                    self.record_usage(ctx, audited=plan.policy is not None)
         except GatewayError as e:
             ctx.outcome = ctx.outcome or e.code
             resp = error_response(ctx.dialect, e, ctx.id)
@@ -208,13 +208,15 @@ class Gateway:
                 task.add_done_callback(self._finishing.discard)
                 await asyncio.shield(task)
 
-    def record_usage(self, ctx: RequestContext) -> None:
-        """Usage per key and model: /metrics, and one `usage` line in the audit log when there is one."""
+    def record_usage(self, ctx: RequestContext, audited: bool) -> None:
+        """Usage per key and model: /metrics; and in the audit log (when there is one) for a request the
+        policy did not record (a guarded request's record carries it: pipeline.UsageAudit), a line of its
+        own."""
         u = ctx.usage
         key = ctx.key.name if ctx.key is not None else "-"
         model = ctx.model or "-"
         self.telemetry.record_usage(key, model, u.prompt_tokens, u.completion_tokens, u.source)
-        if self.audit is not None:
+        if self.audit is not None and not audited:
             self.audit.write({"type": "usage", "ts": _now_iso(), "request_id": ctx.id, "key": key, "model": model,
                               "route": ctx.prefix + ctx.tail, "upstream": ctx.upstream,
                               "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,

@@ -286,7 +286,7 @@ def test_guarded_chat_is_metered(make_stack, tmp_path, stream: bool) -> None:
     store = PolicyStore(required=[in_out_policy(tmp_path / "p.yaml", "FORBIDDEN", "NEVERSAID")])
     cfg = {"upstreams": {"main": {"base_url": "SCRIPTED"}}, "routes": [{"upstream": "main", "policy": "p"}],
            **keyed(tokens_per_minute=1)}
-    s = make_stack(cfg, policies=store)
+    s = make_stack(cfg, policies=store, audit=AuditLog(tmp_path / "audit.jsonl"))
     r = chat(s.url, stream=stream)
     assert r.status_code == 200
     assert chat(s.url, stream=stream).status_code == 429  # the first answer spent the budget
@@ -296,3 +296,7 @@ def test_guarded_chat_is_metered(make_stack, tmp_path, stream: bool) -> None:
     assert len(line) == 1 and f'source="{source}"' in line[0]
     expected = count_tokens("Hello there!") if stream else 7
     assert float(line[0].rsplit(" ", 1)[1]) == expected
+    # the usage rides in the policy's own audit record: one line per request, as before
+    records = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and "type" not in records[0]  # the refused request never reached the policy
+    assert records[0]["usage"]["completion_tokens"] == expected and records[0]["usage"]["source"] == source
