@@ -3,7 +3,9 @@
 Actions, statuses and policies; per guard step: verdict counts (a step that never ran is "not
 run", never a pass), p50/p99 check latency, checks and tokens evaluated; the top flagged
 categories; guard errors; and the stream leak (tokens released past the start of a flagged
-window). `--json` prints the same summary as one JSON object.
+window). `--json` prints the same summary as one JSON object. `--report DIR` also writes DIR/report.html
+and DIR/summary.json: what the policy would have blocked (shadow mode) by step, category, route, key
+and over time, in `guardgate eval`'s report format (gateway/evaluation/audit_report.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ def add_audit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", help="only records of this policy")
     p.add_argument("--top", type=int, default=10, help="how many categories and errors to list (default 10)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--report", metavar="DIR",
+                   help="also write DIR/report.html (self-contained) and DIR/summary.json: decisions by step, "
+                        "category, route, key and over time")
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -246,6 +251,12 @@ def main_audit(args: argparse.Namespace) -> int:
         print(f"guardgate audit: no such file: {', '.join(missing)}", file=sys.stderr)
         return 2
     summary = summarise(files, policy=args.policy)
+    if getattr(args, "report", None):
+        from gateway.evaluation.audit_report import write_report
+
+        kept = [r for r in read_records(files, Summary()) if args.policy is None or r.get("policy") == args.policy]
+        write_report(kept, [str(f) for f in files], Path(args.report))
+        print(f"wrote {Path(args.report) / 'report.html'}, {Path(args.report) / 'summary.json'}", file=sys.stderr)
     d = summary.to_dict(top=args.top)
     if args.json:
         json.dump(d, sys.stdout, indent=2)

@@ -1,4 +1,4 @@
-"""`guardgate` command line: serve | check | models | audit | doctor."""
+"""`guardgate` command line: serve | check | eval | models | audit | doctor."""
 
 from __future__ import annotations
 
@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"serve": main_serve}
     for module, adder, runner, name in (
         ("gateway.check", "add_check_parser", "main_check", "check"),
+        ("gateway.evaluation.cli", "add_eval_parser", "main_eval", "eval"),
         ("gateway.models", "add_models_parser", "main_models", "models"),
         ("gateway.audit_cli", "add_audit_parser", "main_audit", "audit"),
         ("gateway.doctor", "add_doctor_parser", "main_doctor", "doctor"),

@@ -46,6 +46,10 @@ PREFIXES: tuple[tuple[str, str], ...] = (
     ("/v1", "openai"),
 )
 
+# What the gateway calls on an upstream when it translates (the same path in both dialects).
+CHAT_PATH = "/chat/completions"
+MODELS_PATH = "/models"
+
 DONE = b"data: [DONE]"  # the OpenAI stream terminator
 LLAMA_COMPLETE = b'"complete"'  # the native Llama stream's last event carries this
 

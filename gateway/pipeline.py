@@ -24,7 +24,7 @@ from gateway import dialects
 from gateway.context import GatewayError, RequestContext
 from gateway.dialects.base import DialectError, UpstreamStreamError
 from gateway.dialects.embeddings import decode_embedding_inputs
-from gateway.endpoints import Kind, path_param
+from gateway.endpoints import CHAT_PATH, MODELS_PATH, Kind, path_param
 from gateway.limits.usage import Counted, UsageTap, from_usage
 from gateway.policy.tokens import count_tokens
 from gateway.relay import SSE_HEADERS, TimedResponse, relay_response
@@ -34,9 +34,6 @@ from gateway.telemetry import Telemetry
 from gateway.types import Event, Exchange, Finish, Message, Part, TextDelta, ToolCall, ToolCallDelta, UsageEvent
 from gateway.upstreams.base import NeutralUpstream, UpstreamError
 from gateway.upstreams.http import HttpUpstream, draining, release_after_eof, request_headers
-
-CHAT_PATH = "/chat/completions"  # the chat endpoint in both upstream dialects
-MODELS_PATH = "/models"
 
 
 @functools.cache
@@ -247,18 +244,21 @@ class Pipeline:
             if not (run.policy.input_parallel and isinstance(upstream, HttpUpstream)):
                 await self._input_gate(input_task, ctx)
                 input_task = None
+        # The request as the input stage rewrote it (input `redact`, pii masking); a rewriting policy
+        # never runs in parallel with the upstream (policy.schema refuses it), so the verdict is in.
+        up_ex = run.upstream_exchange(ex) if run is not None and input_task is None else ex
         try:
             if isinstance(upstream, NeutralUpstream):
                 if not ex.stream:
                     try:
-                        completion = await upstream.complete(ex)
+                        completion = await upstream.complete(up_ex)
                     except UpstreamError:
                         raise
                     return await self._send_completion(ctx, cd, ex, completion, run)
-                return await self._send_stream(request, ctx, cd, ex, upstream.stream(ex), run)
+                return await self._send_stream(request, ctx, cd, ex, upstream.stream(up_ex), run)
 
             ud, path = upstream_side(plan)
-            up_body = json.dumps(ud.encode_request(ex), separators=(",", ":")).encode()
+            up_body = json.dumps(ud.encode_request(up_ex), separators=(",", ":")).encode()
             headers = self.upstream_headers(request, ctx, upstream, {"Content-Type": "application/json"})
             send = asyncio.ensure_future(self.telemetry.send(upstream, "POST", path, plan.query, headers, up_body))
             if input_task is not None:
@@ -311,6 +311,8 @@ class Pipeline:
                                run: Any) -> web.Response:
         if run is not None and run.policy.has_output:
             completion = await run.check_output(ex, completion)
+        if run is not None:
+            completion = run.unmask_completion(completion)
         if any(ch.finish_reason == "content_filter" for ch in completion.choices):
             ctx.outcome = "blocked_output"
         else:
@@ -328,6 +330,8 @@ class Pipeline:
         events = self.telemetry.upstream_events(events)
         if run is not None and run.policy.has_stream:
             events = run.guard_stream(ex, events)
+        if run is not None:
+            events = run.unmask_stream(events)
         events = self.telemetry.client_events(events)
         events = self._metered(ctx, ex, events)
         if self._keeps(ctx, ex):

@@ -30,6 +30,7 @@ from gateway.policy.record import on_verdict
 from gateway.responses_state import ResponseStore
 from gateway.routing import Plan, Router
 from gateway.telemetry import Telemetry, observe_verdict
+from gateway.upstreams import registry as upstream_registry
 from gateway.upstreams.base import NeutralUpstream, UpstreamError
 from gateway.upstreams.http import HttpUpstream
 
@@ -114,6 +115,7 @@ class Gateway:
                 up = HttpUpstream(ucfg)
             await up.start()
             self.upstreams[name] = up
+        upstream_registry.bind(self.upstreams)  # judges (alignment_check) reach upstreams by name
         self.router = Router(self.cfg, self.upstreams, self.policies)
         if self.router.limits_on:
             lim = self.cfg.limits

@@ -230,6 +230,22 @@ Event = StreamStart | TextDelta | ToolCallDelta | Finish | UsageEvent | Annotati
 
 
 @dataclass(slots=True)
+class TextEdit:
+    """Input stage: one span of the request's text to rewrite before it goes upstream (`redact`).
+
+    Addressed by message index, part index (`Message.parts[part]`; a negative `part` -(k+1) is
+    `tool_calls[k].arguments`) and character offsets within that text. `replacement` None means the
+    step's `notice`; a guard that masks (pii) gives its own placeholder.
+    """
+
+    message: int
+    part: int
+    start: int
+    end: int
+    replacement: str | None = None
+
+
+@dataclass(slots=True)
 class Verdict:
     """What one guard said about one piece of input or output.
 
@@ -250,6 +266,11 @@ class Verdict:
     span: tuple[int, int] | None = None
     hold_from: int | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    # Input stage: where to rewrite the request when the effective action is `redact`.
+    edits: list[TextEdit] = field(default_factory=list)
+    # Input stage: placeholder -> original value, put back into the answer for the client (pii
+    # `unmask`). Never recorded: it holds exactly the values the audit must not keep.
+    restore: dict[str, str] = field(default_factory=dict)
 
     @property
     def ran(self) -> bool:

@@ -83,11 +83,14 @@ INTERNAL_OPTIONS = {"pool"}  # llama_guard / local upstream: an engine pool obje
 
 
 def guard_option_keys() -> dict[str, set[str]]:
+    from gateway.guards.alignment_check import AlignmentCheck, RemoteJudge
     from gateway.guards.code_shield import CodeShieldOptions
     from gateway.guards.hidden_unicode import HiddenUnicodeGuard
     from gateway.guards.llama_guard import LlamaGuard, RemoteOptions
+    from gateway.guards.pii import PiiGuard
     from gateway.guards.prompt_guard import PromptGuard
     from gateway.guards.regex import RegexGuard
+    from gateway.guards.tools import ToolsGuard
     from gateway.upstreams.local import LocalUpstream
 
     params = inspect.signature(RegexGuard.__init__).parameters
@@ -100,6 +103,10 @@ def guard_option_keys() -> dict[str, set[str]]:
         | {"semgrep_timeout_ms"},
         "regex": regex_params,
         "hidden_unicode": set(HiddenUnicodeGuard.OPTIONS),
+        "pii": set(PiiGuard.OPTIONS),
+        "tools": set(ToolsGuard.OPTIONS) | {"host_in", "path_under"},
+        "alignment_check": set(AlignmentCheck.OPTIONS),
+        "alignment_check.remote": {f.name for f in dataclasses.fields(RemoteJudge)},
         "upstreams.*.options (llama_cpp)": set(LocalUpstream._OPTION_KEYS) - INTERNAL_OPTIONS,
     }
 

@@ -73,8 +73,9 @@ def test_good_policy_parses_with_defaults_and_overrides():
      "action must be one of"),
     ("name: x\nstream:\n  steps:\n    - guard: nosuch\n", 4, "unknown guard 'nosuch'"),
     ("name: x\nstream:\n  steps:\n    - action: block\n", 4, "missing required key 'guard'"),
-    ("name: x\ninput:\n  steps:\n    - guard: regex\n      patterns: [a]\n      action: redact\n", 6,
-     "redact is not supported on the input stage"),
+    ("name: x\ninput:\n  steps:\n    - guard: regex\n      patterns: [a]\n      action: redact\n"
+     "    - {guard: regex, patterns: [b], parallel_with_upstream: true}\n", 7,
+     "parallel_with_upstream cannot be used with an input step that rewrites"),
     ("name: x\nstream:\n  steps:\n    - guard: regex\n      patterns:\n        - ok\n        - 'bad(('\n", 7,
      "patterns[1] is not a valid regex"),
     ("name: x\nstream:\n  steps:\n    - guard: regex\n      patterns: [a]\n      colour: red\n", 6,

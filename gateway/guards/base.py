@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from gateway.types import Message, Stage, Verdict
+from gateway.types import Message, Stage, ToolCall, Verdict
 
 
 @dataclass(slots=True)
@@ -40,15 +40,22 @@ class GuardInput:
     # model (tool definitions, the response_format schema, documents, template kwargs, ...), as
     # (field path, text). Untrusted: an MCP server writes tool descriptions, a retriever documents.
     fields: list[tuple[str, str]] = field(default_factory=list)
+    # Output/stream stage: the answer's tool calls that are complete so far (name, id, whole
+    # arguments), for guards that judge calls as calls (tools, alignment_check), not as text.
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 class StreamCheck:
-    """Per-stream state of one guard. The default re-checks the unchecked window one-shot."""
+    """Per-stream state of one guard. The default re-checks the unchecked window one-shot.
+
+    `calls` is set by the stream gate before every check: the answer's complete tool calls so far.
+    """
 
     def __init__(self, guard: Guard, messages: list[Message], request_id: str) -> None:
         self.guard = guard
         self.messages = messages
         self.request_id = request_id
+        self.calls: list[ToolCall] = []
 
     async def check(self, text: str, window_start: int, final: bool) -> Verdict:
         """Judge `text` (the whole answer so far); `text[window_start:]` is new since the last check."""
@@ -60,6 +67,7 @@ class StreamCheck:
                 window_start=window_start,
                 final=final,
                 request_id=self.request_id,
+                tool_calls=list(self.calls),
             )
         )
 
@@ -72,6 +80,9 @@ class Guard(ABC):
 
     name: ClassVar[str]
     stages: ClassVar[frozenset[str]] = frozenset({"input", "stream", "output"})
+    # True when the guard may rewrite the request on the input stage (returns `Verdict.edits` with a
+    # `redact` action of its own): such a step cannot run in parallel with the upstream call.
+    rewrites_input: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         self.options = options

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import regex
 
 from gateway.guards.base import Guard, GuardConfigError, GuardInput, StreamCheck, register
-from gateway.types import Message, Verdict
+from gateway.types import Message, TextEdit, Verdict
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_SPANS = 64
@@ -174,6 +174,11 @@ class RegexGuard(Guard):
                     matches += self.scan(text).matches
             v = self._verdict(t0, _Scan(matches, None), hold=False)
             v.span = None  # spans are per message; meaningless on the conversation
+            if v.flagged:  # where to rewrite the request if the step's action is redact (per text part)
+                for mi, msg in enumerate(inp.messages):
+                    if msg.role in self.roles:
+                        for pi, part in enumerate(msg.parts):
+                            v.edits += [TextEdit(mi, pi, a, b) for a, b, _ in self.scan(part.text).matches]
             return v
         if inp.stage == "stream":
             # stateless: scan everything, keep matches that reach into the new window

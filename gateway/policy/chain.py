@@ -27,6 +27,7 @@ from gateway.guards.base import GuardInput
 from gateway.policy.gate import GateResult, StreamGate
 from gateway.policy.record import StepRecord, flagged_action, strongest
 from gateway.policy.reload import PolicyStore
+from gateway.policy.rewrite import Unmasker, apply_edits
 from gateway.policy.schema import Policy, PolicyError, Step, load_policy, parse_policy_text, run_step
 from gateway.types import (
     TEXT_CHANNELS,
@@ -38,6 +39,7 @@ from gateway.types import (
     Message,
     Part,
     TextDelta,
+    TextEdit,
     ToolCall,
     ToolCallDelta,
     UsageEvent,
@@ -57,6 +59,8 @@ class InputDecision:
     step: str | None = None  # label of the deciding step
     categories: list[str] = field(default_factory=list)
     verdicts: list[Verdict] = field(default_factory=list)
+    # Set when input steps redacted: the request as it must go upstream (the client's one is unchanged).
+    exchange: Exchange | None = None
 
 
 class PolicyRun:
@@ -83,6 +87,8 @@ class PolicyRun:
         self.gates: list[tuple[str, StreamGate]] = []
         self.content: dict[str, Any] = {}
         self._record: dict[str, Any] | None = None
+        self._edits: list[tuple[TextEdit, str]] = []  # input redactions: (edit, replacement)
+        self.restore: dict[str, str] = {}  # placeholder -> value, for `unmask` (never recorded)
         policy.acquire()
 
     # ------------------------------------------------------------------ input
@@ -109,7 +115,24 @@ class PolicyRun:
                 self.records[tasks[t]].cancelled += 1
             if pending:
                 await asyncio.wait(pending)
+        if self._edits and not decision.blocked:
+            decision.exchange = apply_edits(exchange, self._edits)
+            # what the audit may keep of the conversation is what went upstream, never the masked values
+            self.content["messages"] = _messages_record(decision.exchange.messages)
         return decision
+
+    def upstream_exchange(self, exchange: Exchange) -> Exchange:
+        """The request to send upstream: rewritten by the input stage's redactions, or `exchange`."""
+        d = self.input_decision
+        return d.exchange if d is not None and d.exchange is not None else exchange
+
+    def unmask_completion(self, completion: Completion) -> Completion:
+        """The answer with this request's placeholders restored (pii `unmask`), for the client."""
+        return Unmasker(self.restore).completion(completion) if self.restore else completion
+
+    def unmask_stream(self, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+        """The released events with this request's placeholders restored, even when split across deltas."""
+        return Unmasker(self.restore).stream(events) if self.restore else events
 
     async def _input_step(self, step: Step, exchange: Exchange) -> Verdict:
         inp = GuardInput(stage="input", messages=exchange.messages, request_id=self.request_id,
@@ -127,6 +150,8 @@ class PolicyRun:
                 rec.allowed_errors += 1
         else:
             eff = flagged_action(step.action, v)
+            if eff == "redact" and not v.edits:
+                eff = "block"  # nothing located to rewrite: the flagged text must not go upstream as it is
         if eff is None:
             return
         rec.note(eff, self.policy.shadow)
@@ -135,6 +160,9 @@ class PolicyRun:
             return
         self.action = strongest(self.action, eff)
         decision.action = strongest(decision.action, eff)
+        if eff == "redact":
+            self._edits += [(e, step.notice if e.replacement is None else e.replacement) for e in v.edits]
+            self.restore.update(v.restore)
         if eff == "block" and not decision.blocked:
             decision.blocked = True
             decision.step = step.label

@@ -50,6 +50,7 @@ from gateway.types import (
     Message,
     StreamStart,
     TextDelta,
+    ToolCall,
     ToolCallDelta,
     Usage,
     UsageEvent,
@@ -88,10 +89,12 @@ class _OneShot:
 
     def __init__(self, step: Step, messages: list[Message], request_id: str) -> None:
         self.step, self.messages, self.request_id = step, messages, request_id
+        self.calls: list[ToolCall] = []
 
     async def check(self, text: str, window_start: int, final: bool) -> Verdict:
         return await self.step.guard.check(GuardInput(stage="output", messages=self.messages, text=text,
-                                                      window_start=0, final=True, request_id=self.request_id))
+                                                      window_start=0, final=True, request_id=self.request_id,
+                                                      tool_calls=list(self.calls)))
 
     async def close(self) -> None:
         pass
@@ -108,6 +111,8 @@ class _StepState:
     args: tuple[int, int, bool] = (0, 0, False)
     final_done: bool = False
     ran: int = 0
+    calls_seen: int = 0  # complete tool calls this step has judged (its last verdict covered them)
+    calls_pending: int = 0  # complete tool calls handed to the check in flight
 
 
 @dataclass(slots=True, eq=False)
@@ -131,6 +136,9 @@ class _Choice:
     # finish) and checked to its end, so a blocked call never leaves a fragment of arguments
     # (`{"city": `, not JSON) on the client.
     calls: list[list[int | None]] = field(default_factory=list)
+    # Per call, in the same order: (id, name, offset where its arguments start in the guarded text),
+    # so guards that judge calls as calls (tools, alignment_check) get them whole (`StreamCheck.calls`).
+    call_meta: list[tuple[str | None, str | None, int]] = field(default_factory=list)
     channel: str | None = "text"  # channel of the text segment being appended (None after a tool call)
     blocked: bool = False  # one-shot: this choice was blocked (the others go on)
     flag_start: int | None = None  # start of the first window a step blocked (or would have)
@@ -140,6 +148,16 @@ class _Choice:
         """The call being streamed (if any) ends here."""
         if self.calls and self.calls[-1][1] is None:
             self.calls[-1][1] = self.length
+
+    def complete_calls(self) -> list[ToolCall]:
+        """The tool calls of this choice that are complete so far, arguments whole."""
+        text = self.text() if self.calls else ""
+        out: list[ToolCall] = []
+        for (_, end), (cid, name, args_start) in zip(self.calls, self.call_meta, strict=True):
+            if end is None:
+                break
+            out.append(ToolCall(id=cid or "", name=name or "", arguments=text[args_start:end]))
+        return out
 
     def text(self) -> str:
         if self.joined_len != self.length or len(self.chunks) != 1:
@@ -345,6 +363,7 @@ class StreamGate:
                 c.channel = None
                 label = f"[tool_call {ev.name}] " if ev.name else "[tool_call] "
                 c.append(("\n" if c.length else "") + label, "header", ev.call_index, ev.id, ev.name)
+                c.call_meta.append((ev.id, ev.name, c.length))
             if ev.arguments:
                 c.append(ev.arguments, "args", ev.call_index)
         elif isinstance(ev, Finish):
@@ -369,7 +388,9 @@ class StreamGate:
                 if st.task is not None or st.final_done:
                     continue
                 if c.ended:
-                    if c.length > st.checked_to or st.hold_from is not None or st.ran == 0:
+                    # a call completed by the finish adds no text, yet its step must see it whole
+                    if (c.length > st.checked_to or st.hold_from is not None or st.ran == 0
+                            or st.calls_seen < len(c.calls)):
                         self._start(c, st, final=True)
                     else:
                         st.final_done = True
@@ -380,7 +401,9 @@ class StreamGate:
         text = c.text()
         st.args = (st.checked_to, len(text), final)
         st.ran += 1
-        st.task = asyncio.create_task(self._check(st, text, st.checked_to, final))
+        calls = c.complete_calls() if c.calls else []
+        st.calls_pending = len(calls)
+        st.task = asyncio.create_task(self._check(st, text, st.checked_to, final, calls))
         st.task.add_done_callback(partial(self._check_done, c, st))
 
     def _check_done(self, c: _Choice, st: _StepState, task: asyncio.Task[Verdict]) -> None:
@@ -391,10 +414,12 @@ class StreamGate:
             return _OneShot(step, self.messages, self.request_id)
         return step.guard.open_stream(self.messages, self.request_id)
 
-    async def _check(self, st: _StepState, text: str, window_start: int, final: bool) -> Verdict:
+    async def _check(self, st: _StepState, text: str, window_start: int, final: bool,
+                     calls: list[ToolCall]) -> Verdict:
         def call() -> Awaitable[Verdict]:
             if st.checker is None:
                 st.checker = self._open(st.step)
+            st.checker.calls = calls
             return st.checker.check(text, window_start, final)
 
         return await run_step(st.step, call)
@@ -407,6 +432,7 @@ class StreamGate:
             return
         v = task.result()
         window_start, end, final = st.args
+        st.calls_seen = max(st.calls_seen, st.calls_pending)
         st.rec.add(v)
         self._result.checks += 1
         if v.error is not None:
@@ -434,8 +460,11 @@ class StreamGate:
         elif eff == "redact":
             spans = v.details.get("spans") if isinstance(v.details, dict) else None
             targets = [tuple(s) for s in spans] if spans else [v.span] if v.span else [(window_start, end)]
-            for a, b in targets:
-                self._redact(c, max(0, int(a)), min(end, int(b)), st.step.notice)
+            # A guard may name each span's replacement (pii: `<EMAIL>`); else the step's notice.
+            reps = v.details.get("replacements") if spans and isinstance(v.details, dict) else None
+            for k, (a, b) in enumerate(targets):
+                notice = reps[k] if isinstance(reps, list) and k < len(reps) else st.step.notice
+                self._redact(c, max(0, int(a)), min(end, int(b)), str(notice))
         st.checked_to = max(st.checked_to, end)
         hold = v.hold_from if (not final and v.error is None) else None
         st.hold_from = hold if hold is None else max(0, min(int(hold), end))
@@ -496,6 +525,11 @@ class StreamGate:
         for st in c.steps:
             if st.hold_from is not None:
                 limit = min(limit, st.hold_from)
+            if st.calls_seen < len(c.calls) and not st.final_done:
+                # a call this step has not yet been handed whole (its finish came after the last check)
+                start = c.calls[st.calls_seen][0]
+                assert start is not None
+                limit = min(limit, start)
         for start, end in c.calls:  # never part of a call: back to its header
             assert start is not None
             if start < limit and (end is None or limit < end):

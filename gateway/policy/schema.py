@@ -323,9 +323,6 @@ def _step(obj: Any, stage: str, i: int, file: str | None, on_error: str, timeout
     f = Fields(sp, file, what, set(STEP_KEYS))
     name = f.get("guard", str, required=True)
     action = _choice(f, "action", ("block", "redact", "warn", "log"), "block")
-    if action == "redact" and stage == "input":
-        raise f.error("action", f"{what}: action redact is not supported on the input stage "
-                                "(use block, warn or log)")
     parallel = f.get("parallel_with_upstream", bool, False)
     if parallel and stage != "input":
         raise f.error("parallel_with_upstream", f"{what}: parallel_with_upstream applies to input steps only")
@@ -391,11 +388,24 @@ def _parse_policy(obj: Any, file: str | None, default_name: str | None) -> Polic
     timeout_s = _timeout(top, DEFAULT_TIMEOUT_S)
     stages = {s: _stage(obj.get(s), s, file, on_error, timeout_s) for s in STAGES}
     assert isinstance(stages["stream"], StreamConfig)
+    _check_input_rewrites(stages["input"], file)
     return Policy(
         name=name, mode=_choice(top, "mode", ("enforce", "shadow"), "enforce"),
         description=top.get("description", str, ""), file=file,
         input=stages["input"], stream=stages["stream"], output=stages["output"],
     )
+
+
+def _check_input_rewrites(stage: StageConfig, file: str | None) -> None:
+    """An input step that rewrites the request (action redact, or a guard such as pii that masks) needs
+    the verdict before the request leaves: no input step may then start the upstream call early."""
+    rewriting = [s for s in stage.steps if s.action == "redact" or s.guard.rewrites_input]
+    parallel = [s for s in stage.steps if s.parallel_with_upstream]
+    if rewriting and parallel:
+        raise PolicyError(f"input.steps[{parallel[0].index}]: parallel_with_upstream cannot be used with an input "
+                          f"step that rewrites the request (input.steps[{rewriting[0].index}]: "
+                          f"{rewriting[0].guard_name}): the upstream would get the request before it is rewritten",
+                          file, parallel[0].line)
 
 
 def load_policy(path: str | Path) -> Policy:
