@@ -300,3 +300,13 @@ def test_guarded_chat_is_metered(make_stack, tmp_path, stream: bool) -> None:
     records = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert len(records) == 1 and "type" not in records[0]  # the refused request never reached the policy
     assert records[0]["usage"]["completion_tokens"] == expected and records[0]["usage"]["source"] == source
+
+
+def test_audit_summary_skips_usage_lines(tmp_path) -> None:
+    from gateway.audit_cli import summarise
+
+    log = tmp_path / "audit.jsonl"
+    log.write_text('{"type": "usage", "key": "k", "model": "m", "prompt_tokens": 1, "completion_tokens": 2}\n'
+                   '{"id": "r1", "policy": "p", "action": "allow", "status": 200, "steps": []}\n')
+    s = summarise([log])
+    assert s.to_dict()["records"] == 1 and s.to_dict()["malformed_lines"] == 0
