@@ -180,6 +180,8 @@ def read_records(files: Iterable[Path], summary: Summary) -> Iterator[dict[str, 
                     summary.malformed += 1
                     continue
                 if isinstance(rec, dict):
+                    if rec.get("type") == "usage":  # token usage of a relayed request (gateway.limits), no decision
+                        continue
                     yield rec
                 else:
                     summary.malformed += 1

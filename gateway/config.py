@@ -43,6 +43,23 @@ class UpstreamConfig:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
 
+RATE_KEYS = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "max_concurrent_streams")
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """Rate limits as written on a key or a route (None: not set there; 0: explicitly unlimited)."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    max_concurrent_streams: int | None = None
+
+    @property
+    def any(self) -> bool:
+        return any(getattr(self, k) for k in RATE_KEYS)
+
+
 @dataclass(slots=True)
 class Route:
     upstream: str
@@ -51,6 +68,7 @@ class Route:
     policy: str | None = None
     # Endpoint names (gateway.endpoints) relayed unguarded even under an inspecting policy.
     passthrough: frozenset[str] = frozenset()
+    rates: Rates = field(default_factory=Rates)  # defaults for every key (or keyless client) on this route
 
     def matches(self, path: str, model: str | None) -> bool:
         if self.path is not None and not path.startswith(self.path):
@@ -63,6 +81,7 @@ class GatewayKey:
     name: str
     key_env: str
     policy: str | None = None
+    rates: Rates = field(default_factory=Rates)  # this key's limits, across every route
 
     def value(self) -> str | None:
         return os.environ.get(self.key_env)
@@ -75,6 +94,11 @@ class Limits:
     send_timeout_s: float = 60.0  # a client that takes no bytes for this long is cut (relay.TimedResponse)
     head_timeout_s: float = 60.0  # a request head (or an idle keep-alive connection) may take this long
     body_timeout_s: float = 60.0  # a request body may take this long to arrive
+    # Where rate-limit counters live (gateway.limits): one process, or Redis shared by replicas.
+    store: str = "memory"  # memory | redis
+    url: str | None = None  # redis://host:6379/0 (store: redis)
+    on_store_error: str = "allow"  # allow | deny: what a request gets when the store cannot answer
+    store_timeout_ms: int = 250  # a store slower than this counts as failed
 
 
 @dataclass(slots=True)
@@ -153,28 +177,42 @@ def parse(obj: object, file: str | None = None) -> GatewayConfig:
         cfg.upstreams[str(name)] = _upstream(str(name), u, file)
     routes = top.get("routes", list, [])
     for i, r in enumerate(routes):
-        rf = Fields(r, file, f"routes[{i}]", {"path", "model", "upstream", "policy", "passthrough"})
+        rf = Fields(r, file, f"routes[{i}]", {"path", "model", "upstream", "policy", "passthrough", *RATE_KEYS})
         up = rf.get("upstream", str, required=True)
         if up not in cfg.upstreams:
             raise rf.error("upstream", f"routes[{i}].upstream {up!r} is not defined under upstreams")
         cfg.routes.append(Route(upstream=up, path=rf.get("path", str), model=rf.get("model", str),
                                 policy=rf.get("policy", str),
-                                passthrough=_passthrough(rf.get("passthrough", list, []), rf, i)))
+                                passthrough=_passthrough(rf.get("passthrough", list, []), rf, i),
+                                rates=_rates(rf)))
     if not cfg.routes and len(cfg.upstreams) == 1:
         cfg.routes.append(Route(upstream=next(iter(cfg.upstreams))))
     for i, k in enumerate(top.get("keys", list, [])):
-        kf = Fields(k, file, f"keys[{i}]", {"name", "key_env", "policy"})
+        kf = Fields(k, file, f"keys[{i}]", {"name", "key_env", "policy", *RATE_KEYS})
         cfg.keys.append(GatewayKey(name=kf.get("name", str, f"key{i}"), key_env=kf.get("key_env", str, required=True),
-                                   policy=kf.get("policy", str)))
+                                   policy=kf.get("policy", str), rates=_rates(kf)))
     if "limits" in top.obj:
         lf = Fields(top.obj["limits"], file, "limits", {"max_body_bytes", "max_header_bytes", "send_timeout_s",
-                                                         "head_timeout_s", "body_timeout_s"})
+                                                         "head_timeout_s", "body_timeout_s", "store", "url",
+                                                         "on_store_error", "store_timeout_ms"})
         d = cfg.limits
         cfg.limits = Limits(max_body_bytes=lf.get("max_body_bytes", int, d.max_body_bytes),
                             max_header_bytes=lf.get("max_header_bytes", int, d.max_header_bytes),
                             send_timeout_s=float(lf.get("send_timeout_s", (int, float), d.send_timeout_s)),
                             head_timeout_s=float(lf.get("head_timeout_s", (int, float), d.head_timeout_s)),
-                            body_timeout_s=float(lf.get("body_timeout_s", (int, float), d.body_timeout_s)))
+                            body_timeout_s=float(lf.get("body_timeout_s", (int, float), d.body_timeout_s)),
+                            store=lf.get("store", str, d.store), url=lf.get("url", str, d.url),
+                            on_store_error=lf.get("on_store_error", str, d.on_store_error),
+                            store_timeout_ms=lf.get("store_timeout_ms", int, d.store_timeout_ms))
+        lim = cfg.limits
+        if lim.store not in ("memory", "redis"):
+            raise lf.error("store", f"limits.store must be memory or redis, got {lim.store!r}")
+        if lim.store == "redis" and not (lim.url or "").startswith(("redis://", "rediss://", "unix://")):
+            raise lf.error("url", "limits.url must be a redis://, rediss:// or unix:// URL when store is redis")
+        if lim.on_store_error not in ("allow", "deny"):
+            raise lf.error("on_store_error", "limits.on_store_error must be allow or deny")
+        if lim.store_timeout_ms <= 0:
+            raise lf.error("store_timeout_ms", "limits.store_timeout_ms must be positive")
     cfg.policy = top.get("policy", str)
     cfg.responses_state = top.get("responses_state", str, cfg.responses_state)
     if cfg.responses_state not in ("upstream", "gateway"):
@@ -192,6 +230,17 @@ def parse(obj: object, file: str | None = None) -> GatewayConfig:
     if not cfg.upstreams:
         raise ConfigError("no upstreams defined", file, None)
     return cfg
+
+
+def _rates(f: Fields) -> Rates:
+    """The rate-limit keys of a key or route entry: whole numbers, 0 or more (0 = no limit)."""
+    values: dict[str, int | None] = {}
+    for k in RATE_KEYS:
+        v = f.get(k, int, None)
+        if v is not None and (isinstance(v, bool) or v < 0):
+            raise f.error(k, f"{k} must be a whole number, 0 or more (0: no limit)")
+        values[k] = v
+    return Rates(**values)
 
 
 def _passthrough(names: list[object], rf: Fields, i: int) -> frozenset[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -21,10 +21,12 @@ class GatewayError(Exception):
     """An error Guardgate answers itself, rendered in the client's dialect."""
 
     def __init__(self, status: int, message: str, code: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, retry: bool | None = None) -> None:
+                 param: str | None = None, retry: bool | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.type, self.param = status, message, code, type, param
         self.retry = retry
+        self.headers = headers  # extra response headers (a 429's Retry-After and x-ratelimit-*)
 
 
 @dataclass(slots=True)
@@ -46,6 +48,8 @@ class RequestContext:
     status: int = 0
     ttfb_ms: float | None = None
     outcome: str = ""
+    meter_tokens: bool = False  # a token budget applies: count the answer's tokens even without upstream usage
+    usage: Any = None  # gateway.limits.usage.Counted: the tokens the answer used, once known
 
     @property
     def operation(self) -> str | None:

@@ -25,11 +25,13 @@ from gateway.context import GatewayError, RequestContext
 from gateway.dialects.base import DialectError, UpstreamStreamError
 from gateway.dialects.embeddings import decode_embedding_inputs
 from gateway.endpoints import CHAT_PATH, MODELS_PATH, Kind, path_param
+from gateway.limits.usage import Counted, UsageTap, from_usage
+from gateway.policy.tokens import count_tokens
 from gateway.relay import SSE_HEADERS, TimedResponse, relay_response
 from gateway.responses_state import ResponseStore
 from gateway.routing import Action, Plan, moderation_step
 from gateway.telemetry import Telemetry
-from gateway.types import Event, Exchange, Finish, Message, Part, TextDelta, ToolCall, ToolCallDelta
+from gateway.types import Event, Exchange, Finish, Message, Part, TextDelta, ToolCall, ToolCallDelta, UsageEvent
 from gateway.upstreams.base import NeutralUpstream, UpstreamError
 from gateway.upstreams.http import HttpUpstream, draining, release_after_eof, request_headers
 
@@ -88,6 +90,28 @@ def upstream_side(plan: Plan) -> tuple[Any, str]:
     return dialects.get(upstream.dialect), CHAT_PATH
 
 
+class UsageAudit:
+    """The audit log as a policy run sees it: the request's token usage, when known by the time the
+    record is written (after the answer), rides in the record as `usage`."""
+
+    __slots__ = ("ctx", "log")
+
+    def __init__(self, log: Any, ctx: RequestContext) -> None:
+        self.log, self.ctx = log, ctx
+
+    def write(self, record: dict[str, Any]) -> None:
+        u = self.ctx.usage
+        if u is not None:
+            record["usage"] = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                               "source": u.source}
+        self.log.write(record)
+
+
+def prompt_tokens(ex: Exchange) -> int:
+    """The gateway's own count of a request's prompt (cl100k), for an upstream that reports no usage."""
+    return sum(count_tokens(m.text) for m in ex.messages)
+
+
 class Pipeline:
     """Carries out a `routing.Plan`. It holds only what it needs: telemetry, the audit log, and
     whether gateway keys are on (then a client's Authorization is never forwarded)."""
@@ -126,14 +150,19 @@ class Pipeline:
         assert isinstance(upstream, HttpUpstream)
         headers = self.upstream_headers(request, ctx, upstream)
         resp = await self.telemetry.send(upstream, plan.method, ctx.tail, plan.query, headers, plan.body or None)
+        # Only under a token budget are the relayed bytes read (for their usage); else none of this runs.
+        tap = UsageTap(plan.payload) if ctx.meter_tokens and plan.payload is not None and resp.status < 400 else None
         try:
             ctx.ttfb_ms = (time.perf_counter() - ctx.started) * 1000
             return await relay_response(request, resp, {"X-Guardgate-Request-Id": ctx.id},
                                         functools.partial(relay_error_frame, ctx.dialect),
-                                        plan.endpoint.terminator, upstream.redact, self.send_timeout)
+                                        plan.endpoint.terminator, upstream.redact, self.send_timeout,
+                                        tap.feed if tap is not None else None)
         finally:
             if not draining(resp):  # a finished stream's connection may be on its way back to the pool
                 resp.close()
+            if tap is not None:
+                ctx.usage = tap.count()
 
     def _run(self, plan: Plan) -> Any:
         """A policy run for this request (None without a policy)."""
@@ -142,8 +171,9 @@ class Pipeline:
         from gateway.policy.chain import PolicyRun
 
         ctx = plan.ctx
+        audit = UsageAudit(self.audit, ctx) if self.audit is not None else None
         return PolicyRun(plan.policy, request_id=ctx.id, route=ctx.prefix + ctx.tail, dialect=ctx.dialect,
-                         model=ctx.model, key=ctx.key.name if ctx.key else None, audit=self.audit)
+                         model=ctx.model, key=ctx.key.name if ctx.key else None, audit=audit)
 
     async def input_then_relay(self, plan: Plan) -> None:
         """Embeddings and moderations under an input policy: the texts pass the input stage first."""
@@ -287,6 +317,11 @@ class Pipeline:
             ctx.outcome = "blocked_output"
         else:
             self._remember(ctx, ex, completion.message)
+        ctx.usage = from_usage(completion.usage) if completion.usage is not None else None
+        if ctx.meter_tokens and (ctx.usage is None or not ctx.usage.total):
+            texts = [p.text for ch in completion.choices for p in ch.message.parts if p.text]
+            texts += [t.arguments for ch in completion.choices for t in ch.message.tool_calls]
+            ctx.usage = Counted(prompt_tokens(ex), sum(count_tokens(t) for t in texts), "gateway")
         self.telemetry.observe_completion(completion)
         return web.json_response(cd.encode_response(completion, ex), headers={"X-Guardgate-Request-Id": ctx.id})
 
@@ -298,6 +333,7 @@ class Pipeline:
         if run is not None:
             events = run.unmask_stream(events)
         events = self.telemetry.client_events(events)
+        events = self._metered(ctx, ex, events)
         if self._keeps(ctx, ex):
             events = self._remembering(ctx, ex, events)
         enc = cd.stream_encoder(ex)
@@ -322,6 +358,25 @@ class Pipeline:
             await events.aclose()  # type: ignore[attr-defined]
         await out.write_eof()
         return out
+
+    @staticmethod
+    async def _metered(ctx: RequestContext, ex: Exchange, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+        """Pass the released events on; note the upstream's usage, or (under a token budget, when the
+        upstream sent none) count the tokens released, into `ctx.usage`."""
+        released: list[str] = []
+        try:
+            async for ev in events:
+                if isinstance(ev, UsageEvent):
+                    ctx.usage = from_usage(ev.usage)
+                elif ctx.meter_tokens and isinstance(ev, TextDelta):
+                    released.append(ev.text)
+                elif ctx.meter_tokens and isinstance(ev, ToolCallDelta):
+                    released.append(ev.arguments)
+                yield ev
+        finally:
+            if ctx.meter_tokens and (ctx.usage is None or not ctx.usage.total):
+                ctx.usage = Counted(prompt_tokens(ex), count_tokens("".join(released)), "gateway")
+            await events.aclose()  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ Responses state
 

@@ -142,7 +142,8 @@ async def relay_response(request: web.Request, upstream_resp: aiohttp.ClientResp
                          extra_headers: dict[str, str], error_frame: Callable[[str, str], bytes],
                          terminator: bytes | None = None,
                          redact: Callable[[bytes], bytes] | None = None,
-                         send_timeout: float | None = None) -> web.StreamResponse:
+                         send_timeout: float | None = None,
+                         tap: Callable[[bytes], None] | None = None) -> web.StreamResponse:
     """Send an upstream response to the client as it arrives. The caller closes `upstream_resp`
     (unless it is `draining`, see below).
 
@@ -150,7 +151,8 @@ async def relay_response(request: web.Request, upstream_resp: aiohttp.ClientResp
     dialect; `terminator` is `EventAligner`'s. After ``data: [DONE]`` the client's response ends at
     once and the upstream connection is released once its body ends (`release_after_eof`): the
     caller must not close a `draining` response. `redact` rewrites an error answer's body (status
-    400 or more) before it is sent: known secrets out.
+    400 or more) before it is sent: known secrets out. `tap`, when given, sees every byte sent (a
+    token budget's usage count, gateway.limits.usage); None on the plain relay.
     """
     headers = response_headers(upstream_resp.headers)
     headers.update(extra_headers)
@@ -166,6 +168,8 @@ async def relay_response(request: web.Request, upstream_resp: aiohttp.ClientResp
                                 "upstream_error") from None
         if redact is not None and upstream_resp.status >= 400:
             body = redact(body)
+        if tap is not None and upstream_resp.status < 400:
+            tap(body)
         return web.Response(body=body, status=upstream_resp.status, headers=headers)
 
     if sse:
@@ -174,6 +178,8 @@ async def relay_response(request: web.Request, upstream_resp: aiohttp.ClientResp
     await out.prepare(request)
     if not sse:
         async for chunk in upstream_resp.content.iter_any():
+            if tap is not None:
+                tap(chunk)
             await out.write(chunk)
         await out.write_eof()
         return out
@@ -188,6 +194,8 @@ async def relay_response(request: web.Request, upstream_resp: aiohttp.ClientResp
                 await out.write_eof()
                 return out
             if block:
+                if tap is not None:
+                    tap(block)
                 await out.write(block)
             if end:
                 return await _finish(out, upstream_resp)
@@ -198,6 +206,8 @@ async def relay_response(request: web.Request, upstream_resp: aiohttp.ClientResp
         return out
     tail, cut = aligner.finish()
     if tail:
+        if tap is not None:
+            tap(tail)
         await out.write(tail)
     elif cut:
         await out.write(error_frame(cut, "upstream_truncated"))

@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from gateway.config import RATE_KEYS
 from gateway.context import GatewayError, RequestContext, describe
 from gateway.endpoints import Endpoint, Kind, canonical_target, lookup, path_param, split_prefix
+from gateway.limits import RateLimits
 from gateway.upstreams.base import NeutralUpstream
 from gateway.upstreams.http import HttpUpstream
 
@@ -67,6 +69,7 @@ class Plan:
     upstream: Upstream
     policy: Any  # gateway.policy.schema.Policy | None
     action: Action
+    rate: RateLimits | None = None  # the limits this request counts against (None: no limiter work)
 
     @property
     def endpoint(self) -> Endpoint:
@@ -116,6 +119,9 @@ class Router:
             if not value:
                 raise RuntimeError(f"gateway key {k.name}: environment variable {k.key_env} is not set")
             self.keys.append((value.encode(), k))
+        # Rate limits anywhere? If not, `plan` never builds a RateLimits (the relay stays as it was).
+        self.limits_on = any(k.rates.any for k in cfg.keys) or any(r.rates.any for r in cfg.routes)
+        self._route_index = {id(r): i for i, r in enumerate(cfg.routes)}
 
     # ------------------------------------------------------------------ the head
 
@@ -179,7 +185,21 @@ class Router:
         policy = self.policy_named(ctx.policy)
         upstream = self.upstreams[route.upstream]
         action = decide(ctx, method, upstream, policy, route)
-        return Plan(ctx, method, query, body, payload, upstream, policy, action)
+        rate = self.rate_limits(ctx.key, route) if self.limits_on else None
+        return Plan(ctx, method, query, body, payload, upstream, policy, action, rate)
+
+    def rate_limits(self, key: GatewayKey | None, route: Route) -> RateLimits | None:
+        """The limits of a request by `key` on `route`. A key that sets any limit has its own (counted
+        across all routes); otherwise the route's defaults apply, counted per key on that route."""
+        who = f"key:{key.name}" if key is not None else "anonymous"
+        rates, bucket = route.rates, f"{who}@route{self._route_index.get(id(route), 0)}"
+        if key is not None and any(getattr(key.rates, k) is not None for k in RATE_KEYS):
+            rates, bucket = key.rates, who
+        limits = RateLimits(requests_per_minute=rates.requests_per_minute or 0,
+                            tokens_per_minute=rates.tokens_per_minute or 0,
+                            tokens_per_day=rates.tokens_per_day or 0,
+                            max_concurrent_streams=rates.max_concurrent_streams or 0, bucket=bucket)
+        return limits if limits.any else None
 
     def policy_name(self, key: GatewayKey | None, route: Route) -> str | None:
         """`--policy` (the config's `policy:`) > the key's policy > the route's."""

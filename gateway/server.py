@@ -8,6 +8,7 @@ Every request other than /healthz, /readyz and /metrics goes through `Gateway.ha
 from __future__ import annotations
 
 import asyncio
+import datetime
 import itertools
 import json
 import logging
@@ -23,10 +24,11 @@ from gateway import dialects, readiness
 from gateway.config import GatewayConfig
 from gateway.context import CTX_KEY, GatewayError, RequestContext
 from gateway.endpoints import dialect_of
+from gateway.limits import Limiter, RateLimits, make_store
 from gateway.pipeline import Pipeline
 from gateway.policy.record import on_verdict
 from gateway.responses_state import ResponseStore
-from gateway.routing import Router
+from gateway.routing import Plan, Router
 from gateway.telemetry import Telemetry, observe_verdict
 from gateway.upstreams import registry as upstream_registry
 from gateway.upstreams.base import NeutralUpstream, UpstreamError
@@ -43,6 +45,8 @@ def error_headers(err: GatewayError, request_id: str) -> dict[str, str]:
     out = {"X-Guardgate-Request-Id": request_id, "x-should-retry": "true" if retry else "false"}
     if err.status == 503 and retry:
         out["Retry-After"] = "1"
+    if err.headers:
+        out.update(err.headers)
     return out
 
 
@@ -96,6 +100,8 @@ class Gateway:
         self.ready = False
         self.router: Router | None = None
         self.pipeline: Pipeline | None = None
+        self.limiter: Limiter | None = None  # built only when some key or route sets a rate limit
+        self._finishing: set[asyncio.Future[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -111,6 +117,10 @@ class Gateway:
             self.upstreams[name] = up
         upstream_registry.bind(self.upstreams)  # judges (alignment_check) reach upstreams by name
         self.router = Router(self.cfg, self.upstreams, self.policies)
+        if self.router.limits_on:
+            lim = self.cfg.limits
+            self.limiter = Limiter(make_store(lim.store, lim.url, lim.store_timeout_ms / 1000),
+                                   lim.on_store_error, lim.store_timeout_ms / 1000, self.telemetry)
         self.pipeline = Pipeline(self.telemetry, self.audit, keys_on=bool(self.router.keys),
                                  send_timeout=self.cfg.limits.send_timeout_s,
                                  responses=ResponseStore() if self.cfg.responses_state == "gateway" else None)
@@ -125,6 +135,8 @@ class Gateway:
             await self.policies.aclose()
         for up in self.upstreams.values():
             await up.aclose()
+        if self.limiter is not None:
+            await self.limiter.aclose()
         await self.telemetry.aclose()
 
     # ------------------------------------------------------------------ the handler
@@ -163,7 +175,14 @@ class Gateway:
                                       request.headers.getall("Authorization", []))
             body = await self.read_body(request) if request.body_exists else b""
             plan = self.router.plan(ctx, request.method, query, body)
-            resp = await self.pipeline.dispatch(request, plan)
+            try:
+                if plan.rate is None:
+                    resp = await self.pipeline.dispatch(request, plan)
+                else:
+                    resp = await self.limited(request, plan, plan.rate)
+            finally:  # also when the client hangs up right after the end of a stream (the handler is cancelled)
+                if ctx.usage is not None:
+                    self.record_usage(ctx, audited=plan.policy is not None)
         except GatewayError as e:
             ctx.outcome = ctx.outcome or e.code
             resp = error_response(ctx.dialect, e, ctx.id)
@@ -172,6 +191,42 @@ class Gateway:
             resp = error_response(ctx.dialect, GatewayError(e.status, e.message, e.code, type="api_error"), ctx.id)
         ctx.status = resp.status
         return resp
+
+    async def limited(self, request: web.Request, plan: Plan, rate: RateLimits) -> web.StreamResponse:
+        """Carry out a plan under rate limits: admitted (or 429 / 503) before anything goes upstream;
+        the answer's tokens charged and the stream slot released once it is done, whatever happened."""
+        assert self.limiter is not None and self.pipeline is not None
+        ctx = plan.ctx
+        ticket = await self.limiter.acquire(ctx, rate)
+        ctx.meter_tokens = rate.meters_tokens
+        try:
+            return await self.pipeline.dispatch(request, plan)
+        finally:
+            tokens = ctx.usage.total if ctx.usage is not None else 0
+            if self.limiter.has_work(ticket, tokens):
+                # shielded: a client that leaves mid-stream cancels us, but its slot must still be released
+                task = asyncio.ensure_future(self.limiter.finish(ticket, tokens))
+                self._finishing.add(task)
+                task.add_done_callback(self._finishing.discard)
+                await asyncio.shield(task)
+
+    def record_usage(self, ctx: RequestContext, audited: bool) -> None:
+        """Usage per key and model: /metrics; and in the audit log (when there is one) for a request the
+        policy did not record (a guarded request's record carries it: pipeline.UsageAudit), a line of its
+        own."""
+        u = ctx.usage
+        key = ctx.key.name if ctx.key is not None else "-"
+        model = ctx.model or "-"
+        self.telemetry.record_usage(key, model, u.prompt_tokens, u.completion_tokens, u.source)
+        if self.audit is not None and not audited:
+            self.audit.write({"type": "usage", "ts": _now_iso(), "request_id": ctx.id, "key": key, "model": model,
+                              "route": ctx.prefix + ctx.tail, "upstream": ctx.upstream,
+                              "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                              "source": u.source})
+
+
+def _now_iso() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # ---------------------------------------------------------------------- app factory

@@ -65,6 +65,7 @@ SYSTEMS = {"openai": "openai", "llama": "meta_llama", "llama_cpp": "llama_cpp"}
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 GUARD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+MAX_USAGE_MODELS = 200  # distinct model labels on the usage metrics; the rest are "other"
 LEAK_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -168,11 +169,11 @@ class _LoopCounter:
         self.name, self.doc, self.labelnames = name, doc, labelnames
         self.children: dict[tuple[str, ...], list[float]] = {}  # labels -> [value, created]
 
-    def inc(self, *labels: str) -> None:
+    def inc(self, *labels: str, amount: float = 1) -> None:
         child = self.children.get(labels)
         if child is None:
             child = self.children[labels] = [0.0, time.time()]
-        child[0] += 1
+        child[0] += amount
 
     def collect(self) -> CounterMetricFamily:
         fam = CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
@@ -245,7 +246,20 @@ class _Metrics:
         self.upstream = _LoopHistogram("guardgate_upstream_latency_seconds",
                                        "Upstream call: request sent to response headers.", ["upstream", "status"],
                                        LATENCY_BUCKETS)
-        r.register(_LoopCollector([self.requests, self.duration, self.upstream]))
+        # Rate limits and usage (gateway.limits): per key and model, counted on the loop's thread.
+        self.rate_limited = _LoopCounter("guardgate_rate_limited", "Requests refused with 429 by key and the "
+                                         "limit that refused them.", ["key", "limit"])
+        self.limit_store_errors = _LoopCounter("guardgate_rate_limit_store_errors",
+                                               "Rate-limit store failures (Redis down or slow) by store, "
+                                               "operation and what on_store_error did.",
+                                               ["store", "op", "on_store_error"])
+        self.usage_tokens = _LoopCounter("guardgate_usage_tokens", "Tokens answered requests used, by key, "
+                                         "model, type (prompt, completion) and source (upstream usage or "
+                                         "the gateway's own count).", ["key", "model", "type", "source"])
+        self.usage_requests = _LoopCounter("guardgate_usage_requests", "Requests whose token usage is known, by "
+                                           "key and model.", ["key", "model"])
+        r.register(_LoopCollector([self.requests, self.duration, self.upstream, self.rate_limited,
+                                   self.limit_store_errors, self.usage_tokens, self.usage_requests]))
         self.added_ttft = _Cached(Histogram("guardgate_added_ttft_seconds",
                                     "Time to first token added by the gateway (client TTFT minus upstream "
                                     "TTFT): input checks that run first, decoding, stream hold-back.",
@@ -374,6 +388,7 @@ class Telemetry:
         self._session_sources: list[Callable[[], Mapping[str, int]]] = [_engine_sessions]
         self._policy_store: Any = None
         self._systems: dict[str, str] = {}
+        self._usage_models: set[str] = set()
         self.registry.register(_CallbackCollector(self))
 
     @property
@@ -810,6 +825,26 @@ class Telemetry:
                 if step.get(k):
                     attrs[f"guardgate.guard.{k}"] = str(step[k])
             self._guard_span(st, guard, attrs, start, end, step.get("error"))
+
+    # ------------------------------------------------------------------ rate limits and usage
+
+    def count_limit_refused(self, key: str, limit: str) -> None:
+        self.m.rate_limited.inc(key, limit)
+
+    def count_limit_store_error(self, store: str, op: str, on_store_error: str) -> None:
+        self.m.limit_store_errors.inc(store, op, on_store_error)
+
+    def record_usage(self, key: str, model: str, prompt: int, completion: int, source: str) -> None:
+        """Tokens one answered request used. `model` is bounded (`MAX_USAGE_MODELS`, then "other"):
+        it is the client's string, and a route's glob may match any number of them."""
+        if model not in self._usage_models:
+            if len(self._usage_models) >= MAX_USAGE_MODELS:
+                model = "other"
+            else:
+                self._usage_models.add(model)
+        self.m.usage_requests.inc(key, model)
+        self.m.usage_tokens.inc(key, model, "prompt", source, amount=prompt)
+        self.m.usage_tokens.inc(key, model, "completion", source, amount=completion)
 
     # ------------------------------------------------------------------ /metrics
 
