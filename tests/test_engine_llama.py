@@ -99,10 +99,11 @@ async def test_suffix_is_rolled_back_and_session_close_frees_the_sequence(tiny_g
         await m.aclose()
 
 
-async def test_batched_sessions_match_one_by_one(tiny_gguf):
+@pytest.mark.parametrize("kv_unified", [True, False])
+async def test_batched_sessions_match_one_by_one(tiny_gguf, kv_unified):
     answers = [ANSWER[:n] for n in (30, 55, 80, 110)]
     seq_m = await load(tiny_gguf, batching=False, flash_attn=False)
-    bat_m = await load(tiny_gguf, batching=True, flash_attn=False)
+    bat_m = await load(tiny_gguf, batching=True, flash_attn=False, kv_unified=kv_unified, max_sessions=4)
     try:
         one_by_one = []
         for a in answers:
@@ -133,6 +134,28 @@ async def test_lru_session_is_evicted_and_rebuilt(tiny_gguf):
         again = await m.evaluate(p, session=s1, keep=b)
         assert again.n_reused == 0  # rebuilt from scratch
         np.testing.assert_array_equal(again.logits, r1.logits)
+    finally:
+        await m.aclose()
+
+
+async def test_per_session_kv_streams_hold_each_session_up_to_its_share(tiny_gguf):
+    """kv_unified=False: each session owns n_ctx / max_sessions cells, all resident at once."""
+    m = await load(tiny_gguf, n_ctx=4 * 256, max_sessions=4, kv_unified=False, flash_attn=False)
+    try:
+        assert m.n_ctx_seq == 256
+        words = "knead the dough slowly until smooth and elastic then let it rise " * 40
+        toks = m.tokenize(words, special=False)[:250]
+        sessions = [m.open_session() for _ in range(4)]
+        # 4 x 250 tokens = 1,000 of the 1,024 cells: all four stay resident, none is evicted.
+        first = await asyncio.gather(*(m.evaluate(toks, session=s) for s in sessions))
+        again = await asyncio.gather(*(m.evaluate(toks, session=s) for s in sessions))
+        assert m.stats.sessions_evicted == 0 and m.stats.requests_failed == 0
+        assert [r.n_reused for r in again] == [249] * 4
+        for x, y in zip(first, again, strict=True):
+            np.testing.assert_allclose(x.logits, y.logits, atol=2e-3)
+        # A prompt longer than one session's stream is refused even though n_ctx has room.
+        with pytest.raises(EngineError, match="256 KV cells per session"):
+            await m.evaluate(m.tokenize(words, special=False)[:300])
     finally:
         await m.aclose()
 

@@ -2,9 +2,16 @@
 
 A llama.cpp context is not thread-safe, so each loaded model is owned by one worker thread fed by
 a queue; the event loop only enqueues work and awaits futures (ctypes releases the GIL during
-decode). The context is created with `n_seq_max = max_sessions` and a unified KV cache: each
-session is one sequence id, and the worker runs a small continuous-batching loop: every round it
-packs the pending tokens of all active tasks (different sessions) into one `llama_decode` call.
+decode). The context is created with `n_seq_max = max_sessions`; each session is one sequence id,
+and the worker runs a small continuous-batching loop: every round it packs the pending tokens of
+all active tasks (different sessions) into one `llama_decode` call.
+
+KV layout (`kv_unified`): one unified cache lets any session use any of the `n_ctx` cells, but every
+token's attention then spans the cells of *all* resident sessions (masked), so a batched check
+costs more the more sessions are live: on 2 CPU cores, 64 live guard sessions ran at 0.59x one
+session's tokens/s (docs/performance.md). With `kv_unified=False` each session has its own stream
+of `n_ctx / max_sessions` cells and attends to its own cells only: 64 sessions ran at 1.04x. The
+price is a per-session cap on prompt length; the default stays unified.
 
 Sessions keep tokens in the KV cache between calls. `evaluate()` takes the whole prompt each time,
 keeps the longest common prefix that is already cached, evaluates only the rest, reads the logits
@@ -100,6 +107,7 @@ class ModelOptions:
     max_sessions: int = 16  # KV sequences kept resident (<= 256)
     batching: bool = True  # False: one task at a time (benchmarks compare both)
     flash_attn: bool | None = None  # None: llama.cpp decides
+    kv_unified: bool = True  # False: one KV stream per session, n_ctx // max_sessions cells each
     verbose: bool = False
 
     def threads(self) -> tuple[int, int]:
@@ -418,7 +426,7 @@ class LlamaModel:
         cp.n_seq_max = max(1, min(o.max_sessions, 256))
         n, nb = o.threads()
         cp.n_threads, cp.n_threads_batch = n, nb
-        cp.kv_unified = True
+        cp.kv_unified = o.kv_unified
         cp.no_perf = True
         if o.flash_attn is not None:
             cp.flash_attn_type = (
@@ -431,6 +439,8 @@ class LlamaModel:
         self._ctx = ctx
         self._mem = C.llama_get_memory(ctx)
         self.n_ctx = C.llama_n_ctx(ctx)
+        # Longest prompt one session can hold: all n_ctx cells when unified, else its own stream's.
+        self.n_ctx_seq = C.llama_n_ctx_seq(ctx)
         self.n_seq_max = cp.n_seq_max
         self.n_vocab = C.llama_vocab_n_tokens(self._vocab)
         self.n_layer = C.llama_model_n_layer(model)
@@ -538,8 +548,11 @@ class LlamaModel:
                 else:
                     k = max(0, min(int(keep), len(toks)))
                 need = len(toks) + len(force) + max_new
-                if need > self.n_ctx:
-                    raise EngineError(f"prompt of {len(toks)} tokens does not fit n_ctx={self.n_ctx}")
+                if need > self.n_ctx_seq:
+                    raise EngineError(
+                        f"prompt of {len(toks)} tokens does not fit n_ctx={self.n_ctx} "
+                        f"({self.n_ctx_seq} KV cells per session)"
+                    )
             except Exception as e:
                 self.stats.requests_failed += 1
                 fut.set_exception(e)
@@ -563,9 +576,12 @@ class LlamaModel:
                 toks = self.tokenize(prompt, add_bos=False) if isinstance(prompt, str) else list(prompt)
                 if not toks:
                     raise EngineError("empty prompt")
-                max_tokens = max(0, min(max_tokens, self.n_ctx - len(toks)))
-                if len(toks) >= self.n_ctx:
-                    raise EngineError(f"prompt of {len(toks)} tokens does not fit n_ctx={self.n_ctx}")
+                max_tokens = max(0, min(max_tokens, self.n_ctx_seq - len(toks)))
+                if len(toks) >= self.n_ctx_seq:
+                    raise EngineError(
+                        f"prompt of {len(toks)} tokens does not fit n_ctx={self.n_ctx} "
+                        f"({self.n_ctx_seq} KV cells per session)"
+                    )
             except Exception as e:
                 self.stats.requests_failed += 1
                 emit(e)
@@ -691,7 +707,9 @@ class LlamaModel:
         budget = self.options.n_batch
         rows: list[tuple[_Task, int, bool]] = []  # task, tokens taken, wants logits
         i = 0
-        for t in active:
+        # Ascending sequence ids: with per-session KV streams llama.cpp splits a batch into ubatches
+        # of consecutive sequence ids only (split_equal), so this order lets sessions share ubatches.
+        for t in sorted(active, key=lambda t: t.seq.seq):
             if budget <= 0:
                 break
             take = min(len(t.feed), budget)

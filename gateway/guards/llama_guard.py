@@ -513,7 +513,8 @@ class LlamaGuard(Guard):
     max_category_tokens (12), blank_line (true), timeout_ms, backend (auto|local|remote),
     remote ({base_url, api: llama_moderations|openai_chat|openai_completions, model, api_key_env}),
     and engine options n_ctx, n_threads, n_threads_batch, n_gpu_layers, n_batch, max_sessions,
-    batching, flash_attn.
+    batching, flash_attn, kv_unified (false: a KV stream per session, so a check's attention does
+    not span every live session's cells; each session then holds n_ctx / max_sessions tokens).
     """
 
     name = "llama_guard"
@@ -527,6 +528,7 @@ class LlamaGuard(Guard):
         "max_sessions",
         "batching",
         "flash_attn",
+        "kv_unified",
         "verbose",
     )
     _KEYS = frozenset(
