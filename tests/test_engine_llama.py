@@ -255,3 +255,45 @@ async def test_more_requests_than_sequences_wait_instead_of_failing(tiny_gguf):
         assert (await m.evaluate("still alive")).n_prompt > 0
     finally:
         await m.aclose()
+
+
+async def test_prefix_cache_second_turn_evaluates_only_new_tokens(tiny_gguf):
+    """A new turn of a checked conversation restores the saved KV of the earlier prompt."""
+    turn1 = render_lg3([("user", "How do I bake bread?")], CATS)
+    turns2 = [("user", "How do I bake bread?"), ("assistant", ANSWER), ("user", "And rolls, same way?")]
+    turn2 = render_lg3(turns2, CATS)
+    m = await load(tiny_gguf, flash_attn=False, prefix_cache_mb=4)
+    plain = await load(tiny_gguf, flash_attn=False)
+    try:
+        await m.evaluate(turn1)  # a temporary sequence: its KV is saved when it is released
+        r2 = await m.evaluate(turn2)
+        t1, t2 = m.tokenize(turn1), m.tokenize(turn2)
+        shared = next(i for i, (a, b) in enumerate(zip(t1, t2, strict=False)) if a != b)
+        assert shared > 100  # the template and the first user turn
+        assert r2.n_reused == shared and r2.n_evaluated == len(t2) - shared
+        assert m.stats.prefix_hits == 1 and m.stats.prefix_tokens_restored == shared
+        fresh = await plain.evaluate(turn2)
+        assert fresh.n_evaluated == len(t2)
+        np.testing.assert_allclose(r2.logits, fresh.logits, atol=2e-3)
+    finally:
+        await m.aclose()
+        await plain.aclose()
+
+
+async def test_prefix_cache_is_bounded_and_evicts_least_recently_used(tiny_gguf):
+    m = await load(tiny_gguf, flash_attn=False, prefix_cache_mb=0.12)
+    try:
+        limit = int(0.12 * 1024 * 1024)
+        convs = [render_lg3([("user", f"Question {i}: {ANSWER}")], CATS) for i in range(4)]
+        for c in convs:
+            await m.evaluate(c)
+            assert 0 < m.stats.prefix_bytes <= limit
+        assert m.stats.prefix_evictions >= 1 and m.stats.prefix_entries < len(convs)
+        # The newest conversation is still cached: its next turn restores it whole.
+        again = await m.evaluate(convs[-1] + " More?")
+        assert again.n_reused >= len(m.tokenize(convs[-1])) - 1
+        # The oldest was evicted: only the template prefix shared with the others comes back.
+        old = await m.evaluate(convs[0] + " More?")
+        assert old.n_reused < len(m.tokenize(convs[0])) - 8
+    finally:
+        await m.aclose()
