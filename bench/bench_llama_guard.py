@@ -137,6 +137,7 @@ async def make_guard(path: Path, pool, args, **kw):
         n_threads_batch=args.threads,
         n_gpu_layers=args.n_gpu_layers,
         decode_categories=False,
+        prefix_cache_mb=kw.pop("prefix_cache_mb", 0),  # parts A and B measure evaluation, not reuse
         **kw,
     )
     await g.start()
