@@ -591,6 +591,7 @@ class PromptGuard(Guard):
       batch_wait_ms    how long new texts wait for other requests' to share a model call when a worker
                        is idle (default 2; 0 = send at once); while all workers are busy texts queue
                        and go together when one is free
+      cross_request_batching  false: one job per request, as before batch_wait_ms (default true)
     """
 
     name = "prompt_guard"
@@ -600,7 +601,7 @@ class PromptGuard(Guard):
         "model", "precision", "model_file", "providers", "threads", "workers", "graph_optimization",
         "allow_spinning", "threshold", "temperature", "messages", "indirect_roles", "window_tokens",
         "stride", "preprocess", "max_batch_windows", "max_padding_ratio", "max_tokens", "cache_size",
-        "cache_ttl_s", "fields", "batch_wait_ms",
+        "cache_ttl_s", "fields", "batch_wait_ms", "cross_request_batching",
     })
 
     def __init__(self, **options: Any) -> None:
@@ -661,6 +662,7 @@ class PromptGuard(Guard):
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._start_lock = threading.Lock()
         self._pending: dict[tuple[str, ...], asyncio.Future[TextScore | None]] = {}
+        self.cross_batch = bool(options.get("cross_request_batching", True))
         self._queue: list[_Queued] = []  # requests' new texts waiting for a model job
         self._in_flight = 0  # jobs running in the executor
         self._timer: asyncio.TimerHandle | None = None
@@ -740,25 +742,36 @@ class PromptGuard(Guard):
 
     def _kick(self, loop: asyncio.AbstractEventLoop) -> None:
         """Send the queued texts to a worker now, after the bounded wait, or when a job ends."""
+        if not self.cross_batch:  # each request its own job, queued in the executor
+            batch, self._queue = self._queue, []
+            for q in batch:
+                self._flush(loop, [q])
+            return
         if not self._queue or self._in_flight >= self.workers:
             return  # nothing to send, or every worker busy: _job_done sends the queue
         windows = self._scorer_opts["max_batch_windows"]
         if self.batch_wait_s <= 0 or sum(len(q.keys) for q in self._queue) >= windows:
-            self._flush(loop)
+            self._flush(loop, self._take())
         elif self._timer is None:
             self._timer = loop.call_later(self.batch_wait_s, self._on_timer, loop)
 
     def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer = None
         if self._in_flight < self.workers:
-            self._flush(loop)
+            self._flush(loop, self._take())
 
-    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        """One worker job for every request queued now: their windows share the model calls."""
+    def _take(self) -> list[_Queued]:
+        """Everything queued, for one job (the pending wait, if any, is over)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         batch, self._queue = self._queue, []
+        return batch
+
+    def _flush(self, loop: asyncio.AbstractEventLoop, batch: list[_Queued]) -> None:
+        """One worker job for `batch`: the windows of all its requests share the model calls."""
+        if not batch:
+            return
         if self._executor is None or self.scorer is None:  # closed meanwhile
             for q in batch:
                 for k in q.keys:
