@@ -259,6 +259,44 @@ async def part_b(path: Path, args, n_streams: int, batching: bool, kv: str = "un
     return res
 
 
+async def part_p(path: Path, args) -> list[dict]:
+    """A 4-turn conversation, each turn an input check and a streamed answer's first output check,
+    with the cross-request prefix cache off and on: guard tokens evaluated and check latency."""
+    from gateway.engine.llama_cpp import EnginePool
+    from gateway.guards.base import GuardInput
+    from gateway.types import Message
+
+    out = []
+    for mb in (0, 256):
+        pool = EnginePool()
+        g = await make_guard(path, pool, args, n_ctx=8192, max_sessions=4, prefix_cache_mb=mb)
+        m = g.model
+        await m.evaluate("warm-up")
+        msgs: list[Message] = []
+        rows = []
+        for turn in range(4):
+            msgs = [*msgs, Message.of("user", f"Question {turn}: how long do I knead and bake bread {turn}?")]
+            vi = await g.check(GuardInput(stage="input", messages=msgs))
+            answer = answer_text(200 + turn, 120)
+            sc = g.open_stream(msgs, f"t{turn}")
+            vo = await sc.check(answer, 0, True)
+            await sc.close()
+            rows.append((vi.tokens_evaluated, vi.latency_ms, vo.tokens_evaluated, vo.latency_ms,
+                         vi.details.get("prompt_tokens", 0), vo.details.get("prompt_tokens", 0)))
+            msgs = [*msgs, Message.of("assistant", answer)]
+        out.append({"mb": mb, "rows": rows})
+        await g.aclose()
+        await pool.aclose()
+    print("\n### P. cross-request prefix cache: a 4-turn conversation (input check + first output check per turn)")
+    print("| turn | prompt tokens in / out | evaluated, cache off | ms off | evaluated, cache on | ms on |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    off, on = out[0]["rows"], out[1]["rows"]
+    for t, (a, b) in enumerate(zip(off, on, strict=True)):
+        print(f"| {t + 1} | {a[4]} / {a[5]} | {a[0]} + {a[2]} | {a[1]:.0f} + {a[3]:.0f} | "
+              f"{b[0]} + {b[2]} | {b[1]:.0f} + {b[3]:.0f} |")
+    return out
+
+
 def report_b(b: list[dict], args) -> None:
     print(
         "\n### B. concurrent streams "
@@ -333,6 +371,8 @@ async def main_async(args) -> None:
 
     device = "GPU offload" if args.n_gpu_layers and C.llama_supports_gpu_offload() else "CPU"
     print(f"# model {path} ({path.stat().st_size:,} bytes), device {device}", flush=True)
+    if "P" in args.parts:
+        await part_p(path, args)
     b = []
     if "B" in args.parts:
         # Levels interleaved and repeated; the fastest run of each is kept, because on a shared
@@ -351,8 +391,9 @@ async def main_async(args) -> None:
                     best[kv, bt, n] = r
         b = [best[k] for k in levels]
     if "A" not in args.parts:
-        print(f"\n## Llama Guard 3 1B width, shape {args.shape} ({args.quant}), {device}, {args.threads} threads")
-        report_b(b, args)
+        if b:
+            print(f"\n## Llama Guard 3 1B width, shape {args.shape} ({args.quant}), {device}, {args.threads} threads")
+            report_b(b, args)
         return
     a = await part_a(path, args)
     print(f"# part A done: incremental {a['inc_wall']:.1f} s, naive {a['naive_wall']:.1f} s", flush=True)
@@ -368,7 +409,9 @@ def main() -> int:
         default="lg3-1b",
         help="random model shape from scripts/make_tiny_gguf.py (lg3-1b-2l: LG3-1B width, 2 layers)",
     )
-    ap.add_argument("--parts", default="AB", help="which parts to run: A, B or AB (C comes with A)")
+    ap.add_argument(
+        "--parts", default="AB", help="parts to run: A, B, P (prefix cache), in any combination (C comes with A)"
+    )
     ap.add_argument("--batching", nargs="+", choices=["on", "off"], default=["on", "off"])
     ap.add_argument(
         "--kv",
