@@ -250,13 +250,14 @@ class _Task:
 
 _STOP = object()
 _MIN_PREFIX = 32  # shorter matches are evaluated: a restore copies the whole saved state
+_MAX_PREFIX_ENTRIES = 256  # a lookup compares the prompt with every key: bound the count too
 
 
 class _PrefixCache:
     """Saved KV states keyed by their tokens; least recently used first out, bounded in bytes.
 
-    Touched only on the worker thread. Lookup compares the prompt with every key (numpy), which
-    stays cheap because the byte bound keeps the number of entries small.
+    Touched only on the worker thread. Lookup compares the prompt with every key (numpy), so the
+    number of entries is bounded as well as their bytes.
     """
 
     def __init__(self, max_bytes: int, stats: EngineStats) -> None:
@@ -276,7 +277,7 @@ class _PrefixCache:
         size = ctypes.sizeof(state)
         if size > self.max_bytes or key in self._entries:
             return
-        while self.stats.prefix_bytes + size > self.max_bytes:
+        while self.stats.prefix_bytes + size > self.max_bytes or len(self._entries) >= _MAX_PREFIX_ENTRIES:
             _, (_, old) = self._entries.popitem(last=False)
             self.stats.prefix_bytes -= ctypes.sizeof(old)
             self.stats.prefix_evictions += 1
