@@ -43,7 +43,10 @@ def test_window_is_the_largest_that_keeps_the_stall_under_the_target() -> None:
     assert gate._window(c, st) == AUTO_FIRST  # nothing measured yet
     c.first_at = time.monotonic() - 1.0
     c.tok_starts = list(range(101))  # 100 tokens/s
-    assert gate._window(c, st) == AUTO_FIRST  # no check latency yet
+    assert gate._window(c, st) == AUTO_FIRST  # no check latency yet: 16 tokens fill in 0.16 s
+    slow = _Choice(0, tok_starts=list(range(21)))
+    slow.first_at = time.monotonic() - 1.0  # 20 tokens/s: 16 would take 0.8 s to fill
+    assert gate._window(slow, st) == pytest.approx(5, rel=0.02)  # half the 500 ms target: 5 tokens
     st.cost_per_token.extend([0.001, 0.002])  # the slowest recent check: 2 ms per window token
     w = gate._window(c, st)
     assert w == pytest.approx(0.5 / (1 / 100 + 0.002), rel=0.02)  # ~42 tokens: 0.42 s to fill + 84 ms

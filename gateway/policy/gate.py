@@ -65,7 +65,7 @@ from gateway.types import (
 log = logging.getLogger("guardgate.gate")
 
 _EV, _END, _ERR, _CHECK = range(4)
-# check_every_tokens: auto. The first window, before a check latency was measured; the bounds.
+# check_every_tokens: auto. The first window (smaller on a slow stream); the bounds.
 AUTO_FIRST, AUTO_MIN, AUTO_MAX = 16, 4, 1024
 
 
@@ -433,8 +433,10 @@ class StreamGate:
         if not self.auto:
             return self.every
         rate = c.token_rate(time.monotonic())
-        if rate is None or not st.cost_per_token:
+        if rate is None:
             return AUTO_FIRST
+        if not st.cost_per_token:  # no check measured yet: let filling take half the target at most
+            return min(AUTO_FIRST, max(AUTO_MIN, self.max_stall * rate / 2))
         w = self.max_stall / (1.0 / rate + max(st.cost_per_token))
         return min(max(w, AUTO_MIN), AUTO_MAX)
 
