@@ -8,9 +8,9 @@ all active tasks (different sessions) into one `llama_decode` call.
 
 KV layout (`kv_unified`): one unified cache lets any session use any of the `n_ctx` cells, but every
 token's attention then spans the cells of *all* resident sessions (masked), so a batched check
-costs more the more sessions are live: on 2 CPU cores, 64 live guard sessions ran at 0.59x one
+costs more the more sessions are live: on 2 CPU cores, 64 live guard sessions ran at 0.55x one
 session's tokens/s (docs/performance.md). With `kv_unified=False` each session has its own stream
-of `n_ctx / max_sessions` cells and attends to its own cells only: 64 sessions ran at 1.04x. The
+of `n_ctx / max_sessions` cells and attends to its own cells only: 64 sessions ran at 0.95x. The
 price is a per-session cap on prompt length; the default stays unified.
 
 Sessions keep tokens in the KV cache between calls. `evaluate()` takes the whole prompt each time,
