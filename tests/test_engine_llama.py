@@ -99,10 +99,11 @@ async def test_suffix_is_rolled_back_and_session_close_frees_the_sequence(tiny_g
         await m.aclose()
 
 
-async def test_batched_sessions_match_one_by_one(tiny_gguf):
+@pytest.mark.parametrize("kv_unified", [True, False])
+async def test_batched_sessions_match_one_by_one(tiny_gguf, kv_unified):
     answers = [ANSWER[:n] for n in (30, 55, 80, 110)]
     seq_m = await load(tiny_gguf, batching=False, flash_attn=False)
-    bat_m = await load(tiny_gguf, batching=True, flash_attn=False)
+    bat_m = await load(tiny_gguf, batching=True, flash_attn=False, kv_unified=kv_unified, max_sessions=4)
     try:
         one_by_one = []
         for a in answers:
@@ -133,6 +134,28 @@ async def test_lru_session_is_evicted_and_rebuilt(tiny_gguf):
         again = await m.evaluate(p, session=s1, keep=b)
         assert again.n_reused == 0  # rebuilt from scratch
         np.testing.assert_array_equal(again.logits, r1.logits)
+    finally:
+        await m.aclose()
+
+
+async def test_per_session_kv_streams_hold_each_session_up_to_its_share(tiny_gguf):
+    """kv_unified=False: each session owns n_ctx / max_sessions cells, all resident at once."""
+    m = await load(tiny_gguf, n_ctx=4 * 256, max_sessions=4, kv_unified=False, flash_attn=False)
+    try:
+        assert m.n_ctx_seq == 256
+        words = "knead the dough slowly until smooth and elastic then let it rise " * 40
+        toks = m.tokenize(words, special=False)[:250]
+        sessions = [m.open_session() for _ in range(4)]
+        # 4 x 250 tokens = 1,000 of the 1,024 cells: all four stay resident, none is evicted.
+        first = await asyncio.gather(*(m.evaluate(toks, session=s) for s in sessions))
+        again = await asyncio.gather(*(m.evaluate(toks, session=s) for s in sessions))
+        assert m.stats.sessions_evicted == 0 and m.stats.requests_failed == 0
+        assert [r.n_reused for r in again] == [249] * 4
+        for x, y in zip(first, again, strict=True):
+            np.testing.assert_allclose(x.logits, y.logits, atol=2e-3)
+        # A prompt longer than one session's stream is refused even though n_ctx has room.
+        with pytest.raises(EngineError, match="256 KV cells per session"):
+            await m.evaluate(m.tokenize(words, special=False)[:300])
     finally:
         await m.aclose()
 
@@ -230,5 +253,47 @@ async def test_more_requests_than_sequences_wait_instead_of_failing(tiny_gguf):
         )
         assert isinstance(bad, ValueError) and not isinstance(good, BaseException)
         assert (await m.evaluate("still alive")).n_prompt > 0
+    finally:
+        await m.aclose()
+
+
+async def test_prefix_cache_second_turn_evaluates_only_new_tokens(tiny_gguf):
+    """A new turn of a checked conversation restores the saved KV of the earlier prompt."""
+    turn1 = render_lg3([("user", "How do I bake bread?")], CATS)
+    turns2 = [("user", "How do I bake bread?"), ("assistant", ANSWER), ("user", "And rolls, same way?")]
+    turn2 = render_lg3(turns2, CATS)
+    m = await load(tiny_gguf, flash_attn=False, prefix_cache_mb=4)
+    plain = await load(tiny_gguf, flash_attn=False)
+    try:
+        await m.evaluate(turn1)  # a temporary sequence: its KV is saved when it is released
+        r2 = await m.evaluate(turn2)
+        t1, t2 = m.tokenize(turn1), m.tokenize(turn2)
+        shared = next(i for i, (a, b) in enumerate(zip(t1, t2, strict=False)) if a != b)
+        assert shared > 100  # the template and the first user turn
+        assert r2.n_reused == shared and r2.n_evaluated == len(t2) - shared
+        assert m.stats.prefix_hits == 1 and m.stats.prefix_tokens_restored == shared
+        fresh = await plain.evaluate(turn2)
+        assert fresh.n_evaluated == len(t2)
+        np.testing.assert_allclose(r2.logits, fresh.logits, atol=2e-3)
+    finally:
+        await m.aclose()
+        await plain.aclose()
+
+
+async def test_prefix_cache_is_bounded_and_evicts_least_recently_used(tiny_gguf):
+    m = await load(tiny_gguf, flash_attn=False, prefix_cache_mb=0.12)
+    try:
+        limit = int(0.12 * 1024 * 1024)
+        convs = [render_lg3([("user", f"Question {i}: {ANSWER}")], CATS) for i in range(4)]
+        for c in convs:
+            await m.evaluate(c)
+            assert 0 < m.stats.prefix_bytes <= limit
+        assert m.stats.prefix_evictions >= 1 and m.stats.prefix_entries < len(convs)
+        # The newest conversation is still cached: its next turn restores it whole.
+        again = await m.evaluate(convs[-1] + " More?")
+        assert again.n_reused >= len(m.tokenize(convs[-1])) - 1
+        # The oldest was evicted: only the template prefix shared with the others comes back.
+        old = await m.evaluate(convs[0] + " More?")
+        assert old.n_reused < len(m.tokenize(convs[0])) - 8
     finally:
         await m.aclose()

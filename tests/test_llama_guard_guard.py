@@ -247,3 +247,37 @@ async def test_policy_missing_model_follows_on_error(tmp_path):
     assert text_of(events) == "hello there"
     assert pol.stream.steps[0].unavailable and "absent.gguf" in pol.stream.steps[0].unavailable
     await pol.aclose()
+
+
+async def test_next_turn_evaluates_only_its_new_tokens(pool, rig_gguf):
+    """Prefix cache across requests. LG3's prompt names the checked role in its first lines, so an
+    input check reuses the last input check of the conversation, and the first output check of a
+    turn reuses the last output check (template, earlier turns and the answer already checked)."""
+    g = await guard(pool, rig_gguf)
+    _, post = g.prompter.split([("user", "q"), ("assistant", "a")])
+    suffix = len(g.model.tokenize(post))  # the output prompt's suffix; the input one is as long
+    msgs1 = user("How do I bake bread?")
+    v1 = await g.check(GuardInput(stage="input", messages=msgs1))
+    assert v1.details["reused"] == 0 and v1.tokens_evaluated == v1.details["prompt_tokens"]
+    sc = g.open_stream(msgs1, "turn1")
+    o1 = await sc.check(BENIGN, 0, True)
+    await sc.close()
+    assert o1.details["reused"] == 0
+    msgs2 = [*msgs1, Message.of("assistant", BENIGN), Message.of("user", "And rolls, the same way?")]
+    v2 = await g.check(GuardInput(stage="input", messages=msgs2))
+    # Template, system and first user turn come back from turn 1's input check.
+    assert v2.details["reused"] >= v1.details["prompt_tokens"] - suffix - 3
+    assert v2.tokens_evaluated == v2.details["prompt_tokens"] - v2.details["reused"]
+    assert not v2.flagged
+    sc = g.open_stream(msgs2, "turn2")
+    o2 = await sc.check("Yes: shape small rolls and bake them for less time.", 0, True)
+    await sc.close()
+    # The first output check of turn 2 evaluates only the new user turn, the new answer and the suffix.
+    assert o2.details["reused"] >= o1.details["prompt_tokens"] - suffix - 3
+    assert o2.tokens_evaluated == o2.details["prompt_tokens"] - o2.details["reused"] < 90
+    assert not o2.flagged
+    # Verdicts stay exact on restored state: the rigged trigger in the new turn is still caught.
+    msgs3 = [*msgs1, Message.of("assistant", BENIGN), Message.of("user", "And then a bomb?")]
+    v3 = await g.check(GuardInput(stage="input", messages=msgs3))
+    assert v3.flagged and v3.categories == ["S1"] and v3.details["reused"] > 100
+    assert g.model.stats.prefix_hits >= 3

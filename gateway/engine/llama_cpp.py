@@ -2,15 +2,28 @@
 
 A llama.cpp context is not thread-safe, so each loaded model is owned by one worker thread fed by
 a queue; the event loop only enqueues work and awaits futures (ctypes releases the GIL during
-decode). The context is created with `n_seq_max = max_sessions` and a unified KV cache: each
-session is one sequence id, and the worker runs a small continuous-batching loop: every round it
-packs the pending tokens of all active tasks (different sessions) into one `llama_decode` call.
+decode). The context is created with `n_seq_max = max_sessions`; each session is one sequence id,
+and the worker runs a small continuous-batching loop: every round it packs the pending tokens of
+all active tasks (different sessions) into one `llama_decode` call.
+
+KV layout (`kv_unified`): one unified cache lets any session use any of the `n_ctx` cells, but every
+token's attention then spans the cells of *all* resident sessions (masked), so a batched check
+costs more the more sessions are live: on 2 CPU cores, 64 live guard sessions ran at 0.55x one
+session's tokens/s (docs/performance.md). With `kv_unified=False` each session has its own stream
+of `n_ctx / max_sessions` cells and attends to its own cells only: 64 sessions ran at 0.95x. The
+price is a per-session cap on prompt length; the default stays unified.
 
 Sessions keep tokens in the KV cache between calls. `evaluate()` takes the whole prompt each time,
 keeps the longest common prefix that is already cached, evaluates only the rest, reads the logits
 of the last position, optionally decodes a few tokens greedily, and finally rolls the cache back
 to `keep` tokens (e.g. drops a Llama Guard suffix). When the KV cache or the sequence ids run out,
 the least recently used idle session is evicted; it is rebuilt on its next use (a full prefill).
+
+Prefix cache (`prefix_cache_mb` > 0): when a sequence's KV is about to be discarded (a temporary
+sequence after its check, a closed or evicted session), its state is saved under its tokens in a
+bounded LRU. A sequence that starts empty restores the saved state sharing the longest prefix with
+its prompt and evaluates only the rest: a new turn of an already-checked conversation pays for its
+new tokens only, not for the template and the earlier turns again.
 """
 
 from __future__ import annotations
@@ -100,6 +113,8 @@ class ModelOptions:
     max_sessions: int = 16  # KV sequences kept resident (<= 256)
     batching: bool = True  # False: one task at a time (benchmarks compare both)
     flash_attn: bool | None = None  # None: llama.cpp decides
+    kv_unified: bool = True  # False: one KV stream per session, n_ctx // max_sessions cells each
+    prefix_cache_mb: float = 0.0  # KV states kept across requests, keyed by token prefix (0: off)
     verbose: bool = False
 
     def threads(self) -> tuple[int, int]:
@@ -121,6 +136,11 @@ class EngineStats:
         self.requests_cancelled = 0  # abandoned by the caller (timeout, client gone, stop string)
         self.sessions_alive = 0
         self.sessions_evicted = 0
+        self.prefix_hits = 0  # empty sequences started from a saved prefix state
+        self.prefix_tokens_restored = 0  # prompt tokens those restores saved from evaluation
+        self.prefix_evictions = 0
+        self.prefix_bytes = 0
+        self.prefix_entries = 0
         self.latency_ms_sum = 0.0
         self.latency_ms_max = 0.0
         self.latency_buckets = [0] * len(self._LAT_BUCKETS_MS)
@@ -144,6 +164,11 @@ class EngineStats:
             "requests_cancelled": self.requests_cancelled,
             "sessions_alive": self.sessions_alive,
             "sessions_evicted": self.sessions_evicted,
+            "prefix_hits": self.prefix_hits,
+            "prefix_tokens_restored": self.prefix_tokens_restored,
+            "prefix_evictions": self.prefix_evictions,
+            "prefix_bytes": self.prefix_bytes,
+            "prefix_entries": self.prefix_entries,
             "latency_ms_avg": self.latency_ms_sum / done if done else 0.0,
             "latency_ms_max": self.latency_ms_max,
             "latency_buckets_ms": dict(zip(self._LAT_BUCKETS_MS, self.latency_buckets, strict=True)),
@@ -224,6 +249,58 @@ class _Task:
 
 
 _STOP = object()
+_MIN_PREFIX = 32  # shorter matches are evaluated: a restore copies the whole saved state
+_MAX_PREFIX_ENTRIES = 256  # a lookup compares the prompt with every key: bound the count too
+
+
+class _PrefixCache:
+    """Saved KV states keyed by their tokens; least recently used first out, bounded in bytes.
+
+    Touched only on the worker thread. Lookup compares the prompt with every key (numpy), so the
+    number of entries is bounded as well as their bytes.
+    """
+
+    def __init__(self, max_bytes: int, stats: EngineStats) -> None:
+        self.max_bytes = max_bytes
+        self.stats = stats
+        self._entries: collections.OrderedDict[tuple[int, ...], tuple[np.ndarray, Any]] = (
+            collections.OrderedDict()
+        )
+
+    def __contains__(self, key: tuple[int, ...]) -> bool:
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return True
+        return False
+
+    def put(self, key: tuple[int, ...], state: Any) -> None:
+        size = ctypes.sizeof(state)
+        if size > self.max_bytes or key in self._entries:
+            return
+        while self.stats.prefix_bytes + size > self.max_bytes or len(self._entries) >= _MAX_PREFIX_ENTRIES:
+            _, (_, old) = self._entries.popitem(last=False)
+            self.stats.prefix_bytes -= ctypes.sizeof(old)
+            self.stats.prefix_evictions += 1
+        self._entries[key] = (np.asarray(key, dtype=np.int64), state)
+        self.stats.prefix_bytes += size
+        self.stats.prefix_entries = len(self._entries)
+
+    def best(self, prompt: Sequence[int]) -> tuple[tuple[int, ...], Any, int] | None:
+        """The entry sharing the longest prefix with `prompt`: (key, state, shared length)."""
+        if not self._entries:
+            return None
+        p = np.asarray(prompt, dtype=np.int64)
+        found: tuple[tuple[int, ...], Any, int] | None = None
+        for key, (arr, state) in self._entries.items():
+            n = min(len(arr), len(p))
+            diff = np.flatnonzero(arr[:n] != p[:n])
+            shared = int(diff[0]) if diff.size else n
+            if found is None or shared > found[2]:
+                found = (key, state, shared)
+        if found is not None:
+            self._entries.move_to_end(found[0])
+        self.stats.prefix_entries = len(self._entries)
+        return found
 
 
 class Session:
@@ -418,7 +495,7 @@ class LlamaModel:
         cp.n_seq_max = max(1, min(o.max_sessions, 256))
         n, nb = o.threads()
         cp.n_threads, cp.n_threads_batch = n, nb
-        cp.kv_unified = True
+        cp.kv_unified = o.kv_unified
         cp.no_perf = True
         if o.flash_attn is not None:
             cp.flash_attn_type = (
@@ -431,6 +508,8 @@ class LlamaModel:
         self._ctx = ctx
         self._mem = C.llama_get_memory(ctx)
         self.n_ctx = C.llama_n_ctx(ctx)
+        # Longest prompt one session can hold: all n_ctx cells when unified, else its own stream's.
+        self.n_ctx_seq = C.llama_n_ctx_seq(ctx)
         self.n_seq_max = cp.n_seq_max
         self.n_vocab = C.llama_vocab_n_tokens(self._vocab)
         self.n_layer = C.llama_model_n_layer(model)
@@ -440,6 +519,8 @@ class LlamaModel:
         self.chat_template = self.metadata.get("tokenizer.chat_template")
         self._batch = C.llama_batch_init(o.n_batch, 0, 1)
         self._free_seq = list(range(self.n_seq_max))[::-1]
+        mb = o.prefix_cache_mb
+        self._prefixes = _PrefixCache(int(mb * 1024 * 1024), self.stats) if mb > 0 else None
         self._seqs: dict[int, _Seq] = {}
         self._tmp_ids = itertools.count(-1, -1)
 
@@ -538,8 +619,11 @@ class LlamaModel:
                 else:
                     k = max(0, min(int(keep), len(toks)))
                 need = len(toks) + len(force) + max_new
-                if need > self.n_ctx:
-                    raise EngineError(f"prompt of {len(toks)} tokens does not fit n_ctx={self.n_ctx}")
+                if need > self.n_ctx_seq:
+                    raise EngineError(
+                        f"prompt of {len(toks)} tokens does not fit n_ctx={self.n_ctx} "
+                        f"({self.n_ctx_seq} KV cells per session)"
+                    )
             except Exception as e:
                 self.stats.requests_failed += 1
                 fut.set_exception(e)
@@ -563,9 +647,12 @@ class LlamaModel:
                 toks = self.tokenize(prompt, add_bos=False) if isinstance(prompt, str) else list(prompt)
                 if not toks:
                     raise EngineError("empty prompt")
-                max_tokens = max(0, min(max_tokens, self.n_ctx - len(toks)))
-                if len(toks) >= self.n_ctx:
-                    raise EngineError(f"prompt of {len(toks)} tokens does not fit n_ctx={self.n_ctx}")
+                max_tokens = max(0, min(max_tokens, self.n_ctx_seq - len(toks)))
+                if len(toks) >= self.n_ctx_seq:
+                    raise EngineError(
+                        f"prompt of {len(toks)} tokens does not fit n_ctx={self.n_ctx} "
+                        f"({self.n_ctx_seq} KV cells per session)"
+                    )
             except Exception as e:
                 self.stats.requests_failed += 1
                 emit(e)
@@ -625,6 +712,8 @@ class LlamaModel:
                 raise EngineError(f"all {self.n_seq_max} sequences are in use")
             s.seq = self._free_seq.pop()
             s.cached = []
+        if not s.cached:
+            self._restore_prefix(s, t.prompt)
         # Reuse the longest cached prefix; the last prompt token is always evaluated (fresh logits).
         n = min(_common_prefix(s.cached, t.prompt), len(t.prompt) - 1)
         if n < len(s.cached):
@@ -644,6 +733,39 @@ class LlamaModel:
         s.last_used = time.monotonic()
         return True
 
+    def _save_prefix(self, s: _Seq) -> None:
+        """Keep the KV state of `s` (about to be discarded) for later prompts that share its prefix."""
+        pc = self._prefixes
+        if pc is None or s.seq is None or len(s.cached) < _MIN_PREFIX:
+            return
+        key = tuple(s.cached)
+        if key in pc:
+            return
+        C = _llama()
+        size = C.llama_state_seq_get_size(self._ctx, s.seq)
+        if not 0 < size <= pc.max_bytes:
+            return
+        state = (ctypes.c_uint8 * size)()
+        if C.llama_state_seq_get_data(self._ctx, state, size, s.seq) == size:
+            pc.put(key, state)
+
+    def _restore_prefix(self, s: _Seq, prompt: Sequence[int]) -> None:
+        """Start the empty sequence `s` from the saved state sharing the longest prefix with `prompt`."""
+        pc = self._prefixes
+        if pc is None or s.seq is None:
+            return
+        found = pc.best(prompt)
+        if found is None or min(found[2], len(prompt) - 1) < _MIN_PREFIX:
+            return
+        key, state, shared = found
+        C = _llama()
+        if C.llama_state_seq_set_data(self._ctx, state, ctypes.sizeof(state), s.seq) == 0:
+            C.llama_memory_seq_rm(self._mem, s.seq, 0, -1)  # no room (unified KV): evaluate instead
+            return
+        s.cached = list(key)  # _prepare trims it to the part shared with the prompt
+        self.stats.prefix_hits += 1
+        self.stats.prefix_tokens_restored += min(shared, len(prompt) - 1)
+
     def _used(self, active: list[_Task]) -> int:
         """KV cells held by resident sequences plus those that running tasks will still add."""
         cached = sum(len(s.cached) for s in self._seqs.values() if s.seq is not None)
@@ -661,6 +783,7 @@ class LlamaModel:
         if not idle:
             return False
         victim = min(idle, key=lambda s: s.last_used)
+        self._save_prefix(victim)
         self._release_seq(victim)
         self.stats.sessions_evicted += 1
         return True
@@ -673,6 +796,7 @@ class LlamaModel:
         s.cached = []
 
     def _drop(self, s: _Seq) -> None:
+        self._save_prefix(s)
         self._release_seq(s)
         if self._seqs.pop(s.sid, None) is not None:
             self.stats.sessions_alive -= 1
@@ -691,7 +815,9 @@ class LlamaModel:
         budget = self.options.n_batch
         rows: list[tuple[_Task, int, bool]] = []  # task, tokens taken, wants logits
         i = 0
-        for t in active:
+        # Ascending sequence ids: with per-session KV streams llama.cpp splits a batch into ubatches
+        # of consecutive sequence ids only (split_equal), so this order lets sessions share ubatches.
+        for t in sorted(active, key=lambda t: t.seq.seq):
             if budget <= 0:
                 break
             take = min(len(t.feed), budget)
@@ -787,11 +913,13 @@ class LlamaModel:
         s = t.seq
         s.busy = False
         s.last_used = time.monotonic()
-        if s.temporary:
-            self._release_seq(s)
-        elif s.seq is not None and t.keep < len(s.cached):
+        if s.seq is not None and t.keep < len(s.cached):
             _llama().llama_memory_seq_rm(self._mem, s.seq, t.keep, -1)
             del s.cached[t.keep :]
+        if s.temporary:
+            if not cancelled:
+                self._save_prefix(s)
+            self._release_seq(s)
         if s.closed and not s.temporary:
             self._drop(s)
         ms = (time.perf_counter() - t.t0) * 1000.0

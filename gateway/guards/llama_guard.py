@@ -513,7 +513,10 @@ class LlamaGuard(Guard):
     max_category_tokens (12), blank_line (true), timeout_ms, backend (auto|local|remote),
     remote ({base_url, api: llama_moderations|openai_chat|openai_completions, model, api_key_env}),
     and engine options n_ctx, n_threads, n_threads_batch, n_gpu_layers, n_batch, max_sessions,
-    batching, flash_attn.
+    batching, flash_attn, kv_unified (false: a KV stream per session, so a check's attention does
+    not span every live session's cells; each session then holds n_ctx / max_sessions tokens),
+    prefix_cache_mb (64: KV states of checked prompts kept across requests, LRU, so a conversation's
+    next turn evaluates only its new tokens; 0 turns it off).
     """
 
     name = "llama_guard"
@@ -527,6 +530,8 @@ class LlamaGuard(Guard):
         "max_sessions",
         "batching",
         "flash_attn",
+        "kv_unified",
+        "prefix_cache_mb",
         "verbose",
     )
     _KEYS = frozenset(
@@ -627,6 +632,8 @@ class LlamaGuard(Guard):
                 raise RuntimeError(f"Llama Guard 4 does not load in this llama.cpp: {why}")
         eng = {k: self.options[k] for k in self._ENGINE_KEYS if k in self.options}
         eng.setdefault("n_ctx", 8192)
+        # Earlier turns' KV, kept across requests: a new turn evaluates only its new tokens.
+        eng.setdefault("prefix_cache_mb", 64)
         pool = self._pool or default_pool()
         model = await pool.acquire(ModelOptions(path=str(path), **eng))
         try:

@@ -15,7 +15,9 @@ message is scored over its whole length in overlapping windows (score = max), th
 new messages of a request go to the model together (sorted by length and cut where padding would
 waste too much), and per-message results are cached by model + text hash, so a chat client that
 re-sends its history only pays for the new turns. Inference runs in a worker thread: the event loop
-never blocks.
+never blocks. Concurrent requests share model calls: new texts wait at most `batch_wait_ms` (or
+until a worker is free) and all texts waiting then go to the model in one job, so under load each
+call carries up to `max_batch_windows` windows instead of one request's few.
 """
 
 from __future__ import annotations
@@ -468,11 +470,41 @@ class PromptGuardScorer:
         """Scores of `texts` (None for a text with no tokens); all windows in as few calls as the
         batching rules allow. More than `max_tokens` tokens in all (0 = no limit) raises InputTooLong."""
         indirect = list(indirect) if indirect is not None else [False] * len(texts)
+        (out,) = self.score_requests([(texts, indirect)], stats, max_tokens)
+        if isinstance(out, InputTooLong):
+            raise out
+        return out
+
+    def score_requests(self, requests: Sequence[tuple[Sequence[str], Sequence[bool]]],
+                       stats: BatchStats | None = None, max_tokens: int = 0
+                       ) -> list[list[TextScore | None] | InputTooLong]:
+        """`score_texts` for several requests at once: the windows of all of them share model calls
+        (fewer, fuller calls under concurrent traffic), while `max_tokens` still applies to each
+        request alone: one over it gets InputTooLong in its place and the others are scored."""
         stats = stats if stats is not None else BatchStats()
-        encoded = self._encode(texts)
-        total = sum(len(ids) for ids, _ in encoded)
-        if max_tokens and total > max_tokens:
-            raise InputTooLong(f"{total} new tokens to score, over max_tokens={max_tokens}")
+        encoded: list[tuple[list[int], list[tuple[int, int]]]] = []
+        indirect: list[bool] = []
+        owner: list[int] = []  # request index of each text
+        results: list[list[TextScore | None] | InputTooLong] = []
+        for r, (req_texts, req_indirect) in enumerate(requests):
+            encoded_r = self._encode(req_texts)
+            total = sum(len(ids) for ids, _ in encoded_r)
+            if max_tokens and total > max_tokens:
+                results.append(InputTooLong(f"{total} new tokens to score, over max_tokens={max_tokens}"))
+                continue
+            results.append([])
+            encoded.extend(encoded_r)
+            indirect.extend(req_indirect)
+            owner.extend([r] * len(req_texts))
+        scored = self._score_encoded(encoded, indirect, stats)
+        for r, score in zip(owner, scored, strict=True):
+            out = results[r]
+            assert isinstance(out, list)
+            out.append(score)
+        return results
+
+    def _score_encoded(self, encoded: Sequence[tuple[list[int], list[tuple[int, int]]]],
+                       indirect: Sequence[bool], stats: BatchStats) -> list[TextScore | None]:
         wins: list[_Window] = []
         spans: list[list[tuple[int, int]]] = []
         for t, (ids, _) in enumerate(encoded):
@@ -507,6 +539,16 @@ class PromptGuardScorer:
 
 
 # --------------------------------------------------------------------------- the guard
+
+
+@dataclass(slots=True)
+class _Queued:
+    """One request's new texts waiting for a worker job (the guard batches requests into jobs)."""
+
+    keys: list[tuple[str, ...]]
+    texts: list[str]
+    indirect: list[bool]
+    stats: BatchStats  # the request's figures, filled from its job's when it ends
 
 
 def _opt_roles(value: Any) -> frozenset[str]:
@@ -546,6 +588,10 @@ class PromptGuard(Guard):
       max_padding_ratio  pad no window past this x its length; else a new call (default 1.5; 0 = one call)
       max_tokens       more new tokens than this in a request: error verdict (default 65536; 0 = no limit)
       cache_size, cache_ttl_s  verdict cache bound (default 4096 texts, 3600 s; size 0 = no cache)
+      batch_wait_ms    how long new texts wait for other requests' to share a model call when a worker
+                       is idle (default 2; 0 = send at once); while all workers are busy texts queue
+                       and go together when one is free
+      cross_request_batching  false: one job per request, as before batch_wait_ms (default true)
     """
 
     name = "prompt_guard"
@@ -555,7 +601,7 @@ class PromptGuard(Guard):
         "model", "precision", "model_file", "providers", "threads", "workers", "graph_optimization",
         "allow_spinning", "threshold", "temperature", "messages", "indirect_roles", "window_tokens",
         "stride", "preprocess", "max_batch_windows", "max_padding_ratio", "max_tokens", "cache_size",
-        "cache_ttl_s", "fields",
+        "cache_ttl_s", "fields", "batch_wait_ms", "cross_request_batching",
     })
 
     def __init__(self, **options: Any) -> None:
@@ -576,13 +622,15 @@ class PromptGuard(Guard):
             self.max_tokens = int(options.get("max_tokens", 65536))
             cache_size = int(options.get("cache_size", 4096))
             cache_ttl = float(options.get("cache_ttl_s", 3600.0))
+            self.batch_wait_s = float(options.get("batch_wait_ms", 2.0)) / 1000.0
         except (TypeError, ValueError) as e:
             raise GuardConfigError(f"prompt_guard: bad numeric option: {e}") from e
         if not 0.0 <= self.threshold <= 1.0:
             raise GuardConfigError(f"prompt_guard: threshold must be in [0, 1], not {self.threshold}")
-        if self.workers < 1 or self.threads < 0 or self.max_tokens < 0 or cache_size < 0 or cache_ttl <= 0:
+        if (self.workers < 1 or self.threads < 0 or self.max_tokens < 0 or cache_size < 0 or cache_ttl <= 0
+                or not 0.0 <= self.batch_wait_s <= 1.0):
             raise GuardConfigError("prompt_guard: workers >= 1, threads >= 0, max_tokens >= 0, "
-                                   "cache_size >= 0, cache_ttl_s > 0")
+                                   "cache_size >= 0, cache_ttl_s > 0, 0 <= batch_wait_ms <= 1000")
         self.roles = _opt_roles(options.get("messages", ["user", "tool"]))
         self.indirect_roles = _opt_roles(options.get("indirect_roles", ["tool"]))
         self.scan_fields = bool(options.get("fields", True))
@@ -614,8 +662,13 @@ class PromptGuard(Guard):
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._start_lock = threading.Lock()
         self._pending: dict[tuple[str, ...], asyncio.Future[TextScore | None]] = {}
+        self.cross_batch = bool(options.get("cross_request_batching", True))
+        self._queue: list[_Queued] = []  # requests' new texts waiting for a model job
+        self._in_flight = 0  # jobs running in the executor
+        self._timer: asyncio.TimerHandle | None = None
         self._model_key = ""
-        self.stats = {"inference_calls": 0, "windows": 0, "tokens": 0, "cache_hits": 0, "texts_scored": 0}
+        self.stats = {"inference_calls": 0, "windows": 0, "tokens": 0, "cache_hits": 0, "texts_scored": 0,
+                      "jobs": 0, "requests_batched": 0}
 
     # ---- lifecycle
 
@@ -679,34 +732,99 @@ class PromptGuard(Guard):
             new_keys = list(todo)
             for k in new_keys:
                 self._pending[k] = loop.create_future()
-            job = loop.run_in_executor(
-                self._executor, self.scorer.score_texts, [texts[todo[k]] for k in new_keys],
-                [indirect[todo[k]] for k in new_keys], stats, self.max_tokens,
-            )
-            # The settle callback runs on the loop even if this request is cancelled meanwhile, so
-            # the cache is filled and other requests waiting on the same texts are woken.
-            job.add_done_callback(lambda f: self._settle(new_keys, f))
+            self._queue.append(_Queued(new_keys, [texts[todo[k]] for k in new_keys],
+                                       [indirect[todo[k]] for k in new_keys], stats))
+            self._kick(loop)
         waits = {i: self._pending[k] for i, k in enumerate(keys) if not cached[i]}
         for i, fut in waits.items():
             results[i] = await asyncio.shield(fut)
         return results, cached, stats
 
-    def _settle(self, keys: list[tuple[str, ...]], job: asyncio.Future[list[TextScore | None]]) -> None:
-        """On the loop thread when a worker job ends: fill the cache, wake every waiter."""
+    def _kick(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Send the queued texts to a worker now, after the bounded wait, or when a job ends."""
+        if not self.cross_batch:  # each request its own job, queued in the executor
+            batch, self._queue = self._queue, []
+            for q in batch:
+                self._flush(loop, [q])
+            return
+        if not self._queue or self._in_flight >= self.workers:
+            return  # nothing to send, or every worker busy: _job_done sends the queue
+        windows = self._scorer_opts["max_batch_windows"]
+        if self.batch_wait_s <= 0 or sum(len(q.keys) for q in self._queue) >= windows:
+            self._flush(loop, self._take())
+        elif self._timer is None:
+            self._timer = loop.call_later(self.batch_wait_s, self._on_timer, loop)
+
+    def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        if self._in_flight < self.workers:
+            self._flush(loop, self._take())
+
+    def _take(self) -> list[_Queued]:
+        """Everything queued, for one job (the pending wait, if any, is over)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._queue = self._queue, []
+        return batch
+
+    def _flush(self, loop: asyncio.AbstractEventLoop, batch: list[_Queued]) -> None:
+        """One worker job for `batch`: the windows of all its requests share the model calls."""
+        if not batch:
+            return
+        if self._executor is None or self.scorer is None:  # closed meanwhile
+            for q in batch:
+                for k in q.keys:
+                    self._pending.pop(k).cancel()
+            return
+        job_stats = BatchStats()
+        self._in_flight += 1
+        job = loop.run_in_executor(
+            self._executor, self.scorer.score_requests, [(q.texts, q.indirect) for q in batch],
+            job_stats, self.max_tokens,
+        )
+        # The callback runs on the loop even if a request is cancelled meanwhile, so the cache is
+        # filled and other requests waiting on the same texts are woken.
+        job.add_done_callback(lambda f: self._job_done(batch, job_stats, f, loop))
+
+    def _job_done(self, batch: list[_Queued], job_stats: BatchStats,
+                  job: asyncio.Future[list[list[TextScore | None] | InputTooLong]],
+                  loop: asyncio.AbstractEventLoop) -> None:
+        """On the loop thread when a worker job ends: settle its requests, send what queued meanwhile."""
+        self._in_flight -= 1
+        self.stats["jobs"] += 1
+        self.stats["requests_batched"] += len(batch)
+        self.stats["inference_calls"] += job_stats.inference_calls
+        self.stats["windows"] += job_stats.windows
+        self.stats["tokens"] += job_stats.tokens
+        for i, q in enumerate(batch):
+            # A request's figures are those of the job that scored its texts (shared with the others).
+            q.stats.inference_calls, q.stats.windows = job_stats.inference_calls, job_stats.windows
+            q.stats.tokens, q.stats.padded_tokens = job_stats.tokens, job_stats.padded_tokens
+            if job.cancelled():
+                self._settle(q.keys, None)
+            elif job.exception() is not None:
+                self._settle(q.keys, job.exception())
+            else:
+                self._settle(q.keys, job.result()[i])
+        self._kick(loop)
+
+    def _settle(self, keys: list[tuple[str, ...]],
+                result: list[TextScore | None] | BaseException | None) -> None:
+        """Fill the cache and wake every waiter on `keys` (result None: the job was cancelled)."""
         futs = [self._pending.pop(k) for k in keys]
-        if job.cancelled():
+        if result is None:
             for f in futs:
                 if not f.done():
                     f.cancel()
             return
-        exc = job.exception()
-        if exc is not None:
+        if isinstance(result, BaseException):
             for f in futs:
                 if not f.done():
-                    f.set_exception(exc)
+                    f.set_exception(result)
                     f.exception()  # mark retrieved: a waiter may have gone away
             return
-        for k, f, r in zip(keys, futs, job.result(), strict=True):
+        for k, f, r in zip(keys, futs, result, strict=True):
             if self._cache is not None:
                 self._cache[k] = r
             if not f.done():
@@ -734,9 +852,6 @@ class PromptGuard(Guard):
         except Exception as e:  # a guard that did not run is never a pass: the step's on_error decides
             log.warning("prompt_guard failed: %s", e, exc_info=not isinstance(e, InputTooLong))
             return self.verdict(t0, error=f"{type(e).__name__}: {e}")
-        self.stats["inference_calls"] += stats.inference_calls
-        self.stats["windows"] += stats.windows
-        self.stats["tokens"] += stats.tokens
         per_message: list[dict[str, Any]] = []
         worst: tuple[float, int, str, TextScore] | None = None
         for (i, m), s, c in zip(chosen, scores, cached, strict=True):

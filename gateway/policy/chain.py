@@ -185,7 +185,7 @@ class PolicyRun:
         sc = self.policy.stream
         gate = StreamGate(sc.steps, self.records, messages=exchange.messages, request_id=self.request_id,
                           check_every_tokens=sc.check_every_tokens,
-                          max_unchecked_tokens=sc.max_unchecked_tokens,
+                          max_unchecked_tokens=sc.max_unchecked_tokens, max_stall_ms=sc.max_stall_ms,
                           shadow=self.policy.shadow, annotate=self._annotate_stream)
         self.gates.append(("stream", gate))
         return gate.run(events)

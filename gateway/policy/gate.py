@@ -7,6 +7,10 @@ separator such as ``[tool_call get_weather]`` that guards see and the client doe
 in a background task, one check at a time per step; at the end of the choice a last check runs
 with `final=True`.
 
+With `check_every_tokens: auto` (0 here) the window is sized per check from the step's measured
+check latency and the choice's token rate so that, in strict mode, no token waits longer than
+`max_stall_ms` for its verdict where that is possible, with as few checks as that allows (`_window`).
+
 Release rule (enforce mode): text is released up to `max_unchecked_tokens` tokens past the offset
 every step has passed (0 = only text every step has passed), never past a step's `hold_from`
 (e.g. an open code block), and never once a step blocked. So with 0 nothing reaches the client
@@ -33,6 +37,7 @@ import asyncio
 import bisect
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +65,8 @@ from gateway.types import (
 log = logging.getLogger("guardgate.gate")
 
 _EV, _END, _ERR, _CHECK = range(4)
+# check_every_tokens: auto. The first window (smaller on a slow stream); the bounds.
+AUTO_FIRST, AUTO_MIN, AUTO_MAX = 16, 4, 1024
 
 
 @dataclass(slots=True)
@@ -113,6 +120,10 @@ class _StepState:
     ran: int = 0
     calls_seen: int = 0  # complete tool calls this step has judged (its last verdict covered them)
     calls_pending: int = 0  # complete tool calls handed to the check in flight
+    started: float = 0.0  # monotonic time the check in flight started
+    # seconds per window token of the step's last checks (auto window: fixed cost included, so it
+    # overstates the cost per token of a larger window; the sizing converges from below)
+    cost_per_token: deque[float] = field(default_factory=lambda: deque(maxlen=8))
 
 
 @dataclass(slots=True, eq=False)
@@ -143,6 +154,13 @@ class _Choice:
     blocked: bool = False  # one-shot: this choice was blocked (the others go on)
     flag_start: int | None = None  # start of the first window a step blocked (or would have)
     late_spans: list[tuple[int, int]] = field(default_factory=list)  # redact targets already released
+    first_at: float | None = None  # monotonic time the first guarded text arrived
+
+    def token_rate(self, now: float) -> float | None:
+        """Tokens per second since the first text (None until there is enough to tell)."""
+        if self.first_at is None or len(self.tok_starts) < 2 or now - self.first_at < 0.02:
+            return None
+        return (len(self.tok_starts) - 1) / (now - self.first_at)
 
     def close_call(self) -> None:
         """The call being streamed (if any) ends here."""
@@ -168,6 +186,8 @@ class _Choice:
     def append(self, text: str, kind: str, call_index: int = 0, id: str | None = None,
                name: str | None = None, channel: str = "text") -> None:
         start = self.length
+        if self.first_at is None:
+            self.first_at = time.monotonic()
         self.chunks.append(text)
         self.length += len(text)
         self.tok_starts.extend(start + o for o in token_starts(text))
@@ -203,14 +223,16 @@ class StreamGate:
 
     def __init__(self, steps: Sequence[Step], records: dict[Step, StepRecord], *, messages: list[Message],
                  request_id: str = "", check_every_tokens: int = 32, max_unchecked_tokens: int = 0,
-                 shadow: bool = False, one_shot: bool = False,
+                 max_stall_ms: float = 500.0, shadow: bool = False, one_shot: bool = False,
                  annotate: Callable[[GateResult], dict[str, Any] | None] | None = None,
                  read_ahead: int = 64) -> None:
         self.steps = list(steps)
         self.records = records
         self.messages = messages
         self.request_id = request_id
+        self.auto = not one_shot and check_every_tokens == 0  # check_every_tokens: auto
         self.every = math.inf if one_shot else max(1, check_every_tokens)
+        self.max_stall = max_stall_ms / 1000.0
         self.max_unchecked = 0 if one_shot else max(0, max_unchecked_tokens)
         self.shadow = shadow
         self.one_shot = one_shot
@@ -394,13 +416,35 @@ class StreamGate:
                         self._start(c, st, final=True)
                     else:
                         st.final_done = True
-                elif c.tokens_between(st.checked_to, c.length) >= self.every:
+                elif c.tokens_between(st.checked_to, c.length) >= self._window(c, st):
                     self._start(c, st, final=False)
+
+    def _window(self, c: _Choice, st: _StepState) -> float:
+        """Tokens per check: fixed, or (auto) as many as the stall target allows.
+
+        In strict mode the oldest token of a window of W tokens waits for the window to fill
+        (W / rate) and then for its check (L(W)): the fewest checks that keep this under
+        `max_stall_ms` use the largest W with W / rate + L(W) <= max_stall. A check's latency grows
+        with its window (an incremental guard evaluates the new tokens), so L(W) is taken as W x the
+        latency per window token of the step's recent checks (the slowest of the last 8: a tail,
+        not a mean), which gives W = max_stall / (1 / rate + that cost). Its fixed part makes this
+        overstate larger windows, so windows grow check by check toward the target from below.
+        """
+        if not self.auto:
+            return self.every
+        rate = c.token_rate(time.monotonic())
+        if rate is None:
+            return AUTO_FIRST
+        if not st.cost_per_token:  # no check measured yet: let filling take half the target at most
+            return min(AUTO_FIRST, max(AUTO_MIN, self.max_stall * rate / 2))
+        w = self.max_stall / (1.0 / rate + max(st.cost_per_token))
+        return min(max(w, AUTO_MIN), AUTO_MAX)
 
     def _start(self, c: _Choice, st: _StepState, final: bool) -> None:
         text = c.text()
         st.args = (st.checked_to, len(text), final)
         st.ran += 1
+        st.started = time.monotonic()
         calls = c.complete_calls() if c.calls else []
         st.calls_pending = len(calls)
         st.task = asyncio.create_task(self._check(st, text, st.checked_to, final, calls))
@@ -432,6 +476,7 @@ class StreamGate:
             return
         v = task.result()
         window_start, end, final = st.args
+        st.cost_per_token.append((time.monotonic() - st.started) / max(1, c.tokens_between(window_start, end)))
         st.calls_seen = max(st.calls_seen, st.calls_pending)
         st.rec.add(v)
         self._result.checks += 1

@@ -98,8 +98,9 @@ class StageConfig:
 
 @dataclass
 class StreamConfig(StageConfig):
-    check_every_tokens: int = DEFAULT_CHECK_EVERY
+    check_every_tokens: int = DEFAULT_CHECK_EVERY  # 0: auto (sized from check latency and token rate)
     max_unchecked_tokens: int = 0  # 0 = strict: nothing reaches the client before it was checked
+    max_stall_ms: float = 500.0  # auto: the longest a token should wait for its verdict
 
 
 @dataclass(eq=False)
@@ -349,19 +350,28 @@ def _step(obj: Any, stage: str, i: int, file: str | None, on_error: str, timeout
 
 
 def _stage(obj: Any, stage: str, file: str | None, on_error: str, timeout_s: float) -> StageConfig:
-    allowed = {"steps", "check_every_tokens", "max_unchecked_tokens"} if stage == "stream" else {"steps"}
+    allowed = (
+        {"steps", "check_every_tokens", "max_unchecked_tokens", "max_stall_ms"} if stage == "stream" else {"steps"}
+    )
     f = Fields(obj if obj is not None else LDict(), file, stage, allowed)
     steps_obj = f.get("steps", list, LList())
     steps = [_step(s, stage, i, file, on_error, timeout_s) for i, s in enumerate(steps_obj)]
     if stage != "stream":
         return StageConfig(steps=steps)
-    every = f.get("check_every_tokens", int, DEFAULT_CHECK_EVERY)
-    if every < 1:
-        raise f.error("check_every_tokens", "stream.check_every_tokens must be at least 1")
+    every = f.get("check_every_tokens", (int, str), DEFAULT_CHECK_EVERY)
+    if every == "auto":
+        every = 0
+    elif isinstance(every, str) or every < 1:
+        raise f.error("check_every_tokens", "stream.check_every_tokens must be at least 1, or auto")
+    stall = f.get("max_stall_ms", (int, float), 500.0)
+    if stall <= 0:
+        raise f.error("max_stall_ms", "stream.max_stall_ms must be more than 0")
     unchecked = f.get("max_unchecked_tokens", int, 0)
     if unchecked < 0:
         raise f.error("max_unchecked_tokens", "stream.max_unchecked_tokens must be 0 (strict) or more")
-    return StreamConfig(steps=steps, check_every_tokens=every, max_unchecked_tokens=unchecked)
+    return StreamConfig(
+        steps=steps, check_every_tokens=every, max_unchecked_tokens=unchecked, max_stall_ms=float(stall)
+    )
 
 
 def parse_policy(obj: Any, file: str | None = None, default_name: str | None = None) -> Policy:
