@@ -95,10 +95,11 @@ def assert_upstream_saw_no_values(st) -> str:
 
 
 def assert_audit_has_no_values(st) -> dict:
+    records = audit(st)  # waits for the record: the audit line may land just after the client's answer
     text = st.audit_path.read_text()
     for v in VALUES:
         assert v not in text
-    step = next(s for s in audit(st)[-1]["steps"] if s["guard"] == "pii")
+    step = next(s for s in records[-1]["steps"] if s["guard"] == "pii")
     assert step["details"]["kinds"] == {"card": 1, "email": 2, "phone": 1} and step["details"]["count"] == 4
     assert step["outcome"] == "redact" and sorted(step["categories"]) == ["card", "email", "phone"]
     return step
