@@ -30,7 +30,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from gateway.guards.base import Guard, GuardConfigError, GuardInput, StreamCheck, register
+from gateway.guards.base import (
+    Guard,
+    GuardConfigError,
+    GuardInput,
+    StreamCheck,
+    config_error,
+    register,
+    reject_unknown_options,
+)
 from gateway.guards.tools import CallStream
 from gateway.types import Exchange, Message, ToolCall, Verdict
 
@@ -56,9 +64,7 @@ Do these tool calls serve the user's goal? Answer with the JSON object only."""
 
 
 def _config_error(msg: str, option: str) -> GuardConfigError:
-    e = GuardConfigError(f"alignment_check: {msg}")
-    e.option = option  # type: ignore[attr-defined]  # lets the policy loader point at the right line
-    return e
+    return config_error("alignment_check", msg, option)
 
 
 @dataclass
@@ -124,10 +130,7 @@ class AlignmentCheck(Guard):
     OPTIONS: ClassVar[tuple[str, ...]] = ("upstream", "remote", "model", "max_context_chars", "max_tokens")
 
     def __init__(self, **options: Any) -> None:
-        unknown = set(options) - set(self.OPTIONS)
-        if unknown:
-            raise _config_error(f"unknown option(s) {', '.join(sorted(unknown))} (known: {', '.join(self.OPTIONS)})",
-                                sorted(unknown)[0])
+        reject_unknown_options(self.name, options, self.OPTIONS)
         super().__init__(**options)
         self.upstream_name = options.get("upstream")
         self.remote = RemoteJudge.parse(options["remote"]) if options.get("remote") is not None else None

@@ -118,6 +118,20 @@ class GuardConfigError(ValueError):
     """A guard's options are invalid (raised at policy load, reported with file:line)."""
 
 
+def config_error(guard: str, msg: str, option: str) -> GuardConfigError:
+    """`guard: msg`, naming the option so the policy loader can point at its line."""
+    e = GuardConfigError(f"{guard}: {msg}")
+    e.option = option  # type: ignore[attr-defined]
+    return e
+
+
+def reject_unknown_options(guard: str, options: dict[str, Any], known: tuple[str, ...]) -> None:
+    """GuardConfigError naming the first option `guard` does not take."""
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise config_error(guard, f"unknown option(s) {', '.join(unknown)} (known: {', '.join(known)})", unknown[0])
+
+
 GuardFactory = Callable[..., Guard]
 _REGISTRY: dict[str, GuardFactory] = {}
 

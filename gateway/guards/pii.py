@@ -46,7 +46,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from gateway.guards.base import Guard, GuardConfigError, GuardInput, StreamCheck, register
+from gateway.guards.base import (
+    Guard,
+    GuardConfigError,
+    GuardInput,
+    StreamCheck,
+    config_error,
+    register,
+    reject_unknown_options,
+)
 from gateway.types import ACTION_RANK, Message, TextEdit, Verdict
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -164,9 +172,7 @@ class Found:
 
 
 def _config_error(msg: str, option: str) -> GuardConfigError:
-    e = GuardConfigError(f"pii: {msg}")
-    e.option = option  # type: ignore[attr-defined]  # lets the policy loader point at the right line
-    return e
+    return config_error("pii", msg, option)
 
 
 @register("pii")
@@ -179,10 +185,7 @@ class PiiGuard(Guard):
     OPTIONS: ClassVar[tuple[str, ...]] = ("kinds", "unmask", "messages", "tool_arguments", "allow")
 
     def __init__(self, **options: Any) -> None:
-        unknown = set(options) - set(self.OPTIONS)
-        if unknown:
-            raise _config_error(f"unknown option(s) {', '.join(sorted(unknown))} (known: {', '.join(self.OPTIONS)})",
-                                sorted(unknown)[0])
+        reject_unknown_options(self.name, options, self.OPTIONS)
         super().__init__(**options)
         kinds = options.get("kinds")
         if kinds is None:

@@ -32,14 +32,20 @@ from urllib.parse import urlsplit
 import jsonschema
 from jsonschema import Draft202012Validator, ValidationError
 
-from gateway.guards.base import Guard, GuardConfigError, GuardInput, StreamCheck, register
+from gateway.guards.base import (
+    Guard,
+    GuardConfigError,
+    GuardInput,
+    StreamCheck,
+    config_error,
+    register,
+    reject_unknown_options,
+)
 from gateway.types import Message, ToolCall, Verdict
 
 
 def _config_error(msg: str, option: str) -> GuardConfigError:
-    e = GuardConfigError(f"tools: {msg}")
-    e.option = option  # type: ignore[attr-defined]  # lets the policy loader point at the right line
-    return e
+    return config_error("tools", msg, option)
 
 
 def host_allowed(url: str, hosts: list[str]) -> bool:
@@ -91,10 +97,7 @@ class ToolsGuard(Guard):
     OPTIONS: ClassVar[tuple[str, ...]] = ("allow", "deny", "arguments")
 
     def __init__(self, **options: Any) -> None:
-        unknown = set(options) - set(self.OPTIONS)
-        if unknown:
-            raise _config_error(f"unknown option(s) {', '.join(sorted(unknown))} (known: {', '.join(self.OPTIONS)})",
-                                sorted(unknown)[0])
+        reject_unknown_options(self.name, options, self.OPTIONS)
         super().__init__(**options)
         self.allow = _names(options.get("allow"), "allow")
         self.deny = _names(options.get("deny"), "deny") or frozenset()
