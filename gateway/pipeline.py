@@ -37,8 +37,14 @@ from gateway.upstreams.http import HttpUpstream, draining, release_after_eof, re
 
 
 @functools.cache
-def relay_error_frame(dialect: str, message: str, code: str) -> bytes:
-    """The frame that ends a relayed stream whose upstream failed mid-way."""
+def relay_error_frame(dialect: str, kind: str, message: str, code: str) -> bytes:
+    """The frame that ends a relayed stream whose upstream failed mid-way, in the endpoint's own
+    stream format: a Responses `error` event for the Responses API (its lifecycle events came from
+    the upstream), else the dialect's chat error frame (legacy completions share OpenAI's)."""
+    if kind == Kind.RESPONSES:
+        from gateway.dialects import responses
+
+        return responses.error_frame(message, code)
     enc = dialects.get(dialect).stream_encoder(Exchange(model="", messages=[], stream=True))
     return enc.error(message, code)
 
@@ -155,7 +161,8 @@ class Pipeline:
         try:
             ctx.ttfb_ms = (time.perf_counter() - ctx.started) * 1000
             return await relay_response(request, resp, {"X-Guardgate-Request-Id": ctx.id},
-                                        functools.partial(relay_error_frame, ctx.dialect),
+                                        functools.partial(relay_error_frame, ctx.dialect,
+                                                          plan.endpoint.kind.value),
                                         plan.endpoint.terminator, upstream.redact, self.send_timeout,
                                         tap.feed if tap is not None else None)
         finally:

@@ -78,11 +78,8 @@ _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def request_id_for(request: web.Request) -> str:
-    return client_request_id(request.headers.get("X-Request-Id"))
-
-
-def client_request_id(rid: str | None) -> str:
     """The client's X-Request-Id when it is a sane token (it lands in logs and the audit), else ours."""
+    rid = request.headers.get("X-Request-Id")
     return rid if rid is not None and _CLIENT_ID.fullmatch(rid) else new_request_id()
 
 

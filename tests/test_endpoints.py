@@ -371,3 +371,24 @@ def test_any_spelling_is_classified_like_its_canonical_form_or_refused(case, mut
         # refused outright, or classified as what it canonically is (never relayed unclassified)
         assert got == canonical or got in ("invalid_path", "not_found", "endpoint_not_guarded"), (spelled, got)
         assert got != (Kind.PASSTHROUGH.value, Action.RELAY.value)
+
+
+def test_a_relayed_responses_stream_that_fails_ends_with_a_responses_error_event(make_stack) -> None:
+    """No policy, an OpenAI upstream: /v1/responses is relayed as it is. When the upstream dies mid-stream
+    the client gets the Responses API's own `error` event (not a chat-shaped frame), and the SDK reads it."""
+    created = {"type": "response.created", "sequence_number": 0, "response": {
+        "id": "resp_1", "object": "response", "created_at": 1, "status": "in_progress", "model": "m", "output": [],
+        "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}}
+
+    async def dies(request: web.Request, up: object) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(f"event: response.created\ndata: {json.dumps(created)}\n\n".encode())
+        assert request.transport is not None
+        request.transport.close()  # the chunked body never ends
+        return resp
+
+    st = make_stack({"upstreams": {"main": {"base_url": "SCRIPTED"}}}, handler=dies)
+    events = list(st.openai().responses.create(model="m", input="hi", stream=True))
+    assert [e.type for e in events] == ["response.created", "error"]
+    assert events[-1].code == "upstream_error"
