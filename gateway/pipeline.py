@@ -209,11 +209,11 @@ class Pipeline:
     async def chat(self, request: web.Request, plan: Plan) -> web.StreamResponse:
         ctx = plan.ctx
         cd = dialects.codec(ctx.dialect, plan.endpoint.kind)
-        body = plan.body
-        if "model" not in plan.payload and ctx.model:  # Azure: the deployment in the path names the model
-            body = json.dumps({**plan.payload, "model": ctx.model}).encode()
+        payload = plan.payload  # parsed once, by the router
+        if "model" not in payload and ctx.model:  # Azure: the deployment in the path names the model
+            payload = {**payload, "model": ctx.model}
         try:
-            ex = cd.decode_request(body)
+            ex = cd.decode_payload(payload)
         except DialectError as e:
             raise GatewayError(e.status, e.message, e.code or "invalid_request", param=e.param) from None
         if plan.endpoint.kind is Kind.RESPONSES:

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from gateway.dialects import openai
+from gateway.dialects._common import load_object
 from gateway.dialects.base import DialectError, UpstreamStreamError
 from gateway.types import (
     Choice,
@@ -53,12 +54,12 @@ def _prompt(v: Any) -> str:
 
 
 def decode_request(body: bytes) -> Exchange:
-    try:
-        obj = json.loads(body)
-    except (ValueError, RecursionError):
-        raise DialectError("request body is not valid JSON", code="invalid_json") from None
-    if not isinstance(obj, dict):
-        raise DialectError("request body must be a JSON object")
+    """`decode_payload` of the body parsed as a JSON object."""
+    return decode_payload(load_object(body))
+
+
+def decode_payload(obj: dict[str, Any]) -> Exchange:
+    """A completions request already parsed as a JSON object → the exchange."""
     model = obj.get("model")
     if not isinstance(model, str) or not model:
         raise DialectError("'model' is required", param="model")

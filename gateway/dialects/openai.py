@@ -197,7 +197,12 @@ def decode_messages(v: Any, r: Reader = REQ, param: str = "messages") -> list[Me
 
 
 def decode_request(body: bytes) -> Exchange:
-    obj = load_object(body)
+    """`decode_payload` of the body parsed as a JSON object."""
+    return decode_payload(load_object(body))
+
+
+def decode_payload(obj: dict[str, Any]) -> Exchange:
+    """A request already parsed as a JSON object (the router parses each body once) → the exchange."""
     r = REQ
     model = obj.get("model")
     if not isinstance(model, str) or not model:

@@ -301,8 +301,13 @@ def _conversation_id(v: Any, r: Reader) -> str:
 
 
 def decode_request(body: bytes) -> Exchange:
-    """A Responses request → the neutral exchange (see the module doc for every field)."""
-    obj = load_object(body)
+    """`decode_payload` of the body parsed as a JSON object."""
+    return decode_payload(load_object(body))
+
+
+def decode_payload(obj: dict[str, Any]) -> Exchange:
+    """A Responses request, parsed as a JSON object → the neutral exchange (see the module doc for
+    every field)."""
     r = REQ
     model = obj.get("model")
     if not isinstance(model, str) or not model:
