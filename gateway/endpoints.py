@@ -32,11 +32,13 @@ class Kind(StrEnum):
     STORED_READ = "stored_read"  # stored answers read back: refused under an output policy
     PASSTHROUGH = "passthrough"  # not inspectable (files, audio, images, ...): relayed only without a
     # policy that inspects anything, or when the route lists it under `passthrough:`
+    GUARDRAILS = "guardrails"  # the check API other gateways call (gateway.guardrails): answered here,
+    # never routed upstream
 
 
 # Kinds a policy inspects (or that carry no content), so a route's `passthrough:` never names them.
 GUARDED_KINDS = frozenset({Kind.CHAT, Kind.RESPONSES, Kind.COMPLETIONS, Kind.EMBEDDINGS, Kind.MODERATIONS,
-                           Kind.MODELS})
+                           Kind.MODELS, Kind.GUARDRAILS})
 
 # Client-facing prefixes and the dialect each speaks (longest first).
 PREFIXES: tuple[tuple[str, str], ...] = (
@@ -44,6 +46,7 @@ PREFIXES: tuple[tuple[str, str], ...] = (
     ("/llama/v1", "llama"),
     ("/openai/v1", "openai"),
     ("/v1", "openai"),
+    ("/guardrails", "guardrails"),  # the check API (gateway.guardrails); errors in OpenAI's shape
 )
 
 # What the gateway calls on an upstream when it translates (the same path in both dialects).
@@ -110,6 +113,13 @@ TABLE: tuple[Endpoint, ...] = (
     _e("moderations", Kind.MODERATIONS, "llama", "POST", "/moderations"),
     _e("models", Kind.MODELS, "llama", "GET", "/models"),
     _e("models", Kind.MODELS, "llama", "GET", "/models/{model}"),
+    # --- the check API (/guardrails/{policy}): one face per caller, the same policy run behind each
+    _e("guardrails.check", Kind.GUARDRAILS, "guardrails", "POST", "/{policy}", operation="guardrail"),
+    _e("guardrails.litellm", Kind.GUARDRAILS, "guardrails", "POST", "/{policy}/litellm", operation="guardrail"),
+    # LiteLLM appends this to its `api_base` unless the base already ends with it
+    _e("guardrails.litellm", Kind.GUARDRAILS, "guardrails", "POST", "/{policy}/litellm/beta/litellm_basic_guardrail_api",
+       operation="guardrail"),
+    _e("guardrails.portkey", Kind.GUARDRAILS, "guardrails", "POST", "/{policy}/portkey", operation="guardrail"),
 )
 
 # First segments of OpenAI endpoints that carry content the gateway does not inspect. They are kind

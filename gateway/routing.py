@@ -125,9 +125,12 @@ class Router:
 
     # ------------------------------------------------------------------ the head
 
-    def admit(self, ctx: RequestContext, method: str, target: str, authorizations: list[str]) -> str:
+    def admit(self, ctx: RequestContext, method: str, target: str, authorizations: list[str],
+              api_key: str | None = None) -> str:
         """Classify the request from its head alone (fills ctx.prefix, tail, endpoint, key); returns
-        the query. Raises GatewayError: 400 non-canonical path, 404 no dialect prefix, 401 key."""
+        the query. Raises GatewayError: 400 non-canonical path, 404 no dialect prefix, 401 key.
+        `api_key` (an `x-api-key` header) stands for the key on the check API's endpoints only: LiteLLM's
+        generic guardrail sends its key that way (elsewhere it would be relayed upstream)."""
         path, query = canonical_target(target)
         split = split_prefix(path)
         if split is None:
@@ -135,6 +138,8 @@ class Router:
                                "/llama/v1 or /llama/compat/v1)", "not_found")
         ctx.prefix, ctx.dialect, ctx.tail = split
         ctx.endpoint = lookup(ctx.dialect, method, ctx.tail)
+        if not authorizations and api_key and ctx.endpoint.kind is Kind.GUARDRAILS:
+            authorizations = [f"Bearer {api_key}"]
         if len(authorizations) > 1:
             raise GatewayError(400, "more than one Authorization header", "invalid_request")
         ctx.key = self.check_key(authorizations[0] if authorizations else None)

@@ -23,7 +23,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from gateway import dialects, readiness
 from gateway.config import GatewayConfig
 from gateway.context import CTX_KEY, GatewayError, RequestContext
-from gateway.endpoints import dialect_of
+from gateway.endpoints import Kind, dialect_of
+from gateway.guardrails.handler import Guardrails
 from gateway.limits import Limiter, RateLimits, make_store
 from gateway.pipeline import Pipeline
 from gateway.policy.record import on_verdict
@@ -97,6 +98,7 @@ class Gateway:
         self.ready = False
         self.router: Router | None = None
         self.pipeline: Pipeline | None = None
+        self.guardrails: Guardrails | None = None  # the check API (/guardrails/...)
         self.limiter: Limiter | None = None  # built only when some key or route sets a rate limit
         self._finishing: set[asyncio.Future[None]] = set()
 
@@ -118,6 +120,7 @@ class Gateway:
             lim = self.cfg.limits
             self.limiter = Limiter(make_store(lim.store, lim.url, lim.store_timeout_ms / 1000),
                                    lim.on_store_error, lim.store_timeout_ms / 1000, self.telemetry)
+        self.guardrails = Guardrails(self.policies, self.audit, self.telemetry)
         self.pipeline = Pipeline(self.telemetry, self.audit, keys_on=bool(self.router.keys),
                                  send_timeout=self.cfg.limits.send_timeout_s,
                                  responses=ResponseStore() if self.cfg.responses_state == "gateway" else None)
@@ -167,10 +170,14 @@ class Gateway:
         ctx = RequestContext(id=request_id_for(request), dialect=dialect_of(request.raw_path))
         request[CTX_KEY] = ctx
         try:
-            assert self.router is not None and self.pipeline is not None
+            assert self.router is not None and self.pipeline is not None and self.guardrails is not None
             query = self.router.admit(ctx, request.method, request.raw_path,
-                                      request.headers.getall("Authorization", []))
+                                      request.headers.getall("Authorization", []), request.headers.get("x-api-key"))
             body = await self.read_body(request) if request.body_exists else b""
+            if ctx.endpoint is not None and ctx.endpoint.kind is Kind.GUARDRAILS:  # answered here, never routed
+                resp = await self.guardrails.handle(request, ctx, body)
+                ctx.status = resp.status
+                return resp
             plan = self.router.plan(ctx, request.method, query, body)
             try:
                 if plan.rate is None:

@@ -7,7 +7,8 @@ from gateway.dialects.base import Dialect, DialectError, UpstreamStreamError
 
 # Each dialect module exposes the `Dialect` functions at module level, so the module is the dialect.
 _DIALECTS: dict[str, Dialect] = {"openai": openai, "llama": llama_api}  # type: ignore[dict-item]
-_ALIASES = {"llama_api": "llama", "llama-api": "llama"}
+# "guardrails": the check API (gateway.guardrails) renders its errors in OpenAI's error shape.
+_ALIASES = {"llama_api": "llama", "llama-api": "llama", "guardrails": "openai"}
 
 NAMES = tuple(_DIALECTS)
 
