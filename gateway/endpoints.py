@@ -117,8 +117,8 @@ TABLE: tuple[Endpoint, ...] = (
     _e("guardrails.check", Kind.GUARDRAILS, "guardrails", "POST", "/{policy}", operation="guardrail"),
     _e("guardrails.litellm", Kind.GUARDRAILS, "guardrails", "POST", "/{policy}/litellm", operation="guardrail"),
     # LiteLLM appends this to its `api_base` unless the base already ends with it
-    _e("guardrails.litellm", Kind.GUARDRAILS, "guardrails", "POST", "/{policy}/litellm/beta/litellm_basic_guardrail_api",
-       operation="guardrail"),
+    _e("guardrails.litellm", Kind.GUARDRAILS, "guardrails", "POST",
+       "/{policy}/litellm/beta/litellm_basic_guardrail_api", operation="guardrail"),
     _e("guardrails.portkey", Kind.GUARDRAILS, "guardrails", "POST", "/{policy}/portkey", operation="guardrail"),
 )
 

@@ -24,9 +24,11 @@ def st(make_stack: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setenv("GG_TEST_KEY", KEY)
     path = write_policy(tmp_path)
     audit = AuditLog(tmp_path / "audit.jsonl", include_content=False)
-    s = make_stack({"keys": [{"name": "team-a", "key_env": "GG_TEST_KEY"}],
-                    "routes": [{"path": "/v1", "upstream": "main"}]},
-                   policies=PolicyStore(required=[path]), audit=audit)
+    s = make_stack(
+        {"keys": [{"name": "team-a", "key_env": "GG_TEST_KEY"}], "routes": [{"path": "/v1", "upstream": "main"}]},
+        policies=PolicyStore(required=[path]),
+        audit=audit,
+    )
     s.audit_path = tmp_path / "audit.jsonl"
     return s
 
@@ -37,8 +39,11 @@ def post(st: Any, path: str, body: Any, headers: dict[str, str] | None = None) -
 
 
 def test_input_stage_blocks_injection_with_flagged_step(st: Any) -> None:
-    r = post(st, "/guardrails/guard", {"messages": [{"role": "system", "content": "Be nice."},
-                                                    {"role": "user", "content": INJECTION}]})
+    r = post(
+        st,
+        "/guardrails/guard",
+        {"messages": [{"role": "system", "content": "Be nice."}, {"role": "user", "content": INJECTION}]},
+    )
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["stage"] == "input" and out["action"] == "block" and out["blocked"] is True
@@ -53,10 +58,20 @@ def test_input_stage_blocks_injection_with_flagged_step(st: Any) -> None:
 
 
 def test_input_stage_redacts_in_the_callers_shape(st: Any) -> None:
-    msgs = [{"role": "user", "content": [{"type": "text", "text": "my key is " + SECRET},
-                                         {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]},
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]
+    msgs = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "my key is " + SECRET},
+                {"type": "image_url", "image_url": {"url": "https://x/y.png"}},
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+        },
+    ]
     out = post(st, "/guardrails/guard", {"messages": msgs}).json()
     assert out["action"] == "redact" and out["blocked"] is False
     assert SECRET not in str(out["messages"])
@@ -66,8 +81,11 @@ def test_input_stage_redacts_in_the_callers_shape(st: Any) -> None:
 
 
 def test_output_stage_redacts_and_blocks(st: Any) -> None:
-    out = post(st, "/guardrails/guard", {"messages": [{"role": "user", "content": BENIGN}],
-                                         "answer": f"Paris. Also, {SECRET}."}).json()
+    out = post(
+        st,
+        "/guardrails/guard",
+        {"messages": [{"role": "user", "content": BENIGN}], "answer": f"Paris. Also, {SECRET}."},
+    ).json()
     assert out["stage"] == "output" and out["action"] == "redact" and not out["blocked"]
     assert SECRET not in out["answers"][0]["content"] and out["answers"][0]["content"].startswith("Paris.")
     out = post(st, "/guardrails/guard", {"answer": {"content": "The Purple Elephant Protocol is go."}}).json()
@@ -84,8 +102,15 @@ def test_benign_allows_unchanged(st: Any) -> None:
 
 def test_keys_policies_and_bad_requests(st: Any) -> None:
     assert post(st, "/guardrails/guard", {"messages": []}, headers={}).status_code == 401
-    assert post(st, "/guardrails/guard", {"messages": [{"role": "user", "content": "x"}]},
-                headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert (
+        post(
+            st,
+            "/guardrails/guard",
+            {"messages": [{"role": "user", "content": "x"}]},
+            headers={"Authorization": "Bearer nope"},
+        ).status_code
+        == 401
+    )
     r = post(st, "/guardrails/nosuch", {"messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 404 and r.json()["error"]["code"] == "policy_not_found"
     r = post(st, "/guardrails/guard", {"messages": [{"role": "user", "content": [{"type": "weird", "text": 1}]}]})
@@ -93,11 +118,13 @@ def test_keys_policies_and_bad_requests(st: Any) -> None:
     r = post(st, "/guardrails/guard", {"answer": 5})
     assert r.status_code == 400
     # LiteLLM sends its api_key as x-api-key: accepted on the check API only
-    r = post(st, "/guardrails/guard/litellm", {"input_type": "request", "texts": [BENIGN]},
-             headers={"x-api-key": KEY})
+    r = post(st, "/guardrails/guard/litellm", {"input_type": "request", "texts": [BENIGN]}, headers={"x-api-key": KEY})
     assert r.status_code == 200 and r.json() == {"action": "NONE"}
-    r = httpx.post(st.url + "/v1/chat/completions", headers={"x-api-key": KEY},
-                   json={"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]})
+    r = httpx.post(
+        st.url + "/v1/chat/completions",
+        headers={"x-api-key": KEY},
+        json={"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert r.status_code == 401
 
 
@@ -105,16 +132,23 @@ def test_keys_policies_and_bad_requests(st: Any) -> None:
 
 
 def litellm_request(texts: list[str], messages: list[dict] | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {"input_type": "request", "texts": texts, "litellm_call_id": "call-1",
-                            "litellm_trace_id": "trace-1", "request_data": {}, "model": "gpt-test",
-                            "additional_provider_specific_params": {}}
+    body: dict[str, Any] = {
+        "input_type": "request",
+        "texts": texts,
+        "litellm_call_id": "call-1",
+        "litellm_trace_id": "trace-1",
+        "request_data": {},
+        "model": "gpt-test",
+        "additional_provider_specific_params": {},
+    }
     if messages is not None:
         body["structured_messages"] = messages
     return body
 
 
-@pytest.mark.parametrize("path", ["/guardrails/guard/litellm",
-                                  "/guardrails/guard/litellm/beta/litellm_basic_guardrail_api"])
+@pytest.mark.parametrize(
+    "path", ["/guardrails/guard/litellm", "/guardrails/guard/litellm/beta/litellm_basic_guardrail_api"]
+)
 def test_litellm_request_blocked_redacted_passed(st: Any, path: str) -> None:
     msgs = [{"role": "system", "content": "sys"}, {"role": "user", "content": INJECTION}]
     out = post(st, path, litellm_request(["sys", INJECTION], msgs)).json()
@@ -135,7 +169,8 @@ def test_litellm_response_redacted_blocked_and_tool_call_redaction_blocks(st: An
     body["texts"] = ["the purple elephant protocol"]
     assert post(st, "/guardrails/guard/litellm", body).json()["action"] == "BLOCKED"
     body["texts"] = ["calling"]
-    body["tool_calls"] = [{"id": "t1", "type": "function", "function": {"name": "f", "arguments": f'{{"k":"{SECRET}"}}'}}]
+    args = f'{{"k":"{SECRET}"}}'
+    body["tool_calls"] = [{"id": "t1", "type": "function", "function": {"name": "f", "arguments": args}}]
     out = post(st, "/guardrails/guard/litellm", body).json()
     assert out["action"] == "BLOCKED" and "tool-call arguments" in out["blocked_reason"]
 
@@ -144,10 +179,19 @@ def test_litellm_response_redacted_blocked_and_tool_call_redaction_blocks(st: An
 
 
 def portkey_hook(event: str, request_json: dict, response_json: dict | None = None) -> dict[str, Any]:
-    return {"request": {"json": request_json, "text": "", "isStreamingRequest": False, "isTransformed": False},
-            "response": {"json": response_json or {}, "text": "", "statusCode": 200 if response_json else None,
-                         "isTransformed": False},
-            "provider": "openai", "requestType": "chatComplete", "metadata": {}, "eventType": event}
+    return {
+        "request": {"json": request_json, "text": "", "isStreamingRequest": False, "isTransformed": False},
+        "response": {
+            "json": response_json or {},
+            "text": "",
+            "statusCode": 200 if response_json else None,
+            "isTransformed": False,
+        },
+        "provider": "openai",
+        "requestType": "chatComplete",
+        "metadata": {},
+        "eventType": event,
+    }
 
 
 def test_portkey_before_and_after(st: Any) -> None:
@@ -162,9 +206,14 @@ def test_portkey_before_and_after(st: Any) -> None:
     req = {"model": "gpt-test", "messages": [{"role": "user", "content": BENIGN}]}
     out = post(st, "/guardrails/guard/portkey", portkey_hook("beforeRequestHook", req)).json()
     assert out["verdict"] is True and "transformedData" not in out
-    answer = {"id": "x", "object": "chat.completion", "model": "gpt-test",
-              "choices": [{"index": 0, "finish_reason": "stop",
-                           "message": {"role": "assistant", "content": f"Paris. {SECRET}"}}]}
+    answer = {
+        "id": "x",
+        "object": "chat.completion",
+        "model": "gpt-test",
+        "choices": [
+            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": f"Paris. {SECRET}"}}
+        ],
+    }
     out = post(st, "/guardrails/guard/portkey", portkey_hook("afterRequestHook", req, answer)).json()
     assert out["verdict"] is True
     new = out["transformedData"]["response"]["json"]

@@ -42,8 +42,9 @@ def _answers(raw: Any) -> list[Message]:
                 content = "".join(conv.texts())
             out.append(answer_message(content, chat.tool_calls(a.get("tool_calls"), f"{p}.tool_calls")))
         else:
-            raise GatewayError(400, f"'{p}' must be a string or an object with content and/or tool_calls",
-                               "invalid_request", param=p)
+            raise GatewayError(
+                400, f"'{p}' must be a string or an object with content and/or tool_calls", "invalid_request", param=p
+            )
     return out
 
 
@@ -62,18 +63,29 @@ async def handle(call: Call, payload: dict[str, Any]) -> dict[str, Any]:
     conv = chat.decode(payload["messages"]) if payload.get("messages") is not None else None
     if stage == "input":
         if conv is None or not conv.messages:
-            raise GatewayError(400, "the input stage needs 'messages' (OpenAI chat messages)", "invalid_request",
-                               param="messages")
+            raise GatewayError(
+                400, "the input stage needs 'messages' (OpenAI chat messages)", "invalid_request", param="messages"
+            )
         tools = payload.get("tools")
-        out = await check_input(call.policy, conv.messages, fields={"tools": tools} if tools else None,
-                                model=model, **call.run_args("input"))
+        out = await check_input(
+            call.policy,
+            conv.messages,
+            fields={"tools": tools} if tools else None,
+            model=model,
+            **call.run_args("input"),
+        )
         res = out.to_json()
         res["messages"] = conv.rewritten(out.messages) if out.messages is not None else conv.raw
         return res
     if "answer" not in payload:
         raise GatewayError(400, "the output stage needs 'answer'", "invalid_request", param="answer")
-    out = await check_output(call.policy, _answers(payload["answer"]), context=conv.messages if conv else None,
-                             model=model, **call.run_args("output"))
+    out = await check_output(
+        call.policy,
+        _answers(payload["answer"]),
+        context=conv.messages if conv else None,
+        model=model,
+        **call.run_args("output"),
+    )
     res = out.to_json()
     res["answers"] = [_encode_answer(m) for m in out.answers]
     return res

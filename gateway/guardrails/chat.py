@@ -112,8 +112,14 @@ def decode(raw: Any, param: str = "messages") -> Conversation:
             origins.append(Where(i, REFUSAL))
         calls = tool_calls(m.get("tool_calls"), f"{p}.tool_calls")
         tcid = m.get("tool_call_id")
-        conv.messages.append(Message(role="tool" if role == "function" else role, parts=parts, tool_calls=calls,
-                                     tool_call_id=tcid if isinstance(tcid, str) else None))
+        conv.messages.append(
+            Message(
+                role="tool" if role == "function" else role,
+                parts=parts,
+                tool_calls=calls,
+                tool_call_id=tcid if isinstance(tcid, str) else None,
+            )
+        )
         conv.origins.append(origins)
     return conv
 
@@ -137,5 +143,4 @@ def tool_calls(raw: Any, param: str) -> list[ToolCall]:
 
 
 def encode_tool_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:
-    return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-            for c in calls]
+    return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls]

@@ -36,8 +36,13 @@ class Outcome:
     changed: bool = False  # some text was rewritten
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": self.record.get("id"), "policy": self.record.get("policy"),
-                               "stage": self.stage, "action": self.action, "blocked": self.blocked}
+        out: dict[str, Any] = {
+            "id": self.record.get("id"),
+            "policy": self.record.get("policy"),
+            "stage": self.stage,
+            "action": self.action,
+            "blocked": self.blocked,
+        }
         if self.would_action != self.action:
             out["would_action"] = self.would_action
         if self.message:
@@ -64,8 +69,11 @@ class Audit:
 
 def _flagged(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
     keep = ("step", "guard", "verdict", "outcome", "would", "score", "categories", "reason", "error")
-    return [{k: s[k] for k in keep if s.get(k) not in (None, [], "")} for s in steps
-            if s.get("verdict") in ("flagged", "error")]
+    return [
+        {k: s[k] for k in keep if s.get(k) not in (None, [], "")}
+        for s in steps
+        if s.get("verdict") in ("flagged", "error")
+    ]
 
 
 def _stage_steps(record: dict[str, Any], stages: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -81,15 +89,27 @@ def _categories(steps: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def _run(policy: Any, request_id: str | None, route: str, face: str, model: str | None, key: str | None,
-         audit: Audit) -> PolicyRun:
-    return PolicyRun(policy, request_id=request_id or new_id("chk_"), route=route, dialect=face, model=model,
-                     key=key, audit=audit)
+def _run(
+    policy: Any, request_id: str | None, route: str, face: str, model: str | None, key: str | None, audit: Audit
+) -> PolicyRun:
+    return PolicyRun(
+        policy, request_id=request_id or new_id("chk_"), route=route, dialect=face, model=model, key=key, audit=audit
+    )
 
 
-async def check_input(policy: Any, messages: list[Message], *, fields: dict[str, Any] | None = None,
-                      model: str | None = None, request_id: str | None = None, route: str = "", face: str = "",
-                      key: str | None = None, audit: Audit, telemetry: Any = None) -> Outcome:
+async def check_input(
+    policy: Any,
+    messages: list[Message],
+    *,
+    fields: dict[str, Any] | None = None,
+    model: str | None = None,
+    request_id: str | None = None,
+    route: str = "",
+    face: str = "",
+    key: str | None = None,
+    audit: Audit,
+    telemetry: Any = None,
+) -> Outcome:
     """The input stage on a conversation. `fields`: request fields besides the messages that the
     model is shown (tool definitions...), which input guards read too (`chain.request_fields`)."""
     run = _run(policy, request_id, route, face, model, key, audit)
@@ -107,22 +127,46 @@ async def check_input(policy: Any, messages: list[Message], *, fields: dict[str,
             telemetry.record_audit(record)
     steps = _stage_steps(record, ("input",))
     action = record["action"]
-    return Outcome(stage="input", action=action, would_action=record.get("would_action", action),
-                   blocked=decision.blocked, message=decision.message, categories=_categories(steps),
-                   flagged=_flagged(steps), steps=steps, record=record, messages=redacted,
-                   changed=redacted is not None)
+    return Outcome(
+        stage="input",
+        action=action,
+        would_action=record.get("would_action", action),
+        blocked=decision.blocked,
+        message=decision.message,
+        categories=_categories(steps),
+        flagged=_flagged(steps),
+        steps=steps,
+        record=record,
+        messages=redacted,
+        changed=redacted is not None,
+    )
 
 
-async def check_output(policy: Any, answers: list[Message], *, context: list[Message] | None = None,
-                       model: str | None = None, request_id: str | None = None, route: str = "", face: str = "",
-                       key: str | None = None, audit: Audit, telemetry: Any = None) -> Outcome:
+async def check_output(
+    policy: Any,
+    answers: list[Message],
+    *,
+    context: list[Message] | None = None,
+    model: str | None = None,
+    request_id: str | None = None,
+    route: str = "",
+    face: str = "",
+    key: str | None = None,
+    audit: Audit,
+    telemetry: Any = None,
+) -> Outcome:
     """The output stage (output steps, then the stream steps one-shot) on one or more answers (choices),
     with the conversation that led to them as context when the caller has it."""
     run = _run(policy, request_id, route, face, model, key, audit)
     ex = Exchange(model=model or "", messages=list(context or []))
-    answer = Completion(id=run.request_id, model=model or "",
-                        choices=[Choice(m, "tool_calls" if m.tool_calls and not m.text else "stop", i)
-                                 for i, m in enumerate(answers or [Message("assistant")])])
+    answer = Completion(
+        id=run.request_id,
+        model=model or "",
+        choices=[
+            Choice(m, "tool_calls" if m.tool_calls and not m.text else "stop", i)
+            for i, m in enumerate(answers or [Message("assistant")])
+        ],
+    )
     status, error = 200, None
     try:
         released = await run.check_output(ex, answer)
@@ -142,12 +186,21 @@ async def check_output(policy: Any, answers: list[Message], *, context: list[Mes
         deciding = next((s for s in steps if s.get("outcome") == "block"), None)
         cats = deciding.get("categories") if deciding else None
         who = f"{deciding['guard']} flagged the answer" if deciding else "the answer was blocked"
-        message = (f"Response blocked by policy '{policy.name}': {who}"
-                   + (f" ({', '.join(cats)})" if cats else ""))
+        message = f"Response blocked by policy '{policy.name}': {who}" + (f" ({', '.join(cats)})" if cats else "")
     action = record["action"]
-    return Outcome(stage="output", action=action, would_action=record.get("would_action", action), blocked=blocked,
-                   message=message, categories=_categories(steps), flagged=_flagged(steps), steps=steps,
-                   record=record, answers=out, changed=changed)
+    return Outcome(
+        stage="output",
+        action=action,
+        would_action=record.get("would_action", action),
+        blocked=blocked,
+        message=message,
+        categories=_categories(steps),
+        flagged=_flagged(steps),
+        steps=steps,
+        record=record,
+        answers=out,
+        changed=changed,
+    )
 
 
 def _text(m: Message) -> str:

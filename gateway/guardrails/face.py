@@ -23,6 +23,11 @@ class Call:
         extra: dict[str, Any] = {"face": self.face, "check_stage": stage}
         if self.peer:
             extra["peer"] = dict(self.peer)
-        return {"request_id": self.ctx.id, "route": self.ctx.prefix + self.ctx.tail, "face": self.face,
-                "key": self.ctx.key.name if self.ctx.key is not None else None,
-                "audit": Audit(self.audit_log, extra), "telemetry": self.telemetry}
+        return {
+            "request_id": self.ctx.id,
+            "route": self.ctx.prefix + self.ctx.tail,
+            "face": self.face,
+            "key": self.ctx.key.name if self.ctx.key is not None else None,
+            "audit": Audit(self.audit_log, extra),
+            "telemetry": self.telemetry,
+        }

@@ -36,11 +36,20 @@ class Guardrails:
     def policy(self, ctx: RequestContext, name: str) -> Any:
         if self.policies is None or name not in self.policies:
             known = ", ".join(sorted(self.policies.names())) if hasattr(self.policies, "names") else ""
-            raise GatewayError(404, f"no policy named {name!r} is loaded" + (f" (loaded: {known})" if known else ""),
-                               "policy_not_found", param="policy")
+            raise GatewayError(
+                404,
+                f"no policy named {name!r} is loaded" + (f" (loaded: {known})" if known else ""),
+                "policy_not_found",
+                param="policy",
+            )
         if ctx.key is not None and ctx.key.policy and ctx.key.policy != name:
-            raise GatewayError(403, f"gateway key {ctx.key.name!r} may only check policy {ctx.key.policy!r}",
-                               "policy_not_allowed", type="permission_error", param="policy")
+            raise GatewayError(
+                403,
+                f"gateway key {ctx.key.name!r} may only check policy {ctx.key.policy!r}",
+                "policy_not_allowed",
+                type="permission_error",
+                param="policy",
+            )
         return self.policies.get(name)
 
     async def handle(self, request: web.Request, ctx: RequestContext, body: bytes) -> web.Response:

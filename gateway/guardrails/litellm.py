@@ -70,17 +70,28 @@ async def handle(call: Call, payload: dict[str, Any]) -> dict[str, Any]:
     if input_type == "request":
         conv = _conversation(payload, texts)
         tools = payload.get("tools")
-        out = await check_input(call.policy, conv.messages, fields={"tools": tools} if tools else None, model=model,
-                                **call.run_args("input"))
+        out = await check_input(
+            call.policy,
+            conv.messages,
+            fields={"tools": tools} if tools else None,
+            model=model,
+            **call.run_args("input"),
+        )
         if out.blocked:
             return _blocked(out.message)
         if out.messages is None:
             return {"action": "NONE"}
         if [m.tool_calls for m in out.messages] != [m.tool_calls for m in conv.messages]:
-            return _blocked(f"Request blocked by policy '{call.policy.name}': it redacts tool-call arguments, "
-                            "which LiteLLM cannot take back from a guardrail")
-        new = [p.text for m, origins in zip(out.messages, conv.origins, strict=True)
-               for p, w in zip(m.parts, origins, strict=True) if p.type == "text" and w is not None]
+            return _blocked(
+                f"Request blocked by policy '{call.policy.name}': it redacts tool-call arguments, "
+                "which LiteLLM cannot take back from a guardrail"
+            )
+        new = [
+            p.text
+            for m, origins in zip(out.messages, conv.origins, strict=True)
+            for p, w in zip(m.parts, origins, strict=True)
+            if p.type == "text" and w is not None
+        ]
         return {"action": "GUARDRAIL_INTERVENED", "texts": new}
     if input_type == "response":
         answers = [answer_message(t) for t in texts] or [Message("assistant")]
@@ -92,8 +103,12 @@ async def handle(call: Call, payload: dict[str, Any]) -> dict[str, Any]:
         if not out.changed:
             return {"action": "NONE"}
         if [c.arguments for c in out.answers[0].tool_calls] != [c.arguments for c in calls]:
-            return _blocked(f"Response blocked by policy '{call.policy.name}': it redacts tool-call arguments, "
-                            "which LiteLLM cannot take back from a guardrail")
-        return {"action": "GUARDRAIL_INTERVENED",
-                "texts": ["".join(p.text for p in m.parts if p.type == "text") for m in out.answers[:len(texts)]]}
+            return _blocked(
+                f"Response blocked by policy '{call.policy.name}': it redacts tool-call arguments, "
+                "which LiteLLM cannot take back from a guardrail"
+            )
+        return {
+            "action": "GUARDRAIL_INTERVENED",
+            "texts": ["".join(p.text for p in m.parts if p.type == "text") for m in out.answers[: len(texts)]],
+        }
     raise GatewayError(400, "'input_type' must be 'request' or 'response'", "invalid_request", param="input_type")

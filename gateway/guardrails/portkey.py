@@ -59,9 +59,13 @@ async def _before(call: Call, payload: dict[str, Any]) -> dict[str, Any]:
     if conv is None or not conv.messages:
         return _fail(f"Guardgate cannot read a {payload.get('requestType')!s} request: refused (deny by default)")
     tools = rj.get("tools") if key == "messages" else None
-    out = await check_input(call.policy, conv.messages, fields={"tools": tools} if tools else None,
-                            model=rj.get("model") if isinstance(rj.get("model"), str) else None,
-                            **call.run_args("input"))
+    out = await check_input(
+        call.policy,
+        conv.messages,
+        fields={"tools": tools} if tools else None,
+        model=rj.get("model") if isinstance(rj.get("model"), str) else None,
+        **call.run_args("input"),
+    )
     if out.blocked:
         return _fail(out.message, out)
     if out.messages is None:
@@ -127,24 +131,32 @@ async def _after(call: Call, payload: dict[str, Any]) -> dict[str, Any]:
     answers = _answers(resp)
     if answers is None:
         why = "a streamed answer" if (payload.get("request") or {}).get("isStreamingRequest") else "this answer"
-        return _fail(f"Guardgate cannot read {why} (no choices in the hook's response JSON): not passed "
-                     "(deny by default)")
+        return _fail(
+            f"Guardgate cannot read {why} (no choices in the hook's response JSON): not passed (deny by default)"
+        )
     rj = (payload.get("request") or {}).get("json")
     try:
         conv, _ = _request_conversation(rj)
     except Exception:  # the conversation is context for the output guards; the request was checked before
         conv = None
-    out = await check_output(call.policy, answers, context=conv.messages if conv else None,
-                             model=rj.get("model") if isinstance(rj, dict) and isinstance(rj.get("model"), str)
-                             else None, **call.run_args("output"))
+    out = await check_output(
+        call.policy,
+        answers,
+        context=conv.messages if conv else None,
+        model=rj.get("model") if isinstance(rj, dict) and isinstance(rj.get("model"), str) else None,
+        **call.run_args("output"),
+    )
     if out.blocked:
         return _fail(out.message, out)
     if not out.changed:
         return _pass(out)
     new = _rewrite_answer(resp, out.answers)
     if new is None:
-        return _fail(f"Response blocked by policy '{call.policy.name}': it rewrites a part of the answer "
-                     "this face cannot write back", out)
+        return _fail(
+            f"Response blocked by policy '{call.policy.name}': it rewrites a part of the answer "
+            "this face cannot write back",
+            out,
+        )
     res = _pass(out)
     res["transformedData"] = {"response": {"json": new}}
     return res
