@@ -197,7 +197,7 @@ def portkey_hook(event: str, request_json: dict, response_json: dict | None = No
 def test_portkey_before_and_after(st: Any) -> None:
     req = {"model": "gpt-test", "messages": [{"role": "user", "content": INJECTION}]}
     out = post(st, "/guardrails/guard/portkey", portkey_hook("beforeRequestHook", req)).json()
-    assert out["verdict"] is False and "Request blocked by policy 'guard'" in out["message"]
+    assert out["verdict"] is False and "Request blocked by policy 'guard'" in out["data"]["message"]
     req = {"model": "gpt-test", "messages": [{"role": "user", "content": "key " + SECRET}], "temperature": 0}
     out = post(st, "/guardrails/guard/portkey", portkey_hook("beforeRequestHook", req)).json()
     assert out["verdict"] is True
@@ -220,7 +220,7 @@ def test_portkey_before_and_after(st: Any) -> None:
     assert SECRET not in new["choices"][0]["message"]["content"] and new["id"] == "x"
     answer["choices"][0]["message"]["content"] = "purple elephant protocol"
     out = post(st, "/guardrails/guard/portkey", portkey_hook("afterRequestHook", req, answer)).json()
-    assert out["verdict"] is False and "Response blocked" in out["message"]
+    assert out["verdict"] is False and "Response blocked" in out["data"]["message"]
     # deny by default: a hook with no answer to read (a stream) and a request it cannot read fail
     out = post(st, "/guardrails/guard/portkey", portkey_hook("afterRequestHook", req, None)).json()
     assert out["verdict"] is False

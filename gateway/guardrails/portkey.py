@@ -9,9 +9,9 @@ The Portkey gateway (@portkey-ai/gateway, plugins/default/webhook) posts the hoo
 
 and reads `{"verdict": bool, "transformedData": {"request": {"json"}} | {"response": {"json"}}}`:
 a false verdict fails the check (with `deny: true` on the guardrail, the request gets 446; without,
-246), transformed JSON replaces the request (before) or the answer (after). The whole answer is kept
-in Portkey's hook results (`data.responseData`), so Guardgate's message and verdicts reach the
-client in a 446 body. Deny by default: a request or answer this face cannot read (another request
+246), transformed JSON replaces the request (before) or the answer (after). Portkey keeps the
+answer's `data` in its hook results (`checks[].data.responseData`), so Guardgate puts its message and
+verdicts there and they reach the client in the 446 body. Deny by default: a request or answer this face cannot read (another request
 type, an answer without choices: e.g. a stream, where Portkey has no JSON answer to show) gets
 verdict false, never true.
 """
@@ -29,14 +29,14 @@ from gateway.types import Message
 
 
 def _fail(reason: str, out: Outcome | None = None) -> dict[str, Any]:
-    res: dict[str, Any] = {"verdict": False, "message": reason}
+    data: dict[str, Any] = {"message": reason}
     if out is not None:
-        res["guardgate"] = out.to_json()
-    return res
+        data["guardgate"] = out.to_json()
+    return {"verdict": False, "data": data}
 
 
 def _pass(out: Outcome) -> dict[str, Any]:
-    return {"verdict": True, "guardgate": out.to_json()}
+    return {"verdict": True, "data": {"guardgate": out.to_json()}}
 
 
 def _request_conversation(rj: Any) -> tuple[chat.Conversation | None, str]:
