@@ -11,9 +11,9 @@ and reads `{"verdict": bool, "transformedData": {"request": {"json"}} | {"respon
 a false verdict fails the check (with `deny: true` on the guardrail, the request gets 446; without,
 246), transformed JSON replaces the request (before) or the answer (after). Portkey keeps the
 answer's `data` in its hook results (`checks[].data.responseData`), so Guardgate puts its message and
-verdicts there and they reach the client in the 446 body. Deny by default: a request or answer this face cannot read (another request
-type, an answer without choices: e.g. a stream, where Portkey has no JSON answer to show) gets
-verdict false, never true.
+verdicts there and they reach the client in the 446 body. Deny by default: a request or answer
+this face cannot read (another request type, an answer without choices: e.g. a stream, where
+Portkey has no JSON answer to show) gets verdict false, never true.
 """
 
 from __future__ import annotations
