@@ -240,3 +240,25 @@ def test_portkey_with_guardgate_as_webhook_guardrail(portkey: Any, guarded: Guar
     )
     recs = run_scenarios(client, guarded, openai.APIStatusError)
     assert_audit(recs, "portkey")
+
+
+def test_portkey_stream_output_is_not_guarded_by_portkey(portkey: Any, guarded: Guarded) -> None:
+    """Portkey does not call the webhook with a streamed answer: the input check runs (and would block),
+    the output is never shown to Guardgate, and the whole answer reaches the client, marked only by
+    status 246 ("hooks failed"). docs/guardrails.md says so."""
+    conf = portkey_config(guarded.upstream_url, f"{guarded.url}/guardrails/guard/portkey", KEY)
+    client = openai.OpenAI(
+        base_url=portkey.url + "/v1",
+        api_key="sk-anything",
+        max_retries=0,
+        timeout=60,
+        default_headers={"x-portkey-config": json.dumps(conf)},
+    )
+    before = len(guarded.records(0))
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-test", stream=True, messages=[{"role": "user", "content": FORBIDDEN_ASK}]
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+    print(f"\nPortkey stream: status {raw.status_code}, delivered {text!r}")
+    assert PHRASE in text and raw.status_code == 246
+    assert [r["check_stage"] for r in guarded.records(before + 1)[before:]] == ["input"]
