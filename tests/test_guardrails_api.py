@@ -226,3 +226,8 @@ def test_portkey_before_and_after(st: Any) -> None:
     assert out["verdict"] is False
     out = post(st, "/guardrails/guard/portkey", portkey_hook("beforeRequestHook", {"model": "m", "foo": 1})).json()
     assert out["verdict"] is False
+    recs = audit_records(st.audit_path, 7)[-2:]
+    assert [(r["check_stage"], r["action"], r["error"]) for r in recs] == [
+        ("output", "block", "unreadable"),
+        ("input", "block", "unreadable"),
+    ]

@@ -243,8 +243,9 @@ def test_portkey_with_guardgate_as_webhook_guardrail(portkey: Any, guarded: Guar
 
 
 def test_portkey_stream_output_is_not_guarded_by_portkey(portkey: Any, guarded: Guarded) -> None:
-    """Portkey does not call the webhook with a streamed answer: the input check runs (and would block),
-    the output is never shown to Guardgate, and the whole answer reaches the client, marked only by
+    """Portkey calls the after-request webhook of a stream without the answer (`response.json` null),
+    after the stream has started: Guardgate refuses what it cannot read (verdict false, audited as an
+    output block, error `unreadable`), and the whole answer still reaches the client, marked only by
     status 246 ("hooks failed"). docs/guardrails.md says so."""
     conf = portkey_config(guarded.upstream_url, f"{guarded.url}/guardrails/guard/portkey", KEY)
     client = openai.OpenAI(
@@ -261,4 +262,8 @@ def test_portkey_stream_output_is_not_guarded_by_portkey(portkey: Any, guarded: 
     text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
     print(f"\nPortkey stream: status {raw.status_code}, delivered {text!r}")
     assert PHRASE in text and raw.status_code == 246
-    assert [r["check_stage"] for r in guarded.records(before + 1)[before:]] == ["input"]
+    recs = guarded.records(before + 2)[before:]
+    assert [(r["check_stage"], r["action"], r["error"]) for r in recs] == [
+        ("input", "allow", None),
+        ("output", "block", "unreadable"),
+    ]

@@ -203,6 +203,40 @@ async def check_output(
     )
 
 
+def refuse(
+    policy: Any,
+    stage: str,
+    reason: str,
+    *,
+    request_id: str | None = None,
+    route: str = "",
+    face: str = "",
+    key: str | None = None,
+    audit: Audit,
+    telemetry: Any = None,
+) -> Outcome:
+    """A check the face could not run because it cannot read what it was given (deny by default):
+    audited as a block of that stage with error `unreadable`, no step run."""
+    run = _run(policy, request_id, route, face, None, key, audit)
+    run.action = "block"
+    run.blocked_stage = stage
+    record = run.finish(status=200, error="unreadable")
+    if telemetry is not None:
+        telemetry.record_audit(record)
+    steps = _stage_steps(record, ("input",) if stage == "input" else ("output", "stream"))
+    return Outcome(
+        stage=stage,
+        action="block",
+        would_action="block",
+        blocked=True,
+        message=reason,
+        categories=[],
+        flagged=[],
+        steps=steps,
+        record=record,
+    )
+
+
 def _text(m: Message) -> str:
     return "\x00".join(p.text for p in m.parts if p.type == "text")
 

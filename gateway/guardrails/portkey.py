@@ -23,7 +23,7 @@ from typing import Any
 
 from gateway.context import GatewayError
 from gateway.guardrails import chat
-from gateway.guardrails.core import Outcome, answer_message, check_input, check_output
+from gateway.guardrails.core import Outcome, answer_message, check_input, check_output, refuse
 from gateway.guardrails.face import Call
 from gateway.types import Message
 
@@ -57,7 +57,8 @@ async def _before(call: Call, payload: dict[str, Any]) -> dict[str, Any]:
     rj = (payload.get("request") or {}).get("json")
     conv, key = _request_conversation(rj)
     if conv is None or not conv.messages:
-        return _fail(f"Guardgate cannot read a {payload.get('requestType')!s} request: refused (deny by default)")
+        why = f"Guardgate cannot read a {payload.get('requestType')!s} request: refused (deny by default)"
+        return _fail(why, refuse(call.policy, "input", why, **call.run_args("input")))
     tools = rj.get("tools") if key == "messages" else None
     out = await check_input(
         call.policy,
@@ -131,9 +132,8 @@ async def _after(call: Call, payload: dict[str, Any]) -> dict[str, Any]:
     answers = _answers(resp)
     if answers is None:
         why = "a streamed answer" if (payload.get("request") or {}).get("isStreamingRequest") else "this answer"
-        return _fail(
-            f"Guardgate cannot read {why} (no choices in the hook's response JSON): not passed (deny by default)"
-        )
+        why = f"Guardgate cannot read {why} (no choices in the hook's response JSON): not passed (deny by default)"
+        return _fail(why, refuse(call.policy, "output", why, **call.run_args("output")))
     rj = (payload.get("request") or {}).get("json")
     try:
         conv, _ = _request_conversation(rj)
@@ -174,5 +174,7 @@ async def handle(call: Call, payload: dict[str, Any]) -> dict[str, Any]:
     except GatewayError as e:  # Portkey lets a failing webhook pass unless failOnError: answer a verdict
         if e.status != 400:
             raise
-        return _fail(f"Guardgate cannot read this request: {e.message} (deny by default)")
+        stage = "input" if event == "beforeRequestHook" else "output"
+        why = f"Guardgate cannot read this request: {e.message} (deny by default)"
+        return _fail(why, refuse(call.policy, stage, why, **call.run_args(stage)))
     return _fail(f"unknown eventType {event!r} (beforeRequestHook, afterRequestHook)")
