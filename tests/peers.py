@@ -14,6 +14,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +51,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_http(
+    url: str, proc: subprocess.Popen[bytes], timeout: float, name: str, tail: Callable[[], str] = lambda: ""
+) -> None:
+    """Until `url` answers below 500; RuntimeError if `proc` exits first or time runs out."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited at start: {tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status < 500:
+                    return
+        except urllib.error.HTTPError as e:
+            if e.code < 500:
+                return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"{name} not ready after {timeout:.0f} s: {tail()}")
+
+
 class Peer:
     """A peer gateway process, its base URL and its log file."""
 
@@ -76,21 +98,7 @@ class Peer:
 
     def wait(self, timeout: float) -> None:
         """Until `ready` answers below 500; RuntimeError (with the log's tail) if it exits or times out."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited at start: {self.tail()}")
-            try:
-                with urllib.request.urlopen(self.ready, timeout=2) as r:
-                    if r.status < 500:
-                        return
-            except urllib.error.HTTPError as e:
-                if e.code < 500:
-                    return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"{self.name} not ready after {timeout:.0f} s: {self.tail()}")
+        wait_http(self.ready, self.proc, timeout, self.name, self.tail)
 
     def tail(self, n: int = 1500) -> str:
         self._fh.flush()

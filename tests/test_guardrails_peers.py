@@ -114,6 +114,7 @@ def run_scenarios(client: openai.OpenAI, g: Guarded, blocked_error: type[Excepti
     with pytest.raises(blocked_error) as e:
         client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": INJECTION}])
     assert "Request blocked by policy 'guard'" in said(e.value), said(e.value)
+    print(f"\ninput block: HTTP {getattr(e.value, 'status_code', None)}")
     assert len(g.upstream_messages()) == sent_before
     # 2. a secret in the answer is redacted
     r = client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": LEAKY_ASK}])
@@ -123,6 +124,7 @@ def run_scenarios(client: openai.OpenAI, g: Guarded, blocked_error: type[Excepti
     with pytest.raises(blocked_error) as e:
         client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": FORBIDDEN_ASK}])
     assert "Response blocked by policy 'guard'" in said(e.value), said(e.value)
+    print(f"output block: HTTP {getattr(e.value, 'status_code', None)}")
     # ... a secret in the prompt is redacted before it goes upstream
     client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": f"my key {SECRET}"}])
     assert SECRET not in json.dumps(g.upstream_messages()[-1])
@@ -211,6 +213,10 @@ def test_litellm_stream_follows_litellms_sampling_not_guardgates_gate(litellm: A
     assert text.strip() == answer_for({"messages": [{"content": FORBIDDEN_ASK}]})
     assert error is not None and "Response blocked by policy 'guard'" in str(error)
     print(f"LiteLLM stream, short answer: all of it delivered ({text!r}), then {error!r}")
+    # a redaction: LiteLLM's default streaming_transform_mode (block_only) drops a guardrail's rewrites
+    text, error = stream_text(client, LEAKY_ASK)
+    assert SECRET in text and error is None, (text, error)
+    print(f"LiteLLM stream, redact verdict: the secret is delivered as it was ({text!r})")
 
 
 # ---------------------------------------------------------------------------------------------- Portkey
