@@ -51,7 +51,13 @@ for peer in "${want[@]}"; do
     rc=$?
     if [ $rc -ne 0 ]; then
         failed+=("$peer")
+        # No half-installed peer: its tests skip, naming this file, rather than fail on a broken install.
+        rm -rf "${PEERS:?}/$peer"
+        echo "install of $peer failed at $(date -u +%FT%TZ) (exit $rc); rerun: bash scripts/install_peers.sh $peer" \
+            > "$PEERS/$peer.failed"
         echo "install_peers: $peer FAILED (its tests will skip)" >&2
+    else
+        rm -f "$PEERS/$peer.failed"
     fi
     echo "install_peers: $peer took $((SECONDS - start)) s"
 done

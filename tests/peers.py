@@ -22,6 +22,12 @@ PEERS = ROOT / ".peers"
 INSTALL = "run `bash scripts/install_peers.sh`"
 
 
+def _failed(peer: str) -> str:
+    """What install_peers.sh left when installing `peer` failed, as part of a skip reason."""
+    f = PEERS / f"{peer}.failed"
+    return f"; {f.read_text().strip()}" if f.exists() else ""
+
+
 def litellm_bin() -> tuple[str | None, str | None]:
     env = os.environ.get("LITELLM_BIN")
     if env:
@@ -29,7 +35,7 @@ def litellm_bin() -> tuple[str | None, str | None]:
     exe = PEERS / "litellm" / "bin" / "litellm"
     if exe.exists():
         return str(exe), None
-    return None, f"LiteLLM is not installed in {exe.parent.parent} ({INSTALL}, or set LITELLM_BIN)"
+    return None, f"LiteLLM is not installed in {exe.parent.parent} ({INSTALL}, or set LITELLM_BIN){_failed('litellm')}"
 
 
 def portkey_entry() -> tuple[list[str] | None, str | None]:
@@ -42,7 +48,10 @@ def portkey_entry() -> tuple[list[str] | None, str | None]:
         script = d / "build" / "start-server.js"
         if script.exists():
             return [node, str(script)], None
-    return None, f"@portkey-ai/gateway is not installed under {base} ({INSTALL}, or set PORTKEY_DIR)"
+    return (
+        None,
+        f"@portkey-ai/gateway is not installed under {base} ({INSTALL}, or set PORTKEY_DIR){_failed('portkey')}",
+    )
 
 
 def free_port() -> int:

@@ -25,7 +25,7 @@ from gateway.policy.audit import AuditLog
 from gateway.policy.chain import PolicyStore
 from gateway.server import Gateway, create_app
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # a peer takes up to a minute to start
 
 KEY = "gk-peer-key-0123456789"
 PARIS = "Paris is the capital of France."
