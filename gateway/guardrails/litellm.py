@@ -33,6 +33,14 @@ from gateway.guardrails.core import answer_message, check_input, check_output
 from gateway.guardrails.face import Call
 from gateway.types import Message
 
+_WHO = (
+    "user_api_key_alias",
+    "user_api_key_team_alias",
+    "user_api_key_team_id",
+    "user_api_key_user_id",
+    "user_api_key_end_user_id",
+)
+
 
 def _strings(v: Any, param: str) -> list[str]:
     if v is None:
@@ -64,6 +72,9 @@ def _blocked(reason: str) -> dict[str, Any]:
 
 async def handle(call: Call, payload: dict[str, Any]) -> dict[str, Any]:
     call.peer = {k: payload[k] for k in ("litellm_call_id", "litellm_trace_id") if isinstance(payload.get(k), str)}
+    who = payload.get("request_data")
+    if isinstance(who, dict):  # which LiteLLM key / team asked (ids and aliases; never the user's email)
+        call.peer.update({k: str(who[k]) for k in _WHO if who.get(k) is not None})
     input_type = payload.get("input_type")
     texts = _strings(payload.get("texts"), "texts")
     model = payload.get("model") if isinstance(payload.get("model"), str) else None
