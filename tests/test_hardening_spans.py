@@ -120,3 +120,31 @@ def test_hidden_unicode_in_a_name_field_is_blocked(make_stack, tmp_path) -> None
         st.openai().chat.completions.create(model="m", messages=[{"role": "user", "name": "bob" + hidden,
                                                                  "content": "hi"}])
     assert st.upstream.requests == []
+
+
+# --------------------------------------------------------------------------- non-stream logprobs
+
+
+def test_non_stream_logprobs_survive_a_verbatim_answer_with_multibyte_tokens(make_stack, tmp_path) -> None:
+    """OpenAI gives a token that is part of a UTF-8 character an escaped `token` and its `bytes`:
+    the answer's text is spelled by the bytes. A benign answer keeps its logprobs."""
+    from aiohttp import web
+
+    p = in_out_policy(tmp_path / "p.yaml", IN, OUT)
+    text = "Café ☕ ok"
+    toks = [("Caf", list(b"Caf")), ("\\xc3", [0xC3]), ("\\xa9", [0xA9]), (" \\xe2\\x98", [0x20, 0xE2, 0x98]),
+            ("\\x95", [0x95]), (" ok", list(b" ok"))]
+    lp = {"content": [{"token": t, "logprob": -0.5, "bytes": b, "top_logprobs": []} for t, b in toks], "refusal": None}
+
+    async def handler(request, up):
+        return web.json_response({"id": "x", "object": "chat.completion", "created": 1, "model": "m",
+                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": text,
+                                                                       "refusal": None},
+                                               "logprobs": lp, "finish_reason": "stop"}],
+                                  "usage": {"prompt_tokens": 1, "completion_tokens": 6, "total_tokens": 7}})
+
+    st = make_stack({"upstreams": {"main": {"base_url": "SCRIPTED"}}, "policy": p}, handler=handler,
+                    policies=PolicyStore(required=[p]))
+    r = st.openai().chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], logprobs=True)
+    assert r.choices[0].message.content == text
+    assert r.choices[0].logprobs is not None and [t.token for t in r.choices[0].logprobs.content] == [t for t, _ in toks]
