@@ -49,10 +49,16 @@ class Result:
     positive: bool  # the policy caught it: action in the positive actions
     latency_ms: float
     steps: dict[str, StepResult] = field(default_factory=dict)
+    error: str | None = None  # `--via`: the request failed (no verdict: counted in errors, in no cell)
+    policy: str = ""  # the policy (column) it ran under, when several are compared
 
     def to_json(self) -> dict[str, Any]:
         r = self.record
-        return {"line": r.line, "id": r.id, "label": "unsafe" if r.unsafe else "safe", "category": r.category,
+        extra = {"policy": self.policy} if self.policy else {}
+        extra |= {"dataset": r.dataset} if r.dataset else {}
+        extra |= {"error": self.error} if self.error else {}
+        extra |= {"meta": r.meta} if r.meta else {}
+        return {**extra, "line": r.line, "id": r.id, "label": "unsafe" if r.unsafe else "safe", "category": r.category,
                 "expected_step": r.step, "action": self.action, "caught": self.positive,
                 "latency_ms": round(self.latency_ms, 3),
                 "steps": [{"step": s.label, "stage": s.stage, "guard": s.guard, "verdict": s.verdict,
