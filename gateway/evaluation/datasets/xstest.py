@@ -31,10 +31,19 @@ def load(path: Path, name: str) -> list[Record]:
                 unsafe = parse_label(row["label"])
             except InputError as e:
                 raise InputError(f"{path}:{reader.line_num}: {e}") from None
-            out.append(Record(line=reader.line_num, id=f"xstest-{row['id']}", unsafe=unsafe,
-                              category=row["type"] or "-", step=None, messages=[Message.of("user", row["prompt"])],
-                              response=None, dataset=name,
-                              meta={k: row[k] for k in ("focus", "note") if row.get(k)}))
+            out.append(
+                Record(
+                    line=reader.line_num,
+                    id=f"xstest-{row['id']}",
+                    unsafe=unsafe,
+                    category=row["type"] or "-",
+                    step=None,
+                    messages=[Message.of("user", row["prompt"])],
+                    response=None,
+                    dataset=name,
+                    meta={k: row[k] for k in ("focus", "note") if row.get(k)},
+                )
+            )
     if not out:
         raise InputError(f"{path}: no rows")
     return out
