@@ -282,6 +282,9 @@ def test_user_file_with_column_mapping(tmp_path: Path, capsys: pytest.CaptureFix
     assert (s["overall"]["tp"], s["overall"]["fp"], s["overall"]["tn"]) == (1, 0, 2)
     ids = [json.loads(line)["id"] for line in (out / "results.jsonl").read_text().splitlines()]
     assert ids == ["q1", "q2", "q3"]
+    args = ["--columns", "id=qid,prompt=question,label=verdict,category=team", "--unsafe-label", "attack"]
+    assert main(["eval", "--policy", str(policy), "--dataset", str(p), "--out", str(out), *args, "--limit", "2"]) == 0
+    assert json.loads((out / "summary.json").read_text())["records"] == 2
     rc = main(["eval", "--policy", str(policy), "--dataset", str(p), "--out", str(out), "--columns", "nope=qid"])
     assert rc == 2 and "FIELD=COLUMN" in capsys.readouterr().err
 

@@ -35,6 +35,7 @@ from gateway.types import Message
 
 DIALECTS = ("chat", "responses", "llama")
 DEFAULT_ANSWER = "Thanks, noted."
+NO_PROMPT = "Please answer."
 BLOCK = "content_filter"
 
 
@@ -120,8 +121,14 @@ def _wire_messages(messages: list[Message]) -> list[dict[str, Any]]:
     return [{"role": m.role, "content": m.text} for m in messages]
 
 
+def sent_messages(rec: Record) -> list[Message]:
+    """What the request carries: the record's messages, or, for a response-only record, a neutral
+    question (a request needs one; the answer is what the record is about)."""
+    return rec.messages or [Message.of("user", NO_PROMPT)]
+
+
 def request_body(rec: Record, dialect: str, model: str, stream: bool) -> dict[str, Any]:
-    msgs = _wire_messages(rec.messages)
+    msgs = _wire_messages(sent_messages(rec))
     if dialect == "responses":
         return {
             "model": model,
@@ -246,7 +253,8 @@ def action_of(seen: Seen, rec: Record, sent_answer: str | None, upstream_got: li
         return "error"
     if seen.blocked_input or seen.cut:
         return "block"
-    if upstream_got is not None and [m.text for m in rec.messages] != [_text(m.get("content")) for m in upstream_got]:
+    sent = [m.text for m in sent_messages(rec)]
+    if upstream_got is not None and sent != [_text(m.get("content")) for m in upstream_got]:
         return "redact"
     if sent_answer is not None and seen.text != sent_answer:
         return "redact"
