@@ -153,12 +153,10 @@ async def _sse_events(resp: aiohttp.ClientResponse) -> Any:
     """Each `data:` payload of an SSE body, parsed (the `[DONE]` sentinel ends it)."""
     buf = b""
     async for chunk in resp.content.iter_any():
-        buf += chunk
+        buf += chunk.replace(b"\r", b"")  # CRLF or LF line ends alike
         while b"\n\n" in buf:
             frame, buf = buf.split(b"\n\n", 1)
-            data = b"".join(
-                line[5:].lstrip() for line in frame.replace(b"\r", b"").split(b"\n") if line.startswith(b"data:")
-            )
+            data = b"".join(line[5:].lstrip() for line in frame.split(b"\n") if line.startswith(b"data:"))
             if not data or data == b"[DONE]":
                 continue
             yield json.loads(data)
@@ -193,9 +191,11 @@ def _read_event(dialect: str, ev: dict[str, Any], seen: Seen, text: list[str]) -
             if ch.get("index", 0) == 0:
                 text.append(str((ch.get("delta") or {}).get("content") or ""))
                 seen.cut |= ch.get("finish_reason") == BLOCK
-        if isinstance(ev.get("error"), dict):
-            seen.cut = True
+        if isinstance(ev.get("error"), dict):  # a failure mid-stream, not a verdict
+            seen.error = json.dumps(ev)[:300]
     elif dialect == "llama":
+        if isinstance(ev.get("error"), dict):
+            seen.error = json.dumps(ev)[:300]
         e = ev.get("event") or {}
         delta = e.get("delta") or {}
         if delta.get("type") == "text":
