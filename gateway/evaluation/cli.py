@@ -254,7 +254,10 @@ def print_summary(s: dict[str, Any], fh: TextIO) -> None:
     for sw in s["sweeps"]:
         at = sw["at_target"]
         fh.write(f"\nsweep {sw['step']}: {len(sw['points'])} thresholds; ")
-        if at is None:
+        judged = next((st for st in s["steps"] if st["step"] == sw["step"]), {"n": 1, "errors": 0})
+        if judged["n"] == 0:
+            fh.write(f"no record judged ({judged['errors']} errors): nothing to sweep\n")
+        elif at is None:
             fh.write("no safe records to measure an FPR\n")
         else:
             fh.write(f"at FPR <= {sw['target_fpr']}: threshold {report.fmt(at['threshold'])}, "

@@ -145,7 +145,11 @@ def eval_sections(p: Page, s: dict[str, Any], prefix: str = "", title: str = "")
         marked = None if at is None or at["fpr"] is None or at["recall"] is None else (at["fpr"], at["recall"])
         label = "" if at is None else f"t={fmt(at['threshold'])}"
         p.plots([svg.roc(pts, f"ROC: {sw['step']}", marked, label)])
-        if at is None:
+        judged = next((st for st in s["steps"] if st["step"] == sw["step"]), {"n": 1, "errors": 0})
+        if judged["n"] == 0:
+            p.add(f'<p class="note">{escape(sw["step"])} judged no record ({judged["errors"]} errors): '
+                  "nothing to sweep.</p>")
+        elif at is None:
             p.add(f'<p class="note">No false-positive rate to meet: no safe records for {escape(sw["step"])}.</p>')
         else:
             p.add(f'<p class="note">At FPR <= {sw["target_fpr"]}: threshold {fmt(at["threshold"])} '
