@@ -197,3 +197,22 @@ def test_via_without_replay_sees_blocks_and_errors(served: tuple[str, int, Path]
     others = [k for k in rows if k not in ("inj", "fp")]  # they needed the upstream
     assert all(rows[k]["action"] == "error" and rows[k]["error"].startswith("HTTP 5") for k in others)
     assert s["overall"]["errors"] == len(others) and s["overall"]["n"] == 2
+
+
+def test_via_two_columns_one_report(served: tuple[str, int, Path], tmp_path: Path) -> None:
+    """`--policy A --policy B --via URL`: two labelled columns through the deployed path, one report."""
+    url, replay_port, _ = served
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    out = tmp_path / "two"
+    args = ["eval", "--dataset", str(data), "--out", str(out), "--policy", "blue", "--policy", "green"]
+    assert main([*args, "--via", url, "--replay", f"127.0.0.1:{replay_port}"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["policies"] == ["blue", "green"] and s["differences"] == []
+    (row,) = [r for r in s["comparison"] if r["category"] == "all"]
+    assert row["policies"]["blue"] == row["policies"]["green"] | {
+        "p50_ms": row["policies"]["blue"]["p50_ms"],
+        "p99_ms": row["policies"]["blue"]["p99_ms"],
+    }
+    assert row["policies"]["blue"]["tp"] == 4 and row["policies"]["blue"]["fp"] == 1
+    assert main([*args, "--via", url, "--via", url, "--via", url]) == 2  # one URL, or one per policy
