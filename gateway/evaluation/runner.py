@@ -20,6 +20,16 @@ from gateway.types import Completion, Exchange, Message
 DEFAULT_POSITIVE_ACTIONS = ("block", "redact")
 
 
+def progress(total: int, desc: str) -> Any:
+    """A records bar on stderr when it is a terminal (public sets run minutes with real models)."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="rec", file=sys.stderr, disable=not sys.stderr.isatty(),
+                dynamic_ncols=True, mininterval=0.5)
+
+
 @dataclass(slots=True)
 class StepResult:
     """What one step said about one record (from the audit record's step entry)."""
@@ -103,6 +113,11 @@ async def run_all(policy: Policy, records: list[Record], stream: bool = False,
         warm = Record(line=0, id="warm-up", unsafe=False, category="-", step=None,
                       messages=[Message.of("user", "guardgate eval warm-up")], response="warm-up answer")
         await run_record(policy, warm, stream, positive_actions)
-        return [await run_record(policy, r, stream, positive_actions) for r in records]
+        with progress(len(records), policy.name) as bar:
+            out = []
+            for r in records:
+                out.append(await run_record(policy, r, stream, positive_actions))
+                bar.update(1)
+            return out
     finally:
         await policy.aclose()

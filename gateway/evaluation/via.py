@@ -30,7 +30,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway.evaluation.dataset import Record
-from gateway.evaluation.runner import Result
+from gateway.evaluation.runner import Result, progress
 from gateway.types import Message
 
 DIALECTS = ("chat", "responses", "llama")
@@ -277,7 +277,8 @@ async def run_via(
     target = endpoint(url, dialect)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     out: list[Result] = []
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(timeout=timeout) as session, progress(len(records), url) as bar:
         for rec in records:
             if replay is not None:
                 replay.answer = rec.response if rec.response is not None else DEFAULT_ANSWER
@@ -290,4 +291,5 @@ async def run_via(
             out.append(
                 Result(record=rec, action=action, positive=action in positive_actions, latency_ms=ms, error=seen.error)
             )
+            bar.update(1)
     return out
