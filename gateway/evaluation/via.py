@@ -278,18 +278,21 @@ async def run_via(
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     out: list[Result] = []
     timeout = aiohttp.ClientTimeout(total=timeout_s)
-    async with aiohttp.ClientSession(timeout=timeout) as session, progress(len(records), url) as bar:
-        for rec in records:
-            if replay is not None:
-                replay.answer = rec.response if rec.response is not None else DEFAULT_ANSWER
-                replay.received.clear()
-            t0 = time.perf_counter()
-            seen = await send(session, target, dialect, request_body(rec, dialect, model, stream), headers)
-            ms = (time.perf_counter() - t0) * 1000
-            got = replay.received[-1] if replay is not None and replay.received else None
-            action = action_of(seen, rec, replay.answer if replay is not None and got is not None else None, got)
-            out.append(
-                Result(record=rec, action=action, positive=action in positive_actions, latency_ms=ms, error=seen.error)
-            )
-            bar.update(1)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        with progress(len(records), url) as bar:
+            for rec in records:
+                if replay is not None:
+                    replay.answer = rec.response if rec.response is not None else DEFAULT_ANSWER
+                    replay.received.clear()
+                t0 = time.perf_counter()
+                seen = await send(session, target, dialect, request_body(rec, dialect, model, stream), headers)
+                ms = (time.perf_counter() - t0) * 1000
+                got = replay.received[-1] if replay is not None and replay.received else None
+                action = action_of(seen, rec, replay.answer if replay is not None and got is not None else None, got)
+                out.append(
+                    Result(
+                        record=rec, action=action, positive=action in positive_actions, latency_ms=ms, error=seen.error
+                    )
+                )
+                bar.update(1)
     return out
