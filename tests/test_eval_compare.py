@@ -283,3 +283,40 @@ def test_gate_scopes_parse() -> None:
         with pytest.raises(ValueError):
             parse_gate(bad)
     assert parse_gate("recall[step=secrets]<1").kind == "step"
+
+
+def test_merge_earlier_runs_gives_the_same_comparison(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two single-policy runs merged afterwards == both policies in one run (figures and differences)."""
+    a, b, inj, frr = write(tmp_path)
+    sets = ["--dataset", str(inj), "--dataset", str(frr)]
+    assert main(["eval", "--policy", str(a), *sets, "--out", str(tmp_path / "ra")]) == 0
+    assert main(["eval", "--policy", str(b), *sets, "--out", str(tmp_path / "rb")]) == 0
+    assert main(["eval", "--policy", str(a), "--policy", str(b), *sets, "--out", str(tmp_path / "both")]) == 0
+    merged = tmp_path / "merged"
+    gate = f"fpr[dataset={frr},policy=wide]>0"
+    assert (
+        main(["eval", "merge", str(tmp_path / "rb"), str(tmp_path / "ra"), "--out", str(merged), "--fail-if", gate])
+        == 1
+    )
+    m = json.loads((merged / "summary.json").read_text())
+    one = json.loads((tmp_path / "both" / "summary.json").read_text())
+    assert m["policies"] == ["wide", "narrow"] and m["merged_from"] == [str(tmp_path / "rb"), str(tmp_path / "ra")]
+    keys = ("n", "tp", "fp", "tn", "fn", "errors", "recall", "fpr")
+
+    def cells(s: dict[str, Any]) -> dict[tuple[str, str, str], tuple[Any, ...]]:
+        return {
+            (r["dataset"], r["category"], p): tuple(c[k] for k in keys)
+            for r in s["comparison"]
+            for p, c in r["policies"].items()
+        }
+
+    assert cells(m) == cells(one)
+    assert sorted(
+        (d["dataset"], d["id"], d["action"]["wide"], d["action"]["narrow"]) for d in m["differences"]
+    ) == sorted((d["dataset"], d["id"], d["action"]["wide"], d["action"]["narrow"]) for d in one["differences"])
+    assert m["gates"][0]["failed"] and m["gates"][0]["policy"] == "wide"
+    # the same policy measured twice keeps both columns apart
+    assert main(["eval", "merge", str(tmp_path / "ra"), str(tmp_path / "ra"), "--out", str(merged)]) == 0
+    assert json.loads((merged / "summary.json").read_text())["policies"] == ["narrow", "narrow#2"]
+    assert main(["eval", "merge", str(tmp_path / "nothing"), "--out", str(merged)]) == 2
+    capsys.readouterr()

@@ -16,6 +16,7 @@
                     `guardgate eval datasets`
     via.py          `--via URL`: each record as a real request to a running Guardgate
     compare.py      policies side by side: per dataset and category, and the records they split on
+    merge.py        `guardgate eval merge`: earlier runs' outputs side by side
     samples/        small hand-written labelled sets and policies that need no downloads
 """
 

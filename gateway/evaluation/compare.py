@@ -52,8 +52,12 @@ def combine(runs: list[dict[str, Any]], results: dict[tuple[str, str], list[Resu
                 }
             )
         if len(present) > 1:
-            columns = [results[(p, d)] for p in present]
-            for rows in zip(*columns, strict=True):
+            # aligned by record id (runs merged from two directories need not share an order)
+            by_id = [{r.record.id: r for r in results[(p, d)]} for p in present]
+            for rid in by_id[0]:
+                if any(rid not in m for m in by_id):
+                    continue
+                rows = [m[rid] for m in by_id]
                 if len({(r.positive, r.error is None) for r in rows}) > 1:
                     rec = rows[0].record
                     differences.append(

@@ -24,7 +24,7 @@ SHA_RX_LEN = 64
 
 
 def add_subcommands(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="eval_cmd", metavar="{datasets,pull}")
+    sub = p.add_subparsers(dest="eval_cmd", metavar="{datasets,pull,merge}")
     sub.add_parser("datasets", help="the public sets --dataset NAME knows: licence, size, labels, stage, status")
     pl = sub.add_parser("pull", help="download a public set (pinned, sha256-checked) into the model cache")
     pl.add_argument("name", help="a dataset name from `guardgate eval datasets`, or a prefix (cyberseceval)")
@@ -38,6 +38,9 @@ def add_subcommands(p: argparse.ArgumentParser) -> None:
     )
     pl.add_argument("--sha256", help="expected sha256 where the registry pins none")
     pl.add_argument("--quiet", action="store_true", help="no progress bar")
+    from gateway.evaluation import merge
+
+    merge.add_parser(sub)
 
 
 def _specs(name: str) -> list[DatasetSpec]:
@@ -141,6 +144,10 @@ def main(args: argparse.Namespace) -> int:
     try:
         if args.eval_cmd == "datasets":
             return main_datasets(sys.stdout)
+        if args.eval_cmd == "merge":
+            from gateway.evaluation import merge
+
+            return merge.main(args)
         return main_pull(args, sys.stdout)
     except InputError as e:
         print(f"guardgate eval {args.eval_cmd}: {e}", file=sys.stderr)
