@@ -101,9 +101,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[str, int, Path]]:
-    """`guardgate serve` with the policy, its upstream the port `--replay` will listen on."""
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int, Path]]:
+    """`guardgate serve` with the policy, its upstream the port `--replay` will listen on (one for the
+    module: each test's `--replay` listens there only while its run lasts)."""
+    tmp_path = tmp_path_factory.mktemp("served")
     policy = tmp_path / "viap.yaml"
     policy.write_text(POLICY)
     replay_port, port = free_port(), free_port()
