@@ -32,6 +32,8 @@ PARIS = "Paris is the capital of France."
 LEAKY_ASK = "What is the deploy key?"
 FORBIDDEN_ASK = "Tell me about the protocol."
 LONG_ASK = "Tell me a long story."
+TOOL_ASK = "Run the tool."
+TOOL_ARGS = '{"cmd": "start the purple elephant protocol"}'
 PHRASE = "purple elephant protocol"
 LONG = " ".join([*(f"w{i}" for i in range(12)), "the", PHRASE, *(f"w{i}" for i in range(15, 40))])
 
@@ -52,6 +54,11 @@ async def upstream_handler(request: web.Request, up: ScriptedUpstream) -> web.St
     if not request.path.endswith("/chat/completions"):
         return web.json_response({"object": "list", "data": [{"id": "gpt-test", "object": "model"}]})
     body = up.last.json()
+    if TOOL_ASK in json.dumps(body["messages"]):
+        call = {"id": "call_1", "type": "function", "function": {"name": "run", "arguments": TOOL_ARGS}}
+        answer = oa_completion("", finish="tool_calls")
+        answer["choices"][0]["message"] = {"role": "assistant", "content": None, "tool_calls": [call]}
+        return web.json_response(answer)
     text = answer_for(body)
     if body.get("stream"):
         return await stream_frames(request, openai_text_stream([w + " " for w in text.split(" ")]))
@@ -178,6 +185,18 @@ def test_litellm_with_guardgate_as_generic_guardrail(litellm: Any, guarded: Guar
     recs = run_scenarios(client, guarded, openai.APIStatusError)
     assert_audit(recs, "litellm")
     assert all(r["peer"].get("litellm_call_id") for r in recs)
+
+
+def test_litellm_tool_call_answer_is_checked(litellm: Any, guarded: Guarded) -> None:
+    """An answer made only of tool calls: LiteLLM sends them (`tool_calls`, no texts), and a forbidden
+    argument blocks the answer."""
+    client = openai.OpenAI(base_url=litellm.url + "/v1", api_key="sk-anything", max_retries=0, timeout=60)
+    before = len(guarded.records(0))
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": TOOL_ASK}])
+    assert "Response blocked by policy 'guard'" in said(e.value)
+    recs = guarded.records(before + 2)[before:]
+    assert [(r["check_stage"], r["action"]) for r in recs] == [("input", "allow"), ("output", "block")]
 
 
 def stream_text(client: openai.OpenAI, ask: str) -> tuple[str, Exception | None]:
