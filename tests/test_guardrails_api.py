@@ -267,3 +267,13 @@ def test_prompt_guard_model_through_the_check_api(make_stack: Any, tmp_path: Pat
         st, "/guardrails/pg", {"messages": [{"role": "user", "content": "what is the capital of france"}]}, headers={}
     ).json()
     assert clean["action"] == "allow" and clean["steps"][0]["score"] < 0.5
+
+
+def test_shadow_mode_reports_what_it_would_do_and_changes_nothing(make_stack: Any, tmp_path: Path) -> None:
+    p = Path(write_policy(tmp_path))
+    p.write_text(p.read_text().replace("name: guard\n", "name: guard\nmode: shadow\n"))
+    st = make_stack(policies=PolicyStore(required=[str(p)]))
+    out = post(st, "/guardrails/guard", {"messages": [{"role": "user", "content": INJECTION}]}, headers={}).json()
+    assert out["action"] == "allow" and out["would_action"] == "block" and out["blocked"] is False
+    lit = post(st, "/guardrails/guard/litellm", {"input_type": "request", "texts": [INJECTION]}, headers={}).json()
+    assert lit == {"action": "NONE"}
