@@ -34,8 +34,8 @@ from gateway.types import (
     ToolCall,
     new_id,
 )
-from gateway.yamlio import ConfigError
 from gateway.upstreams.chat_client import ChatClients
+from gateway.yamlio import ConfigError
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 

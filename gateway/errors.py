@@ -7,9 +7,17 @@ from __future__ import annotations
 class GatewayError(Exception):
     """An error Guardgate answers itself, rendered in the client's dialect."""
 
-    def __init__(self, status: int, message: str, code: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, retry: bool | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        retry: bool | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.type, self.param = status, message, code, type, param
         self.retry = retry

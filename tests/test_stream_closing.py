@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -60,7 +61,7 @@ async def test_closing_a_wrapper_closes_its_source_at_once(name: str) -> None:
 POLICY = """
 name: closing
 stream:
-  check_every_tokens: 4
+  check_every_tokens: 256
   steps:
     - guard: t_phrase
       phrase: never-said
@@ -80,33 +81,61 @@ class AuditAtWrite:
         self.records.append(record)
 
 
-async def endless(request: web.Request, up: Any) -> web.StreamResponse:
-    # a scripted slow upstream: an answer that is still streaming when the client leaves
-    return await stream_frames(request, openai_text_stream([f"w{i} " for i in range(1000)]), delay=0.02)
+async def long_answer(request: web.Request, up: Any) -> web.StreamResponse:
+    # more than the kernel buffers between the gateway and a client that stops reading can hold
+    return await stream_frames(request, openai_text_stream([f"w{i} " for i in range(40000)]))
 
 
+def _no_finaliser(leftovers: list[Any]) -> Any:
+    """In the servers' loop: async generators dropped unclosed are kept, never finalised, so only an
+    explicit close can end them (the hook the loop installs would close them later, in a task)."""
+
+    async def swap() -> Any:
+        old = sys.get_asyncgen_hooks()
+        sys.set_asyncgen_hooks(firstiter=old.firstiter, finalizer=leftovers.append)
+        return old
+
+    return swap()
+
+
+@pytest.mark.slow
 def test_dropped_client_gate_cleanup_runs_before_the_request_ends(make_stack, tmp_path) -> None:
-    """A Responses stream kept by the gateway (`responses_state: gateway`) runs through every wrapper
-    (`_remembering` included); a client that hangs up mid-stream gets every stream check closed by
-    the time the request's audit record is written."""
+    """A client that stops reading a guarded Responses stream is cut by the gateway (the write fails
+    after `send_timeout_s`; no cancellation unwinds the wrappers, only their closing). The stream runs
+    through every wrapper (`_remembering` included: `responses_state: gateway`), and every stream
+    check is closed by the time the request's audit record is written, with nothing left to a
+    finaliser."""
     OPENED.clear()
     store, ppath = policy_store(tmp_path, POLICY)
     audit = AuditAtWrite()
-    up = {"main": {"base_url": "SCRIPTED", "dialect": "openai", "timeouts": {"connect": 2, "read": 5}}}
-    st = make_stack({"upstreams": up, "policy": ppath, "responses_state": "gateway"}, handler=endless,
-                    policies=store, audit=audit)
+    up = {"main": {"base_url": "SCRIPTED", "dialect": "openai", "timeouts": {"connect": 2, "read": 20}}}
+    config = {"upstreams": up, "policy": ppath, "responses_state": "gateway", "limits": {"send_timeout_s": 0.5}}
+    st = make_stack(config, handler=long_answer, policies=store, audit=audit)
+    leftovers: list[Any] = []
+    old = st.loop.run(_no_finaliser(leftovers))
     host, port = st.url.removeprefix("http://").split(":")
-    s = socket.create_connection((host, int(port)), timeout=10)
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: no autotuning
+    s.connect((host, int(port)))
     body = json.dumps({"model": "m", "input": "hi", "stream": True}).encode()
-    s.sendall(f"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-              f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-    got = b""
-    while b"w3 " not in got:  # text is flowing to the client
-        chunk = s.recv(65536)
-        assert chunk, got
-        got += chunk
-    s.close()
-    assert wait_until(lambda: bool(audit.records), timeout=10), "the request never ended"
+    s.sendall(
+        f"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    try:
+        s.settimeout(10)
+        assert s.recv(1024).startswith(b"HTTP/1.1 200"), "the stream did not start"
+        # the client reads no more; the gateway's writes stall and it cuts the client
+        assert wait_until(lambda: bool(audit.records), timeout=30), "the request never ended"
+    finally:
+        s.close()
     assert OPENED, "the stream policy opened no check"
     assert audit.open_at_write == [0], "stream checks were still open when the request ended"
-    assert all(c.closed for c in OPENED)
+
+    async def restore() -> None:
+        sys.set_asyncgen_hooks(*old)
+        for agen in leftovers:
+            await agen.aclose()
+
+    st.loop.run(restore())

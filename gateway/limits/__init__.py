@@ -45,7 +45,6 @@ from gateway.limits.store import (  # re-exported: the package's interface
     Store,
 )
 
-
 if TYPE_CHECKING:
     from gateway.context import RequestContext
 

@@ -27,8 +27,9 @@ class RateLimits:
 
     @property
     def any(self) -> bool:
-        return bool(self.requests_per_minute or self.tokens_per_minute or self.tokens_per_day
-                    or self.max_concurrent_streams)
+        return bool(
+            self.requests_per_minute or self.tokens_per_minute or self.tokens_per_day or self.max_concurrent_streams
+        )
 
     @property
     def meters_tokens(self) -> bool:

@@ -115,8 +115,15 @@ class ChoiceText:
             self.joined_len = self.length
         return self.chunks[0] if self.chunks else ""
 
-    def append(self, text: str, kind: str, call_index: int = 0, id: str | None = None,
-               name: str | None = None, channel: str = "text") -> None:
+    def append(
+        self,
+        text: str,
+        kind: str,
+        call_index: int = 0,
+        id: str | None = None,
+        name: str | None = None,
+        channel: str = "text",
+    ) -> None:
         start = self.length
         if self.first_at is None:
             self.first_at = time.monotonic()

@@ -32,8 +32,14 @@ from gateway.upstreams.http import HttpUpstream, request_headers
 class UpstreamChatClient:
     """Chat completions through one upstream (HTTP in its dialect, or the embedded model)."""
 
-    def __init__(self, upstream: HttpUpstream | NeutralUpstream, telemetry: Any = None,
-                 headers: Mapping[str, str] | None = None, *, owned: bool = False) -> None:
+    def __init__(
+        self,
+        upstream: HttpUpstream | NeutralUpstream,
+        telemetry: Any = None,
+        headers: Mapping[str, str] | None = None,
+        *,
+        owned: bool = False,
+    ) -> None:
         self.upstream = upstream
         self.telemetry = telemetry  # gateway.telemetry.Telemetry, or None (no spans, no metrics)
         self.headers = dict(headers or {})
@@ -56,8 +62,12 @@ class UpstreamChatClient:
         body = codec.encode_request(ex)
         if extra_body:
             body.update(extra_body)
-        headers = request_headers({}, up.auth_header(None, gateway_keys_on=True), new_id("guard_"),
-                                  {"Content-Type": "application/json", **self.headers})
+        headers = request_headers(
+            {},
+            up.auth_header(None, gateway_keys_on=True),
+            new_id("guard_"),
+            {"Content-Type": "application/json", **self.headers},
+        )
         data = json.dumps(body, separators=(",", ":")).encode()
         send = self.telemetry.send if self.telemetry is not None else _send
         resp = await send(up, "POST", CHAT_PATH, "", headers, data)
@@ -73,8 +83,9 @@ class UpstreamChatClient:
         try:
             return codec.decode_response(raw)
         except DialectError as e:
-            raise UpstreamError(f"upstream {up.name}: answer does not decode: {e.message}", 502,
-                                "bad_upstream_response") from None
+            raise UpstreamError(
+                f"upstream {up.name}: answer does not decode: {e.message}", 502, "bad_upstream_response"
+            ) from None
 
     async def _start(self) -> None:
         if self._started:
@@ -101,8 +112,14 @@ def remote_upstream(remote: Mapping[str, Any]) -> tuple[HttpUpstream, dict[str, 
         raise ValueError(f"remote needs base_url and takes only {', '.join(REMOTE_KEYS)} (got {sorted(remote)})")
     base = remote["base_url"].rstrip("/")
     t = float(remote.get("timeout_s", 10.0))
-    cfg = UpstreamConfig(name=f"remote:{base}", base_url=base, dialect="openai", api_key_env=remote.get("api_key_env"),
-                         timeouts=Timeouts(connect=t, read=t, total=t), max_connections=100)
+    cfg = UpstreamConfig(
+        name=f"remote:{base}",
+        base_url=base,
+        dialect="openai",
+        api_key_env=remote.get("api_key_env"),
+        timeouts=Timeouts(connect=t, read=t, total=t),
+        max_connections=100,
+    )
     return HttpUpstream(cfg), {str(k): str(v) for k, v in (remote.get("headers") or {}).items()}
 
 
@@ -111,8 +128,9 @@ class ChatClients(GuardResources):
     per distinct `remote:` endpoint (its own pool, closed by `aclose`). Without upstreams (`guardgate
     check`, `eval`) only `remote:` endpoints can be asked."""
 
-    def __init__(self, upstreams: Mapping[str, HttpUpstream | NeutralUpstream] | None = None,
-                 telemetry: Any = None) -> None:
+    def __init__(
+        self, upstreams: Mapping[str, HttpUpstream | NeutralUpstream] | None = None, telemetry: Any = None
+    ) -> None:
         self.upstreams = upstreams if upstreams is not None else {}
         self.telemetry = telemetry
         self._clients: dict[str, UpstreamChatClient] = {}
