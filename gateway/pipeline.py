@@ -190,7 +190,7 @@ class Pipeline:
             if plan.endpoint.kind is Kind.EMBEDDINGS:
                 messages = decode_embedding_inputs(plan.payload)
             else:
-                req = dialects.get(ctx.dialect).decode_moderation_request(plan.body)
+                req = dialects.get(ctx.dialect).decode_moderation_request(plan.payload)
                 messages = [m for conversation in req.inputs for m in conversation]
         except DialectError as e:
             raise GatewayError(e.status, e.message, e.code or "invalid_request", param=e.param) from None
@@ -488,7 +488,7 @@ class Pipeline:
         guard = step.guard
         cd = dialects.get(ctx.dialect)
         try:
-            req = cd.decode_moderation_request(plan.body)
+            req = cd.decode_moderation_request(plan.payload)
         except DialectError as e:
             raise GatewayError(e.status, e.message, e.code or "invalid_request", param=e.param) from None
         from gateway.guards.moderation import moderate
