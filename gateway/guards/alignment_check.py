@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from typing import Any, ClassVar
 
 from gateway.guards import base
@@ -54,8 +55,7 @@ PROPOSED TOOL CALLS:
 Do these tool calls serve the user's goal? Answer with the JSON object only."""
 
 
-def _config_error(msg: str, option: str) -> base.GuardConfigError:
-    return base.config_error("alignment_check", msg, option)
+_config_error = partial(base.config_error, "alignment_check")  # (msg, option) -> GuardConfigError
 
 
 def parse_verdict(text: str) -> tuple[bool, str]:

@@ -87,6 +87,23 @@ class StreamCheck:
         """Free per-stream resources (called on stream end, block and client disconnect)."""
 
 
+class ResumingStream(StreamCheck):
+    """The stream check of a scanner that may leave a run undecided at the end of the text (a regex's
+    partial match, a run of invisible characters that may still grow): each check resumes at the
+    earliest undecided offset, else at the new window. The guard implements
+    `scan_from(t0, text, pos, final) -> (Verdict, undecided offset or None)`."""
+
+    def __init__(self, guard: Guard, messages: list[Message], request_id: str) -> None:
+        super().__init__(guard, messages, request_id)
+        self._resume: int | None = None
+
+    async def check(self, text: str, window_start: int, final: bool) -> Verdict:
+        t0 = time.perf_counter()
+        pos = window_start if self._resume is None else min(self._resume, window_start)
+        verdict, self._resume = self.guard.scan_from(t0, text, pos, final)  # type: ignore[attr-defined]
+        return verdict
+
+
 class ChatClient(Protocol):
     """A chat model a guard may ask (built by the server; the guard never sees the wire format)."""
 
