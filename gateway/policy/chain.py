@@ -7,10 +7,11 @@
     completion = await run.check_output(exchange, completion)   # non-stream answers
     record = run.finish(status=200)                      # one audit record (written once)
 
-Verdict merge: input steps run concurrently; the first that blocks (flagged with action block,
-or failed with on_error block) decides and the others are cancelled ("cancelled" in the record,
-verdict "not run" if they had not answered). The strongest action over all stages is the
-request's `action` (block > redact > warn > log > allow). Shadow mode never changes a request;
+Verdict merge (`record.merge_verdict`, the one rule the stream gate uses too): input steps run
+concurrently; the first that blocks (flagged with action block, or failed with on_error block)
+decides and the others are cancelled ("cancelled" in the record, verdict "not run" if they had not
+answered). The strongest action over all stages is the request's `action` (block > redact > warn >
+log > allow). Shadow mode never changes a request;
 its records carry `would` and the request's `would_action`.
 """
 
