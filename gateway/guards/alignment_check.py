@@ -97,6 +97,7 @@ class AlignmentCheck(Guard):
     name: ClassVar[str] = "alignment_check"
     stages: ClassVar[frozenset[str]] = frozenset({"stream", "output"})
     OPTIONS: ClassVar[tuple[str, ...]] = ("upstream", "remote", "model", "max_context_chars", "max_tokens")
+    REMOTE_OPTIONS: ClassVar[tuple[str, ...]] = (*base.REMOTE_KEYS, "model")
 
     def __init__(self, **options: Any) -> None:
         base.reject_unknown_options(self.name, options, self.OPTIONS)
