@@ -115,9 +115,10 @@ class ChatClient(Protocol):
 
 
 class GuardResources:
-    """What the running gateway lends a guard at `start()`. This base lends nothing: it is what
-    guards get where no gateway runs (tests, `guardgate check` without upstreams); the server passes
-    `gateway.upstreams.chat_client.ChatClients`."""
+    """What the running gateway lends a guard at `start()`. This base lends nothing: it is what a
+    guard gets where nothing is set up for it (a guard started on its own, in a test or a benchmark).
+    The server passes `gateway.upstreams.chat_client.ChatClients` over its upstreams; `guardgate
+    check` and `eval` pass one without upstreams (remote endpoints only)."""
 
     def chat_client(self, upstream: str | None = None, remote: Mapping[str, Any] | None = None) -> ChatClient:
         """A client for the configured upstream named `upstream`, or for the OpenAI-compatible
