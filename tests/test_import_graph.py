@@ -114,3 +114,43 @@ def test_guards_import_nothing_above_them() -> None:
     }
     bad = {m: d for m, d in bad.items() if d}
     assert not bad, f"guard modules importing transport or the server: {bad}"
+
+
+def _deps_of(graph: dict[str, set[str]], layer: str) -> set[str]:
+    """What the modules of `layer` (a module or a package) import from outside it."""
+    out: set[str] = set()
+    for mod, deps in graph.items():
+        if mod == layer or mod.startswith(layer + "."):
+            out |= {d for d in deps if d != layer and not d.startswith(layer + ".")}
+    return out
+
+
+def _under(mod: str, prefixes: tuple[str, ...]) -> bool:
+    return any(mod == p or mod.startswith(p + ".") for p in prefixes)
+
+
+# layer: (may import only these, or None for no such rule; may never import these) - docs/architecture.md
+RULES: dict[str, tuple[tuple[str, ...] | None, tuple[str, ...]]] = {
+    "gateway.errors": ((), ()),
+    "gateway.context": (("gateway.errors", "gateway.config", "gateway.endpoints"), ()),
+    "gateway.endpoints": (("gateway.errors",), ()),
+    "gateway.types": ((), ()),
+    "gateway.dialects": (("gateway.types",), ()),
+    "gateway.limits": (("gateway.context", "gateway.errors", "gateway.policy.tokens"), ()),
+    "gateway.routing": (None, ("gateway.pipeline", "gateway.server")),
+    "gateway.pipeline": (None, ("gateway.server",)),
+    "gateway.guards": (None, ("gateway.dialects", "gateway.upstreams", "gateway.server", "gateway.policy")),
+    "gateway.engine": (None, ("gateway.guards", "gateway.policy")),
+    "gateway.policy": (None, ("gateway.dialects", "gateway.telemetry", "gateway.server", "gateway.pipeline")),
+}
+
+
+def test_each_layer_imports_what_the_architecture_allows() -> None:
+    g = import_graph()
+    broken = {}
+    for layer, (only, never) in RULES.items():
+        deps = _deps_of(g, layer)
+        bad = {d for d in deps if (only is not None and not _under(d, only)) or _under(d, never)}
+        if bad:
+            broken[layer] = sorted(bad)
+    assert not broken, f"imports the architecture's rules forbid: {broken}"
