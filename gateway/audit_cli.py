@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
+
+from gateway.evaluation.metrics import percentile
 
 VERDICTS = ("pass", "flagged", "error", "not run")
 
@@ -36,15 +37,6 @@ def add_audit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", metavar="DIR",
                    help="also write DIR/report.html (self-contained) and DIR/summary.json: decisions by step, "
                         "category, route, key and over time")
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100) of `values`; None when empty."""
-    if not values:
-        return None
-    s = sorted(values)
-    k = max(1, math.ceil(q / 100.0 * len(s)))
-    return s[min(k, len(s)) - 1]
 
 
 @dataclass

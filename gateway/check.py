@@ -34,6 +34,7 @@ from gateway.types import (
     ToolCall,
     new_id,
 )
+from gateway.upstreams.chat_client import ChatClients
 from gateway.yamlio import ConfigError
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -188,11 +189,13 @@ async def _one(policy: Policy, n: int, obj: dict[str, Any], stream: bool) -> dic
 
 
 async def _run(policy: Policy, rows: list[tuple[int, dict[str, Any]]], stream: bool) -> list[dict[str, Any]]:
-    await policy.start()
+    clients = ChatClients()  # judges on a `remote:` URL work; no configured upstream runs here
+    await policy.start(clients)
     try:
         return [await _one(policy, n, obj, stream) for n, obj in rows]
     finally:
         await policy.aclose()
+        await clients.aclose()
 
 
 # --------------------------------------------------------------------------- output

@@ -160,10 +160,9 @@ MMAP_THRESHOLD = 64 * 1024
 
 def _return_freed_buffers() -> None:
     """Request bodies arrive as many 64 KiB-ish buffers. glibc raises its mmap threshold after the
-    first large free, so later ones come from the heap and stay in RSS once freed: 40 connections
-    that sent 4 MiB and hung up left ~190 MB resident for good (scripts/probe_memory.py). A fixed
-    threshold puts buffers of 64 KiB and more in their own mappings, given back to the OS on free:
-    RSS then returns to its warm baseline. Linux/glibc only; elsewhere a no-op."""
+    first large free, so later ones come from the heap and stay in RSS once freed (docs/performance.md,
+    "Memory and start-up"). A fixed threshold puts buffers of 64 KiB and more in their own mappings,
+    given back to the OS on free: RSS then returns to its warm baseline. Linux/glibc only; elsewhere a no-op."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
@@ -179,9 +178,8 @@ def _return_freed_buffers() -> None:
 def _tune_gc() -> None:
     """What is loaded by now lives as long as the process: move it out of the cyclic GC's reach so
     full collections only walk request-time objects. (The collection thresholds stay at Python's
-    defaults: raising them made RSS grow by ~20 KB per request under 300 concurrent guarded streams,
-    because objects alive across a stream get promoted and full collections became rare;
-    scripts/loadtest.py caught it.)"""
+    defaults: raising them made RSS grow per request under many concurrent guarded streams, because
+    objects alive across a stream get promoted and full collections became rare: docs/performance.md.)"""
     gc.collect()
     gc.freeze()
 

@@ -1,7 +1,8 @@
-"""Per-request facts and the gateway's own error: a leaf module every layer may import.
+"""Per-request facts (and, re-exported, the gateway's own error): a module every layer may import.
 
-Nothing here imports the server, the pipeline, policies or telemetry, so those can all depend on it
-without cycles.
+At run time it imports only `gateway.errors`; the config and endpoint types it names are for type
+checkers only. Nothing here imports the server, the pipeline, policies or telemetry, so those can all
+depend on it without cycles.
 """
 
 from __future__ import annotations
@@ -12,21 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from gateway.errors import GatewayError
+
+__all__ = ["CTX_KEY", "GatewayError", "RequestContext", "describe"]
+
 if TYPE_CHECKING:
     from gateway.config import GatewayKey, Route
     from gateway.endpoints import Endpoint
-
-
-class GatewayError(Exception):
-    """An error Guardgate answers itself, rendered in the client's dialect."""
-
-    def __init__(self, status: int, message: str, code: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, retry: bool | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.type, self.param = status, message, code, type, param
-        self.retry = retry
-        self.headers = headers  # extra response headers (a 429's Retry-After and x-ratelimit-*)
 
 
 @dataclass(slots=True)

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.guards.base import UnavailableGuard
 from gateway.yamlio import ConfigError
 
 GPU_BUILD = 'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir llama-cpp-python'
@@ -142,8 +143,10 @@ def check_step(area: str, step: Any) -> list[Check]:
     o = dict(step.options)
     g = step.guard_name
     label = f"{area} {step.label}"
-    if step.guard.__class__.__name__ == "UnavailableGuard":
-        return [Check(label, "fail", f"guard module did not load: {getattr(step.guard, 'why', '')}")]
+    if isinstance(step.guard, UnavailableGuard):  # the registry knows it, this install cannot build it
+        why = step.guard.why
+        fix = why[len("missing ("):-1] if why.startswith("missing (") and why.endswith(")") else ""
+        return [Check(label, "fail", f"guard {g} is not available: {why}", fix)]
     if g == "llama_guard":
         remote = o.get("remote")
         if o.get("backend") == "remote" or (remote and not o.get("model")):

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
-from gateway.context import GatewayError
+from gateway.errors import GatewayError
 
 
 class Kind(StrEnum):

@@ -10,6 +10,7 @@ layers and knows no wire format itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import time
@@ -189,7 +190,7 @@ class Pipeline:
             if plan.endpoint.kind is Kind.EMBEDDINGS:
                 messages = decode_embedding_inputs(plan.payload)
             else:
-                req = dialects.get(ctx.dialect).decode_moderation_request(plan.body)
+                req = dialects.get(ctx.dialect).decode_moderation_request(plan.payload)
                 messages = [m for conversation in req.inputs for m in conversation]
         except DialectError as e:
             raise GatewayError(e.status, e.message, e.code or "invalid_request", param=e.param) from None
@@ -257,10 +258,7 @@ class Pipeline:
         try:
             if isinstance(upstream, NeutralUpstream):
                 if not ex.stream:
-                    try:
-                        completion = await upstream.complete(up_ex)
-                    except UpstreamError:
-                        raise
+                    completion = await upstream.complete(up_ex)
                     return await self._send_completion(ctx, cd, ex, completion, run)
                 return await self._send_stream(request, ctx, cd, ex, upstream.stream(up_ex), run)
 
@@ -348,7 +346,9 @@ class Pipeline:
                                                  "X-Guardgate-Request-Id": ctx.id, **SSE_HEADERS},
                             send_timeout=self.send_timeout)
         await out.prepare(request)
-        try:
+        # Closing the outermost wrapper closes the whole chain at once (each wrapper closes its source
+        # the same way): the gate's checks and the upstream end now, not when the collector runs.
+        async with contextlib.aclosing(events):  # type: ignore[type-var]
             try:
                 async for ev in events:
                     frame = enc.encode(ev)
@@ -361,8 +361,6 @@ class Pipeline:
             except UpstreamError as e:
                 ctx.outcome = e.code
                 await out.write(enc.error(e.message, e.code))
-        finally:
-            await events.aclose()  # type: ignore[attr-defined]
         await out.write_eof()
         return out
 
@@ -372,18 +370,18 @@ class Pipeline:
         upstream sent none) count the tokens released, into `ctx.usage`."""
         released: list[str] = []
         try:
-            async for ev in events:
-                if isinstance(ev, UsageEvent):
-                    ctx.usage = from_usage(ev.usage)
-                elif ctx.meter_tokens and isinstance(ev, TextDelta):
-                    released.append(ev.text)
-                elif ctx.meter_tokens and isinstance(ev, ToolCallDelta):
-                    released.append(ev.arguments)
-                yield ev
+            async with contextlib.aclosing(events):  # type: ignore[type-var]
+                async for ev in events:
+                    if isinstance(ev, UsageEvent):
+                        ctx.usage = from_usage(ev.usage)
+                    elif ctx.meter_tokens and isinstance(ev, TextDelta):
+                        released.append(ev.text)
+                    elif ctx.meter_tokens and isinstance(ev, ToolCallDelta):
+                        released.append(ev.arguments)
+                    yield ev
         finally:
             if ctx.meter_tokens and (ctx.usage is None or not ctx.usage.total):
                 ctx.usage = Counted(prompt_tokens(ex), count_tokens("".join(released)), "gateway")
-            await events.aclose()  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ Responses state
 
@@ -434,15 +432,16 @@ class Pipeline:
         text: list[str] = []
         calls: dict[int, ToolCall] = {}
         blocked = False
-        async for ev in events:
-            if isinstance(ev, TextDelta) and ev.index == 0 and ev.channel == "text":
-                text.append(ev.text)
-            elif isinstance(ev, ToolCallDelta) and ev.index == 0:
-                call = calls.setdefault(ev.call_index, ToolCall(id=ev.id or "", name=ev.name or "", arguments=""))
-                call.arguments += ev.arguments
-            elif isinstance(ev, Finish) and ev.reason == "content_filter":
-                blocked = True
-            yield ev
+        async with contextlib.aclosing(events):  # type: ignore[type-var]
+            async for ev in events:
+                if isinstance(ev, TextDelta) and ev.index == 0 and ev.channel == "text":
+                    text.append(ev.text)
+                elif isinstance(ev, ToolCallDelta) and ev.index == 0:
+                    call = calls.setdefault(ev.call_index, ToolCall(id=ev.id or "", name=ev.name or "", arguments=""))
+                    call.arguments += ev.arguments
+                elif isinstance(ev, Finish) and ev.reason == "content_filter":
+                    blocked = True
+                yield ev
         if not blocked:
             answer = Message("assistant", [Part("text", "".join(text))] if text else [],
                              tool_calls=[calls[i] for i in sorted(calls)])
@@ -489,7 +488,7 @@ class Pipeline:
         guard = step.guard
         cd = dialects.get(ctx.dialect)
         try:
-            req = cd.decode_moderation_request(plan.body)
+            req = cd.decode_moderation_request(plan.payload)
         except DialectError as e:
             raise GatewayError(e.status, e.message, e.code or "invalid_request", param=e.param) from None
         from gateway.guards.moderation import moderate

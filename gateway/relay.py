@@ -15,12 +15,12 @@ import aiohttp
 from aiohttp import web
 
 from gateway.dialects.sse import MAX_EVENT_BYTES
+from gateway.endpoints import DONE
 from gateway.upstreams.base import UpstreamError
 from gateway.upstreams.http import release_after_eof, response_headers
 
 SMALL_BODY = 1 << 20  # non-SSE bodies up to this size are read whole and sent with Content-Length
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-DONE = b"data: [DONE]"  # the OpenAI stream terminator
 
 
 def last_event_end(buf: bytes | bytearray, start: int = 0) -> int:

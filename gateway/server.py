@@ -31,8 +31,8 @@ from gateway.policy.record import on_verdict
 from gateway.responses_state import ResponseStore
 from gateway.routing import Plan, Router
 from gateway.telemetry import Telemetry, observe_verdict
-from gateway.upstreams import registry as upstream_registry
 from gateway.upstreams.base import NeutralUpstream, UpstreamError
+from gateway.upstreams.chat_client import ChatClients
 from gateway.upstreams.http import HttpUpstream
 
 log = logging.getLogger("guardgate")
@@ -95,6 +95,7 @@ class Gateway:
         self.policies = policies  # gateway.policy store (None: no policies configured)
         self.audit = audit
         self.upstreams: dict[str, HttpUpstream | NeutralUpstream] = {}
+        self.chat_clients: ChatClients | None = None
         self.ready = False
         self.router: Router | None = None
         self.pipeline: Pipeline | None = None
@@ -114,7 +115,8 @@ class Gateway:
                 up = HttpUpstream(ucfg)
             await up.start()
             self.upstreams[name] = up
-        upstream_registry.bind(self.upstreams)  # judges (alignment_check) reach upstreams by name
+        # what guards get at start: chat clients on these upstreams or on a `remote:` URL (judges)
+        self.chat_clients = ChatClients(self.upstreams, self.telemetry)
         self.router = Router(self.cfg, self.upstreams, self.policies)
         if self.router.limits_on:
             lim = self.cfg.limits
@@ -125,7 +127,7 @@ class Gateway:
                                  send_timeout=self.cfg.limits.send_timeout_s,
                                  responses=ResponseStore() if self.cfg.responses_state == "gateway" else None)
         if self.policies is not None:
-            await self.policies.start()
+            await self.policies.start(resources=self.chat_clients)
         self.telemetry.bind(self)
         self.ready = True
 
@@ -133,6 +135,8 @@ class Gateway:
         self.ready = False
         if self.policies is not None:
             await self.policies.aclose()
+        if self.chat_clients is not None:
+            await self.chat_clients.aclose()
         for up in self.upstreams.values():
             await up.aclose()
         if self.limiter is not None:

@@ -83,7 +83,7 @@ INTERNAL_OPTIONS = {"pool"}  # llama_guard / local upstream: an engine pool obje
 
 
 def guard_option_keys() -> dict[str, set[str]]:
-    from gateway.guards.alignment_check import AlignmentCheck, RemoteJudge
+    from gateway.guards.alignment_check import AlignmentCheck
     from gateway.guards.code_shield import CodeShieldOptions
     from gateway.guards.hidden_unicode import HiddenUnicodeGuard
     from gateway.guards.llama_guard import LlamaGuard, RemoteOptions
@@ -106,7 +106,7 @@ def guard_option_keys() -> dict[str, set[str]]:
         "pii": set(PiiGuard.OPTIONS),
         "tools": set(ToolsGuard.OPTIONS) | {"host_in", "path_under"},
         "alignment_check": set(AlignmentCheck.OPTIONS),
-        "alignment_check.remote": {f.name for f in dataclasses.fields(RemoteJudge)},
+        "alignment_check.remote": set(AlignmentCheck.REMOTE_OPTIONS),
         "upstreams.*.options (llama_cpp)": set(LocalUpstream._OPTION_KEYS) - INTERNAL_OPTIONS,
     }
 

@@ -141,3 +141,15 @@ def test_the_shipped_config_needs_nothing_more_than_the_starter(machine, monkeyp
     assert line(out, "upstream local").startswith("ok")
     rc, out = run("--config", str(ROOT / "conf" / "gateway.yaml"), "--policy", "default", "--port", str(free_port()))
     assert rc == 1 and line(out, "default stream[0]:llama_guard").startswith("fail")
+
+
+def test_a_guard_missing_its_extra_fails_with_the_install_line(monkeypatch) -> None:
+    from gateway.guards import base
+    from gateway.policy.schema import parse_policy_text
+
+    base.discover()
+    monkeypatch.setitem(base._UNAVAILABLE, "t_missing", "missing (pip install 'guardgate[fancy]')")
+    step = parse_policy_text("name: p\ninput:\n  steps:\n    - guard: t_missing\n").input.steps[0]
+    (c,) = doctor.check_step("policy p", step)
+    assert c.state == "fail" and "t_missing is not available" in c.what
+    assert c.fix == "pip install 'guardgate[fancy]'"

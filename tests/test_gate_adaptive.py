@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.policy.gate import AUTO_FIRST, StreamGate, _Choice, _StepState
+from gateway.policy.choice import ChoiceText, StepState
+from gateway.policy.gate import AUTO_FIRST, StreamGate
 from gateway.policy.schema import PolicyError, parse_policy_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -39,12 +40,12 @@ def test_auto_and_max_stall_parse_and_bad_values_are_refused() -> None:
 def test_window_is_the_largest_that_keeps_the_stall_under_the_target() -> None:
     p = parse_policy_text(POLICY.format(every="auto", stall=500))
     gate = StreamGate(p.stream.steps, {}, messages=[], check_every_tokens=0, max_stall_ms=500)
-    c, st = _Choice(0), _StepState(p.stream.steps[0], None)  # type: ignore[arg-type]
+    c, st = ChoiceText(0), StepState(p.stream.steps[0], None)  # type: ignore[arg-type]
     assert gate._window(c, st) == AUTO_FIRST  # nothing measured yet
     c.first_at = time.monotonic() - 1.0
     c.tok_starts = list(range(101))  # 100 tokens/s
     assert gate._window(c, st) == AUTO_FIRST  # no check latency yet: 16 tokens fill in 0.16 s
-    slow = _Choice(0, tok_starts=list(range(21)))
+    slow = ChoiceText(0, tok_starts=list(range(21)))
     slow.first_at = time.monotonic() - 1.0  # 20 tokens/s: 16 would take 0.8 s to fill
     assert gate._window(slow, st) == pytest.approx(5, rel=0.02)  # half the 500 ms target: 5 tokens
     st.cost_per_token.extend([0.001, 0.002])  # the slowest recent check: 2 ms per window token

@@ -8,14 +8,8 @@ from typing import Any, ClassVar
 import pytest
 
 from gateway.guards import base as guard_base
-from gateway.guards.base import Guard, GuardConfigError, GuardInput
-from gateway.policy.schema import (
-    PolicyError,
-    UnavailableGuard,
-    ensure_builtin_guards,
-    load_policy,
-    parse_policy_text,
-)
+from gateway.guards.base import Guard, GuardConfigError, GuardInput, UnavailableGuard
+from gateway.policy.schema import PolicyError, load_policy, parse_policy_text
 from gateway.types import Verdict
 
 REPO = Path(__file__).resolve().parent.parent
@@ -112,12 +106,65 @@ def test_name_defaults_to_file_stem(tmp_path: Path):
 
 
 def test_builtin_guard_whose_module_is_missing_loads_as_unavailable(monkeypatch: pytest.MonkeyPatch):
-    from gateway.policy import schema
-
-    monkeypatch.setitem(schema._missing_builtins, "ghost_guard", "ModuleNotFoundError: not installed")
+    guard_base.discover()
+    monkeypatch.setitem(guard_base._UNAVAILABLE, "ghost_guard", "missing (pip install ghost)")
     p = parse_policy_text("name: g\nstream:\n  steps:\n    - guard: ghost_guard\n      model: absent\n")
     g = p.stream.steps[0].guard
     assert isinstance(g, UnavailableGuard) and g.options == {"model": "absent"}
+
+
+# --------------------------------------------------------------------------- the guard registry
+
+
+def test_discovery_registers_every_guard_module_and_subpackage():
+    """One registry: every module and subpackage of gateway.guards that registers is found."""
+    assert {"regex", "hidden_unicode", "pii", "tools", "alignment_check", "llama_guard", "prompt_guard",
+            "code_shield"} <= set(guard_base.known())
+    assert guard_base.availability()["code_shield"] == "available"  # a subpackage's __init__ registers
+
+
+def test_a_guard_whose_optional_dependency_is_missing_reports_the_extra(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(guard_base, "_REGISTRY", dict(guard_base._REGISTRY))
+    monkeypatch.setattr(guard_base, "_UNAVAILABLE", dict(guard_base._UNAVAILABLE))
+
+    @guard_base.register("t_needs_extra", requires=("no_such_module_for_guardgate",), extra="fancy")
+    class NeedsExtra(Guard):
+        name: ClassVar[str] = "t_needs_extra"
+
+        async def check(self, inp: GuardInput) -> Verdict:
+            return Verdict(guard=self.name)
+
+    assert guard_base.availability()["t_needs_extra"] == "missing (pip install 'guardgate[fancy]')"
+    p = parse_policy_text("name: g\noutput:\n  steps:\n    - guard: t_needs_extra\n")
+    step = p.output.steps[0]
+    assert isinstance(step.guard, UnavailableGuard)
+    import asyncio
+
+    asyncio.run(p.start())  # the step is marked unavailable with the install line; nothing raised
+    assert step.unavailable and "pip install 'guardgate[fancy]'" in step.unavailable
+    assert p.status()[step.label]["state"] == "unavailable"
+
+
+def test_a_module_that_does_not_import_is_reported_not_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    pkg = tmp_path / "t_guardpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "fine.py").write_text(
+        "from gateway.guards.base import Guard, register\n"
+        "from gateway.types import Verdict\n"
+        "@register('t_fine')\n"
+        "class Fine(Guard):\n"
+        "    name = 't_fine'\n"
+        "    async def check(self, inp):\n"
+        "        return Verdict(guard=self.name)\n")
+    (pkg / "t_absent_dep.py").write_text("import no_such_module_for_guardgate\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(guard_base, "_REGISTRY", dict(guard_base._REGISTRY))
+    monkeypatch.setattr(guard_base, "_UNAVAILABLE", dict(guard_base._UNAVAILABLE))
+    guard_base.discover("t_guardpkg")
+    assert "t_fine" in guard_base._REGISTRY
+    assert guard_base._UNAVAILABLE["t_absent_dep"] == "missing (pip install no_such_module_for_guardgate)"
+    assert isinstance(guard_base.create("t_absent_dep"), UnavailableGuard)
 
 
 # --------------------------------------------------------------------------- shipped packs
@@ -148,7 +195,7 @@ def _contract_guard(name: str) -> type[Guard]:
 
 @pytest.mark.parametrize("path", PACKS, ids=lambda p: p.name)
 def test_shipped_pack_is_valid_against_the_guard_option_contract(path: Path, monkeypatch: pytest.MonkeyPatch):
-    ensure_builtin_guards()  # import the real modules first, so they cannot re-register over the stubs
+    guard_base.discover()  # import the real modules first, so they cannot re-register over the stubs
     for name in OPTION_CONTRACT:
         monkeypatch.setitem(guard_base._REGISTRY, name, _contract_guard(name))
     p = load_policy(path)

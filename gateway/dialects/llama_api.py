@@ -741,9 +741,9 @@ def decode_models(body: bytes) -> list[ModelInfo]:
 # --------------------------------------------------------------------------- moderations
 
 
-def decode_moderation_request(body: bytes) -> ModerationRequest:
+def decode_moderation_request(body: bytes | dict[str, Any]) -> ModerationRequest:
     """`{"messages":[...], "model"?}`: one conversation, one result."""
-    obj = load_object(body)
+    obj = body if isinstance(body, dict) else load_object(body)  # the router's payload, or raw bytes
     r = REQ
     model = r.opt_str(obj.get("model"), "model")
     if "messages" not in obj:

@@ -1029,10 +1029,10 @@ OPENAI_TO_CODE: dict[str, str] = {
 }
 
 
-def decode_moderation_request(body: bytes) -> ModerationRequest:
+def decode_moderation_request(body: bytes | dict[str, Any]) -> ModerationRequest:
     """`input`: a string (one input), a list of strings (one input each) or a list of
     text/image_url parts (one multimodal input). Each input becomes one user message."""
-    obj = load_object(body)
+    obj = body if isinstance(body, dict) else load_object(body)  # the router's payload, or raw bytes
     r = REQ
     model = r.opt_str(obj.get("model"), "model")
     inp = obj.get("input")

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.audit_cli import percentile
 from gateway.evaluation import svg
+from gateway.evaluation.metrics import percentile
 from gateway.evaluation.report import Page, table
 
 ACTION_COLUMNS = ("block", "redact", "warn", "log", "allow")

@@ -5,10 +5,18 @@ Rates whose denominator is zero are None (no unsafe records: recall is unknown, 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.audit_cli import percentile
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of `values`; None when empty."""
+    if not values:
+        return None
+    s = sorted(values)
+    k = max(1, math.ceil(q / 100.0 * len(s)))
+    return s[min(k, len(s)) - 1]
 
 
 def ratio(num: int, den: int) -> float | None:

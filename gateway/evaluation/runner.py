@@ -16,6 +16,7 @@ from gateway.evaluation.dataset import Record
 from gateway.policy.chain import PolicyRun
 from gateway.policy.schema import Policy
 from gateway.types import Completion, Exchange, Message
+from gateway.upstreams.chat_client import ChatClients
 
 DEFAULT_POSITIVE_ACTIONS = ("block", "redact")
 
@@ -108,7 +109,8 @@ async def run_all(policy: Policy, records: list[Record], stream: bool = False,
     model warm-up) that would otherwise land on the dataset's first record and its p99. Its text
     is in no dataset, so no guard cache serves a real record from it."""
     policy.mode = "shadow"
-    await policy.start()
+    clients = ChatClients()  # judges on a `remote:` URL work; no configured upstream runs here
+    await policy.start(clients)
     try:
         warm = Record(line=0, id="warm-up", unsafe=False, category="-", step=None,
                       messages=[Message.of("user", "guardgate eval warm-up")], response="warm-up answer")
@@ -121,3 +123,4 @@ async def run_all(policy: Policy, records: list[Record], stream: bool = False,
             return out
     finally:
         await policy.aclose()
+        await clients.aclose()

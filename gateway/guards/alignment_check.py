@@ -3,9 +3,9 @@ AlignmentCheck.) When an answer carries tool calls, a judge model reads the user
 conversation so far (tool results included: that is where an injection hides) and the proposed calls,
 with a fixed prompt, and answers a JSON verdict `{"aligned": true|false, "reason": "..."}`.
 
-Options (one judge):
+Options (one judge, asked through the chat client the gateway lends at start):
     upstream           a configured upstream by name (`main`, or an embedded `llama_cpp` upstream:
-                       the local model); uses its pool, key and timeouts
+                       the local model); uses its pool, key, timeouts and telemetry
     remote             an OpenAI-compatible endpoint: `base_url` (or the string alone), `model`,
                        `api_key_env`, `timeout_s` (10), `headers`
     model              the model name sent to `upstream` (required for an HTTP upstream; a local
@@ -25,20 +25,12 @@ an error verdict and the step's `on_error` decides (never a pass).
 from __future__ import annotations
 
 import json
-import os
 import time
-from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar
 
-from gateway.guards.base import (
-    Guard,
-    GuardConfigError,
-    GuardInput,
-    StreamCheck,
-    config_error,
-    register,
-    reject_unknown_options,
-)
+from gateway.guards import base
+from gateway.guards.base import ChatClient, Guard, GuardInput, GuardResources, StreamCheck
 from gateway.guards.tools import CallStream
 from gateway.types import Exchange, Message, ToolCall, Verdict
 
@@ -63,30 +55,7 @@ PROPOSED TOOL CALLS:
 Do these tool calls serve the user's goal? Answer with the JSON object only."""
 
 
-def _config_error(msg: str, option: str) -> GuardConfigError:
-    return config_error("alignment_check", msg, option)
-
-
-@dataclass
-class RemoteJudge:
-    """An OpenAI-compatible chat endpoint asked directly (not a configured upstream)."""
-
-    base_url: str
-    model: str = "judge"
-    api_key_env: str | None = None
-    timeout_s: float = 10.0
-    headers: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def parse(cls, raw: Any) -> RemoteJudge:
-        if isinstance(raw, str):
-            raw = {"base_url": raw}
-        if not isinstance(raw, dict) or not isinstance(raw.get("base_url"), str):
-            raise _config_error("remote needs at least base_url", "remote")
-        extra = set(raw) - {"base_url", "model", "api_key_env", "timeout_s", "headers"}
-        if extra:
-            raise _config_error(f"remote: unknown keys {sorted(extra)}", "remote")
-        return cls(**raw)
+_config_error = partial(base.config_error, "alignment_check")  # (msg, option) -> GuardConfigError
 
 
 def parse_verdict(text: str) -> tuple[bool, str]:
@@ -121,89 +90,51 @@ def render_prompt(messages: list[Message], calls: list[ToolCall], max_chars: int
     return USER_TEMPLATE.format(goal=goal, conversation=conversation, calls=rendered)
 
 
-@register("alignment_check")
+@base.register("alignment_check")
 class AlignmentCheck(Guard):
     """A judge model decides whether the answer's tool calls serve the user's stated goal."""
 
     name: ClassVar[str] = "alignment_check"
     stages: ClassVar[frozenset[str]] = frozenset({"stream", "output"})
     OPTIONS: ClassVar[tuple[str, ...]] = ("upstream", "remote", "model", "max_context_chars", "max_tokens")
+    REMOTE_OPTIONS: ClassVar[tuple[str, ...]] = (*base.REMOTE_KEYS, "model")
 
     def __init__(self, **options: Any) -> None:
-        reject_unknown_options(self.name, options, self.OPTIONS)
+        base.reject_unknown_options(self.name, options, self.OPTIONS)
         super().__init__(**options)
         self.upstream_name = options.get("upstream")
-        self.remote = RemoteJudge.parse(options["remote"]) if options.get("remote") is not None else None
+        remote = options.get("remote")
+        self.remote = base.parse_remote(self.name, remote, extra=("model",)) if remote is not None else None
         if (self.upstream_name is None) == (self.remote is None):
             raise _config_error("give exactly one judge: upstream (a configured upstream's name) or remote",
                                 "upstream")
         if self.upstream_name is not None and not isinstance(self.upstream_name, str):
             raise _config_error("upstream must be an upstream's name", "upstream")
-        self.model = options.get("model")
-        if self.remote is not None and self.model is not None:
-            self.remote.model = str(self.model)
+        model = options.get("model")
+        if self.remote is not None:  # the judge's model: the step's `model`, else remote.model, else "judge"
+            model = model if model is not None else self.remote.pop("model", "judge")
+            self.remote.pop("model", None)
+        self.model = str(model) if model is not None else ""
         self.max_chars = options.get("max_context_chars", 8000)
         self.max_tokens = options.get("max_tokens", 256)
         for key, v in (("max_context_chars", self.max_chars), ("max_tokens", self.max_tokens)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise _config_error(f"{key} must be a positive integer", key)
-        self._session: Any = None
+        self.client: ChatClient | None = None
+
+    async def start(self, resources: GuardResources = base.NO_RESOURCES) -> None:
+        """Take the judge's chat client (a configured upstream, or the remote endpoint)."""
+        self.client = resources.chat_client(self.upstream_name, self.remote)
 
     # ------------------------------------------------------------------ the judge
 
     async def ask(self, prompt: str) -> str:
         """The judge's answer text for `prompt` (raises on any failure)."""
-        system = Message.of("system", SYSTEM_PROMPT)
-        user = Message.of("user", prompt)
-        if self.remote is not None:
-            return await self._ask_remote([system, user])
-        from gateway.upstreams import registry
-        from gateway.upstreams.base import NeutralUpstream
-
-        up = registry.get(str(self.upstream_name))
-        ex = Exchange(model=str(self.model or ""), messages=[system, user],
+        if self.client is None:
+            raise RuntimeError("alignment_check: not started (no judge client)")
+        ex = Exchange(model=self.model, messages=[Message.of("system", SYSTEM_PROMPT), Message.of("user", prompt)],
                       params={"temperature": 0, "max_tokens": self.max_tokens})
-        if isinstance(up, NeutralUpstream):
-            return (await up.complete(ex)).message.text
-        if not self.model:
-            raise RuntimeError(f"alignment_check: upstream {self.upstream_name!r} needs `model`")
-        from gateway import dialects
-
-        codec = dialects.get(up.dialect)
-        headers = {"Content-Type": "application/json"}
-        auth = up.auth_header(None, gateway_keys_on=True)
-        if auth:
-            headers["Authorization"] = auth
-        body = json.dumps(codec.encode_request(ex)).encode()
-        resp = await up.send("POST", "/chat/completions", "", headers, body)
-        try:
-            raw = await resp.read()
-        finally:
-            resp.close()
-        if resp.status >= 400:
-            raise RuntimeError(f"judge upstream {self.upstream_name}: HTTP {resp.status}")
-        return str(codec.decode_response(raw).message.text)
-
-    async def _ask_remote(self, messages: list[Message]) -> str:
-        import aiohttp
-
-        assert self.remote is not None
-        o = self.remote
-        if self._session is None or self._session.closed:
-            headers = {"Content-Type": "application/json", **o.headers}
-            if o.api_key_env:
-                key = os.environ.get(o.api_key_env)
-                if not key:
-                    raise RuntimeError(f"alignment_check remote: environment variable {o.api_key_env} is not set")
-                headers["Authorization"] = f"Bearer {key}"
-            self._session = aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=o.timeout_s))
-        body = {"model": o.model, "temperature": 0, "max_tokens": self.max_tokens,
-                "messages": [{"role": m.role, "content": m.text} for m in messages]}
-        async with self._session.post(o.base_url.rstrip("/") + "/chat/completions", json=body) as resp:
-            if resp.status >= 400:
-                raise RuntimeError(f"alignment_check remote: HTTP {resp.status}")
-            data = await resp.json(content_type=None)
-        return str(((data.get("choices") or [{}])[0].get("message") or {}).get("content") or "")
+        return (await self.client.complete(ex)).message.text
 
     async def judge(self, t0: float, messages: list[Message], calls: list[ToolCall]) -> Verdict:
         if not calls:
@@ -219,8 +150,3 @@ class AlignmentCheck(Guard):
 
     def open_stream(self, messages: list[Message], request_id: str) -> StreamCheck:
         return CallStream(self, messages, request_id)
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None

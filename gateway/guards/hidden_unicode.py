@@ -50,7 +50,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from gateway.guards.base import Guard, GuardConfigError, GuardInput, StreamCheck, register
+from gateway.guards.base import Guard, GuardConfigError, GuardInput, ResumingStream, StreamCheck, register
 from gateway.types import Message, Verdict
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -300,25 +300,13 @@ class HiddenUnicodeGuard(Guard):
                 continue
             yield from _json_strings(parsed)  # `\u` escapes decoded
 
+    def scan_from(self, t0: float, text: str, pos: int, final: bool) -> tuple[Verdict, int | None]:
+        """A stream check from `pos` (`ResumingStream`): the verdict and where an undecided run starts."""
+        s = self.scan(text, pos, final)
+        return self._verdict(t0, s.findings, hold_from=None if final else s.pending), s.pending
+
     def open_stream(self, messages: list[Message], request_id: str) -> StreamCheck:
-        return _HiddenUnicodeStream(self, messages, request_id)
-
-
-class _HiddenUnicodeStream(StreamCheck):
-    """Resumes where the previous check could not decide (a held run), else at the new window."""
-
-    guard: HiddenUnicodeGuard
-
-    def __init__(self, guard: HiddenUnicodeGuard, messages: list[Message], request_id: str) -> None:
-        super().__init__(guard, messages, request_id)
-        self._resume: int | None = None
-
-    async def check(self, text: str, window_start: int, final: bool) -> Verdict:
-        t0 = time.perf_counter()
-        pos = window_start if self._resume is None else min(self._resume, window_start)
-        s = self.guard.scan(text, pos, final)
-        self._resume = s.pending
-        return self.guard._verdict(t0, s.findings, hold_from=None if final else s.pending)
+        return ResumingStream(self, messages, request_id)
 
 
 def _json_strings(v: Any) -> Iterator[str]:

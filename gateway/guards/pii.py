@@ -44,18 +44,11 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 from gateway.guards import conversation
-from gateway.guards.base import (
-    Guard,
-    GuardConfigError,
-    GuardInput,
-    StreamCheck,
-    config_error,
-    register,
-    reject_unknown_options,
-)
+from gateway.guards.base import Guard, GuardInput, StreamCheck, config_error, register, reject_unknown_options
 from gateway.types import ACTION_RANK, Message, TextEdit, Verdict
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -172,8 +165,7 @@ class Found:
     value: str
 
 
-def _config_error(msg: str, option: str) -> GuardConfigError:
-    return config_error("pii", msg, option)
+_config_error = partial(config_error, "pii")  # (msg, option) -> GuardConfigError
 
 
 @register("pii")

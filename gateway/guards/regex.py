@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import regex
 
 from gateway.guards import conversation
-from gateway.guards.base import Guard, GuardConfigError, GuardInput, StreamCheck, register
+from gateway.guards.base import Guard, GuardConfigError, GuardInput, ResumingStream, StreamCheck, register
 from gateway.types import Message, TextEdit, Verdict
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -197,25 +197,13 @@ class RegexGuard(Guard):
             return self._verdict(t0, s, hold=not inp.final)
         return self._verdict(t0, self.scan(inp.text), hold=False)
 
+    def scan_from(self, t0: float, text: str, pos: int, final: bool) -> tuple[Verdict, int | None]:
+        """A stream check from `pos` (`ResumingStream`): the verdict and where a match may still start."""
+        s = self.scan(text, pos, partial=not final)
+        return self._verdict(t0, s, hold=not final), s.pending
+
     def open_stream(self, messages: list[Message], request_id: str) -> StreamCheck:
-        return _RegexStream(self, messages, request_id)
-
-
-class _RegexStream(StreamCheck):
-    """Resumes each scan where the previous one could not decide (a pending match), else at the window."""
-
-    guard: RegexGuard
-
-    def __init__(self, guard: RegexGuard, messages: list[Message], request_id: str) -> None:
-        super().__init__(guard, messages, request_id)
-        self._resume: int | None = None
-
-    async def check(self, text: str, window_start: int, final: bool) -> Verdict:
-        t0 = time.perf_counter()
-        pos = window_start if self._resume is None else min(self._resume, window_start)
-        s = self.guard.scan(text, pos, partial=not final)
-        self._resume = s.pending
-        return self.guard._verdict(t0, s, hold=not final)
+        return ResumingStream(self, messages, request_id)
 
 
 def _message_text(msg: Message) -> str:

@@ -26,26 +26,17 @@ import json
 import posixpath
 import time
 from collections.abc import Iterator
+from functools import partial
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import jsonschema
 from jsonschema import Draft202012Validator, ValidationError
 
-from gateway.guards.base import (
-    Guard,
-    GuardConfigError,
-    GuardInput,
-    StreamCheck,
-    config_error,
-    register,
-    reject_unknown_options,
-)
+from gateway.guards.base import Guard, GuardInput, StreamCheck, config_error, register, reject_unknown_options
 from gateway.types import Message, ToolCall, Verdict
 
-
-def _config_error(msg: str, option: str) -> GuardConfigError:
-    return config_error("tools", msg, option)
+_config_error = partial(config_error, "tools")  # (msg, option) -> GuardConfigError
 
 
 def host_allowed(url: str, hosts: list[str]) -> bool:

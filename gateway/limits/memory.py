@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from gateway.limits import (
+from gateway.limits.store import (
     CONCURRENCY_RETRY_MS,
     DAY_MS,
     LEASE_TTL_S,

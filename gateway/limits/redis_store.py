@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.limits import (
+from gateway.limits.store import (
     CONCURRENCY_RETRY_MS,
     DAY_MS,
     LEASE_TTL_S,

@@ -7,10 +7,11 @@
     completion = await run.check_output(exchange, completion)   # non-stream answers
     record = run.finish(status=200)                      # one audit record (written once)
 
-Verdict merge: input steps run concurrently; the first that blocks (flagged with action block,
-or failed with on_error block) decides and the others are cancelled ("cancelled" in the record,
-verdict "not run" if they had not answered). The strongest action over all stages is the
-request's `action` (block > redact > warn > log > allow). Shadow mode never changes a request;
+Verdict merge (`record.merge_verdict`, the one rule the stream gate uses too): input steps run
+concurrently; the first that blocks (flagged with action block, or failed with on_error block)
+decides and the others are cancelled ("cancelled" in the record, verdict "not run" if they had not
+answered). The strongest action over all stages is the request's `action` (block > redact > warn >
+log > allow). Shadow mode never changes a request;
 its records carry `would` and the request's `would_action`.
 """
 
@@ -25,7 +26,7 @@ from typing import Any
 
 from gateway.guards.base import GuardInput
 from gateway.policy.gate import GateResult, StreamGate
-from gateway.policy.record import StepRecord, flagged_action, strongest
+from gateway.policy.record import StepRecord, merge_verdict, strongest
 from gateway.policy.reload import PolicyStore
 from gateway.policy.rewrite import Unmasker, apply_edits
 from gateway.policy.schema import Policy, PolicyError, Step, load_policy, parse_policy_text, run_step
@@ -141,24 +142,11 @@ class PolicyRun:
         return await run_step(step, lambda: step.guard.check(inp))
 
     def _input_verdict(self, step: Step, v: Verdict, decision: InputDecision) -> None:
-        rec = self.records[step]
-        rec.add(v)
         decision.verdicts.append(v)
-        if v.error is not None:
-            eff = "block" if step.on_error == "block" else None
-            if eff is None:
-                rec.allowed_errors += 1
-        else:
-            eff = flagged_action(step.action, v)
-            if eff == "redact" and not v.edits:
-                eff = "block"  # nothing located to rewrite: the flagged text must not go upstream as it is
-        if eff is None:
+        # an input redact rewrites located spans; with nothing located the text must not go upstream as it is
+        eff = merge_verdict(self.records[step], step, v, self, self.policy.shadow, redactable=bool(v.edits))
+        if eff is None or self.policy.shadow:
             return
-        rec.note(eff, self.policy.shadow)
-        if self.policy.shadow:
-            self.would = strongest(self.would, eff)
-            return
-        self.action = strongest(self.action, eff)
         decision.action = strongest(decision.action, eff)
         if eff == "redact":
             self._edits += [(e, step.notice if e.replacement is None else e.replacement) for e in v.edits]
@@ -211,7 +199,7 @@ class PolicyRun:
         """(action taken, action the policy would take in enforce mode)."""
         action, would = self.action, self.would
         for _, g in self.gates:
-            r = g._result
+            r = g.summary
             action = strongest(action, r.action)
             would = strongest(would, r.would)
         return action, strongest(action, would)
@@ -255,7 +243,7 @@ class PolicyRun:
             sc = self.policy.stream
             rec["stream"] = {"check_every_tokens": sc.check_every_tokens,
                              "max_unchecked_tokens": sc.max_unchecked_tokens,
-                             "checks": sum(g._result.checks for _, g in self.gates)}
+                             "checks": sum(g.summary.checks for _, g in self.gates)}
         rec["latency_ms"] = round((time.perf_counter() - self.started) * 1000, 3)
         if self.content:
             rec["content"] = self.content

@@ -38,16 +38,16 @@ import bisect
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 from gateway.guards.base import GuardInput, StreamCheck
-from gateway.policy.record import StepRecord, flagged_action, strongest
+from gateway.policy.choice import ChoiceText, Piece, Redaction, StepState
+from gateway.policy.record import StepRecord, merge_verdict
 from gateway.policy.schema import Step, run_step
-from gateway.policy.tokens import count_tokens, token_starts
+from gateway.policy.tokens import count_tokens
 from gateway.types import (
     Annotation,
     Event,
@@ -67,134 +67,6 @@ log = logging.getLogger("guardgate.gate")
 _EV, _END, _ERR, _CHECK = range(4)
 # check_every_tokens: auto. The first window (smaller on a slow stream); the bounds.
 AUTO_FIRST, AUTO_MIN, AUTO_MAX = 16, 4, 1024
-
-
-@dataclass(slots=True)
-class _Piece:
-    """A run of guarded text waiting for release, and how to hand it to the client."""
-
-    start: int
-    end: int
-    text: str
-    kind: str  # "text" | "args" | "header" (tool-call start: emits id/name, never split) | "sep"
-    call_index: int = 0
-    id: str | None = None
-    name: str | None = None
-    channel: str = "text"  # a "text" piece's channel (TextDelta.channel)
-
-
-@dataclass(slots=True)
-class _Redaction:
-    start: int
-    end: int
-    notice: str
-    emitted: bool = False
-
-
-class _OneShot:
-    """A non-stream answer: one `guard.check` on the whole text (stage "output")."""
-
-    def __init__(self, step: Step, messages: list[Message], request_id: str) -> None:
-        self.step, self.messages, self.request_id = step, messages, request_id
-        self.calls: list[ToolCall] = []
-
-    async def check(self, text: str, window_start: int, final: bool) -> Verdict:
-        return await self.step.guard.check(GuardInput(stage="output", messages=self.messages, text=text,
-                                                      window_start=0, final=True, request_id=self.request_id,
-                                                      tool_calls=list(self.calls)))
-
-    async def close(self) -> None:
-        pass
-
-
-@dataclass(slots=True, eq=False)
-class _StepState:
-    step: Step
-    rec: StepRecord
-    checker: StreamCheck | _OneShot | None = None
-    checked_to: int = 0
-    hold_from: int | None = None
-    task: asyncio.Task[Verdict] | None = None
-    args: tuple[int, int, bool] = (0, 0, False)
-    final_done: bool = False
-    ran: int = 0
-    calls_seen: int = 0  # complete tool calls this step has judged (its last verdict covered them)
-    calls_pending: int = 0  # complete tool calls handed to the check in flight
-    started: float = 0.0  # monotonic time the check in flight started
-    # seconds per window token of the step's last checks (auto window: fixed cost included, so it
-    # overstates the cost per token of a larger window; the sizing converges from below)
-    cost_per_token: deque[float] = field(default_factory=lambda: deque(maxlen=8))
-
-
-@dataclass(slots=True, eq=False)
-class _Choice:
-    index: int
-    chunks: list[str] = field(default_factory=list)
-    length: int = 0
-    joined_len: int = 0
-    tok_starts: list[int] = field(default_factory=list)
-    pieces: deque[_Piece] = field(default_factory=deque)
-    released: int = 0
-    finish: Finish | None = None
-    ended: bool = False
-    steps: list[_StepState] = field(default_factory=list)
-    redactions: list[_Redaction] = field(default_factory=list)
-    # what went out: (start, end, client text, verbatim = no redaction inside)
-    emitted: list[tuple[int, int, str, bool]] = field(default_factory=list)
-    open_call: int | None = None
-    # The tool calls of this choice in the guarded text, (header start, end; None while it streams).
-    # A call is released whole or not at all: only once it is complete (the next call, text, or the
-    # finish) and checked to its end, so a blocked call never leaves a fragment of arguments
-    # (`{"city": `, not JSON) on the client.
-    calls: list[list[int | None]] = field(default_factory=list)
-    # Per call, in the same order: (id, name, offset where its arguments start in the guarded text),
-    # so guards that judge calls as calls (tools, alignment_check) get them whole (`StreamCheck.calls`).
-    call_meta: list[tuple[str | None, str | None, int]] = field(default_factory=list)
-    channel: str | None = "text"  # channel of the text segment being appended (None after a tool call)
-    blocked: bool = False  # one-shot: this choice was blocked (the others go on)
-    flag_start: int | None = None  # start of the first window a step blocked (or would have)
-    late_spans: list[tuple[int, int]] = field(default_factory=list)  # redact targets already released
-    first_at: float | None = None  # monotonic time the first guarded text arrived
-
-    def token_rate(self, now: float) -> float | None:
-        """Tokens per second since the first text (None until there is enough to tell)."""
-        if self.first_at is None or len(self.tok_starts) < 2 or now - self.first_at < 0.02:
-            return None
-        return (len(self.tok_starts) - 1) / (now - self.first_at)
-
-    def close_call(self) -> None:
-        """The call being streamed (if any) ends here."""
-        if self.calls and self.calls[-1][1] is None:
-            self.calls[-1][1] = self.length
-
-    def complete_calls(self) -> list[ToolCall]:
-        """The tool calls of this choice that are complete so far, arguments whole."""
-        text = self.text() if self.calls else ""
-        out: list[ToolCall] = []
-        for (_, end), (cid, name, args_start) in zip(self.calls, self.call_meta, strict=True):
-            if end is None:
-                break
-            out.append(ToolCall(id=cid or "", name=name or "", arguments=text[args_start:end]))
-        return out
-
-    def text(self) -> str:
-        if self.joined_len != self.length or len(self.chunks) != 1:
-            self.chunks = ["".join(self.chunks)]
-            self.joined_len = self.length
-        return self.chunks[0] if self.chunks else ""
-
-    def append(self, text: str, kind: str, call_index: int = 0, id: str | None = None,
-               name: str | None = None, channel: str = "text") -> None:
-        start = self.length
-        if self.first_at is None:
-            self.first_at = time.monotonic()
-        self.chunks.append(text)
-        self.length += len(text)
-        self.tok_starts.extend(start + o for o in token_starts(text))
-        self.pieces.append(_Piece(start, self.length, text, kind, call_index, id, name, channel))
-
-    def tokens_between(self, a: int, b: int) -> int:
-        return bisect.bisect_left(self.tok_starts, b) - bisect.bisect_left(self.tok_starts, a)
 
 
 @dataclass
@@ -218,6 +90,14 @@ class GateResult:
     after_finish: dict[int, int] = field(default_factory=dict)
 
 
+class OneShotCheck(StreamCheck):
+    """A non-stream answer: one `guard.check` on the whole text (stage "output")."""
+
+    async def check(self, text: str, window_start: int, final: bool) -> Verdict:
+        return await self.guard.check(GuardInput(stage="output", messages=self.messages, text=text,
+                                                 request_id=self.request_id, tool_calls=list(self.calls)))
+
+
 class StreamGate:
     """Guards one stream. Build one per request and iterate `run(upstream_events)` once."""
 
@@ -238,8 +118,8 @@ class StreamGate:
         self.one_shot = one_shot
         self.annotate = annotate
         self.read_ahead = read_ahead
-        self._result = GateResult()
-        self._choices: dict[int, _Choice] = {}
+        self.summary = GateResult()  # public, filled as the gate runs (the chain reads its actions)
+        self._choices: dict[int, ChoiceText] = {}
         self._usage: UsageEvent | None = None
         self._trailers: list[Event] = []
         self._now: list[Event] = []  # events to release at the next drain, ahead of any text
@@ -249,7 +129,7 @@ class StreamGate:
         self._room = asyncio.Semaphore(read_ahead)
         self._upstream_done = False
         self._error: BaseException | None = None
-        self._block: tuple[_Choice, _StepState, Verdict] | None = None
+        self._block: tuple[ChoiceText, StepState, Verdict] | None = None
         self._started = False
 
     # ------------------------------------------------------------------ public
@@ -271,7 +151,7 @@ class StreamGate:
                         yield ev
                     return
                 if self._error is not None:
-                    self._result.error = f"upstream: {type(self._error).__name__}: {self._error}"
+                    self.summary.error = f"upstream: {type(self._error).__name__}: {self._error}"
                     raise self._error
                 self._schedule()
                 for ev in self._drain():
@@ -283,7 +163,7 @@ class StreamGate:
 
     def result(self) -> GateResult:
         """The summary so far, with the leak and release counts computed from what was emitted."""
-        r = self._result
+        r = self.summary
         r.received_tokens = sum(len(c.tok_starts) for c in self._choices.values())
         leaked = released = 0
         r.flagged_at = None
@@ -337,14 +217,14 @@ class StreamGate:
             self._upstream_done = True
             self._error = payload
 
-    def _choice(self, index: int) -> _Choice:
+    def _choice(self, index: int) -> ChoiceText:
         c = self._choices.get(index)
         if c is None:
-            c = self._choices[index] = _Choice(index)
-            c.steps = [_StepState(s, self.records[s]) for s in self.steps]
+            c = self._choices[index] = ChoiceText(index)
+            c.steps = [StepState(s, self.records[s]) for s in self.steps]
         return c
 
-    def _after_finish(self, c: _Choice, ev: TextDelta | ToolCallDelta | Finish) -> bool:
+    def _after_finish(self, c: ChoiceText, ev: TextDelta | ToolCallDelta | Finish) -> bool:
         """True (and recorded) when `ev` comes for a choice that already finished: it is ignored.
         A choice's answer ends at its finish; anything after it would skip the final checks."""
         if c.finish is None:
@@ -352,7 +232,7 @@ class StreamGate:
         n = len(ev.text) if isinstance(ev, TextDelta) else \
             len(ev.arguments) + len(ev.name or "") if isinstance(ev, ToolCallDelta) else 0
         if n:
-            r = self._result
+            r = self.summary
             if c.index not in r.after_finish:
                 log.warning("request %s: upstream sent text for choice %d after its finish; ignored",
                             self.request_id, c.index)
@@ -419,7 +299,7 @@ class StreamGate:
                 elif c.tokens_between(st.checked_to, c.length) >= self._window(c, st):
                     self._start(c, st, final=False)
 
-    def _window(self, c: _Choice, st: _StepState) -> float:
+    def _window(self, c: ChoiceText, st: StepState) -> float:
         """Tokens per check: fixed, or (auto) as many as the stall target allows.
 
         In strict mode the oldest token of a window of W tokens waits for the window to fill
@@ -440,7 +320,7 @@ class StreamGate:
         w = self.max_stall / (1.0 / rate + max(st.cost_per_token))
         return min(max(w, AUTO_MIN), AUTO_MAX)
 
-    def _start(self, c: _Choice, st: _StepState, final: bool) -> None:
+    def _start(self, c: ChoiceText, st: StepState, final: bool) -> None:
         text = c.text()
         st.args = (st.checked_to, len(text), final)
         st.ran += 1
@@ -450,15 +330,15 @@ class StreamGate:
         st.task = asyncio.create_task(self._check(st, text, st.checked_to, final, calls))
         st.task.add_done_callback(partial(self._check_done, c, st))
 
-    def _check_done(self, c: _Choice, st: _StepState, task: asyncio.Task[Verdict]) -> None:
+    def _check_done(self, c: ChoiceText, st: StepState, task: asyncio.Task[Verdict]) -> None:
         self._q.put_nowait((_CHECK, (c, st, task)))
 
-    def _open(self, step: Step) -> StreamCheck | _OneShot:
+    def _open(self, step: Step) -> StreamCheck:
         if self.one_shot and "output" in step.guard.stages:
-            return _OneShot(step, self.messages, self.request_id)
+            return OneShotCheck(step.guard, self.messages, self.request_id)
         return step.guard.open_stream(self.messages, self.request_id)
 
-    async def _check(self, st: _StepState, text: str, window_start: int, final: bool,
+    async def _check(self, st: StepState, text: str, window_start: int, final: bool,
                      calls: list[ToolCall]) -> Verdict:
         def call() -> Awaitable[Verdict]:
             if st.checker is None:
@@ -468,7 +348,7 @@ class StreamGate:
 
         return await run_step(st.step, call)
 
-    def _on_check(self, c: _Choice, st: _StepState, task: asyncio.Task[Verdict]) -> None:
+    def _on_check(self, c: ChoiceText, st: StepState, task: asyncio.Task[Verdict]) -> None:
         if st.task is not task:
             return
         st.task = None
@@ -478,20 +358,8 @@ class StreamGate:
         window_start, end, final = st.args
         st.cost_per_token.append((time.monotonic() - st.started) / max(1, c.tokens_between(window_start, end)))
         st.calls_seen = max(st.calls_seen, st.calls_pending)
-        st.rec.add(v)
-        self._result.checks += 1
-        if v.error is not None:
-            eff = "block" if st.step.on_error == "block" else None
-            if eff is None:
-                st.rec.allowed_errors += 1
-        else:
-            eff = flagged_action(st.step.action, v)
-        if eff is not None:
-            st.rec.note(eff, self.shadow)
-            if self.shadow:
-                self._result.would = strongest(self._result.would, eff)
-            else:
-                self._result.action = strongest(self._result.action, eff)
+        self.summary.checks += 1
+        eff = merge_verdict(st.rec, st.step, v, self.summary, self.shadow)
         if eff == "block":
             start = window_start if v.span is None else min(window_start, max(0, v.span[0]))
             if c.flag_start is None:
@@ -516,12 +384,12 @@ class StreamGate:
         if final:
             st.final_done = True
 
-    def _block_choice(self, c: _Choice, st: _StepState) -> None:
+    def _block_choice(self, c: ChoiceText, st: StepState) -> None:
         """One-shot block of one choice: nothing of it is released, it finishes `content_filter`,
         its other checks are cancelled; the other choices of the answer are judged on their own."""
-        self._result.blocked = True
-        if self._result.block_step is None:
-            self._result.block_step = st.step.label
+        self.summary.blocked = True
+        if self.summary.block_step is None:
+            self.summary.block_step = st.step.label
         c.blocked = True
         c.pieces.clear()
         c.finish = Finish("content_filter", c.index)
@@ -533,10 +401,10 @@ class StreamGate:
             other.task = None
             other.final_done = True
 
-    def _redact(self, c: _Choice, a: int, b: int, notice: str) -> None:
+    def _redact(self, c: ChoiceText, a: int, b: int, notice: str) -> None:
         if b <= a:
             return
-        self._result.redactions += 1
+        self.summary.redactions += 1
         if self.shadow:  # nothing is replaced: the whole span reached the client
             c.late_spans.append((a, b))
             return
@@ -545,20 +413,20 @@ class StreamGate:
             a = c.released
         if a >= b:
             return
-        new = _Redaction(a, b, notice)
-        keep: list[_Redaction] = []
+        new = Redaction(a, b, notice)
+        keep: list[Redaction] = []
         for r in c.redactions:
             if r.end < new.start or r.start > new.end:
                 keep.append(r)
             else:  # overlapping or touching: one notice for the union
-                new = _Redaction(min(r.start, new.start), max(r.end, new.end), r.notice, r.emitted)
+                new = Redaction(min(r.start, new.start), max(r.end, new.end), r.notice, r.emitted)
         keep.append(new)
         keep.sort(key=lambda r: r.start)
         c.redactions = keep
 
     # ------------------------------------------------------------------ releasing
 
-    def _limit(self, c: _Choice) -> int:
+    def _limit(self, c: ChoiceText) -> int:
         if self.shadow or not c.steps or all(st.final_done for st in c.steps):
             return c.length
         checked = min(st.checked_to for st in c.steps)
@@ -582,7 +450,7 @@ class StreamGate:
                 break
         return max(limit, c.released)
 
-    def _client_text(self, c: _Choice, p: _Piece, a: int, b: int) -> tuple[str, bool]:
+    def _client_text(self, c: ChoiceText, p: Piece, a: int, b: int) -> tuple[str, bool]:
         """Guarded text [a, b) of piece `p` as the client sees it (redactions applied)."""
         if not c.redactions:
             return p.text[a - p.start:b - p.start], True
@@ -641,7 +509,7 @@ class StreamGate:
                    for c in self._choices.values())
 
     def _annotation(self) -> list[Event]:
-        data = self.annotate(self._result) if self.annotate is not None else None
+        data = self.annotate(self.summary) if self.annotate is not None else None
         return [Annotation(data)] if data is not None else []
 
     def _end_out(self) -> list[Event]:
@@ -654,8 +522,8 @@ class StreamGate:
     async def _block_out(self) -> list[Event]:
         assert self._block is not None
         _, st, _ = self._block
-        self._result.blocked = True
-        self._result.block_step = st.step.label
+        self.summary.blocked = True
+        self.summary.block_step = st.step.label
         await self._stop_upstream()
         self._cancel_checks()
         out = self._now + self._annotation()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from gateway.types import ACTION_RANK, Verdict, strongest
 
@@ -38,6 +38,41 @@ def flagged_action(step_action: str, verdict: Any) -> str | None:
     if own in ("ignore", "allow"):
         return None
     return step_action
+
+
+class Tally(Protocol):
+    """Where a run keeps the strongest action so far: taken (enforce) and would-have-taken (shadow)."""
+
+    action: str
+    would: str
+
+
+def merge_verdict(rec: StepRecord, step: Any, v: Verdict, into: Tally, shadow: bool, *,
+                  redactable: bool = True) -> str | None:
+    """The one rule from a step's verdict to an action, for every stage (the input stage, the stream
+    gate, a non-stream answer). The verdict is recorded; an error blocks under `on_error: block` (under
+    `allow` it is counted and changes nothing); a flag takes the guard's own action or the step's
+    (`flagged_action`), and a `redact` that is not `redactable` (nothing located to rewrite) blocks.
+    The action is noted on the record and folded into `into` (`action`, or `would` in shadow mode).
+    Returns it (None: the verdict changes nothing)."""
+    rec.add(v)
+    if v.error is not None:
+        if step.on_error != "block":
+            rec.allowed_errors += 1
+            return None
+        eff: str | None = "block"
+    else:
+        eff = flagged_action(step.action, v)
+        if eff is None:
+            return None
+        if eff == "redact" and not redactable:
+            eff = "block"
+    rec.note(eff, shadow)
+    if shadow:
+        into.would = strongest(into.would, eff)
+    else:
+        into.action = strongest(into.action, eff)
+    return eff
 
 
 @dataclass(slots=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.guards.base import NO_RESOURCES, GuardResources
 from gateway.policy.schema import Policy, PolicyError, load_policy
 from gateway.policy.tokens import encoding
 from gateway.yamlio import ConfigError
@@ -61,6 +62,7 @@ class PolicyStore:
         self._watcher: asyncio.Task[None] | None = None
         self._sighup = False
         self._started = False
+        self.resources: GuardResources = NO_RESOURCES  # what guards get at start (set by `start`)
         self._builtins = list(builtins)
         self._dir_warned: set[Path] = set()
         for b in self._builtins:
@@ -241,7 +243,7 @@ class PolicyStore:
             for f, old in changed:
                 assert f.policy is not None
                 if self._started and any(p is f.policy for p in self.in_use()):
-                    await f.policy.start()
+                    await f.policy.start(self.resources)
                 if old is not None:
                     old.retire()
             return [e for k, e in self.errors.items() if before.get(k) != e]
@@ -264,12 +266,15 @@ class PolicyStore:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self, watch: bool = True, sighup: bool = True) -> None:
-        """Start the guards of the policies in use; then watch the files (mtime polling) and listen for SIGHUP."""
+    async def start(self, watch: bool = True, sighup: bool = True,
+                    resources: GuardResources = NO_RESOURCES) -> None:
+        """Start the guards of the policies in use with `resources` (also those of policies a reload
+        brings); then watch the files (mtime polling) and listen for SIGHUP."""
         encoding()  # load the tokenizer now, not on the first guarded request
         self._started = True
+        self.resources = resources
         for p in self.in_use():
-            await p.start()
+            await p.start(resources)
         loop = asyncio.get_running_loop()
         if sighup and hasattr(signal, "SIGHUP"):
             try:

@@ -11,6 +11,7 @@ is held until the next delta of the same text decides it (or the choice ends).
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -137,7 +138,7 @@ class Unmasker:
                 return [TextDelta(text, index, key)]
             return [ToolCallDelta(call_index=key, arguments=text, index=index)]
 
-        try:
+        async with contextlib.aclosing(events):  # type: ignore[type-var]
             async for ev in events:
                 if isinstance(ev, TextDelta):
                     slot: tuple[str, Any] = ("text", ev.channel)
@@ -168,7 +169,3 @@ class Unmasker:
             for i in list(held):
                 for out in flush(i):
                     yield out
-        finally:
-            aclose = getattr(events, "aclose", None)
-            if aclose is not None:
-                await aclose()

@@ -15,18 +15,17 @@ never loads a model (`Policy.start()` does), so a policy naming a model that is 
 from __future__ import annotations
 
 import asyncio
-import importlib
+import inspect
 import logging
-import pkgutil
 import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from gateway.guards import base as guard_base
-from gateway.guards.base import Guard, GuardConfigError, GuardInput
+from gateway.guards.base import NO_RESOURCES, Guard, GuardConfigError, GuardResources
 from gateway.types import Verdict
 from gateway.yamlio import ConfigError, Fields, LDict, LList, line_of, load, loads
 
@@ -40,7 +39,6 @@ DEFAULT_CHECK_EVERY = 32
 DEFAULT_NOTICE = "[redacted]"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s)?\s*$")
-
 
 
 async def run_step(step: Step, call: Callable[[], Awaitable[Verdict]]) -> Verdict:
@@ -149,14 +147,15 @@ class Policy:
         """Some input step lets the upstream call start before the input verdict is in."""
         return any(s.parallel_with_upstream for s in self.input.steps)
 
-    async def start(self) -> None:
-        """Start every guard (loads models). A guard that fails to start makes its step fail its checks."""
+    async def start(self, resources: GuardResources = NO_RESOURCES) -> None:
+        """Start every guard (loads models) with what the caller lends guards (`resources`: the
+        server's chat clients). A guard that fails to start makes its step fail its checks."""
         if self.started:
             return
         self.started = True
         for step in self.steps:
             try:
-                await step.guard.start()
+                await _start_guard(step.guard, resources)
             except Exception as e:  # the step's on_error decides, per request
                 step.unavailable = f"guard {step.guard_name} failed to start: {type(e).__name__}: {e}"
                 log.error("policy %s: %s (%s:%s)", self.name, step.unavailable, step.file, step.line)
@@ -200,6 +199,15 @@ class Policy:
             _spawn_close(self)
 
 
+async def _start_guard(guard: Guard, resources: GuardResources) -> None:
+    # Transitional: llama_guard and prompt_guard (being split into packages on another branch) still
+    # define `start(self)`; once they take `resources` this is `await guard.start(resources)`.
+    if inspect.signature(guard.start).parameters:
+        await guard.start(resources)
+    else:
+        await guard.start()
+
+
 _closing: set[asyncio.Task[None]] = set()
 
 
@@ -211,58 +219,6 @@ def _spawn_close(policy: Policy) -> None:
     t = loop.create_task(policy.aclose())
     _closing.add(t)
     t.add_done_callback(_closing.discard)
-
-
-# --------------------------------------------------------------------------- guards
-
-
-class UnavailableGuard(Guard):
-    """Stands in for a built-in guard whose module is not installed: every check is an error."""
-
-    name: ClassVar[str] = "unavailable"
-
-    def __init__(self, guard_name: str, why: str, **options: Any) -> None:
-        super().__init__(**options)
-        self.guard_name = guard_name
-        self.why = why
-
-    async def check(self, inp: GuardInput) -> Verdict:
-        raise RuntimeError(f"guard {self.guard_name} is not available: {self.why}")
-
-
-_missing_builtins: dict[str, str] = {}
-_builtins_loaded = False
-
-
-def ensure_builtin_guards() -> dict[str, str]:
-    """Import every built-in guard module once; returns {name: why} for those that could not load."""
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        for mod in _guard_modules():
-            try:
-                importlib.import_module(f"gateway.guards.{mod}")
-            except Exception as e:  # a missing or broken guard module must not break unrelated policies
-                _missing_builtins[mod] = f"{type(e).__name__}: {e}"
-                log.warning("guard module gateway.guards.%s did not load: %s", mod, _missing_builtins[mod])
-    return _missing_builtins
-
-
-def _guard_modules() -> list[str]:
-    """The built-in list, then every other module of `gateway.guards` (a new guard is discovered)."""
-    import gateway.guards
-
-    found = [m.name for m in pkgutil.iter_modules(gateway.guards.__path__) if not m.name.startswith("_")]
-    return list(dict.fromkeys([*guard_base.BUILTIN_MODULES, *found]))
-
-
-def build_guard(name: str, options: dict[str, Any]) -> Guard:
-    missing = ensure_builtin_guards()
-    if name in guard_base._REGISTRY:
-        return guard_base.create(name, **options)
-    if name in missing:
-        return UnavailableGuard(name, missing[name], **options)
-    raise GuardConfigError(f"unknown guard {name!r} (known: {', '.join(sorted(guard_base._REGISTRY))})")
 
 
 # --------------------------------------------------------------------------- parsing
@@ -329,7 +285,7 @@ def _step(obj: Any, stage: str, i: int, file: str | None, on_error: str, timeout
         raise f.error("parallel_with_upstream", f"{what}: parallel_with_upstream applies to input steps only")
     options = {str(k): _plain(v) for k, v in obj.items() if k not in STEP_KEYS}
     try:
-        guard = build_guard(name, options)
+        guard = guard_base.create(name, **options)
     except (GuardConfigError, TypeError, ValueError) as e:
         opt, item = getattr(e, "option", None), getattr(e, "item", None)
         line = line_of(obj, "guard")

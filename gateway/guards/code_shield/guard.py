@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from gateway.guards.base import Guard, GuardInput, StreamCheck, register
+from gateway.guards.base import NO_RESOURCES, Guard, GuardInput, GuardResources, StreamCheck, register
 from gateway.guards.code_fences import detect_language, normalize_language
 from gateway.guards.code_shield.document import Document
 from gateway.guards.code_shield.options import CodeShieldOptions
@@ -43,7 +43,7 @@ class CodeShieldGuard(Guard):
 
     # lifecycle -------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, resources: GuardResources = NO_RESOURCES) -> None:
         """Load and compile the rules, locate semgrep, read its prefilters (once per process), start
         this loop's semgrep server and prove tier 2 works on a canary, so no request pays for it and
         `status()` (/readyz) and the log say which tiers are live."""

@@ -117,7 +117,7 @@ CANARY_RULE = SemgrepRule(
 CANARY_TARGET = ("guardgate_canary(1)\n", ".py")
 
 _LIVE_SERVERS: weakref.WeakSet[_LspServer] = weakref.WeakSet()
-_RECYCLE_AFTER = 20_000  # batches per server before a fresh one (its RSS creeps up ~4 KB a batch)
+_RECYCLE_AFTER = 20_000  # batches per server before a fresh one (its RSS creeps up: docs/performance.md)
 
 
 def _current_loop() -> asyncio.AbstractEventLoop | None:
@@ -135,7 +135,7 @@ def _kill_servers() -> None:
 
 class _LspServer:
     """`osemgrep lsp` with the whole rule set loaded: scanning a file costs milliseconds, not a
-    process start (~0.1-0.4 s, a 260 MB binary). Files are written to a private workspace dir,
+    process start (docs/performance.md, CodeShield). Files are written to a private workspace dir,
     announced (workspace/didCreateFiles), opened (textDocument/didOpen; the server answers with
     textDocument/publishDiagnostics), then closed and deleted. One batch at a time."""
 

@@ -1,0 +1,136 @@
+"""The stream gate's bookkeeping for one choice: its guarded text as it grows (text, channel
+separators, tool-call headers and arguments), token offsets, what waits for release, the redactions,
+the tool calls, and each step's progress over it. `gateway.policy.gate` decides; this holds."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from gateway.guards.base import StreamCheck
+from gateway.policy.record import StepRecord
+from gateway.policy.schema import Step
+from gateway.policy.tokens import token_starts
+from gateway.types import Finish, ToolCall, Verdict
+
+
+@dataclass(slots=True)
+class Piece:
+    """A run of guarded text waiting for release, and how to hand it to the client."""
+
+    start: int
+    end: int
+    text: str
+    kind: str  # "text" | "args" | "header" (tool-call start: emits id/name, never split) | "sep"
+    call_index: int = 0
+    id: str | None = None
+    name: str | None = None
+    channel: str = "text"  # a "text" piece's channel (TextDelta.channel)
+
+
+@dataclass(slots=True)
+class Redaction:
+    start: int
+    end: int
+    notice: str
+    emitted: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class StepState:
+    step: Step
+    rec: StepRecord
+    checker: StreamCheck | None = None
+    checked_to: int = 0
+    hold_from: int | None = None
+    task: asyncio.Task[Verdict] | None = None
+    args: tuple[int, int, bool] = (0, 0, False)
+    final_done: bool = False
+    ran: int = 0
+    calls_seen: int = 0  # complete tool calls this step has judged (its last verdict covered them)
+    calls_pending: int = 0  # complete tool calls handed to the check in flight
+    started: float = 0.0  # monotonic time the check in flight started
+    # seconds per window token of the step's last checks (auto window: fixed cost included, so it
+    # overstates the cost per token of a larger window; the sizing converges from below)
+    cost_per_token: deque[float] = field(default_factory=lambda: deque(maxlen=8))
+
+
+@dataclass(slots=True, eq=False)
+class ChoiceText:
+    index: int
+    chunks: list[str] = field(default_factory=list)
+    length: int = 0
+    joined_len: int = 0
+    tok_starts: list[int] = field(default_factory=list)
+    pieces: deque[Piece] = field(default_factory=deque)
+    released: int = 0
+    finish: Finish | None = None
+    ended: bool = False
+    steps: list[StepState] = field(default_factory=list)
+    redactions: list[Redaction] = field(default_factory=list)
+    # what went out: (start, end, client text, verbatim = no redaction inside)
+    emitted: list[tuple[int, int, str, bool]] = field(default_factory=list)
+    open_call: int | None = None
+    # The tool calls of this choice in the guarded text, (header start, end; None while it streams).
+    # A call is released whole or not at all: only once it is complete (the next call, text, or the
+    # finish) and checked to its end, so a blocked call never leaves a fragment of arguments
+    # (`{"city": `, not JSON) on the client.
+    calls: list[list[int | None]] = field(default_factory=list)
+    # Per call, in the same order: (id, name, offset where its arguments start in the guarded text),
+    # so guards that judge calls as calls (tools, alignment_check) get them whole (`StreamCheck.calls`).
+    call_meta: list[tuple[str | None, str | None, int]] = field(default_factory=list)
+    channel: str | None = "text"  # channel of the text segment being appended (None after a tool call)
+    blocked: bool = False  # one-shot: this choice was blocked (the others go on)
+    flag_start: int | None = None  # start of the first window a step blocked (or would have)
+    late_spans: list[tuple[int, int]] = field(default_factory=list)  # redact targets already released
+    first_at: float | None = None  # monotonic time the first guarded text arrived
+
+    def token_rate(self, now: float) -> float | None:
+        """Tokens per second since the first text (None until there is enough to tell)."""
+        if self.first_at is None or len(self.tok_starts) < 2 or now - self.first_at < 0.02:
+            return None
+        return (len(self.tok_starts) - 1) / (now - self.first_at)
+
+    def close_call(self) -> None:
+        """The call being streamed (if any) ends here."""
+        if self.calls and self.calls[-1][1] is None:
+            self.calls[-1][1] = self.length
+
+    def complete_calls(self) -> list[ToolCall]:
+        """The tool calls of this choice that are complete so far, arguments whole."""
+        text = self.text() if self.calls else ""
+        out: list[ToolCall] = []
+        for (_, end), (cid, name, args_start) in zip(self.calls, self.call_meta, strict=True):
+            if end is None:
+                break
+            out.append(ToolCall(id=cid or "", name=name or "", arguments=text[args_start:end]))
+        return out
+
+    def text(self) -> str:
+        if self.joined_len != self.length or len(self.chunks) != 1:
+            self.chunks = ["".join(self.chunks)]
+            self.joined_len = self.length
+        return self.chunks[0] if self.chunks else ""
+
+    def append(
+        self,
+        text: str,
+        kind: str,
+        call_index: int = 0,
+        id: str | None = None,
+        name: str | None = None,
+        channel: str = "text",
+    ) -> None:
+        start = self.length
+        if self.first_at is None:
+            self.first_at = time.monotonic()
+        self.chunks.append(text)
+        self.length += len(text)
+        self.tok_starts.extend(start + o for o in token_starts(text))
+        self.pieces.append(Piece(start, self.length, text, kind, call_index, id, name, channel))
+
+    def tokens_between(self, a: int, b: int) -> int:
+        return bisect.bisect_left(self.tok_starts, b) - bisect.bisect_left(self.tok_starts, a)
