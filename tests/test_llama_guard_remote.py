@@ -156,7 +156,7 @@ async def test_remote_errors_raise(server, monkeypatch):
 
 async def test_llama4_gguf_is_probed_then_served_remotely(server, llama4_stub_gguf):
     """A dense llama4 GGUF (what converting LG4 gives) fails llama.cpp's loader: use the remote."""
-    from gateway.engine.llama_cpp import probe_load
+    from gateway.engine import probe_load
 
     ok, why = probe_load(str(llama4_stub_gguf))
     assert not ok and "zero experts" in why
@@ -177,7 +177,7 @@ async def test_llama4_gguf_is_probed_then_served_remotely(server, llama4_stub_gg
 
 
 async def test_probe_accepts_a_loadable_model(tiny_gguf):
-    from gateway.engine.llama_cpp import probe_load
+    from gateway.engine import probe_load
 
     ok, why = probe_load(str(tiny_gguf))
     assert ok and "llama" in why
