@@ -29,8 +29,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway.guard_engine import client as engine_client
-from gateway.guard_engine.client import EngineClient
-from gateway.guard_engine.protocol import AUTO, ENGINE, LOCAL, PG_SCORE, engine_url, is_engine_url
+from gateway.guard_engine.client import EngineClient, EngineUnavailable
+from gateway.guard_engine.protocol import AUTO, ENGINE, HEALTH, LOCAL, PG_SCORE, engine_url, is_engine_url
 from gateway.guards.base import Guard, GuardConfigError, GuardInput, register
 from gateway.guards.prompt_guard.batcher import WindowBatcher
 from gateway.guards.prompt_guard.metadata import (
@@ -46,6 +46,8 @@ from gateway.guards.prompt_guard.scorer import BatchStats, InputTooLong, PromptG
 from gateway.types import Message, Verdict
 
 log = logging.getLogger("guardgate.guards.prompt_guard")
+
+ENGINE_LOAD_TIMEOUT_S = 120.0  # the first call to the engine loads the model there
 
 # Role groups a policy can name in `messages`. "system" covers the newer "developer" role.
 ROLE_GROUPS: dict[str, frozenset[str]] = {
@@ -222,9 +224,17 @@ class PromptGuard(Guard):
         return scorer
 
     async def start(self) -> None:
-        if self.engine_url is not None:  # the model lives in the engine; it loads there on first use
+        if self.engine_url is not None:  # the model lives in the engine: have it loaded there now
             if self._engine is None:
                 self._engine = engine_client.acquire(self.engine_url)
+                try:
+                    await self._engine.call(HEALTH, None, self.engine_timeout_s)  # there at all?
+                    await self._engine_score([], [], max(self.engine_timeout_s, ENGINE_LOAD_TIMEOUT_S))
+                except EngineUnavailable as e:
+                    if e.status:  # the engine answered: the model does not load there (the step is unavailable)
+                        await self.aclose()
+                        raise
+                    log.warning("prompt_guard: %s (checks fail until it answers)", e)
             return
         await self._batcher.start()
 
@@ -246,14 +256,17 @@ class PromptGuard(Guard):
         if self.engine_url is None:
             return await self._batcher.score(texts, indirect)
         await self.start()
-        assert self._engine is not None
-        data = await self._engine.call(PG_SCORE, {"options": self._engine_options, "texts": list(texts),
-                                                  "indirect": list(indirect)}, self.engine_timeout_s)
+        data = await self._engine_score(texts, indirect, self.engine_timeout_s)
         self._engine_info = data.get("info") or self._engine_info
         scores = [_text_score(s) if s is not None else None for s in data["scores"]]
         cached = [bool(c) for c in data["cached"]]
         self.stats["cache_hits"] += sum(cached)
         return scores, cached, BatchStats(**data["stats"])
+
+    async def _engine_score(self, texts: Sequence[str], indirect: Sequence[bool], timeout_s: float) -> dict[str, Any]:
+        assert self._engine is not None
+        body = {"options": self._engine_options, "texts": list(texts), "indirect": list(indirect)}
+        return await self._engine.call(PG_SCORE, body, timeout_s)
 
     def _model_facts(self) -> tuple[list[str], str, str]:
         """(labels, model id, precision) of the model that scored, wherever it runs."""
