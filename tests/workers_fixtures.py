@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -185,3 +186,9 @@ def gateway_yaml(tmp: Path, upstream_url: str, *, policy: str | None = None, ext
 def access_pids(log: str) -> set[str]:
     """Pids of the workers that logged an access line (the worker log format has the pid)."""
     return set(re.findall(r"^\S+ \S+ (\d+) guardgate\.access ", log, re.M))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
