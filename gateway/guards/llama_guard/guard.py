@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.guard_engine import client as engine_client
 from gateway.guard_engine.client import EngineClient, EngineUnavailable
 from gateway.guard_engine.protocol import ENGINE, UnsafeAtLeast, engine_url, is_engine_url
-from gateway.guard_engine.remote_model import RemoteModel
+from gateway.guard_engine.remote_model import RemoteModel, RemoteSession
 from gateway.guards.base import Guard, GuardConfigError, GuardInput, StreamCheck, register
 from gateway.guards.llama_guard.parsing import _p_unsafe, parse_output
 from gateway.guards.llama_guard.prompt import (
@@ -315,18 +315,26 @@ class LlamaGuard(Guard):
             raise
 
     async def _judge(
-        self, turns: list[Turn], session: Session | None, t0: float, split: tuple[str, str] | None = None
+        self,
+        turns: list[Turn],
+        session: Session | RemoteSession | None,
+        t0: float,
+        split: tuple[str, str] | None = None,
+        slot: int = -1,
     ) -> Verdict:
         assert self.prompter is not None
         if self.mode == "remote":
             assert self.remote is not None
             p = self.prompter
             custom = bool(p.excluded) or bool(self.custom)
-            flagged, score, codes, raw = await self.remote.check(turns, p.all_categories, p.excluded, custom)
-            if score is not None:
-                flagged = score >= self.threshold
-            v = self._finish(t0, flagged, score if score is not None else float(flagged), codes, 0, raw=raw)
-            self.stats.observe(v)
+            prompt = p.render(turns) if self.remote.opts.api == "llama_cpp" else None
+            r = await self.remote.check(turns, p.all_categories, p.excluded, custom, prompt=prompt, slot=slot,
+                                        threshold=self.threshold, decode=self.decode_categories)
+            flagged = r.score >= self.threshold if r.score is not None else r.flagged
+            score = r.score if r.score is not None else float(flagged)
+            extra = {"reused": r.reused, "slot": slot} if self.remote.opts.api == "llama_cpp" else {}
+            v = self._finish(t0, flagged, score, r.codes, r.evaluated, raw=r.text, **extra)
+            self.stats.observe(v, r.reused)
             return v
         if self.mode == "engine":
             await self._open_engine_model()

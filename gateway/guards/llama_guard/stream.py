@@ -25,6 +25,7 @@ class LlamaGuardStream(StreamCheck):
         self._session: Session | RemoteSession | None = None
         self._split: tuple[str, str] | None = None
         self._closed = False
+        self._slot: int | None = None
 
     async def check(self, text: str, window_start: int, final: bool) -> Verdict:
         g = self.guard
@@ -37,7 +38,9 @@ class LlamaGuardStream(StreamCheck):
         if not text.strip():
             return g.verdict(t0, reason="nothing to check")
         if g.mode not in ("local", "engine"):
-            return await g._guarded(g._judge(turns, None, t0))
+            if self._slot is None and g.remote is not None:  # llama.cpp server: the stream keeps one slot
+                self._slot = g.remote.acquire_slot()
+            return await g._guarded(g._judge(turns, None, t0, slot=-1 if self._slot is None else self._slot))
         if g.mode == "engine":  # the session lives in the engine: the check stays incremental there
             await g._guarded(g._open_engine_model())
         assert g.model is not None and g.prompter is not None
@@ -53,6 +56,9 @@ class LlamaGuardStream(StreamCheck):
         if self._closed:
             return
         self._closed = True
+        if self._slot is not None and self.guard.remote is not None:
+            self.guard.remote.release_slot(self._slot)
+            self._slot = None
         if self._session is not None:
             self._session.release()
             self._session = None
