@@ -110,3 +110,25 @@ async def test_engine_stream_flags_the_trigger_and_a_lost_session_is_rebuilt(eng
     assert len(svc.sessions) == 1
     await sc.close()
     await g.aclose()
+
+
+async def test_checks_of_several_clients_share_the_engines_decode_calls(engine_url: Any, rig_gguf: Path) -> None:
+    """Two guards (as two workers would hold) with 4 streams each: their checks batch into shared
+    llama_decode calls in the engine."""
+    url, svc = engine_url
+    guards = [LlamaGuard(model=str(rig_gguf), backend=url, **{**OPTS, "max_sessions": 8}) for _ in range(2)]
+    for g in guards:
+        await g.start()
+    streams = [g.open_stream([Message.of("user", f"story {i}")], f"s{i}") for g in guards for i in range(4)]
+    texts = [BENIGN * k for k in range(1, 5)]
+    for text in texts:  # every stream checks at once, round after round
+        await asyncio.gather(*(sc.check(text, 0, False) for sc in streams))
+    (model,) = svc.models.values()
+    stats = model.stats.snapshot()
+    print(f"\n{len(streams) * len(texts)} checks from 2 clients in {stats['decode_calls']} decode calls")
+    assert stats["requests"] >= len(streams) * len(texts)
+    assert stats["decode_calls"] < len(streams) * len(texts) / 2  # shared: one call carries several checks
+    for sc in streams:
+        await sc.close()
+    for g in guards:
+        await g.aclose()

@@ -106,9 +106,9 @@ def test_sigterm_drains_every_workers_streams(serve, upstream, tmp_path: Path) -
                           json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}) as r:
             return "".join(r.iter_text())
 
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        futs = [pool.submit(stream) for _ in range(8)]
-        poll(lambda: len(upstream[0].requests) >= 8)  # every stream is in flight
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        futs = [pool.submit(stream) for _ in range(16)]
+        poll(lambda: len(upstream[0].requests) >= 16)  # every stream is in flight (on both workers)
         t0 = time.monotonic()
         s.signal(signal.SIGTERM)
         bodies = [f.result() for f in futs]
