@@ -150,7 +150,7 @@ def cuts(tokens: list[int], every: int) -> list[int]:
 
 
 async def part_a(path: Path, args) -> dict:
-    from gateway.engine.llama_cpp import EnginePool
+    from gateway.engine import EnginePool
     from gateway.guards.base import GuardInput
     from gateway.types import Message
 
@@ -203,7 +203,7 @@ async def part_a(path: Path, args) -> dict:
 
 
 async def part_b(path: Path, args, n_streams: int, batching: bool, kv: str = "unified") -> dict:
-    from gateway.engine.llama_cpp import EnginePool
+    from gateway.engine import EnginePool
     from gateway.types import Message
 
     pool = EnginePool()
@@ -262,7 +262,7 @@ async def part_b(path: Path, args, n_streams: int, batching: bool, kv: str = "un
 async def part_p(path: Path, args) -> list[dict]:
     """A 4-turn conversation, each turn an input check and a streamed answer's first output check,
     with the cross-request prefix cache off and on: guard tokens evaluated and check latency."""
-    from gateway.engine.llama_cpp import EnginePool
+    from gateway.engine import EnginePool
     from gateway.guards.base import GuardInput
     from gateway.types import Message
 

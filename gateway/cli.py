@@ -39,6 +39,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the gateway")
     add_config_arguments(p)
     p.add_argument("--log-level", default=os.environ.get("GUARDGATE_LOG_LEVEL", "INFO"))
+    p.add_argument("--workers", default="1",
+                   help="worker processes on the port (SO_REUSEPORT, Linux): N or auto (usable cores); default 1")
 
 
 def _env_port() -> int | None:
@@ -81,16 +83,51 @@ def build_config(args: argparse.Namespace) -> GatewayConfig:
     return cfg
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+def _setup_logging(level: str, worker: bool = False) -> None:
+    fmt = "%(asctime)s %(process)d %(name)s %(levelname)s %(message)s" if worker else \
+        "%(asctime)s %(name)s %(levelname)s %(message)s"
+    logging.basicConfig(level=level.upper(), stream=sys.stderr, format=fmt)
+
+
+def main_workers(args: argparse.Namespace, workers: int) -> int:
+    """`serve --workers N` (N > 1): the supervisor of N worker processes (gateway.workers.supervisor)."""
+    from gateway.workers import supervisor as sup
+
+    _setup_logging(args.log_level, worker=True)
+    try:
+        cfg = build_config(args)
+        why = sup.refusal(cfg, workers)
+        if why:
+            raise ConfigError(why)
+        rundir, engine = sup.plan_engine(lambda: policy_store(cfg))
+    except ConfigError as e:
+        print(f"guardgate: {e}", file=sys.stderr)
+        return 2
+    raw = list(getattr(args, "argv", None) or sys.argv[1:])
+    raw.remove("serve")
+    try:
+        supervisor = sup.Supervisor(raw, cfg, workers, rundir, engine)
+    except OSError as e:
+        print(f"guardgate: cannot bind {cfg.host}:{cfg.port}: {e}", file=sys.stderr)
+        return 2
+    return supervisor.run()
 
 
 def main_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from gateway.server import Gateway, create_app
+    from gateway.workers.metrics import WORKER_ENV
 
-    _setup_logging(args.log_level)
+    worker = os.environ.get(WORKER_ENV)  # set by the supervisor of `serve --workers N`
+    try:
+        workers = 1 if worker is not None else _resolve_workers(args.workers)
+    except ValueError as e:
+        print(f"guardgate: {e}", file=sys.stderr)
+        return 2
+    if workers > 1:
+        return main_workers(args, workers)
+    _setup_logging(args.log_level, worker=worker is not None)
     try:
         cfg = build_config(args)
         policies, audit = _policies_and_audit(cfg)
@@ -103,7 +140,7 @@ def main_serve(args: argparse.Namespace) -> int:
     _tune_gc()
     _return_freed_buffers()
     loop = asyncio.new_event_loop()
-    main_task = loop.create_task(_serve(app, cfg, gw))
+    main_task = loop.create_task(_serve(app, cfg, gw, reuse_port=worker is not None, table=worker in (None, "0")))
     try:
         loop.run_until_complete(main_task)
     except (web.GracefulExit, KeyboardInterrupt):  # SIGTERM / SIGINT
@@ -134,17 +171,25 @@ def loop_name(loop: asyncio.AbstractEventLoop) -> str:
     return f"{type(loop).__module__}.{type(loop).__qualname__}"
 
 
-async def _serve(app: Any, cfg: GatewayConfig, gw: Any = None) -> None:
+def _resolve_workers(value: str) -> int:
+    from gateway.workers.supervisor import resolve_workers
+
+    return resolve_workers(value)
+
+
+async def _serve(app: Any, cfg: GatewayConfig, gw: Any = None, *, reuse_port: bool = False,
+                 table: bool = True) -> None:
     """`web.run_app`'s steps: SIGINT/SIGTERM raise GracefulExit; cleanup lets in-flight responses finish
-    within shutdown_grace_s. Once listening, the startup table goes to stderr."""
+    within shutdown_grace_s. Once listening, the startup table goes to stderr (a worker of
+    `--workers N` binds with SO_REUSEPORT; only the first prints the table)."""
     from aiohttp import web
 
     runner = web.AppRunner(app, handle_signals=True, access_log=None, shutdown_timeout=cfg.shutdown_grace_s,
                            handler_cancellation=True)
     await runner.setup()
     try:
-        await web.TCPSite(runner, cfg.host, cfg.port).start()
-        if gw is not None:
+        await web.TCPSite(runner, cfg.host, cfg.port, reuse_port=reuse_port or None).start()
+        if gw is not None and table:
             from gateway.readiness import describe, render
 
             # The one `listening` line: the table's first, printed once the socket is bound.
@@ -189,8 +234,11 @@ def _policies_and_audit(cfg: GatewayConfig):  # type: ignore[no-untyped-def]
     audit = None
     if cfg.audit_path:
         from gateway.policy.audit import AuditLog
+        from gateway.workers.audit import SharedAuditLog
+        from gateway.workers.metrics import WORKER_ENV
 
-        audit = AuditLog(cfg.audit_path, include_content=cfg.audit_content, max_bytes=cfg.audit_max_bytes,
+        kind = SharedAuditLog if os.environ.get(WORKER_ENV) is not None else AuditLog  # one file, many writers
+        audit = kind(cfg.audit_path, include_content=cfg.audit_content, max_bytes=cfg.audit_max_bytes,
                          backups=cfg.audit_backups)
     return policy_store(cfg), audit
 
@@ -223,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         ("gateway.models", "add_models_parser", "main_models", "models"),
         ("gateway.audit_cli", "add_audit_parser", "main_audit", "audit"),
         ("gateway.doctor", "add_doctor_parser", "main_doctor", "doctor"),
+        ("gateway.guard_engine.cli", "add_guards_parser", "main_guards", "guards"),
     ):
         try:
             mod = __import__(module, fromlist=[adder])
@@ -231,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         getattr(mod, adder)(sub)
         handlers[name] = getattr(mod, runner)
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # `serve --workers N` passes them on
     return handlers[args.command](args)
 
 

@@ -54,6 +54,7 @@ from gateway.types import (
     UsageEvent,
     Verdict,
 )
+from gateway.workers.metrics import exposition_registry
 
 log = logging.getLogger("guardgate.telemetry")
 
@@ -312,7 +313,7 @@ def _engine_sessions() -> dict[str, int]:
 
     Looked up in `sys.modules`, never imported: telemetry must not pull the engine in.
     """
-    mod = sys.modules.get("gateway.engine.llama_cpp")
+    mod = sys.modules.get("gateway.engine.pool")
     pool = getattr(mod, "_default_pool", None) if mod is not None else None
     if pool is None:
         return {}
@@ -851,7 +852,7 @@ class Telemetry:
     async def metrics_handler(self, request: web.Request) -> web.Response:
         """GET /metrics: Prometheus text (OpenMetrics when the scraper asks for it)."""
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-        resp = web.Response(body=encoder(self.registry))
+        resp = web.Response(body=encoder(exposition_registry(self.registry)))  # sums over workers
         resp.headers["Content-Type"] = content_type
         return resp
 

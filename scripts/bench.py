@@ -2,6 +2,7 @@
 
     python scripts/bench.py [--requests 1000] [--concurrency 32] [--seconds 4] [--rounds 3] [--chunks 20]
                             [--targets relay,gate-regex,nginx,litellm] [--client raw,aiohttp] [--json]
+                            [--workers 1,2]
 
 Everything on loopback, same scripted upstream (bench/fake_upstream.py, OpenAI dialect, a stream of
 `--chunks` text chunks), same load, each target its own process:
@@ -11,6 +12,8 @@ Everything on loopback, same scripted upstream (bench/fake_upstream.py, OpenAI d
   translated  guardgate serve → llama-dialect upstream (every event re-encoded; off by default)
   nginx       Debian's nginx, proxy_pass with buffering off, one worker (the practical floor)
   litellm     the LiteLLM proxy, one worker, defaults, the upstream as an openai-compatible model
+With `--workers 1,2` (or 1,2,4,8) the guardgate targets run once per worker count, side by side in
+the same rounds (`relay-w2` is `guardgate serve --workers 2`: N processes on one port, SO_REUSEPORT).
 
 Targets that are not installed are skipped, and the run says so. To install them:
   nginx    apt-get update && apt-get install -y nginx          (binary: nginx on PATH or /usr/sbin/nginx)
@@ -158,11 +161,14 @@ def litellm_bin() -> str | None:
     return None
 
 
-def gateway_target(name: str, up: str, dialect: str = "openai", policy: str | None = None) -> Target:
+def gateway_target(name: str, up: str, dialect: str = "openai", policy: str | None = None,
+                   workers: int = 1) -> Target:
     port = free_port()
     cmd = [PY, "-m", "gateway.cli", "serve", "--upstream", up, "--upstream-dialect", dialect,
-           "--port", str(port), "--log-level", "WARNING"]
+           "--port", str(port), "--log-level", "WARNING", "--workers", str(workers)]
     cmd += ["--policy", policy or "none"]  # none: the plain relay (serve guards with `starter` by default)
+    if workers > 1:
+        name = f"{name}-w{workers}"
     return Target(name, f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{port}/healthz", [spawn(cmd)])
 
 
@@ -196,7 +202,8 @@ def litellm_target(up_port: int, tmp: Path) -> Target:
     return Target("litellm", f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{port}/health/liveliness", [p])
 
 
-async def start(want: list[str], chunks: int, tmp: Path) -> tuple[Target, list[Target], list[Target]]:
+async def start(want: list[str], chunks: int, tmp: Path,
+                workers: tuple[int, ...] = (1,)) -> tuple[Target, list[Target], list[Target]]:
     up_port = free_port()
     direct = Target("direct", f"http://127.0.0.1:{up_port}/v1", f"http://127.0.0.1:{up_port}/v1/models",
                     [spawn([PY, "bench/fake_upstream.py", "--port", str(up_port), "--chunks", str(chunks)])])
@@ -204,9 +211,9 @@ async def start(want: list[str], chunks: int, tmp: Path) -> tuple[Target, list[T
     targets: list[Target] = []
     for name in want:
         if name == "relay":
-            targets.append(gateway_target("relay", up))
+            targets += [gateway_target("relay", up, workers=n) for n in workers]
         elif name == "gate-regex":
-            targets.append(gateway_target("gate-regex", up, policy="bench/regex-stream.yaml"))
+            targets += [gateway_target("gate-regex", up, policy="bench/regex-stream.yaml", workers=n) for n in workers]
         elif name == "translated":
             ll_port = free_port()
             t = gateway_target("translated", f"http://127.0.0.1:{ll_port}/v1", dialect="llama")
@@ -225,6 +232,8 @@ async def start(want: list[str], chunks: int, tmp: Path) -> tuple[Target, list[T
     for t in targets:
         if not t.skipped:
             await wait_ready(t, 120 if t.name == "litellm" else 30)
+    if any(n > 1 for n in workers):
+        await asyncio.sleep(3)  # /healthz answers once one worker listens: give the others time too
     live = [t for t in targets if not t.skipped]
     return direct, live, [t for t in targets if t.skipped]
 
@@ -535,7 +544,7 @@ async def main_async(a: argparse.Namespace) -> dict:
     want = [w for w in a.targets.split(",") if w]
     with tempfile.TemporaryDirectory(prefix="gg-bench-") as tmpd:
         tmp = Path(tmpd)
-        direct, targets, skipped = await start(want, a.chunks, tmp)
+        direct, targets, skipped = await start(want, a.chunks, tmp, tuple(int(n) for n in a.workers.split(",")))
         try:
             light = [t for t in targets if t.name not in HEAVY]
             heavy = [t for t in targets if t.name in HEAVY]
@@ -584,6 +593,8 @@ def main() -> int:
     ap.add_argument("--targets", default="relay,gate-regex,nginx,litellm")
     ap.add_argument("--no-wrk", action="store_true", help="measure max RPS with the aiohttp client even if wrk exists")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON at the end")
+    ap.add_argument("--workers", default="1",
+                    help="worker counts for the guardgate targets, e.g. 1,2 (each count a target of its own)")
     a = ap.parse_args()
     try:
         import uvloop

@@ -218,7 +218,7 @@ def _copy_tokenizer(writer: Any, vocab_path: Path, eos_id: int | None) -> int:
 def _tokenize(vocab_path: Path, text: str) -> list[int]:
     import llama_cpp.llama_cpp as C
 
-    from gateway.engine.llama_cpp import quiet_llama_logs
+    from gateway.engine import quiet_llama_logs
 
     quiet_llama_logs()
     p = C.llama_model_default_params()
@@ -414,7 +414,7 @@ def quantize(
     """Quantize a GGUF with llama.cpp (`llama_model_quantize`)."""
     import llama_cpp.llama_cpp as C
 
-    from gateway.engine.llama_cpp import quiet_llama_logs
+    from gateway.engine import quiet_llama_logs
 
     quiet_llama_logs()
     params = C.llama_model_quantize_default_params()

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from gateway.engine.llama_cpp import (
+from gateway.engine import (
     EngineError,
     EnginePool,
     LlamaModel,

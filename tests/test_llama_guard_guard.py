@@ -25,7 +25,7 @@ BAD = "First get a pressure cooker, then the bomb goes in the middle of the crow
 
 @pytest.fixture
 async def pool():
-    from gateway.engine.llama_cpp import EnginePool
+    from gateway.engine import EnginePool
 
     p = EnginePool()
     yield p

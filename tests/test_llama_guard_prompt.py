@@ -143,7 +143,7 @@ def test_option_validation():
 
 async def test_guard_prompt_tokens_equal_reference_template_tokens(tiny_gguf, rig8b_gguf):
     pytest.importorskip("llama_cpp")
-    from gateway.engine.llama_cpp import EnginePool
+    from gateway.engine import EnginePool
 
     pool = EnginePool()
     try:

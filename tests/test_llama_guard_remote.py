@@ -156,7 +156,7 @@ async def test_remote_errors_raise(server, monkeypatch):
 
 async def test_llama4_gguf_is_probed_then_served_remotely(server, llama4_stub_gguf):
     """A dense llama4 GGUF (what converting LG4 gives) fails llama.cpp's loader: use the remote."""
-    from gateway.engine.llama_cpp import probe_load
+    from gateway.engine import probe_load
 
     ok, why = probe_load(str(llama4_stub_gguf))
     assert not ok and "zero experts" in why
@@ -177,8 +177,82 @@ async def test_llama4_gguf_is_probed_then_served_remotely(server, llama4_stub_gg
 
 
 async def test_probe_accepts_a_loadable_model(tiny_gguf):
-    from gateway.engine.llama_cpp import probe_load
+    from gateway.engine import probe_load
 
     ok, why = probe_load(str(tiny_gguf))
     assert ok and "llama" in why
     assert json.dumps(why)
+
+
+@pytest.fixture
+async def llama_cpp_server():
+    """A server speaking llama.cpp's native /completion: per slot it remembers the last prompt and
+    reports, like llama.cpp's prompt cache, how many leading characters it reused (`cache_n`) and
+    evaluated (`prompt_n`); the first token's top probabilities in the current format (`top_logprobs`)
+    or the older one (`probs`), by the `X-Format` the test picks."""
+    seen: list[dict] = []
+    slots: dict[int, str] = {}
+    fmt = {"probs": False}
+
+    async def completion(req: web.Request) -> web.Response:
+        body = await req.json()
+        seen.append(body)
+        prompt, slot = body["prompt"], body["id_slot"]
+        last = slots.get(slot, "") if body.get("cache_prompt") else ""
+        n = 0
+        while n < min(len(last), len(prompt)) and last[n] == prompt[n]:
+            n += 1
+        slots[slot] = prompt
+        bad = "bomb" in prompt
+        lp_unsafe, lp_safe = (-0.05, -3.0) if bad else (-4.0, -0.02)
+        text = ("unsafe\nS1" if body["n_predict"] > 1 else "unsafe") if bad else "safe"
+        if fmt["probs"]:
+            probs = [{"content": text.split()[0], "probs": [{"tok_str": "safe", "prob": 2.718281828**lp_safe},
+                                                            {"tok_str": "unsafe", "prob": 2.718281828**lp_unsafe}]}]
+        else:
+            probs = [{"token": text.split()[0], "logprob": max(lp_safe, lp_unsafe),
+                      "top_logprobs": [{"token": "safe", "logprob": lp_safe},
+                                       {"token": "unsafe", "logprob": lp_unsafe}]}]
+        return web.json_response({"content": text, "id_slot": slot, "completion_probabilities": probs,
+                                  "timings": {"cache_n": n, "prompt_n": len(prompt) - n}})
+
+    app = web.Application()
+    app.router.add_post("/completion", completion)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f"http://127.0.0.1:{port}", seen, fmt
+    await runner.cleanup()
+
+
+@pytest.mark.parametrize("old_format", [False, True])
+async def test_llama_cpp_server_streams_keep_their_slot_and_its_prompt_cache(llama_cpp_server, old_format):
+    url, seen, fmt = llama_cpp_server
+    fmt["probs"] = old_format
+    g = create("llama_guard", variant="lg3-1b", remote={"base_url": url, "api": "llama_cpp", "slots": 2})
+    a = g.open_stream([Message.of("user", "story")], "a")
+    b = g.open_stream([Message.of("user", "another story")], "b")
+    va1 = await a.check("once upon a time", 0, False)
+    vb1 = await b.check("far far away", 0, False)
+    va2 = await a.check("once upon a time there was", 0, False)
+    assert all(body["cache_prompt"] is True and body["n_probs"] > 0 for body in seen)
+    assert [body["id_slot"] for body in seen] == [0, 1, 0]  # each stream its own slot, kept
+    assert seen[0]["prompt"].startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>")
+    assert seen[0]["prompt"].endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert not (va1.flagged or vb1.flagged or va2.flagged) and va2.score < 0.05
+    # the server reused the stream's prefix (template + answer so far): only the new text and the suffix
+    shared = next(i for i, (x, y) in enumerate(zip(seen[0]["prompt"], seen[2]["prompt"], strict=False)) if x != y)
+    assert va2.details["reused"] == shared > 500
+    assert va2.tokens_evaluated == len(seen[2]["prompt"]) - va2.details["reused"]
+    bad = await a.check("once upon a time there was a bomb", 0, True)
+    assert bad.flagged and bad.categories == ["S1"]  # decoded by a second, cached call
+    assert seen[-1]["n_predict"] > 1 and seen[-1]["id_slot"] == 0
+    await a.close()
+    c = g.open_stream([Message.of("user", "third")], "c")
+    await c.check("hello", 0, True)
+    assert seen[-1]["id_slot"] == 0  # a's slot was given back
+    await b.close()
+    await c.close()
+    await g.aclose()

@@ -41,7 +41,7 @@ def ex(text: str, **params) -> Exchange:
 
 @pytest.fixture
 async def pool():
-    from gateway.engine.llama_cpp import EnginePool
+    from gateway.engine import EnginePool
 
     p = EnginePool()
     yield p

@@ -15,7 +15,6 @@ never loads a model (`Policy.start()` does), so a policy naming a model that is 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import re
 import time
@@ -155,7 +154,7 @@ class Policy:
         self.started = True
         for step in self.steps:
             try:
-                await _start_guard(step.guard, resources)
+                await step.guard.start(resources)
             except Exception as e:  # the step's on_error decides, per request
                 step.unavailable = f"guard {step.guard_name} failed to start: {type(e).__name__}: {e}"
                 log.error("policy %s: %s (%s:%s)", self.name, step.unavailable, step.file, step.line)
@@ -197,15 +196,6 @@ class Policy:
         self.retired = True
         if self.active <= 0:
             _spawn_close(self)
-
-
-async def _start_guard(guard: Guard, resources: GuardResources) -> None:
-    # Transitional: llama_guard and prompt_guard (being split into packages on another branch) still
-    # define `start(self)`; once they take `resources` this is `await guard.start(resources)`.
-    if inspect.signature(guard.start).parameters:
-        await guard.start(resources)
-    else:
-        await guard.start()
 
 
 _closing: set[asyncio.Task[None]] = set()

@@ -123,7 +123,7 @@ class LocalUpstream(NeutralUpstream):
             return
         import asyncio
 
-        from gateway.engine.llama_cpp import EngineError, ModelOptions, default_pool
+        from gateway.engine import EngineError, ModelOptions, default_pool
         from gateway.models import ModelError, resolve_model
 
         try:
@@ -185,7 +185,7 @@ class LocalUpstream(NeutralUpstream):
             ) from e
 
     def _sampling(self, params: Mapping[str, Any]) -> Any:
-        from gateway.engine.llama_cpp import SamplingParams
+        from gateway.engine import SamplingParams
 
         s = dict(self.default_sampling)
         for k in ("temperature", "top_p", "top_k", "min_p", "seed"):

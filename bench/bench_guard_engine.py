@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""The shared guard engine next to in-process guards, side by side in one run.
+
+    python bench/bench_guard_engine.py                   # both parts
+    python bench/bench_guard_engine.py --parts L --shape lg3-1b-2l
+
+Parts:
+  L  Llama Guard on a 1,000-token streamed answer checked every 32 tokens (+ the final check): guard
+     tokens evaluated and per-check latency, in-process vs through the guard engine (its HTTP app on
+     loopback, the same llama.cpp engine behind it); the difference is what the hop adds per check.
+     Model: random weights (scripts/make_tiny_gguf.py, `--shape`: tiny by default, lg3-1b-2l is Llama
+     Guard 3 1B's width with 2 layers), the real Llama 3 vocabulary and the LG3-1B template.
+  M  Resident memory of `guardgate serve --workers 2` with a Prompt Guard policy: the workers and the
+     engine with `backend: auto` (the shared engine), and the workers with `backend: local` (each
+     worker loads its own copy), next to a policy with no model guard. The Prompt Guard model is
+     the crafted test classifier (tests/prompt_guard_fixtures.py: tiny), so what the figures show is
+     the runtime a worker no longer carries (onnxruntime, tokenizers); a real model adds its weights
+     (Prompt Guard 2 86M int8: ~90 MB; 22M: ~25 MB) to every worker in-process, once with the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+EVERY = 32
+
+
+async def part_l(shape: str, tmp: Path, threads: int) -> None:
+    from make_tiny_gguf import make_tiny_gguf
+    from workers_fixtures import free_port
+
+    from gateway.engine import EnginePool
+    from gateway.guards.llama_guard import LlamaGuard
+    from gateway.types import Message
+
+    model = make_tiny_gguf(tmp / f"{shape}.gguf", shape=shape)
+    port = free_port()  # the engine in a process of its own, as `serve --workers N` runs it
+    engine = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "guards", "serve", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    await asyncio.sleep(0.5)
+    for _ in range(200):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            await asyncio.sleep(0.1)
+    opts = {"n_threads": threads, "n_ctx": 4096, "max_sessions": 4, "decode_categories": False, "prefix_cache_mb": 0}
+    pool = EnginePool()
+    local = LlamaGuard(model=str(model), pool=pool, backend="local", **opts)
+    remote = LlamaGuard(model=str(model), backend=f"http://127.0.0.1:{port}", **opts)
+    await local.start()
+    await remote.start()
+    assert local.model is not None
+    words = "Mix flour, water, salt and yeast. Knead the dough for ten minutes and let it rise. " * 80
+    toks = local.model.tokenize(words, special=False)[:1000]
+    texts = [local.model.detokenize(toks[:n]) for n in [*range(EVERY, len(toks), EVERY), len(toks)]]
+    msgs = [Message.of("user", "How do I bake bread at home?")]
+    results: dict[str, tuple[int, list[float]]] = {}
+    for rnd in range(3):  # rounds, alternating which goes first: the machine's noise hits both
+        for name, g in (
+            (("local", local), ("engine", remote)) if rnd % 2 == 0 else (("engine", remote), ("local", local))
+        ):
+            sc = g.open_stream(msgs, f"bench-{rnd}")
+            tokens, lat = 0, []
+            for i, text in enumerate(texts):
+                t0 = time.perf_counter()
+                v = await sc.check(text, 0, i == len(texts) - 1)
+                lat.append((time.perf_counter() - t0) * 1000)
+                tokens += v.tokens_evaluated
+            await sc.close()
+            prev = results.get(name, (0, []))
+            results[name] = (tokens, prev[1] + lat[1:])  # the first check of a stream is a full prefill
+    (lt, ll), (et, el) = results["local"], results["engine"]
+    p50l, p50e = statistics.median(ll), statistics.median(el)
+    print(
+        f"\nL: Llama Guard ({shape}, {threads} threads), a {len(toks)}-token answer checked every {EVERY} tokens "
+        f"({len(texts)} checks), 3 rounds"
+    )
+    print(f"  guard tokens per answer: in-process {lt}, engine {et} (x{et / lt:.3f})")
+    print(
+        f"  incremental check p50: in-process {p50l:.2f} ms, engine {p50e:.2f} ms "
+        f"({p50e - p50l:+.2f} ms per check for the hop: JSON over HTTP on loopback)"
+    )
+    await local.aclose()
+    await remote.aclose()
+    await pool.aclose()
+    engine.terminate()
+    engine.wait()
+
+
+def _served(tmp: Path, policy: str | None, upstream: str) -> tuple[dict[str, int], int | None]:
+    """RSS (kB) of the workers and the engine of one `serve --workers 2` with `policy`."""
+    import httpx
+    from workers_fixtures import Served, gateway_yaml, rss_kb
+
+    conf = gateway_yaml(tmp, upstream, policy=policy, name=f"gw-{time.monotonic_ns()}.yaml")
+    s = Served(tmp, conf, 2, args=() if policy else ("--policy", "none")).wait_ready()
+    try:
+        for i in range(20):  # every worker has served a guarded request
+            httpx.post(
+                s.url + "/v1/chat/completions",
+                timeout=30,
+                headers={"Connection": "close"},
+                json={"model": "m", "messages": [{"role": "user", "content": f"hello {i}"}]},
+            )
+        time.sleep(1)
+        workers = {str(p): rss_kb(p) for p in s.worker_pids()}
+        engine = s.engine_pid()
+        return workers, rss_kb(engine) if engine else None
+    finally:
+        s.stop()
+
+
+def part_m(tmp: Path) -> None:
+    import prompt_guard_fixtures as F
+    from workers_fixtures import upstream as upstream_fixture
+
+    model = F.write_trigger_model(tmp / "pg")
+    gen = upstream_fixture.__wrapped__()
+    _, url = next(gen)
+    rows = []
+    steps = {
+        "regex only (no model guard)": "    - guard: regex\n      patterns: [zebra]\n      action: block\n",
+        "Prompt Guard, shared engine": f"    - guard: prompt_guard\n      model: {model}\n      threads: 1\n"
+        "      backend: auto\n      action: block\n",
+        "Prompt Guard, in each worker": f"    - guard: prompt_guard\n      model: {model}\n      threads: 1\n"
+        "      backend: local\n      action: block\n",
+    }
+    for i, (name, step) in enumerate(steps.items()):
+        p = tmp / f"pol-{i}.yaml"
+        p.write_text(f"name: pol{i}\ninput:\n  steps:\n{step}")
+        workers, engine = _served(tmp, str(p), url)
+        rows.append((name, workers, engine))
+    base = statistics.mean(rows[0][1].values())
+    print("\nM: resident memory of `guardgate serve --workers 2` (MB), after 20 requests")
+    print(f"  {'policy':<32}{'per worker':>12}{'vs none':>10}{'engine':>10}{'total':>10}")
+    for name, workers, engine in rows:
+        per = statistics.mean(workers.values())
+        total = sum(workers.values()) + (engine or 0)
+        print(
+            f"  {name:<32}{per / 1024:>12.1f}{(per - base) / 1024:>+10.1f}"
+            f"{(engine or 0) / 1024:>10.1f}{total / 1024:>10.1f}"
+        )
+    try:
+        next(gen)
+    except StopIteration:
+        pass
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--parts", default="LM")
+    ap.add_argument("--shape", default="tiny", help="scripts/make_tiny_gguf.py shape for part L")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="gg-bench-engine-") as d:
+        tmp = Path(d)
+        if "L" in a.parts:
+            asyncio.run(part_l(a.shape, tmp, a.threads))
+        if "M" in a.parts:
+            part_m(tmp)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Llama Guard on another server: the Llama API's /moderations, an OpenAI-compatible server, or
+llama.cpp's own server.
+
+`api: llama_cpp` keeps the stream check incremental on a llama.cpp server: it posts Meta's exact
+prompt to the server's native `/completion` with `cache_prompt: true` (the server keeps the slot's
+KV and evaluates only the tokens after the longest common prefix) and pins each stream to one slot
+(`id_slot`, from a pool of `slots`, the server's `--parallel`), so the next check of the same stream
+finds its prefix in that slot; P(unsafe) comes from the first token's top probabilities (`n_probs`),
+the categories from a second, cached call only when unsafe; the tokens the server evaluated are read
+from its `timings` (`prompt_n`, `cache_n`). Kept apart so the HTTP client can move onto the guards'
+shared chat client (`GuardResources`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from gateway.guards.base import GuardConfigError
+from gateway.guards.llama_guard.parsing import _score_from_top_logprobs, parse_output
+from gateway.guards.llama_guard.prompt import Turn, render_lg3, render_lg4
+
+RemoteApi = Literal["llama_moderations", "openai_chat", "openai_completions", "llama_cpp"]
+APIS = ("llama_moderations", "openai_chat", "openai_completions", "llama_cpp")
+
+
+@dataclass
+class RemoteOptions:
+    """A Llama Guard hosted elsewhere (Llama Guard 4 today): Llama API or an OpenAI-compatible server."""
+
+    base_url: str
+    api: RemoteApi = "openai_chat"
+    model: str = "Llama-Guard-4-12B"
+    api_key_env: str | None = None
+    timeout_s: float = 10.0
+    headers: dict[str, str] = field(default_factory=dict)
+    slots: int = 0  # llama_cpp: the server's --parallel; each stream keeps one slot (0: the server picks)
+
+    @classmethod
+    def parse(cls, raw: Any) -> RemoteOptions:
+        if isinstance(raw, str):
+            raw = {"base_url": raw}
+        if not isinstance(raw, Mapping) or "base_url" not in raw:
+            raise GuardConfigError("llama_guard.remote needs at least base_url")
+        known = {"base_url", "api", "model", "api_key_env", "timeout_s", "headers", "slots"}
+        extra = set(raw) - known
+        if extra:
+            raise GuardConfigError(f"llama_guard.remote: unknown keys {sorted(extra)}")
+        opts = cls(**dict(raw))
+        if opts.api not in APIS:
+            raise GuardConfigError(f"llama_guard.remote.api: unknown api {opts.api!r}")
+        return opts
+
+
+@dataclass
+class RemoteResult:
+    """What a remote check returns."""
+
+    flagged: bool
+    score: float | None  # P(unsafe), when the server gave probabilities
+    codes: list[str]
+    text: str
+    evaluated: int = 0  # prompt tokens the server evaluated (llama_cpp), 0 when it does not say
+    reused: int = 0  # prompt tokens it found in its cache
+
+
+class _RemoteBackend:
+    def __init__(self, opts: RemoteOptions) -> None:
+        self.opts = opts
+        self._session: Any = None
+        self._free_slots = list(range(opts.slots))[::-1]
+
+    def acquire_slot(self) -> int:
+        """A llama.cpp server slot for one stream (-1: none free, the server picks by prompt similarity)."""
+        return self._free_slots.pop() if self._free_slots else -1
+
+    def release_slot(self, slot: int) -> None:
+        if slot >= 0:
+            self._free_slots.append(slot)
+
+    async def _http(self) -> Any:
+        import aiohttp
+
+        if self._session is None or self._session.closed:
+            headers = {"Content-Type": "application/json", **self.opts.headers}
+            if self.opts.api_key_env:
+                key = os.environ.get(self.opts.api_key_env)
+                if not key:
+                    raise RuntimeError(
+                        f"llama_guard remote: environment variable {self.opts.api_key_env} is not set"
+                    )
+                headers["Authorization"] = f"Bearer {key}"
+            self._session = aiohttp.ClientSession(
+                headers=headers, timeout=aiohttp.ClientTimeout(total=self.opts.timeout_s)
+            )
+        return self._session
+
+    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        http = await self._http()
+        url = self.opts.base_url.rstrip("/") + path
+        async with http.post(url, json=body) as resp:
+            if resp.status >= 400:
+                text = (await resp.text())[:300]
+                raise RuntimeError(f"llama_guard remote {url}: HTTP {resp.status}: {text}")
+            return await resp.json(content_type=None)
+
+    async def check(
+        self,
+        turns: Sequence[Turn],
+        categories: Mapping[str, str],
+        excluded: Sequence[str],
+        custom: bool,
+        *,
+        prompt: str | None = None,
+        slot: int = -1,
+        threshold: float = 0.5,
+        decode: bool = True,
+    ) -> RemoteResult:
+        """One check; `prompt` (llama_cpp): the rendered prompt, `slot`: the stream's server slot."""
+        o = self.opts
+        if o.api == "llama_cpp":
+            assert prompt is not None
+            return await self._llama_cpp(prompt, slot, threshold, decode)
+        flagged, score, codes, text = await self._check_api(turns, categories, excluded, custom)
+        return RemoteResult(flagged, score, codes, text)
+
+    async def _llama_cpp(self, prompt: str, slot: int, threshold: float, decode: bool) -> RemoteResult:
+        body: dict[str, Any] = {"prompt": prompt, "n_predict": 1, "temperature": 0, "cache_prompt": True,
+                                "id_slot": slot, "n_probs": 10}
+        data = await self._post("/completion", body)
+        timings = data.get("timings") or {}
+        evaluated = int(timings.get("prompt_n", data.get("tokens_evaluated", 0)) or 0)
+        reused = int(timings.get("cache_n", data.get("tokens_cached", 0)) or 0)
+        score = _score_from_top_logprobs(_llama_cpp_tops(data))
+        text = str(data.get("content") or "")
+        if score is None:
+            flagged, _ = parse_output(text)
+            if flagged is None:
+                raise RuntimeError(f"llama_guard remote: unparseable answer {text[:80]!r}")
+            score = float(flagged)
+        codes: list[str] = []
+        if score >= threshold and decode:  # the categories: the same prompt again, all of it cached
+            more = await self._post("/completion", {**body, "n_predict": 20, "n_probs": 0})
+            text = str(more.get("content") or text)
+            evaluated += int((more.get("timings") or {}).get("prompt_n", 0) or 0)
+            _, codes = parse_output(text)
+        return RemoteResult(score >= threshold, score, codes, text, evaluated, reused)
+
+    async def _check_api(
+        self, turns: Sequence[Turn], categories: Mapping[str, str], excluded: Sequence[str], custom: bool
+    ) -> tuple[bool, float | None, list[str], str]:
+        """-> (flagged, p_unsafe or None, codes, raw text)."""
+        o = self.opts
+        msgs = [{"role": r, "content": t} for r, t in turns]
+        if o.api == "llama_moderations":
+            data = await self._post("/moderations", {"model": o.model, "messages": msgs})
+            results = data.get("results") or []
+            flagged = any(bool(r.get("flagged")) for r in results)
+            codes = list(dict.fromkeys(c for r in results for c in r.get("flagged_categories") or []))
+            return flagged, None, codes, str(results)
+        if o.api == "openai_chat":
+            body: dict[str, Any] = {
+                "model": o.model,
+                "messages": msgs,
+                "max_tokens": 20,
+                "temperature": 0,
+                "logprobs": True,
+                "top_logprobs": 5,
+            }
+            if custom:
+                body["chat_template_kwargs"] = {
+                    "categories": dict(categories),
+                    "excluded_category_keys": list(excluded),
+                }
+            data = await self._post("/chat/completions", body)
+            choice = (data.get("choices") or [{}])[0]
+            text = (choice.get("message") or {}).get("content") or ""
+            lp = ((choice.get("logprobs") or {}).get("content")) or []
+            tops = [
+                {e.get("token", ""): e.get("logprob", -1e9) for e in (item.get("top_logprobs") or [])}
+                for item in lp
+            ]
+        else:
+            prompt = (
+                render_lg4(turns, categories) if "4" in o.model else render_lg3(turns, categories) + "\n\n"
+            )
+            data = await self._post(
+                "/completions",
+                {"model": o.model, "prompt": prompt, "max_tokens": 20, "temperature": 0, "logprobs": 5},
+            )
+            choice = (data.get("choices") or [{}])[0]
+            text = choice.get("text") or ""
+            tops = list(((choice.get("logprobs") or {}).get("top_logprobs")) or [])
+        flagged, codes = parse_output(text)
+        if flagged is None:
+            raise RuntimeError(f"llama_guard remote: unparseable answer {text[:80]!r}")
+        return flagged, _score_from_top_logprobs(tops), codes, text
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+
+def _llama_cpp_tops(data: Mapping[str, Any]) -> list[dict[str, float]]:
+    """The first generated token's top alternatives as {token: logprob}, from either format the
+    llama.cpp server has used: `top_logprobs` with log-probabilities (current), `probs` with
+    probabilities (older)."""
+    import math
+
+    out: list[dict[str, float]] = []
+    for item in data.get("completion_probabilities") or []:
+        if "top_logprobs" in item:
+            out.append({str(e.get("token", "")): float(e.get("logprob", -1e9)) for e in item["top_logprobs"]})
+        elif "probs" in item:
+            out.append({str(e.get("tok_str", "")): math.log(max(float(e.get("prob", 0.0)), 1e-30))
+                        for e in item["probs"]})
+    return out
