@@ -189,11 +189,16 @@ async def _serve(app: Any, cfg: GatewayConfig, gw: Any = None, *, reuse_port: bo
     await runner.setup()
     try:
         await web.TCPSite(runner, cfg.host, cfg.port, reuse_port=reuse_port or None).start()
+        # One `listening` line per listening process, once its socket is bound: the table's first line,
+        # or (the other workers of `--workers N`) a line of its own.
+        loop = loop_name(asyncio.get_running_loop())
         if gw is not None and table:
             from gateway.readiness import describe, render
 
-            # The one `listening` line: the table's first, printed once the socket is bound.
-            print(render(describe(gw), event_loop=loop_name(asyncio.get_running_loop())), file=sys.stderr, flush=True)
+            print(render(describe(gw), event_loop=loop), file=sys.stderr, flush=True)
+        elif gw is not None:
+            print(f"guardgate listening on http://{cfg.host}:{cfg.port} (worker pid {os.getpid()}; event loop: {loop})",
+                  file=sys.stderr, flush=True)
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()

@@ -1,16 +1,17 @@
-"""llama.cpp as an in-process engine, and the shared guard engine service.
+"""llama.cpp as an in-process engine.
 
-Modules: `native` (the binding, errors, probe_load), `model` (`LlamaModel`, `ModelOptions`: loading
-and the public API), `scheduler` (the worker thread and batch scheduling), `sessions` (KV sessions,
-prefix cache), `stats`, `sampling`, `pool` (`EnginePool`, the process-wide `default_pool`),
-`chat_template`.
+Modules: `native` (the binding, errors, probe_load), `jobs` (`ModelOptions`, the worker's session
+and job records), `model` (`LlamaModel`, `Session`: loading and the public API), `scheduler` (the
+worker thread and batch scheduling), `sessions` (KV sessions, prefix cache), `stats`, `sampling`,
+`pool` (`EnginePool`, the process-wide `default_pool`), `chat_template`. The shared guard engine
+service is `gateway.guard_engine`.
 """
 
-from gateway.engine.model import LlamaModel, ModelOptions
+from gateway.engine.jobs import ModelOptions
+from gateway.engine.model import LlamaModel, Session
 from gateway.engine.native import EngineClosed, EngineError, probe_load, quiet_llama_logs
 from gateway.engine.pool import EnginePool, default_pool
 from gateway.engine.sampling import SamplingParams
-from gateway.engine.sessions import Session
 from gateway.engine.stats import EngineStats, EvalResult
 
 __all__ = [

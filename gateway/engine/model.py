@@ -39,40 +39,16 @@ import os
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from gateway.engine.jobs import _STOP, ModelOptions, _Seq
 from gateway.engine.native import EngineClosed, EngineError, _errors, _last_error, _llama, _metadata, quiet_llama_logs
 from gateway.engine.sampling import SamplingParams
-from gateway.engine.scheduler import _STOP, Scheduler
-from gateway.engine.sessions import Session, _PrefixCache, _Seq
+from gateway.engine.scheduler import Scheduler
+from gateway.engine.sessions import _PrefixCache
 from gateway.engine.stats import EngineStats, EvalResult
-
-
-@dataclass(frozen=True, slots=True)
-class ModelOptions:
-    """How to load one GGUF. Equal options share one loaded model in the pool."""
-
-    path: str
-    n_ctx: int = 8192  # KV cells shared by all sessions of this model
-    n_threads: int | None = None  # generation threads (None: all cores)
-    n_threads_batch: int | None = None  # prompt-processing threads (None: n_threads)
-    n_gpu_layers: int = 0  # -1: offload everything (CUDA / Metal builds)
-    n_batch: int = 512  # tokens per llama_decode call
-    n_ubatch: int = 512
-    max_sessions: int = 16  # KV sequences kept resident (<= 256)
-    batching: bool = True  # False: one task at a time (benchmarks compare both)
-    flash_attn: bool | None = None  # None: llama.cpp decides
-    kv_unified: bool = True  # False: one KV stream per session, n_ctx // max_sessions cells each
-    prefix_cache_mb: float = 0.0  # KV states kept across requests, keyed by token prefix (0: off)
-    verbose: bool = False
-
-    def threads(self) -> tuple[int, int]:
-        n = self.n_threads or os.cpu_count() or 1
-        return n, self.n_threads_batch or n
-
 
 
 class LlamaModel(Scheduler):
@@ -277,3 +253,30 @@ class LlamaModel(Scheduler):
         if getattr(self, "_model", None):
             C.llama_model_free(self._model)
             self._model = None
+
+
+class Session:
+    """A handle on one KV sequence of a model; close it when its stream ends."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, model: LlamaModel) -> None:
+        self.model = model
+        self.id = next(self._ids)
+        self.closed = False
+        model._submit(("open", self.id))
+
+    def release(self) -> None:
+        """Free the sequence (non-blocking; safe from any thread, idempotent)."""
+        if not self.closed:
+            self.closed = True
+            self.model._submit(("close", self.id))
+
+    async def close(self) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:
+            pass

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from gateway.engine.model import LlamaModel, ModelOptions
+from gateway.engine.jobs import ModelOptions
+from gateway.engine.model import LlamaModel
 
 
 class EnginePool:

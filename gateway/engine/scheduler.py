@@ -11,59 +11,18 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import queue
-import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from gateway.engine.jobs import _STOP, ModelOptions, _Seq, _Task
 from gateway.engine.native import EngineClosed, EngineError, _llama
-from gateway.engine.sampling import SamplingParams, _logsumexp, _sample
-from gateway.engine.sessions import KVSessions, _common_prefix, _Seq
+from gateway.engine.sampling import _logsumexp, _sample
+from gateway.engine.sessions import KVSessions, _common_prefix
 from gateway.engine.stats import EvalResult
 
-if TYPE_CHECKING:
-    from gateway.engine.model import ModelOptions
-
 log = logging.getLogger("gateway.engine")
-
-@dataclass(eq=False)
-class _Task:
-    kind: str  # "eval" | "gen"
-    seq: _Seq
-    prompt: list[int]
-    keep: int
-    # eval
-    select: Sequence[int] | None = None
-    decode_if: Callable[[np.ndarray], bool] | None = None
-    force: Sequence[int] = ()
-    max_new: int = 0
-    future: cf.Future | None = None
-    # gen
-    sampling: SamplingParams | None = None
-    emit: Callable[[Any], None] | None = None
-    stop: threading.Event | None = None
-    # progress
-    feed: list[int] = field(default_factory=list)  # tokens still to decode
-    generated: list[int] = field(default_factory=list)
-    first: np.ndarray | None = None
-    first_lse: float = 0.0
-    n_reused: int = 0
-    n_evaluated: int = 0
-    t0: float = field(default_factory=time.perf_counter)
-    rng: np.random.Generator | None = None
-    phase: str = "prompt"  # prompt -> decode -> done
-
-    def cancelled(self) -> bool:
-        if self.future is not None:
-            return self.future.cancelled()
-        return self.stop is not None and self.stop.is_set()
-
-
-_STOP = object()
-
 
 class Scheduler(KVSessions):
     """Job intake and batch scheduling of one model (a mixin of `LlamaModel`)."""

@@ -10,34 +10,14 @@ from __future__ import annotations
 import collections
 import ctypes
 import itertools
-import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from gateway.engine.jobs import _Seq, _Task
 from gateway.engine.native import EngineError, _llama
 from gateway.engine.stats import EngineStats
-
-if TYPE_CHECKING:
-    from gateway.engine.model import LlamaModel
-    from gateway.engine.scheduler import _Task
-
-class _Seq:
-    """A session as the worker sees it (touched only on the worker thread)."""
-
-    __slots__ = ("busy", "cached", "closed", "last_used", "seq", "sid", "temporary")
-
-    def __init__(self, sid: int, temporary: bool = False) -> None:
-        self.sid = sid
-        self.seq: int | None = None  # llama seq id while resident
-        self.cached: list[int] = []  # tokens in the KV cache at positions 0..len-1
-        self.last_used = time.monotonic()
-        self.busy = False
-        self.closed = False
-        self.temporary = temporary
-
-
 
 _MIN_PREFIX = 32  # shorter matches are evaluated: a restore copies the whole saved state
 _MAX_PREFIX_ENTRIES = 256  # a lookup compares the prompt with every key: bound the count too
@@ -91,33 +71,6 @@ class _PrefixCache:
             self._entries.move_to_end(found[0])
         self.stats.prefix_entries = len(self._entries)
         return found
-
-
-class Session:
-    """A handle on one KV sequence of a model; close it when its stream ends."""
-
-    _ids = itertools.count(1)
-
-    def __init__(self, model: LlamaModel) -> None:
-        self.model = model
-        self.id = next(self._ids)
-        self.closed = False
-        model._submit(("open", self.id))
-
-    def release(self) -> None:
-        """Free the sequence (non-blocking; safe from any thread, idempotent)."""
-        if not self.closed:
-            self.closed = True
-            self.model._submit(("close", self.id))
-
-    async def close(self) -> None:
-        self.release()
-
-    def __del__(self) -> None:
-        try:
-            self.release()
-        except Exception:
-            pass
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -2,10 +2,10 @@
 
 Modules: `prompt` (categories, templates, rendering, conversation turns), `parsing` (the answer,
 P(unsafe)), `remote` (Llama API / OpenAI-compatible servers), `guard` (the `llama_guard` policy
-step; importing this package registers it), `stream` (the incremental stream check), `stats`.
+step and its incremental stream check; importing this package registers it), `stats`.
 """
 
-from gateway.guards.llama_guard.guard import LlamaGuard
+from gateway.guards.llama_guard.guard import LlamaGuard, LlamaGuardStream
 from gateway.guards.llama_guard.parsing import parse_output
 from gateway.guards.llama_guard.prompt import (
     LG3_1B_CODES,
@@ -23,7 +23,6 @@ from gateway.guards.llama_guard.prompt import (
 )
 from gateway.guards.llama_guard.remote import RemoteOptions
 from gateway.guards.llama_guard.stats import GuardStats
-from gateway.guards.llama_guard.stream import LlamaGuardStream
 
 __all__ = [
     "LG3_1B_CODES",
