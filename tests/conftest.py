@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -65,30 +66,32 @@ class Stack:
 StackFactory = Callable[..., Stack]
 
 
+def build_stack(loops: list[Loop], config: dict | None = None, *, handler: Any = None, dialect: str = "openai",
+                policies: Any = None, audit: Any = None) -> Stack:
+    """A Stack on a new Loop (appended to `loops`: the caller closes them). `make_stack` without the fixture,
+    for module-scoped stacks."""
+    loop = Loop()
+    loops.append(loop)
+    up = ScriptedUpstream(handler=handler)
+    up.port = loop.serve(up.app())
+    up_url = f"http://127.0.0.1:{up.port}/v1"
+    cfg_dict = dict(config or {})
+    cfg_dict.setdefault("upstreams", {"main": {"base_url": up_url, "dialect": dialect,
+                                               "timeouts": {"connect": 2, "read": 5}}})
+    for u in cfg_dict["upstreams"].values():
+        if u.get("base_url") == "SCRIPTED":
+            u["base_url"] = up_url
+    cfg = parse(cfg_dict, "test-config")
+    gw = Gateway(cfg, policies=policies, audit=audit)
+    port = loop.serve(create_app(gw))
+    return Stack(loop, up, up_url, gw, f"http://127.0.0.1:{port}")
+
+
 @pytest.fixture
 def make_stack() -> Iterator[StackFactory]:
     """make_stack(config_dict_without_base_url, handler=..., dialect='openai', policies=..., audit=...)."""
     loops: list[Loop] = []
-
-    def make(config: dict | None = None, *, handler: Any = None, dialect: str = "openai",
-             policies: Any = None, audit: Any = None) -> Stack:
-        loop = Loop()
-        loops.append(loop)
-        up = ScriptedUpstream(handler=handler)
-        up.port = loop.serve(up.app())
-        up_url = f"http://127.0.0.1:{up.port}/v1"
-        cfg_dict = dict(config or {})
-        cfg_dict.setdefault("upstreams", {"main": {"base_url": up_url, "dialect": dialect,
-                                                   "timeouts": {"connect": 2, "read": 5}}})
-        for u in cfg_dict["upstreams"].values():
-            if u.get("base_url") == "SCRIPTED":
-                u["base_url"] = up_url
-        cfg = parse(cfg_dict, "test-config")
-        gw = Gateway(cfg, policies=policies, audit=audit)
-        port = loop.serve(create_app(gw))
-        return Stack(loop, up, up_url, gw, f"http://127.0.0.1:{port}")
-
-    yield make
+    yield functools.partial(build_stack, loops)
     for lp in loops:
         lp.close()
 

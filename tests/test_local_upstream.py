@@ -8,10 +8,10 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from waits import wait_ready
 
 from gateway.types import Exchange, Finish, Message, StreamStart, TextDelta, UsageEvent
 from gateway.upstreams.base import UpstreamError
@@ -136,15 +136,8 @@ policy: {policy}
         text=True,
     )
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"guardgate serve exited: {proc.stdout.read() if proc.stdout else ''}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.2)
+        wait_ready(f"http://127.0.0.1:{port}", proc, timeout=120,
+                   log=lambda: proc.stdout.read() if proc.stdout and proc.poll() is not None else "")
         client = openai.OpenAI(
             base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60
         )

@@ -14,6 +14,7 @@ import openai
 import pytest
 from aiohttp import web
 from harness import openai_text_stream, stream_frames
+from waits import Hold, wait_until
 
 from gateway.config import parse
 from gateway.limits import RateLimits, duration, rate_headers
@@ -74,10 +75,15 @@ def test_openai_sdk_sees_429_and_retries_as_configured(make_stack) -> None:
     """max_retries=0: one attempt, RateLimitError carrying the headers; max_retries=2 against a limit
     that stays shut: exactly three attempts (the SDK honours Retry-After of a stream slot: 1 s)."""
 
-    async def slow(request: web.Request, up: Any) -> web.StreamResponse:
-        return await stream_frames(request, openai_text_stream([f"w{i} " for i in range(30)]), delay=0.15)
+    hold = Hold()
+    frames = openai_text_stream([f"w{i} " for i in range(30)])
 
-    s = make_stack(keyed(max_concurrent_streams=1), handler=slow)
+    async def held(request: web.Request, up: Any) -> web.StreamResponse:  # holds its slot until released
+        resp = await stream_frames(request, frames[:3], eof=False)
+        await hold.wait(timeout=30)
+        return await stream_frames(request, frames[3:], response=resp)
+
+    s = make_stack(keyed(max_concurrent_streams=1), handler=held)
     holder = threading.Thread(target=lambda: chat(s.url, stream=True))
     holder.start()
     try:
@@ -98,6 +104,7 @@ def test_openai_sdk_sees_429_and_retries_as_configured(make_stack) -> None:
         assert time.monotonic() - t0 >= 1.8  # two waits of Retry-After: 1 s
         assert _metric(s.url, "guardgate_rate_limited_total", 'limit="max_concurrent_streams"') == 4
     finally:
+        hold.release()
         holder.join(15)
     # once the stream ended its slot is free: a retrying client gets through
     assert len(s.upstream.requests) == 1
@@ -258,12 +265,7 @@ def test_config_parses_limits() -> None:
 
 
 def _wait(pred: Any, timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return bool(pred())
+    return wait_until(pred, timeout, interval=0.02)
 
 
 def _metric(url: str, name: str, label: str) -> float:
