@@ -131,10 +131,16 @@ def test_sdk_retry_succeeds_once_the_slot_frees(make_stack) -> None:
 
 
 def test_stream_slot_released_when_client_leaves(make_stack) -> None:
-    async def slow(request: web.Request, up: Any) -> web.StreamResponse:
-        return await stream_frames(request, openai_text_stream([f"w{i} " for i in range(100)]), delay=0.05)
+    frames = openai_text_stream([f"w{i} " for i in range(100)])
 
-    s = make_stack(keyed(max_concurrent_streams=1), handler=slow)
+    async def first_held(request: web.Request, up: Any) -> web.StreamResponse:
+        if len(up.requests) == 1:  # the first client's stream does not end by itself
+            resp = await stream_frames(request, frames[:3], eof=False)
+            await Hold().wait(timeout=30)  # cancelled when that client leaves
+            return await stream_frames(request, frames[3:], response=resp)
+        return await stream_frames(request, frames)
+
+    s = make_stack(keyed(max_concurrent_streams=1), handler=first_held)
     with httpx.Client(timeout=10) as c, c.stream("POST", s.url + "/v1/chat/completions", headers={
             "Authorization": f"Bearer {KEY}"}, json={"model": "gpt-test", "messages": [], "stream": True}) as r:
         chunks = r.iter_bytes()  # kept referenced: a dropped iterator closes the response
