@@ -99,3 +99,36 @@ def make_stack() -> Iterator[StackFactory]:
 @pytest.fixture
 def stack(make_stack: StackFactory) -> Stack:
     return make_stack()
+
+
+# ---------------------------------------------------------------------------- the `slow` marker
+# `python -m pytest -q -m "not slow"` is the fast inner loop; CI runs everything. A test is `slow` when
+# it loads a real model (llama.cpp GGUFs, ONNX, torch), starts `guardgate serve` or semgrep, or takes
+# over ~2 s: marked by hand (`@pytest.mark.slow`, or `pytestmark` for a whole module), and here for
+# every test that uses one of these model fixtures, so a new model test is slow without being told.
+SLOW_FIXTURES = frozenset({
+    "tiny_gguf", "rig_gguf", "llama4_stub_gguf", "rig8b_gguf",  # llama_fixtures: GGUFs through llama.cpp
+    "model_dir", "prompt_guard_model",  # Prompt Guard ONNX models (prompt_guard_fixtures)
+})
+SLOW_REPORT_S = 3.0  # an unmarked test slower than this is listed at the end of the run
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+_unmarked_slow: list[tuple[float, str]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call" and report.duration > SLOW_REPORT_S and "slow" not in report.keywords:
+        _unmarked_slow.append((report.duration, report.nodeid))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _unmarked_slow:
+        terminalreporter.section(f"tests over {SLOW_REPORT_S:.0f} s without the slow marker")
+        for d, nodeid in sorted(_unmarked_slow, reverse=True):
+            terminalreporter.write_line(f"{d:6.1f}s {nodeid}")

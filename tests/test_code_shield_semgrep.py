@@ -22,6 +22,8 @@ from gateway.types import Message
 if find_rules_dir() is None or SemgrepRunner.locate() is None:  # pragma: no cover
     pytest.skip("codeshield and semgrep are not installed", allow_module_level=True)
 
+pytestmark = pytest.mark.slow  # runs semgrep
+
 PY_BAD = (
     "```python\nimport subprocess\n\ndef run(user_input):\n    value = eval(user_input)\n"
     "    subprocess.call(user_input, shell=True)\n    return value\n```"

@@ -197,6 +197,7 @@ def stream(served: Served) -> tuple[str, list[str]]:
 # ---------------------------------------------------------------------------- tests
 
 
+@pytest.mark.timeout(600)
 async def test_every_finding_of_metas_rules_is_in_the_audit_and_benign_blocks_pass(serve) -> None:
     expected = [await meta_findings(lang, code) for lang, _, code in SNIPPETS]
     assert all(expected[0::2]) and not any(expected[1::2])  # the insecure ones are insecure, by Meta's rules

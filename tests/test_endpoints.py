@@ -372,6 +372,7 @@ CANONICAL = sorted({("/v1" + concrete(ep.template), m) for ep in TABLE if ep.dia
 
 @settings(max_examples=400, deadline=None)
 @given(hs.sampled_from(CANONICAL), _mutations())
+@pytest.mark.slow
 def test_any_spelling_is_classified_like_its_canonical_form_or_refused(case, mutation) -> None:
     (path, method), (ops, apply) = case, mutation
     router = _router()

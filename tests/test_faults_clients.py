@@ -110,6 +110,8 @@ def big_stream_handler(total: int, written: list[int]):
 
 
 @pytest.mark.parametrize("path", ["relay", "translate", pytest.param("gate", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_slow_reader_gets_everything_and_back_pressure_reaches_upstream(make_stack, tmp_path, path: str) -> None:
     total = 32 << 20
     written = [0]

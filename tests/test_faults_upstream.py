@@ -108,6 +108,7 @@ def test_malformed_sse_event(make_stack, tmp_path, path: str) -> None:
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.slow
 def test_large_event_within_limit_passes(make_stack, tmp_path, path: str) -> None:
     st = make_path_stack(make_stack, path, tmp_path, h_frames(big_event_frames(2 << 20)))
     out = read_stream(st, path, timeout=30)

@@ -54,6 +54,7 @@ def test_window_is_the_largest_that_keeps_the_stall_under_the_target() -> None:
     assert fixed._window(c, st) == 24
 
 
+@pytest.mark.slow
 async def test_auto_checks_less_than_a_small_fixed_window_within_the_stall_target() -> None:
     """A paced stream (100 tokens/s) and a guard of 20 ms + 1 ms/token, strict mode, target 400 ms."""
 

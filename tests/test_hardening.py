@@ -157,6 +157,8 @@ def _rss_mib(pid: int) -> float:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS from /proc")
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_partial_uploads_leave_no_memory_behind() -> None:
     """40 connections send 4 MiB of an 8 MB body and hang up, five times: `guardgate serve`'s RSS is
     back within 10% of its warm baseline within 5 s (before the fix it kept ~190 MB for good)."""
@@ -198,6 +200,7 @@ def test_partial_uploads_leave_no_memory_behind() -> None:
         loop.close()
 
 
+@pytest.mark.slow
 def test_slow_heads_and_bodies_meet_a_deadline(hard) -> None:
     """A head trickled a byte at a time is closed at `head_timeout_s`; a body trickled the same way gets
     408 at `body_timeout_s`. Neither holds a connection (or a handler) past its deadline."""

@@ -19,6 +19,7 @@ from gateway.upstreams.local import LLAMA3_TEMPLATE, LocalUpstream
 
 pytest.importorskip("llama_cpp")
 pytest_plugins = ["llama_fixtures"]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # the real gemma 270M
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -71,6 +71,7 @@ def test_429_in_the_llama_dialect(make_stack) -> None:
     assert "rate limit" in json.dumps(r.json())
 
 
+@pytest.mark.slow
 def test_openai_sdk_sees_429_and_retries_as_configured(make_stack) -> None:
     """max_retries=0: one attempt, RateLimitError carrying the headers; max_retries=2 against a limit
     that stays shut: exactly three attempts (the SDK honours Retry-After of a stream slot: 1 s)."""
@@ -114,6 +115,7 @@ def test_openai_sdk_sees_429_and_retries_as_configured(make_stack) -> None:
     assert chunks and len(s.upstream.requests) == 2
 
 
+@pytest.mark.slow
 def test_sdk_retry_succeeds_once_the_slot_frees(make_stack) -> None:
     async def slow(request: web.Request, up: Any) -> web.StreamResponse:
         return await stream_frames(request, openai_text_stream([f"w{i} " for i in range(10)]), delay=0.1)

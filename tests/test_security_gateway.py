@@ -68,6 +68,7 @@ def auth(key: str = GW_KEY) -> dict[str, str]:
 # ---------------------------------------------------------------------------- secrets never leak
 
 
+@pytest.mark.slow
 def test_upstream_and_gateway_keys_never_leak(keyed, caplog) -> None:
     async def handler(request: web.Request, up) -> web.StreamResponse:
         body = json.loads(up.last.body or b"{}")

@@ -15,6 +15,8 @@ from aiohttp import web
 from harness import openai_text_stream, stream_frames
 from waits import Hold, wait_ready, wait_until
 
+pytestmark = pytest.mark.slow  # starts `guardgate serve`
+
 PIECES = [f"p{i} " for i in range(30)]
 
 

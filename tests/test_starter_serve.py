@@ -26,6 +26,8 @@ from aiohttp import web
 from harness import openai_text_stream, stream_frames
 from waits import wait_ready, wait_until
 
+pytestmark = pytest.mark.timeout(600)  # `guardgate serve` with the real gemma model
+
 ROOT = Path(__file__).resolve().parent.parent
 KEY_BODY = ["MIIEowIBAAKCAQEAu1SU1LfVLPHCozMxH2Mo4lgOEePzNm0tRgeLezV6ffAt0gun",
             "VTLw7onLRnrq0/IzW7yWR7QkrmBL7jTKEn5u+qKhbwKfBstIs+bMY2Zkp18gnTxK"]
