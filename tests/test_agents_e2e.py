@@ -209,6 +209,7 @@ def test_openai_agents_runner_with_its_default_model_and_a_tool(agent_stack) -> 
     assert run.final_output.startswith("It is sunny in Paris") and "raw_response_event" in kinds
 
 
+@pytest.mark.slow
 def test_openai_agents_input_and_output_phrases(agent_stack) -> None:
     st = agent_stack()
     agents, agent = _agents(st)

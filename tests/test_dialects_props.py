@@ -243,6 +243,7 @@ def test_request_llama_through_openai_and_back(ex: Exchange) -> None:
 
 @SETTINGS
 @given(completion())
+@pytest.mark.slow
 def test_response_round_trip_openai(c: Completion) -> None:
     assert OA.decode_response(json.dumps(OA.encode_response(c, Exchange("x", []))).encode()) == c
 
