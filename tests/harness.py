@@ -10,12 +10,12 @@ import asyncio
 import json
 import socket
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from waits import wait_until  # noqa: F401  (re-exported: tests import it from the harness)
 
 from gateway.cli import serve_loop_policy
 
@@ -136,9 +136,14 @@ async def default_handler(request: web.Request, up: ScriptedUpstream) -> web.Str
 
 
 async def stream_frames(request: web.Request, pieces: list[bytes], delay: float = 0.0,
-                        headers: dict[str, str] | None = None, eof: bool = True) -> web.StreamResponse:
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", **(headers or {})})
-    await resp.prepare(request)
+                        headers: dict[str, str] | None = None, eof: bool = True,
+                        response: web.StreamResponse | None = None) -> web.StreamResponse:
+    """Write `pieces` as an event stream (`delay` seconds apart: a scripted slow upstream); `response`
+    goes on with one already started (e.g. by an earlier call with eof=False)."""
+    resp = response
+    if resp is None:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", **(headers or {})})
+        await resp.prepare(request)
     for p in pieces:
         await resp.write(p)
         if delay:
@@ -198,15 +203,6 @@ def raw_http(base_url: str, data: bytes, timeout: float = 5) -> bytes:
         except (ConnectionResetError, TimeoutError):
             pass
     return out
-
-
-def wait_until(pred: Callable[[], bool], timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return pred()
 
 
 # ---------------------------------------------------------------------------- Llama API scenarios

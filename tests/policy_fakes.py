@@ -76,12 +76,14 @@ class PhraseGuard(_Tracked):
         super().__init__(phrase=phrase, delay=delay, **options)
         self.phrase, self.delay = phrase, float(delay)
         self.windows: list[tuple[int, int, bool]] = []
+        self.answered = 0  # checks that got past their delay
 
     async def check(self, inp: GuardInput) -> Verdict:
         t0 = time.perf_counter()
         self.windows.append((inp.window_start, len(inp.text), inp.final))
         if self.delay:
             await asyncio.sleep(self.delay)
+        self.answered += 1
         text = inp.text if inp.stage != "input" else "\n".join(m.text for m in inp.messages)
         i = text.find(self.phrase)
         if i < 0:

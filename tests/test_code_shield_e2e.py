@@ -134,6 +134,7 @@ def test_non_stream_answer_is_redacted_the_same_way(gateway) -> None:
 
 
 @pytest.mark.skipif(SemgrepRunner.locate() is None, reason="semgrep not installed")
+@pytest.mark.slow
 async def test_llama_sdk_semgrep_finding_blocks(gateway) -> None:
     answer = (
         "Evaluate the expression like this:\n\n```python\ndef calc(expr):\n    return eval(expr)\n```\n\n"

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from waits import until
 
 from gateway.guards.code_fences import extract_code_blocks
 from gateway.guards.code_shield import CodeShieldGuard, SemgrepRunner, find_rules_dir
@@ -20,6 +21,8 @@ from gateway.types import Message
 
 if find_rules_dir() is None or SemgrepRunner.locate() is None:  # pragma: no cover
     pytest.skip("codeshield and semgrep are not installed", allow_module_level=True)
+
+pytestmark = pytest.mark.slow  # runs semgrep
 
 PY_BAD = (
     "```python\nimport subprocess\n\ndef run(user_input):\n    value = eval(user_input)\n"
@@ -175,11 +178,7 @@ async def test_cancelled_scan_kills_the_semgrep_process_and_cleans_up(private_tm
     await g.start()
     started = processes(g)  # start()'s self-test
     task = asyncio.create_task(g.scan_text(PY_BAD + "\n"))
-    for _ in range(500):  # until the process is started
-        await asyncio.sleep(0.001)
-        if processes(g) > started:
-            break
-    await asyncio.sleep(0.01)
+    assert await until(lambda: processes(g) > started, timeout=10)  # the scan's process is started
     assert processes(g) == started + 1 and not task.done()
     task.cancel()  # what the gate does on a step timeout or a client disconnect
     with pytest.raises(asyncio.CancelledError):
@@ -203,8 +202,7 @@ async def test_server_survives_a_cancelled_scan_and_aclose_stops_it(private_tmp:
     info = g.describe()
     assert info["semgrep_mode"] == "server" and info["prefilters"] and info["semgrep_rules"]["python"] == 10
     await g.aclose()
-    await asyncio.sleep(0.05)
-    assert srv.dead and not Path(srv.ws).exists()
+    assert await until(lambda: srv.dead and not Path(srv.ws).exists(), timeout=5)
     if Path("/proc/self/status").exists():
         assert _our_semgreps() == []
 

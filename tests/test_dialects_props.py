@@ -216,18 +216,21 @@ def _transcode(name: str, events: list[Event], ex: Exchange, pieces: int = 0) ->
 
 @SETTINGS
 @given(exchange(openai=True))
+@pytest.mark.slow
 def test_request_round_trip_openai(ex: Exchange) -> None:
     assert OA.decode_request(json.dumps(OA.encode_request(ex)).encode()) == ex
 
 
 @SETTINGS
 @given(exchange(openai=False))
+@pytest.mark.slow
 def test_request_round_trip_llama(ex: Exchange) -> None:
     assert LL.decode_request(json.dumps(LL.encode_request(ex)).encode()) == ex
 
 
 @SETTINGS
 @given(exchange(openai=False))
+@pytest.mark.slow
 def test_request_llama_through_openai_and_back(ex: Exchange) -> None:
     """A Llama client's request sent to an OpenAI upstream carries everything the Llama API has
     except assistant stop_reason (OpenAI has no such field)."""
@@ -240,6 +243,7 @@ def test_request_llama_through_openai_and_back(ex: Exchange) -> None:
 
 @SETTINGS
 @given(completion())
+@pytest.mark.slow
 def test_response_round_trip_openai(c: Completion) -> None:
     assert OA.decode_response(json.dumps(OA.encode_response(c, Exchange("x", []))).encode()) == c
 
@@ -261,6 +265,7 @@ def test_response_round_trip_llama(c: Completion) -> None:
 
 @SETTINGS
 @given(event_stream(openai=True), st.integers(0, 40))
+@pytest.mark.slow
 def test_stream_round_trip_openai(stream: tuple[list[Event], bool], pieces: int) -> None:
     events, include_usage = stream
     ex = Exchange("fallback-model", [], stream=True, include_usage=include_usage)
@@ -488,6 +493,7 @@ def test_arbitrary_bytes_only_dialect_errors(name: str, body: bytes) -> None:
 @pytest.mark.parametrize("name", ["openai", "llama"])
 @SETTINGS
 @given(req=mutated("request"), resp=mutated("response"), chunk=mutated("chunk"))
+@pytest.mark.slow
 def test_mutated_json_only_dialect_errors(name: str, req: Any, resp: Any, chunk: Any) -> None:
     d = DIALECTS[name]
     ex = _try(d.decode_request, json.dumps(req).encode())
@@ -501,6 +507,7 @@ def test_mutated_json_only_dialect_errors(name: str, req: Any, resp: Any, chunk:
     _render_events(events)
 
 
+@pytest.mark.slow
 def test_mutation_strategy_reaches_both_outcomes() -> None:
     """The fuzzers above are only worth something if mutants are sometimes accepted and sometimes
     rejected."""

@@ -410,6 +410,7 @@ def to_responses(ex: Exchange, instructions: bool) -> dict[str, Any]:
 
 @SETTINGS
 @given(responses_exchange(), st.booleans())
+@pytest.mark.slow
 def test_request_round_trip(ex: Exchange, instructions: bool) -> None:
     req = to_responses(ex, instructions)
     got = _decode(req)
@@ -508,6 +509,7 @@ def test_arbitrary_bytes_only_dialect_errors(body: bytes) -> None:
     _accepted(body)
 
 
+@pytest.mark.slow
 def test_mutation_strategy_reaches_both_outcomes() -> None:
     seen: set[bool] = set()
 
@@ -715,6 +717,7 @@ def _check_wire(evs: list[Any]) -> Any:
 
 @SETTINGS
 @given(neutral_stream(), st.integers(0, 60), st.booleans())
+@pytest.mark.slow
 def test_stream_through_the_sdk_is_what_was_released(events: list[Event], pieces: int, structured: bool) -> None:
     req: dict[str, Any] = {"model": "req-model", "input": "x", "stream": True}
     if structured:

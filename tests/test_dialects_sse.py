@@ -161,6 +161,7 @@ def _sdk(decoder: object, body: bytes, cuts: list[int]) -> list[tuple[str | None
 
 @settings(max_examples=300, deadline=None)
 @given(_doc, st.lists(st.integers(0, 400), max_size=4))
+@pytest.mark.slow
 def test_same_events_as_the_sdks(body: bytes, cuts: list[int]) -> None:
     cuts = sorted(c for c in cuts if c <= len(body))
     ours_llama, _, _ = _events([body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)])

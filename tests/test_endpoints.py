@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 from aiohttp import web
+from conftest import build_stack
 from harness import in_out_policy, oa_completion, openai_text_stream, raw_http, sse, stream_frames
 from hypothesis import given, settings
 from hypothesis import strategies as hs
@@ -115,8 +116,8 @@ def send(url: str, method: str, target: str, body: bytes) -> tuple[int, bytes]:
     return status, raw
 
 
-def leaked_upstream(st: Any) -> list[str]:
-    return [f"{r.method} {r.target}" for r in st.upstream.requests if IN.encode() in r.body or IN in r.target]
+def leaked_upstream(st: Any, since: int = 0) -> list[str]:
+    return [f"{r.method} {r.target}" for r in st.upstream.requests[since:] if IN.encode() in r.body or IN in r.target]
 
 
 def entries() -> list[tuple[str, str, str]]:
@@ -131,31 +132,43 @@ def entries() -> list[tuple[str, str, str]]:
     return out
 
 
-def test_every_table_entry_is_guarded_or_refused(guarded) -> None:
-    st = guarded()
-    for prefix, method, path in entries():
-        ep = lookup(dict(PREFIXES)[prefix], method, path)
-        before = len(st.upstream.requests)
-        status, raw = send(st.url, method, prefix + path, body_for(method))
-        assert leaked_upstream(st) == [], (prefix, method, path)
-        reached = len(st.upstream.requests) > before
-        if ep.kind is Kind.GUARDRAILS:  # the check API: answered by the gateway, never sent upstream
-            assert status in (200, 404) and not reached, (prefix, method, path, raw[:300])
-        elif ep.kind is Kind.MODELS:
-            assert status == 200 and reached  # metadata: relayed, never content
-        elif ep.kind in (Kind.CHAT, Kind.RESPONSES, Kind.COMPLETIONS) or (
-                ep.kind in (Kind.EMBEDDINGS, Kind.MODERATIONS) and ep.dialect == "openai"):
-            assert status == 400 and b"content_filter" in raw and not reached, (prefix, method, path, raw[:300])
-        elif ep.dialect == "llama":  # not chat or models: nothing to translate it to on an OpenAI upstream
-            assert status == 404 and not reached
-        elif method in ("GET", "DELETE") and ep.kind is not Kind.STORED_READ:
-            assert status in (400, 403) and not reached
-        else:
-            assert status == 403 and b"endpoint_not_guarded" in raw and not reached, (prefix, method, path, raw)
-        # The output phrase: a benign request (streamed, then not) never brings it back.
-        for stream in (True, False):
-            status, raw = send(st.url, method, prefix + path, benign_for(method, stream))
-            assert OUT.encode() not in raw, (prefix, method, path, stream, raw[:400])
+@pytest.fixture(scope="module")
+def walk_stack(tmp_path_factory):
+    """One guarded stack for the whole walk below (each entry checks only the requests it caused)."""
+    loops: list = []
+    path = policy(tmp_path_factory.mktemp("walk"))
+    yield build_stack(loops, {"upstreams": {"main": {"base_url": "SCRIPTED"}},
+                              "routes": [{"upstream": "main", "policy": "p"}]},
+                      handler=everything, policies=PolicyStore(required=[path]))
+    for lp in loops:
+        lp.close()
+
+
+@pytest.mark.parametrize("prefix,method,path", entries())
+def test_every_table_entry_is_guarded_or_refused(walk_stack, prefix: str, method: str, path: str) -> None:
+    st = walk_stack
+    ep = lookup(dict(PREFIXES)[prefix], method, path)
+    before = len(st.upstream.requests)
+    status, raw = send(st.url, method, prefix + path, body_for(method))
+    assert leaked_upstream(st, since=before) == [], (prefix, method, path)
+    reached = len(st.upstream.requests) > before
+    if ep.kind is Kind.GUARDRAILS:  # the check API: answered by the gateway, never sent upstream
+        assert status in (200, 404) and not reached, (prefix, method, path, raw[:300])
+    elif ep.kind is Kind.MODELS:
+        assert status == 200 and reached  # metadata: relayed, never content
+    elif ep.kind in (Kind.CHAT, Kind.RESPONSES, Kind.COMPLETIONS) or (
+            ep.kind in (Kind.EMBEDDINGS, Kind.MODERATIONS) and ep.dialect == "openai"):
+        assert status == 400 and b"content_filter" in raw and not reached, (prefix, method, path, raw[:300])
+    elif ep.dialect == "llama":  # not chat or models: nothing to translate it to on an OpenAI upstream
+        assert status == 404 and not reached
+    elif method in ("GET", "DELETE") and ep.kind is not Kind.STORED_READ:
+        assert status in (400, 403) and not reached
+    else:
+        assert status == 403 and b"endpoint_not_guarded" in raw and not reached, (prefix, method, path, raw)
+    # The output phrase: a benign request (streamed, then not) never brings it back.
+    for stream in (True, False):
+        status, raw = send(st.url, method, prefix + path, benign_for(method, stream))
+        assert OUT.encode() not in raw, (prefix, method, path, stream, raw[:400])
 
 
 def test_passthrough_lets_exactly_the_listed_endpoints_through(guarded) -> None:
@@ -361,6 +374,7 @@ CANONICAL = sorted({("/v1" + concrete(ep.template), m) for ep in TABLE if ep.dia
 
 @settings(max_examples=400, deadline=None)
 @given(hs.sampled_from(CANONICAL), _mutations())
+@pytest.mark.slow
 def test_any_spelling_is_classified_like_its_canonical_form_or_refused(case, mutation) -> None:
     (path, method), (ops, apply) = case, mutation
     router = _router()

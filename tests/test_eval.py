@@ -293,6 +293,7 @@ def test_bad_dataset_lines_are_rejected_with_file_and_line(tmp_path: Path, capsy
 
 
 @pytest.mark.parametrize("sample", ["regex", "hidden_unicode", "code_shield", "pii"])
+@pytest.mark.slow
 def test_shipped_samples_run_as_a_subprocess(tmp_path: Path, sample: str) -> None:
     """The real command line, as a user runs it on the shipped sets (no download)."""
     out = tmp_path / sample
@@ -438,6 +439,7 @@ def count_color(rows: list[bytes], rgb: tuple[int, int, int], tol: int = 6) -> i
 @pytest.mark.skipif(chromium() is None, reason="chromium is not installed (Debian: apt-get install chromium); "
                                                "test_report_html_has_the_tables_and_plots_and_no_network covers "
                                                "the HTML without a browser")
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     """The report opens offline in a real browser; the screenshot shows the tables and the plots."""
     rc, out = run_eval(tmp_path, make_dataset())

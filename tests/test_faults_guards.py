@@ -63,10 +63,11 @@ def test_failing_guard_blocks_and_cancels_upstream(make_stack, tmp_path, path: s
                            handler=slow_words(0.05))
     t0 = time.monotonic()
     out = read_stream(st, client)
-    assert time.monotonic() - t0 < 1.5  # not the 2 s the upstream needs, nor the 10 s t_sleep sleeps
+    assert time.monotonic() - t0 < 5  # the 200 ms timeout, not the 10 s t_sleep sleeps
     assert out.error is None
     assert out.finish == "content_filter" and out.text == ""
-    assert wait_until(lambda: st.upstream.disconnects == 1, timeout=3)
+    # cut, not waited for: the upstream (2 s of words) is cancelled, never completes
+    assert wait_until(lambda: st.upstream.disconnects == 1, timeout=5) and st.upstream.completed == 0
     settle(st)
 
 
@@ -138,7 +139,7 @@ input:
     t0 = time.monotonic()
     r = httpx.post(st.url + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user",
                                                                                       "content": "x"}]})
-    assert time.monotonic() - t0 < 2
+    assert time.monotonic() - t0 < 5  # the 150 ms timeout, not the 10 s t_sleep sleeps
     assert r.status_code == status
     if status == 400:
         assert r.json()["error"]["code"] == "content_filter"

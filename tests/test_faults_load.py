@@ -39,6 +39,7 @@ def test_checker_detects_loss_mixing_and_reordering() -> None:
 
 
 @pytest.mark.parametrize("path", ["relay", pytest.param("gate", marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_small_load_is_exact(path: str) -> None:
     lt = loadtest()
     r = asyncio.run(lt.run(streams=50, seconds=3, path=path, chunks=12, chunk_delay_ms=20, timeout=20, grace=20,
@@ -52,6 +53,7 @@ def test_small_load_is_exact(path: str) -> None:
     assert r.rss_kib_end - r.rss_kib_warm < 30 * 1024  # no runaway growth within a short run
 
 
+@pytest.mark.slow
 def test_small_load_of_json_answers_is_exact() -> None:
     """Non-stream answers of many lengths, 50 clients at once: each body whole and its own."""
     lt = loadtest()
@@ -63,6 +65,7 @@ def test_small_load_of_json_answers_is_exact() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_gateway_memory_flat_under_concurrent_guarded_streams() -> None:
     """200 guarded streams for 15 s: RSS after warm-up must not keep growing (a GC tuning that let
     objects alive across streams pile up grew it ~4 MiB/s here)."""

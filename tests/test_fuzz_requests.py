@@ -23,6 +23,8 @@ from gateway.config import parse
 from gateway.policy.chain import PolicyStore
 from gateway.server import Gateway, create_app
 
+pytestmark = pytest.mark.slow  # hypothesis through the real server: ~10 s a test
+
 POLICY = """
 name: fuzz
 input:

@@ -8,10 +8,10 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from waits import wait_ready
 
 from gateway.types import Exchange, Finish, Message, StreamStart, TextDelta, UsageEvent
 from gateway.upstreams.base import UpstreamError
@@ -19,6 +19,7 @@ from gateway.upstreams.local import LLAMA3_TEMPLATE, LocalUpstream
 
 pytest.importorskip("llama_cpp")
 pytest_plugins = ["llama_fixtures"]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # the real gemma 270M
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -136,15 +137,8 @@ policy: {policy}
         text=True,
     )
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"guardgate serve exited: {proc.stdout.read() if proc.stdout else ''}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.2)
+        wait_ready(f"http://127.0.0.1:{port}", proc, timeout=120,
+                   log=lambda: proc.stdout.read() if proc.stdout and proc.poll() is not None else "")
         client = openai.OpenAI(
             base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60
         )

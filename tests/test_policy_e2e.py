@@ -14,6 +14,7 @@ import pytest
 import tiktoken
 from aiohttp import web
 from harness import llama_stream, oa_completion, openai_text_stream, stream_frames, wait_until
+from waits import Hold, until
 
 from gateway.guards.base import Guard, GuardInput, register
 from gateway.policy.audit import AuditLog
@@ -44,14 +45,18 @@ class HangingGuard(Guard):
         return Verdict(guard=self.name)
 
 
+UPSTREAM_CALLED = Hold()  # test_slow_flag flags only once the speculative upstream call has arrived
+
+
 @register("test_slow_flag")
 class SlowFlaggingGuard(Guard):
-    """Flags every input, after 200 ms: long enough for a speculative upstream call to be in flight."""
+    """Flags every input, once the speculative upstream call is in flight (`UPSTREAM_CALLED.arrived`)."""
 
     name = "test_slow_flag"
 
     async def check(self, inp: GuardInput) -> Verdict:
-        await asyncio.sleep(0.2)
+        if not await until(UPSTREAM_CALLED.arrived.is_set, timeout=10):
+            raise RuntimeError("the upstream was never called alongside the guard")
         return Verdict(guard=self.name, flagged=True, score=1.0, categories=["test"])
 
 
@@ -224,16 +229,23 @@ def test_parallel_input_block_cancels_upstream(guarded, tmp_path) -> None:
               action: block
         """)
 
-    async def slow(request: web.Request, up) -> web.StreamResponse:
-        await asyncio.sleep(1.0)  # headers come late: the input verdict is in first
+    global UPSTREAM_CALLED
+    UPSTREAM_CALLED = hold = Hold()
+
+    async def in_flight(request: web.Request, up) -> web.StreamResponse:
+        await hold.wait()  # headers come only when released: the input verdict is in first
         return await stream_frames(request, openai_text_stream(["x"]))
 
-    st = guarded(path, handler=slow)
-    with pytest.raises(openai.BadRequestError):
-        st.openai().chat.completions.create(model="m", stream=True,
-                                            messages=[{"role": "user", "content": PHRASE}])
-    ok = wait_until(lambda: len(st.upstream.requests) == 1 and st.upstream.disconnects == 1, timeout=3)
-    assert ok, (len(st.upstream.requests), st.upstream.disconnects, st.upstream.completed)
+    st = guarded(path, handler=in_flight)
+    try:
+        with pytest.raises(openai.BadRequestError) as ei:
+            st.openai().chat.completions.create(model="m", stream=True,
+                                                messages=[{"role": "user", "content": PHRASE}])
+        assert ei.value.code == "content_filter"
+        ok = wait_until(lambda: len(st.upstream.requests) == 1 and st.upstream.disconnects == 1, timeout=5)
+        assert ok, (len(st.upstream.requests), st.upstream.disconnects, st.upstream.completed)
+    finally:
+        hold.release()
 
 
 @pytest.mark.parametrize("guard,on_error,expect", [

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from policy_fakes import OPENED, FakeUpstream, args_of, collect, text_of, tokens_of
+from waits import until
 
 from gateway.policy.chain import PolicyRun
 from gateway.policy.schema import parse_policy_text
@@ -243,7 +244,7 @@ async def test_on_error_block(guard: str):
 """)
     t0 = time.perf_counter()
     events, rec, _ = await guarded(pol, up)
-    assert time.perf_counter() - t0 < 2
+    assert time.perf_counter() - t0 < 5  # the 50 ms timeout, not the 10 s t_sleep sleeps
     assert text_of(events) == ""
     assert events[-2] == Finish("content_filter", 0)
     step = rec["steps"][0]
@@ -311,28 +312,28 @@ async def test_hold_from_keeps_an_open_block_until_it_closes():
 
 
 async def test_text_flows_while_a_slow_check_runs():
-    """max_unchecked_tokens > 0: the first text is not held for the slow guard; with 0 it is."""
+    """max_unchecked_tokens > 0: the first text is not held for the slow guard; with 0 it is.
+    (Checked by order, not wall-clock: how many checks had answered when the first text came.)"""
 
-    async def first_text_delay(unchecked: int) -> float:
+    async def answered_at_first_text(unchecked: int) -> int:
         up = FakeUpstream(tokens_of(BEFORE), delay=0.002)
         pol = policy("""
     - guard: t_phrase
       delay: 0.3
 """, every=4, unchecked=unchecked)
+        guard = pol.stream.steps[0].guard
         run = PolicyRun(pol, request_id="r")
-        t0 = time.perf_counter()
         agen = run.guard_stream(exchange(), up.events())
         try:
             async for ev in agen:
                 if isinstance(ev, TextDelta):
-                    return time.perf_counter() - t0
+                    return guard.answered
         finally:
             await agen.aclose()
         raise AssertionError("no text")
 
-    loose = await first_text_delay(64)
-    strict = await first_text_delay(0)
-    assert loose < 0.15 and strict >= 0.3
+    assert await answered_at_first_text(64) == 0  # text flowed while the first check ran
+    assert await answered_at_first_text(0) >= 1  # text waited for a verdict
 
 
 async def test_stream_checks_closed_on_end_block_and_disconnect():
@@ -362,14 +363,16 @@ async def test_stream_checks_closed_on_end_block_and_disconnect():
 async def test_disconnect_by_cancellation_closes_everything():
     OPENED.clear()
     up = FakeUpstream(tokens_of(LONG), delay=0.01)
-    run = PolicyRun(policy("    - guard: t_phrase\n      phrase: zzz\n      delay: 0.5\n"), request_id="r")
+    pol = policy("    - guard: t_phrase\n      phrase: zzz\n      delay: 0.5\n")
+    guard = pol.stream.steps[0].guard
+    run = PolicyRun(pol, request_id="r")
 
     async def consume():
         async for _ in run.guard_stream(exchange(), up.events()):
             pass
 
     task = asyncio.create_task(consume())
-    await asyncio.sleep(0.1)
+    assert await until(lambda: bool(guard.windows))  # a check is running (it answers only after 0.5 s)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 from pathlib import Path
 
 import pytest
+from waits import until
 
 from gateway.policy.reload import PolicyStore
 from gateway.policy.schema import PolicyError
@@ -95,11 +95,7 @@ async def test_file_change_is_picked_up_by_polling(pdir: Path):
     await store.start(sighup=False)
     try:
         (pdir / "two.yml").write_text(pol("two", "changed"))
-        for _ in range(100):
-            await asyncio.sleep(0.02)
-            if pattern_of(store, "two") == "changed":
-                break
-        assert pattern_of(store, "two") == "changed"
+        assert await until(lambda: pattern_of(store, "two") == "changed", timeout=5)
     finally:
         await store.aclose()
 
@@ -112,10 +108,6 @@ async def test_sighup_reloads(pdir: Path):
         assert store._sighup
         (pdir / "one.yaml").write_text(pol("one", "hup"))
         os.kill(os.getpid(), signal.SIGHUP)
-        for _ in range(100):
-            await asyncio.sleep(0.01)
-            if pattern_of(store, "one") == "hup":
-                break
-        assert pattern_of(store, "one") == "hup"
+        assert await until(lambda: pattern_of(store, "one") == "hup", timeout=5)
     finally:
         await store.aclose()

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # torch: builds and converts models
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("onnx")

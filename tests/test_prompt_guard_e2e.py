@@ -3,15 +3,15 @@
 The guard is the real `prompt_guard` on ONNX Runtime with the crafted classifier of
 prompt_guard_fixtures (the word "ignore" scores ~1.0): an input block is a 400 `content_filter`
 in the client's dialect, `parallel_with_upstream` cancels the in-flight upstream call on a block,
-and on a clean request the first byte comes after max(guard, upstream), not their sum.
+and on a clean request the upstream call overlaps the guard's model (first byte after max(guard,
+upstream), not their sum); no byte reaches the client before the verdict.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import textwrap
-import time
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ llama_api_client = pytest.importorskip("llama_api_client")
 import prompt_guard_fixtures as F  # noqa: E402
 from aiohttp import web  # noqa: E402
 from harness import openai_text_stream, stream_frames, wait_until  # noqa: E402
+from waits import Hold  # noqa: E402
 
 from gateway.guards.prompt_guard import PromptGuard  # noqa: E402
 from gateway.policy.audit import AuditLog  # noqa: E402
@@ -122,56 +123,83 @@ def test_clean_request_passes_and_a_resent_history_costs_nothing(served: Any) ->
     assert g.stats["inference_calls"] == calls + 1
 
 
+class GatedModel:
+    """The guard's real ONNX session, whose `run` first calls `before()` (in the guard's worker thread)."""
+
+    def __init__(self, real: Any, before: Any, after: Any = lambda: None) -> None:
+        self.real, self.before, self.after = real, before, after
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def run(self, *a: Any, **kw: Any) -> Any:
+        self.before()
+        out = self.real.run(*a, **kw)
+        self.after()
+        return out
+
+
+def warm(st: Any) -> PromptGuard:
+    """One clean request (the model loads, connections open); the started guard."""
+    list(st.openai().chat.completions.create(model="m", stream=True, messages=[{"role": "user", "content": CLEAN}]))
+    g = guard_of(st)
+    assert g.scorer is not None
+    return g
+
+
 def test_parallel_block_cancels_the_upstream_call(served: Any) -> None:
-    async def slow(request: web.Request, up: Any) -> web.StreamResponse:
-        await asyncio.sleep(1.0)  # still in flight when the verdict comes
+    hold = Hold()
+
+    async def in_flight(request: web.Request, up: Any) -> web.StreamResponse:
+        if ATTACK in up.last.body.decode():
+            await hold.wait()  # answers only when released: in flight when the verdict comes
         return await stream_frames(request, openai_text_stream(["x"]))
 
-    st = served(parallel=True, handler=slow)
-    with pytest.raises(openai.BadRequestError) as ei:
-        st.openai().chat.completions.create(model="m", stream=True, messages=[{"role": "user", "content": ATTACK}])
-    assert ei.value.code == "content_filter"
-    assert wait_until(lambda: len(st.upstream.requests) == 1 and st.upstream.disconnects == 1, timeout=3), (
-        len(st.upstream.requests), st.upstream.disconnects, st.upstream.completed)
-
-
-DELAY = 0.5  # both the guard's model call and the upstream's first byte
-
-
-def ttfb(st: Any) -> float:
-    t = time.perf_counter()
-    stream = st.openai().chat.completions.create(model="m", stream=True,
-                                                 messages=[{"role": "user", "content": f"{CLEAN} {time.time()}"}])
-    next(iter(stream))
-    elapsed = time.perf_counter() - t
-    for _ in stream:
-        pass
-    return elapsed
+    st = served(parallel=True, handler=in_flight)
+    g = warm(st)
+    arrived: list[bool] = []  # the model scores only once the upstream call is in flight
+    g.scorer.session = GatedModel(g.scorer.session, lambda: arrived.append(hold.arrived.wait(10)))  # type: ignore
+    try:
+        with pytest.raises(openai.BadRequestError) as ei:
+            st.openai().chat.completions.create(model="m", stream=True,
+                                                messages=[{"role": "user", "content": ATTACK}])
+        assert ei.value.code == "content_filter" and arrived and all(arrived)
+        assert wait_until(lambda: len(st.upstream.requests) == 2 and st.upstream.disconnects == 1, timeout=5), (
+            len(st.upstream.requests), st.upstream.disconnects, st.upstream.completed)
+    finally:
+        hold.release()
 
 
 @pytest.mark.parametrize("parallel", [True, False])
-def test_time_to_first_byte_is_the_slower_of_guard_and_upstream(served: Any, parallel: bool) -> None:
-    async def late(request: web.Request, up: Any) -> web.StreamResponse:
-        await asyncio.sleep(DELAY)
+def test_first_byte_waits_for_the_guard_and_the_upstream_call_overlaps_it_only_in_parallel(
+        served: Any, parallel: bool) -> None:
+    """Ordering, not wall-clock: with `parallel_with_upstream` the upstream call is under way while the
+    guard's model runs (so the first byte comes after max(guard, upstream), not their sum); without it
+    the upstream is called after the verdict. Either way no byte reaches the client before the verdict."""
+    guard_done = threading.Event()
+    upstream_saw_verdict: list[bool] = []
+
+    async def upstream(request: web.Request, up: Any) -> web.StreamResponse:
+        if "probe" in up.last.body.decode():
+            upstream_saw_verdict.append(guard_done.is_set())
+            arrived.set()
         return await stream_frames(request, openai_text_stream(["Hel", "lo"]))
 
-    st = served(parallel=parallel, handler=late)
-    ttfb(st)  # warm: model loaded, connections open
-    g = guard_of(st)
-    assert g.scorer is not None
-    real = g.scorer.session
+    arrived = threading.Event()
+    st = served(parallel=parallel, handler=upstream)
+    g = warm(st)
+    overlapped: list[bool] = []
 
-    class Slow:  # the real model call, DELAY slower
-        def __getattr__(self, name: str) -> Any:
-            return getattr(real, name)
+    def before() -> None:  # parallel: wait (bounded) for the upstream call, proving it runs alongside
+        overlapped.append(arrived.wait(10) if parallel else arrived.is_set())
 
-        def run(self, *a: Any, **kw: Any) -> Any:
-            time.sleep(DELAY)
-            return real.run(*a, **kw)
-
-    g.scorer.session = Slow()  # type: ignore[assignment]
-    t = min(ttfb(st) for _ in range(2))
-    if parallel:
-        assert DELAY <= t < 1.6 * DELAY, t  # max(guard, upstream) + overhead
-    else:
-        assert t >= 2 * DELAY, t  # guard, then upstream
+    g.scorer.session = GatedModel(g.scorer.session, before, guard_done.set)  # type: ignore[assignment]
+    stream = st.openai().chat.completions.create(model="m", stream=True,
+                                                 messages=[{"role": "user", "content": f"{CLEAN} probe"}])
+    chunks = iter(stream)
+    first = next(chunks)
+    assert guard_done.is_set()  # the first byte came after the verdict
+    text = "".join(c.choices[0].delta.content or "" for c in [first, *chunks] if c.choices)
+    assert text == "Hello"
+    assert overlapped and all(o == parallel for o in overlapped)
+    assert upstream_saw_verdict == [not parallel]

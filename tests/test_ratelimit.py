@@ -14,6 +14,7 @@ import openai
 import pytest
 from aiohttp import web
 from harness import openai_text_stream, stream_frames
+from waits import Hold, wait_until
 
 from gateway.config import parse
 from gateway.limits import RateLimits, duration, rate_headers
@@ -70,14 +71,20 @@ def test_429_in_the_llama_dialect(make_stack) -> None:
     assert "rate limit" in json.dumps(r.json())
 
 
+@pytest.mark.slow
 def test_openai_sdk_sees_429_and_retries_as_configured(make_stack) -> None:
     """max_retries=0: one attempt, RateLimitError carrying the headers; max_retries=2 against a limit
     that stays shut: exactly three attempts (the SDK honours Retry-After of a stream slot: 1 s)."""
 
-    async def slow(request: web.Request, up: Any) -> web.StreamResponse:
-        return await stream_frames(request, openai_text_stream([f"w{i} " for i in range(30)]), delay=0.15)
+    hold = Hold()
+    frames = openai_text_stream([f"w{i} " for i in range(30)])
 
-    s = make_stack(keyed(max_concurrent_streams=1), handler=slow)
+    async def held(request: web.Request, up: Any) -> web.StreamResponse:  # holds its slot until released
+        resp = await stream_frames(request, frames[:3], eof=False)
+        await hold.wait(timeout=30)
+        return await stream_frames(request, frames[3:], response=resp)
+
+    s = make_stack(keyed(max_concurrent_streams=1), handler=held)
     holder = threading.Thread(target=lambda: chat(s.url, stream=True))
     holder.start()
     try:
@@ -98,6 +105,7 @@ def test_openai_sdk_sees_429_and_retries_as_configured(make_stack) -> None:
         assert time.monotonic() - t0 >= 1.8  # two waits of Retry-After: 1 s
         assert _metric(s.url, "guardgate_rate_limited_total", 'limit="max_concurrent_streams"') == 4
     finally:
+        hold.release()
         holder.join(15)
     # once the stream ended its slot is free: a retrying client gets through
     assert len(s.upstream.requests) == 1
@@ -107,6 +115,7 @@ def test_openai_sdk_sees_429_and_retries_as_configured(make_stack) -> None:
     assert chunks and len(s.upstream.requests) == 2
 
 
+@pytest.mark.slow
 def test_sdk_retry_succeeds_once_the_slot_frees(make_stack) -> None:
     async def slow(request: web.Request, up: Any) -> web.StreamResponse:
         return await stream_frames(request, openai_text_stream([f"w{i} " for i in range(10)]), delay=0.1)
@@ -124,10 +133,16 @@ def test_sdk_retry_succeeds_once_the_slot_frees(make_stack) -> None:
 
 
 def test_stream_slot_released_when_client_leaves(make_stack) -> None:
-    async def slow(request: web.Request, up: Any) -> web.StreamResponse:
-        return await stream_frames(request, openai_text_stream([f"w{i} " for i in range(100)]), delay=0.05)
+    frames = openai_text_stream([f"w{i} " for i in range(100)])
 
-    s = make_stack(keyed(max_concurrent_streams=1), handler=slow)
+    async def first_held(request: web.Request, up: Any) -> web.StreamResponse:
+        if len(up.requests) == 1:  # the first client's stream does not end by itself
+            resp = await stream_frames(request, frames[:3], eof=False)
+            await Hold().wait(timeout=30)  # cancelled when that client leaves
+            return await stream_frames(request, frames[3:], response=resp)
+        return await stream_frames(request, frames)
+
+    s = make_stack(keyed(max_concurrent_streams=1), handler=first_held)
     with httpx.Client(timeout=10) as c, c.stream("POST", s.url + "/v1/chat/completions", headers={
             "Authorization": f"Bearer {KEY}"}, json={"model": "gpt-test", "messages": [], "stream": True}) as r:
         chunks = r.iter_bytes()  # kept referenced: a dropped iterator closes the response
@@ -258,12 +273,7 @@ def test_config_parses_limits() -> None:
 
 
 def _wait(pred: Any, timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return bool(pred())
+    return wait_until(pred, timeout, interval=0.02)
 
 
 def _metric(url: str, name: str, label: str) -> float:

