@@ -74,6 +74,8 @@ def build_config(args: argparse.Namespace) -> GatewayConfig:
             r.policy = None
         for k in cfg.keys:
             k.policy = None
+        for s in cfg.mcp_servers.values():
+            s.policy = None
     elif args.policy:
         cfg.policy = args.policy
     if args.audit:
@@ -202,7 +204,8 @@ def _policies_and_audit(cfg: GatewayConfig):  # type: ignore[no-untyped-def]
 def policy_store(cfg: GatewayConfig):  # type: ignore[no-untyped-def]
     """The policies the config uses, loaded (None when it uses none); raises PolicyError."""
     # `policy:` / --policy overrides routes and keys (routing.Router.policy_name): load only what is used
-    names = {cfg.policy} if cfg.policy else {r.policy for r in cfg.routes} | {k.policy for k in cfg.keys}
+    names = {cfg.policy} if cfg.policy else ({r.policy for r in cfg.routes} | {k.policy for k in cfg.keys}
+                                             | {s.policy for s in cfg.mcp_servers.values()})
     names.discard(None)
     if not names:
         return None

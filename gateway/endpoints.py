@@ -32,11 +32,12 @@ class Kind(StrEnum):
     STORED_READ = "stored_read"  # stored answers read back: refused under an output policy
     PASSTHROUGH = "passthrough"  # not inspectable (files, audio, images, ...): relayed only without a
     # policy that inspects anything, or when the route lists it under `passthrough:`
+    MCP = "mcp"  # an MCP server's Streamable HTTP endpoint (gateway.mcp): JSON-RPC, guarded per method
 
 
 # Kinds a policy inspects (or that carry no content), so a route's `passthrough:` never names them.
 GUARDED_KINDS = frozenset({Kind.CHAT, Kind.RESPONSES, Kind.COMPLETIONS, Kind.EMBEDDINGS, Kind.MODERATIONS,
-                           Kind.MODELS})
+                           Kind.MODELS, Kind.MCP})
 
 # Client-facing prefixes and the dialect each speaks (longest first).
 PREFIXES: tuple[tuple[str, str], ...] = (
@@ -44,6 +45,7 @@ PREFIXES: tuple[tuple[str, str], ...] = (
     ("/llama/v1", "llama"),
     ("/openai/v1", "openai"),
     ("/v1", "openai"),
+    ("/mcp", "mcp"),  # MCP servers (config `mcp_servers:`), not a chat dialect: gateway.mcp
 )
 
 # What the gateway calls on an upstream when it translates (the same path in both dialects).
@@ -110,6 +112,8 @@ TABLE: tuple[Endpoint, ...] = (
     _e("moderations", Kind.MODERATIONS, "llama", "POST", "/moderations"),
     _e("models", Kind.MODELS, "llama", "GET", "/models"),
     _e("models", Kind.MODELS, "llama", "GET", "/models/{model}"),
+    # --- MCP Streamable HTTP (/mcp/{server}): POST messages, GET the server's stream, DELETE the session
+    _e("mcp", Kind.MCP, "mcp", "POST GET DELETE", "/{server}", operation="mcp"),
 )
 
 # First segments of OpenAI endpoints that carry content the gateway does not inspect. They are kind
@@ -154,6 +158,8 @@ def split_prefix(path: str) -> tuple[str, str, str] | None:
 
 def dialect_of(raw_path: str) -> str:
     """The dialect errors are rendered in for any path, canonical or not (Llama's for /llama/v1)."""
+    if raw_path.startswith("/mcp/") or raw_path == "/mcp":
+        return "mcp"
     return "llama" if raw_path.startswith("/llama/v1") else "openai"
 
 
