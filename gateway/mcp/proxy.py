@@ -15,6 +15,7 @@ anything, every request is relayed byte for byte.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -138,7 +139,8 @@ class McpProxy:
             if resp.status == 200 and ctype == "text/event-stream":
                 return await self._stream(request, resp, traffic, headers, session, out_headers)
             body = await self._read(resp)
-            if not body.strip():
+            asked = [k for k, p in traffic.pending.items()]  # this POST's requests: each needs an answer
+            if not body.strip() and (not asked or resp.status >= 400):
                 return web.Response(status=resp.status, headers=out_headers)
             msgs = jsonrpc.parse_data(body.decode("utf-8", "replace")) if ctype == JSON or body[:1] in b"[{" else None
             out_headers.popall("Content-Type", None)
@@ -150,11 +152,16 @@ class McpProxy:
                 return web.Response(status=status, body=jsonrpc.dumps(err), content_type=JSON, headers=out_headers)
             results = [await self._from_server(m, traffic, headers, session) for m in msgs]
             forward = [r.forward for r in results if r.forward is not None]
-            if not any(r.changed for r in results):
+            answered = {id_key(f.get("id")) for f in forward if "method" not in f}
+            missing = [jsonrpc.error(json.loads(k), jsonrpc.UNCLASSIFIED, "the MCP server's answer has no "
+                                     "response to this request") for k in asked if k not in answered]
+            if not missing and not any(r.changed for r in results):
                 return web.Response(status=resp.status, body=body, content_type=JSON, headers=out_headers)
+            forward += missing
             if not forward:
                 return web.Response(status=202, headers=out_headers)
-            data = forward if body.lstrip()[:1] == b"[" else forward[0]
+            batch = batch or len(forward) > 1 or body.lstrip()[:1] == b"["
+            data = forward if batch else forward[0]
             return web.Response(status=resp.status, body=jsonrpc.dumps(data), content_type=JSON, headers=out_headers)
         finally:
             resp.close()
