@@ -1,4 +1,4 @@
-"""`guardgate` command line: serve | check | eval | models | audit | doctor."""
+"""`guardgate` command line: serve | check | eval | models | audit | doctor | mcp."""
 
 from __future__ import annotations
 
@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         ("gateway.models", "add_models_parser", "main_models", "models"),
         ("gateway.audit_cli", "add_audit_parser", "main_audit", "audit"),
         ("gateway.doctor", "add_doctor_parser", "main_doctor", "doctor"),
+        ("gateway.mcp.wrap", "add_mcp_parser", "main_mcp", "mcp"),
     ):
         try:
             mod = __import__(module, fromlist=[adder])

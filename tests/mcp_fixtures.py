@@ -141,3 +141,7 @@ class McpServer:
     def close(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+if __name__ == "__main__":  # a stdio server: `python tests/mcp_fixtures.py` (tests/test_mcp_wrap.py)
+    build_server(ServerState()).run("stdio")
