@@ -38,7 +38,12 @@ def gateway(make_stack, tmp_path: Path, server: McpServer, monkeypatch) -> Any:
         cfg: dict[str, Any] = {"upstreams": {"main": {"base_url": "SCRIPTED"}},
                                "mcp_servers": {"tools": {"url": server.url, **server_opts}}}
         store = None
-        if policy is not None:
+        if policy == "starter":
+            from gateway import starter
+
+            cfg["mcp_servers"]["tools"]["policy"] = "starter"
+            store = PolicyStore(required=["starter"], builtins=[starter.build()])
+        elif policy is not None:
             path = tmp_path / "mcp.yaml"
             path.write_text(policy)
             cfg["mcp_servers"]["tools"]["policy"] = str(path)
@@ -205,3 +210,13 @@ async def test_unknown_server_and_paths(gateway) -> None:
     assert status == 404 and "nope" in body["error"]["message"]
     async with aiohttp.ClientSession() as c, c.put(st.mcp_url, data=b"{}") as r:
         assert r.status == 405
+
+
+async def test_the_starter_policy_covers_mcp(gateway, server) -> None:
+    st = gateway(policy="starter")
+    async with session(st.mcp_url) as s:
+        names = [t.name for t in (await s.list_tools()).tools]
+        assert "poisoned" not in names and "add" in names  # hidden Unicode in a description
+        res = await s.call_tool("read_config", {})
+        assert SECRET not in res.content[0].text and "[secret redacted]" in res.content[0].text
+        assert dump(await s.call_tool("add", {"a": 1, "b": 2}))["structuredContent"] == {"result": 3}
