@@ -183,25 +183,33 @@ class McpProxy:
         out = web.StreamResponse(status=resp.status, headers=out_headers)
         await out.prepare(request)
         parser = SSEParser(keep_comments=True, bare_json_errors=False, max_event_bytes=self.max_message_bytes)
+        answered: set[str] = set()
         try:
             async for chunk in resp.content.iter_any():
                 for ev in parser.feed(chunk):
-                    data = await self._event(ev, traffic, headers, session)
+                    data = await self._event(ev, traffic, headers, session, answered)
                     if data:
                         await out.write(data)
             for ev in parser.close():
-                data = await self._event(ev, traffic, headers, session)
+                data = await self._event(ev, traffic, headers, session, answered)
                 if data:
                     await out.write(data)
         except UpstreamStreamError as e:
             log.warning("MCP server %s: stream ended: %s", traffic.scope.server, e)
         except (aiohttp.ClientError, TimeoutError) as e:
             log.info("MCP server %s: stream broke: %s", traffic.scope.server, type(e).__name__)
+        # A request of this POST whose answer never came (or was not JSON-RPC): the client gets an error,
+        # not a wait for its timeout.
+        for k in traffic.pending:
+            if k not in answered:
+                err = jsonrpc.error(json.loads(k), jsonrpc.UNCLASSIFIED, "the MCP server's stream ended without "
+                                    "a JSON-RPC answer to this request")
+                await out.write(b"event: message\ndata: " + jsonrpc.dumps(err) + b"\n\n")
         await out.write_eof()
         return out
 
-    async def _event(self, ev: SSEEvent, traffic: Traffic, headers: CIMultiDict[str],
-                     session: str | None) -> bytes | None:
+    async def _event(self, ev: SSEEvent, traffic: Traffic, headers: CIMultiDict[str], session: str | None,
+                     answered: set[str]) -> bytes | None:
         if ev.comment or not ev.data.strip():
             return ev.raw  # keep-alives and priming events (an id to resume from, no message)
         name = traffic.scope.server
@@ -215,6 +223,7 @@ class McpProxy:
             return None
         results = [await self._from_server(m, traffic, headers, session) for m in msgs]
         forward = [r.forward for r in results if r.forward is not None]
+        answered.update(id_key(f.get("id")) for f in forward if "method" not in f)
         if not forward:
             return None
         if not any(r.changed for r in results):
