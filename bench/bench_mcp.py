@@ -117,16 +117,30 @@ mcp_servers:
   guarded: {{url: "{mcp_url}", policy: bench}}
 """)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, __file__, "--serve-mcp", str(mcp_port)], env=env,
-                              stderr=subprocess.DEVNULL),
-             subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(tmp / "gateway.yaml"),
-                               "--log-level", "WARNING"], env=env, stderr=subprocess.DEVNULL)]
+    procs = [
+        subprocess.Popen([sys.executable, __file__, "--serve-mcp", str(mcp_port)], env=env, stderr=subprocess.DEVNULL),
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gateway.cli",
+                "serve",
+                "--config",
+                str(tmp / "gateway.yaml"),
+                "--log-level",
+                "WARNING",
+            ],
+            env=env,
+            stderr=subprocess.DEVNULL,
+        ),
+    ]
     try:
         wait_http(mcp_url)
         wait_http(f"http://127.0.0.1:{gw_port}/healthz")
         base = f"http://127.0.0.1:{gw_port}/mcp"
-        res = asyncio.run(measure({"direct": mcp_url, "relay": f"{base}/relay", "guarded": f"{base}/guarded"},
-                                  args.calls))
+        res = asyncio.run(
+            measure({"direct": mcp_url, "relay": f"{base}/relay", "guarded": f"{base}/guarded"}, args.calls)
+        )
     finally:
         for p in procs:
             p.terminate()

@@ -28,7 +28,8 @@ PRIVATE_KEY = (r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
 BASE = r"""
 name: starter
 description: Built in. Hidden Unicode blocked on the prompt and stripped from the answer; secrets
-  and private keys redacted from the answer and from tool results; CodeShield on code blocks; Prompt Guard and Llama Guard when present.
+  and private keys redacted from the answer and from tool results; CodeShield on code blocks;
+  Prompt Guard and Llama Guard when present.
 mode: enforce
 on_error: block
 input:

@@ -85,19 +85,27 @@ class MemoryEventStore(EventStore):
         return stream
 
 
-def build_server(state: ServerState, *, json_response: bool = False, stateless: bool = False,
-                 resumable: bool = False) -> FastMCP:
-    mcp = FastMCP("guardgate-test", instructions="Use the tools to answer.", json_response=json_response,
-                  stateless_http=stateless, log_level="WARNING",
-                  event_store=MemoryEventStore() if resumable else None)
+def build_server(
+    state: ServerState, *, json_response: bool = False, stateless: bool = False, resumable: bool = False
+) -> FastMCP:
+    mcp = FastMCP(
+        "guardgate-test",
+        instructions="Use the tools to answer.",
+        json_response=json_response,
+        stateless_http=stateless,
+        log_level="WARNING",
+        event_store=MemoryEventStore() if resumable else None,
+    )
 
     @mcp.tool()
     async def summarize(text: str, ctx: Context) -> str:
         """Summarise a text with the client's model (sampling)."""
         try:
             sample = await ctx.session.create_message(
-                [SamplingMessage(role="user", content=TextContent(type="text", text=text))], max_tokens=20,
-                related_request_id=ctx.request_id)
+                [SamplingMessage(role="user", content=TextContent(type="text", text=text))],
+                max_tokens=20,
+                related_request_id=ctx.request_id,
+            )
         except McpError as e:
             return f"sampling refused: {e.error.message}"
         return sample.content.text if isinstance(sample.content, TextContent) else "?"
@@ -177,8 +185,9 @@ class McpServer:
         self.state = ServerState()
         self.app = build_server(self.state, **kw)
         self.port = free_port()
-        config = uvicorn.Config(self.app.streamable_http_app(), host="127.0.0.1", port=self.port,
-                                log_level="warning", lifespan="on")
+        config = uvicorn.Config(
+            self.app.streamable_http_app(), host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -24,12 +24,26 @@ from agents.mcp import MCPServerStreamableHttp  # noqa: E402
 
 
 def tool_call(name: str, args: dict[str, Any]) -> dict[str, Any]:
-    return {"id": "chatcmpl-t", "object": "chat.completion", "created": CREATED, "model": "m",
-            "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
-                "role": "assistant", "content": None,
-                "tool_calls": [{"id": "call_1", "type": "function",
-                                "function": {"name": name, "arguments": json.dumps(args)}}]}}],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}}
+    return {
+        "id": "chatcmpl-t",
+        "object": "chat.completion",
+        "created": CREATED,
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "tool_calls",
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {"id": "call_1", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
+                    ],
+                },
+            }
+        ],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10},
+    }
 
 
 class ChatScript:
@@ -55,9 +69,14 @@ def loop_stack(make_stack, tmp_path: Path) -> Any:
     script = ChatScript()
     path = tmp_path / "mcp.yaml"
     path.write_text(POLICY)
-    st = make_stack({"upstreams": {"main": {"base_url": "SCRIPTED"}},
-                     "mcp_servers": {"tools": {"url": server.url, "policy": str(path)}}},
-                    handler=script.handler, policies=PolicyStore(required=[str(path)]))
+    st = make_stack(
+        {
+            "upstreams": {"main": {"base_url": "SCRIPTED"}},
+            "mcp_servers": {"tools": {"url": server.url, "policy": str(path)}},
+        },
+        handler=script.handler,
+        policies=PolicyStore(required=[str(path)]),
+    )
     st.server, st.script = server, script
     yield st
     server.close()
@@ -67,8 +86,9 @@ async def run_agent(st: Any, tool: str, args: dict[str, Any]) -> str:
     st.script.tool = (tool, args)
     agents.set_tracing_disabled(True)
     model = agents.OpenAIChatCompletionsModel(model="m", openai_client=st.async_openai())
-    async with MCPServerStreamableHttp(params={"url": st.url + "/mcp/tools"}, name="tools",
-                                       client_session_timeout_seconds=10) as mcp_server:
+    async with MCPServerStreamableHttp(
+        params={"url": st.url + "/mcp/tools"}, name="tools", client_session_timeout_seconds=10
+    ) as mcp_server:
         agent = agents.Agent(name="a", instructions="Use the tools.", model=model, mcp_servers=[mcp_server])
         result = await agents.Runner.run(agent, "go", max_turns=4)
     return str(result.final_output)
@@ -77,7 +97,7 @@ async def run_agent(st: Any, tool: str, args: dict[str, Any]) -> str:
 async def test_agent_tool_loop_through_the_gateway(loop_stack) -> None:
     st = loop_stack
     out = await run_agent(st, "add", {"a": 20, "b": 22})
-    assert out.startswith("Tool said:") and "\"42\"" in out
+    assert out.startswith("Tool said:") and '"42"' in out
     offered = [t["function"]["name"] for t in st.script.bodies[0]["tools"]]
     assert "add" in offered and "poisoned" not in offered  # the tag-character description is not offered
     assert ("add", {"a": 20, "b": 22}) in st.server.state.calls

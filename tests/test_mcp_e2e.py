@@ -35,8 +35,10 @@ def server() -> Any:
 @pytest.fixture
 def gateway(make_stack, tmp_path: Path, server: McpServer, monkeypatch) -> Any:
     def make(policy: str | None = POLICY, keys: bool = False, **server_opts: Any) -> Any:
-        cfg: dict[str, Any] = {"upstreams": {"main": {"base_url": "SCRIPTED"}},
-                               "mcp_servers": {"tools": {"url": server.url, **server_opts}}}
+        cfg: dict[str, Any] = {
+            "upstreams": {"main": {"base_url": "SCRIPTED"}},
+            "mcp_servers": {"tools": {"url": server.url, **server_opts}},
+        }
         store = None
         if policy == "starter":
             from gateway import starter
@@ -181,8 +183,9 @@ async def test_unknown_methods_are_refused_naming_them(gateway, server) -> None:
     status, body = await _post(st.mcp_url, {"jsonrpc": "2.0", "method": "tools/call"})
     assert status == 400 and body["error"]["code"] == -32601 and body["id"] is None
     # a batch with one refused request: nothing of it reaches the server
-    status, body = await _post(st.mcp_url, [{"jsonrpc": "2.0", "id": 1, "method": "ping"},
-                                            {"jsonrpc": "2.0", "id": 2, "method": "x/y"}])
+    status, body = await _post(
+        st.mcp_url, [{"jsonrpc": "2.0", "id": 1, "method": "ping"}, {"jsonrpc": "2.0", "id": 2, "method": "x/y"}]
+    )
     assert [b["id"] for b in body] == [1, 2] and "another message" in body[0]["error"]["message"]
     assert server.state.calls == []
 

@@ -41,9 +41,14 @@ def mcp_gateway(make_stack, tmp_path: Path) -> Any:
         servers.append(server)
         path = tmp_path / f"p{len(servers)}.yaml"
         path.write_text(policy)
-        st = make_stack({"upstreams": {"main": {"base_url": "SCRIPTED"}},
-                         "mcp_servers": {"tools": {"url": server.url, "policy": str(path)}}},
-                        policies=PolicyStore(required=[str(path)]), audit=AuditLog(tmp_path / "audit.jsonl"))
+        st = make_stack(
+            {
+                "upstreams": {"main": {"base_url": "SCRIPTED"}},
+                "mcp_servers": {"tools": {"url": server.url, "policy": str(path)}},
+            },
+            policies=PolicyStore(required=[str(path)]),
+            audit=AuditLog(tmp_path / "audit.jsonl"),
+        )
         st.server, st.mcp_url = server, st.url + "/mcp/tools"
         return st
 
@@ -67,8 +72,10 @@ async def _sampling_client(url: str, text: str) -> tuple[str, list[str]]:
         asked.append(params.messages[0].content.text)
         return CreateMessageResult(role="assistant", model="m", content=TextContent(type="text", text="short"))
 
-    async with streamablehttp_client(url) as (read, write, _), \
-            ClientSession(read, write, sampling_callback=sampling) as s:
+    async with (
+        streamablehttp_client(url) as (read, write, _),
+        ClientSession(read, write, sampling_callback=sampling) as s,
+    ):
         await s.initialize()
         res = await s.call_tool("summarize", {"text": text})
     return res.content[0].text, asked
@@ -103,17 +110,32 @@ async def _resume(url: str) -> tuple[list[Any], list[Any]]:
     """A tools/call answered over SSE, then the same stream replayed from its first event id."""
     h = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
     async with aiohttp.ClientSession() as c:
-        init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
+        init = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-06-18",
+                "capabilities": {},
+                "clientInfo": {"name": "t", "version": "1"},
+            },
+        }
         async with c.post(url, json=init, headers=h) as r:
             sid = r.headers["Mcp-Session-Id"]
             await _sse_events(r, 1)
         h = {**h, "Mcp-Session-Id": sid, "MCP-Protocol-Version": "2025-06-18"}
         async with c.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=h) as r:
             assert r.status == 202
-        call = {"jsonrpc": "2.0", "id": 5, "method": "tools/call",
-                "params": {"name": "fetch_slowly", "arguments": {"url": "https://example.com/"},
-                           "_meta": {"progressToken": "p1"}}}
+        call = {
+            "jsonrpc": "2.0",
+            "id": 5,
+            "method": "tools/call",
+            "params": {
+                "name": "fetch_slowly",
+                "arguments": {"url": "https://example.com/"},
+                "_meta": {"progressToken": "p1"},
+            },
+        }
         async with c.post(url, json=call, headers=h) as r:
             first = await _sse_events(r, 5)
         first_id = next(i for i, _ in first if i)
@@ -157,17 +179,26 @@ async def test_sessions_and_metrics(mcp_gateway) -> None:
             ids.append(get_id())
     assert ids[0] and ids[1] and ids[0] != ids[1]  # each client its own session, as direct
     metrics = httpx.get(st.url + "/metrics").text
-    assert 'guardgate_mcp_messages_total{direction="to_server",method="tools/call",outcome="forwarded",' \
-           'server="tools"} 2.0' in metrics
-    assert 'guardgate_mcp_checks_total{action="block",method="tools/list",server="tools",stage="input",' \
-           'tool="poisoned"} 2.0' in metrics
+    assert (
+        'guardgate_mcp_messages_total{direction="to_server",method="tools/call",outcome="forwarded",'
+        'server="tools"} 2.0' in metrics
+    )
+    assert (
+        'guardgate_mcp_checks_total{action="block",method="tools/list",server="tools",stage="input",'
+        'tool="poisoned"} 2.0' in metrics
+    )
 
 
 def test_binary_content_is_withheld_unless_passed() -> None:
     from gateway.mcp.mapping import withhold_binary
 
-    result = {"content": [{"type": "text", "text": "a"}, {"type": "image", "data": "iVBOR", "mimeType": "image/png"},
-                          {"type": "resource", "resource": {"uri": "f://x", "blob": "AAAA"}}]}
+    result = {
+        "content": [
+            {"type": "text", "text": "a"},
+            {"type": "image", "data": "iVBOR", "mimeType": "image/png"},
+            {"type": "resource", "resource": {"uri": "f://x", "blob": "AAAA"}},
+        ]
+    }
     assert withhold_binary(result) == 2
     assert result["content"][1] == {"type": "text", "text": dump_notice("image")}
     assert result["content"][2]["resource"]["text"].startswith("[binary resource withheld")

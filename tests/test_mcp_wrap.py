@@ -26,9 +26,23 @@ def params(tmp_path: Path, *wrap_args: str) -> StdioServerParameters:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, str(Path(FIXTURES).parent)])}
     return StdioServerParameters(
         command=sys.executable,
-        args=["-m", "gateway.cli", "mcp", "wrap", "--policy", str(policy), "--audit", str(tmp_path / "a.jsonl"),
-              *wrap_args, "--", sys.executable, FIXTURES],
-        env=env, cwd=str(tmp_path))
+        args=[
+            "-m",
+            "gateway.cli",
+            "mcp",
+            "wrap",
+            "--policy",
+            str(policy),
+            "--audit",
+            str(tmp_path / "a.jsonl"),
+            *wrap_args,
+            "--",
+            sys.executable,
+            FIXTURES,
+        ],
+        env=env,
+        cwd=str(tmp_path),
+    )
 
 
 async def test_wrapped_stdio_server_is_guarded(tmp_path: Path) -> None:

@@ -1,13 +1,13 @@
 """`mcp_servers:` in the gateway YAML: MCP servers Guardgate fronts, each at `/mcp/{name}`.
 
-    mcp_servers:
-      github:
-        url: https://api.githubcopilot.com/mcp/     # the server's Streamable HTTP endpoint
-        policy: starter                              # the same policies as chat
-        key_env: GITHUB_MCP_TOKEN                    # sent as `Authorization: Bearer ...`
-        headers: {X-Team: platform}                  # sent on every request (values may use ${ENV})
-        binary: withhold                             # withhold | pass: images, audio, blobs
-        timeout_s: 300                               # idle time between bytes from the server
+mcp_servers:
+  github:
+    url: https://api.githubcopilot.com/mcp/     # the server's Streamable HTTP endpoint
+    policy: starter                              # the same policies as chat
+    key_env: GITHUB_MCP_TOKEN                    # sent as `Authorization: Bearer ...`
+    headers: {X-Team: platform}                  # sent on every request (values may use ${ENV})
+    binary: withhold                             # withhold | pass: images, audio, blobs
+    timeout_s: 300                               # idle time between bytes from the server
 """
 
 from __future__ import annotations
@@ -45,8 +45,10 @@ def parse_servers(top: Fields) -> dict[str, McpServerConfig]:
         what = f"mcp_servers.{name}"
         f = Fields(s, file, what, {"url", "policy", "key_env", "headers", "binary", "timeout_s"})
         if not _NAME.fullmatch(name):
-            raise f.error(None, f"{what}: a server name is 1-64 letters, digits, '_', '.' or '-' (it is a path "
-                          "segment: /mcp/{name})")
+            raise f.error(
+                None,
+                f"{what}: a server name is 1-64 letters, digits, '_', '.' or '-' (it is a path segment: /mcp/{{name}})",
+            )
         url = f.get("url", str, required=True)
         if not url.startswith(("http://", "https://")):
             raise f.error("url", f"{what}.url must start with http:// or https://")
@@ -60,7 +62,13 @@ def parse_servers(top: Fields) -> dict[str, McpServerConfig]:
         if binary not in ("withhold", "pass"):
             raise f.error("binary", f"{what}.binary must be withhold or pass")
         timeout = f.get("timeout_s", (int, float), None)
-        out[name] = McpServerConfig(name=name, url=url, policy=f.get("policy", str), key_env=key_env,
-                                    headers=dict(headers), binary=binary,
-                                    timeout_s=float(timeout) if timeout else None)
+        out[name] = McpServerConfig(
+            name=name,
+            url=url,
+            policy=f.get("policy", str),
+            key_env=key_env,
+            headers=dict(headers),
+            binary=binary,
+            timeout_s=float(timeout) if timeout else None,
+        )
     return out

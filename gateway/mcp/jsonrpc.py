@@ -110,8 +110,13 @@ def validate(obj: Any) -> Message:
         if "id" not in obj or not (obj["id"] is None or _valid_id(obj["id"])):
             raise InvalidMessage('an error response\'s "id" must be a string, an integer or null')
         err = obj["error"]
-        if (not isinstance(err, dict) or not isinstance(err.get("code"), int) or isinstance(err.get("code"), bool)
-                or not isinstance(err.get("message"), str) or set(err) - {"code", "message", "data"}):
+        if (
+            not isinstance(err, dict)
+            or not isinstance(err.get("code"), int)
+            or isinstance(err.get("code"), bool)
+            or not isinstance(err.get("message"), str)
+            or set(err) - {"code", "message", "data"}
+        ):
             raise InvalidMessage('"error" must be {code: integer, message: string, data?}', id=rid)
     return Message("response", obj)
 
@@ -125,8 +130,9 @@ def parse_body(body: bytes) -> tuple[list[Message], bool]:
     batch = isinstance(obj, list)
     items = obj if batch else [obj]
     if batch and not items:
-        raise GatewayError(400, "an empty batch is not a JSON-RPC message", "invalid_request",
-                           param=str(INVALID_REQUEST))
+        raise GatewayError(
+            400, "an empty batch is not a JSON-RPC message", "invalid_request", param=str(INVALID_REQUEST)
+        )
     out: list[Message] = []
     for i, item in enumerate(items):
         try:
@@ -164,6 +170,9 @@ def dumps(obj: Any) -> bytes:
 def http_error_body(err: GatewayError) -> dict[str, Any]:
     """A gateway error (bad framing, key, unknown server, ...) as MCP clients read it: a JSON-RPC error
     with no id. The JSON-RPC code rides in `param` when the framing code set one."""
-    code = int(err.param) if err.param and err.param.lstrip("-").isdigit() else (
-        INVALID_REQUEST if err.status < 500 else INTERNAL_ERROR)
+    code = (
+        int(err.param)
+        if err.param and err.param.lstrip("-").isdigit()
+        else (INVALID_REQUEST if err.status < 500 else INTERNAL_ERROR)
+    )
     return error(None, code, err.message, {"status": err.status, "code": err.code})

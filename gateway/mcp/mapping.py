@@ -82,8 +82,11 @@ def withhold_binary(obj: Any, notice: str = BINARY_NOTICE) -> int:
     for k, v in list(items):
         if isinstance(v, dict) and (kind := _binary_kind(v)) is not None:
             text = notice.format(kind=kind)
-            obj[k] = ({"type": "text", "text": text} if "type" in v
-                      else {"uri": v.get("uri", ""), "mimeType": "text/plain", "text": text})
+            obj[k] = (
+                {"type": "text", "text": text}
+                if "type" in v
+                else {"uri": v.get("uri", ""), "mimeType": "text/plain", "text": text}
+            )
             n += 1
         elif isinstance(v, (dict, list)):
             n += withhold_binary(v, notice)
@@ -119,8 +122,16 @@ def _run(policy: Any, scope: Scope, method: str, tool: str | None, direction: st
     info: dict[str, Any] = {"server": scope.server, "method": method, "direction": direction}
     if tool is not None:
         info["tool"] = tool
-    return McpRun(policy, request_id=scope.request_id, route=f"/mcp/{scope.server}", dialect="mcp",
-                  model=scope.server, key=scope.key, audit=scope.audit, mcp=info)
+    return McpRun(
+        policy,
+        request_id=scope.request_id,
+        route=f"/mcp/{scope.server}",
+        dialect="mcp",
+        model=scope.server,
+        key=scope.key,
+        audit=scope.audit,
+        mcp=info,
+    )
 
 
 @dataclass(slots=True)
@@ -145,8 +156,9 @@ async def check_texts(policy: Any, scope: Scope, method: str, tool: str | None, 
         if decision.blocked:
             status = 403
             scope.observe(method, "to_model", tool, "input", "block")
-            return TextCheck(True, decision.message.replace("Request blocked", "Withheld", 1),
-                             categories=list(decision.categories))
+            return TextCheck(
+                True, decision.message.replace("Request blocked", "Withheld", 1), categories=list(decision.categories)
+            )
         out = TextCheck()
         if decision.exchange is not None:
             for s, m in zip(slots, decision.exchange.messages, strict=True):
@@ -156,8 +168,11 @@ async def check_texts(policy: Any, scope: Scope, method: str, tool: str | None, 
                 if s.container is None:  # an object key cannot be rewritten: withhold it all
                     status = 403
                     scope.observe(method, "to_model", tool, "input", "block")
-                    return TextCheck(True, f"Withheld by policy '{policy.name}': a redaction would change "
-                                     "an object key", categories=list(decision.categories))
+                    return TextCheck(
+                        True,
+                        f"Withheld by policy '{policy.name}': a redaction would change an object key",
+                        categories=list(decision.categories),
+                    )
                 s.container[s.key] = new  # type: ignore[index]
                 out.changed = True
         scope.observe(method, "to_model", tool, "input", decision.action)
@@ -178,8 +193,10 @@ class CallCheck:
 
 
 def _unmasks(policy: Any) -> bool:
-    return any(s.guard_name == "pii" and getattr(s.guard, "unmask", False)
-               for s in (*policy.output.steps, *policy.stream.steps))
+    return any(
+        s.guard_name == "pii" and getattr(s.guard, "unmask", False)
+        for s in (*policy.output.steps, *policy.stream.steps)
+    )
 
 
 async def check_call(policy: Any, scope: Scope, call_id: Any, name: str, arguments: Any) -> CallCheck:
@@ -191,8 +208,12 @@ async def check_call(policy: Any, scope: Scope, call_id: Any, name: str, argumen
     status = 200
     try:
         call = ToolCall(id=str(call_id), name=name, arguments=args_text)
-        answer = Completion(id=f"mcp-{scope.request_id}", model=scope.server,
-                            message=Message("assistant", tool_calls=[call]), finish_reason="tool_calls")
+        answer = Completion(
+            id=f"mcp-{scope.request_id}",
+            model=scope.server,
+            message=Message("assistant", tool_calls=[call]),
+            finish_reason="tool_calls",
+        )
         out = await run.check_output(Exchange(model=scope.server, messages=[]), answer)
         action, _ = run.final_action()
         calls = out.message.tool_calls
@@ -213,8 +234,11 @@ async def check_call(policy: Any, scope: Scope, call_id: Any, name: str, argumen
             new_args = json.loads(released)
         except ValueError:
             status = 403
-            return CallCheck(True, f"tools/call {name!r} refused by policy '{policy.name}': its arguments "
-                             "were redacted into something that is not JSON")
+            return CallCheck(
+                True,
+                f"tools/call {name!r} refused by policy '{policy.name}': its arguments "
+                "were redacted into something that is not JSON",
+            )
         return CallCheck(arguments=new_args, changed=True, restore=restore)
     finally:
         scope.record_audit(run.finish(status=status))

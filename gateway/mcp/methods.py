@@ -41,26 +41,29 @@ def _m(name: str, sender: Sender, request: str = "protocol", result: str = "prot
     return Method(name, sender, request, result)
 
 
-TABLE: dict[str, Method] = {m.name: m for m in (
-    # client → server
-    _m("initialize", "client", result="initialize"),
-    _m("ping", "both"),
-    _m("logging/setLevel", "client"),
-    _m("completion/complete", "client"),
-    _m("tools/list", "client", result="list:tools"),
-    _m("tools/call", "client", request="tool_call", result="tool_result"),
-    _m("resources/list", "client", result="list:resources"),
-    _m("resources/templates/list", "client", result="list:resourceTemplates"),
-    _m("resources/read", "client", result="contents"),
-    _m("resources/subscribe", "client"),
-    _m("resources/unsubscribe", "client"),
-    _m("prompts/list", "client", result="list:prompts"),
-    _m("prompts/get", "client", result="prompt"),
-    # server → client
-    _m("sampling/createMessage", "server", request="sampling"),
-    _m("elicitation/create", "server"),
-    _m("roots/list", "server"),
-)}
+TABLE: dict[str, Method] = {
+    m.name: m
+    for m in (
+        # client → server
+        _m("initialize", "client", result="initialize"),
+        _m("ping", "both"),
+        _m("logging/setLevel", "client"),
+        _m("completion/complete", "client"),
+        _m("tools/list", "client", result="list:tools"),
+        _m("tools/call", "client", request="tool_call", result="tool_result"),
+        _m("resources/list", "client", result="list:resources"),
+        _m("resources/templates/list", "client", result="list:resourceTemplates"),
+        _m("resources/read", "client", result="contents"),
+        _m("resources/subscribe", "client"),
+        _m("resources/unsubscribe", "client"),
+        _m("prompts/list", "client", result="list:prompts"),
+        _m("prompts/get", "client", result="prompt"),
+        # server → client
+        _m("sampling/createMessage", "server", request="sampling"),
+        _m("elicitation/create", "server"),
+        _m("roots/list", "server"),
+    )
+}
 
 NOTIFICATION_PREFIX = "notifications/"
 
@@ -76,5 +79,11 @@ def is_notification_method(method: str) -> bool:
 
 
 # Which stage guards what (docs/mcp.md has this table for users).
-DIRECTION = {"tool_call": "output", "sampling": "input", "initialize": "input", "tool_result": "input",
-             "contents": "input", "prompt": "input"}
+DIRECTION = {
+    "tool_call": "output",
+    "sampling": "input",
+    "initialize": "input",
+    "tool_result": "input",
+    "contents": "input",
+    "prompt": "input",
+}

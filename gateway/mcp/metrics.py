@@ -17,20 +17,28 @@ _LABEL = re.compile(r"[A-Za-z0-9_./:-]{1,64}")
 
 class McpMetrics:
     def __init__(self, registry: Any) -> None:
-        self.messages = Counter("guardgate_mcp_messages", "MCP messages by server, method (for an answer: the "
-                                "method it answers), direction (to_server, to_client) and outcome (forwarded, "
-                                "changed, refused, dropped).", ["server", "method", "direction", "outcome"],
-                                registry=registry)
-        self.checks = Counter("guardgate_mcp_checks", "Policy checks of MCP traffic by server, method, tool, "
-                              "stage (input: toward the model, output: tools/call) and the action taken.",
-                              ["server", "method", "tool", "stage", "action"], registry=registry)
+        self.messages = Counter(
+            "guardgate_mcp_messages",
+            "MCP messages by server, method (for an answer: the "
+            "method it answers), direction (to_server, to_client) and outcome (forwarded, "
+            "changed, refused, dropped).",
+            ["server", "method", "direction", "outcome"],
+            registry=registry,
+        )
+        self.checks = Counter(
+            "guardgate_mcp_checks",
+            "Policy checks of MCP traffic by server, method, tool, "
+            "stage (input: toward the model, output: tools/call) and the action taken.",
+            ["server", "method", "tool", "stage", "action"],
+            registry=registry,
+        )
         self._tools: dict[str, set[str]] = {}
 
     def method(self, name: str | None) -> str:
         """A bounded method label: the known MCP methods, notifications by name, anything else "other"."""
         from gateway.mcp.methods import TABLE
 
-        if name in TABLE or name == "unknown":
+        if name in TABLE or name in ("unknown", "response"):
             return str(name)
         if name and name.startswith("notifications/") and _LABEL.fullmatch(name) and len(name) < 48:
             return name

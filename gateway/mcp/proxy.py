@@ -44,15 +44,28 @@ _NOT_SENT = "not sent: another message of this batch was refused"
 
 def upstream_for(server: McpServerConfig) -> HttpUpstream:
     """An HTTP upstream (pool, timeouts, key injection) for one MCP server."""
-    return HttpUpstream(UpstreamConfig(name=f"mcp:{server.name}", base_url=server.url, api_key_env=server.key_env,
-                                       timeouts=Timeouts(read=server.timeout_s)))  # type: ignore[arg-type]
+    return HttpUpstream(
+        UpstreamConfig(
+            name=f"mcp:{server.name}",
+            base_url=server.url,
+            api_key_env=server.key_env,
+            timeouts=Timeouts(read=server.timeout_s),
+        )
+    )  # type: ignore[arg-type]
 
 
 class McpProxy:
     """Every configured MCP server, its upstream and the sessions seen through it."""
 
-    def __init__(self, servers: dict[str, McpServerConfig], telemetry: Any, audit: Any, *, keys_on: bool,
-                 max_message_bytes: int = 16 << 20) -> None:
+    def __init__(
+        self,
+        servers: dict[str, McpServerConfig],
+        telemetry: Any,
+        audit: Any,
+        *,
+        keys_on: bool,
+        max_message_bytes: int = 16 << 20,
+    ) -> None:
         self.servers = servers
         self.upstreams = {name: upstream_for(s) for name, s in servers.items()}
         self.telemetry = telemetry
@@ -84,9 +97,14 @@ class McpProxy:
         self._trace(ctx, name, session)
         if policy is None:
             return await self._relay(request, plan, headers)
-        scope = Scope(server=name, request_id=ctx.id, key=ctx.key.name if ctx.key else None, audit=self.audit,
-                      record_audit=self.telemetry.record_audit,
-                      observe=lambda m, d, t, st, a: self.metrics.check(name, m, t, st, a))
+        scope = Scope(
+            server=name,
+            request_id=ctx.id,
+            key=ctx.key.name if ctx.key else None,
+            audit=self.audit,
+            record_audit=self.telemetry.record_audit,
+            observe=lambda m, d, t, st, a: self.metrics.check(name, m, t, st, a),
+        )
         traffic = Traffic(policy, scope, binary=server.binary)
         if plan.method == "POST":
             return await self._post(request, plan, traffic, headers, session)
@@ -95,8 +113,9 @@ class McpProxy:
             self.sessions.forget(name, session)
         return await self._answer(request, ctx, resp, traffic, headers, session, batch=False)
 
-    async def _post(self, request: web.Request, plan: Any, traffic: Traffic, headers: CIMultiDict[str],
-                    session: str | None) -> web.StreamResponse:
+    async def _post(
+        self, request: web.Request, plan: Any, traffic: Traffic, headers: CIMultiDict[str], session: str | None
+    ) -> web.StreamResponse:
         ctx, name = plan.ctx, traffic.scope.server
         msgs, batch = jsonrpc.parse_body(plan.body)
         errors: dict[int, dict[str, Any]] = {}
@@ -108,16 +127,26 @@ class McpProxy:
                 raise GatewayError(400, str(e), "method_not_allowed", param=str(jsonrpc.METHOD_NOT_FOUND)) from None
             if err is not None:
                 errors[i] = err
-            self.metrics.message(name, m.method if m.kind != "response" else "response", "to_server",
-                                 "refused" if err is not None else "forwarded")
+            self.metrics.message(
+                name,
+                m.method if m.kind != "response" else "response",
+                "to_server",
+                "refused" if err is not None else "forwarded",
+            )
             if m.method == "tools/call" and err is None:
                 self._trace_tool(m)
         if errors:  # nothing of this POST goes to the server: an answer for each of its requests
-            out = [errors.get(i) or jsonrpc.error(m.id, jsonrpc.POLICY_REFUSED, _NOT_SENT)
-                   for i, m in enumerate(msgs) if m.kind == "request"]
+            out = [
+                errors.get(i) or jsonrpc.error(m.id, jsonrpc.POLICY_REFUSED, _NOT_SENT)
+                for i, m in enumerate(msgs)
+                if m.kind == "request"
+            ]
             ctx.outcome = "mcp_refused"
-            return web.Response(body=jsonrpc.dumps(out if batch else out[0]), content_type=JSON,
-                                headers={"X-Guardgate-Request-Id": ctx.id})
+            return web.Response(
+                body=jsonrpc.dumps(out if batch else out[0]),
+                content_type=JSON,
+                headers={"X-Guardgate-Request-Id": ctx.id},
+            )
         body = plan.body
         if traffic.rewrote:  # the gate changed a call's arguments: the server gets what it released
             body = jsonrpc.dumps([m.raw for m in msgs] if batch else msgs[0].raw)
@@ -128,9 +157,16 @@ class McpProxy:
 
     # ------------------------------------------------------------------ the server's answer
 
-    async def _answer(self, request: web.Request, ctx: RequestContext, resp: aiohttp.ClientResponse,
-                      traffic: Traffic, headers: CIMultiDict[str], session: str | None,
-                      batch: bool) -> web.StreamResponse:
+    async def _answer(
+        self,
+        request: web.Request,
+        ctx: RequestContext,
+        resp: aiohttp.ClientResponse,
+        traffic: Traffic,
+        headers: CIMultiDict[str],
+        session: str | None,
+        batch: bool,
+    ) -> web.StreamResponse:
         out_headers = response_headers(resp.headers)
         out_headers["X-Guardgate-Request-Id"] = ctx.id
         session = resp.headers.get(SESSION) or session
@@ -147,14 +183,23 @@ class McpProxy:
             if msgs is None:
                 status = resp.status if resp.status >= 400 else 502
                 ctx.outcome = "mcp_unclassified"
-                err = jsonrpc.error(None, jsonrpc.UNCLASSIFIED, f"the MCP server answered HTTP {resp.status} with "
-                                    "a body that is not JSON-RPC; the gateway does not relay what it cannot classify")
+                err = jsonrpc.error(
+                    None,
+                    jsonrpc.UNCLASSIFIED,
+                    f"the MCP server answered HTTP {resp.status} with "
+                    "a body that is not JSON-RPC; the gateway does not relay what it cannot classify",
+                )
                 return web.Response(status=status, body=jsonrpc.dumps(err), content_type=JSON, headers=out_headers)
             results = [await self._from_server(m, traffic, headers, session) for m in msgs]
             forward = [r.forward for r in results if r.forward is not None]
             answered = {id_key(f.get("id")) for f in forward if "method" not in f}
-            missing = [jsonrpc.error(json.loads(k), jsonrpc.UNCLASSIFIED, "the MCP server's answer has no "
-                                     "response to this request") for k in asked if k not in answered]
+            missing = [
+                jsonrpc.error(
+                    json.loads(k), jsonrpc.UNCLASSIFIED, "the MCP server's answer has no response to this request"
+                )
+                for k in asked
+                if k not in answered
+            ]
             if not missing and not any(r.changed for r in results):
                 return web.Response(status=resp.status, body=body, content_type=JSON, headers=out_headers)
             forward += missing
@@ -171,14 +216,24 @@ class McpProxy:
         async for chunk in resp.content.iter_any():
             n += len(chunk)
             if n > self.max_message_bytes:
-                raise GatewayError(502, f"the MCP server's answer exceeds {self.max_message_bytes} bytes",
-                                   "upstream_message_too_large", type="api_error")
+                raise GatewayError(
+                    502,
+                    f"the MCP server's answer exceeds {self.max_message_bytes} bytes",
+                    "upstream_message_too_large",
+                    type="api_error",
+                )
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _stream(self, request: web.Request, resp: aiohttp.ClientResponse, traffic: Traffic,
-                      headers: CIMultiDict[str], session: str | None,
-                      out_headers: CIMultiDict[str]) -> web.StreamResponse:
+    async def _stream(
+        self,
+        request: web.Request,
+        resp: aiohttp.ClientResponse,
+        traffic: Traffic,
+        headers: CIMultiDict[str],
+        session: str | None,
+        out_headers: CIMultiDict[str],
+    ) -> web.StreamResponse:
         """An SSE answer or the GET stream, event by event through the policy, in order."""
         out = web.StreamResponse(status=resp.status, headers=out_headers)
         await out.prepare(request)
@@ -202,14 +257,18 @@ class McpProxy:
         # not a wait for its timeout.
         for k in traffic.pending:
             if k not in answered:
-                err = jsonrpc.error(json.loads(k), jsonrpc.UNCLASSIFIED, "the MCP server's stream ended without "
-                                    "a JSON-RPC answer to this request")
+                err = jsonrpc.error(
+                    json.loads(k),
+                    jsonrpc.UNCLASSIFIED,
+                    "the MCP server's stream ended without a JSON-RPC answer to this request",
+                )
                 await out.write(b"event: message\ndata: " + jsonrpc.dumps(err) + b"\n\n")
         await out.write_eof()
         return out
 
-    async def _event(self, ev: SSEEvent, traffic: Traffic, headers: CIMultiDict[str], session: str | None,
-                     answered: set[str]) -> bytes | None:
+    async def _event(
+        self, ev: SSEEvent, traffic: Traffic, headers: CIMultiDict[str], session: str | None, answered: set[str]
+    ) -> bytes | None:
         if ev.comment or not ev.data.strip():
             return ev.raw  # keep-alives and priming events (an id to resume from, no message)
         name = traffic.scope.server
@@ -231,8 +290,9 @@ class McpProxy:
         data = forward if ev.data.lstrip().startswith("[") else forward[0]
         return _frame(ev.raw, jsonrpc.dumps(data))
 
-    async def _from_server(self, m: Message, traffic: Traffic, headers: CIMultiDict[str],
-                           session: str | None) -> FromServer:
+    async def _from_server(
+        self, m: Message, traffic: Traffic, headers: CIMultiDict[str], session: str | None
+    ) -> FromServer:
         name = traffic.scope.server
         earlier = self.sessions.get(name, session, id_key(m.id)) if m.kind == "response" else None
         r = await traffic.from_server(m, earlier)

@@ -103,14 +103,18 @@ class Traffic:
         if msg.kind == "notification":
             if methods.is_notification_method(name):
                 return None
-            raise NotificationRefused(f"notification {name[:100]!r} is refused by policy '{self.policy.name}': "
-                                      "only notifications/* pass")
+            raise NotificationRefused(
+                f"notification {name[:100]!r} is refused by policy '{self.policy.name}': only notifications/* pass"
+            )
         entry = methods.lookup(name, "client")
         if entry is None:
             self.scope.observe(name, "from_client", None, "table", "refused")
-            return jsonrpc.error(msg.id, jsonrpc.METHOD_NOT_FOUND,
-                                 f"method {name[:100]!r} is refused by policy '{self.policy.name}': the gateway "
-                                 "does not know what it carries (deny by default)")
+            return jsonrpc.error(
+                msg.id,
+                jsonrpc.METHOD_NOT_FOUND,
+                f"method {name[:100]!r} is refused by policy '{self.policy.name}': the gateway "
+                "does not know what it carries (deny by default)",
+            )
         pending = Pending(entry)
         if entry.request == "tool_call":
             params = msg.params
@@ -121,8 +125,9 @@ class Traffic:
                 return jsonrpc.error(msg.id, jsonrpc.INVALID_PARAMS, "tools/call params.arguments must be an object")
             cc = await check_call(self.policy, self.scope, msg.id, tool, args)
             if cc.refused:
-                return jsonrpc.error(msg.id, jsonrpc.POLICY_REFUSED, cc.reason,
-                                     {"guardgate": {"policy": self.policy.name, "tool": tool}})
+                return jsonrpc.error(
+                    msg.id, jsonrpc.POLICY_REFUSED, cc.reason, {"guardgate": {"policy": self.policy.name, "tool": tool}}
+                )
             if cc.changed:
                 msg.raw["params"] = {**params, "arguments": cc.arguments}
                 self.rewrote = True
@@ -180,8 +185,9 @@ class Traffic:
         items = result.get(key)
         if not isinstance(items, list):
             return False
-        checks = await asyncio.gather(*(
-            check_texts(self.policy, self.scope, method, _item_name(item), strings(item)) for item in items))
+        checks = await asyncio.gather(
+            *(check_texts(self.policy, self.scope, method, _item_name(item), strings(item)) for item in items)
+        )
         kept = [item for item, c in zip(items, checks, strict=True) if not (c.blocked or c.changed)]
         if len(kept) == len(items):
             return False
@@ -193,9 +199,16 @@ class Traffic:
         entry = methods.lookup(name, "server")
         if entry is None:
             self.scope.observe(name, "from_server", None, "table", "refused")
-            return FromServer(None, True, jsonrpc.error(
-                msg.id, jsonrpc.METHOD_NOT_FOUND, f"method {name[:100]!r} is refused by the client's gateway "
-                f"(policy '{self.policy.name}': deny by default)"))
+            return FromServer(
+                None,
+                True,
+                jsonrpc.error(
+                    msg.id,
+                    jsonrpc.METHOD_NOT_FOUND,
+                    f"method {name[:100]!r} is refused by the client's gateway "
+                    f"(policy '{self.policy.name}': deny by default)",
+                ),
+            )
         if entry.request == "sampling":
             check = await check_texts(self.policy, self.scope, name, None, strings(msg.params))
             if check.blocked:

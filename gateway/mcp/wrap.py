@@ -51,8 +51,9 @@ def main_mcp(args: argparse.Namespace) -> int:
     if not cmd:
         print("guardgate mcp wrap: give the server's command after --", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     try:
         cfg = build_config(args)
         store, audit = _policies_and_audit(cfg)
@@ -70,8 +71,9 @@ async def wrap(cmd: list[str], store: Any, policy_name: str | None, audit: Any, 
         await store.start(watch=False, sighup=False)
         policy = store.get(policy_name)
     try:
-        child = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.PIPE,
-                                                     stdout=asyncio.subprocess.PIPE, limit=MAX_LINE)
+        child = await asyncio.create_subprocess_exec(
+            *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=MAX_LINE
+        )
     except OSError as e:
         print(f"guardgate mcp wrap: cannot start {cmd[0]!r}: {e}", file=sys.stderr)
         return 127
@@ -81,8 +83,14 @@ async def wrap(cmd: list[str], store: Any, policy_name: str | None, audit: Any, 
     out = sys.stdout.buffer
     guard = None
     if policy is not None and policy.needs_inspection:
-        scope = Scope(server=server, request_id=f"stdio-{os.getpid()}", key=None, audit=audit,
-                      record_audit=lambda rec: None, observe=lambda *a: None)
+        scope = Scope(
+            server=server,
+            request_id=f"stdio-{os.getpid()}",
+            key=None,
+            audit=audit,
+            record_audit=lambda rec: None,
+            observe=lambda *a: None,
+        )
         guard = Traffic(policy, scope)
     assert child.stdin is not None and child.stdout is not None
     to_server, from_server = child.stdin, child.stdout
@@ -163,9 +171,12 @@ async def _from_client(guard: Traffic, line: bytes, to_client: Any, to_child: An
         if err is not None:
             errors[i] = err
     if errors:
-        answers = [errors.get(i) or jsonrpc.error(m.id, jsonrpc.POLICY_REFUSED, "not sent: another message of "
-                                                  "this batch was refused")
-                   for i, m in enumerate(msgs) if m.kind == "request"]
+        answers = [
+            errors.get(i)
+            or jsonrpc.error(m.id, jsonrpc.POLICY_REFUSED, "not sent: another message of this batch was refused")
+            for i, m in enumerate(msgs)
+            if m.kind == "request"
+        ]
         if answers:
             to_client(jsonrpc.dumps(answers if batch else answers[0]))
         return
