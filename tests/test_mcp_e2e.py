@@ -188,6 +188,9 @@ async def test_unknown_methods_are_refused_naming_them(gateway, server) -> None:
     )
     assert [b["id"] for b in body] == [1, 2] and "another message" in body[0]["error"]["message"]
     assert server.state.calls == []
+    refused = [r for r in audit(st) if r.get("error") == "method_not_allowed"]
+    assert {r["mcp"]["method"] for r in refused} == {"tasks/list", "sampling/createMessage", "tools/call", "x/y"}
+    assert all(r["action"] == "block" and r["status"] == 403 for r in refused)
 
 
 async def test_without_a_policy_everything_passes(gateway, server) -> None:

@@ -134,6 +134,14 @@ def _run(policy: Any, scope: Scope, method: str, tool: str | None, direction: st
     )
 
 
+def record_refusal(policy: Any, scope: Scope, method: str, direction: str, why: str) -> None:
+    """An audit record for a message the method table refused (no guard ran: deny by default)."""
+    run = _run(policy, scope, method[:100], None, direction)
+    run.action, run.blocked_stage = "block", "method"
+    scope.observe(method, direction, None, "method", "block")
+    scope.record_audit(run.finish(status=403, error=why))
+
+
 @dataclass(slots=True)
 class TextCheck:
     """The input stage's answer for a set of texts: withheld, or the texts to send (maybe redacted)."""

@@ -25,7 +25,7 @@ from typing import Any
 
 from gateway.mcp import jsonrpc, methods
 from gateway.mcp.jsonrpc import Message, id_key
-from gateway.mcp.mapping import Scope, check_call, check_texts, strings, unmask, withhold_binary
+from gateway.mcp.mapping import Scope, check_call, check_texts, record_refusal, strings, unmask, withhold_binary
 from gateway.mcp.methods import Method
 
 UNKNOWN = Method("unknown", "client", result="unknown")
@@ -103,12 +103,13 @@ class Traffic:
         if msg.kind == "notification":
             if methods.is_notification_method(name):
                 return None
+            record_refusal(self.policy, self.scope, name, "from_client", "method_not_allowed")
             raise NotificationRefused(
                 f"notification {name[:100]!r} is refused by policy '{self.policy.name}': only notifications/* pass"
             )
         entry = methods.lookup(name, "client")
         if entry is None:
-            self.scope.observe(name, "from_client", None, "table", "refused")
+            record_refusal(self.policy, self.scope, name, "from_client", "method_not_allowed")
             return jsonrpc.error(
                 msg.id,
                 jsonrpc.METHOD_NOT_FOUND,
@@ -198,7 +199,7 @@ class Traffic:
         name = msg.method or ""
         entry = methods.lookup(name, "server")
         if entry is None:
-            self.scope.observe(name, "from_server", None, "table", "refused")
+            record_refusal(self.policy, self.scope, name, "from_server", "method_not_allowed")
             return FromServer(
                 None,
                 True,
