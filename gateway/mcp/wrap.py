@@ -60,7 +60,14 @@ def main_mcp(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"guardgate: {e}", file=sys.stderr)
         return 2
-    name = args.policy or cfg.policy or next((r.policy for r in cfg.routes if r.policy), None)
+    # --policy > the config's `policy:` > the `mcp_servers:` entry named by --name > the routes' (starter)
+    server = cfg.mcp_servers.get(args.name) if args.name else None
+    name = (
+        args.policy
+        or cfg.policy
+        or (server.policy if server is not None else None)
+        or next((r.policy for r in cfg.routes if r.policy), None)
+    )
     asyncio.set_event_loop_policy(serve_loop_policy())
     return asyncio.run(wrap(cmd, store, name, audit, args.name or os.path.basename(cmd[0])))
 
