@@ -109,9 +109,12 @@ class Server:
     def __init__(self) -> None:
         self.up = ScriptedUpstream(handler=self.handle)
         self.answer: Any = None
+        self.sse: bytes | None = None
 
     async def handle(self, request: web.Request, up: ScriptedUpstream) -> web.StreamResponse:
         body = up.last.body
+        if self.sse is not None:
+            return web.Response(body=self.sse, content_type="text/event-stream")
         if self.answer is not None:
             return web.Response(body=self.answer(body), content_type="application/json")
         msgs, batch = jsonrpc.parse_body(body)
@@ -156,7 +159,7 @@ def _is_jsonrpc_error(body: Any) -> bool:
 @given(body=bodies)
 def test_client_fuzz_gets_jsonrpc_errors_and_nothing_unclassified_reaches_the_server(stack: Any, body: bytes) -> None:
     client, server = stack
-    server.answer = None
+    server.answer = server.sse = None
     before = len(server.up.requests)
     r = client.post(
         "/mcp/s",
@@ -211,3 +214,26 @@ def test_server_fuzz_never_500_and_never_leaks(stack: Any, answer: bytes, call_i
         body = r.json()
         items = body if isinstance(body, list) else [body]
         assert all(isinstance(b, dict) and b.get("jsonrpc") == "2.0" for b in items)
+
+
+@pytest.mark.parametrize(
+    "stream,error",
+    [
+        (b"event: message\ndata: not json\n\n", True),  # not JSON-RPC, no event ids: the client gets an error
+        (b"", True),
+        (b"id: 7\ndata: \n\n", False),  # a priming event: the server closed on purpose, the client resumes with GET
+    ],
+)
+def test_a_stream_that_ends_without_an_answer(stack: Any, stream: bytes, error: bool) -> None:
+    client, server = stack
+    server.answer, server.sse = None, stream
+    r = client.post(
+        "/mcp/s",
+        json={"jsonrpc": "2.0", "id": 3, "method": "ping"},
+        headers={"Accept": "application/json, text/event-stream"},
+    )
+    server.sse = None
+    assert r.status_code == 200 and "not json" not in r.text
+    assert ('"code":-32002' in r.text) is error and ('"id":3' in r.text) is error
+    if not error:
+        assert r.text.replace("\r", "") == "id: 7\ndata: \n\n"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -238,15 +239,15 @@ class McpProxy:
         out = web.StreamResponse(status=resp.status, headers=out_headers)
         await out.prepare(request)
         parser = SSEParser(keep_comments=True, bare_json_errors=False, max_event_bytes=self.max_message_bytes)
-        answered: set[str] = set()
+        seen = _Seen()
         try:
             async for chunk in resp.content.iter_any():
                 for ev in parser.feed(chunk):
-                    data = await self._event(ev, traffic, headers, session, answered)
+                    data = await self._event(ev, traffic, headers, session, seen)
                     if data:
                         await out.write(data)
             for ev in parser.close():
-                data = await self._event(ev, traffic, headers, session, answered)
+                data = await self._event(ev, traffic, headers, session, seen)
                 if data:
                     await out.write(data)
         except UpstreamStreamError as e:
@@ -254,9 +255,10 @@ class McpProxy:
         except (aiohttp.ClientError, TimeoutError) as e:
             log.info("MCP server %s: stream broke: %s", traffic.scope.server, type(e).__name__)
         # A request of this POST whose answer never came (or was not JSON-RPC): the client gets an error,
-        # not a wait for its timeout.
+        # not a wait for its timeout. Unless the stream gave event ids: then the server may have closed it
+        # on purpose and the client resumes it with a GET and Last-Event-ID (the answer comes there).
         for k in traffic.pending:
-            if k not in answered:
+            if k not in seen.answered and not seen.event_ids:
                 err = jsonrpc.error(
                     json.loads(k),
                     jsonrpc.UNCLASSIFIED,
@@ -267,8 +269,10 @@ class McpProxy:
         return out
 
     async def _event(
-        self, ev: SSEEvent, traffic: Traffic, headers: CIMultiDict[str], session: str | None, answered: set[str]
+        self, ev: SSEEvent, traffic: Traffic, headers: CIMultiDict[str], session: str | None, seen: _Seen
     ) -> bytes | None:
+        if not ev.comment and any(ln.startswith(b"id:") for ln in ev.raw.splitlines()):
+            seen.event_ids = True
         if ev.comment or not ev.data.strip():
             return ev.raw  # keep-alives and priming events (an id to resume from, no message)
         name = traffic.scope.server
@@ -282,7 +286,7 @@ class McpProxy:
             return None
         results = [await self._from_server(m, traffic, headers, session) for m in msgs]
         forward = [r.forward for r in results if r.forward is not None]
-        answered.update(id_key(f.get("id")) for f in forward if "method" not in f)
+        seen.answered.update(id_key(f.get("id")) for f in forward if "method" not in f)
         if not forward:
             return None
         if not any(r.changed for r in results):
@@ -356,6 +360,14 @@ class McpProxy:
         span = trace.get_current_span()
         span.set_attribute("mcp.method.name", "tools/call")
         span.set_attribute("gen_ai.tool.name", str(m.params.get("name", ""))[:128])
+
+
+@dataclass(slots=True)
+class _Seen:
+    """What one SSE stream carried: the answers forwarded, and whether the server gave event ids."""
+
+    answered: set[str] = field(default_factory=set)
+    event_ids: bool = False
 
 
 def _frame(raw: bytes, data: bytes) -> bytes:
