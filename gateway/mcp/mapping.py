@@ -25,7 +25,29 @@ from gateway.policy.chain import PolicyRun
 from gateway.types import Completion, Exchange, Message, ToolCall
 
 # Keys whose values are not text the model reads: protocol enums, cursors and base64 payloads.
-_SKIP_KEYS = frozenset({"type", "mimeType", "role", "data", "blob", "nextCursor", "protocolVersion", "jsonrpc"})
+# Protocol values the model does not read, skipped only where they hold what the protocol puts there (a
+# hostile server's text in a `type` or `data` field of `structuredContent` is still checked).
+_ENUMS: dict[str, frozenset[str]] = {
+    "type": frozenset(
+        {
+            "text",
+            "image",
+            "audio",
+            "resource",
+            "resource_link",
+            "object",
+            "string",
+            "integer",
+            "number",
+            "boolean",
+            "array",
+            "null",
+        }
+    ),
+    "role": frozenset({"user", "assistant"}),
+}
+_MIME = re.compile(r"[A-Za-z0-9.+-]{1,64}/[A-Za-z0-9.+-]{1,64}")
+_OPAQUE_KEYS = frozenset({"nextCursor", "protocolVersion", "jsonrpc", "blob"})  # cursors, versions, base64
 _BINARY_TYPES = frozenset({"image", "audio"})
 _PLACEHOLDER = re.compile(r"<([A-Z][A-Z0-9_]*)>")
 BINARY_NOTICE = "[{kind} withheld by Guardgate: the policy does not inspect binary content]"
@@ -50,7 +72,7 @@ def strings(obj: Any) -> list[Slot]:
         items = o.items() if isinstance(o, dict) else enumerate(o)
         for k, v in items:
             if isinstance(k, str):
-                if k in _SKIP_KEYS and not isinstance(v, (dict, list)):
+                if isinstance(v, str) and _protocol_value(o, k, v):
                     continue
                 keys[k] = None
             if isinstance(v, str):
@@ -64,6 +86,17 @@ def strings(obj: Any) -> list[Slot]:
     if keys:
         out.append(Slot(None, None, " ".join(keys)))
     return out
+
+
+def _protocol_value(d: dict[str, Any], key: str, value: str) -> bool:
+    """Is `d[key] = value` protocol data no model reads: an enum, a MIME type, a cursor, base64 data?"""
+    if key in _OPAQUE_KEYS:
+        return True
+    if key in _ENUMS:
+        return value in _ENUMS[key]
+    if key == "mimeType":
+        return _MIME.fullmatch(value) is not None
+    return key == "data" and d.get("type") in _BINARY_TYPES  # image or audio bytes
 
 
 def _binary_kind(d: dict[str, Any]) -> str | None:
