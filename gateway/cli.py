@@ -1,4 +1,4 @@
-"""`guardgate` command line: serve | check | eval | models | audit | doctor."""
+"""`guardgate` command line: serve | check | eval | models | audit | doctor | mcp."""
 
 from __future__ import annotations
 
@@ -76,6 +76,8 @@ def build_config(args: argparse.Namespace) -> GatewayConfig:
             r.policy = None
         for k in cfg.keys:
             k.policy = None
+        for s in cfg.mcp_servers.values():
+            s.policy = None
     elif args.policy:
         cfg.policy = args.policy
     if args.audit:
@@ -251,7 +253,8 @@ def _policies_and_audit(cfg: GatewayConfig):  # type: ignore[no-untyped-def]
 def policy_store(cfg: GatewayConfig):  # type: ignore[no-untyped-def]
     """The policies the config uses, loaded (None when it uses none); raises PolicyError."""
     # `policy:` / --policy overrides routes and keys (routing.Router.policy_name): load only what is used
-    names = {cfg.policy} if cfg.policy else {r.policy for r in cfg.routes} | {k.policy for k in cfg.keys}
+    names = {cfg.policy} if cfg.policy else ({r.policy for r in cfg.routes} | {k.policy for k in cfg.keys}
+                                             | {s.policy for s in cfg.mcp_servers.values()})
     names.discard(None)
     if not names:
         return None
@@ -277,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         ("gateway.audit_cli", "add_audit_parser", "main_audit", "audit"),
         ("gateway.doctor", "add_doctor_parser", "main_doctor", "doctor"),
         ("gateway.guard_engine.cli", "add_guards_parser", "main_guards", "guards"),
+        ("gateway.mcp.wrap", "add_mcp_parser", "main_mcp", "mcp"),
     ):
         try:
             mod = __import__(module, fromlist=[adder])

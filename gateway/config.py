@@ -127,6 +127,7 @@ class GatewayConfig:
     audit_backups: int = 5
     shutdown_grace_s: float = 30.0
     source: str | None = None
+    mcp_servers: dict = field(default_factory=dict)  # name -> gateway.mcp.config.McpServerConfig (/mcp/{name})
 
     def route_for(self, path: str, model: str | None) -> Route | None:
         for r in self.routes:
@@ -171,7 +172,7 @@ def _upstream(name: str, obj: object, file: str | None) -> UpstreamConfig:
 
 
 TOP_KEYS = {"listen", "upstreams", "routes", "keys", "limits", "policy", "policy_dirs", "audit", "shutdown_grace_s",
-            "responses_state"}
+            "responses_state", "mcp_servers"}
 
 
 def parse(obj: object, file: str | None = None) -> GatewayConfig:
@@ -236,7 +237,11 @@ def parse(obj: object, file: str | None = None) -> GatewayConfig:
         cfg.audit_max_bytes = af.get("max_bytes", int, 0)
         cfg.audit_backups = af.get("backups", int, 5)
     cfg.shutdown_grace_s = top.get("shutdown_grace_s", float, cfg.shutdown_grace_s)
-    if not cfg.upstreams:
+    if "mcp_servers" in top.obj:
+        from gateway.mcp.config import parse_servers
+
+        cfg.mcp_servers = parse_servers(top)
+    if not cfg.upstreams and not cfg.mcp_servers:
         raise ConfigError("no upstreams defined", file, None)
     return cfg
 

@@ -212,7 +212,8 @@ def check_policies(cfg: Any) -> list[Check]:
     if store is None:
         return [Check("policy", "warn", "no policy: requests are relayed unguarded",
                       "drop --policy none, or name a policy in the config")]
-    used = [cfg.policy] if cfg.policy else [r.policy for r in cfg.routes] + [k.policy for k in cfg.keys]
+    used = [cfg.policy] if cfg.policy else [r.policy for r in cfg.routes] + [k.policy for k in cfg.keys] + [
+        s.policy for s in cfg.mcp_servers.values()]
     out: list[Check] = []
     for name in dict.fromkeys(n for n in used if n):
         pol = store.get(name)

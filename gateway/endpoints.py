@@ -34,11 +34,12 @@ class Kind(StrEnum):
     # policy that inspects anything, or when the route lists it under `passthrough:`
     GUARDRAILS = "guardrails"  # the check API other gateways call (gateway.guardrails): answered here,
     # never routed upstream
+    MCP = "mcp"  # an MCP server's Streamable HTTP endpoint (gateway.mcp): JSON-RPC, guarded per method
 
 
 # Kinds a policy inspects (or that carry no content), so a route's `passthrough:` never names them.
 GUARDED_KINDS = frozenset({Kind.CHAT, Kind.RESPONSES, Kind.COMPLETIONS, Kind.EMBEDDINGS, Kind.MODERATIONS,
-                           Kind.MODELS, Kind.GUARDRAILS})
+                           Kind.MODELS, Kind.GUARDRAILS, Kind.MCP})
 
 # Client-facing prefixes and the dialect each speaks (longest first).
 PREFIXES: tuple[tuple[str, str], ...] = (
@@ -47,6 +48,7 @@ PREFIXES: tuple[tuple[str, str], ...] = (
     ("/openai/v1", "openai"),
     ("/v1", "openai"),
     ("/guardrails", "guardrails"),  # the check API (gateway.guardrails); errors in OpenAI's shape
+    ("/mcp", "mcp"),  # MCP servers (config `mcp_servers:`), not a chat dialect: gateway.mcp
 )
 
 # What the gateway calls on an upstream when it translates (the same path in both dialects).
@@ -120,6 +122,8 @@ TABLE: tuple[Endpoint, ...] = (
     _e("guardrails.litellm", Kind.GUARDRAILS, "guardrails", "POST",
        "/{policy}/litellm/beta/litellm_basic_guardrail_api", operation="guardrail"),
     _e("guardrails.portkey", Kind.GUARDRAILS, "guardrails", "POST", "/{policy}/portkey", operation="guardrail"),
+    # --- MCP Streamable HTTP (/mcp/{server}): POST messages, GET the server's stream, DELETE the session
+    _e("mcp", Kind.MCP, "mcp", "POST GET DELETE", "/{server}", operation="mcp"),
 )
 
 # First segments of OpenAI endpoints that carry content the gateway does not inspect. They are kind
@@ -164,6 +168,8 @@ def split_prefix(path: str) -> tuple[str, str, str] | None:
 
 def dialect_of(raw_path: str) -> str:
     """The dialect errors are rendered in for any path, canonical or not (Llama's for /llama/v1)."""
+    if raw_path.startswith("/mcp/") or raw_path == "/mcp":
+        return "mcp"
     return "llama" if raw_path.startswith("/llama/v1") else "openai"
 
 

@@ -130,6 +130,7 @@ class Pipeline:
         self.keys_on = keys_on
         self.responses = responses  # responses_state: gateway
         self.send_timeout = send_timeout  # see relay.TimedResponse
+        self.mcp: Any = None  # gateway.mcp.proxy.McpProxy (set by the server when mcp_servers are configured)
 
     def upstream_headers(self, request: web.Request, ctx: RequestContext, upstream: HttpUpstream,
                          extra: dict[str, str] | None = None) -> CIMultiDict[str]:
@@ -148,6 +149,8 @@ class Pipeline:
             return await self.relay(request, plan)
         if action is Action.MODERATE:
             return await self.moderations(plan)
+        if action is Action.MCP:
+            return await self.mcp.handle(request, plan)
         assert action is Action.MODELS
         return await self.models(request, plan)
 

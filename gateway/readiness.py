@@ -138,7 +138,8 @@ def describe(gw: Any) -> dict[str, Any]:
         match = " ".join(x for x in (f"path {r.path}" if r.path else "", f"model {r.model}" if r.model else "") if x)
         routes.append({"match": match or "*", "upstream": r.upstream, "policy": cfg.policy or r.policy or "none",
                        "passthrough": sorted(r.passthrough)})
-    used = [cfg.policy] if cfg.policy else [r.policy for r in cfg.routes] + [k.policy for k in cfg.keys]
+    used = [cfg.policy] if cfg.policy else [r.policy for r in cfg.routes] + [k.policy for k in cfg.keys] + [
+        s.policy for s in cfg.mcp_servers.values()]
     policies = []
     for name in dict.fromkeys(n for n in used if n):
         try:
@@ -150,7 +151,7 @@ def describe(gw: Any) -> dict[str, Any]:
                              "fix": f"add policies/{name}.yaml or check policy_dirs"})
         else:
             policies.append(describe_policy(pol, ready))
-    return {
+    out = {
         "ready": ready,
         "listen": f"http://{cfg.host}:{cfg.port}",
         "config": cfg.source or "(flags)",
@@ -160,6 +161,10 @@ def describe(gw: Any) -> dict[str, Any]:
         "policies": policies,
         "audit": cfg.audit_path,
     }
+    if cfg.mcp_servers:  # gateway.mcp: guarded at /mcp/{name}
+        out["mcp_servers"] = [{"name": n, "path": f"/mcp/{n}", "url": m.url, "policy": cfg.policy or m.policy or "none"}
+                              for n, m in cfg.mcp_servers.items()]
+    return out
 
 
 def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
@@ -176,6 +181,10 @@ def render(desc: dict[str, Any], event_loop: str = "") -> str:
     lines += ["", "routes"]
     lines += _table([["match", "upstream", "policy"]]
                     + [[r["match"], r["upstream"], r["policy"]] for r in desc["routes"]])
+    if desc.get("mcp_servers"):
+        lines += ["", "mcp servers"]
+        lines += _table([["path", "url", "policy"]]
+                        + [[m["path"], m["url"], m["policy"]] for m in desc["mcp_servers"]])
     if not desc["policies"]:
         lines += ["", "policy: none (guarding off: requests are relayed as they come)"]
     for p in desc["policies"]:

@@ -28,6 +28,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from gateway.config import RATE_KEYS
+from gateway.config import Route as _Route
 from gateway.context import GatewayError, RequestContext, describe
 from gateway.endpoints import Endpoint, Kind, canonical_target, lookup, path_param, split_prefix
 from gateway.limits import RateLimits
@@ -55,6 +56,7 @@ class Action(StrEnum):
     INPUT_THEN_RELAY = "input_then_relay"  # input stage on the texts, then the bytes as they came
     MODERATE = "moderate"  # answered by the policy's Llama Guard
     MODELS = "models"  # the models list translated into the client's dialect
+    MCP = "mcp"  # an MCP server's traffic, message by message through the policy (gateway.mcp)
 
 
 @dataclass(slots=True)
@@ -122,6 +124,7 @@ class Router:
         # Rate limits anywhere? If not, `plan` never builds a RateLimits (the relay stays as it was).
         self.limits_on = any(k.rates.any for k in cfg.keys) or any(r.rates.any for r in cfg.routes)
         self._route_index = {id(r): i for i, r in enumerate(cfg.routes)}
+        self.mcp_upstreams: Mapping[str, Upstream] = {}  # MCP server name -> its upstream (gateway.mcp)
 
     # ------------------------------------------------------------------ the head
 
@@ -167,6 +170,8 @@ class Router:
     def plan(self, ctx: RequestContext, method: str, query: str, body: bytes) -> Plan:
         ep = ctx.endpoint
         assert ep is not None
+        if ctx.dialect == "mcp":
+            return self.plan_mcp(ctx, method, query, body)
         if body and method in _NO_BODY_METHODS:
             raise GatewayError(400, f"{describe(ctx, method)} takes no request body", "invalid_request")
         payload = None
@@ -192,6 +197,32 @@ class Router:
         action = decide(ctx, method, upstream, policy, route)
         rate = self.rate_limits(ctx.key, route) if self.limits_on else None
         return Plan(ctx, method, query, body, payload, upstream, policy, action, rate)
+
+    def plan_mcp(self, ctx: RequestContext, method: str, query: str, body: bytes) -> Plan:
+        """/mcp/{server}: the MCP server the path names and its policy (`--policy` > the key's > the
+        server's); no model routing. The body is parsed by gateway.mcp, message by message."""
+        ep = ctx.endpoint
+        assert ep is not None
+        if ep.kind is not Kind.MCP:
+            if ctx.tail.count("/") == 1:  # /mcp/{server} with another method
+                raise GatewayError(405, f"{describe(ctx, method)}: an MCP endpoint takes POST, GET or DELETE",
+                                   "method_not_allowed")
+            raise GatewayError(404, f"{describe(ctx, method)}: no such endpoint (MCP servers are at /mcp/{{name}})",
+                               "not_found")
+        name = path_param(ep, ctx.tail, "server") or ""
+        upstream = self.mcp_upstreams.get(name)
+        if upstream is None:
+            raise GatewayError(404, f"no MCP server named {name[:64]!r} (configure it under mcp_servers:)",
+                               "not_found")
+        if body and method in _NO_BODY_METHODS:
+            raise GatewayError(400, f"{describe(ctx, method)} takes no request body", "invalid_request")
+        server = self.cfg.mcp_servers[name]
+        ctx.upstream = upstream.name
+        ctx.policy = self.cfg.policy or (ctx.key.policy if ctx.key is not None and ctx.key.policy else None) \
+            or server.policy
+        policy = self.policy_named(ctx.policy)
+        rate = self.rate_limits(ctx.key, _MCP_ROUTE) if self.limits_on and ctx.key is not None else None
+        return Plan(ctx, method, query, body, None, upstream, policy, Action.MCP, rate)
 
     def rate_limits(self, key: GatewayKey | None, route: Route) -> RateLimits | None:
         """The limits of a request by `key` on `route`. A key that sets any limit has its own (counted
@@ -223,6 +254,10 @@ class Router:
             raise GatewayError(503, f"policy {name!r} is not loaded; the request is refused rather than served "
                                "unguarded", "policy_unavailable", type="api_error")
         return self.policies.get(name)
+
+
+# MCP requests count against their key's own limits only (no route defaults apply to them).
+_MCP_ROUTE = _Route(upstream="mcp")
 
 
 def decide(ctx: RequestContext, method: str, upstream: Upstream, policy: Any, route: Route) -> Action:

@@ -52,8 +52,13 @@ def error_headers(err: GatewayError, request_id: str) -> dict[str, str]:
 
 
 def error_response(dialect: str, err: GatewayError, request_id: str) -> web.Response:
-    body = dialects.get(dialect).error_body(err.status, err.message, type=err.type, code=err.code,
-                                            param=err.param)
+    if dialect == "mcp":  # MCP clients read a JSON-RPC error (gateway.mcp)
+        from gateway.mcp.jsonrpc import http_error_body
+
+        body = http_error_body(err)
+    else:
+        body = dialects.get(dialect).error_body(err.status, err.message, type=err.type, code=err.code,
+                                                param=err.param)
     return web.json_response(body, status=err.status, headers=error_headers(err, request_id))
 
 
@@ -101,6 +106,7 @@ class Gateway:
         self.pipeline: Pipeline | None = None
         self.guardrails: Guardrails | None = None  # the check API (/guardrails/...)
         self.limiter: Limiter | None = None  # built only when some key or route sets a rate limit
+        self.mcp: Any = None  # gateway.mcp.proxy.McpProxy, when the config has mcp_servers
         self._finishing: set[asyncio.Future[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
@@ -118,6 +124,12 @@ class Gateway:
         # what guards get at start: chat clients on these upstreams or on a `remote:` URL (judges)
         self.chat_clients = ChatClients(self.upstreams, self.telemetry)
         self.router = Router(self.cfg, self.upstreams, self.policies)
+        if self.cfg.mcp_servers:
+            from gateway.mcp.proxy import McpProxy
+
+            self.mcp = McpProxy(self.cfg.mcp_servers, self.telemetry, self.audit, keys_on=bool(self.router.keys))
+            await self.mcp.start()
+            self.router.mcp_upstreams = self.mcp.upstreams
         if self.router.limits_on:
             lim = self.cfg.limits
             self.limiter = Limiter(make_store(lim.store, lim.url, lim.store_timeout_ms / 1000),
@@ -126,6 +138,7 @@ class Gateway:
         self.pipeline = Pipeline(self.telemetry, self.audit, keys_on=bool(self.router.keys),
                                  send_timeout=self.cfg.limits.send_timeout_s,
                                  responses=ResponseStore() if self.cfg.responses_state == "gateway" else None)
+        self.pipeline.mcp = self.mcp
         if self.policies is not None:
             await self.policies.start(resources=self.chat_clients)
         self.telemetry.bind(self)
@@ -139,6 +152,8 @@ class Gateway:
             await self.chat_clients.aclose()
         for up in self.upstreams.values():
             await up.aclose()
+        if self.mcp is not None:
+            await self.mcp.aclose()
         if self.limiter is not None:
             await self.limiter.aclose()
         await self.telemetry.aclose()

@@ -30,7 +30,8 @@ PRIVATE_KEY = (r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
 BASE = r"""
 name: starter
 description: Built in. Hidden Unicode blocked on the prompt and stripped from the answer; secrets
-  and private keys redacted; CodeShield, Prompt Guard and Llama Guard when installed.
+  and private keys redacted from the answer and from tool results; CodeShield, Prompt Guard and
+  Llama Guard when installed.
 mode: enforce
 on_error: block
 input:
@@ -38,6 +39,13 @@ input:
     - guard: hidden_unicode
       name: hidden-unicode
       action: block
+    - guard: regex
+      name: tool-secrets
+      messages: [tool]
+      fields: false
+      patterns: SECRET_PATTERNS
+      notice: "[secret redacted]"
+      action: redact
 stream:
   check_every_tokens: 16
   max_unchecked_tokens: 0
@@ -48,16 +56,20 @@ stream:
       notice: ""
     - guard: regex
       name: secrets
-      patterns:
+      patterns: SECRET_PATTERNS
+      notice: "[secret redacted]"
+      action: redact
+"""
+# Secrets and private keys: redacted from the answer (stream) and from tool results on their way to the
+# model (input, tool messages only: a chat conversation's tool turns, an MCP server's results).
+SECRET_PATTERNS = r"""
         - {pattern: 'PRIVATE_KEY', category: private_key}
         - {pattern: '\bAKIA[0-9A-Z]{16}\b', category: secrets}
         - {pattern: '\bgh[pousr]_[A-Za-z0-9]{36,}\b', category: secrets}
         - {pattern: '\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}', category: secrets}
         - {pattern: '\bxox[abposr]-[A-Za-z0-9-]{10,}', category: secrets}
-        - {pattern: '\bAIza[0-9A-Za-z_-]{35}\b', category: secrets}
-      notice: "[secret redacted]"
-      action: redact
-""".replace("PRIVATE_KEY", PRIVATE_KEY, 1)
+        - {pattern: '\bAIza[0-9A-Za-z_-]{35}\b', category: secrets}""".replace("PRIVATE_KEY", PRIVATE_KEY, 1)
+BASE = BASE.replace(" SECRET_PATTERNS", SECRET_PATTERNS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +96,7 @@ OPTIONAL = (
     OptionalStep(
         stage="input", guard="prompt_guard", models=("prompt-guard-2-86m", "prompt-guard-2-22m"),
         options={"name": "prompt-guard", "messages": ["user", "tool"], "threshold": 0.9,
-                 "parallel_with_upstream": True, "action": "block"},
+                 "action": "block"},  # not parallel_with_upstream: tool-secrets rewrites the request first
         runtime="onnxruntime", extra="promptguard",
         fix=("python scripts/convert_prompt_guard.py ~/Llama-Prompt-Guard-2-22M --name prompt-guard-2-22m "
              "(a licence-gated checkpoint you download first)"),

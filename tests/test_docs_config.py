@@ -176,7 +176,7 @@ def load_example(name: str, line: int, block: str) -> str:
         return "fragment"
     obj = loads(block, where)
     assert isinstance(obj, dict), f"{where}: an example must be a mapping"
-    if "upstreams" in obj:
+    if "upstreams" in obj or "mcp_servers" in obj:
         gateway.config.parse(obj, where)
         return "gateway"
     if {"input", "stream", "output"} & set(obj):

@@ -121,6 +121,7 @@ def test_serve_with_no_flags_guards_with_the_starter_policy(checkout: Path, mode
         (pol,) = ready["policies"]
         states = {(s["stage"], s["guard"]): s["state"] for s in pol["steps"]}
         assert states == {("input", "hidden_unicode"): "ready", ("input", "prompt_guard"): "missing",
+                          ("input", "regex"): "ready",
                           ("stream", "hidden_unicode"): "ready", ("stream", "regex"): "ready",
                           ("stream", "code_shield"): "ready", ("stream", "llama_guard"): "missing"}
         assert {s["fix"] for s in pol["steps"] if s["guard"] == "llama_guard"} == {
