@@ -1,12 +1,13 @@
-"""The semgrep client: CodeShield's tier 2, as a long-lived `osemgrep lsp` server or one process per batch.
+"""The semgrep client: CodeShield's tier 2, as a long-lived `osemgrep lsp` server (`lsp.py`) or one
+process per batch.
 
-Both engines run the multi-call `semgrep-core` binary as `osemgrep` (see `osemgrep_path`).
+Both engines run the multi-call `semgrep-core` binary as `osemgrep` (`osemgrep.py`: the link, the
+errors and hits they share).
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import hashlib
 import importlib.util
@@ -15,91 +16,18 @@ import logging
 import os
 import re
 import shutil
-import signal
 import tempfile
-import threading
 import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.guards.code_shield.lsp import _LspServer
+from gateway.guards.code_shield.osemgrep import _NOSEM, Hit, SemgrepError, SemgrepTimeout, cache_dir, osemgrep_path
 from gateway.guards.code_shield.rules import RuleSet, SemgrepRule
 
 LOG = logging.getLogger("gateway.guards.code_shield")
-
-
-_LINKS: dict[str, str] = {}
-_LINKS_LOCK = threading.Lock()
-
-
-def osemgrep_path(binary: str) -> str:
-    """A path named ``osemgrep`` that runs `binary` (semgrep-core), created once per binary.
-
-    semgrep-core is a multi-call binary: it is the osemgrep CLI (``scan``, ``lsp``) only when the
-    basename of its argv[0] is ``osemgrep`` (semgrep's own wrapper execs it with that argv[0]).
-    Setting argv[0] apart from the program (``executable=``) does not survive every spawner: uvloop's
-    ``subprocess_exec`` overwrites argv[0] with ``executable``, so under ``guardgate serve`` the binary
-    ran as plain semgrep-core, rejected ``lsp``/``scan`` and tier 2 never ran. A link named
-    ``osemgrep`` carries the name in the path itself, whatever starts the process. It lives in the
-    cache dir (never in site-packages, which may be read-only), else in a private temp dir.
-    """
-    real = os.path.realpath(binary)
-    with _LINKS_LOCK:
-        link = _LINKS.get(real)
-        if link is not None and os.path.realpath(link) == real:
-            return link
-        if os.path.basename(binary) == "osemgrep":
-            _LINKS[real] = binary
-            return binary
-        sibling = os.path.join(os.path.dirname(real), "osemgrep")
-        if os.path.realpath(sibling) == real and os.access(sibling, os.X_OK):
-            _LINKS[real] = sibling  # a link semgrep (or codeshield) already made
-            return sibling
-        digest = hashlib.sha256(real.encode()).hexdigest()[:16]
-        for parent in (cache_dir() / "bin" / digest, None):
-            try:
-                d = Path(parent) if parent is not None else Path(tempfile.mkdtemp(prefix="guardgate-osemgrep-"))
-                if parent is None:
-                    atexit.register(shutil.rmtree, str(d), True)
-                d.mkdir(parents=True, exist_ok=True)
-                link = str(d / "osemgrep")
-                if os.path.realpath(link) != real:
-                    tmp = f"{link}.{os.getpid()}.{threading.get_ident()}.tmp"
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(tmp)
-                    os.symlink(real, tmp)
-                    os.replace(tmp, link)  # atomic: a concurrent process sees the old or the new link
-                _LINKS[real] = link
-                return link
-            except OSError as exc:
-                LOG.debug("code_shield: no osemgrep link in %s: %s", parent or "a temp dir", exc)
-        raise SemgrepError(f"cannot create an osemgrep link to {binary}")
-
-
-class SemgrepError(RuntimeError):
-    """semgrep failed or timed out; tier 2 produced no verdict."""
-
-
-class SemgrepTimeout(SemgrepError):
-    """semgrep did not answer in time (a slow batch, not a broken tier)."""
-
-
-# `nosemgrep` / `nosem` comments make semgrep drop findings on that line: model output must not.
-_NOSEM = re.compile(r"(?i)nosem")
-
-
-@dataclass(frozen=True, slots=True)
-class Hit:
-    """One semgrep match: target index in the batch, rule, 1-based line and column, message."""
-
-    target: int
-    rule: SemgrepRule
-    line: int
-    col: int | None
-    message: str = ""
-    severity: str = ""
 
 
 # A rule of ours and a target it must match: the self-test proving tier 2 finds what it should.
@@ -116,229 +44,6 @@ CANARY_RULE = SemgrepRule(
 )  # fmt: skip
 CANARY_TARGET = ("guardgate_canary(1)\n", ".py")
 
-_LIVE_SERVERS: weakref.WeakSet[_LspServer] = weakref.WeakSet()
-_RECYCLE_AFTER = 20_000  # batches per server before a fresh one (its RSS creeps up: docs/performance.md)
-
-
-def _current_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-
-@atexit.register
-def _kill_servers() -> None:
-    for srv in list(_LIVE_SERVERS):
-        srv.kill()
-
-
-class _LspServer:
-    """`osemgrep lsp` with the whole rule set loaded: scanning a file costs milliseconds, not a
-    process start (docs/performance.md, CodeShield). Files are written to a private workspace dir,
-    announced (workspace/didCreateFiles), opened (textDocument/didOpen; the server answers with
-    textDocument/publishDiagnostics), then closed and deleted. One batch at a time."""
-
-    def __init__(self, binary: str, rules: Sequence[SemgrepRule], env: dict[str, str]) -> None:
-        self.binary, self.rules, self.env = binary, list(rules), env
-        self.by_id = {f"r{r.key}": r for r in self.rules}
-        self.ws = tempfile.mkdtemp(prefix="guardgate-cs-lsp-")
-        self.proc: asyncio.subprocess.Process | None = None
-        self.dead: str | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._diags: dict[str, asyncio.Future[list[dict[str, Any]]]] = {}
-        self._replies: dict[int, asyncio.Future[Any]] = {}
-        self._ready = asyncio.Event()
-        self._lock = asyncio.Lock()
-        self._seq = 0
-        self.scans = 0
-        _LIVE_SERVERS.add(self)
-
-    @property
-    def usable(self) -> bool:
-        """Alive, and not due for recycling (a busy server finishes its batch first)."""
-        return self.dead is None and (self.scans < _RECYCLE_AFTER or self._lock.locked())
-
-    async def start(self, timeout: float) -> None:
-        with open(os.path.join(self.ws, "rules.json"), "w", encoding="utf-8") as f:
-            json.dump({"rules": [dict(r.raw, id=rid) for rid, r in self.by_id.items()]}, f)
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                osemgrep_path(self.binary), "lsp", cwd=self.ws, env=self.env,
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.DEVNULL,
-            )  # fmt: skip
-        except OSError as exc:
-            raise SemgrepError(f"cannot start osemgrep lsp: {exc}") from None
-        self._reader = asyncio.create_task(self._read())
-        uri = Path(self.ws).as_uri()
-        options = {
-            "scan": {"configuration": [os.path.join(self.ws, "rules.json")], "exclude": [], "include": [],
-                     "jobs": 1, "maxMemory": 0, "maxTargetBytes": 5_000_000, "onlyGitDirty": False,
-                     "ci": False},
-            "trace": {"server": "off"}, "metrics": {"enabled": False}, "doHover": False,
-        }  # fmt: skip
-        try:
-            await asyncio.wait_for(
-                self._request("initialize", {"processId": os.getpid(), "rootUri": uri, "capabilities": {},
-                                             "workspaceFolders": [{"uri": uri, "name": "guardgate"}],
-                                             "initializationOptions": options}),
-                timeout,
-            )  # fmt: skip
-            self._notify("initialized", {})
-            await asyncio.wait_for(self._ready.wait(), timeout)
-        except TimeoutError:
-            raise SemgrepError(f"osemgrep lsp did not load the rules within {timeout:g}s") from None
-        if self.dead:
-            raise SemgrepError(f"osemgrep lsp: {self.dead}")
-
-    async def scan(self, targets: Sequence[tuple[str, str]], rules: Sequence[SemgrepRule], timeout: float) -> list[Hit]:
-        wanted = {f"r{r.key}" for r in rules}
-        async with self._lock:
-            if self.dead or self.proc is None or self.proc.stdin is None:
-                raise SemgrepError(f"semgrep server gone: {self.dead}")
-            self.scans += 1
-            loop = asyncio.get_running_loop()
-            self._seq += 1
-            paths = [os.path.join(self.ws, f"s{self._seq}_{i}{ext}") for i, (_, ext) in enumerate(targets)]
-            uris = [Path(p).as_uri() for p in paths]
-            futs = []
-            try:
-                for path, (code, _) in zip(paths, targets, strict=True):
-                    with open(path, "w", encoding="utf-8") as f:
-                        f.write(code)
-                self._notify("workspace/didCreateFiles", {"files": [{"uri": u} for u in uris]})
-                for uri, (code, ext) in zip(uris, targets, strict=True):
-                    fut: asyncio.Future[list[dict[str, Any]]] = loop.create_future()
-                    self._diags[uri] = fut
-                    futs.append(fut)
-                    doc = {"uri": uri, "languageId": ext.lstrip("."), "version": 1, "text": code}
-                    self._notify("textDocument/didOpen", {"textDocument": doc})
-                await self.proc.stdin.drain()
-                try:
-                    results = await asyncio.wait_for(asyncio.gather(*futs), timeout)
-                except TimeoutError:
-                    self.kill()  # a wedged server is replaced on the next batch
-                    raise SemgrepTimeout(f"semgrep timed out after {timeout:g}s") from None
-            finally:
-                for uri in uris:
-                    self._diags.pop(uri, None)
-                if self.dead is None:
-                    for uri in uris:
-                        self._notify("textDocument/didClose", {"textDocument": {"uri": uri}})
-                    self._notify("workspace/didDeleteFiles", {"files": [{"uri": u} for u in uris]})
-                for path in paths:
-                    with contextlib.suppress(OSError):
-                        os.remove(path)
-        hits: list[Hit] = []
-        for i, diags in enumerate(results):
-            for d in diags:
-                rid = str(d.get("code", "")).rsplit(".", 1)[-1]
-                if rid in wanted:
-                    start = (d.get("range") or {}).get("start") or {}
-                    hits.append(Hit(i, self.by_id[rid], int(start.get("line", 0)) + 1,
-                                    int(start.get("character", 0)) + 1, str(d.get("message") or "")))  # fmt: skip
-        return hits
-
-    def kill(self) -> None:
-        """Stop the server now (sync: also from atexit, or for a loop that is already closed)."""
-        if self.dead is None:
-            self.dead = "stopped"
-        reader = self._reader
-        if reader is not None and not reader.done():
-            loop = reader.get_loop()
-            if _current_loop() is loop:
-                reader.cancel()  # the reader kills and reaps the process on its own loop
-                return
-            if loop.is_running():  # another thread's loop: let it clean up its transports too
-                loop.call_soon_threadsafe(reader.cancel)
-        self._finish()
-
-    def _finish(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError, OSError):
-                os.kill(proc.pid, signal.SIGKILL)
-        here = _current_loop()
-        for fut in [*self._diags.values(), *self._replies.values()]:
-            if not fut.done() and fut.get_loop() is here:
-                fut.set_exception(SemgrepError(f"semgrep server {self.dead}"))
-        if here is not None and self._reader is not None and self._reader.get_loop() is here:
-            self._ready.set()
-        shutil.rmtree(self.ws, ignore_errors=True)
-        _LIVE_SERVERS.discard(self)
-
-    # JSON-RPC over stdio ------------------------------------------------------
-
-    def _send(self, msg: dict[str, Any]) -> None:
-        if self.proc is None or self.proc.stdin is None or self.proc.stdin.is_closing():
-            return
-        body = json.dumps(msg).encode()
-        self.proc.stdin.write(b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
-
-    def _notify(self, method: str, params: dict[str, Any]) -> None:
-        self._send({"jsonrpc": "2.0", "method": method, "params": params})
-
-    def _request(self, method: str, params: dict[str, Any]) -> asyncio.Future[Any]:
-        self._seq += 1
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._replies[self._seq] = fut
-        self._send({"jsonrpc": "2.0", "id": self._seq, "method": method, "params": params})
-        return fut
-
-    async def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        out = self.proc.stdout
-        try:
-            while True:
-                length = None
-                while True:
-                    line = await out.readline()
-                    if not line:
-                        raise EOFError
-                    line = line.strip()
-                    if not line:
-                        break
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                if length is None:
-                    continue
-                msg = json.loads(await out.readexactly(length))
-                method = msg.get("method")
-                if method is not None and "id" in msg:  # a request from the server: acknowledge it
-                    self._send({"jsonrpc": "2.0", "id": msg["id"], "result": None})
-                elif method == "textDocument/publishDiagnostics":
-                    params = msg.get("params") or {}
-                    fut = self._diags.pop(str(params.get("uri")), None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(list(params.get("diagnostics") or []))
-                elif method == "semgrep/rulesRefreshed":
-                    self._ready.set()
-                elif method is None and msg.get("id") in self._replies:
-                    fut = self._replies.pop(msg["id"])
-                    if not fut.done():
-                        fut.set_result(msg.get("result"))
-        except (EOFError, asyncio.IncompleteReadError, ValueError, OSError) as exc:
-            if self.dead is None:
-                self.dead = f"exited ({type(exc).__name__})"
-            self._finish()
-        except asyncio.CancelledError:  # kill(), or the loop shutting down: reap on this loop
-            self.dead = self.dead or "stopped"
-            proc = self.proc
-            if proc is not None and proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                with contextlib.suppress(BaseException):
-                    await asyncio.wait_for(proc.wait(), 5)
-            # close the pipes now, on a live loop: a transport left for the GC after its loop closed
-            # would complain from __del__ (asyncio.subprocess.Process exposes no close())
-            transport = getattr(proc, "_transport", None)
-            if transport is not None:
-                transport.close()
-            self.proc = proc
-            self._finish()
-            raise
 
 
 class SemgrepRunner:
@@ -635,11 +340,6 @@ class SemgrepRunner:
             if reader is not None and reader.get_loop() is loop:
                 with contextlib.suppress(BaseException):
                     await reader
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(os.environ.get("GUARDGATE_CACHE_DIR") or os.path.join(base, "guardgate"))
 
 
 def cached_prefilter_formulas(runner: SemgrepRunner, rules: RuleSet) -> dict[int, Any]:
