@@ -155,7 +155,7 @@ def prompt_guard_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def guard_models(prompt_guard_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway.guards.prompt_guard import guard as prompt_guard
+    from gateway.guards.prompt_guard import metadata as prompt_guard
 
     real = prompt_guard.resolve_model_dir
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from gateway.types import Message, TextEdit
 
@@ -35,8 +36,7 @@ def texts(messages: Sequence[Message], roles: Sequence[str] | frozenset[str],
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class Piece:
+class Piece(NamedTuple):
     """Where one text sits in a run: [start, end) of the run's text; `part` None is a `name` field."""
 
     start: int

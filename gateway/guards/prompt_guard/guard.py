@@ -32,16 +32,8 @@ from gateway.guard_engine import client as engine_client
 from gateway.guard_engine.client import EngineClient, EngineUnavailable
 from gateway.guard_engine.protocol import AUTO, ENGINE, HEALTH, LOCAL, PG_SCORE, engine_url, is_engine_url
 from gateway.guards.base import NO_RESOURCES, Guard, GuardConfigError, GuardInput, GuardResources, register
+from gateway.guards.prompt_guard import metadata as md
 from gateway.guards.prompt_guard.batcher import WindowBatcher
-from gateway.guards.prompt_guard.metadata import (
-    GRAPH_OPT_LEVELS,
-    PROVIDER_ALIASES,
-    TOKENIZER_FILE,
-    ModelInfo,
-    load_tokenizer,
-    make_session,
-    resolve_model_dir,
-)
 from gateway.guards.prompt_guard.scorer import BatchStats, InputTooLong, PromptGuardScorer, TextScore
 from gateway.types import Message, Verdict
 
@@ -158,8 +150,8 @@ class PromptGuard(Guard):
         if not self.providers:
             raise GuardConfigError("prompt_guard: providers must name at least one execution provider")
         self.graph_optimization = str(options.get("graph_optimization", "all"))
-        if self.graph_optimization not in GRAPH_OPT_LEVELS:
-            raise GuardConfigError(f"prompt_guard: graph_optimization must be one of {GRAPH_OPT_LEVELS}")
+        if self.graph_optimization not in md.GRAPH_OPT_LEVELS:
+            raise GuardConfigError(f"prompt_guard: graph_optimization must be one of {md.GRAPH_OPT_LEVELS}")
         backend = str(options.get("backend", AUTO))
         if backend not in (AUTO, LOCAL, ENGINE) and not is_engine_url(backend):
             raise GuardConfigError(f"prompt_guard: backend must be auto, local, engine or an engine URL: {backend!r}")
@@ -177,7 +169,7 @@ class PromptGuard(Guard):
             raise GuardConfigError(f"prompt_guard: precision must be auto, int8 or fp32: {self.precision!r}")
         # The model is found and loaded by start(): a policy naming a model that is not on this
         # machine still loads (its step then fails its checks, and on_error decides).
-        self.info: ModelInfo | None = None
+        self.info: md.ModelInfo | None = None
         self._scorer_opts: dict[str, Any] = {
             "window_tokens": options.get("window_tokens"),
             "stride": options.get("stride"),
@@ -210,13 +202,13 @@ class PromptGuard(Guard):
     def _load(self) -> PromptGuardScorer:
         """Find and load the model (in the batcher's worker thread, once)."""
         spin = bool(self.options.get("allow_spinning", False))
-        directory, model_file = resolve_model_dir(self.options["model"])
-        first = PROVIDER_ALIASES.get(self.providers[0].lower(), self.providers[0])
-        info = ModelInfo.load(directory, self.precision, self.options.get("model_file") or model_file,
+        directory, model_file = md.resolve_model_dir(self.options["model"])
+        first = md.PROVIDER_ALIASES.get(self.providers[0].lower(), self.providers[0])
+        info = md.ModelInfo.load(directory, self.precision, self.options.get("model_file") or model_file,
                               prefer_fp32=first != "CPUExecutionProvider")
-        session = make_session(info.model_file, self.providers, self.threads,
+        session = md.make_session(info.model_file, self.providers, self.threads,
                                self.graph_optimization, spin)
-        tok = load_tokenizer(info.directory / TOKENIZER_FILE)
+        tok = md.load_tokenizer(info.directory / md.TOKENIZER_FILE)
         scorer = PromptGuardScorer(info, session, tok, **self._scorer_opts)
         self.info = info
         log.info("prompt_guard: loaded %s (%s, %s, %d labels)", info.model_file,
