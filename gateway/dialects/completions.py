@@ -17,6 +17,7 @@ from typing import Any
 from gateway.dialects import openai
 from gateway.dialects._common import load_object
 from gateway.dialects.base import DialectError, UpstreamStreamError
+from gateway.dialects.stream import StreamEncoder, frame
 from gateway.types import (
     Choice,
     Completion,
@@ -167,41 +168,45 @@ def stream_decoder() -> CompletionsStreamDecoder:
     return CompletionsStreamDecoder()
 
 
-class CompletionsStreamEncoder:
+class CompletionsStreamEncoder(StreamEncoder):
     """Neutral events → completions chunks, then `data: [DONE]`. Tool calls have no place here and a
-    non-text channel (a chat upstream's reasoning) is not part of a completion's text: both are dropped."""
+    non-text channel (a chat upstream's reasoning) is not part of a completion's text: both are dropped.
+    Finish and usage chunks are held, so a guard `Annotation` rides on the last one (`"guardgate"`)."""
+
+    END = "data: [DONE]\n\n"
 
     def __init__(self, ex: Exchange) -> None:
-        self._ex = ex
-        self._id, self._model, self._created = "cmpl-guardgate", ex.model, int(time.time())
+        super().__init__(ex)
+        self._head: dict[str, Any] = {"id": "cmpl-guardgate", "object": "text_completion",
+                                      "created": int(time.time()), "model": ex.model}
+        # One chunk per stream, re-filled for each text delta (serialized at once, never kept).
+        self._choice: dict[str, Any] = {"text": "", "index": 0, "logprobs": None, "finish_reason": None}
+        self._chunk: dict[str, Any] = {**self._head, "choices": [self._choice]}
 
-    def _chunk(self, choices: list[dict[str, Any]], usage: Usage | None = None) -> bytes:
-        obj: dict[str, Any] = {"id": self._id, "object": "text_completion", "created": self._created,
-                               "model": self._model, "choices": choices}
-        if usage is not None:
-            obj["usage"] = _usage_dict(usage)
-        return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+    def start(self, ev: StreamStart | None) -> None:
+        if ev is not None:
+            self._head.update(id=ev.id or self._head["id"], model=ev.model or self._head["model"],
+                              created=ev.created)
+            self._chunk = {**self._head, "choices": [self._choice]}
 
-    def encode(self, ev: Event) -> bytes:
-        if isinstance(ev, StreamStart):
-            self._id, self._model, self._created = ev.id or self._id, ev.model or self._model, ev.created
-            return b""
-        if isinstance(ev, TextDelta):
-            if ev.channel != "text" or not ev.text:
-                return b""
-            return self._chunk([{"text": ev.text, "index": ev.index, "logprobs": None, "finish_reason": None}])
-        if isinstance(ev, Finish):
-            return self._chunk([{"text": "", "index": ev.index, "logprobs": None, "finish_reason": ev.reason}])
-        if isinstance(ev, UsageEvent) and self._ex.include_usage:
-            return self._chunk([], ev.usage)
-        return b""
+    def text(self, ev: TextDelta) -> None:
+        if ev.channel == "text":
+            self.begin()
+            self._choice["text"], self._choice["index"] = ev.text, ev.index
+            self.emit(self._chunk)
 
-    def end(self) -> bytes:
-        return b"data: [DONE]\n\n"
+    def finish(self, ev: Finish) -> None:
+        self.begin()
+        self.hold({**self._head, "choices": [{"text": "", "index": ev.index, "logprobs": None,
+                                              "finish_reason": ev.reason}]})
 
-    def error(self, message: str, code: str, *, type: str = "server_error") -> bytes:
-        body = json.dumps({"error": {"message": message, "type": type, "param": None, "code": code}})
-        return b"data: " + body.encode() + b"\n\n"
+    def usage(self, ev: UsageEvent) -> None:
+        if self.ex.include_usage:
+            self.begin()
+            self.hold({**self._head, "choices": [], "usage": _usage_dict(ev.usage)})
+
+    def error_frame(self, message: str, code: str, type: str) -> str:
+        return frame({"error": {"message": message, "type": type, "param": None, "code": code}})
 
 
 def stream_encoder(ex: Exchange) -> CompletionsStreamEncoder:

@@ -41,14 +41,11 @@ from gateway.dialects._common import (
     decode_models_list,
     decode_tool_choice,
     decode_tool_defs,
-    dumps,
     encode_tool_choice,
     encode_tool_defs,
     load_json,
     load_object,
     loads,
-    qstr,
-    to_bytes,
 )
 from gateway.dialects.base import (
     DialectError,
@@ -57,8 +54,8 @@ from gateway.dialects.base import (
     ModerationResult,
     UpstreamStreamError,
 )
+from gateway.dialects.stream import StreamEncoder, frame
 from gateway.types import (
-    Annotation,
     Completion,
     Event,
     Exchange,
@@ -517,10 +514,10 @@ class LlamaStreamDecoder:
             out.append(ToolCallDelta(k, args))
 
 
-_EMPTY_DELTA = '"delta":{"type":"text","text":""}'
+_EMPTY = {"type": "text", "text": ""}
 
 
-class LlamaStreamEncoder:
+class LlamaStreamEncoder(StreamEncoder):
     """Neutral events → `data: {"id","event":{...}}\\n\\n` frames: start (on StreamStart), progress
     (text and tool-call deltas), complete (stop_reason), metrics (usage); no terminator.
 
@@ -529,142 +526,81 @@ class LlamaStreamEncoder:
     so the order is always start → progress* → complete → metrics.
     """
 
-    __slots__ = (
-        "_annotation",
-        "_call_ids",
-        "_cur",
-        "_ended",
-        "_ex",
-        "_held",
-        "_id",
-        "_pre",
-        "_progress_text",
-        "_started",
-        "_usage",
-    )
-
     def __init__(self, ex: Exchange) -> None:
-        self._ex = ex
+        super().__init__(ex)
         self._id = ""
-        self._pre = ""
-        self._progress_text = ""
-        self._started = False
-        self._held: str | None = None  # an event frame without its closing "}}\n\n"
         self._usage: Usage | None = None  # usage seen before the finish
-        self._annotation: dict[str, Any] | None = None
         self._call_ids: dict[int, str] = {}
         self._cur: int | None = None
-        self._ended = False
+        # One progress event per stream, re-filled for each text delta (serialized at once).
+        self._text_delta: dict[str, Any] = {"type": "text", "text": ""}
+        self._progress: dict[str, Any] = {}
 
-    def _start(self, ev: StreamStart | None) -> str:
-        self._started = True
+    def _event(self, event: dict[str, Any]) -> dict[str, Any]:
+        return {"id": self._id, "event": event}
+
+    def start(self, ev: StreamStart | None) -> None:
         self._id = ev.id if ev is not None else new_id("chatcmpl-")
-        self._pre = f'data: {{"id":{qstr(self._id)},"event":{{"event_type":'
-        self._progress_text = self._pre + '"progress","delta":{"type":"text","text":'
-        return f'{self._pre}"start",{_EMPTY_DELTA}}}}}\n\n'
+        self._progress = self._event({"event_type": "progress", "delta": self._text_delta})
+        self.emit(self._event({"event_type": "start", "delta": _EMPTY}))
 
-    def _flush(self) -> str:
-        held = self._held
-        if held is None:
-            return ""
-        self._held = None
-        if self._annotation is not None:
-            held += ',"guardgate":' + dumps(self._annotation)
-            self._annotation = None
-        return held + "}}\n\n"
+    def text(self, ev: TextDelta) -> None:
+        if ev.index or ev.channel not in _TEXT_OUT:
+            return
+        self.begin()
+        self._text_delta["text"] = ev.text
+        self.emit(self._progress)
 
-    def _metrics(self, u: Usage) -> str:
-        return f'{self._pre}"metrics",{_EMPTY_DELTA},"metrics":{dumps(_metrics(u))}'
-
-    def encode(self, ev: Event) -> bytes:
-        if self._ended:
-            return b""
-        t = type(ev)
-        if t is TextDelta:
-            if not ev.text or ev.index or ev.channel not in _TEXT_OUT:  # type: ignore[union-attr]
-                return b""
-            pre = self._flush() if self._held is not None else ""
-            if not self._started:
-                pre += self._start(None)
-            return to_bytes(pre + self._progress_text + qstr(ev.text) + "}}}\n\n")  # type: ignore[union-attr]
-        if t is StreamStart:
-            if self._started:
-                return b""
-            return to_bytes(self._start(ev))  # type: ignore[arg-type]
-        if t is ToolCallDelta:
-            return self._tool(ev)  # type: ignore[arg-type]
-        if t is Finish:
-            if ev.index:  # type: ignore[union-attr]
-                return b""
-            pre = self._flush()
-            if not self._started:
-                pre += self._start(None)
-            self._held = f'{self._pre}"complete",{_EMPTY_DELTA},"stop_reason":"{stop_reason_out(ev.reason)}"'  # type: ignore[union-attr]
-            if self._usage is not None:
-                pre += self._flush()
-                self._held = self._metrics(self._usage)
-                self._usage = None
-            return to_bytes(pre)
-        if t is UsageEvent:
-            if self._held is None:  # no finish yet: emit after it
-                self._usage = ev.usage  # type: ignore[union-attr]
-                return b""
-            pre = self._flush()
-            self._held = self._metrics(ev.usage)  # type: ignore[union-attr]
-            return to_bytes(pre)
-        if t is Annotation:
-            if self._annotation is None:
-                self._annotation = dict(ev.data)  # type: ignore[union-attr]
-            else:
-                self._annotation.update(ev.data)  # type: ignore[union-attr]
-            return b""
-        return b""
-
-    def _tool(self, ev: ToolCallDelta) -> bytes:
+    def tool(self, ev: ToolCallDelta) -> None:
         if ev.index:
-            return b""
-        pre = self._flush() if self._held is not None else ""
-        if not self._started:
-            pre += self._start(None)
+            return
+        self.begin()
         k = ev.call_index
+        delta: dict[str, Any] = {"type": "tool_call"}
         if k not in self._call_ids:
-            cid = self._call_ids[k] = ev.id or new_id("call_")
-            delta = (
-                f'{{"type":"tool_call","id":{qstr(cid)},'
-                f'"function":{{"name":{qstr(ev.name or "")},"arguments":{qstr(ev.arguments)}}}}}'
-            )
+            delta["id"] = self._call_ids[k] = ev.id or new_id("call_")
+            delta["function"] = {"name": ev.name or "", "arguments": ev.arguments}
         elif k != self._cur:  # back to an earlier call: say which
-            delta = (
-                f'{{"type":"tool_call","id":{qstr(self._call_ids[k])},'
-                f'"function":{{"arguments":{qstr(ev.arguments)}}}}}'
-            )
+            delta["id"] = self._call_ids[k]
+            delta["function"] = {"arguments": ev.arguments}
         elif ev.arguments:
-            delta = f'{{"type":"tool_call","function":{{"arguments":{qstr(ev.arguments)}}}}}'
+            delta["function"] = {"arguments": ev.arguments}
         else:
-            return to_bytes(pre)
+            self.flush()
+            return
         self._cur = k
-        return to_bytes(f'{pre}{self._pre}"progress","delta":{delta}}}}}\n\n')
+        self.emit(self._event({"event_type": "progress", "delta": delta}))
 
-    def end(self) -> bytes:
-        if self._ended:
-            return b""
-        self._ended = True
-        out = self._flush()
-        if self._usage is not None:  # usage but never a finish
-            if not self._started:
-                out += self._start(None)
-            self._held = self._metrics(self._usage)
+    def finish(self, ev: Finish) -> None:
+        if ev.index:
+            return
+        self.begin()
+        event = {"event_type": "complete", "delta": _EMPTY, "stop_reason": stop_reason_out(ev.reason)}
+        self.hold(self._event(event), event)
+        if self._usage is not None:
+            self._metrics(self._usage)
             self._usage = None
-            out += self._flush()
-        return to_bytes(out)
 
-    def error(self, message: str, code: str, *, type: str = "server_error") -> bytes:
+    def _metrics(self, u: Usage) -> None:
+        event = {"event_type": "metrics", "delta": _EMPTY, "metrics": _metrics(u)}
+        self.hold(self._event(event), event)
+
+    def usage(self, ev: UsageEvent) -> None:
+        if self.holding:
+            self._metrics(ev.usage)
+        else:  # no finish yet: emit after it
+            self._usage = ev.usage
+
+    def close(self) -> None:
+        if self._usage is not None:  # usage but never a finish
+            self.begin()
+            self._metrics(self._usage)
+            self._usage = None
+
+    def error_frame(self, message: str, code: str, type: str) -> str:
         """`event: error` + the error body: llama-api-client raises `APIError` (§4.3)."""
-        if self._ended:
-            return b""
-        self._ended = True
-        body = error_body(400 if type == "invalid_request_error" else 502, message, type=type, code=code)
-        return to_bytes(self._flush() + "event: error\ndata: " + dumps(body) + "\n\n")
+        return frame(error_body(400 if type == "invalid_request_error" else 502, message, type=type, code=code),
+                     "error")
 
 
 def stream_decoder() -> LlamaStreamDecoder:

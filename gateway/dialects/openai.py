@@ -50,13 +50,10 @@ from gateway.dialects._common import (
     decode_models_list,
     decode_tool_choice,
     decode_tool_defs,
-    dumps,
     encode_tool_choice,
     encode_tool_defs,
     load_object,
     loads,
-    qstr,
-    to_bytes,
 )
 from gateway.dialects.base import (
     DialectError,
@@ -65,8 +62,8 @@ from gateway.dialects.base import (
     ModerationResult,
     UpstreamStreamError,
 )
+from gateway.dialects.stream import StreamEncoder, frame
 from gateway.types import (
-    Annotation,
     Attached,
     Choice,
     Completion,
@@ -366,7 +363,7 @@ CHOICE_FIELDS: dict[str, str] = {
 _REASONING_KEYS = ("reasoning_content", "reasoning")
 # Stream delta key per text channel (a reasoning stream is written as reasoning_content, the name
 # vLLM, llama.cpp and DeepSeek use; a `reasoning` delta is read as the same channel).
-_DELTA_KEYS = {"text": '"content"', "refusal": '"refusal"', "reasoning": '"reasoning_content"'}
+_DELTA_KEYS = {"text": "content", "refusal": "refusal", "reasoning": "reasoning_content"}
 
 
 def _strings(v: Any, out: list[str]) -> None:
@@ -714,7 +711,7 @@ class OpenAIStreamDecoder:
                 out.append(ToolCallDelta(k, args, index=idx))
 
 
-class OpenAIStreamEncoder:
+class OpenAIStreamEncoder(StreamEncoder):
     """Neutral events → `data: <chunk>\\n\\n` frames, then `data: [DONE]\\n\\n`.
 
     Every chunk has the same id/created/model; each choice opens with
@@ -724,173 +721,89 @@ class OpenAIStreamEncoder:
     `end()`, so an `Annotation` can ride on it as a top-level `"guardgate"` object.
     """
 
-    __slots__ = (
-        "_annotation",
-        "_ended",
-        "_ex",
-        "_head",
-        "_held",
-        "_id",
-        "_legacy",
-        "_opened",
-        "_tail",
-        "_text0",
-        "_text_end",
-        "_tools",
-        "_usage",
-    )
+    END = "data: [DONE]\n\n"
 
     def __init__(self, ex: Exchange) -> None:
-        self._ex = ex
+        super().__init__(ex)
         self._legacy = legacy_functions(ex)
-        self._usage = ex.include_usage
-        self._tail = ',"usage":null}\n\n' if ex.include_usage else "}\n\n"
-        self._head = ""
-        self._id = ""
-        self._text0 = ""
-        self._text_end = '},"logprobs":null,"finish_reason":null}]' + self._tail
+        self._with_usage = ex.include_usage
         self._opened: set[int] = set()
         self._tools: set[tuple[int, int]] = set()
-        self._held: str | None = None  # a final chunk without its closing "}\n\n"
-        self._annotation: dict[str, Any] | None = None
-        self._ended = False
+        self._head: dict[str, Any] = {}
+        # One chunk per stream, re-filled for each delta (serialized at once, never kept).
+        self._choice: dict[str, Any] = {"index": 0, "delta": None, "logprobs": None, "finish_reason": None}
+        self._chunk: dict[str, Any] = {}
 
-    def _start(self, ev: StreamStart | None) -> None:
-        if ev is None:
-            ev = StreamStart(id=new_id("chatcmpl-"), model=self._ex.model)
-        self._id = ev.id
-        extra = "".join(f",{qstr(k)}:{dumps(v)}" for k, v in (ev.extra.get(NAME) or {}).items())
-        self._head = (
-            f'data: {{"id":{qstr(ev.id)},"object":"chat.completion.chunk","created":{int(ev.created)},'
-            f'"model":{qstr(ev.model or self._ex.model)}{extra},"choices":['
-        )
-        self._text0 = self._head + '{"index":0,"delta":{"content":'
+    def _new(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        d = {**self._head, "choices": choices}
+        if self._with_usage:
+            d["usage"] = None
+        return d
 
-    def _open(self, index: int) -> str:
+    def start(self, ev: StreamStart | None) -> None:
+        s = ev or StreamStart(id=new_id("chatcmpl-"), model=self.ex.model)
+        self._head = {"id": s.id, "object": "chat.completion.chunk", "created": int(s.created),
+                      "model": s.model or self.ex.model, **(s.extra.get(NAME) or {})}
+        self._chunk = self._new([self._choice])
+        if ev is not None:  # the upstream's start opens choice 0 at once
+            self._open(0)
+
+    def _open(self, index: int) -> None:
         self._opened.add(index)
-        return (
-            f'{self._head}{{"index":{index},"delta":{{"role":"assistant","content":"","refusal":null}},'
-            f'"logprobs":null,"finish_reason":null}}]{self._tail}'
-        )
+        ch = self._choice
+        ch["index"], ch["delta"] = index, {"role": "assistant", "content": "", "refusal": None}
+        self.emit(self._chunk)
 
-    def _flush(self) -> str:
-        held = self._held
-        if held is None:
-            return ""
-        self._held = None
-        if self._annotation is not None:
-            held += ',"guardgate":' + dumps(self._annotation)
-            self._annotation = None
-        return held + "}\n\n"
+    def _delta(self, index: int, delta: dict[str, Any]) -> None:
+        self.begin()
+        if index not in self._opened:
+            self._open(index)
+        ch = self._choice
+        ch["index"], ch["delta"] = index, delta
+        self.emit(self._chunk)
 
-    def encode(self, ev: Event) -> bytes:
-        if self._ended:
-            return b""
-        t = type(ev)
-        if t is TextDelta:
-            if not ev.text:  # type: ignore[union-attr]
-                return b""
-            pre = self._flush() if self._held is not None else ""
-            if not self._head:
-                self._start(None)
-            index = ev.index  # type: ignore[union-attr]
-            channel = ev.channel  # type: ignore[union-attr]
-            key = _DELTA_KEYS.get(channel)
-            if key is None:  # transcript (audio is not streamed) or a one-shot Attached text
-                return to_bytes(pre)
-            if index not in self._opened:
-                pre += self._open(index)
-            if index == 0 and channel == "text":
-                return to_bytes(pre + self._text0 + qstr(ev.text) + self._text_end)  # type: ignore[union-attr]
-            return to_bytes(
-                f'{pre}{self._head}{{"index":{index},"delta":{{{key}:{qstr(ev.text)}'  # type: ignore[union-attr]
-                + self._text_end
-            )
-        if t is StreamStart:
-            pre = self._flush()
-            if self._head:
-                return to_bytes(pre)  # a second start: keep the first identity
-            self._start(ev)  # type: ignore[arg-type]
-            return to_bytes(pre + self._open(0))
-        if t is ToolCallDelta:
-            return self._tool(ev)  # type: ignore[arg-type]
-        if t is Finish:
-            pre = self._flush()
-            if not self._head:
-                self._start(None)
-            index = ev.index  # type: ignore[union-attr]
-            if index not in self._opened:
-                pre += self._open(index)
-            fr = ev.reason if ev.reason in FINISH_REASONS else "stop"  # type: ignore[union-attr]
-            self._held = (
-                f'{self._head}{{"index":{index},"delta":{{}},"logprobs":null,"finish_reason":"{fr}"}}]'
-                + (',"usage":null' if self._usage else "")
-            )
-            return to_bytes(pre)
-        if t is UsageEvent:
-            if not self._usage:
-                return b""
-            pre = self._flush()
-            if not self._head:
-                self._start(None)
-            self._held = f'{self._head}],"usage":{dumps(_usage_dict(ev.usage))}'  # type: ignore[union-attr]
-            return to_bytes(pre)
-        if t is Annotation:
-            if self._annotation is None:
-                self._annotation = dict(ev.data)  # type: ignore[union-attr]
-            else:
-                self._annotation.update(ev.data)  # type: ignore[union-attr]
-            return b""
-        return b""
+    def text(self, ev: TextDelta) -> None:
+        key = _DELTA_KEYS.get(ev.channel)
+        if key is not None:  # else transcript (audio is not streamed) or a one-shot Attached text
+            self._delta(ev.index, {key: ev.text})
+        elif self.holding:
+            self.flush()
 
-    def _tool(self, ev: ToolCallDelta) -> bytes:
-        pre = self._flush() if self._held is not None else ""
-        if not self._head:
-            self._start(None)
-        if ev.index not in self._opened:
-            pre += self._open(ev.index)
+    def tool(self, ev: ToolCallDelta) -> None:
         key = (ev.index, ev.call_index)
+        first = key not in self._tools
         if self._legacy and ev.call_index == 0:  # the client sent `functions`: legacy deltas
-            if key not in self._tools:
+            if first:
                 self._tools.add(key)
-                fc = f'{{"name":{qstr(ev.name or "")},"arguments":{qstr(ev.arguments)}}}'
+                self._delta(ev.index, {"function_call": {"name": ev.name or "", "arguments": ev.arguments}})
             elif ev.arguments:
-                fc = f'{{"arguments":{qstr(ev.arguments)}}}'
-            else:
-                return to_bytes(pre)
-            return to_bytes(
-                f'{pre}{self._head}{{"index":{ev.index},"delta":{{"function_call":{fc}}},'
-                + '"logprobs":null,"finish_reason":null}]'
-                + self._tail
-            )
-        if key not in self._tools:
+                self._delta(ev.index, {"function_call": {"arguments": ev.arguments}})
+            return
+        if first:
             self._tools.add(key)
-            tc = (
-                f'{{"index":{ev.call_index},"id":{qstr(ev.id or new_id("call_"))},"type":"function",'
-                f'"function":{{"name":{qstr(ev.name or "")},"arguments":{qstr(ev.arguments)}}}}}'
-            )
+            tc: dict[str, Any] = {"index": ev.call_index, "id": ev.id or new_id("call_"), "type": "function",
+                                  "function": {"name": ev.name or "", "arguments": ev.arguments}}
         elif ev.arguments:
-            tc = f'{{"index":{ev.call_index},"function":{{"arguments":{qstr(ev.arguments)}}}}}'
+            tc = {"index": ev.call_index, "function": {"arguments": ev.arguments}}
         else:
-            return to_bytes(pre)
-        return to_bytes(
-            f'{pre}{self._head}{{"index":{ev.index},"delta":{{"tool_calls":[{tc}]}},'
-            + '"logprobs":null,"finish_reason":null}]'
-            + self._tail
-        )
+            return
+        self._delta(ev.index, {"tool_calls": [tc]})
 
-    def end(self) -> bytes:
-        if self._ended:
-            return b""
-        self._ended = True
-        return to_bytes(self._flush() + "data: [DONE]\n\n")
+    def finish(self, ev: Finish) -> None:
+        self.begin()
+        self.flush()
+        if ev.index not in self._opened:
+            self._open(ev.index)
+        fr = ev.reason if ev.reason in FINISH_REASONS else "stop"
+        self.hold(self._new([{"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": fr}]))
 
-    def error(self, message: str, code: str, *, type: str = "server_error") -> bytes:
-        if self._ended:
-            return b""
-        self._ended = True
-        err = {"message": message, "type": type, "param": None, "code": code}
-        return to_bytes(self._flush() + 'data: {"error":' + dumps(err) + "}\n\n")
+    def usage(self, ev: UsageEvent) -> None:
+        if self._with_usage:
+            self.begin()
+            self.hold({**self._head, "choices": [], "usage": _usage_dict(ev.usage)})
+
+    def error_frame(self, message: str, code: str, type: str) -> str:
+        return frame({"error": {"message": message, "type": type, "param": None, "code": code}})
 
 
 def stream_decoder() -> OpenAIStreamDecoder:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import datetime as _dt
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -181,6 +181,14 @@ class PolicyRun:
 
     def guard_stream(self, exchange: Exchange, events: AsyncIterable[Event]) -> AsyncIterator[Event]:
         """The upstream's neutral events, guarded by the policy's stream steps (an async generator)."""
+        return self._stream_gate(exchange).run(events)
+
+    def guard_batches(self, exchange: Exchange,
+                      batches: AsyncIterable[list[Event]]) -> AsyncGenerator[list[Event], None]:
+        """As `guard_stream`, in lists: events in as they arrived together, each release out as one."""
+        return self._stream_gate(exchange).batches(batches)
+
+    def _stream_gate(self, exchange: Exchange) -> StreamGate:
         self.content.setdefault("messages", _messages_record(exchange.messages))
         sc = self.policy.stream
         gate = StreamGate(sc.steps, self.records, messages=exchange.messages, request_id=self.request_id,
@@ -188,7 +196,7 @@ class PolicyRun:
                           max_unchecked_tokens=sc.max_unchecked_tokens, max_stall_ms=sc.max_stall_ms,
                           shadow=self.policy.shadow, annotate=self._annotate_stream)
         self.gates.append(("stream", gate))
-        return gate.run(events)
+        return gate
 
     async def check_output(self, exchange: Exchange, completion: Completion) -> Completion:
         """A non-stream answer through the output steps and, one-shot, the stream steps."""

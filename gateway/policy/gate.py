@@ -39,7 +39,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -218,8 +218,18 @@ class GateResult:
     after_finish: dict[int, int] = field(default_factory=dict)
 
 
+async def _singles(events: AsyncIterable[Event]) -> AsyncGenerator[list[Event], None]:
+    try:
+        async for ev in events:
+            yield [ev]
+    finally:
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
 class StreamGate:
-    """Guards one stream. Build one per request and iterate `run(upstream_events)` once."""
+    """Guards one stream. Build one per request and iterate `batches(upstream)` (or `run`) once."""
 
     def __init__(self, steps: Sequence[Step], records: dict[Step, StepRecord], *, messages: list[Message],
                  request_id: str = "", check_every_tokens: int = 32, max_unchecked_tokens: int = 0,
@@ -243,7 +253,7 @@ class StreamGate:
         self._usage: UsageEvent | None = None
         self._trailers: list[Event] = []
         self._now: list[Event] = []  # events to release at the next drain, ahead of any text
-        self._upstream: AsyncIterable[Event] | None = None
+        self._upstream: AsyncIterable[list[Event]] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._q: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         self._room = asyncio.Semaphore(read_ahead)
@@ -254,8 +264,20 @@ class StreamGate:
 
     # ------------------------------------------------------------------ public
 
-    async def run(self, upstream: AsyncIterable[Event]) -> AsyncIterator[Event]:
-        """The guarded stream. Closing it (aclose) cancels the upstream and every check."""
+    async def run(self, upstream: AsyncIterable[Event]) -> AsyncGenerator[Event, None]:
+        """The guarded stream, event by event (`batches` with one event per upstream batch)."""
+        batches = self.batches(_singles(upstream))
+        try:
+            async for batch in batches:
+                for ev in batch:
+                    yield ev
+        finally:
+            await batches.aclose()
+
+    async def batches(self, upstream: AsyncIterable[list[Event]]) -> AsyncGenerator[list[Event], None]:
+        """The guarded stream: upstream events in lists (those that arrived together), and each
+        release out as one list (what the client gets in one write). Closing it (aclose) cancels
+        the upstream and every check."""
         if self._started:
             raise RuntimeError("a StreamGate runs once")
         self._started = True
@@ -267,17 +289,18 @@ class StreamGate:
                 while not self._q.empty() and self._block is None:
                     self._handle(self._q.get_nowait())
                 if self._block is not None:
-                    for ev in await self._block_out():
-                        yield ev
+                    yield await self._block_out()
                     return
                 if self._error is not None:
                     self._result.error = f"upstream: {type(self._error).__name__}: {self._error}"
                     raise self._error
                 self._schedule()
-                for ev in self._drain():
-                    yield ev
-            for ev in self._end_out():
-                yield ev
+                out = self._drain()
+                if out:
+                    yield out
+            out = self._end_out()
+            if out:
+                yield out
         finally:
             await self._cleanup()
 
@@ -310,11 +333,11 @@ class StreamGate:
 
     # ------------------------------------------------------------------ reading
 
-    async def _read(self, upstream: AsyncIterable[Event]) -> None:
+    async def _read(self, upstream: AsyncIterable[list[Event]]) -> None:
         try:
-            async for ev in upstream:
+            async for batch in upstream:
                 await self._room.acquire()
-                self._q.put_nowait((_EV, ev))
+                self._q.put_nowait((_EV, batch))
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -326,7 +349,8 @@ class StreamGate:
         kind, payload = item
         if kind == _EV:
             self._room.release()
-            self._on_event(payload)
+            for ev in payload:
+                self._on_event(ev)
         elif kind == _CHECK:
             self._on_check(*payload)
         elif kind == _END:
