@@ -408,7 +408,7 @@ class Pipeline:
         released: list[str] = []
         out = TimedResponse(status=200, headers={"Content-Type": "text/event-stream; charset=utf-8",
                                                  "X-Guardgate-Request-Id": ctx.id, **SSE_HEADERS},
-                            send_timeout=self.send_timeout)
+                            send_timeout=self.send_timeout, headers_with_first_write=True)
         await out.prepare(request)
         last = b""
         try:

@@ -113,9 +113,13 @@ class TimedResponse(web.StreamResponse):
     most once per `send_timeout`, checks when it fires whether a write has been waiting that long
     (and re-arms for the one in progress, else sleeps until the next write arms it again)."""
 
-    def __init__(self, *, send_timeout: float | None = None, **kw: Any) -> None:
+    def __init__(self, *, send_timeout: float | None = None, headers_with_first_write: bool = False,
+                 **kw: Any) -> None:
         super().__init__(**kw)
         self.send_timeout = send_timeout
+        # The head leaves with the first body bytes, in one write (a guarded stream: its first write
+        # follows at once, the stream's start).
+        self._send_headers_immediately = not headers_with_first_write
         self._since: float | None = None  # loop time the write in progress started
         self._timer: asyncio.TimerHandle | None = None
         self._expired = False

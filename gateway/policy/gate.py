@@ -132,7 +132,9 @@ class _Choice:
     chunks: list[str] = field(default_factory=list)
     length: int = 0
     joined_len: int = 0
-    tok_starts: list[int] = field(default_factory=list)
+    tok_starts: list[int] = field(default_factory=list)  # token starts of text[:tok_upto] (see tokenize)
+    tok_upto: int = 0
+    ascii: bool = True  # all text so far is ASCII: a token is at least one character
     pieces: deque[_Piece] = field(default_factory=deque)
     released: int = 0
     finish: Finish | None = None
@@ -158,7 +160,7 @@ class _Choice:
 
     def token_rate(self, now: float) -> float | None:
         """Tokens per second since the first text (None until there is enough to tell)."""
-        if self.first_at is None or len(self.tok_starts) < 2 or now - self.first_at < 0.02:
+        if self.first_at is None or now - self.first_at < 0.02 or len(self.tokenize()) < 2:
             return None
         return (len(self.tok_starts) - 1) / (now - self.first_at)
 
@@ -190,11 +192,31 @@ class _Choice:
             self.first_at = time.monotonic()
         self.chunks.append(text)
         self.length += len(text)
-        self.tok_starts.extend(start + o for o in token_starts(text))
+        if self.ascii and not text.isascii():
+            self.ascii = False
         self.pieces.append(_Piece(start, self.length, text, kind, call_index, id, name, channel))
 
+    def tokenize(self) -> list[int]:
+        """Token starts of the whole text: the text not tokenized yet is, in one call (the tokens of
+        what is new, never the whole answer again)."""
+        upto = self.tok_upto
+        if upto < self.length:
+            self.tok_starts.extend(upto + o for o in token_starts(self.text()[upto:]))
+            self.tok_upto = self.length
+        return self.tok_starts
+
     def tokens_between(self, a: int, b: int) -> int:
-        return bisect.bisect_left(self.tok_starts, b) - bisect.bisect_left(self.tok_starts, a)
+        starts = self.tokenize() if b > self.tok_upto else self.tok_starts
+        return bisect.bisect_left(starts, b) - bisect.bisect_left(starts, a)
+
+    def has_tokens(self, a: int, n: float) -> bool:
+        """At least `n` tokens in text[a:]? Tokenizes only once a cheap bound says it may be so (a
+        token is at least one byte: one character of ASCII, at most four bytes a character)."""
+        upto = max(a, self.tok_upto)
+        known = self.tokens_between(a, upto) if upto > a else 0
+        if known + (self.length - upto) * (1 if self.ascii else 4) < n:
+            return False
+        return self.tokens_between(a, self.length) >= n
 
 
 @dataclass
@@ -307,7 +329,7 @@ class StreamGate:
     def result(self) -> GateResult:
         """The summary so far, with the leak and release counts computed from what was emitted."""
         r = self._result
-        r.received_tokens = sum(len(c.tok_starts) for c in self._choices.values())
+        r.received_tokens = sum(len(c.tokenize()) for c in self._choices.values())
         leaked = released = 0
         r.flagged_at = None
         r.released_text = {}
@@ -440,7 +462,7 @@ class StreamGate:
                         self._start(c, st, final=True)
                     else:
                         st.final_done = True
-                elif c.tokens_between(st.checked_to, c.length) >= self._window(c, st):
+                elif c.has_tokens(st.checked_to, self._window(c, st)):
                     self._start(c, st, final=False)
 
     def _window(self, c: _Choice, st: _StepState) -> float:
@@ -587,8 +609,9 @@ class StreamGate:
             return c.length
         checked = min(st.checked_to for st in c.steps)
         if self.max_unchecked:
-            i = bisect.bisect_left(c.tok_starts, checked) + self.max_unchecked
-            limit = c.tok_starts[i] if i < len(c.tok_starts) else c.length
+            starts = c.tokenize()
+            i = bisect.bisect_left(starts, checked) + self.max_unchecked
+            limit = starts[i] if i < len(starts) else c.length
         else:
             limit = checked
         for st in c.steps:
@@ -690,7 +713,7 @@ class StreamGate:
 
     def _estimate_usage(self) -> Usage:
         prompt = sum(count_tokens(m.text) for m in self.messages)
-        completion = sum(len(c.tok_starts) for c in self._choices.values())
+        completion = sum(len(c.tokenize()) for c in self._choices.values())
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
     # ------------------------------------------------------------------ teardown
