@@ -183,13 +183,28 @@ def portkey_dir() -> Path | None:
     return None
 
 
-def portkey_target(up_port: int) -> Target:
+# @portkey-ai/gateway 1.15 appends its x-portkey-* headers to the upstream's fetch() Response, whose
+# headers Node's fetch (undici) makes immutable: every stream then failed with a 500 ("immutable").
+# This preload hands Portkey responses with their own, mutable headers (one Response object per call).
+PORTKEY_FETCH_SHIM = """
+const f = globalThis.fetch;
+globalThis.fetch = async (...a) => {
+  const r = await f(...a);
+  return new Response(r.body, { status: r.status, statusText: r.statusText, headers: new Headers(r.headers) });
+};
+"""
+
+
+def portkey_target(up_port: int, tmp: Path) -> Target:
     d, node = portkey_dir(), shutil.which("node")
     if d is None or node is None:
         return Target("portkey", skipped="not installed (npm install --prefix .peers/portkey @portkey-ai/gateway, "
                                          "or set PORTKEY_DIR; needs node on PATH)")
     port = free_port()
-    p = spawn([node, "node_modules/@portkey-ai/gateway/build/start-server.js", f"--port={port}", "--headless"],
+    shim = tmp / "portkey-fetch-shim.cjs"
+    shim.write_text(PORTKEY_FETCH_SHIM)
+    p = spawn([node, "--require", str(shim), "node_modules/@portkey-ai/gateway/build/start-server.js",
+               f"--port={port}", "--headless"],
               cwd=d, env={"NODE_ENV": "production", "TRUSTED_CUSTOM_HOSTS": "127.0.0.1,localhost"})
     # Portkey routes by headers: the provider and, for a self-hosted OpenAI-compatible server, its base URL.
     headers = {"x-portkey-provider": "openai", "x-portkey-custom-host": f"http://127.0.0.1:{up_port}/v1",
@@ -250,7 +265,7 @@ async def start(want: list[str], chunks: int, tmp: Path,
         elif name == "litellm":
             targets.append(litellm_target(up_port, tmp))
         elif name == "portkey":
-            targets.append(portkey_target(up_port))
+            targets.append(portkey_target(up_port, tmp))
         elif name in ("relay@base", "gate-regex@base"):
             if base is None:
                 targets.append(Target(name, skipped="no --base checkout given"))
