@@ -15,9 +15,9 @@ import time
 from typing import Any
 
 from gateway.dialects import openai
-from gateway.dialects._common import load_object
+from gateway.dialects._common import load_object, qstr
 from gateway.dialects.base import DialectError, UpstreamStreamError
-from gateway.dialects.stream import StreamEncoder, frame
+from gateway.dialects.stream import HOLES, StreamEncoder, Template, frame
 from gateway.types import (
     Choice,
     Completion,
@@ -179,21 +179,21 @@ class CompletionsStreamEncoder(StreamEncoder):
         super().__init__(ex)
         self._head: dict[str, Any] = {"id": "cmpl-guardgate", "object": "text_completion",
                                       "created": int(time.time()), "model": ex.model}
-        # One chunk per stream, re-filled for each text delta (serialized at once, never kept).
-        self._choice: dict[str, Any] = {"text": "", "index": 0, "logprobs": None, "finish_reason": None}
-        self._chunk: dict[str, Any] = {**self._head, "choices": [self._choice]}
+        self._texts: dict[int, Template] = {}  # per choice: its text chunk, serialized once
 
     def start(self, ev: StreamStart | None) -> None:
         if ev is not None:
             self._head.update(id=ev.id or self._head["id"], model=ev.model or self._head["model"],
                               created=ev.created)
-            self._chunk = {**self._head, "choices": [self._choice]}
 
     def text(self, ev: TextDelta) -> None:
         if ev.channel == "text":
             self.begin()
-            self._choice["text"], self._choice["index"] = ev.text, ev.index
-            self.emit(self._chunk)
+            tpl = self._texts.get(ev.index)
+            if tpl is None:
+                tpl = self._texts[ev.index] = Template({**self._head, "choices": [
+                    {"text": HOLES[0], "index": ev.index, "logprobs": None, "finish_reason": None}]})
+            self.emit_text(tpl.fill(qstr(ev.text)))
 
     def finish(self, ev: Finish) -> None:
         self.begin()

@@ -46,6 +46,7 @@ from gateway.dialects._common import (
     load_json,
     load_object,
     loads,
+    qstr,
 )
 from gateway.dialects.base import (
     DialectError,
@@ -54,7 +55,7 @@ from gateway.dialects.base import (
     ModerationResult,
     UpstreamStreamError,
 )
-from gateway.dialects.stream import StreamEncoder, frame
+from gateway.dialects.stream import HOLES, StreamEncoder, Template, frame
 from gateway.types import (
     Completion,
     Event,
@@ -532,24 +533,23 @@ class LlamaStreamEncoder(StreamEncoder):
         self._usage: Usage | None = None  # usage seen before the finish
         self._call_ids: dict[int, str] = {}
         self._cur: int | None = None
-        # One progress event per stream, re-filled for each text delta (serialized at once).
-        self._text_delta: dict[str, Any] = {"type": "text", "text": ""}
-        self._progress: dict[str, Any] = {}
+        self._progress: Template | None = None  # the text progress event, serialized once
 
     def _event(self, event: dict[str, Any]) -> dict[str, Any]:
         return {"id": self._id, "event": event}
 
     def start(self, ev: StreamStart | None) -> None:
         self._id = ev.id if ev is not None else new_id("chatcmpl-")
-        self._progress = self._event({"event_type": "progress", "delta": self._text_delta})
+        self._progress = Template(self._event({"event_type": "progress",
+                                               "delta": {"type": "text", "text": HOLES[0]}}))
         self.emit(self._event({"event_type": "start", "delta": _EMPTY}))
 
     def text(self, ev: TextDelta) -> None:
         if ev.index or ev.channel not in _TEXT_OUT:
             return
         self.begin()
-        self._text_delta["text"] = ev.text
-        self.emit(self._progress)
+        assert self._progress is not None
+        self.emit_text(self._progress.fill(qstr(ev.text)))
 
     def tool(self, ev: ToolCallDelta) -> None:
         if ev.index:

@@ -54,6 +54,7 @@ from gateway.dialects._common import (
     encode_tool_defs,
     load_object,
     loads,
+    qstr,
 )
 from gateway.dialects.base import (
     DialectError,
@@ -62,7 +63,7 @@ from gateway.dialects.base import (
     ModerationResult,
     UpstreamStreamError,
 )
-from gateway.dialects.stream import StreamEncoder, frame
+from gateway.dialects.stream import HOLES, StreamEncoder, Template, frame
 from gateway.types import (
     Attached,
     Choice,
@@ -730,9 +731,7 @@ class OpenAIStreamEncoder(StreamEncoder):
         self._opened: set[int] = set()
         self._tools: set[tuple[int, int]] = set()
         self._head: dict[str, Any] = {}
-        # One chunk per stream, re-filled for each delta (serialized at once, never kept).
-        self._choice: dict[str, Any] = {"index": 0, "delta": None, "logprobs": None, "finish_reason": None}
-        self._chunk: dict[str, Any] = {}
+        self._texts: dict[tuple[int, str], Template] = {}  # per (choice, delta key): its text chunk
 
     def _new(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         d = {**self._head, "choices": choices}
@@ -740,34 +739,34 @@ class OpenAIStreamEncoder(StreamEncoder):
             d["usage"] = None
         return d
 
+    def _choice(self, index: int, delta: dict[str, Any]) -> dict[str, Any]:
+        return self._new([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])
+
     def start(self, ev: StreamStart | None) -> None:
         s = ev or StreamStart(id=new_id("chatcmpl-"), model=self.ex.model)
         self._head = {"id": s.id, "object": "chat.completion.chunk", "created": int(s.created),
                       "model": s.model or self.ex.model, **(s.extra.get(NAME) or {})}
-        self._chunk = self._new([self._choice])
         if ev is not None:  # the upstream's start opens choice 0 at once
-            self._open(0)
-
-    def _open(self, index: int) -> None:
-        self._opened.add(index)
-        ch = self._choice
-        ch["index"], ch["delta"] = index, {"role": "assistant", "content": "", "refusal": None}
-        self.emit(self._chunk)
+            self._delta(0, {})
 
     def _delta(self, index: int, delta: dict[str, Any]) -> None:
         self.begin()
         if index not in self._opened:
-            self._open(index)
-        ch = self._choice
-        ch["index"], ch["delta"] = index, delta
-        self.emit(self._chunk)
+            self._opened.add(index)
+            self.emit(self._choice(index, {"role": "assistant", "content": "", "refusal": None}))
+        if delta:
+            self.emit(self._choice(index, delta))
 
     def text(self, ev: TextDelta) -> None:
         key = _DELTA_KEYS.get(ev.channel)
-        if key is not None:  # else transcript (audio is not streamed) or a one-shot Attached text
-            self._delta(ev.index, {key: ev.text})
-        elif self.holding:
+        if key is None:  # transcript (audio is not streamed) or a one-shot Attached text
             self.flush()
+            return
+        tpl = self._texts.get((ev.index, key))
+        if tpl is None or ev.index not in self._opened:
+            self._delta(ev.index, {})
+            tpl = self._texts[(ev.index, key)] = Template(self._choice(ev.index, {key: HOLES[0]}))
+        self.emit_text(tpl.fill(qstr(ev.text)))
 
     def tool(self, ev: ToolCallDelta) -> None:
         key = (ev.index, ev.call_index)
@@ -790,10 +789,7 @@ class OpenAIStreamEncoder(StreamEncoder):
         self._delta(ev.index, {"tool_calls": [tc]})
 
     def finish(self, ev: Finish) -> None:
-        self.begin()
-        self.flush()
-        if ev.index not in self._opened:
-            self._open(ev.index)
+        self._delta(ev.index, {})
         fr = ev.reason if ev.reason in FINISH_REASONS else "stop"
         self.hold(self._new([{"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": fr}]))
 

@@ -58,9 +58,9 @@ import time
 from typing import Any
 
 from gateway.dialects import openai as _openai
-from gateway.dialects._common import REQ, Reader, arguments_str, load_object, to_bytes
+from gateway.dialects._common import REQ, Reader, arguments_str, load_object, qstr, to_bytes
 from gateway.dialects.base import DialectError, ModelInfo
-from gateway.dialects.stream import StreamEncoder, frame
+from gateway.dialects.stream import HOLES, StreamEncoder, Template, frame
 from gateway.types import (
     Choice,
     Completion,
@@ -633,9 +633,8 @@ class ResponsesStreamEncoder(StreamEncoder):
         self._final: dict[str, Any] | None = None  # the annotation, kept for the terminal event
         rf = ex.params.get("response_format")
         self._structured = isinstance(rf, dict) and rf.get("type") in ("json_schema", "json_object")
-        # While an output_text part is open: its delta event, re-filled for each delta (serialized at
-        # once), and the part's texts.
-        self._text_ev: dict[str, Any] = {}
+        # While an output_text part is open: its delta event (serialized once) and the part's texts.
+        self._text_ev: Template | None = None
         self._texts: list[str] = []
 
     # ---------------------------------------------------------------- frames
@@ -678,7 +677,7 @@ class ResponsesStreamEncoder(StreamEncoder):
                  content_index=len(item.parts) - 1, part=part)
 
     def _close_part(self, item: _Item, incomplete_cut: bool) -> None:
-        self._text_ev = {}
+        self._text_ev = None
         kind, texts = item.parts[-1]
         text = "".join(texts)
         loc = {"item_id": item.id, "output_index": item.index, "content_index": len(item.parts) - 1}
@@ -726,11 +725,10 @@ class ResponsesStreamEncoder(StreamEncoder):
         if ev.index != 0 or self._finish is not None or ev.channel not in ("text", "refusal", "reasoning"):
             return  # another choice, after the finish, or a transcript / one-shot Attached text: never sent
         t = self._text_ev
-        if t and ev.channel == "text":  # hot path: the open output_text part goes on
+        if t is not None and ev.channel == "text":  # hot path: the open output_text part goes on
             self._texts.append(ev.text)
-            t["delta"], t["sequence_number"] = ev.text, self._seq
+            self.emit_text(t.fill(qstr(ev.text), str(self._seq)))
             self._seq += 1
-            self.emit(t, "response.output_text.delta")
             return
         self.begin()
         cur = self._current
@@ -761,8 +759,9 @@ class ResponsesStreamEncoder(StreamEncoder):
         loc = {"item_id": cur.id, "output_index": cur.index, "content_index": len(cur.parts) - 1}
         if kind == "output_text":
             self._ev("response.output_text.delta", **loc, delta=ev.text, logprobs=[])
-            self._text_ev = {"type": "response.output_text.delta", **loc, "delta": "", "logprobs": [],
-                             "sequence_number": 0}
+            self._text_ev = Template({"type": "response.output_text.delta", **loc, "delta": HOLES[0],
+                                      "logprobs": [], "sequence_number": HOLES[1]},
+                                     "response.output_text.delta", holes=2)
             self._texts = cur.parts[-1][1]
         else:
             self._ev("response.refusal.delta", **loc, delta=ev.text)
@@ -776,7 +775,7 @@ class ResponsesStreamEncoder(StreamEncoder):
             if self._current is not None:
                 self._close(self._current, "completed")
                 self._current = None
-            self._text_ev = {}
+            self._text_ev = None
             item = self._add("function_call", "fc_")
             item.call_id = ev.id or new_id("call_")
             item.name = ev.name or ""

@@ -40,6 +40,36 @@ def frame(obj: dict[str, Any], event: str | None = None) -> str:
     return "event: " + event + "\ndata: " + dumps(obj) + "\n\n"
 
 
+# Stand-ins for the values a `Template` leaves open (no model-written text reaches a template).
+HOLES = ("\x00gg-hole-0\x00", "\x00gg-hole-1\x00")
+
+
+class Template:
+    """A frame shape with open values (`HOLES[i]` in the dict), serialized once per stream by
+    `frame`: each frame of it is then the fixed text around the JSON of its values, so the hot
+    path (a text delta) costs one string escape, not a whole serialization."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, obj: dict[str, Any], event: str | None = None, holes: int = 1) -> None:
+        text = frame(obj, event)
+        parts: list[str] = []
+        for hole in HOLES[:holes]:
+            head, sep, text = text.partition(dumps(hole))
+            if not sep or dumps(hole) in text:
+                raise ValueError("a template needs each hole exactly once")
+            parts.append(head)
+        parts.append(text)
+        self.parts = parts
+
+    def fill(self, *values: str) -> str:
+        """The frame with these JSON texts in the holes (`qstr(text)` for a string)."""
+        p = self.parts
+        if len(values) == 1:
+            return p[0] + values[0] + p[1]
+        return "".join(x for pair in zip(p, (*values, ""), strict=True) for x in pair)
+
+
 @dataclass(slots=True)
 class StreamStats:
     """One stream, as telemetry reports it at its end (filled where the events pass anyway)."""
@@ -113,6 +143,12 @@ class StreamEncoder:
         if self._held is not None:
             self.flush()
         self._out.append(frame(obj, event))
+
+    def emit_text(self, text: str) -> None:
+        """Write a frame already rendered (a `Template.fill`)."""
+        if self._held is not None:
+            self.flush()
+        self._out.append(text)
 
     def hold(self, obj: dict[str, Any], into: dict[str, Any] | None = None, event: str | None = None) -> None:
         """Keep a frame until the next one or the end, so an Annotation can ride on it (as the key
