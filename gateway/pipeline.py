@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -22,6 +21,7 @@ from multidict import CIMultiDict
 
 from gateway import dialects
 from gateway.context import GatewayError, RequestContext
+from gateway.dialects._common import json_bytes
 from gateway.dialects.base import ClientCodec, DialectError, UpstreamCodec, UpstreamStreamError
 from gateway.dialects.embeddings import decode_embedding_inputs
 from gateway.dialects.stream import StreamStats
@@ -322,7 +322,7 @@ class Pipeline:
                                                stats)
 
             ud, path = upstream_side(plan)
-            up_body = json.dumps(ud.encode_request(up_ex), separators=(",", ":")).encode()
+            up_body = json_bytes(ud.encode_request(up_ex))
             headers = self.upstream_headers(request, ctx, upstream, {"Content-Type": "application/json"})
             send = asyncio.ensure_future(self.telemetry.send(upstream, "POST", path, plan.query, headers, up_body))
             if input_task is not None:
@@ -388,7 +388,8 @@ class Pipeline:
             texts += [t.arguments for ch in completion.choices for t in ch.message.tool_calls]
             ctx.usage = Counted(prompt_tokens(ex), sum(count_tokens(t) for t in texts), "gateway")
         self.telemetry.observe_completion(completion)
-        return web.json_response(cd.encode_response(completion, ex), headers={"X-Guardgate-Request-Id": ctx.id})
+        return web.Response(body=json_bytes(cd.encode_response(completion, ex)), content_type="application/json",
+                            headers={"X-Guardgate-Request-Id": ctx.id})
 
     async def _send_stream(self, request: web.Request, ctx: RequestContext, cd: ClientCodec, ex: Exchange,
                            batches: AsyncGenerator[list[Event], None], run: Any,

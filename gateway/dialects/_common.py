@@ -38,6 +38,11 @@ _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 _loads = _DECODER.decode
 
 
+def json_bytes(obj: Any) -> bytes:
+    """A JSON body (compact, UTF-8): what the gateway sends upstream and answers with."""
+    return to_bytes(dumps(obj))
+
+
 def to_bytes(text: str) -> bytes:
     """UTF-8 bytes of JSON text. A lone surrogate (from a `\\ud800` escape upstream) cannot be
     UTF-8 encoded; it can only sit inside a JSON string, so it is written back as its escape."""

@@ -205,7 +205,7 @@ class PolicyRun:
         gate = StreamGate(steps, self.records, messages=exchange.messages, request_id=self.request_id,
                           shadow=self.policy.shadow, one_shot=True, annotate=self._annotate_stream)
         self.gates.append(("output", gate))
-        out: list[Event] = [ev async for ev in gate.run(_completion_events(completion))]
+        out: list[Event] = [ev async for batch in gate.batches(_completion_events(completion)) for ev in batch]
         return _rebuild(completion, out)
 
     def _annotate_stream(self, res: GateResult) -> dict[str, Any] | None:
@@ -287,22 +287,24 @@ def _messages_record(messages: list[Message]) -> list[dict[str, Any]]:
     return [{"role": m.role, "content": m.text} for m in messages]
 
 
-async def _completion_events(c: Completion) -> AsyncIterator[Event]:
-    """A non-stream answer as the gate reads it: per choice, each text channel's parts, the tool
-    calls, then each `Attached` text (channel "@<n>", a segment guards see and no client does)."""
+async def _completion_events(c: Completion) -> AsyncIterator[list[Event]]:
+    """A non-stream answer as the gate reads it, in one list: per choice, each text channel's parts,
+    the tool calls, then each `Attached` text (channel "@<n>", a segment guards see and no client does)."""
+    out: list[Event] = []
     for ch in c.choices:
         i = ch.index
         for p in ch.message.parts:
             if p.type in TEXT_CHANNELS and p.text:
-                yield TextDelta(p.text, i, p.type)
+                out.append(TextDelta(p.text, i, p.type))
         for k, tc in enumerate(ch.message.tool_calls):
-            yield ToolCallDelta(call_index=k, id=tc.id, name=tc.name, arguments=tc.arguments, index=i)
+            out.append(ToolCallDelta(call_index=k, id=tc.id, name=tc.name, arguments=tc.arguments, index=i))
         for k, a in enumerate(ch.attached):
             if a.text:
-                yield TextDelta(a.text, i, f"@{k}")
-        yield Finish(ch.finish_reason, i)
+                out.append(TextDelta(a.text, i, f"@{k}"))
+        out.append(Finish(ch.finish_reason, i))
     if c.usage is not None:
-        yield UsageEvent(c.usage)
+        out.append(UsageEvent(c.usage))
+    yield out
 
 
 def _channel_texts(parts: list[Part]) -> dict[str, str]:

@@ -522,7 +522,8 @@ class StreamGate:
             return
         v = task.result()
         window_start, end, final = st.args
-        st.cost_per_token.append((time.monotonic() - st.started) / max(1, c.tokens_between(window_start, end)))
+        if self.auto:  # the auto window sizes itself from the cost per token
+            st.cost_per_token.append((time.monotonic() - st.started) / max(1, c.tokens_between(window_start, end)))
         st.calls_seen = max(st.calls_seen, st.calls_pending)
         st.rec.add(v)
         self._result.checks += 1
