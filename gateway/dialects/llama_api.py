@@ -34,11 +34,14 @@ from typing import Any
 from gateway.dialects._common import (
     REQ,
     UP,
+    MessageRules,
     Reader,
     arguments_str,
     category_code,
     code_order,
     decode_models_list,
+    decode_parts,
+    decode_tool_calls,
     decode_tool_choice,
     decode_tool_defs,
     encode_tool_choice,
@@ -48,6 +51,7 @@ from gateway.dialects._common import (
     loads,
     qstr,
 )
+from gateway.dialects._common import decode_messages as _decode_messages
 from gateway.dialects.base import (
     DialectError,
     ModelInfo,
@@ -65,7 +69,6 @@ from gateway.types import (
     Part,
     StreamStart,
     TextDelta,
-    ToolCall,
     ToolCallDelta,
     Usage,
     UsageEvent,
@@ -74,7 +77,6 @@ from gateway.types import (
 
 NAME = "llama"
 name = NAME  # the module itself is the `Dialect` (see gateway/dialects/__init__.py)
-ROLES = frozenset(("system", "user", "assistant", "tool"))
 STOP_REASONS = frozenset(("stop", "tool_calls", "length", "content_filter"))
 _STOP_IN = {"end_of_turn": "stop", "end_of_message": "stop", "out_of_tokens": "length"}
 _KNOWN_REQ = frozenset(
@@ -111,67 +113,17 @@ def stop_reason_out(v: str) -> str:
 # --------------------------------------------------------------------------- requests
 
 
-def _decode_parts(content: Any, r: Reader, param: str, *, images: bool) -> list[Part]:
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [Part("text", content)]
-    if isinstance(content, dict):  # assistant: a single content object
-        content = [content]
-    parts: list[Part] = []
-    for j, item in enumerate(r.list_(content, param)):
-        p = f"{param}[{j}]"
-        item = r.obj(item, p)
-        typ = item.get("type")
-        if typ == "text":
-            parts.append(Part("text", r.str_(item.get("text"), f"{p}.text")))
-        elif typ == "image_url" and images:
-            iu = r.obj(item.get("image_url"), f"{p}.image_url")
-            parts.append(Part("image", image_url=r.str_(iu.get("url"), f"{p}.image_url.url")))
-        else:
-            r.fail(f"unsupported content item type {typ!r}", f"{p}.type")
-    return parts
-
-
-def _decode_tool_calls(v: Any, r: Reader, param: str) -> list[ToolCall]:
-    calls = []
-    for k, tc in enumerate(r.list_(v, param)):
-        p = f"{param}[{k}]"
-        tc = r.obj(tc, p)
-        fn = r.obj(tc.get("function"), f"{p}.function")
-        calls.append(
-            ToolCall(
-                r.str_(tc.get("id"), f"{p}.id"),
-                r.str_(fn.get("name"), f"{p}.function.name"),
-                arguments_str(fn.get("arguments"), r, f"{p}.function.arguments"),
-            )
-        )
-    return calls
+MESSAGES = MessageRules(
+    roles={"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"},
+    texts={"text": "text"},
+    image_roles=frozenset(("user",)),
+    object_content=True,  # an assistant's content is one object
+    stop_reason=True,
+)
 
 
 def decode_messages(v: Any, r: Reader = REQ, param: str = "messages") -> list[Message]:
-    msgs = r.list_(v, param)
-    if not msgs:
-        r.fail(f"'{param}' must contain at least one message", param)
-    out: list[Message] = []
-    for i, m in enumerate(msgs):
-        p = f"{param}[{i}]"
-        m = r.obj(m, p)
-        role = m.get("role")
-        if not isinstance(role, str) or role not in ROLES:
-            r.fail(f"'{p}.role' must be one of {sorted(ROLES)}", f"{p}.role")
-        msg = Message(
-            role=role, parts=_decode_parts(m.get("content"), r, f"{p}.content", images=role == "user")
-        )
-        if role == "assistant":
-            if m.get("tool_calls") is not None:
-                msg.tool_calls = _decode_tool_calls(m["tool_calls"], r, f"{p}.tool_calls")
-            if m.get("stop_reason") is not None:
-                msg.stop_reason = r.str_(m["stop_reason"], f"{p}.stop_reason")
-        elif role == "tool":
-            msg.tool_call_id = r.str_(m.get("tool_call_id"), f"{p}.tool_call_id")
-        out.append(msg)
-    return out
+    return _decode_messages(v, r, param, MESSAGES)
 
 
 def decode_request(body: bytes) -> Exchange:
@@ -347,10 +299,10 @@ def decode_response(body: bytes) -> Completion:
     content = cm.get("content")
     if content:
         msg.parts = [
-            p for p in _decode_parts(content, r, "completion_message.content", images=False) if p.text
+            p for p in decode_parts(content, r, "completion_message.content", MESSAGES, "assistant") if p.text
         ]
     if cm.get("tool_calls") is not None:
-        msg.tool_calls = _decode_tool_calls(cm["tool_calls"], r, "completion_message.tool_calls")
+        msg.tool_calls = decode_tool_calls(cm["tool_calls"], r, "completion_message.tool_calls")
     usage = _usage_from_metrics(obj["metrics"], r, "metrics") if obj.get("metrics") is not None else None
     c = Completion(
         id=r.opt_str(obj.get("id"), "id") or new_id("chatcmpl-"),
