@@ -15,7 +15,7 @@ from math import isfinite
 from typing import Any, NoReturn
 
 from gateway.dialects.base import DialectError, ModelInfo
-from gateway.types import Message, Part, Role, ToolCall
+from gateway.types import Exchange, Message, Part, Role, ToolCall
 
 # A JSON string literal for a str, in C, no encoder object per call (hot path).
 qstr = encode_basestring
@@ -256,6 +256,50 @@ def decode_messages(v: Any, r: Reader, param: str, rules: MessageRules) -> list[
             msg.tool_call_id = r.str_(m.get("tool_call_id"), f"{p}.tool_call_id")
         out.append(msg)
     return out
+
+
+def decode_chat(obj: dict[str, Any], rules: MessageRules, nums: tuple[str, ...],
+                ints: tuple[str, ...]) -> tuple[Exchange, dict[str, Any]]:
+    """What a chat request says the same way in both dialects: model, messages, stream, these
+    numeric parameters, user, tool choice and response format → (the exchange, the dialect's extras
+    so far: a tool choice the other dialect has no shape for)."""
+    r = REQ
+    model = obj.get("model")
+    if not isinstance(model, str) or not model:
+        r.fail("'model' is required and must be a non-empty string", "model")
+    if "messages" not in obj:
+        r.fail("'messages' is required", "messages")
+    ex = Exchange(model=model, messages=decode_messages(obj["messages"], r, "messages", rules))
+    p, extra = ex.params, {}
+    if obj.get("stream") is not None:
+        ex.stream = r.bool_(obj["stream"], "stream")
+    for k in nums:
+        if obj.get(k) is not None:
+            p[k] = r.num(obj[k], k)
+    for k in ints:
+        if obj.get(k) is not None:
+            p[k] = r.int_(obj[k], k)
+    if obj.get("user") is not None:
+        p["user"] = r.str_(obj["user"], "user")
+    if obj.get("tool_choice") is not None:
+        tc = decode_tool_choice(obj["tool_choice"], r, "tool_choice")
+        if tc is None:
+            extra["tool_choice"] = obj["tool_choice"]
+        else:
+            p["tool_choice"] = tc
+    if obj.get("response_format") is not None:
+        r.str_(r.obj(obj["response_format"], "response_format").get("type"), "response_format.type")
+        p["response_format"] = obj["response_format"]
+    return ex, extra
+
+
+def keep_extra(ex: Exchange, name: str, extra: dict[str, Any], obj: dict[str, Any], known: frozenset[str]) -> Exchange:
+    """Every request key the dialect has no neutral name for rides in `ex.extra[name]` (its own upstream
+    gets it back; any other is never sent it)."""
+    extra.update((k, v) for k, v in obj.items() if k not in known)
+    if extra:
+        ex.extra[name] = extra
+    return ex
 
 
 def decode_tool_defs(tools: Any, r: Reader, param: str) -> tuple[list[dict[str, Any]], list[Any]]:

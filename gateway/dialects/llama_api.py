@@ -39,13 +39,14 @@ from gateway.dialects._common import (
     arguments_str,
     category_code,
     code_order,
+    decode_chat,
     decode_models_list,
     decode_parts,
     decode_tool_calls,
-    decode_tool_choice,
     decode_tool_defs,
     encode_tool_choice,
     encode_tool_defs,
+    keep_extra,
     load_json,
     load_object,
     loads,
@@ -134,47 +135,15 @@ def decode_request(body: bytes) -> Exchange:
 def decode_payload(obj: dict[str, Any]) -> Exchange:
     """A request already parsed as a JSON object (the router parses each body once) → the exchange."""
     r = REQ
-    model = obj.get("model")
-    if not isinstance(model, str) or not model:
-        r.fail("'model' is required and must be a non-empty string", "model")
-    if "messages" not in obj:
-        r.fail("'messages' is required", "messages")
-    ex = Exchange(model=model, messages=decode_messages(obj["messages"], r))
-    p = ex.params
-    if obj.get("stream") is not None:
-        ex.stream = r.bool_(obj["stream"], "stream")
+    ex, extra = decode_chat(obj, MESSAGES, ("temperature", "top_p", "repetition_penalty"), ("top_k",))
     ex.include_usage = ex.stream
-    for k in ("temperature", "top_p", "repetition_penalty"):
-        if obj.get(k) is not None:
-            p[k] = r.num(obj[k], k)
-    if obj.get("top_k") is not None:
-        p["top_k"] = r.int_(obj["top_k"], "top_k")
     if obj.get("max_completion_tokens") is not None:
-        p["max_tokens"] = r.int_(obj["max_completion_tokens"], "max_completion_tokens")
-    if obj.get("user") is not None:
-        p["user"] = r.str_(obj["user"], "user")
-    extra: dict[str, Any] = {}
+        ex.params["max_tokens"] = r.int_(obj["max_completion_tokens"], "max_completion_tokens")
     if obj.get("tools") is not None:
-        tools, other = decode_tool_defs(obj["tools"], r, "tools")
-        p["tools"] = tools
+        ex.params["tools"], other = decode_tool_defs(obj["tools"], r, "tools")
         if other:
             extra["tools"] = obj["tools"]
-    if obj.get("tool_choice") is not None:
-        tc = decode_tool_choice(obj["tool_choice"], r, "tool_choice")
-        if tc is None:
-            extra["tool_choice"] = obj["tool_choice"]
-        else:
-            p["tool_choice"] = tc
-    if obj.get("response_format") is not None:
-        rf = r.obj(obj["response_format"], "response_format")
-        r.str_(rf.get("type"), "response_format.type")
-        p["response_format"] = rf
-    for k, v in obj.items():
-        if k not in _KNOWN_REQ:
-            extra[k] = v
-    if extra:
-        ex.extra[NAME] = extra
-    return ex
+    return keep_extra(ex, NAME, extra, obj, _KNOWN_REQ)
 
 
 def _text_items(parts: list[Part]) -> str | list[dict[str, Any]]:

@@ -48,13 +48,14 @@ from gateway.dialects._common import (
     arguments_str,
     category_code,
     code_order,
+    decode_chat,
     decode_models_list,
     decode_parts,
     decode_tool_calls,
-    decode_tool_choice,
     decode_tool_defs,
     encode_tool_choice,
     encode_tool_defs,
+    keep_extra,
     load_object,
     loads,
     qstr,
@@ -140,17 +141,8 @@ def decode_request(body: bytes) -> Exchange:
 def decode_payload(obj: dict[str, Any]) -> Exchange:
     """A request already parsed as a JSON object (the router parses each body once) → the exchange."""
     r = REQ
-    model = obj.get("model")
-    if not isinstance(model, str) or not model:
-        r.fail("'model' is required and must be a non-empty string", "model")
-    if "messages" not in obj:
-        r.fail("'messages' is required", "messages")
-    ex = Exchange(model=model, messages=decode_messages(obj["messages"], r))
+    ex, extra = decode_chat(obj, MESSAGES, _FLOAT_PARAMS, _INT_PARAMS)
     params = ex.params
-    extra: dict[str, Any] = {}
-    stream = obj.get("stream")
-    if stream is not None:
-        ex.stream = r.bool_(stream, "stream")
     so = obj.get("stream_options")
     if so is not None:
         so = r.obj(so, "stream_options")
@@ -159,12 +151,6 @@ def decode_payload(obj: dict[str, Any]) -> Exchange:
         rest = {k: v for k, v in so.items() if k != "include_usage"}
         if rest:
             extra["stream_options"] = rest
-    for k in _FLOAT_PARAMS:
-        if obj.get(k) is not None:
-            params[k] = r.num(obj[k], k)
-    for k in _INT_PARAMS:
-        if obj.get(k) is not None:
-            params[k] = r.int_(obj[k], k)
     if obj.get("max_completion_tokens") is not None:
         params["max_tokens"] = r.int_(obj["max_completion_tokens"], "max_completion_tokens")
         ex.extra["openai_max_tokens_field"] = "max_completion_tokens"
@@ -176,29 +162,11 @@ def decode_payload(obj: dict[str, Any]) -> Exchange:
             params["stop"] = stop
         else:
             params["stop"] = [r.str_(s, f"stop[{i}]") for i, s in enumerate(r.list_(stop, "stop"))]
-    if obj.get("user") is not None:
-        params["user"] = r.str_(obj["user"], "user")
     if obj.get("tools") is not None:
-        tools, other = decode_tool_defs(obj["tools"], r, "tools")
-        params["tools"] = tools
+        params["tools"], other = decode_tool_defs(obj["tools"], r, "tools")
         if other:
             extra["tools_other"] = other
-    if obj.get("tool_choice") is not None:
-        tc = decode_tool_choice(obj["tool_choice"], r, "tool_choice")
-        if tc is None:
-            extra["tool_choice"] = obj["tool_choice"]
-        else:
-            params["tool_choice"] = tc
-    if obj.get("response_format") is not None:
-        rf = r.obj(obj["response_format"], "response_format")
-        r.str_(rf.get("type"), "response_format.type")
-        params["response_format"] = rf
-    for k, v in obj.items():
-        if k not in _KNOWN_REQ:
-            extra[k] = v
-    if extra:
-        ex.extra[NAME] = extra
-    return ex
+    return keep_extra(ex, NAME, extra, obj, _KNOWN_REQ)
 
 
 def _encode_content(parts: list[Part], *, assistant: bool) -> Any:
