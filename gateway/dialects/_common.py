@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import json.encoder
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from json.encoder import encode_basestring
 from math import isfinite
@@ -256,6 +256,15 @@ def decode_messages(v: Any, r: Reader, param: str, rules: MessageRules) -> list[
             msg.tool_call_id = r.str_(m.get("tool_call_id"), f"{p}.tool_call_id")
         out.append(msg)
     return out
+
+
+def request_decoder(decode_payload: Callable[[dict[str, Any]], Exchange]) -> Callable[[bytes], Exchange]:
+    """A codec's `decode_request`: its `decode_payload` of the body parsed as a JSON object."""
+
+    def decode_request(body: bytes) -> Exchange:
+        return decode_payload(load_object(body))
+
+    return decode_request
 
 
 def decode_chat(obj: dict[str, Any], rules: MessageRules, nums: tuple[str, ...],

@@ -29,45 +29,15 @@ from __future__ import annotations
 
 import time
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gateway.dialects._common import (
-    REQ,
-    UP,
-    MessageRules,
-    Reader,
-    arguments_str,
-    category_code,
-    code_order,
-    decode_chat,
-    decode_models_list,
-    decode_parts,
-    decode_tool_calls,
-    decode_tool_defs,
-    encode_tool_choice,
-    encode_tool_defs,
-    keep_extra,
-    load_json,
-    load_object,
-    loads,
-    qstr,
-)
-from gateway.dialects._common import decode_messages as _decode_messages
-from gateway.dialects.base import (
-    DialectError,
-    ModelInfo,
-    ModerationRequest,
-    ModerationResult,
-    UpstreamStreamError,
-)
+from gateway.dialects import _common as _c
+from gateway.dialects.base import DialectError, ModelInfo, ModerationRequest, ModerationResult, UpstreamStreamError
 from gateway.dialects.stream import HOLES, StreamEncoder, Template, frame
 from gateway.types import (
     Completion,
-    Event,
-    Exchange,
     Finish,
     Message,
-    Part,
     StreamStart,
     TextDelta,
     ToolCallDelta,
@@ -75,6 +45,9 @@ from gateway.types import (
     UsageEvent,
     new_id,
 )
+
+if TYPE_CHECKING:  # annotations only
+    from gateway.types import Event, Exchange, Part
 
 NAME = "llama"
 name = NAME  # the module itself is the `Dialect` (see gateway/dialects/__init__.py)
@@ -114,7 +87,7 @@ def stop_reason_out(v: str) -> str:
 # --------------------------------------------------------------------------- requests
 
 
-MESSAGES = MessageRules(
+MESSAGES = _c.MessageRules(
     roles={"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"},
     texts={"text": "text"},
     image_roles=frozenset(("user",)),
@@ -123,27 +96,25 @@ MESSAGES = MessageRules(
 )
 
 
-def decode_messages(v: Any, r: Reader = REQ, param: str = "messages") -> list[Message]:
-    return _decode_messages(v, r, param, MESSAGES)
-
-
-def decode_request(body: bytes) -> Exchange:
-    """`decode_payload` of the body parsed as a JSON object."""
-    return decode_payload(load_object(body))
+def decode_messages(v: Any, r: _c.Reader = _c.REQ, param: str = "messages") -> list[Message]:
+    return _c.decode_messages(v, r, param, MESSAGES)
 
 
 def decode_payload(obj: dict[str, Any]) -> Exchange:
     """A request already parsed as a JSON object (the router parses each body once) → the exchange."""
-    r = REQ
-    ex, extra = decode_chat(obj, MESSAGES, ("temperature", "top_p", "repetition_penalty"), ("top_k",))
+    r = _c.REQ
+    ex, extra = _c.decode_chat(obj, MESSAGES, ("temperature", "top_p", "repetition_penalty"), ("top_k",))
     ex.include_usage = ex.stream
     if obj.get("max_completion_tokens") is not None:
         ex.params["max_tokens"] = r.int_(obj["max_completion_tokens"], "max_completion_tokens")
     if obj.get("tools") is not None:
-        ex.params["tools"], other = decode_tool_defs(obj["tools"], r, "tools")
+        ex.params["tools"], other = _c.decode_tool_defs(obj["tools"], r, "tools")
         if other:
             extra["tools"] = obj["tools"]
-    return keep_extra(ex, NAME, extra, obj, _KNOWN_REQ)
+    return _c.keep_extra(ex, NAME, extra, obj, _KNOWN_REQ)
+
+
+decode_request = _c.request_decoder(decode_payload)
 
 
 def _text_items(parts: list[Part]) -> str | list[dict[str, Any]]:
@@ -220,9 +191,9 @@ def encode_request(ex: Exchange) -> dict[str, Any]:
         if rf is not None:
             body["response_format"] = rf
     if p.get("tools"):
-        body["tools"] = encode_tool_defs(p["tools"])
+        body["tools"] = _c.encode_tool_defs(p["tools"])
     if p.get("tool_choice") is not None:
-        body["tool_choice"] = encode_tool_choice(p["tool_choice"])
+        body["tool_choice"] = _c.encode_tool_choice(p["tool_choice"])
     if ex.stream:
         body["stream"] = True
     for k, v in extra.items():
@@ -238,7 +209,7 @@ def encode_request(ex: Exchange) -> dict[str, Any]:
 _TEXT_OUT = frozenset(("text", "refusal"))
 
 
-def _usage_from_metrics(metrics: Any, r: Reader, param: str) -> Usage | None:
+def _usage_from_metrics(metrics: Any, r: _c.Reader, param: str) -> Usage | None:
     vals: dict[str, int] = {}
     for i, m in enumerate(r.list_(metrics, param)):
         m = r.obj(m, f"{param}[{i}]")
@@ -261,17 +232,17 @@ def _metrics(u: Usage) -> list[dict[str, Any]]:
 
 
 def decode_response(body: bytes) -> Completion:
-    obj = load_object(body, status=502, what="upstream response")
-    r = UP
+    obj = _c.load_object(body, status=502, what="upstream response")
+    r = _c.UP
     cm = r.obj(obj.get("completion_message"), "completion_message")
     msg = Message(role="assistant")
     content = cm.get("content")
     if content:
         msg.parts = [
-            p for p in decode_parts(content, r, "completion_message.content", MESSAGES, "assistant") if p.text
+            p for p in _c.decode_parts(content, r, "completion_message.content", MESSAGES, "assistant") if p.text
         ]
     if cm.get("tool_calls") is not None:
-        msg.tool_calls = decode_tool_calls(cm["tool_calls"], r, "completion_message.tool_calls")
+        msg.tool_calls = _c.decode_tool_calls(cm["tool_calls"], r, "completion_message.tool_calls")
     usage = _usage_from_metrics(obj["metrics"], r, "metrics") if obj.get("metrics") is not None else None
     c = Completion(
         id=r.opt_str(obj.get("id"), "id") or new_id("chatcmpl-"),
@@ -354,7 +325,7 @@ class LlamaStreamDecoder:
 
     def feed(self, event: str | None, data: str) -> list[Event]:
         try:
-            obj = loads(data)
+            obj = _c.loads(data)
         except (ValueError, RecursionError):
             if event == "error":
                 raise UpstreamStreamError(data[:500] or "upstream error during streaming") from None
@@ -385,7 +356,7 @@ class LlamaStreamDecoder:
                 text = delta.get("text")
                 if type(text) is str:
                     return [TextDelta(text)] if text else []
-        r = UP
+        r = _c.UP
         out: list[Event] = []
         if not self._started:
             self._started = True
@@ -413,11 +384,11 @@ class LlamaStreamDecoder:
         return out
 
     def _tool(self, delta: dict[str, Any], out: list[Event]) -> None:
-        r = UP
+        r = _c.UP
         cid = r.opt_str(delta.get("id"), "event.delta.id")
         fn = delta.get("function")
         fn = r.obj(fn, "event.delta.function") if fn is not None else {}
-        args = arguments_str(fn.get("arguments"), r, "event.delta.function.arguments")
+        args = _c.arguments_str(fn.get("arguments"), r, "event.delta.function.arguments")
         if cid is not None and cid in self._call_ids:
             k, first = self._call_ids[cid], False
         elif cid is not None or self._cur is None:
@@ -470,7 +441,7 @@ class LlamaStreamEncoder(StreamEncoder):
             return
         self.begin()
         assert self._progress is not None
-        self.emit_text(self._progress.fill(qstr(ev.text)))
+        self.emit_text(self._progress.fill(_c.qstr(ev.text)))
 
     def tool(self, ev: ToolCallDelta) -> None:
         if ev.index:
@@ -535,14 +506,8 @@ def stream_encoder(ex: Exchange) -> LlamaStreamEncoder:
 # --------------------------------------------------------------------------- errors
 
 
-def error_body(
-    status: int,
-    message: str,
-    *,
-    type: str = "invalid_request_error",
-    code: str | None = None,
-    param: str | None = None,
-) -> dict[str, Any]:
+def error_body(status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
+               param: str | None = None) -> dict[str, Any]:
     """OpenAI-shaped `error` plus problem-JSON `title`/`detail` copies (§3.6)."""
     try:
         title = HTTPStatus(status).phrase
@@ -557,7 +522,7 @@ def error_body(
 
 def decode_error(status: int, body: bytes) -> tuple[str, str | None]:
     try:
-        obj = load_json(body, status=502, what="upstream error")
+        obj = _c.load_json(body, status=502, what="upstream error")
     except DialectError:
         obj = None
     msg, code = _error_message(obj)
@@ -592,7 +557,7 @@ def encode_models(models: list[ModelInfo]) -> dict[str, Any]:
 
 def decode_models(body: bytes) -> list[ModelInfo]:
     """`{"data":[...]}` (a bare list or a single model object are accepted too)."""
-    return decode_models_list(body)
+    return _c.decode_models_list(body)
 
 
 # --------------------------------------------------------------------------- moderations
@@ -600,8 +565,8 @@ def decode_models(body: bytes) -> list[ModelInfo]:
 
 def decode_moderation_request(body: bytes) -> ModerationRequest:
     """`{"messages":[...], "model"?}`: one conversation, one result."""
-    obj = load_object(body)
-    r = REQ
+    obj = _c.load_object(body)
+    r = _c.REQ
     model = r.opt_str(obj.get("model"), "model")
     if "messages" not in obj:
         r.fail("'messages' is required", "messages")
@@ -632,7 +597,7 @@ def encode_moderation_response(
             {
                 "flagged": bool(res.get("flagged")),
                 "flagged_categories": sorted(
-                    {category_code(c) for c in res.get("categories") or []}, key=code_order
+                    {_c.category_code(c) for c in res.get("categories") or []}, key=_c.code_order
                 ),
             }
             for res in results
@@ -641,20 +606,20 @@ def encode_moderation_response(
 
 
 def decode_moderation_response(body: bytes) -> list[ModerationResult]:
-    obj = load_object(body, status=502, what="upstream moderation response")
-    r = UP
+    obj = _c.load_object(body, status=502, what="upstream moderation response")
+    r = _c.UP
     out: list[ModerationResult] = []
     for i, res in enumerate(r.list_(obj.get("results"), "results")):
         p = f"results[{i}]"
         res = r.obj(res, p)
         cats = [
-            category_code(r.str_(c, f"{p}.flagged_categories[]"))
+            _c.category_code(r.str_(c, f"{p}.flagged_categories[]"))
             for c in r.list_(res.get("flagged_categories") or [], f"{p}.flagged_categories")
         ]
         out.append(
             {
                 "flagged": r.bool_(res.get("flagged", bool(cats)), f"{p}.flagged"),
-                "categories": sorted(set(cats), key=code_order),
+                "categories": sorted(set(cats), key=_c.code_order),
                 "scores": {},
             }
         )

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import time
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.dialects._common import (
     LLAMA_GUARD_CATEGORIES,
@@ -59,22 +59,15 @@ from gateway.dialects._common import (
     load_object,
     loads,
     qstr,
+    request_decoder,
 )
 from gateway.dialects._common import decode_messages as _decode_messages
-from gateway.dialects.base import (
-    DialectError,
-    ModelInfo,
-    ModerationRequest,
-    ModerationResult,
-    UpstreamStreamError,
-)
+from gateway.dialects.base import DialectError, ModelInfo, ModerationRequest, ModerationResult, UpstreamStreamError
 from gateway.dialects.stream import HOLES, StreamEncoder, Template, frame
 from gateway.types import (
     Attached,
     Choice,
     Completion,
-    Event,
-    Exchange,
     Finish,
     Message,
     Part,
@@ -86,6 +79,9 @@ from gateway.types import (
     UsageEvent,
     new_id,
 )
+
+if TYPE_CHECKING:  # annotations only
+    from gateway.types import Event, Exchange
 
 NAME = "openai"
 name = NAME  # the module itself is the `Dialect` (see gateway/dialects/__init__.py)
@@ -133,11 +129,6 @@ def decode_messages(v: Any, r: Reader = REQ, param: str = "messages") -> list[Me
     return _decode_messages(v, r, param, MESSAGES)
 
 
-def decode_request(body: bytes) -> Exchange:
-    """`decode_payload` of the body parsed as a JSON object."""
-    return decode_payload(load_object(body))
-
-
 def decode_payload(obj: dict[str, Any]) -> Exchange:
     """A request already parsed as a JSON object (the router parses each body once) → the exchange."""
     r = REQ
@@ -167,6 +158,9 @@ def decode_payload(obj: dict[str, Any]) -> Exchange:
         if other:
             extra["tools_other"] = other
     return keep_extra(ex, NAME, extra, obj, _KNOWN_REQ)
+
+
+decode_request = request_decoder(decode_payload)
 
 
 def _encode_content(parts: list[Part], *, assistant: bool) -> Any:
@@ -731,14 +725,8 @@ def _error_fields(err: Any) -> tuple[str, str | None]:
     return "", None
 
 
-def error_body(
-    status: int,
-    message: str,
-    *,
-    type: str = "invalid_request_error",
-    code: str | None = None,
-    param: str | None = None,
-) -> dict[str, Any]:
+def error_body(status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
+               param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 

@@ -55,28 +55,16 @@ part; tool calls → `function_call` items. `finish_reason` content_filter → `
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.dialects import openai as _openai
-from gateway.dialects._common import REQ, Reader, arguments_str, load_object, qstr, to_bytes
+from gateway.dialects._common import REQ, Reader, arguments_str, qstr, request_decoder, to_bytes
 from gateway.dialects.base import DialectError, ModelInfo
 from gateway.dialects.stream import HOLES, StreamEncoder, Template, frame
-from gateway.types import (
-    Choice,
-    Completion,
-    Exchange,
-    Finish,
-    Message,
-    Part,
-    Role,
-    StreamStart,
-    TextDelta,
-    ToolCall,
-    ToolCallDelta,
-    Usage,
-    UsageEvent,
-    new_id,
-)
+from gateway.types import Choice, Completion, Exchange, Message, Part, Role, ToolCall, new_id
+
+if TYPE_CHECKING:  # the events the encoder's hooks take
+    from gateway.types import Finish, StreamStart, TextDelta, ToolCallDelta, Usage, UsageEvent
 
 NAME = "responses"
 name = NAME  # the module itself is the dialect, as gateway/dialects/openai.py
@@ -301,11 +289,6 @@ def _conversation_id(v: Any, r: Reader) -> str:
     return r.str_(r.obj(v, "conversation").get("id"), "conversation.id")
 
 
-def decode_request(body: bytes) -> Exchange:
-    """`decode_payload` of the body parsed as a JSON object."""
-    return decode_payload(load_object(body))
-
-
 def decode_payload(obj: dict[str, Any]) -> Exchange:
     """A Responses request, parsed as a JSON object → the neutral exchange (see the module doc for
     every field)."""
@@ -443,6 +426,9 @@ def decode_payload(obj: dict[str, Any]) -> Exchange:
     client["ignored"] = sorted(k for k in obj if k not in _KNOWN or (k == "prompt" and obj[k] is not None))
     ex.client = client
     return ex
+
+
+decode_request = request_decoder(decode_payload)
 
 
 # --------------------------------------------------------------------------- non-stream answers
