@@ -323,16 +323,17 @@ def decode_tool_defs(tools: Any, r: Reader, param: str) -> tuple[list[dict[str, 
         if typ != "function":
             other.append(t)
             continue
-        fn = r.obj(t.get("function"), f"{p}.function")
-        d: dict[str, Any] = {"name": r.str_(fn.get("name"), f"{p}.function.name")}
-        if fn.get("description") is not None:
-            d["description"] = r.str_(fn["description"], f"{p}.function.description")
-        if fn.get("parameters") is not None:
-            d["parameters"] = r.obj(fn["parameters"], f"{p}.function.parameters")
-        if fn.get("strict") is not None:
-            d["strict"] = r.bool_(fn["strict"], f"{p}.function.strict")
-        out.append(d)
+        out.append(function_def(r.obj(t.get("function"), f"{p}.function"), r, f"{p}.function"))
     return out, other
+
+
+def function_def(fn: dict[str, Any], r: Reader, p: str) -> dict[str, Any]:
+    """A function tool's definition in neutral form: name, and description, parameters, strict if set."""
+    d: dict[str, Any] = {"name": r.str_(fn.get("name"), f"{p}.name")}
+    for key, read in (("description", r.str_), ("parameters", r.obj), ("strict", r.bool_)):
+        if fn.get(key) is not None:
+            d[key] = read(fn[key], f"{p}.{key}")
+    return d
 
 
 def encode_tool_defs(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -46,11 +46,11 @@ from gateway.types import (
     new_id,
 )
 
+NAME = "llama"
+name = NAME  # the module itself is the `Dialect` (see gateway/dialects/__init__.py)
 if TYPE_CHECKING:  # annotations only
     from gateway.types import Event, Exchange, Part
 
-NAME = "llama"
-name = NAME  # the module itself is the `Dialect` (see gateway/dialects/__init__.py)
 STOP_REASONS = frozenset(("stop", "tool_calls", "length", "content_filter"))
 _STOP_IN = {"end_of_turn": "stop", "end_of_message": "stop", "out_of_tokens": "length"}
 _KNOWN_REQ = frozenset(
