@@ -12,9 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -23,8 +22,10 @@ from multidict import CIMultiDict
 
 from gateway import dialects
 from gateway.context import GatewayError, RequestContext
-from gateway.dialects.base import DialectError, UpstreamStreamError
+from gateway.dialects._common import json_bytes
+from gateway.dialects.base import ClientCodec, DialectError, UpstreamCodec, UpstreamStreamError
 from gateway.dialects.embeddings import decode_embedding_inputs
+from gateway.dialects.stream import StreamStats
 from gateway.endpoints import CHAT_PATH, MODELS_PATH, Kind, path_param
 from gateway.limits.usage import Counted, UsageTap, from_usage
 from gateway.policy.tokens import count_tokens
@@ -32,7 +33,7 @@ from gateway.relay import SSE_HEADERS, TimedResponse, relay_response
 from gateway.responses_state import ResponseStore
 from gateway.routing import Action, Plan, moderation_step
 from gateway.telemetry import Telemetry
-from gateway.types import Event, Exchange, Finish, Message, Part, TextDelta, ToolCall, ToolCallDelta, UsageEvent
+from gateway.types import Event, Exchange, Finish, Message, Part, TextDelta, ToolCall, ToolCallDelta
 from gateway.upstreams.base import NeutralUpstream, UpstreamError
 from gateway.upstreams.http import HttpUpstream, draining, release_after_eof, request_headers
 
@@ -50,9 +51,22 @@ def relay_error_frame(dialect: str, kind: str, message: str, code: str) -> bytes
     return enc.error(message, code)
 
 
-async def upstream_events(resp: aiohttp.ClientResponse, codec: Any) -> AsyncIterator[Event]:
-    """Neutral events from an upstream SSE body (decoded by the upstream side's `codec`); closing
-    this generator closes the connection."""
+_MODEL_WRITTEN = (TextDelta, ToolCallDelta)
+
+
+def _note_first(stats: StreamStats, batch: list[Event]) -> None:
+    """When the first model-written event came from the upstream (telemetry's upstream TTFT)."""
+    for ev in batch:
+        if isinstance(ev, _MODEL_WRITTEN):
+            stats.first_in = time.perf_counter()
+            return
+
+
+async def upstream_batches(resp: aiohttp.ClientResponse, codec: UpstreamCodec,
+                           stats: StreamStats | None = None) -> AsyncGenerator[list[Event], None]:
+    """Neutral events from an upstream SSE body (decoded by the upstream side's `codec`), one list per
+    read from the network (events that arrived together go on together); closing this generator
+    closes the connection."""
     from gateway.dialects.sse import SSEParser
 
     parser = SSEParser()
@@ -60,14 +74,22 @@ async def upstream_events(resp: aiohttp.ClientResponse, codec: Any) -> AsyncIter
     try:
         try:
             async for chunk in resp.content.iter_any():
+                batch: list[Event] = []
                 for sse in parser.feed(chunk):
-                    for ev in dec.feed(sse.event, sse.data):
-                        yield ev
+                    batch += dec.feed(sse.event, sse.data)
+                if batch:
+                    if stats is not None:
+                        stats.events_in += len(batch)
+                        if stats.first_in is None:
+                            _note_first(stats, batch)
+                    yield batch
                 if dec.done():
                     return
+            batch = []
             for sse in parser.close():
-                for ev in dec.feed(sse.event, sse.data):
-                    yield ev
+                batch += dec.feed(sse.event, sse.data)
+            if batch:
+                yield batch
         except (aiohttp.ClientError, TimeoutError) as e:
             raise UpstreamStreamError(f"upstream stream failed: {type(e).__name__}") from None
         except UpstreamStreamError:
@@ -83,7 +105,40 @@ async def upstream_events(resp: aiohttp.ClientResponse, codec: Any) -> AsyncIter
             resp.close()
 
 
-def upstream_side(plan: Plan) -> tuple[Any, str]:
+async def _batched(events: AsyncIterator[Event], stats: StreamStats) -> AsyncGenerator[list[Event], None]:
+    """A local model's events, one list each (each is its own write: a local model is slower than that)."""
+    try:
+        async for ev in events:
+            stats.events_in += 1
+            if stats.first_in is None and isinstance(ev, _MODEL_WRITTEN):
+                stats.first_in = time.perf_counter()
+            yield [ev]
+    finally:
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def _flat(batches: AsyncGenerator[list[Event], None]) -> AsyncGenerator[Event, None]:
+    try:
+        async for batch in batches:
+            for ev in batch:
+                yield ev
+    finally:
+        await batches.aclose()
+
+
+async def _rebatched(events: AsyncIterator[Event]) -> AsyncGenerator[list[Event], None]:
+    try:
+        async for ev in events:
+            yield [ev]
+    finally:
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def upstream_side(plan: Plan) -> tuple[UpstreamCodec, str]:
     """(codec, path) of the upstream request for a decoded generation: the endpoint's own API when the
     upstream speaks it (chat in the client's dialect, legacy completions on an OpenAI upstream; the
     path as classified, so an Azure deployment path stays one), else the upstream dialect's chat API
@@ -91,7 +146,7 @@ def upstream_side(plan: Plan) -> tuple[Any, str]:
     upstream, ctx, kind = plan.upstream, plan.ctx, plan.endpoint.kind
     assert isinstance(upstream, HttpUpstream)
     if kind is Kind.COMPLETIONS and upstream.dialect == "openai":
-        return dialects.codec("openai", kind), ctx.tail
+        return dialects.upstream_codec("openai", kind), ctx.tail
     if kind is Kind.CHAT and upstream.dialect == ctx.dialect:
         return dialects.get(upstream.dialect), ctx.tail
     return dialects.get(upstream.dialect), CHAT_PATH
@@ -263,14 +318,19 @@ class Pipeline:
                 if not ex.stream:
                     completion = await upstream.complete(up_ex)
                     return await self._send_completion(ctx, cd, ex, completion, run)
-                return await self._send_stream(request, ctx, cd, ex, upstream.stream(up_ex), run)
+                stats = StreamStats()
+                return await self._send_stream(request, ctx, cd, ex, _batched(upstream.stream(up_ex), stats), run,
+                                               stats)
 
             ud, path = upstream_side(plan)
-            up_body = json.dumps(ud.encode_request(up_ex), separators=(",", ":")).encode()
+            up_body = json_bytes(ud.encode_request(up_ex))
             headers = self.upstream_headers(request, ctx, upstream, {"Content-Type": "application/json"})
-            send = asyncio.ensure_future(self.telemetry.send(upstream, "POST", path, plan.query, headers, up_body))
-            if input_task is not None:
+            if input_task is None:  # the verdict is in (or there is no input stage): no task to spare
+                resp = await self.telemetry.send(upstream, "POST", path, plan.query, headers, up_body)
+            else:
                 # Speculative: the upstream is already on its way; no byte leaves before the verdict.
+                send = asyncio.ensure_future(self.telemetry.send(upstream, "POST", path, plan.query, headers,
+                                                                 up_body))
                 try:
                     await self._input_gate(input_task, ctx)
                 except BaseException:
@@ -281,7 +341,7 @@ class Pipeline:
                         pass
                     raise
                 input_task = None
-            resp = await send
+                resp = await send
         finally:
             if input_task is not None and not input_task.done():
                 input_task.cancel()
@@ -313,7 +373,8 @@ class Pipeline:
                 raise UpstreamError(f"upstream answer does not decode: {e.message}", 502, "bad_upstream_response") \
                     from None
             return await self._send_completion(ctx, cd, ex, completion, run)
-        return await self._send_stream(request, ctx, cd, ex, upstream_events(resp, ud), run)
+        stats = StreamStats()
+        return await self._send_stream(request, ctx, cd, ex, upstream_batches(resp, ud, stats), run, stats)
 
     async def _send_completion(self, ctx: RequestContext, cd: Any, ex: Exchange, completion: Any,
                                run: Any) -> web.Response:
@@ -331,60 +392,55 @@ class Pipeline:
             texts += [t.arguments for ch in completion.choices for t in ch.message.tool_calls]
             ctx.usage = Counted(prompt_tokens(ex), sum(count_tokens(t) for t in texts), "gateway")
         self.telemetry.observe_completion(completion)
-        return web.json_response(cd.encode_response(completion, ex), headers={"X-Guardgate-Request-Id": ctx.id})
+        return web.Response(body=json_bytes(cd.encode_response(completion, ex)), content_type="application/json",
+                            headers={"X-Guardgate-Request-Id": ctx.id})
 
-    async def _send_stream(self, request: web.Request, ctx: RequestContext, cd: Any, ex: Exchange,
-                           events: AsyncIterator[Event], run: Any) -> web.StreamResponse:
-        events = self.telemetry.upstream_events(events)
+    async def _send_stream(self, request: web.Request, ctx: RequestContext, cd: ClientCodec, ex: Exchange,
+                           batches: AsyncGenerator[list[Event], None], run: Any,
+                           stats: StreamStats) -> web.StreamResponse:
+        """Guard and encode the stream: each list of events (what the gate released together, or
+        what one network read brought) leaves in one write; telemetry gets the stream's figures once,
+        at its end, from what the upstream reader and the encoder noted on the way."""
         if run is not None and run.policy.has_stream:
-            events = run.guard_stream(ex, events)
-        if run is not None:
-            events = run.unmask_stream(events)
-        events = self.telemetry.client_events(events)
-        events = self._metered(ctx, ex, events)
+            batches = run.guard_batches(ex, batches)
+        if run is not None and run.restore:
+            batches = _rebatched(run.unmask_stream(_flat(batches)))
         if self._keeps(ctx, ex):
-            events = self._remembering(ctx, ex, events)
+            batches = self._remembering(ctx, ex, batches)
         enc = cd.stream_encoder(ex)
+        enc.stats = stats
+        meter = ctx.meter_tokens
+        released: list[str] = []
         out = TimedResponse(status=200, headers={"Content-Type": "text/event-stream; charset=utf-8",
                                                  "X-Guardgate-Request-Id": ctx.id, **SSE_HEADERS},
-                            send_timeout=self.send_timeout)
+                            send_timeout=self.send_timeout, headers_with_first_write=True)
         await out.prepare(request)
-        # Closing the outermost wrapper closes the whole chain at once (each wrapper closes its source
-        # the same way): the gate's checks and the upstream end now, not when the collector runs.
-        async with contextlib.aclosing(events):  # type: ignore[type-var]
+        last = b""
+        try:
             try:
-                async for ev in events:
-                    frame = enc.encode(ev)
-                    if frame:
-                        await out.write(frame)
-                await out.write(enc.end())
+                async for batch in batches:
+                    if meter:
+                        released += [ev.text if isinstance(ev, TextDelta) else ev.arguments
+                                     for ev in batch if isinstance(ev, _MODEL_WRITTEN)]
+                    data = enc.encode_all(batch)
+                    if data:
+                        await out.write(data)
+                last = enc.end()
             except UpstreamStreamError as e:
                 ctx.outcome = e.code or "upstream_error"
-                await out.write(enc.error(e.message, ctx.outcome))
+                last = enc.error(e.message, ctx.outcome)
             except UpstreamError as e:
                 ctx.outcome = e.code
-                await out.write(enc.error(e.message, e.code))
-        await out.write_eof()
-        return out
-
-    @staticmethod
-    async def _metered(ctx: RequestContext, ex: Exchange, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
-        """Pass the released events on; note the upstream's usage, or (under a token budget, when the
-        upstream sent none) count the tokens released, into `ctx.usage`."""
-        released: list[str] = []
-        try:
-            async with contextlib.aclosing(events):  # type: ignore[type-var]
-                async for ev in events:
-                    if isinstance(ev, UsageEvent):
-                        ctx.usage = from_usage(ev.usage)
-                    elif ctx.meter_tokens and isinstance(ev, TextDelta):
-                        released.append(ev.text)
-                    elif ctx.meter_tokens and isinstance(ev, ToolCallDelta):
-                        released.append(ev.arguments)
-                    yield ev
+                last = enc.error(e.message, e.code)
         finally:
-            if ctx.meter_tokens and (ctx.usage is None or not ctx.usage.total):
+            await batches.aclose()
+            if stats.usage is not None:
+                ctx.usage = from_usage(stats.usage)
+            if meter and (ctx.usage is None or not ctx.usage.total):
                 ctx.usage = Counted(prompt_tokens(ex), count_tokens("".join(released)), "gateway")
+            self.telemetry.observe_stream(stats)
+        await out.write_eof(last)  # the terminator and the end of the body: one write
+        return out
 
     # ------------------------------------------------------------------ Responses state
 
@@ -430,21 +486,23 @@ class Pipeline:
         self.responses.put(self._owner(ctx), str(ex.client.get("response_id")), [*ex.messages[lead:], answer])
 
     async def _remembering(self, ctx: RequestContext, ex: Exchange,
-                           events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+                           batches: AsyncGenerator[list[Event], None]) -> AsyncGenerator[list[Event], None]:
         """Pass the released events on; once the stream ended unblocked, keep the answer they spell."""
         text: list[str] = []
         calls: dict[int, ToolCall] = {}
         blocked = False
-        async with contextlib.aclosing(events):  # type: ignore[type-var]
-            async for ev in events:
-                if isinstance(ev, TextDelta) and ev.index == 0 and ev.channel == "text":
-                    text.append(ev.text)
-                elif isinstance(ev, ToolCallDelta) and ev.index == 0:
-                    call = calls.setdefault(ev.call_index, ToolCall(id=ev.id or "", name=ev.name or "", arguments=""))
-                    call.arguments += ev.arguments
-                elif isinstance(ev, Finish) and ev.reason == "content_filter":
-                    blocked = True
-                yield ev
+        async with contextlib.aclosing(batches):  # a dropped client closes the gate now, not at GC
+            async for batch in batches:
+                for ev in batch:
+                    if isinstance(ev, TextDelta) and ev.index == 0 and ev.channel == "text":
+                        text.append(ev.text)
+                    elif isinstance(ev, ToolCallDelta) and ev.index == 0:
+                        call = calls.setdefault(ev.call_index, ToolCall(id=ev.id or "", name=ev.name or "",
+                                                                        arguments=""))
+                        call.arguments += ev.arguments
+                    elif isinstance(ev, Finish) and ev.reason == "content_filter":
+                        blocked = True
+                yield batch
         if not blocked:
             answer = Message("assistant", [Part("text", "".join(text))] if text else [],
                              tool_calls=[calls[i] for i in sorted(calls)])

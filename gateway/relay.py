@@ -8,7 +8,7 @@ client gets a whole error frame in its dialect instead of half an event.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -107,25 +107,76 @@ class TimedResponse(web.StreamResponse):
     seconds. A client that stops reading would otherwise hold its upstream connection, and with it a
     place in the upstream pool, for as long as it likes: two such clients exhausted a pool of two.
     On expiry the client's connection is cut and ConnectionResetError raised, so the caller closes
-    the upstream response as for any client that went away."""
+    the upstream response as for any client that went away.
 
-    def __init__(self, *, send_timeout: float | None = None, **kw: Any) -> None:
+    One timer per response, not one per write: a write notes when it started; the timer, armed at
+    most once per `send_timeout`, checks when it fires whether a write has been waiting that long
+    (and re-arms for the one in progress, else sleeps until the next write arms it again)."""
+
+    def __init__(self, *, send_timeout: float | None = None, headers_with_first_write: bool = False,
+                 **kw: Any) -> None:
         super().__init__(**kw)
         self.send_timeout = send_timeout
+        # The head leaves with the first body bytes, in one write (a guarded stream: its first write
+        # follows at once, the stream's start).
+        self._send_headers_immediately = not headers_with_first_write
+        self._since: float | None = None  # loop time the write in progress started
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._expired = False
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
-        await self._within(super().write(data))
+        if self.send_timeout is None:
+            return await super().write(data)
+        self._arm()
+        try:
+            await super().write(data)
+        except (ConnectionError, RuntimeError):
+            self._raise_if_expired()
+            raise
+        finally:
+            self._since = None
+        self._raise_if_expired()
 
     async def write_eof(self, data: bytes = b"") -> None:
-        await self._within(super().write_eof(data))
-
-    async def _within(self, op: Awaitable[None]) -> None:
+        if self.send_timeout is None:
+            return await super().write_eof(data)
+        self._arm()
         try:
-            async with asyncio.timeout(self.send_timeout):
-                await op
-        except TimeoutError:
-            self._cut()
-            raise ConnectionResetError(f"client took no data for {self.send_timeout} s") from None
+            await super().write_eof(data)
+        except (ConnectionError, RuntimeError):
+            self._raise_if_expired()
+            raise
+        finally:
+            self._since = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        self._raise_if_expired()
+
+    def _arm(self) -> None:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        self._since = now = loop.time()
+        if self._timer is None:
+            assert self.send_timeout is not None
+            self._timer = loop.call_at(now + self.send_timeout, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        since, timeout, loop = self._since, self.send_timeout, self._loop
+        if since is None or timeout is None or loop is None:
+            return  # no write waiting: the next one arms the timer again
+        if loop.time() - since < timeout:  # a later write: give it its whole time
+            self._timer = loop.call_at(since + timeout, self._fire)
+            return
+        self._expired = True
+        self._cut()
+
+    def _raise_if_expired(self) -> None:
+        if self._expired:
+            raise ConnectionResetError(f"client took no data for {self.send_timeout} s")
 
     def _cut(self) -> None:
         req = self._req

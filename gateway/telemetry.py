@@ -4,8 +4,7 @@
     app = web.Application(middlewares=[tel.middleware(), ...])
     app.router.add_get("/metrics", tel.metrics_handler)
     resp = await tel.send(upstream, "POST", path, query, headers, body)   # upstream span + traceparent
-    events = tel.upstream_events(events)    # before the stream gate: first token from the upstream
-    events = tel.client_events(events)      # after the gate: added TTFT, finish reasons, usage
+    tel.observe_stream(stats)               # a stream's end: added TTFT, finish reasons, usage (once)
     tel.record_audit(run.finish(...))       # guard metrics + guard spans from the audit record
 
 Traces. One SERVER span per request (`guardgate.request`, parent taken from the client's W3C
@@ -19,7 +18,13 @@ the audit record at the end of the request, one per step, marked `guardgate.guar
 configured there is no tracer at all: the middleware then only bumps a counter and a histogram,
 and the client's own `traceparent` passes through to the upstream untouched.
 
-Metrics. A private `CollectorRegistry` per `Telemetry` (tests stay isolated); see `_Metrics`.
+Telemetry observes, it does not wrap: a stream's figures (`dialects.stream.StreamStats`: when the
+first token came from the upstream and went to the client, finish reasons, usage) are noted where
+the events pass anyway (the upstream reader, the encoder) and reported once, at the stream's end.
+
+Metrics. A private `CollectorRegistry` per `Telemetry` (tests stay isolated); see `_Metrics`. They
+are prometheus_client's own instruments; gauges declare a `multiprocess_mode` (for `--workers N`,
+where `/metrics` sums over the worker processes).
 """
 
 from __future__ import annotations
@@ -31,27 +36,18 @@ import logging
 import os
 import sys
 import time
-from bisect import bisect_left
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.samples import Sample
-from prometheus_client.utils import floatToGoString
 
 from gateway.endpoints import TABLE
 from gateway.types import (
     Completion,
-    Event,
-    Finish,
-    StreamStart,
-    TextDelta,
-    ToolCallDelta,
-    UsageEvent,
     Verdict,
 )
 from gateway.workers.metrics import exposition_registry
@@ -158,109 +154,32 @@ class _Cached:
         return child
 
 
-class _LoopCounter:
-    """A labelled counter for the per-request path, kept as plain floats and exported at scrape time.
-
-    Why not prometheus_client's: each of its children takes a lock per `inc`/`observe` (a histogram
-    one per bucket walked), paid on every request. These are only
-    ever touched from the event loop's thread, which is what makes dropping the lock safe.
-    Exposition (names, `_total`, `_created`) is the same as prometheus_client's."""
-
-    def __init__(self, name: str, doc: str, labelnames: list[str]) -> None:
-        self.name, self.doc, self.labelnames = name, doc, labelnames
-        self.children: dict[tuple[str, ...], list[float]] = {}  # labels -> [value, created]
-
-    def inc(self, *labels: str, amount: float = 1) -> None:
-        child = self.children.get(labels)
-        if child is None:
-            child = self.children[labels] = [0.0, time.time()]
-        child[0] += amount
-
-    def collect(self) -> CounterMetricFamily:
-        fam = CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
-        for labels, (value, created) in list(self.children.items()):
-            fam.add_metric(list(labels), value, created=created)
-        return fam
-
-
-class _LoopHistogramChild:
-    __slots__ = ("bounds", "counts", "created", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # per bucket (not cumulative); the last is +Inf
-        self.sum = 0.0
-        self.created = time.time()
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1  # the first bucket with value <= bound
-        self.sum += value
-
-
-class _LoopHistogram:
-    """A labelled histogram for the per-request path; see `_LoopCounter`."""
-
-    def __init__(self, name: str, doc: str, labelnames: list[str], buckets: tuple[float, ...]) -> None:
-        self.name, self.doc, self.labelnames = name, doc, labelnames
-        self.bounds = tuple(float(b) for b in buckets)
-        self.children: dict[tuple[str, ...], _LoopHistogramChild] = {}
-
-    def labels(self, *values: str) -> _LoopHistogramChild:
-        child = self.children.get(values)
-        if child is None:
-            child = self.children[values] = _LoopHistogramChild(self.bounds)
-        return child
-
-    def collect(self) -> HistogramMetricFamily:
-        fam = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
-        for labels, child in list(self.children.items()):
-            acc, buckets = 0, []
-            for bound, n in zip((*self.bounds, float("inf")), list(child.counts), strict=True):
-                acc += n
-                buckets.append((floatToGoString(bound), acc))
-            fam.add_metric(list(labels), buckets, child.sum)
-            fam.samples.append(Sample(self.name + "_created", dict(zip(self.labelnames, labels, strict=True)),
-                                      child.created))
-        return fam
-
-
-class _LoopCollector:
-    """Exports the `_Loop*` metrics of one registry."""
-
-    def __init__(self, metrics: list[_LoopCounter | _LoopHistogram]) -> None:
-        self.metrics = metrics
-
-    def collect(self) -> Iterable[Any]:
-        return [m.collect() for m in self.metrics]
-
-
 class _Metrics:
     """Every Prometheus metric Guardgate exports, in one registry."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         r = registry
-        # Touched by every request: lock-free, exported by a collector (see _LoopCounter).
-        self.requests = _LoopCounter("guardgate_requests", "Client requests by route, dialect and HTTP status.",
-                                     ["route", "dialect", "status"])
-        self.duration = _LoopHistogram("guardgate_request_duration_seconds", "Whole request time, streams included.",
-                                       ["route", "dialect"], LATENCY_BUCKETS)
-        self.upstream = _LoopHistogram("guardgate_upstream_latency_seconds",
-                                       "Upstream call: request sent to response headers.", ["upstream", "status"],
-                                       LATENCY_BUCKETS)
-        # Rate limits and usage (gateway.limits): per key and model, counted on the loop's thread.
-        self.rate_limited = _LoopCounter("guardgate_rate_limited", "Requests refused with 429 by key and the "
-                                         "limit that refused them.", ["key", "limit"])
-        self.limit_store_errors = _LoopCounter("guardgate_rate_limit_store_errors",
-                                               "Rate-limit store failures (Redis down or slow) by store, "
-                                               "operation and what on_store_error did.",
-                                               ["store", "op", "on_store_error"])
-        self.usage_tokens = _LoopCounter("guardgate_usage_tokens", "Tokens answered requests used, by key, "
-                                         "model, type (prompt, completion) and source (upstream usage or "
-                                         "the gateway's own count).", ["key", "model", "type", "source"])
-        self.usage_requests = _LoopCounter("guardgate_usage_requests", "Requests whose token usage is known, by "
-                                           "key and model.", ["key", "model"])
-        r.register(_LoopCollector([self.requests, self.duration, self.upstream, self.rate_limited,
-                                   self.limit_store_errors, self.usage_tokens, self.usage_requests]))
+        self.requests = _Cached(Counter("guardgate_requests", "Client requests by route, dialect and HTTP status.",
+                                        ["route", "dialect", "status"], registry=r))
+        self.duration = _Cached(Histogram("guardgate_request_duration_seconds",
+                                          "Whole request time, streams included.", ["route", "dialect"],
+                                          buckets=LATENCY_BUCKETS, registry=r))
+        self.upstream = _Cached(Histogram("guardgate_upstream_latency_seconds",
+                                          "Upstream call: request sent to response headers.", ["upstream", "status"],
+                                          buckets=LATENCY_BUCKETS, registry=r))
+        # Rate limits and usage (gateway.limits): per key and model.
+        self.rate_limited = _Cached(Counter("guardgate_rate_limited", "Requests refused with 429 by key and the "
+                                            "limit that refused them.", ["key", "limit"], registry=r))
+        self.limit_store_errors = _Cached(Counter("guardgate_rate_limit_store_errors",
+                                                  "Rate-limit store failures (Redis down or slow) by store, "
+                                                  "operation and what on_store_error did.",
+                                                  ["store", "op", "on_store_error"], registry=r))
+        self.usage_tokens = _Cached(Counter("guardgate_usage_tokens", "Tokens answered requests used, by key, "
+                                            "model, type (prompt, completion) and source (upstream usage or "
+                                            "the gateway's own count).", ["key", "model", "type", "source"],
+                                            registry=r))
+        self.usage_requests = _Cached(Counter("guardgate_usage_requests", "Requests whose token usage is known, "
+                                              "by key and model.", ["key", "model"], registry=r))
         self.added_ttft = _Cached(Histogram("guardgate_added_ttft_seconds",
                                     "Time to first token added by the gateway (client TTFT minus upstream "
                                     "TTFT): input checks that run first, decoding, stream hold-back.",
@@ -278,16 +197,22 @@ class _Metrics:
                               "(requests with a flag only).", ["policy"], buckets=LEAK_BUCKETS, registry=r))
         self.actions = _Cached(Counter("guardgate_policy_actions", "Requests by policy and the action taken.",
                                ["policy", "action"], registry=r))
+        # Read from the engines at each scrape; with several workers, each reports its own engine's
+        # sessions and /metrics sums the live ones.
+        self.sessions = Gauge("guardgate_guard_sessions_alive", "Guard KV sessions resident in the in-process "
+                              "engine.", ["model"], registry=r, multiprocess_mode="livesum")
+        self.sessions_seen: set[str] = set()
 
     def count(self, ctx: Any, status: int, seconds: float) -> None:
         route = route_label(ctx)
         dialect = getattr(ctx, "dialect", None) or "none"
-        self.requests.inc(route, dialect, str(status))
+        self.requests.labels(route, dialect, str(status)).inc()
         self.duration.labels(route, dialect).observe(seconds)
 
 
 class _CallbackCollector:
-    """Gauges and counters read at scrape time from callbacks (engine sessions, guard caches)."""
+    """Counters read at scrape time from callbacks (guard verdict caches); sets the callback gauges
+    first (registered before them, so a scrape reads them fresh)."""
 
     def __init__(self, tel: Telemetry) -> None:
         self.tel = tel
@@ -296,11 +221,7 @@ class _CallbackCollector:
         return []  # values come from callbacks: no description at registration time
 
     def collect(self) -> Iterable[Any]:
-        sessions = GaugeMetricFamily("guardgate_guard_sessions_alive",
-                                     "Guard KV sessions resident in the in-process engine.", labels=["model"])
-        for model, n in self.tel.sessions().items():
-            sessions.add_metric([model], n)
-        yield sessions
+        self.tel.refresh_gauges()
         hits = CounterMetricFamily("guardgate_guard_cache_hits", "Guard verdict cache hits.",
                                    labels=["guard"])
         for guard, n in self.tel.cache_hits().items():
@@ -380,6 +301,7 @@ class Telemetry:
 
     def __init__(self, registry: CollectorRegistry | None = None, *, tracer_provider: Any = "env") -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.registry.register(_CallbackCollector(self))  # before the gauges it refreshes
         self.m = _Metrics(self.registry)
         if isinstance(tracer_provider, str) and tracer_provider == "env":
             tracer_provider = tracer_provider_from_env()
@@ -390,7 +312,6 @@ class Telemetry:
         self._policy_store: Any = None
         self._systems: dict[str, str] = {}
         self._usage_models: set[str] = set()
-        self.registry.register(_CallbackCollector(self))
 
     @property
     def tracing(self) -> bool:
@@ -664,49 +585,20 @@ class Telemetry:
 
     # ------------------------------------------------------------------ streams and completions
 
-    def upstream_events(self, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
-        """Wrap the upstream's events (before the gate): notes when the first token arrived."""
+    def observe_stream(self, stats: Any) -> None:
+        """A stream as it ended (`dialects.stream.StreamStats`, noted on the way by the upstream reader
+        and the encoder): added TTFT, finish reasons, usage, the response's identity. Called once."""
         st = _REQ.get()
         if st is None:
-            return events
-        return self._watch_in(st, events)
-
-    async def _watch_in(self, st: _Request, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
-        try:
-            async for ev in events:
-                if st.first_in is None and isinstance(ev, TextDelta | ToolCallDelta):
-                    st.first_in, st.first_in_ns = time.perf_counter(), time.time_ns()
-                yield ev
-        finally:
-            aclose = getattr(events, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
-    def client_events(self, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
-        """Wrap the events going to the client (after the gate): added TTFT, finish reasons, usage."""
-        st = _REQ.get()
-        if st is None:
-            return events
-        return self._watch_out(st, events)
-
-    async def _watch_out(self, st: _Request, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
-        try:
-            async for ev in events:
-                if isinstance(ev, TextDelta | ToolCallDelta):
-                    if st.first_out is None:
-                        st.first_out = time.perf_counter()
-                        self._observe_ttft(st)
-                elif isinstance(ev, Finish):
-                    st.finish_reasons.append(ev.reason)
-                elif isinstance(ev, UsageEvent):
-                    st.usage = ev.usage
-                elif isinstance(ev, StreamStart):
-                    st.response_model, st.response_id = ev.model or None, ev.id or None
-                yield ev
-        finally:
-            aclose = getattr(events, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            return
+        st.first_in, st.first_out = stats.first_in, stats.first_out
+        if stats.first_in is not None:
+            st.first_in_ns = st.t0_ns + int((stats.first_in - st.t0) * 1e9)
+        st.finish_reasons = list(stats.finish_reasons)
+        if stats.usage is not None:
+            st.usage = stats.usage
+        st.response_model, st.response_id = stats.response_model, stats.response_id
+        self._observe_ttft(st)
 
     def _observe_ttft(self, st: _Request) -> None:
         if st.first_in is None or st.first_out is None:
@@ -830,10 +722,10 @@ class Telemetry:
     # ------------------------------------------------------------------ rate limits and usage
 
     def count_limit_refused(self, key: str, limit: str) -> None:
-        self.m.rate_limited.inc(key, limit)
+        self.m.rate_limited.labels(key, limit).inc()
 
     def count_limit_store_error(self, store: str, op: str, on_store_error: str) -> None:
-        self.m.limit_store_errors.inc(store, op, on_store_error)
+        self.m.limit_store_errors.labels(store, op, on_store_error).inc()
 
     def record_usage(self, key: str, model: str, prompt: int, completion: int, source: str) -> None:
         """Tokens one answered request used. `model` is bounded (`MAX_USAGE_MODELS`, then "other"):
@@ -843,11 +735,21 @@ class Telemetry:
                 model = "other"
             else:
                 self._usage_models.add(model)
-        self.m.usage_requests.inc(key, model)
-        self.m.usage_tokens.inc(key, model, "prompt", source, amount=prompt)
-        self.m.usage_tokens.inc(key, model, "completion", source, amount=completion)
+        self.m.usage_requests.labels(key, model).inc()
+        self.m.usage_tokens.labels(key, model, "prompt", source).inc(prompt)
+        self.m.usage_tokens.labels(key, model, "completion", source).inc(completion)
 
     # ------------------------------------------------------------------ /metrics
+
+    def refresh_gauges(self) -> None:
+        """Gauges read from callbacks, set just before a scrape (a model that went away reads 0)."""
+        m = self.m
+        now = self.sessions()
+        for model in m.sessions_seen - now.keys():
+            m.sessions.labels(model).set(0)
+        for model, n in now.items():
+            m.sessions.labels(model).set(n)
+        m.sessions_seen |= now.keys()
 
     async def metrics_handler(self, request: web.Request) -> web.Response:
         """GET /metrics: Prometheus text (OpenMetrics when the scraper asks for it)."""

@@ -1,8 +1,8 @@
 """Guardgate next to the gateways users know: latency and throughput added, side by side, one run.
 
     python scripts/bench.py [--requests 1000] [--concurrency 32] [--seconds 4] [--rounds 3] [--chunks 20]
-                            [--targets relay,gate-regex,nginx,litellm] [--client raw,aiohttp] [--json]
-                            [--workers 1,2]
+                            [--targets relay,gate-regex,nginx,litellm,portkey] [--client raw,aiohttp] [--json]
+                            [--workers 1,2] [--base DIR]
 
 Everything on loopback, same scripted upstream (bench/fake_upstream.py, OpenAI dialect, a stream of
 `--chunks` text chunks), same load, each target its own process:
@@ -14,11 +14,17 @@ Everything on loopback, same scripted upstream (bench/fake_upstream.py, OpenAI d
   litellm     the LiteLLM proxy, one worker, defaults, the upstream as an openai-compatible model
 With `--workers 1,2` (or 1,2,4,8) the guardgate targets run once per worker count, side by side in
 the same rounds (`relay-w2` is `guardgate serve --workers 2`: N processes on one port, SO_REUSEPORT).
+  portkey     the Portkey AI gateway (`@portkey-ai/gateway`, Node), the upstream as a custom OpenAI host
+  relay@base, gate-regex@base
+              the same Guardgate targets run from another checkout (`--base DIR`, e.g. a `git archive`
+              of the commit before a change): before/after figures from one run, side by side
 
 Targets that are not installed are skipped, and the run says so. To install them:
   nginx    apt-get update && apt-get install -y nginx          (binary: nginx on PATH or /usr/sbin/nginx)
   litellm  python3 -m venv /tmp/litellm-venv && /tmp/litellm-venv/bin/pip install 'litellm[proxy]'
            (a separate venv, so its pinned dependencies never touch ours; or set LITELLM_BIN)
+  portkey  npm install --prefix .peers/portkey @portkey-ai/gateway   (scripts/install_peers.sh; or set
+           PORTKEY_DIR to a directory holding node_modules/@portkey-ai/gateway; needs node on PATH)
   wrk      apt-get install -y wrk   (optional: the max-RPS load generator; else an aiohttp client)
 
 Latency: requests one at a time, in rounds over all targets in a shuffled order (machine noise hits
@@ -81,6 +87,7 @@ class Target:
     lat: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in KINDS})  # the client reported
     lat_by: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # client -> kind -> seconds
     rps: dict[str, float] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every request (portkey's routing)
     rps_errors: dict[str, int] = field(default_factory=dict)
     ref: Target | None = None  # the `direct` measured in the same latency phase (None: the main one)
 
@@ -88,7 +95,7 @@ class Target:
 def spawn(args: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.Popen:
     log = tempfile.TemporaryFile()  # noqa: SIM115  (never an unread pipe: a chatty child would block)
     p = subprocess.Popen(args, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+                         env={**os.environ, "PYTHONPATH": str(cwd), **(env or {})})
     p.log = log  # type: ignore[attr-defined]
     return p
 
@@ -162,14 +169,53 @@ def litellm_bin() -> str | None:
 
 
 def gateway_target(name: str, up: str, dialect: str = "openai", policy: str | None = None,
-                   workers: int = 1) -> Target:
+                   workers: int = 1, root: Path = ROOT) -> Target:
     port = free_port()
     cmd = [PY, "-m", "gateway.cli", "serve", "--upstream", up, "--upstream-dialect", dialect,
-           "--port", str(port), "--log-level", "WARNING", "--workers", str(workers)]
+           "--port", str(port), "--log-level", "WARNING"]
+    if workers > 1:  # (a --base checkout from before `--workers` runs one process)
+        cmd += ["--workers", str(workers)]
     cmd += ["--policy", policy or "none"]  # none: the plain relay (serve guards with `starter` by default)
     if workers > 1:
         name = f"{name}-w{workers}"
-    return Target(name, f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{port}/healthz", [spawn(cmd)])
+    return Target(name, f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{port}/healthz", [spawn(cmd, root)])
+
+
+def portkey_dir() -> Path | None:
+    """Where `@portkey-ai/gateway` is installed: PORTKEY_DIR, else .peers/portkey (scripts/install_peers.sh)."""
+    for d in (os.environ.get("PORTKEY_DIR"), str(ROOT / ".peers" / "portkey")):
+        if d and (Path(d) / "node_modules/@portkey-ai/gateway/build/start-server.js").exists():
+            return Path(d)
+    return None
+
+
+# @portkey-ai/gateway 1.15 appends its x-portkey-* headers to the upstream's fetch() Response, whose
+# headers Node's fetch (undici) makes immutable: every stream then failed with a 500 ("immutable").
+# This preload hands Portkey responses with their own, mutable headers (one Response object per call).
+PORTKEY_FETCH_SHIM = """
+const f = globalThis.fetch;
+globalThis.fetch = async (...a) => {
+  const r = await f(...a);
+  return new Response(r.body, { status: r.status, statusText: r.statusText, headers: new Headers(r.headers) });
+};
+"""
+
+
+def portkey_target(up_port: int, tmp: Path) -> Target:
+    d, node = portkey_dir(), shutil.which("node")
+    if d is None or node is None:
+        return Target("portkey", skipped="not installed (npm install --prefix .peers/portkey @portkey-ai/gateway, "
+                                         "or set PORTKEY_DIR; needs node on PATH)")
+    port = free_port()
+    shim = tmp / "portkey-fetch-shim.cjs"
+    shim.write_text(PORTKEY_FETCH_SHIM)
+    p = spawn([node, "--require", str(shim), "node_modules/@portkey-ai/gateway/build/start-server.js",
+               f"--port={port}", "--headless"],
+              cwd=d, env={"NODE_ENV": "production", "TRUSTED_CUSTOM_HOSTS": "127.0.0.1,localhost"})
+    # Portkey routes by headers: the provider and, for a self-hosted OpenAI-compatible server, its base URL.
+    headers = {"x-portkey-provider": "openai", "x-portkey-custom-host": f"http://127.0.0.1:{up_port}/v1",
+               "Authorization": "Bearer sk-bench-not-a-key"}
+    return Target("portkey", f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{port}/", [p], headers=headers)
 
 
 def nginx_target(up_port: int, tmp: Path) -> Target:
@@ -203,7 +249,7 @@ def litellm_target(up_port: int, tmp: Path) -> Target:
 
 
 async def start(want: list[str], chunks: int, tmp: Path,
-                workers: tuple[int, ...] = (1,)) -> tuple[Target, list[Target], list[Target]]:
+                workers: tuple[int, ...] = (1,), base: Path | None = None) -> tuple[Target, list[Target], list[Target]]:
     up_port = free_port()
     direct = Target("direct", f"http://127.0.0.1:{up_port}/v1", f"http://127.0.0.1:{up_port}/v1/models",
                     [spawn([PY, "bench/fake_upstream.py", "--port", str(up_port), "--chunks", str(chunks)])])
@@ -224,6 +270,14 @@ async def start(want: list[str], chunks: int, tmp: Path,
             targets.append(nginx_target(up_port, tmp))
         elif name == "litellm":
             targets.append(litellm_target(up_port, tmp))
+        elif name == "portkey":
+            targets.append(portkey_target(up_port, tmp))
+        elif name in ("relay@base", "gate-regex@base"):
+            if base is None:
+                targets.append(Target(name, skipped="no --base checkout given"))
+            else:
+                policy = "bench/regex-stream.yaml" if name.startswith("gate-regex") else None
+                targets.append(gateway_target(name, up, policy=policy, root=base))
         else:
             targets.append(Target(name, skipped="unknown target"))
     await wait_ready(direct, 30)
@@ -254,10 +308,11 @@ def stop(targets: list[Target]) -> None:
 # ---------------------------------------------------------------------------- measuring
 
 
-async def one(session: aiohttp.ClientSession, base: str, stream: bool) -> tuple[float, float]:
+async def one(session: aiohttp.ClientSession, base: str, stream: bool,
+              headers: dict[str, str] | None = None) -> tuple[float, float]:
     t0 = time.perf_counter()
     ttft = 0.0
-    async with session.post(base + "/chat/completions", json={**BODY, "stream": stream}) as r:
+    async with session.post(base + "/chat/completions", json={**BODY, "stream": stream}, headers=headers) as r:
         if stream:
             async for _ in r.content.iter_any():
                 if not ttft:
@@ -285,16 +340,18 @@ class RawClient:
             s.close()
         self.socks.clear()
 
-    def one(self, base: str, stream: bool, retry: bool = True) -> tuple[float, float]:
+    def one(self, base: str, stream: bool, retry: bool = True,
+            headers: dict[str, str] | None = None) -> tuple[float, float]:
         """(time to the first body byte, time to the end) of one chat completion, in seconds."""
         key = f"{base} {stream}"
         u = urlsplit(base)
         req = self.requests.get(key)
         if req is None:
             body = json.dumps({**BODY, "stream": stream}).encode()
+            extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items()).encode()
             req = self.requests[key] = (
-                b"POST %s/chat/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
-                b"Content-Length: %d\r\n\r\n" % (u.path.encode(), u.netloc.encode(), len(body)) + body)
+                b"POST %s/chat/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n%s"
+                b"Content-Length: %d\r\n\r\n" % (u.path.encode(), u.netloc.encode(), extra, len(body)) + body)
         s = self.socks.get(key)
         if s is None:
             s = self.socks[key] = socket.create_connection((u.hostname, u.port), timeout=30)
@@ -308,7 +365,7 @@ class RawClient:
             del self.socks[key]
             if not retry:
                 raise
-            return self.one(base, stream, retry=False)  # once, on a new connection
+            return self.one(base, stream, retry=False, headers=headers)  # once, on a new connection
         if close:
             s.close()
             del self.socks[key]
@@ -364,22 +421,24 @@ async def latency(targets: list[Target], n: int, warmup: int, client: str = "aio
     raw = RawClient() if client == "raw" else None
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
 
-        async def request(base: str, stream: bool) -> tuple[float, float]:
-            return raw.one(base, stream) if raw is not None else await one(s, base, stream)
+        async def request(t: Target, stream: bool) -> tuple[float, float]:
+            if raw is not None:
+                return raw.one(t.base, stream, headers=t.headers)
+            return await one(s, t.base, stream, t.headers)
 
         try:
             for t in targets:
                 for stream in (False, True):
                     for _ in range(warmup):
-                        await request(t.base, stream)
+                        await request(t, stream)
             rng = random.Random(9)
             order = list(targets)
             for _ in range(n):
                 rng.shuffle(order)  # no target always goes first (or right after the slow one)
                 for t in order:
-                    _, total = await request(t.base, False)
+                    _, total = await request(t, False)
                     t.lat["json"].append(total)
-                    ttft, total = await request(t.base, True)
+                    ttft, total = await request(t, True)
                     t.lat["ttft"].append(ttft)
                     t.lat["stream"].append(total)
         finally:
@@ -391,12 +450,15 @@ WRK_LUA = """
 wrk.method = "POST"
 wrk.body = {body}
 wrk.headers["Content-Type"] = "application/json"
+{headers}
 """
 
 
-def wrk_rps(base: str, stream: bool, concurrency: int, seconds: float, tmp: Path) -> tuple[float, int]:
+def wrk_rps(base: str, stream: bool, concurrency: int, seconds: float, tmp: Path,
+            headers: dict[str, str] | None = None) -> tuple[float, int]:
     script = tmp / f"wrk-{'stream' if stream else 'json'}.lua"
-    script.write_text(WRK_LUA.format(body=json.dumps(json.dumps({**BODY, "stream": stream}))))
+    hl = "\n".join(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in (headers or {}).items())
+    script.write_text(WRK_LUA.format(body=json.dumps(json.dumps({**BODY, "stream": stream})), headers=hl))
     out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "-s", str(script),
                           base + "/chat/completions"], capture_output=True, text=True, timeout=seconds + 60).stdout
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
@@ -407,7 +469,8 @@ def wrk_rps(base: str, stream: bool, concurrency: int, seconds: float, tmp: Path
     return (float(m.group(1)) if m else 0.0), bad
 
 
-async def aiohttp_rps(base: str, stream: bool, concurrency: int, seconds: float) -> tuple[float, int]:
+async def aiohttp_rps(base: str, stream: bool, concurrency: int, seconds: float,
+                      headers: dict[str, str] | None = None) -> tuple[float, int]:
     done = bad = 0
     end = time.perf_counter() + seconds
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
@@ -415,7 +478,7 @@ async def aiohttp_rps(base: str, stream: bool, concurrency: int, seconds: float)
             nonlocal done, bad
             while time.perf_counter() < end:
                 try:
-                    await one(s, base, stream)
+                    await one(s, base, stream, headers)
                     done += 1
                 except (RuntimeError, aiohttp.ClientError):
                     bad += 1
@@ -475,7 +538,7 @@ def latency_report(direct: Target, targets: list[Target], heavy_phase: dict[str,
     by = {t.name: t for t in targets}
     if "relay" in by:
         print("ratios (relay vs others):")
-        for other in ("nginx", "litellm", "gate-regex", "translated"):
+        for other in ("nginx", "litellm", "portkey", "gate-regex", "translated", "relay@base", "gate-regex@base"):
             if other not in by:
                 continue
             o = added[other]
@@ -486,6 +549,28 @@ def latency_report(direct: Target, targets: list[Target], heavy_phase: dict[str,
                   f"max rps json x{ratio(by['relay'].rps['json'], by[other].rps['json']):.1f} "
                   f"stream x{ratio(by['relay'].rps['stream'], by[other].rps['stream']):.1f}")
     return added
+
+
+def guarded_goals(added: dict[str, dict[str, float]], by: dict[str, Target], goals: dict[str, object]) -> None:
+    """Issue 29: the regex-guarded path against the relay, and the relay against nginx; for the targets
+    of this checkout and, beside them, of `--base` (before/after in one run)."""
+    for sfx in ("", "@base"):
+        relay, gate = f"relay{sfx}", f"gate-regex{sfx}"
+        if relay not in added or gate not in added:
+            continue
+        r, g = added[relay], added[gate]
+        rows = [("gate stream added p50 <= 2x relay's", ratio(g["stream_p50"], r["stream_p50"]), 2.0, True),
+                ("gate max streams/s >= 0.5x relay's", ratio(by[gate].rps["stream"], by[relay].rps["stream"]),
+                 0.5, False),
+                ("gate json added p50 <= 1.5x relay's", ratio(g["json_p50"], r["json_p50"]), 1.5, True)]
+        if "nginx" in added:
+            rows.append(("relay json added p50 <= 7.5x nginx's", ratio(r["json_p50"], added["nginx"]["json_p50"]),
+                         7.5, True))
+        print(f"\nguarded path (issue 29), {relay} / {gate}:")
+        for label, v, bound, at_most in rows:
+            ok = v <= bound if at_most else v >= bound
+            goals[f"{label}{sfx}"] = round(v, 3)
+            print(f"  {label:<40} x{v:.2f} {'PASS' if ok else 'FAIL'}")
 
 
 def report(direct: Target, targets: list[Target], skipped: list[Target], a: argparse.Namespace,
@@ -535,6 +620,7 @@ def report(direct: Target, targets: list[Target], skipped: list[Target], a: argp
                 print(f"  relay max RPS >= 30x LiteLLM's ({k:<6}) x{v:.1f} {'PASS' if v >= 30 else 'FAIL'}")
         else:
             print("  LiteLLM goals ......................... not measured (litellm skipped)")
+    guarded_goals(added, by, goals)
     return {"added_ms": added_by, "rps": {t.name: t.rps for t in allt}, "goals": goals,
             "p50_ms": {c: {t.name: {k: pct(t.lat_by[c][k], 0.5) for k in KINDS} for t in allt} for c in clients},
             "skipped": {t.name: t.skipped for t in skipped}}
@@ -544,7 +630,7 @@ async def main_async(a: argparse.Namespace) -> dict:
     want = [w for w in a.targets.split(",") if w]
     with tempfile.TemporaryDirectory(prefix="gg-bench-") as tmpd:
         tmp = Path(tmpd)
-        direct, targets, skipped = await start(want, a.chunks, tmp, tuple(int(n) for n in a.workers.split(",")))
+        direct, targets, skipped = await start(want, a.chunks, tmp, tuple(int(n) for n in a.workers.split(",")), a.base)
         try:
             light = [t for t in targets if t.name not in HEAVY]
             heavy = [t for t in targets if t.name in HEAVY]
@@ -561,13 +647,15 @@ async def main_async(a: argparse.Namespace) -> dict:
                     await latency_with(client, [direct2, *heavy_phase.values(), *heavy], a.requests, a.warmup)
             tool = "wrk" if shutil.which("wrk") and not a.no_wrk else "aiohttp client"
             runs: dict[tuple[str, str], list[float]] = {}
-            for _ in range(a.rounds):  # rounds over all targets: a noisy neighbour hits them all alike
-                for t in [direct, *targets]:
+            for rnd in range(a.rounds):  # rounds over all targets: a noisy neighbour hits them all alike
+                # in a shuffled order per round, as the latency phase: no target always runs right after
+                # the same one (a heavy peer's after-work slowed whichever came next)
+                for t in random.Random(rnd).sample([direct, *targets], len(targets) + 1):
                     for k, stream in (("json", False), ("stream", True)):
                         if tool == "wrk":
-                            rps, bad = wrk_rps(t.base, stream, a.concurrency, a.seconds, tmp)
+                            rps, bad = wrk_rps(t.base, stream, a.concurrency, a.seconds, tmp, t.headers)
                         else:
-                            rps, bad = await aiohttp_rps(t.base, stream, a.concurrency, a.seconds)
+                            rps, bad = await aiohttp_rps(t.base, stream, a.concurrency, a.seconds, t.headers)
                         runs.setdefault((t.name, k), []).append(rps)
                         t.rps_errors[k] = t.rps_errors.get(k, 0) + bad
                         if t.name in HEAVY:
@@ -590,7 +678,10 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=20)
     ap.add_argument("--client", default="raw,aiohttp",
                     help="latency clients, in order (the first is the one the goals use): raw (RawClient), aiohttp")
-    ap.add_argument("--targets", default="relay,gate-regex,nginx,litellm")
+    ap.add_argument("--targets", default="relay,gate-regex,nginx,litellm,portkey")
+    ap.add_argument("--base", type=Path, default=None,
+                    help="another checkout (e.g. `git archive` of the commit before a change) for relay@base and "
+                         "gate-regex@base")
     ap.add_argument("--no-wrk", action="store_true", help="measure max RPS with the aiohttp client even if wrk exists")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON at the end")
     ap.add_argument("--workers", default="1",

@@ -4,6 +4,7 @@ guard spans (live and from the record), the upstream span, /metrics parsing."""
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -18,8 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import telemetry as T
 from gateway.context import CTX_KEY, RequestContext
+from gateway.dialects.stream import StreamStats
 from gateway.endpoints import lookup
-from gateway.types import TextDelta, Usage, UsageEvent, Verdict
+from gateway.types import Usage, Verdict
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -310,26 +312,20 @@ async def test_without_tracing_headers_are_untouched_and_metrics_still_move() ->
                  status="200") == 1
 
 
-async def test_stream_wrappers_measure_added_ttft_and_read_usage() -> None:
+async def test_a_stream_is_reported_once_at_its_end_with_added_ttft_and_usage() -> None:
+    """Nothing wraps the events: the figures noted on the way (StreamStats) are reported at the end."""
     tel, exp = traced()
     req, ctx = request_with_ctx(policy="p")
-
-    async def upstream() -> Any:
-        yield TextDelta("Hel")
-        yield TextDelta("lo")
-        yield UsageEvent(Usage(prompt_tokens=5, completion_tokens=2, total_tokens=7))
-
-    async def hold_back(events: Any) -> Any:  # a gate that holds the first token for 50 ms
-        async for ev in events:
-            await asyncio.sleep(0.05)
-            yield ev
 
     async def body(ctx: RequestContext) -> None:
         async with tel.upstream_span("main") as call:
             call.status = 200
-        events = tel.client_events(hold_back(tel.upstream_events(upstream())))
-        out = [ev async for ev in events]
-        assert len(out) == 3
+        stats = StreamStats(first_in=time.perf_counter())
+        await asyncio.sleep(0.05)  # a gate that holds the first token for 50 ms
+        stats.first_out = time.perf_counter()
+        stats.finish_reasons.append("stop")
+        stats.usage = Usage(prompt_tokens=5, completion_tokens=2, total_tokens=7)
+        tel.observe_stream(stats)
 
     await run_mw(tel, req, ctx, body)
     assert value(tel, "guardgate_added_ttft_seconds_count", policy="p") == 1
@@ -339,6 +335,7 @@ async def test_stream_wrappers_measure_added_ttft_and_read_usage() -> None:
     root = next(s for s in exp.get_finished_spans() if s.name == "guardgate.request")
     assert root.attributes["gen_ai.usage.input_tokens"] == 5
     assert root.attributes["gen_ai.usage.output_tokens"] == 2
+    assert root.attributes["gen_ai.response.finish_reasons"] == ("stop",)
 
 
 async def test_metrics_handler_serves_text_the_parser_reads() -> None:
@@ -357,28 +354,44 @@ async def test_metrics_handler_serves_text_the_parser_reads() -> None:
     assert om.body.decode().rstrip().endswith("# EOF")
 
 
-def test_loop_metrics_export_exactly_as_prometheus_client_does() -> None:
-    """The lock-free request metrics print the same exposition as prometheus_client's own Counter and
-    Histogram fed the same values (edge values on bucket bounds included), `_created` aside."""
-    import re
+# Every metric and span name users have today: dashboards and alerts are built on them.
+METRIC_NAMES = {
+    "guardgate_requests", "guardgate_request_duration_seconds", "guardgate_upstream_latency_seconds",
+    "guardgate_rate_limited", "guardgate_rate_limit_store_errors", "guardgate_usage_tokens",
+    "guardgate_usage_requests", "guardgate_added_ttft_seconds", "guardgate_guard_check_seconds",
+    "guardgate_guard_verdicts", "guardgate_guard_tokens_evaluated", "guardgate_stream_leaked_tokens",
+    "guardgate_policy_actions", "guardgate_guard_sessions_alive", "guardgate_guard_cache_hits",
+}
+SPAN_NAMES = {"guardgate.request", "guardgate.upstream", "guardgate.guard <name>"}
 
-    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-    ours, theirs = CollectorRegistry(), CollectorRegistry()
-    c = T._LoopCounter("x_requests", "Doc.", ["a", "b"])
-    h = T._LoopHistogram("x_seconds", "Doc.", ["a"], T.LATENCY_BUCKETS)
-    ours.register(T._LoopCollector([c, h]))
-    pc = Counter("x_requests", "Doc.", ["a", "b"], registry=theirs)
-    ph = Histogram("x_seconds", "Doc.", ["a"], buckets=T.LATENCY_BUCKETS, registry=theirs)
-    for i, v in enumerate([0.0, 0.001, 0.0011, 0.0025, 0.3, 1.0, 59.9, 60.0, 61.0, 1e9, 0.01]):
-        labels = ("p" if i % 3 else "q", "z")
-        c.inc(*labels)
-        pc.labels(*labels).inc()
-        h.labels(labels[0]).observe(v)
-        ph.labels(labels[0]).observe(v)
+def test_every_metric_name_is_kept_and_is_a_prometheus_client_instrument() -> None:
+    from prometheus_client import Counter, Gauge, Histogram
 
-    def text(r: CollectorRegistry) -> str:
-        return re.sub(r"(_created\{[^}]*\}) \S+", r"\1 T", generate_latest(r).decode())
+    tel = T.Telemetry(tracer_provider=None)
+    names = {f.name for f in tel.registry.collect()}
+    assert names == METRIC_NAMES
+    instruments = [v for v in vars(tel.m).values() if isinstance(v, (T._Cached, Counter, Gauge, Histogram))]
+    for inst in instruments:
+        metric = inst.metric if isinstance(inst, T._Cached) else inst
+        assert isinstance(metric, (Counter, Gauge, Histogram))
+        if isinstance(metric, Gauge):  # `--workers N` sums gauges over processes: each says how
+            assert metric._multiprocess_mode in ("livesum", "liveall", "max", "min", "sum", "all", "mostrecent")
+    assert not any(n.startswith("_Loop") for n in dir(T))
 
-    assert text(ours) == text(theirs)
-    assert 'x_seconds_bucket{a="q",le="0.0025"} 2.0' in text(ours)  # 0.0 and 0.0025: le is inclusive
+
+async def test_every_span_name_is_kept() -> None:
+    tel, exp = traced()
+    req, ctx = request_with_ctx(policy="p")
+
+    async def body(ctx: RequestContext) -> None:
+        async with tel.upstream_span("main") as call:
+            call.status = 200
+        T.observe_verdict("input", "input[0]:regex", Verdict(guard="regex", flagged=False, latency_ms=1.0))
+
+    await run_mw(tel, req, ctx, body)
+    names = {s.name for s in exp.get_finished_spans()}
+    assert names == {"guardgate.request", "guardgate.upstream", "guardgate.guard regex"}
+    assert {n.replace("<name>", "regex") for n in SPAN_NAMES} == names
+
+

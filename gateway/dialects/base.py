@@ -15,9 +15,12 @@ the `Annotation` stream event).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 from gateway.types import Completion, Event, Exchange, Message
+
+if TYPE_CHECKING:
+    from gateway.dialects.stream import StreamEncoder
 
 
 class DialectError(ValueError):
@@ -98,41 +101,11 @@ class StreamDecoder(Protocol):
         ...
 
 
-class StreamEncoder(Protocol):
-    """Neutral events → SSE bytes in the client's dialect (each return value holds whole frames)."""
+class ErrorCodec(Protocol):
+    name: str
 
-    def encode(self, event: Event) -> bytes: ...
-
-    def end(self) -> bytes:
-        """The dialect's terminator (OpenAI `data: [DONE]`; nothing for Llama). Idempotent."""
-        ...
-
-    def error(self, message: str, code: str, *, type: str = "server_error") -> bytes:
-        """A mid-stream error frame that the client's SDK raises as its APIError; ends the stream
-        (a later `end()` returns b"")."""
-        ...
-
-
-class Dialect(Protocol):
-    name: str  # "openai" | "llama"
-
-    def decode_request(self, body: bytes) -> Exchange: ...
-    def decode_payload(self, obj: dict[str, Any]) -> Exchange: ...
-    def encode_request(self, ex: Exchange) -> dict[str, Any]: ...
-    def decode_response(self, body: bytes) -> Completion: ...
-    def encode_response(self, c: Completion, ex: Exchange) -> dict[str, Any]: ...
-    def stream_decoder(self) -> StreamDecoder: ...
-    def stream_encoder(self, ex: Exchange) -> StreamEncoder: ...
-
-    def error_body(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        code: str | None = None,
-        param: str | None = None,
-    ) -> dict[str, Any]:
+    def error_body(self, status: int, message: str, *, type: str = "invalid_request_error",
+                   code: str | None = None, param: str | None = None) -> dict[str, Any]:
         """The JSON body of an error Guardgate itself produces on a route of this dialect."""
         ...
 
@@ -140,7 +113,31 @@ class Dialect(Protocol):
         """(message, code) from an upstream error body of this dialect, for translation. Never raises."""
         ...
 
-    # Models and moderations (neutral shapes above).
+
+class ClientCodec(ErrorCodec, Protocol):
+    """What a dialect does for the client: decode its request, encode the answer and the stream
+    (`gateway.dialects.stream.StreamEncoder`). Chat (both dialects), legacy completions and the
+    Responses API each have one."""
+
+    def decode_request(self, body: bytes) -> Exchange: ...
+    def decode_payload(self, obj: dict[str, Any]) -> Exchange: ...
+    def encode_response(self, c: Completion, ex: Exchange) -> dict[str, Any]: ...
+    def stream_encoder(self, ex: Exchange) -> StreamEncoder: ...
+
+
+class UpstreamCodec(ErrorCodec, Protocol):
+    """What a dialect does toward an upstream: encode the request, decode the answer and the stream.
+    Chat (both dialects) and legacy completions have one; the Responses API has none (it is answered
+    through a chat upstream)."""
+
+    def encode_request(self, ex: Exchange) -> dict[str, Any]: ...
+    def decode_response(self, body: bytes) -> Completion: ...
+    def stream_decoder(self) -> StreamDecoder: ...
+
+
+class Dialect(ClientCodec, UpstreamCodec, Protocol):
+    """A whole dialect (`openai`, `llama`): both halves of chat, plus models and moderations."""
+
     def encode_models(self, models: list[ModelInfo]) -> dict[str, Any]: ...
     def decode_models(self, body: bytes) -> list[ModelInfo]: ...
     def encode_model(self, model: ModelInfo) -> dict[str, Any]: ...

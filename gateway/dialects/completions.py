@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.dialects import openai
-from gateway.dialects._common import load_object
-from gateway.dialects.base import DialectError, UpstreamStreamError
+from gateway.dialects._common import qstr, request_decoder
+from gateway.dialects.base import DialectError
+from gateway.dialects.stream import HOLES, StreamEncoder, Template, frame
 from gateway.types import (
     Choice,
     Completion,
-    Event,
     Exchange,
     Finish,
     Message,
@@ -29,6 +29,10 @@ from gateway.types import (
     Usage,
     UsageEvent,
 )
+
+if TYPE_CHECKING:  # annotations only
+    from gateway.types import Event
+
 
 # Sampling fields with a neutral name (chat shares them); every other key rides in Exchange.extra.
 _PARAMS = ("max_tokens", "temperature", "top_p", "stop", "seed", "n", "user", "presence_penalty",
@@ -53,11 +57,6 @@ def _prompt(v: Any) -> str:
     raise DialectError("'prompt' must be a string", param="prompt")
 
 
-def decode_request(body: bytes) -> Exchange:
-    """`decode_payload` of the body parsed as a JSON object."""
-    return decode_payload(load_object(body))
-
-
 def decode_payload(obj: dict[str, Any]) -> Exchange:
     """A completions request already parsed as a JSON object → the exchange."""
     model = obj.get("model")
@@ -72,6 +71,9 @@ def decode_payload(obj: dict[str, Any]) -> Exchange:
     return Exchange(model=model, messages=[Message.of("user", prompt)], stream=stream,
                     include_usage=isinstance(opts, dict) and opts.get("include_usage") is True,
                     params=params, extra=extra)
+
+
+decode_request = request_decoder(decode_payload)
 
 
 def encode_request(ex: Exchange) -> dict[str, Any]:
@@ -118,32 +120,11 @@ def encode_response(c: Completion, ex: Exchange) -> dict[str, Any]:
             "usage": _usage_dict(c.usage)}
 
 
-class CompletionsStreamDecoder:
-    """Completions chunks (`choices[].text`) → neutral events; ends at `data: [DONE]`."""
+class CompletionsStreamDecoder(openai.OpenAIStreamDecoder):
+    """Completions chunks (`choices[].text`) → neutral events; ends at `data: [DONE]` (the chat
+    decoder's framing and errors, this endpoint's chunks)."""
 
-    def __init__(self) -> None:
-        self._done = False
-        self._started = False
-
-    def done(self) -> bool:
-        return self._done
-
-    def ended_cleanly(self) -> bool:
-        return self._done
-
-    def feed(self, event: str | None, data: str) -> list[Event]:
-        if data.startswith("[DONE]"):
-            self._done = True
-            return []
-        try:
-            obj = json.loads(data)
-            if not isinstance(obj, dict):
-                raise ValueError
-        except (ValueError, RecursionError):
-            raise UpstreamStreamError("upstream sent a stream chunk that is not a JSON object",
-                                      code="bad_upstream_response") from None
-        if obj.get("error"):
-            raise UpstreamStreamError("upstream error during streaming", code="upstream_error")
+    def _events(self, obj: dict[str, Any]) -> list[Event]:
         out: list[Event] = []
         if not self._started:
             self._started = True
@@ -167,41 +148,45 @@ def stream_decoder() -> CompletionsStreamDecoder:
     return CompletionsStreamDecoder()
 
 
-class CompletionsStreamEncoder:
+class CompletionsStreamEncoder(StreamEncoder):
     """Neutral events → completions chunks, then `data: [DONE]`. Tool calls have no place here and a
-    non-text channel (a chat upstream's reasoning) is not part of a completion's text: both are dropped."""
+    non-text channel (a chat upstream's reasoning) is not part of a completion's text: both are dropped.
+    Finish and usage chunks are held, so a guard `Annotation` rides on the last one (`"guardgate"`)."""
+
+    END = "data: [DONE]\n\n"
 
     def __init__(self, ex: Exchange) -> None:
-        self._ex = ex
-        self._id, self._model, self._created = "cmpl-guardgate", ex.model, int(time.time())
+        super().__init__(ex)
+        self._head: dict[str, Any] = {"id": "cmpl-guardgate", "object": "text_completion",
+                                      "created": int(time.time()), "model": ex.model}
+        self._texts: dict[int, Template] = {}  # per choice: its text chunk, serialized once
 
-    def _chunk(self, choices: list[dict[str, Any]], usage: Usage | None = None) -> bytes:
-        obj: dict[str, Any] = {"id": self._id, "object": "text_completion", "created": self._created,
-                               "model": self._model, "choices": choices}
-        if usage is not None:
-            obj["usage"] = _usage_dict(usage)
-        return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+    def start(self, ev: StreamStart | None) -> None:
+        if ev is not None:
+            self._head.update(id=ev.id or self._head["id"], model=ev.model or self._head["model"],
+                              created=ev.created)
 
-    def encode(self, ev: Event) -> bytes:
-        if isinstance(ev, StreamStart):
-            self._id, self._model, self._created = ev.id or self._id, ev.model or self._model, ev.created
-            return b""
-        if isinstance(ev, TextDelta):
-            if ev.channel != "text" or not ev.text:
-                return b""
-            return self._chunk([{"text": ev.text, "index": ev.index, "logprobs": None, "finish_reason": None}])
-        if isinstance(ev, Finish):
-            return self._chunk([{"text": "", "index": ev.index, "logprobs": None, "finish_reason": ev.reason}])
-        if isinstance(ev, UsageEvent) and self._ex.include_usage:
-            return self._chunk([], ev.usage)
-        return b""
+    def text(self, ev: TextDelta) -> None:
+        if ev.channel == "text":
+            self.begin()
+            tpl = self._texts.get(ev.index)
+            if tpl is None:
+                tpl = self._texts[ev.index] = Template({**self._head, "choices": [
+                    {"text": HOLES[0], "index": ev.index, "logprobs": None, "finish_reason": None}]})
+            self.emit_text(tpl.fill(qstr(ev.text)))
 
-    def end(self) -> bytes:
-        return b"data: [DONE]\n\n"
+    def finish(self, ev: Finish) -> None:
+        self.begin()
+        self.hold({**self._head, "choices": [{"text": "", "index": ev.index, "logprobs": None,
+                                              "finish_reason": ev.reason}]})
 
-    def error(self, message: str, code: str, *, type: str = "server_error") -> bytes:
-        body = json.dumps({"error": {"message": message, "type": type, "param": None, "code": code}})
-        return b"data: " + body.encode() + b"\n\n"
+    def usage(self, ev: UsageEvent) -> None:
+        if self.ex.include_usage:
+            self.begin()
+            self.hold({**self._head, "choices": [], "usage": _usage_dict(ev.usage)})
+
+    def error_frame(self, message: str, code: str, type: str) -> str:
+        return frame({"error": {"message": message, "type": type, "param": None, "code": code}})
 
 
 def stream_encoder(ex: Exchange) -> CompletionsStreamEncoder:

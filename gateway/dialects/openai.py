@@ -37,41 +37,37 @@ from __future__ import annotations
 
 import time
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.dialects._common import (
     LLAMA_GUARD_CATEGORIES,
     REQ,
     UP,
+    MessageRules,
     Reader,
     arguments_str,
     category_code,
     code_order,
+    decode_chat,
     decode_models_list,
-    decode_tool_choice,
+    decode_parts,
+    decode_tool_calls,
     decode_tool_defs,
-    dumps,
     encode_tool_choice,
     encode_tool_defs,
+    keep_extra,
     load_object,
     loads,
     qstr,
-    to_bytes,
+    request_decoder,
 )
-from gateway.dialects.base import (
-    DialectError,
-    ModelInfo,
-    ModerationRequest,
-    ModerationResult,
-    UpstreamStreamError,
-)
+from gateway.dialects._common import decode_messages as _decode_messages
+from gateway.dialects.base import DialectError, ModelInfo, ModerationRequest, ModerationResult, UpstreamStreamError
+from gateway.dialects.stream import HOLES, StreamEncoder, Template, frame
 from gateway.types import (
-    Annotation,
     Attached,
     Choice,
     Completion,
-    Event,
-    Exchange,
     Finish,
     Message,
     Part,
@@ -84,9 +80,11 @@ from gateway.types import (
     new_id,
 )
 
+if TYPE_CHECKING:  # annotations only
+    from gateway.types import Event, Exchange
+
 NAME = "openai"
 name = NAME  # the module itself is the `Dialect` (see gateway/dialects/__init__.py)
-ROLES = frozenset(("system", "developer", "user", "assistant", "tool", "function"))
 FINISH_REASONS = frozenset(("stop", "length", "tool_calls", "content_filter", "function_call"))
 # Field a translated request uses for the token limit: the one every OpenAI-compatible server
 # (vLLM, llama.cpp, TGI, Ollama) and the OpenAI service for non-reasoning models accept.
@@ -96,125 +94,35 @@ _FLOAT_PARAMS = ("temperature", "top_p", "frequency_penalty", "presence_penalty"
 _INT_PARAMS = ("top_k", "n", "seed")
 _KNOWN_REQ = frozenset(
     (
-        "model",
-        "messages",
-        "stream",
-        "stream_options",
-        "max_tokens",
-        "max_completion_tokens",
-        "stop",
-        "user",
-        "tools",
-        "tool_choice",
-        "response_format",
-        *_FLOAT_PARAMS,
-        *_INT_PARAMS,
+        "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "stop", "user",
+        "tools", "tool_choice", "response_format", *_FLOAT_PARAMS, *_INT_PARAMS,
     )
 )
-_IGNORED_PARTS = frozenset(("input_audio", "file"))
 
 
 # --------------------------------------------------------------------------- requests
 
 
-def _decode_parts(content: Any, r: Reader, param: str, *, role: str) -> list[Part]:
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [Part("text", content)]
-    parts: list[Part] = []
-    for j, item in enumerate(r.list_(content, param)):
-        p = f"{param}[{j}]"
-        item = r.obj(item, p)
-        typ = item.get("type")
-        if typ == "text":
-            parts.append(Part("text", r.str_(item.get("text"), f"{p}.text")))
-        elif typ == "refusal":
-            parts.append(Part("text", r.str_(item.get("refusal"), f"{p}.refusal")))
-        elif typ == "image_url":
-            iu = item.get("image_url")
-            url = iu if isinstance(iu, str) else r.obj(iu, f"{p}.image_url").get("url")
-            parts.append(Part("image", image_url=r.str_(url, f"{p}.image_url.url")))
-        elif isinstance(typ, str) and typ in _IGNORED_PARTS:
-            continue
-        else:
-            r.fail(f"unsupported content part type {typ!r} in a {role} message", f"{p}.type")
-    return parts
-
-
-def _decode_tool_calls(v: Any, r: Reader, param: str) -> list[ToolCall]:
-    calls = []
-    for k, tc in enumerate(r.list_(v, param)):
-        p = f"{param}[{k}]"
-        tc = r.obj(tc, p)
-        if tc.get("type") == "custom" and isinstance(tc.get("custom"), dict):
-            cu = tc["custom"]
-            calls.append(
-                ToolCall(
-                    r.str_(tc.get("id"), f"{p}.id"),
-                    r.str_(cu.get("name"), f"{p}.custom.name"),
-                    arguments_str(cu.get("input"), r, f"{p}.custom.input"),
-                )
-            )
-            continue
-        fn = r.obj(tc.get("function"), f"{p}.function")
-        calls.append(
-            ToolCall(
-                r.str_(tc.get("id"), f"{p}.id"),
-                r.str_(fn.get("name"), f"{p}.function.name"),
-                arguments_str(fn.get("arguments"), r, f"{p}.function.arguments"),
-            )
-        )
-    return calls
+MESSAGES = MessageRules(
+    roles={"system": "system", "developer": "developer", "user": "user", "assistant": "assistant", "tool": "tool",
+           "function": "tool"},  # a legacy function result: a tool message without tool_call_id
+    texts={"text": "text", "refusal": "refusal"},
+    image_roles=frozenset(("system", "developer", "user", "assistant", "tool", "function")),
+    skipped=frozenset(("input_audio", "file")),
+    names=True,
+    assistant_refusal=True,
+)
 
 
 def decode_messages(v: Any, r: Reader = REQ, param: str = "messages") -> list[Message]:
-    msgs = r.list_(v, param)
-    if not msgs:
-        r.fail(f"'{param}' must contain at least one message", param)
-    out: list[Message] = []
-    for i, m in enumerate(msgs):
-        p = f"{param}[{i}]"
-        m = r.obj(m, p)
-        role = m.get("role")
-        if not isinstance(role, str) or role not in ROLES:
-            r.fail(f"'{p}.role' must be one of {sorted(ROLES)}", f"{p}.role")
-        parts = _decode_parts(m.get("content"), r, f"{p}.content", role=role)
-        msg = Message(
-            role="tool" if role == "function" else role,
-            parts=parts,
-            name=r.opt_str(m.get("name"), f"{p}.name"),
-        )
-        if role == "assistant":
-            if isinstance(m.get("refusal"), str) and m["refusal"]:
-                msg.parts.append(Part("text", m["refusal"]))
-            if m.get("tool_calls") is not None:
-                msg.tool_calls = _decode_tool_calls(m["tool_calls"], r, f"{p}.tool_calls")
-        elif role == "tool":
-            msg.tool_call_id = r.str_(m.get("tool_call_id"), f"{p}.tool_call_id")
-        out.append(msg)
-    return out
-
-
-def decode_request(body: bytes) -> Exchange:
-    """`decode_payload` of the body parsed as a JSON object."""
-    return decode_payload(load_object(body))
+    return _decode_messages(v, r, param, MESSAGES)
 
 
 def decode_payload(obj: dict[str, Any]) -> Exchange:
     """A request already parsed as a JSON object (the router parses each body once) → the exchange."""
     r = REQ
-    model = obj.get("model")
-    if not isinstance(model, str) or not model:
-        r.fail("'model' is required and must be a non-empty string", "model")
-    if "messages" not in obj:
-        r.fail("'messages' is required", "messages")
-    ex = Exchange(model=model, messages=decode_messages(obj["messages"], r))
+    ex, extra = decode_chat(obj, MESSAGES, _FLOAT_PARAMS, _INT_PARAMS)
     params = ex.params
-    extra: dict[str, Any] = {}
-    stream = obj.get("stream")
-    if stream is not None:
-        ex.stream = r.bool_(stream, "stream")
     so = obj.get("stream_options")
     if so is not None:
         so = r.obj(so, "stream_options")
@@ -223,12 +131,6 @@ def decode_payload(obj: dict[str, Any]) -> Exchange:
         rest = {k: v for k, v in so.items() if k != "include_usage"}
         if rest:
             extra["stream_options"] = rest
-    for k in _FLOAT_PARAMS:
-        if obj.get(k) is not None:
-            params[k] = r.num(obj[k], k)
-    for k in _INT_PARAMS:
-        if obj.get(k) is not None:
-            params[k] = r.int_(obj[k], k)
     if obj.get("max_completion_tokens") is not None:
         params["max_tokens"] = r.int_(obj["max_completion_tokens"], "max_completion_tokens")
         ex.extra["openai_max_tokens_field"] = "max_completion_tokens"
@@ -240,29 +142,14 @@ def decode_payload(obj: dict[str, Any]) -> Exchange:
             params["stop"] = stop
         else:
             params["stop"] = [r.str_(s, f"stop[{i}]") for i, s in enumerate(r.list_(stop, "stop"))]
-    if obj.get("user") is not None:
-        params["user"] = r.str_(obj["user"], "user")
     if obj.get("tools") is not None:
-        tools, other = decode_tool_defs(obj["tools"], r, "tools")
-        params["tools"] = tools
+        params["tools"], other = decode_tool_defs(obj["tools"], r, "tools")
         if other:
             extra["tools_other"] = other
-    if obj.get("tool_choice") is not None:
-        tc = decode_tool_choice(obj["tool_choice"], r, "tool_choice")
-        if tc is None:
-            extra["tool_choice"] = obj["tool_choice"]
-        else:
-            params["tool_choice"] = tc
-    if obj.get("response_format") is not None:
-        rf = r.obj(obj["response_format"], "response_format")
-        r.str_(rf.get("type"), "response_format.type")
-        params["response_format"] = rf
-    for k, v in obj.items():
-        if k not in _KNOWN_REQ:
-            extra[k] = v
-    if extra:
-        ex.extra[NAME] = extra
-    return ex
+    return keep_extra(ex, NAME, extra, obj, _KNOWN_REQ)
+
+
+decode_request = request_decoder(decode_payload)
 
 
 def _encode_content(parts: list[Part], *, assistant: bool) -> Any:
@@ -340,9 +227,7 @@ def _map_finish(v: Any) -> str:
 # upstream may put in `choices[i].message` / `choices[i]`, and what happens to it. A key not listed
 # is dropped: nothing model-written reaches the client without a rule.
 MESSAGE_FIELDS: dict[str, str] = {
-    "role": "fixed: always assistant",
-    "content": "gated: channel text",
-    "refusal": "gated: channel refusal",
+    "role": "fixed: always assistant", "content": "gated: channel text", "refusal": "gated: channel refusal",
     "reasoning_content": "gated: channel reasoning",
     "reasoning": "gated: channel reasoning (a string; written back under the name it came in)",
     "tool_calls": "gated: each call's name and arguments (custom tools: input)",
@@ -366,7 +251,7 @@ CHOICE_FIELDS: dict[str, str] = {
 _REASONING_KEYS = ("reasoning_content", "reasoning")
 # Stream delta key per text channel (a reasoning stream is written as reasoning_content, the name
 # vLLM, llama.cpp and DeepSeek use; a `reasoning` delta is read as the same channel).
-_DELTA_KEYS = {"text": '"content"', "refusal": '"refusal"', "reasoning": '"reasoning_content"'}
+_DELTA_KEYS = {"text": "content", "refusal": "refusal", "reasoning": "reasoning_content"}
 
 
 def _strings(v: Any, out: list[str]) -> None:
@@ -427,9 +312,9 @@ def _decode_choice(ch: Any, i: int, r: Reader) -> Choice:
                 if item.get("type") == "refusal":
                     msg.parts.append(Part("refusal", r.str_(item.get("refusal"), f"{p}.message.content[{j}]")))
                 else:
-                    msg.parts += _decode_parts([item], r, f"{p}.message.content[{j}]", role="assistant")
+                    msg.parts += decode_parts([item], r, f"{p}.message.content[{j}]", MESSAGES, "assistant")
         else:
-            msg.parts = _decode_parts(content, r, f"{p}.message.content", role="assistant")
+            msg.parts = decode_parts(content, r, f"{p}.message.content", MESSAGES, "assistant")
     if m.get("refusal"):
         msg.parts.append(Part("refusal", r.str_(m["refusal"], f"{p}.message.refusal")))
     for key in _REASONING_KEYS:
@@ -439,7 +324,7 @@ def _decode_choice(ch: Any, i: int, r: Reader) -> Choice:
                 choice.attached.append(Attached(NAME, "reasoning_field", key, channels=("reasoning",)))
             break
     if m.get("tool_calls") is not None:
-        msg.tool_calls = _decode_tool_calls(m["tool_calls"], r, f"{p}.message.tool_calls")
+        msg.tool_calls = decode_tool_calls(m["tool_calls"], r, f"{p}.message.tool_calls")
     if m.get("function_call") is not None:
         fc = r.obj(m["function_call"], f"{p}.message.function_call")
         msg.tool_calls.append(ToolCall("", r.str_(fc.get("name"), f"{p}.message.function_call.name"),
@@ -724,7 +609,7 @@ class OpenAIStreamDecoder:
                 out.append(ToolCallDelta(k, args, index=idx))
 
 
-class OpenAIStreamEncoder:
+class OpenAIStreamEncoder(StreamEncoder):
     """Neutral events → `data: <chunk>\\n\\n` frames, then `data: [DONE]\\n\\n`.
 
     Every chunk has the same id/created/model; each choice opens with
@@ -734,173 +619,84 @@ class OpenAIStreamEncoder:
     `end()`, so an `Annotation` can ride on it as a top-level `"guardgate"` object.
     """
 
-    __slots__ = (
-        "_annotation",
-        "_ended",
-        "_ex",
-        "_head",
-        "_held",
-        "_id",
-        "_legacy",
-        "_opened",
-        "_tail",
-        "_text0",
-        "_text_end",
-        "_tools",
-        "_usage",
-    )
+    END = "data: [DONE]\n\n"
 
     def __init__(self, ex: Exchange) -> None:
-        self._ex = ex
+        super().__init__(ex)
         self._legacy = legacy_functions(ex)
-        self._usage = ex.include_usage
-        self._tail = ',"usage":null}\n\n' if ex.include_usage else "}\n\n"
-        self._head = ""
-        self._id = ""
-        self._text0 = ""
-        self._text_end = '},"logprobs":null,"finish_reason":null}]' + self._tail
+        self._with_usage = ex.include_usage
         self._opened: set[int] = set()
         self._tools: set[tuple[int, int]] = set()
-        self._held: str | None = None  # a final chunk without its closing "}\n\n"
-        self._annotation: dict[str, Any] | None = None
-        self._ended = False
+        self._head: dict[str, Any] = {}
+        self._texts: dict[tuple[int, str], Template] = {}  # per (choice, delta key): its text chunk
 
-    def _start(self, ev: StreamStart | None) -> None:
-        if ev is None:
-            ev = StreamStart(id=new_id("chatcmpl-"), model=self._ex.model)
-        self._id = ev.id
-        extra = "".join(f",{qstr(k)}:{dumps(v)}" for k, v in (ev.extra.get(NAME) or {}).items())
-        self._head = (
-            f'data: {{"id":{qstr(ev.id)},"object":"chat.completion.chunk","created":{int(ev.created)},'
-            f'"model":{qstr(ev.model or self._ex.model)}{extra},"choices":['
-        )
-        self._text0 = self._head + '{"index":0,"delta":{"content":'
+    def _new(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        d = {**self._head, "choices": choices}
+        if self._with_usage:
+            d["usage"] = None
+        return d
 
-    def _open(self, index: int) -> str:
-        self._opened.add(index)
-        return (
-            f'{self._head}{{"index":{index},"delta":{{"role":"assistant","content":"","refusal":null}},'
-            f'"logprobs":null,"finish_reason":null}}]{self._tail}'
-        )
+    def _choice(self, index: int, delta: dict[str, Any]) -> dict[str, Any]:
+        return self._new([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])
 
-    def _flush(self) -> str:
-        held = self._held
-        if held is None:
-            return ""
-        self._held = None
-        if self._annotation is not None:
-            held += ',"guardgate":' + dumps(self._annotation)
-            self._annotation = None
-        return held + "}\n\n"
+    def start(self, ev: StreamStart | None) -> None:
+        s = ev or StreamStart(id=new_id("chatcmpl-"), model=self.ex.model)
+        self._head = {"id": s.id, "object": "chat.completion.chunk", "created": int(s.created),
+                      "model": s.model or self.ex.model, **(s.extra.get(NAME) or {})}
+        if ev is not None:  # the upstream's start opens choice 0 at once
+            self._delta(0, {})
 
-    def encode(self, ev: Event) -> bytes:
-        if self._ended:
-            return b""
-        t = type(ev)
-        if t is TextDelta:
-            if not ev.text:  # type: ignore[union-attr]
-                return b""
-            pre = self._flush() if self._held is not None else ""
-            if not self._head:
-                self._start(None)
-            index = ev.index  # type: ignore[union-attr]
-            channel = ev.channel  # type: ignore[union-attr]
-            key = _DELTA_KEYS.get(channel)
-            if key is None:  # transcript (audio is not streamed) or a one-shot Attached text
-                return to_bytes(pre)
-            if index not in self._opened:
-                pre += self._open(index)
-            if index == 0 and channel == "text":
-                return to_bytes(pre + self._text0 + qstr(ev.text) + self._text_end)  # type: ignore[union-attr]
-            return to_bytes(
-                f'{pre}{self._head}{{"index":{index},"delta":{{{key}:{qstr(ev.text)}'  # type: ignore[union-attr]
-                + self._text_end
-            )
-        if t is StreamStart:
-            pre = self._flush()
-            if self._head:
-                return to_bytes(pre)  # a second start: keep the first identity
-            self._start(ev)  # type: ignore[arg-type]
-            return to_bytes(pre + self._open(0))
-        if t is ToolCallDelta:
-            return self._tool(ev)  # type: ignore[arg-type]
-        if t is Finish:
-            pre = self._flush()
-            if not self._head:
-                self._start(None)
-            index = ev.index  # type: ignore[union-attr]
-            if index not in self._opened:
-                pre += self._open(index)
-            fr = ev.reason if ev.reason in FINISH_REASONS else "stop"  # type: ignore[union-attr]
-            self._held = (
-                f'{self._head}{{"index":{index},"delta":{{}},"logprobs":null,"finish_reason":"{fr}"}}]'
-                + (',"usage":null' if self._usage else "")
-            )
-            return to_bytes(pre)
-        if t is UsageEvent:
-            if not self._usage:
-                return b""
-            pre = self._flush()
-            if not self._head:
-                self._start(None)
-            self._held = f'{self._head}],"usage":{dumps(_usage_dict(ev.usage))}'  # type: ignore[union-attr]
-            return to_bytes(pre)
-        if t is Annotation:
-            if self._annotation is None:
-                self._annotation = dict(ev.data)  # type: ignore[union-attr]
-            else:
-                self._annotation.update(ev.data)  # type: ignore[union-attr]
-            return b""
-        return b""
+    def _delta(self, index: int, delta: dict[str, Any]) -> None:
+        self.begin()
+        if index not in self._opened:
+            self._opened.add(index)
+            self.emit(self._choice(index, {"role": "assistant", "content": "", "refusal": None}))
+        if delta:
+            self.emit(self._choice(index, delta))
 
-    def _tool(self, ev: ToolCallDelta) -> bytes:
-        pre = self._flush() if self._held is not None else ""
-        if not self._head:
-            self._start(None)
-        if ev.index not in self._opened:
-            pre += self._open(ev.index)
+    def text(self, ev: TextDelta) -> None:
+        key = _DELTA_KEYS.get(ev.channel)
+        if key is None:  # transcript (audio is not streamed) or a one-shot Attached text
+            self.flush()
+            return
+        tpl = self._texts.get((ev.index, key))
+        if tpl is None or ev.index not in self._opened:
+            self._delta(ev.index, {})
+            tpl = self._texts[(ev.index, key)] = Template(self._choice(ev.index, {key: HOLES[0]}))
+        self.emit_text(tpl.fill(qstr(ev.text)))
+
+    def tool(self, ev: ToolCallDelta) -> None:
         key = (ev.index, ev.call_index)
+        first = key not in self._tools
         if self._legacy and ev.call_index == 0:  # the client sent `functions`: legacy deltas
-            if key not in self._tools:
+            if first:
                 self._tools.add(key)
-                fc = f'{{"name":{qstr(ev.name or "")},"arguments":{qstr(ev.arguments)}}}'
+                self._delta(ev.index, {"function_call": {"name": ev.name or "", "arguments": ev.arguments}})
             elif ev.arguments:
-                fc = f'{{"arguments":{qstr(ev.arguments)}}}'
-            else:
-                return to_bytes(pre)
-            return to_bytes(
-                f'{pre}{self._head}{{"index":{ev.index},"delta":{{"function_call":{fc}}},'
-                + '"logprobs":null,"finish_reason":null}]'
-                + self._tail
-            )
-        if key not in self._tools:
+                self._delta(ev.index, {"function_call": {"arguments": ev.arguments}})
+            return
+        if first:
             self._tools.add(key)
-            tc = (
-                f'{{"index":{ev.call_index},"id":{qstr(ev.id or new_id("call_"))},"type":"function",'
-                f'"function":{{"name":{qstr(ev.name or "")},"arguments":{qstr(ev.arguments)}}}}}'
-            )
+            tc: dict[str, Any] = {"index": ev.call_index, "id": ev.id or new_id("call_"), "type": "function",
+                                  "function": {"name": ev.name or "", "arguments": ev.arguments}}
         elif ev.arguments:
-            tc = f'{{"index":{ev.call_index},"function":{{"arguments":{qstr(ev.arguments)}}}}}'
+            tc = {"index": ev.call_index, "function": {"arguments": ev.arguments}}
         else:
-            return to_bytes(pre)
-        return to_bytes(
-            f'{pre}{self._head}{{"index":{ev.index},"delta":{{"tool_calls":[{tc}]}},'
-            + '"logprobs":null,"finish_reason":null}]'
-            + self._tail
-        )
+            return
+        self._delta(ev.index, {"tool_calls": [tc]})
 
-    def end(self) -> bytes:
-        if self._ended:
-            return b""
-        self._ended = True
-        return to_bytes(self._flush() + "data: [DONE]\n\n")
+    def finish(self, ev: Finish) -> None:
+        self._delta(ev.index, {})
+        fr = ev.reason if ev.reason in FINISH_REASONS else "stop"
+        self.hold(self._new([{"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": fr}]))
 
-    def error(self, message: str, code: str, *, type: str = "server_error") -> bytes:
-        if self._ended:
-            return b""
-        self._ended = True
-        err = {"message": message, "type": type, "param": None, "code": code}
-        return to_bytes(self._flush() + 'data: {"error":' + dumps(err) + "}\n\n")
+    def usage(self, ev: UsageEvent) -> None:
+        if self._with_usage:
+            self.begin()
+            self.hold({**self._head, "choices": [], "usage": _usage_dict(ev.usage)})
+
+    def error_frame(self, message: str, code: str, type: str) -> str:
+        return frame({"error": {"message": message, "type": type, "param": None, "code": code}})
 
 
 def stream_decoder() -> OpenAIStreamDecoder:
@@ -926,14 +722,8 @@ def _error_fields(err: Any) -> tuple[str, str | None]:
     return "", None
 
 
-def error_body(
-    status: int,
-    message: str,
-    *,
-    type: str = "invalid_request_error",
-    code: str | None = None,
-    param: str | None = None,
-) -> dict[str, Any]:
+def error_body(status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
+               param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -983,49 +773,21 @@ def decode_models(body: bytes) -> list[ModelInfo]:
 # --------------------------------------------------------------------------- moderations
 
 OPENAI_CATEGORIES = (
-    "harassment",
-    "harassment/threatening",
-    "hate",
-    "hate/threatening",
-    "illicit",
-    "illicit/violent",
-    "self-harm",
-    "self-harm/instructions",
-    "self-harm/intent",
-    "sexual",
-    "sexual/minors",
-    "violence",
-    "violence/graphic",
+    "harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent", "self-harm",
+    "self-harm/instructions", "self-harm/intent", "sexual", "sexual/minors", "violence", "violence/graphic",
 )
 # Llama Guard code → OpenAI categories it implies. S6 (specialized advice), S7 (privacy), S8 (IP)
 # and S13 (elections) have no OpenAI counterpart: they set `flagged` and appear only in the
 # `guardgate.categories` extra of each result.
 CODE_TO_OPENAI: dict[str, tuple[str, ...]] = {
-    "S1": ("violence", "illicit/violent"),
-    "S2": ("illicit",),
-    "S3": ("sexual", "illicit"),
-    "S4": ("sexual/minors",),
-    "S5": ("harassment",),
-    "S9": ("illicit/violent", "violence"),
-    "S10": ("hate",),
-    "S11": ("self-harm",),
-    "S12": ("sexual",),
-    "S14": ("illicit",),
+    "S1": ("violence", "illicit/violent"), "S2": ("illicit",), "S3": ("sexual", "illicit"), "S4": ("sexual/minors",),
+    "S5": ("harassment",), "S9": ("illicit/violent", "violence"), "S10": ("hate",), "S11": ("self-harm",),
+    "S12": ("sexual",), "S14": ("illicit",),
 }
 OPENAI_TO_CODE: dict[str, str] = {
-    "harassment": "S5",
-    "harassment/threatening": "S1",
-    "hate": "S10",
-    "hate/threatening": "S10",
-    "illicit": "S2",
-    "illicit/violent": "S1",
-    "self-harm": "S11",
-    "self-harm/instructions": "S11",
-    "self-harm/intent": "S11",
-    "sexual": "S12",
-    "sexual/minors": "S4",
-    "violence": "S1",
-    "violence/graphic": "S1",
+    "harassment": "S5", "harassment/threatening": "S1", "hate": "S10", "hate/threatening": "S10", "illicit": "S2",
+    "illicit/violent": "S1", "self-harm": "S11", "self-harm/instructions": "S11", "self-harm/intent": "S11",
+    "sexual": "S12", "sexual/minors": "S4", "violence": "S1", "violence/graphic": "S1",
 }
 
 
@@ -1046,7 +808,7 @@ def decode_moderation_request(body: bytes | dict[str, Any]) -> ModerationRequest
     if all(isinstance(x, str) for x in items):
         return ModerationRequest(model, [[Message.of("user", x)] for x in items])
     if all(isinstance(x, dict) for x in items):
-        return ModerationRequest(model, [[Message("user", _decode_parts(items, r, "input", role="user"))]])
+        return ModerationRequest(model, [[Message("user", decode_parts(items, r, "input", MESSAGES, "user"))]])
     r.fail("'input' must be a string, a list of strings or a list of content parts", "input")
 
 

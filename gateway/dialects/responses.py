@@ -55,33 +55,21 @@ part; tool calls → `function_call` items. `finish_reason` content_filter → `
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.dialects import openai as _openai
-from gateway.dialects._common import REQ, Reader, arguments_str, dumps, load_object, qstr, to_bytes
+from gateway.dialects._common import REQ, Reader, arguments_str, function_def, qstr, request_decoder, to_bytes
 from gateway.dialects.base import DialectError, ModelInfo
-from gateway.types import (
-    Annotation,
-    Choice,
-    Completion,
-    Event,
-    Exchange,
-    Finish,
-    Message,
-    Part,
-    StreamStart,
-    TextDelta,
-    ToolCall,
-    ToolCallDelta,
-    Usage,
-    UsageEvent,
-    new_id,
-)
+from gateway.dialects.stream import HOLES, StreamEncoder, Template, frame
+from gateway.types import Choice, Completion, Exchange, Message, Part, Role, ToolCall, new_id
+
+if TYPE_CHECKING:  # the events the encoder's hooks take
+    from gateway.types import Finish, StreamStart, TextDelta, ToolCallDelta, Usage, UsageEvent
 
 NAME = "responses"
 name = NAME  # the module itself is the dialect, as gateway/dialects/openai.py
 
-INPUT_ROLES = frozenset(("user", "assistant", "system", "developer"))
+INPUT_ROLES: dict[str, Role] = {"user": "user", "assistant": "assistant", "system": "system", "developer": "developer"}
 TOOL_CHOICES = frozenset(("none", "auto", "required"))
 _TEXT_PARTS = {"input_text": "text", "output_text": "text", "refusal": "refusal"}
 # Top-level request keys read by `decode_request`; any other key is dropped (a chat upstream
@@ -112,7 +100,8 @@ def _text_of(part: dict[str, Any], key: str, r: Reader, param: str) -> str:
 
 def _decode_content(content: Any, r: Reader, param: str, *, role: str) -> list[Part]:
     """A message's content: a string or a list of parts (text-like parts become text parts: a
-    guard must see an assistant refusal in the history like any other text)."""
+    guard must see an assistant refusal in the history like any other text). A function_call_output's
+    output (role "tool"): text only (a chat upstream's tool message is text)."""
     if isinstance(content, str):
         return [Part("text", content)]
     parts: list[Part] = []
@@ -120,6 +109,9 @@ def _decode_content(content: Any, r: Reader, param: str, *, role: str) -> list[P
         p = f"{param}[{j}]"
         item = r.obj(item, p)
         typ = item.get("type")
+        if role == "tool" and typ != "input_text":
+            raise _fail(f"'{p}': a function_call_output can carry text only (a chat upstream's tool message is "
+                        f"text), not {typ!r}", f"{p}.type", "unsupported_content")
         if typ in ("input_text", "output_text"):
             parts.append(Part("text", _text_of(item, "text", r, p)))
         elif typ == "refusal":
@@ -148,25 +140,6 @@ def _decode_content(content: Any, r: Reader, param: str, *, role: str) -> list[P
     return parts
 
 
-def _decode_output(v: Any, r: Reader, param: str) -> list[Part]:
-    """A function_call_output's output: a string or text parts (a chat tool message is text)."""
-    if isinstance(v, str):
-        return [Part("text", v)]
-    parts: list[Part] = []
-    for j, item in enumerate(r.list_(v, param)):
-        p = f"{param}[{j}]"
-        item = r.obj(item, p)
-        if item.get("type") != "input_text":
-            raise _fail(
-                f"'{p}': a function_call_output can carry text only (a chat upstream's tool message is "
-                f"text), not {item.get('type')!r}",
-                f"{p}.type",
-                "unsupported_content",
-            )
-        parts.append(Part("text", _text_of(item, "text", r, p)))
-    return parts
-
-
 def _decode_items(items: list[Any], r: Reader, out: list[Message]) -> None:
     for i, item in enumerate(items):
         p = f"input[{i}]"
@@ -176,9 +149,10 @@ def _decode_items(items: list[Any], r: Reader, out: list[Message]) -> None:
             role = item.get("role")
             if not isinstance(role, str) or role not in INPUT_ROLES:
                 r.fail(f"'{p}.role' must be one of {sorted(INPUT_ROLES)}", f"{p}.role")
+            role = INPUT_ROLES[role]
             if "content" not in item:
                 r.fail(f"'{p}.content' is required", f"{p}.content")
-            out.append(Message(role, _decode_content(item["content"], r, f"{p}.content", role=role)))  # type: ignore[arg-type]
+            out.append(Message(role, _decode_content(item["content"], r, f"{p}.content", role=role)))
         elif typ == "function_call":
             tc = ToolCall(
                 r.str_(item.get("call_id"), f"{p}.call_id"),
@@ -195,7 +169,7 @@ def _decode_items(items: list[Any], r: Reader, out: list[Message]) -> None:
             out.append(
                 Message(
                     "tool",
-                    _decode_output(item.get("output"), r, f"{p}.output"),
+                    _decode_content(item.get("output"), r, f"{p}.output", role="tool"),
                     tool_call_id=r.str_(item.get("call_id"), f"{p}.call_id"),
                 )
             )
@@ -229,13 +203,7 @@ def _decode_tools(v: Any, r: Reader) -> tuple[list[dict[str, Any]], list[dict[st
         if typ != "function":
             unsupported.append(typ if isinstance(typ, str) else repr(typ))
             continue
-        d: dict[str, Any] = {"name": r.str_(t.get("name"), f"{p}.name")}
-        if t.get("description") is not None:
-            d["description"] = r.str_(t["description"], f"{p}.description")
-        if t.get("parameters") is not None:
-            d["parameters"] = r.obj(t["parameters"], f"{p}.parameters")
-        if t.get("strict") is not None:
-            d["strict"] = r.bool_(t["strict"], f"{p}.strict")
+        d = function_def(t, r, p)  # flat: the function's fields sit on the tool itself
         neutral.append(d)
         echo.append({"type": "function", "name": d["name"], "description": d.get("description"),
                      "parameters": d.get("parameters"), "strict": d.get("strict")})
@@ -298,11 +266,6 @@ def _conversation_id(v: Any, r: Reader) -> str:
     if isinstance(v, str):
         return v
     return r.str_(r.obj(v, "conversation").get("id"), "conversation.id")
-
-
-def decode_request(body: bytes) -> Exchange:
-    """`decode_payload` of the body parsed as a JSON object."""
-    return decode_payload(load_object(body))
 
 
 def decode_payload(obj: dict[str, Any]) -> Exchange:
@@ -444,6 +407,9 @@ def decode_payload(obj: dict[str, Any]) -> Exchange:
     return ex
 
 
+decode_request = request_decoder(decode_payload)
+
+
 # --------------------------------------------------------------------------- non-stream answers
 
 
@@ -573,35 +539,29 @@ def encode_response(c: Completion, ex: Exchange) -> dict[str, Any]:
 # --------------------------------------------------------------------------- streams
 
 
-def _frame(typ: str, seq: int, payload: str) -> str:
-    """One SSE frame; `payload` is the JSON members after `type` (starting with a comma, or "")."""
-    return f'event: {typ}\ndata: {{"type":"{typ}"{payload},"sequence_number":{seq}}}\n\n'
-
-
 def error_frame(message: str, code: str, sequence_number: int = 0, *, param: str | None = None) -> bytes:
     """A bare Responses `error` event, for a relayed stream whose lifecycle events came from
     the upstream (a `response.created` of our own would change the response identity)."""
-    return to_bytes(_frame("error", sequence_number,
-                           f',"code":{qstr(code)},"message":{qstr(message)},"param":{dumps(param)}'))
+    return to_bytes(frame({"type": "error", "code": code, "message": message, "param": param,
+                           "sequence_number": sequence_number}, "error"))
 
 
 class _Item:
     """One output item being streamed: its final shape is built from what was released."""
 
-    __slots__ = ("call_id", "done", "id", "index", "kind", "name", "parts", "qid")
+    __slots__ = ("call_id", "done", "id", "index", "kind", "name", "parts")
 
     def __init__(self, kind: str, index: int, id: str) -> None:
         self.kind = kind  # message | reasoning | function_call
         self.index = index
         self.id = id
-        self.qid = qstr(id)
         self.parts: list[tuple[str, list[str]]] = []  # message: (output_text | refusal, texts); others: one
         self.call_id = ""
         self.name = ""
         self.done: dict[str, Any] | None = None  # the final item, once closed
 
 
-class ResponsesStreamEncoder:
+class ResponsesStreamEncoder(StreamEncoder):
     """Neutral events → Responses SSE events (`event: <type>\\ndata: <json>\\n\\n`), no `[DONE]`.
 
     `response.created` and `response.in_progress` open the stream; text opens a `message` item
@@ -622,14 +582,11 @@ class ResponsesStreamEncoder:
     `text_format`, and a cut JSON text would raise inside its stream iterator.
     """
 
-    __slots__ = ("_annotation", "_calls", "_created", "_current", "_ended", "_ex", "_fast", "_finish", "_items",
-                 "_model", "_seq", "_started", "_structured", "_usage")
+    START_ON_ERROR = True  # the SDK's stream helper wants response.created first
 
     def __init__(self, ex: Exchange) -> None:
-        self._ex = ex
+        super().__init__(ex)
         self._seq = 0
-        self._started = False
-        self._ended = False
         response_id(ex)  # fixed now: every lifecycle event carries the same id
         self._model = ex.model
         self._created = int(time.time())
@@ -637,226 +594,193 @@ class ResponsesStreamEncoder:
         self._current: _Item | None = None  # the open message or reasoning item
         self._calls: dict[int, _Item] = {}  # call_index → open function_call item
         self._finish: str | None = None
-        # Hot path: while an output_text part is open, its delta frame's head and its texts.
-        self._fast: tuple[str, list[str]] | None = None
         self._usage: Usage | None = None
-        self._annotation: dict[str, Any] | None = None
+        self._final: dict[str, Any] | None = None  # the annotation, kept for the terminal event
         rf = ex.params.get("response_format")
         self._structured = isinstance(rf, dict) and rf.get("type") in ("json_schema", "json_object")
+        # While an output_text part is open: its delta event (serialized once) and the part's texts.
+        self._text_ev: Template | None = None
+        self._texts: list[str] = []
 
     # ---------------------------------------------------------------- frames
 
-    def _ev(self, typ: str, payload: str = "") -> str:
-        s = _frame(typ, self._seq, payload)
+    def _ev(self, typ: str, **fields: Any) -> None:
+        fields["sequence_number"] = self._seq
         self._seq += 1
-        return s
+        self.emit({"type": typ, **fields}, typ)
 
     def _response(self, status: str, output: list[dict[str, Any]], incomplete: dict[str, str] | None = None,
-                  usage: dict[str, Any] | None = None) -> str:
-        d = _response(self._ex, model=self._model, created=self._created, status=status, incomplete=incomplete,
-                      output=output, usage=usage)
-        if self._annotation is not None and status != "in_progress":
-            d["guardgate"] = self._annotation
-        return dumps(d)
+                  usage: dict[str, Any] | None = None) -> dict[str, Any]:
+        return _response(self.ex, model=self._model, created=self._created, status=status, incomplete=incomplete,
+                         output=output, usage=usage)
 
-    def _start(self, ev: StreamStart | None) -> str:
-        self._started = True
+    def start(self, ev: StreamStart | None) -> None:
         if ev is not None:
-            self._model = ev.model or self._ex.model
+            self._model = ev.model or self.ex.model
             self._created = int(ev.created)
         snap = self._response("in_progress", [])
-        return (self._ev("response.created", ',"response":' + snap)
-                + self._ev("response.in_progress", ',"response":' + snap))
+        self._ev("response.created", response=snap)
+        self._ev("response.in_progress", response=snap)
 
     # ---------------------------------------------------------------- items
 
-    def _add(self, kind: str, prefix: str) -> tuple[_Item, str]:
+    def _add(self, kind: str, prefix: str) -> _Item:
         item = _Item(kind, len(self._items), new_id(prefix))
         self._items.append(item)
-        return item, item.qid
+        return item
 
-    def _loc(self, item: _Item) -> str:
-        return f',"item_id":{item.qid},"output_index":{item.index}'
+    def _open_message(self) -> _Item:
+        item = self._current = self._add("message", "msg_")
+        self._ev("response.output_item.added", output_index=item.index,
+                 item={"id": item.id, "type": "message", "status": "in_progress", "role": "assistant", "content": []})
+        return item
 
-    def _open_message(self) -> str:
-        item, qid = self._add("message", "msg_")
-        self._current = item
-        return self._ev("response.output_item.added", f',"output_index":{item.index},"item":{{"id":{qid},'
-                        '"type":"message","status":"in_progress","role":"assistant","content":[]}')
-
-    def _open_part(self, item: _Item, kind: str) -> str:
+    def _open_part(self, item: _Item, kind: str) -> None:
         item.parts.append((kind, []))
-        part = '{"type":"output_text","text":"","annotations":[],"logprobs":[]}' if kind == "output_text" \
-            else '{"type":"refusal","refusal":""}'
-        return self._ev("response.content_part.added",
-                        f'{self._loc(item)},"content_index":{len(item.parts) - 1},"part":{part}')
+        part = _text_part("") if kind == "output_text" else {"type": "refusal", "refusal": ""}
+        self._ev("response.content_part.added", item_id=item.id, output_index=item.index,
+                 content_index=len(item.parts) - 1, part=part)
 
-    def _close_part(self, item: _Item, incomplete_cut: bool) -> str:
-        self._fast = None
+    def _close_part(self, item: _Item, incomplete_cut: bool) -> None:
+        self._text_ev = None
         kind, texts = item.parts[-1]
         text = "".join(texts)
-        loc = f'{self._loc(item)},"content_index":{len(item.parts) - 1}'
+        loc = {"item_id": item.id, "output_index": item.index, "content_index": len(item.parts) - 1}
         if kind == "output_text":
-            part = dumps(_text_part(text))
-            head = "" if (incomplete_cut and self._structured) else \
-                self._ev("response.output_text.done", f'{loc},"text":{qstr(text)},"logprobs":[]')
+            part = _text_part(text)
+            if not (incomplete_cut and self._structured):
+                self._ev("response.output_text.done", **loc, text=text, logprobs=[])
         else:
-            part = dumps({"type": "refusal", "refusal": text})
-            head = self._ev("response.refusal.done", f'{loc},"refusal":{qstr(text)}')
-        return head + self._ev("response.content_part.done", f"{loc},\"part\":{part}")
+            part = {"type": "refusal", "refusal": text}
+            self._ev("response.refusal.done", **loc, refusal=text)
+        self._ev("response.content_part.done", **loc, part=part)
 
-    def _close(self, item: _Item, status: str) -> str:
+    def _close(self, item: _Item, status: str) -> None:
         """The done events of an open item, and its final shape."""
-        out = ""
+        loc = {"item_id": item.id, "output_index": item.index}
         if item.kind == "message":
-            self._fast = None
             if item.parts:
-                out += self._close_part(item, self._finish == "content_filter")
+                self._close_part(item, self._finish == "content_filter")
             content = [_text_part("".join(t)) if k == "output_text" else {"type": "refusal", "refusal": "".join(t)}
                        for k, t in item.parts]
             item.done = {"id": item.id, "type": "message", "status": status, "role": "assistant", "content": content}
         elif item.kind == "reasoning":
             text = "".join(item.parts[0][1])
-            loc = f'{self._loc(item)},"summary_index":0'
-            out += self._ev("response.reasoning_summary_text.done", f'{loc},"text":{qstr(text)}')
-            out += self._ev("response.reasoning_summary_part.done",
-                            f'{loc},"part":{{"type":"summary_text","text":{qstr(text)}}}')
+            self._ev("response.reasoning_summary_text.done", **loc, summary_index=0, text=text)
+            self._ev("response.reasoning_summary_part.done", **loc, summary_index=0,
+                     part={"type": "summary_text", "text": text})
             item.done = _reasoning_item(item.id, text)
         else:
             args = "".join(item.parts[0][1])
-            out += self._ev("response.function_call_arguments.done",
-                            f'{self._loc(item)},"name":{qstr(item.name)},"arguments":{qstr(args)}')
+            self._ev("response.function_call_arguments.done", **loc, name=item.name, arguments=args)
             item.done = _call_item(item.id, item.call_id, item.name, args, status)
-        return out + self._ev("response.output_item.done", f',"output_index":{item.index},"item":{dumps(item.done)}')
+        self._ev("response.output_item.done", output_index=item.index, item=item.done)
 
-    def _close_all(self, status: str) -> str:
-        out = ""
+    def _close_all(self, status: str) -> None:
         if self._current is not None:
-            out += self._close(self._current, status)
+            self._close(self._current, status)
             self._current = None
         for item in self._calls.values():
-            out += self._close(item, status)
+            self._close(item, status)
         self._calls.clear()
-        return out
 
     # ---------------------------------------------------------------- events
 
-    def _text(self, ev: TextDelta) -> str:
-        out = "" if self._started else self._start(None)
+    def text(self, ev: TextDelta) -> None:
+        if ev.index != 0 or self._finish is not None or ev.channel not in ("text", "refusal", "reasoning"):
+            return  # another choice, after the finish, or a transcript / one-shot Attached text: never sent
+        t = self._text_ev
+        if t is not None and ev.channel == "text":  # hot path: the open output_text part goes on
+            self._texts.append(ev.text)
+            self.emit_text(t.fill(qstr(ev.text), str(self._seq)))
+            self._seq += 1
+            return
+        self.begin()
         cur = self._current
         if ev.channel == "reasoning":
             if cur is None or cur.kind != "reasoning":
                 if cur is not None:
-                    out += self._close(cur, "completed")
-                cur, qid = self._add("reasoning", "rs_")
-                self._current = cur
+                    self._close(cur, "completed")
+                cur = self._current = self._add("reasoning", "rs_")
                 cur.parts.append(("summary_text", []))
-                out += self._ev("response.output_item.added",
-                                f',"output_index":{cur.index},"item":{{"id":{qid},"type":"reasoning","summary":[]}}')
-                out += self._ev("response.reasoning_summary_part.added",
-                                f'{self._loc(cur)},"summary_index":0,"part":{{"type":"summary_text","text":""}}')
+                self._ev("response.output_item.added", output_index=cur.index,
+                         item={"id": cur.id, "type": "reasoning", "summary": []})
+                self._ev("response.reasoning_summary_part.added", item_id=cur.id, output_index=cur.index,
+                         summary_index=0, part={"type": "summary_text", "text": ""})
             cur.parts[0][1].append(ev.text)
-            return out + self._ev("response.reasoning_summary_text.delta",
-                                  f'{self._loc(cur)},"summary_index":0,"delta":{qstr(ev.text)}')
+            self._ev("response.reasoning_summary_text.delta", item_id=cur.id, output_index=cur.index,
+                     summary_index=0, delta=ev.text)
+            return
         kind = "output_text" if ev.channel == "text" else "refusal"
         if cur is None or cur.kind != "message":
             if cur is not None:
-                out += self._close(cur, "completed")
-            out += self._open_message()
-            cur = self._current
-            assert cur is not None
+                self._close(cur, "completed")
+            cur = self._open_message()
         if not cur.parts or cur.parts[-1][0] != kind:
             if cur.parts:
-                out += self._close_part(cur, False)
-            out += self._open_part(cur, kind)
+                self._close_part(cur, False)
+            self._open_part(cur, kind)
         cur.parts[-1][1].append(ev.text)
-        loc = f'{self._loc(cur)},"content_index":{len(cur.parts) - 1},"delta":{qstr(ev.text)}'
+        loc = {"item_id": cur.id, "output_index": cur.index, "content_index": len(cur.parts) - 1}
         if kind == "output_text":
-            self._fast = ('event: response.output_text.delta\ndata: {"type":"response.output_text.delta"'
-                          f'{self._loc(cur)},"content_index":{len(cur.parts) - 1},"delta":', cur.parts[-1][1])
-            return out + self._ev("response.output_text.delta", loc + ',"logprobs":[]')
-        return out + self._ev("response.refusal.delta", loc)
+            self._ev("response.output_text.delta", **loc, delta=ev.text, logprobs=[])
+            self._text_ev = Template({"type": "response.output_text.delta", **loc, "delta": HOLES[0],
+                                      "logprobs": [], "sequence_number": HOLES[1]},
+                                     "response.output_text.delta", holes=2)
+            self._texts = cur.parts[-1][1]
+        else:
+            self._ev("response.refusal.delta", **loc, delta=ev.text)
 
-    def _tool(self, ev: ToolCallDelta) -> str:
-        out = "" if self._started else self._start(None)
+    def tool(self, ev: ToolCallDelta) -> None:
+        if ev.index != 0 or self._finish is not None:
+            return
+        self.begin()
         item = self._calls.get(ev.call_index)
         if item is None:
             if self._current is not None:
-                out += self._close(self._current, "completed")
+                self._close(self._current, "completed")
                 self._current = None
-            item, _ = self._add("function_call", "fc_")
+            self._text_ev = None
+            item = self._add("function_call", "fc_")
             item.call_id = ev.id or new_id("call_")
             item.name = ev.name or ""
             item.parts.append(("arguments", []))
             self._calls[ev.call_index] = item
-            added = dumps(_call_item(item.id, item.call_id, item.name, "", "in_progress"))
-            out += self._ev("response.output_item.added", f',"output_index":{item.index},"item":{added}')
+            self._ev("response.output_item.added", output_index=item.index,
+                     item=_call_item(item.id, item.call_id, item.name, "", "in_progress"))
         if ev.arguments:
             item.parts[0][1].append(ev.arguments)
-            out += self._ev("response.function_call_arguments.delta", f'{self._loc(item)},"delta":{qstr(ev.arguments)}')
-        return out
+            self._ev("response.function_call_arguments.delta", item_id=item.id, output_index=item.index,
+                     delta=ev.arguments)
 
-    def encode(self, ev: Event) -> bytes:
-        if self._ended:
-            return b""
-        t = type(ev)
-        fast = self._fast
-        if fast is not None and t is TextDelta and ev.channel == "text" and ev.index == 0 and ev.text:  # type: ignore[union-attr]
-            fast[1].append(ev.text)  # type: ignore[union-attr]
-            seq = self._seq
-            self._seq = seq + 1
-            return to_bytes(f'{fast[0]}{qstr(ev.text)},"logprobs":[],"sequence_number":{seq}}}\n\n')  # type: ignore[union-attr]
-        if t is TextDelta:
-            if not ev.text or ev.index != 0 or self._finish is not None:  # type: ignore[union-attr]
-                return b""
-            if ev.channel not in ("text", "refusal", "reasoning"):  # type: ignore[union-attr]
-                return b""  # transcript (no audio here) or a one-shot Attached text: never sent
-            return to_bytes(self._text(ev))  # type: ignore[arg-type]
-        if t is ToolCallDelta:
-            if ev.index != 0 or self._finish is not None:  # type: ignore[union-attr]
-                return b""
-            return to_bytes(self._tool(ev))  # type: ignore[arg-type]
-        if t is StreamStart:
-            return b"" if self._started else to_bytes(self._start(ev))  # type: ignore[arg-type]
-        if t is Finish:
-            if ev.index != 0 or self._finish is not None:  # type: ignore[union-attr]
-                return b""
-            out = "" if self._started else self._start(None)
-            self._finish = ev.reason  # type: ignore[union-attr]
-            return to_bytes(out + self._close_all("incomplete" if self._finish in INCOMPLETE else "completed"))
-        if t is UsageEvent:
-            self._usage = ev.usage  # type: ignore[union-attr]
-            return b""
-        if t is Annotation:
-            if self._annotation is None:
-                self._annotation = dict(ev.data)  # type: ignore[union-attr]
-            else:
-                self._annotation.update(ev.data)  # type: ignore[union-attr]
-            return b""
-        return b""
+    def finish(self, ev: Finish) -> None:
+        if ev.index != 0 or self._finish is not None:
+            return
+        self.begin()
+        self._finish = ev.reason
+        self._close_all("incomplete" if self._finish in INCOMPLETE else "completed")
 
-    def end(self) -> bytes:
-        """Close what is open and write the terminal event with the whole Response. Idempotent."""
-        if self._ended:
-            return b""
-        self._ended = True
-        out = "" if self._started else self._start(None)
+    def usage(self, ev: UsageEvent) -> None:
+        self._usage = ev.usage
+
+    def close(self) -> None:
+        """Close what is open and write the terminal event with the whole Response."""
+        self.begin()
         status, incomplete = _status(self._finish)
-        out += self._close_all("incomplete" if incomplete else "completed")
+        self._close_all("incomplete" if incomplete else "completed")
         output = [it.done for it in self._items if it.done is not None]
         typ = "response.completed" if status == "completed" else "response.incomplete"
-        return to_bytes(out + self._ev(typ, ',"response":' + self._response(status, output, incomplete,
-                                                                           _usage(self._usage))))
+        terminal = self._response(status, output, incomplete, _usage(self._usage))
+        self.hold({"type": typ, "response": terminal, "sequence_number": self._seq}, terminal, typ)
+        self._seq += 1
 
-    def error(self, message: str, code: str, *, type: str = "server_error") -> bytes:
-        """The Responses `error` event (after `response.created` if nothing was sent yet, since the
-        SDK's stream helper wants that first); ends the stream. The SDK yields it as an event (it has
-        no top-level `error` key), and agent frameworks treat it as the stream's failure."""
-        if self._ended:
-            return b""
-        self._ended = True
-        out = "" if self._started else self._start(None)
-        return to_bytes(out + self._ev("error", f',"code":{qstr(code)},"message":{qstr(message)},"param":null'))
+    def error_frame(self, message: str, code: str, type: str) -> str:
+        """The Responses `error` event. The SDK yields it as an event (it has no top-level `error`
+        key), and agent frameworks treat it as the stream's failure."""
+        seq = self._seq
+        self._seq += 1
+        return frame({"type": "error", "code": code, "message": message, "param": None, "sequence_number": seq},
+                     "error")
 
 
 def stream_encoder(ex: Exchange) -> ResponsesStreamEncoder:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import datetime as _dt
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -169,6 +169,14 @@ class PolicyRun:
 
     def guard_stream(self, exchange: Exchange, events: AsyncIterable[Event]) -> AsyncIterator[Event]:
         """The upstream's neutral events, guarded by the policy's stream steps (an async generator)."""
+        return self._stream_gate(exchange).run(events)
+
+    def guard_batches(self, exchange: Exchange,
+                      batches: AsyncIterable[list[Event]]) -> AsyncGenerator[list[Event], None]:
+        """As `guard_stream`, in lists: events in as they arrived together, each release out as one."""
+        return self._stream_gate(exchange).batches(batches)
+
+    def _stream_gate(self, exchange: Exchange) -> StreamGate:
         self.content.setdefault("messages", _messages_record(exchange.messages))
         sc = self.policy.stream
         gate = StreamGate(sc.steps, self.records, messages=exchange.messages, request_id=self.request_id,
@@ -176,7 +184,7 @@ class PolicyRun:
                           max_unchecked_tokens=sc.max_unchecked_tokens, max_stall_ms=sc.max_stall_ms,
                           shadow=self.policy.shadow, annotate=self._annotate_stream)
         self.gates.append(("stream", gate))
-        return gate.run(events)
+        return gate
 
     async def check_output(self, exchange: Exchange, completion: Completion) -> Completion:
         """A non-stream answer through the output steps and, one-shot, the stream steps."""
@@ -185,7 +193,7 @@ class PolicyRun:
         gate = StreamGate(steps, self.records, messages=exchange.messages, request_id=self.request_id,
                           shadow=self.policy.shadow, one_shot=True, annotate=self._annotate_stream)
         self.gates.append(("output", gate))
-        out: list[Event] = [ev async for ev in gate.run(_completion_events(completion))]
+        out: list[Event] = [ev async for batch in gate.batches(_completion_events(completion)) for ev in batch]
         return _rebuild(completion, out)
 
     def _annotate_stream(self, res: GateResult) -> dict[str, Any] | None:
@@ -267,22 +275,24 @@ def _messages_record(messages: list[Message]) -> list[dict[str, Any]]:
     return [{"role": m.role, "content": m.text} for m in messages]
 
 
-async def _completion_events(c: Completion) -> AsyncIterator[Event]:
-    """A non-stream answer as the gate reads it: per choice, each text channel's parts, the tool
-    calls, then each `Attached` text (channel "@<n>", a segment guards see and no client does)."""
+async def _completion_events(c: Completion) -> AsyncIterator[list[Event]]:
+    """A non-stream answer as the gate reads it, in one list: per choice, each text channel's parts,
+    the tool calls, then each `Attached` text (channel "@<n>", a segment guards see and no client does)."""
+    out: list[Event] = []
     for ch in c.choices:
         i = ch.index
         for p in ch.message.parts:
             if p.type in TEXT_CHANNELS and p.text:
-                yield TextDelta(p.text, i, p.type)
+                out.append(TextDelta(p.text, i, p.type))
         for k, tc in enumerate(ch.message.tool_calls):
-            yield ToolCallDelta(call_index=k, id=tc.id, name=tc.name, arguments=tc.arguments, index=i)
+            out.append(ToolCallDelta(call_index=k, id=tc.id, name=tc.name, arguments=tc.arguments, index=i))
         for k, a in enumerate(ch.attached):
             if a.text:
-                yield TextDelta(a.text, i, f"@{k}")
-        yield Finish(ch.finish_reason, i)
+                out.append(TextDelta(a.text, i, f"@{k}"))
+        out.append(Finish(ch.finish_reason, i))
     if c.usage is not None:
-        yield UsageEvent(c.usage)
+        out.append(UsageEvent(c.usage))
+    yield out
 
 
 def _channel_texts(parts: list[Part]) -> dict[str, str]:

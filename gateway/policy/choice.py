@@ -64,7 +64,9 @@ class ChoiceText:
     chunks: list[str] = field(default_factory=list)
     length: int = 0
     joined_len: int = 0
-    tok_starts: list[int] = field(default_factory=list)
+    tok_starts: list[int] = field(default_factory=list)  # token starts of text[:tok_upto] (see tokenize)
+    tok_upto: int = 0
+    ascii: bool = True  # all text so far is ASCII: a token is at least one character
     pieces: deque[Piece] = field(default_factory=deque)
     released: int = 0
     finish: Finish | None = None
@@ -90,7 +92,7 @@ class ChoiceText:
 
     def token_rate(self, now: float) -> float | None:
         """Tokens per second since the first text (None until there is enough to tell)."""
-        if self.first_at is None or len(self.tok_starts) < 2 or now - self.first_at < 0.02:
+        if self.first_at is None or now - self.first_at < 0.02 or len(self.tokenize()) < 2:
             return None
         return (len(self.tok_starts) - 1) / (now - self.first_at)
 
@@ -129,8 +131,28 @@ class ChoiceText:
             self.first_at = time.monotonic()
         self.chunks.append(text)
         self.length += len(text)
-        self.tok_starts.extend(start + o for o in token_starts(text))
+        if self.ascii and not text.isascii():
+            self.ascii = False
         self.pieces.append(Piece(start, self.length, text, kind, call_index, id, name, channel))
 
+    def tokenize(self) -> list[int]:
+        """Token starts of the whole text: the text not tokenized yet is, in one call (the tokens of
+        what is new, never the whole answer again)."""
+        upto = self.tok_upto
+        if upto < self.length:
+            self.tok_starts.extend(upto + o for o in token_starts(self.text()[upto:]))
+            self.tok_upto = self.length
+        return self.tok_starts
+
     def tokens_between(self, a: int, b: int) -> int:
-        return bisect.bisect_left(self.tok_starts, b) - bisect.bisect_left(self.tok_starts, a)
+        starts = self.tokenize() if b > self.tok_upto else self.tok_starts
+        return bisect.bisect_left(starts, b) - bisect.bisect_left(starts, a)
+
+    def has_tokens(self, a: int, n: float) -> bool:
+        """At least `n` tokens in text[a:]? Tokenizes only once a cheap bound says it may be so (a
+        token is at least one byte: one character of ASCII, at most four bytes a character)."""
+        upto = max(a, self.tok_upto)
+        known = self.tokens_between(a, upto) if upto > a else 0
+        if known + (self.length - upto) * (1 if self.ascii else 4) < n:
+            return False
+        return self.tokens_between(a, self.length) >= n

@@ -38,10 +38,10 @@ import bisect
 import logging
 import math
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from gateway.guards.base import GuardInput, StreamCheck
 from gateway.policy.choice import ChoiceText, Piece, Redaction, StepState
@@ -99,7 +99,7 @@ class OneShotCheck(StreamCheck):
 
 
 class StreamGate:
-    """Guards one stream. Build one per request and iterate `run(upstream_events)` once."""
+    """Guards one stream. Build one per request and iterate `batches(upstream)` (or `run`) once."""
 
     def __init__(self, steps: Sequence[Step], records: dict[Step, StepRecord], *, messages: list[Message],
                  request_id: str = "", check_every_tokens: int = 32, max_unchecked_tokens: int = 0,
@@ -123,48 +123,74 @@ class StreamGate:
         self._usage: UsageEvent | None = None
         self._trailers: list[Event] = []
         self._now: list[Event] = []  # events to release at the next drain, ahead of any text
-        self._upstream: AsyncIterable[Event] | None = None
+        self._upstream: AsyncIterable[list[Event]] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._q: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-        self._room = asyncio.Semaphore(read_ahead)
+        # Read-ahead is bounded in events (not lists: one network read may bring thousands), so a client
+        # that stops reading holds the upstream back within about `read_ahead` events.
+        self._queued = 0
+        self._room = asyncio.Event()
+        self._room.set()
         self._upstream_done = False
         self._error: BaseException | None = None
         self._block: tuple[ChoiceText, StepState, Verdict] | None = None
         self._started = False
+        self._singles = False  # `run`: the upstream yields events, not lists
 
     # ------------------------------------------------------------------ public
 
-    async def run(self, upstream: AsyncIterable[Event]) -> AsyncIterator[Event]:
-        """The guarded stream. Closing it (aclose) cancels the upstream and every check."""
+    async def run(self, upstream: AsyncIterable[Event]) -> AsyncGenerator[Event, None]:
+        """The guarded stream, event by event (`batches`, the upstream read one event at a time)."""
+        self._singles = True
+        batches = self.batches(cast("AsyncIterable[list[Event]]", upstream))  # `_read` wraps each event
+        try:
+            async for batch in batches:
+                for ev in batch:
+                    yield ev
+        finally:
+            await batches.aclose()
+
+    async def batches(self, upstream: AsyncIterable[list[Event]]) -> AsyncGenerator[list[Event], None]:
+        """The guarded stream: upstream events in lists (those that arrived together), and each
+        release out as one list (what the client gets in one write). Closing it (aclose) cancels
+        the upstream and every check."""
         if self._started:
             raise RuntimeError("a StreamGate runs once")
         self._started = True
         self._upstream = upstream
-        self._reader = asyncio.create_task(self._read(upstream))
+        if not self.one_shot:
+            self._reader = asyncio.create_task(self._read(upstream))
         try:
+            if self.one_shot:  # a whole answer: read at once, no reader task
+                async for batch in upstream:
+                    for ev in batch:
+                        self._on_event(ev)
+                self._handle((_END, None))
+                self._schedule()
             while not self._done():
                 self._handle(await self._q.get())
                 while not self._q.empty() and self._block is None:
                     self._handle(self._q.get_nowait())
                 if self._block is not None:
-                    for ev in await self._block_out():
-                        yield ev
+                    yield await self._block_out()
                     return
                 if self._error is not None:
                     self.summary.error = f"upstream: {type(self._error).__name__}: {self._error}"
                     raise self._error
                 self._schedule()
-                for ev in self._drain():
-                    yield ev
-            for ev in self._end_out():
-                yield ev
+                out = self._drain()
+                if out:
+                    yield out
+            out = self._end_out()
+            if out:
+                yield out
         finally:
             await self._cleanup()
 
     def result(self) -> GateResult:
         """The summary so far, with the leak and release counts computed from what was emitted."""
         r = self.summary
-        r.received_tokens = sum(len(c.tok_starts) for c in self._choices.values())
+        r.received_tokens = sum(len(c.tokenize()) for c in self._choices.values())
         leaked = released = 0
         r.flagged_at = None
         r.released_text = {}
@@ -190,11 +216,20 @@ class StreamGate:
 
     # ------------------------------------------------------------------ reading
 
-    async def _read(self, upstream: AsyncIterable[Event]) -> None:
+    async def _read(self, upstream: AsyncIterable[list[Event]]) -> None:
+        singles = self._singles
         try:
-            async for ev in upstream:
-                await self._room.acquire()
-                self._q.put_nowait((_EV, ev))
+            n = self.read_ahead
+            async for batch in upstream:
+                items = [batch] if singles else batch
+                # a large read goes in slices: checks are scheduled (windows) at most every `n` events
+                for i in range(0, len(items), n):
+                    if self._queued >= n:
+                        self._room.clear()
+                        await self._room.wait()
+                    item = items if len(items) <= n else items[i:i + n]
+                    self._queued += len(item)
+                    self._q.put_nowait((_EV, item))
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -205,8 +240,11 @@ class StreamGate:
     def _handle(self, item: tuple[int, Any]) -> None:
         kind, payload = item
         if kind == _EV:
-            self._room.release()
-            self._on_event(payload)
+            self._queued -= len(payload)
+            if self._queued < self.read_ahead:
+                self._room.set()
+            for ev in payload:
+                self._on_event(ev)
         elif kind == _CHECK:
             self._on_check(*payload)
         elif kind == _END:
@@ -296,7 +334,7 @@ class StreamGate:
                         self._start(c, st, final=True)
                     else:
                         st.final_done = True
-                elif c.tokens_between(st.checked_to, c.length) >= self._window(c, st):
+                elif c.has_tokens(st.checked_to, self._window(c, st)):
                     self._start(c, st, final=False)
 
     def _window(self, c: ChoiceText, st: StepState) -> float:
@@ -356,7 +394,8 @@ class StreamGate:
             return
         v = task.result()
         window_start, end, final = st.args
-        st.cost_per_token.append((time.monotonic() - st.started) / max(1, c.tokens_between(window_start, end)))
+        if self.auto:  # the auto window sizes itself from the cost per token
+            st.cost_per_token.append((time.monotonic() - st.started) / max(1, c.tokens_between(window_start, end)))
         st.calls_seen = max(st.calls_seen, st.calls_pending)
         self.summary.checks += 1
         eff = merge_verdict(st.rec, st.step, v, self.summary, self.shadow)
@@ -431,8 +470,9 @@ class StreamGate:
             return c.length
         checked = min(st.checked_to for st in c.steps)
         if self.max_unchecked:
-            i = bisect.bisect_left(c.tok_starts, checked) + self.max_unchecked
-            limit = c.tok_starts[i] if i < len(c.tok_starts) else c.length
+            starts = c.tokenize()
+            i = bisect.bisect_left(starts, checked) + self.max_unchecked
+            limit = starts[i] if i < len(starts) else c.length
         else:
             limit = checked
         for st in c.steps:
@@ -534,7 +574,7 @@ class StreamGate:
 
     def _estimate_usage(self) -> Usage:
         prompt = sum(count_tokens(m.text) for m in self.messages)
-        completion = sum(len(c.tok_starts) for c in self._choices.values())
+        completion = sum(len(c.tokenize()) for c in self._choices.values())
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
     # ------------------------------------------------------------------ teardown
