@@ -16,6 +16,7 @@ from faults import policy_store
 from harness import openai_text_stream, stream_frames, wait_until
 from policy_fakes import OPENED
 
+from gateway import pipeline
 from gateway.context import RequestContext
 from gateway.pipeline import Pipeline
 from gateway.policy.rewrite import Unmasker
@@ -41,9 +42,12 @@ def _ctx() -> RequestContext:
 
 
 EX = Exchange(model="m", messages=[Message.of("user", "hi")], stream=True)
+# The stream path passes lists of events (one write each); `_rebatched` / `_flat` convert.
 WRAPPERS: dict[str, Callable[[AsyncIterator[Event]], Any]] = {
-    "pipeline._remembering": lambda ev: Pipeline(None)._remembering(_ctx(), EX, ev),  # type: ignore[arg-type]
-    "pipeline._metered": lambda ev: Pipeline._metered(_ctx(), EX, ev),
+    "pipeline._remembering": lambda ev: Pipeline(None)._remembering(  # type: ignore[arg-type]
+        _ctx(), EX, pipeline._rebatched(ev)),
+    "pipeline._rebatched": lambda ev: pipeline._rebatched(ev),
+    "pipeline._flat": lambda ev: pipeline._flat(pipeline._rebatched(ev)),
     "rewrite.Unmasker.stream": lambda ev: Unmasker({"<EMAIL_1>": "a@b.c"}).stream(ev),
 }
 
@@ -53,7 +57,8 @@ async def test_closing_a_wrapper_closes_its_source_at_once(name: str) -> None:
     src = Source()
     events = src.events()  # held here: only the wrapper's own close can end it
     wrapper = WRAPPERS[name](events)
-    assert isinstance(await wrapper.__anext__(), TextDelta)
+    first = await wrapper.__anext__()
+    assert isinstance(first[0] if isinstance(first, list) else first, TextDelta)
     await wrapper.aclose()
     assert src.closed, f"{name} left its source suspended"
 

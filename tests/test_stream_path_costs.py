@@ -11,7 +11,7 @@ from policy_fakes import FakeUpstream, text_of, tokens_of
 from gateway.dialects import codec
 from gateway.dialects._common import qstr
 from gateway.dialects.stream import Template, frame
-from gateway.policy import gate as gate_mod
+from gateway.policy import choice as gate_mod  # the gate's per-choice text (tokenized there)
 from gateway.policy.chain import PolicyRun
 from gateway.policy.schema import parse_policy_text
 from gateway.policy.tokens import count_tokens

@@ -12,10 +12,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from json.encoder import encode_basestring
 from math import isfinite
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypedDict
 
-from gateway.dialects.base import DialectError, ModelInfo
+from gateway.dialects.errors import DialectError
 from gateway.types import Exchange, Message, Part, Role, ToolCall
+
+
+class ModelInfo(TypedDict):
+    """One entry of a models list, in neutral form."""
+
+    id: str
+    created: int
+    owned_by: str
+
 
 # A JSON string literal for a str, in C, no encoder object per call (hot path).
 qstr = encode_basestring
