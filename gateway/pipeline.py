@@ -19,7 +19,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway import dialects
+from gateway import dialects, upstream_text
 from gateway.context import GatewayError, RequestContext
 from gateway.dialects._common import json_bytes
 from gateway.dialects.base import ClientCodec, DialectError, UpstreamCodec, UpstreamStreamError
@@ -32,7 +32,18 @@ from gateway.relay import SSE_HEADERS, TimedResponse, relay_response
 from gateway.responses_state import ResponseStore
 from gateway.routing import Action, Plan, moderation_step
 from gateway.telemetry import Telemetry
-from gateway.types import Event, Exchange, Finish, Message, Part, TextDelta, ToolCall, ToolCallDelta
+from gateway.types import (
+    Event,
+    Exchange,
+    Finish,
+    Message,
+    Part,
+    StreamStart,
+    TextDelta,
+    ToolCall,
+    ToolCallDelta,
+    UsageEvent,
+)
 from gateway.upstreams.base import NeutralUpstream, UpstreamError
 from gateway.upstreams.http import HttpUpstream, draining, release_after_eof, request_headers
 
@@ -149,6 +160,22 @@ def upstream_side(plan: Plan) -> tuple[UpstreamCodec, str]:
     if kind is Kind.CHAT and upstream.dialect == ctx.dialect:
         return dialects.get(upstream.dialect), ctx.tail
     return dialects.get(upstream.dialect), CHAT_PATH
+
+
+def _checks_answers(run: Any) -> bool:
+    """Under a policy that checks answers (enforce mode), what the upstream writes besides the
+    answer is replaced or kept on an allow list (`gateway.upstream_text`)."""
+    return run is not None and run.policy.has_output and not run.policy.shadow
+
+
+async def _metadata_checked(batches: AsyncGenerator[list[Event], None],
+                            ex: Exchange) -> AsyncGenerator[list[Event], None]:
+    """The upstream's events with each `StreamStart` reduced to the gateway's id and allowed metadata."""
+    try:
+        async for batch in batches:
+            yield [upstream_text.stream_start(ev, ex) if isinstance(ev, StreamStart) else ev for ev in batch]
+    finally:
+        await batches.aclose()
 
 
 class UsageAudit:
@@ -348,11 +375,14 @@ class Pipeline:
             finally:
                 resp.close()
             message, code = ud.decode_error(resp.status, raw)
+            if _checks_answers(run):  # the upstream's words never reach the client unchecked
+                message, code = upstream_text.error_message(resp.status, ctx.id), upstream_text.error_code(code)
+                hints = upstream_text.error_headers(resp.headers)
+            else:
+                hints = {h: resp.headers[h] for h in ("Retry-After", "retry-after-ms", "x-should-retry")
+                         if h in resp.headers}
             body = cd.error_body(resp.status, message, type="upstream_error", code=code)
-            out = web.json_response(body, status=resp.status, headers={"X-Guardgate-Request-Id": ctx.id})
-            for h in ("Retry-After", "retry-after-ms", "x-should-retry"):
-                if h in resp.headers:
-                    out.headers[h] = resp.headers[h]
+            out = web.json_response(body, status=resp.status, headers={"X-Guardgate-Request-Id": ctx.id, **hints})
             ctx.outcome = "upstream_error"
             return out
         if not ex.stream:
@@ -376,6 +406,8 @@ class Pipeline:
                                run: Any) -> web.Response:
         if run is not None and run.policy.has_output:
             completion = await run.check_output(ex, completion)
+        if _checks_answers(run):
+            completion = upstream_text.completion(completion, ex)
         if run is not None:
             completion = run.unmask_completion(completion)
         if any(ch.finish_reason == "content_filter" for ch in completion.choices):
@@ -397,6 +429,9 @@ class Pipeline:
         """Guard and encode the stream: each list of events (what the gate released together, or
         what one network read brought) leaves in one write; telemetry gets the stream's figures once,
         at its end, from what the upstream reader and the encoder noted on the way."""
+        checks = _checks_answers(run)
+        if checks:
+            batches = _metadata_checked(batches, ex)
         if run is not None and run.policy.has_stream:
             batches = run.guard_batches(ex, batches)
         if run is not None and run.restore:
@@ -412,19 +447,32 @@ class Pipeline:
                             send_timeout=self.send_timeout, headers_with_first_write=True)
         await out.prepare(request)
         last = b""
+        cut: str | None = None  # the policy's message, when a cut stream ends with an error event
+        cut_with_error = run is not None and run.policy.on_stream_block == "error"
         try:
             try:
                 async for batch in batches:
                     if meter:
                         released += [ev.text if isinstance(ev, TextDelta) else ev.arguments
                                      for ev in batch if isinstance(ev, _MODEL_WRITTEN)]
+                    if cut_with_error and cut is None and any(
+                            isinstance(ev, Finish) and ev.reason == "content_filter" for ev in batch):
+                        cut = run.stream_block_message()
+                        if cut is not None:  # the error event takes the place of the content_filter finish
+                            batch = [ev for ev in batch if not isinstance(ev, (Finish, UsageEvent))]
                     data = enc.encode_all(batch)
                     if data:
                         await out.write(data)
-                last = enc.end()
+                if cut is not None:
+                    ctx.outcome = "blocked_output"
+                    last = enc.error(cut, "content_filter", type="invalid_request_error")
+                else:
+                    last = enc.end()
             except UpstreamStreamError as e:
                 ctx.outcome = e.code or "upstream_error"
-                last = enc.error(e.message, ctx.outcome)
+                message, code = (upstream_text.stream_error(e.code, ctx.id) if checks
+                                 else (e.message, ctx.outcome))
+                last = enc.error(message, code)
             except UpstreamError as e:
                 ctx.outcome = e.code
                 last = enc.error(e.message, e.code)
