@@ -28,7 +28,7 @@ from gateway.dialects.stream import StreamStats
 from gateway.endpoints import CHAT_PATH, MODELS_PATH, Kind, path_param
 from gateway.limits.usage import Counted, UsageTap, from_usage
 from gateway.policy.tokens import count_tokens
-from gateway.relay import SSE_HEADERS, TimedResponse, relay_response
+from gateway.relay import BUFFER_BYTES, SSE_HEADERS, TimedResponse, read_upto, relay_response
 from gateway.responses_state import ResponseStore
 from gateway.routing import Action, Plan, moderation_step
 from gateway.telemetry import Telemetry
@@ -38,7 +38,6 @@ from gateway.types import (
     Finish,
     Message,
     Part,
-    StreamStart,
     TextDelta,
     ToolCall,
     ToolCallDelta,
@@ -162,22 +161,6 @@ def upstream_side(plan: Plan) -> tuple[UpstreamCodec, str]:
     return dialects.get(upstream.dialect), CHAT_PATH
 
 
-def _checks_answers(run: Any) -> bool:
-    """Under a policy that checks answers (enforce mode), what the upstream writes besides the
-    answer is replaced or kept on an allow list (`gateway.upstream_text`)."""
-    return run is not None and run.policy.has_output and not run.policy.shadow
-
-
-async def _metadata_checked(batches: AsyncGenerator[list[Event], None],
-                            ex: Exchange) -> AsyncGenerator[list[Event], None]:
-    """The upstream's events with each `StreamStart` reduced to the gateway's id and allowed metadata."""
-    try:
-        async for batch in batches:
-            yield [upstream_text.stream_start(ev, ex) if isinstance(ev, StreamStart) else ev for ev in batch]
-    finally:
-        await batches.aclose()
-
-
 class UsageAudit:
     """The audit log as a policy run sees it: the request's token usage, when known by the time the
     record is written (after the answer), rides in the record as `usage`."""
@@ -205,12 +188,14 @@ class Pipeline:
     whether gateway keys are on (then a client's Authorization is never forwarded)."""
 
     def __init__(self, telemetry: Telemetry, audit: Any = None, *, keys_on: bool = False,
-                 send_timeout: float | None = None, responses: ResponseStore | None = None) -> None:
+                 send_timeout: float | None = None, responses: ResponseStore | None = None,
+                 buffer_bytes: int = BUFFER_BYTES) -> None:
         self.telemetry = telemetry
         self.audit = audit
         self.keys_on = keys_on
         self.responses = responses  # responses_state: gateway
         self.send_timeout = send_timeout  # see relay.TimedResponse
+        self.buffer_bytes = buffer_bytes  # a non-stream answer is read whole up to this (relay.read_upto)
 
     def upstream_headers(self, request: web.Request, ctx: RequestContext, upstream: HttpUpstream,
                          extra: dict[str, str] | None = None) -> CIMultiDict[str]:
@@ -246,7 +231,7 @@ class Pipeline:
                                         functools.partial(relay_error_frame, ctx.dialect,
                                                           plan.endpoint.kind.value),
                                         plan.endpoint.terminator, upstream.redact, self.send_timeout,
-                                        tap.feed if tap is not None else None)
+                                        tap.feed if tap is not None else None, self.buffer_bytes)
         finally:
             if not draining(resp):  # a finished stream's connection may be on its way back to the pool
                 resp.close()
@@ -375,7 +360,7 @@ class Pipeline:
             finally:
                 resp.close()
             message, code = ud.decode_error(resp.status, raw)
-            if _checks_answers(run):  # the upstream's words never reach the client unchecked
+            if upstream_text.checks_answers(run):  # the upstream's words never reach the client unchecked
                 message, code = upstream_text.error_message(resp.status, ctx.id), upstream_text.error_code(code)
                 hints = upstream_text.error_headers(resp.headers)
             else:
@@ -387,12 +372,12 @@ class Pipeline:
             return out
         if not ex.stream:
             try:
-                raw = await resp.read()
-            except (aiohttp.ClientError, TimeoutError):
-                resp.close()
-                raise UpstreamError("upstream failed while sending its answer", 502) from None
+                raw, whole = await read_upto(resp, self.buffer_bytes)
             finally:
                 resp.close()
+            if not whole:
+                raise UpstreamError(f"upstream answer larger than {self.buffer_bytes} bytes "
+                                    "(limits.buffer_answer_bytes)", 502, "bad_upstream_response")
             try:
                 completion = ud.decode_response(raw)
             except DialectError as e:
@@ -406,7 +391,7 @@ class Pipeline:
                                run: Any) -> web.Response:
         if run is not None and run.policy.has_output:
             completion = await run.check_output(ex, completion)
-        if _checks_answers(run):
+        if upstream_text.checks_answers(run):
             completion = upstream_text.completion(completion, ex)
         if run is not None:
             completion = run.unmask_completion(completion)
@@ -429,9 +414,9 @@ class Pipeline:
         """Guard and encode the stream: each list of events (what the gate released together, or
         what one network read brought) leaves in one write; telemetry gets the stream's figures once,
         at its end, from what the upstream reader and the encoder noted on the way."""
-        checks = _checks_answers(run)
+        checks = upstream_text.checks_answers(run)
         if checks:
-            batches = _metadata_checked(batches, ex)
+            batches = upstream_text.checked_starts(batches, ex)
         if run is not None and run.policy.has_stream:
             batches = run.guard_batches(ex, batches)
         if run is not None and run.restore:

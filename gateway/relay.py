@@ -18,7 +18,8 @@ from gateway.dialects.sse import MAX_EVENT_BYTES
 from gateway.upstreams.base import UpstreamError
 from gateway.upstreams.http import release_after_eof, response_headers
 
-SMALL_BODY = 1 << 20  # non-SSE bodies up to this size are read whole and sent with Content-Length
+SMALL_BODY = 1 << 20  # buffered bodies up to this size are sent as one plain response
+BUFFER_BYTES = 16 << 20  # limits.buffer_answer_bytes: non-SSE answers up to this size are read whole first
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]"  # the OpenAI stream terminator
 
@@ -182,6 +183,23 @@ class TimedResponse(web.StreamResponse):
             req.transport.abort()
 
 
+async def read_upto(resp: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """(body, True) when the whole body is at most `limit` bytes (the connection is then back in the
+    pool), else (what was read, False) with the rest still to come. UpstreamError when it fails."""
+    buf = bytearray()
+    try:
+        async for chunk in resp.content.iter_any():
+            buf += chunk
+            if len(buf) > limit:
+                return bytes(buf), False
+    except TimeoutError:
+        raise UpstreamError("upstream timed out while sending its answer", 504, "upstream_timeout") from None
+    except aiohttp.ClientError as e:
+        raise UpstreamError(f"upstream failed while sending its answer: {type(e).__name__}", 502,
+                            "upstream_error") from None
+    return bytes(buf), True
+
+
 def is_sse(headers: object) -> bool:
     ctype = headers.get("Content-Type", "") if hasattr(headers, "get") else ""
     return "text/event-stream" in ctype
@@ -192,7 +210,8 @@ async def relay_response(request: web.Request, upstream_resp: aiohttp.ClientResp
                          terminator: bytes | None = None,
                          redact: Callable[[bytes], bytes] | None = None,
                          send_timeout: float | None = None,
-                         tap: Callable[[bytes], None] | None = None) -> web.StreamResponse:
+                         tap: Callable[[bytes], None] | None = None,
+                         buffer_bytes: int = BUFFER_BYTES) -> web.StreamResponse:
     """Send an upstream response to the client as it arrives. The caller closes `upstream_resp`
     (unless it is `draining`, see below).
 
@@ -201,31 +220,41 @@ async def relay_response(request: web.Request, upstream_resp: aiohttp.ClientResp
     once and the upstream connection is released once its body ends (`release_after_eof`): the
     caller must not close a `draining` response. `redact` rewrites an error answer's body (status
     400 or more) before it is sent: known secrets out. `tap`, when given, sees every byte sent (a
-    token budget's usage count, gateway.limits.usage); None on the plain relay.
+    token budget's usage count, gateway.limits.usage); None on the plain relay. A body that is not
+    SSE and fits in `buffer_bytes` is read whole before the client gets a byte (see `read_upto`).
     """
     headers = response_headers(upstream_resp.headers)
     headers.update(extra_headers)
     sse = is_sse(upstream_resp.headers)
     length = upstream_resp.content_length
-    if not sse and length is not None and length <= SMALL_BODY:
-        try:
-            body = await upstream_resp.read()
-        except TimeoutError:
-            raise UpstreamError("upstream timed out while sending its answer", 504, "upstream_timeout") from None
-        except aiohttp.ClientError as e:
-            raise UpstreamError(f"upstream failed while sending its answer: {type(e).__name__}", 502,
-                                "upstream_error") from None
-        if redact is not None and upstream_resp.status >= 400:
-            body = redact(body)
-        if tap is not None and upstream_resp.status < 400:
-            tap(body)
-        return web.Response(body=body, status=upstream_resp.status, headers=headers)
+    head = b""
+    if not sse and (length is None or length <= buffer_bytes):
+        # Not a stream: read it whole (up to `buffer_bytes`), so the upstream connection goes back to
+        # the pool at once, then write to the client at its own pace (nginx's proxy buffering).
+        body, whole = await read_upto(upstream_resp, buffer_bytes)
+        if whole:
+            if redact is not None and upstream_resp.status >= 400:
+                body = redact(body)
+            if tap is not None and upstream_resp.status < 400:
+                tap(body)
+            if len(body) <= SMALL_BODY or send_timeout is None:
+                return web.Response(body=body, status=upstream_resp.status, headers=headers)
+            out = TimedResponse(status=upstream_resp.status, headers=headers, send_timeout=send_timeout)
+            out.content_length = len(body)
+            await out.prepare(request)
+            await out.write_eof(body)
+            return out
+        head = body  # larger than the buffer: the rest goes through as it comes, under the send timeout
 
     if sse:
         headers.update(SSE_HEADERS)
     out = TimedResponse(status=upstream_resp.status, headers=headers, send_timeout=send_timeout)
     await out.prepare(request)
     if not sse:
+        if head:
+            if tap is not None:
+                tap(head)
+            await out.write(head)
         async for chunk in upstream_resp.content.iter_any():
             if tap is not None:
                 tap(chunk)

@@ -120,6 +120,7 @@ class Gateway:
                                    lim.on_store_error, lim.store_timeout_ms / 1000, self.telemetry)
         self.pipeline = Pipeline(self.telemetry, self.audit, keys_on=bool(self.router.keys),
                                  send_timeout=self.cfg.limits.send_timeout_s,
+                                 buffer_bytes=self.cfg.limits.buffer_answer_bytes,
                                  responses=ResponseStore() if self.cfg.responses_state == "gateway" else None)
         if self.policies is not None:
             await self.policies.start()

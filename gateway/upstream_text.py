@@ -21,21 +21,43 @@ Without a policy that checks answers, all of it passes as before (the relay does
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncGenerator
 from dataclasses import replace
 from http import HTTPStatus
 from typing import Any
 
-from gateway.types import Completion, Exchange, StreamStart, new_id
+from gateway.types import Completion, Event, Exchange, StreamStart, new_id
 
 # Error codes an upstream may name that are the providers' own vocabulary (and the gateway's).
-KNOWN_CODES = frozenset({
-    "rate_limit_exceeded", "insufficient_quota", "context_length_exceeded", "invalid_api_key",
-    "model_not_found", "content_filter", "content_policy_violation", "server_error", "invalid_request_error",
-    "invalid_value", "invalid_type", "missing_required_parameter", "unsupported_parameter",
-    "unsupported_value", "not_found_error", "authentication_error", "permission_error", "rate_limit_error",
-    "overloaded_error", "api_error", "timeout", "upstream_error", "upstream_truncated",
-    "bad_upstream_response", "upstream_event_too_large",
-})
+KNOWN_CODES = frozenset(
+    {
+        "rate_limit_exceeded",
+        "insufficient_quota",
+        "context_length_exceeded",
+        "invalid_api_key",
+        "model_not_found",
+        "content_filter",
+        "content_policy_violation",
+        "server_error",
+        "invalid_request_error",
+        "invalid_value",
+        "invalid_type",
+        "missing_required_parameter",
+        "unsupported_parameter",
+        "unsupported_value",
+        "not_found_error",
+        "authentication_error",
+        "permission_error",
+        "rate_limit_error",
+        "overloaded_error",
+        "api_error",
+        "timeout",
+        "upstream_error",
+        "upstream_truncated",
+        "bad_upstream_response",
+        "upstream_event_too_large",
+    }
+)
 # What the gateway says for a stream error it raised itself (its codes), else GENERIC_STREAM.
 STREAM_MESSAGES = {
     "upstream_truncated": "the upstream stream ended before its terminator",
@@ -50,8 +72,9 @@ _SNAPSHOT = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{4}|\d{8})")
 _RETRY_NUMBER = re.compile(r"\d{1,10}(?:\.\d{1,6})?")
 USAGE_DETAILS = {
     "prompt_tokens_details": frozenset({"cached_tokens", "audio_tokens"}),
-    "completion_tokens_details": frozenset({"reasoning_tokens", "audio_tokens", "accepted_prediction_tokens",
-                                            "rejected_prediction_tokens"}),
+    "completion_tokens_details": frozenset(
+        {"reasoning_tokens", "audio_tokens", "accepted_prediction_tokens", "rejected_prediction_tokens"}
+    ),
     # Responses usage
     "input_tokens_details": frozenset({"cached_tokens"}),
     "output_tokens_details": frozenset({"reasoning_tokens"}),
@@ -98,7 +121,7 @@ def model_name(model: str, asked: str) -> str:
     if not model or not asked:
         return asked or ""
     m, a = model.strip().lower(), asked.strip().lower()
-    if m == a or (m.startswith(a) and _SNAPSHOT.fullmatch(m[len(a):])):
+    if m == a or (m.startswith(a) and _SNAPSHOT.fullmatch(m[len(a) :])):
         return model
     return asked
 
@@ -157,3 +180,17 @@ def completion(c: Completion, ex: Exchange) -> Completion:
 def stream_start(ev: StreamStart, ex: Exchange) -> StreamStart:
     """A stream's identity and chunk metadata, as `completion` does it."""
     return replace(ev, id=_id(ev.id), model=model_name(ev.model, ex.model), extra=_extra(ev.extra))
+
+
+def checks_answers(run: Any) -> bool:
+    """A policy run (or None) that checks answers, in enforce mode: then this module's rules apply."""
+    return run is not None and run.policy.has_output and not run.policy.shadow
+
+
+async def checked_starts(batches: AsyncGenerator[list[Event], None], ex: Exchange) -> AsyncGenerator[list[Event], None]:
+    """The upstream's stream events with each `StreamStart` reduced by `stream_start`."""
+    try:
+        async for batch in batches:
+            yield [stream_start(ev, ex) if isinstance(ev, StreamStart) else ev for ev in batch]
+    finally:
+        await batches.aclose()
