@@ -101,8 +101,9 @@ class Limits:
     max_body_bytes: int = 8 * 1024 * 1024
     max_header_bytes: int = 16 * 1024
     send_timeout_s: float = 60.0  # a client that takes no bytes for this long is cut (relay.TimedResponse)
-    # A non-stream answer up to this size is read whole, its upstream connection freed, then written
-    # to the client at its own pace (relay.read_upto); a larger one streams under send_timeout_s.
+    # A non-stream answer is read at the upstream's pace into up to this many bytes waiting for the
+    # client (answer_buffer.buffered), so a client that stops reading does not hold the connection;
+    # a decoded (guarded or translated) answer larger than this is refused (answer_buffer.read_upto).
     buffer_answer_bytes: int = 16 * 1024 * 1024
     head_timeout_s: float = 60.0  # a request head (or an idle keep-alive connection) may take this long
     body_timeout_s: float = 60.0  # a request body may take this long to arrive

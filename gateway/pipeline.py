@@ -20,6 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway import dialects, upstream_text
+from gateway.answer_buffer import read_upto
 from gateway.context import GatewayError, RequestContext
 from gateway.dialects._common import json_bytes
 from gateway.dialects.base import ClientCodec, DialectError, UpstreamCodec, UpstreamStreamError
@@ -28,7 +29,7 @@ from gateway.dialects.stream import StreamStats
 from gateway.endpoints import CHAT_PATH, MODELS_PATH, Kind, path_param
 from gateway.limits.usage import Counted, UsageTap, from_usage
 from gateway.policy.tokens import count_tokens
-from gateway.relay import BUFFER_BYTES, SSE_HEADERS, TimedResponse, read_upto, relay_response
+from gateway.relay import BUFFER_BYTES, SSE_HEADERS, TimedResponse, relay_response
 from gateway.responses_state import ResponseStore
 from gateway.routing import Action, Plan, moderation_step
 from gateway.telemetry import Telemetry

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from contextlib import aclosing
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from gateway.answer_buffer import buffered
 from gateway.dialects.sse import MAX_EVENT_BYTES
 from gateway.upstreams.base import UpstreamError
 from gateway.upstreams.http import release_after_eof, response_headers
 
-SMALL_BODY = 1 << 20  # buffered bodies up to this size are sent as one plain response
-BUFFER_BYTES = 16 << 20  # limits.buffer_answer_bytes: non-SSE answers up to this size are read whole first
+SMALL_BODY = 1 << 20  # non-SSE bodies up to this size are read whole and sent with Content-Length
+BUFFER_BYTES = 16 << 20  # limits.buffer_answer_bytes: how much of a larger one may wait for the client
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]"  # the OpenAI stream terminator
 
@@ -185,23 +187,6 @@ class TimedResponse(web.StreamResponse):
             req.transport.abort()
 
 
-async def read_upto(resp: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
-    """(body, True) when the whole body is at most `limit` bytes (the connection is then back in the
-    pool), else (what was read, False) with the rest still to come. UpstreamError when it fails."""
-    buf = bytearray()
-    try:
-        async for chunk in resp.content.iter_any():
-            buf += chunk
-            if len(buf) > limit:
-                return bytes(buf), False
-    except TimeoutError:
-        raise UpstreamError("upstream timed out while sending its answer", 504, "upstream_timeout") from None
-    except aiohttp.ClientError as e:
-        raise UpstreamError(f"upstream failed while sending its answer: {type(e).__name__}", 502,
-                            "upstream_error") from None
-    return bytes(buf), True
-
-
 def is_sse(headers: object) -> bool:
     ctype = headers.get("Content-Type", "") if hasattr(headers, "get") else ""
     return "text/event-stream" in ctype
@@ -223,44 +208,37 @@ async def relay_response(request: web.Request, upstream_resp: aiohttp.ClientResp
     caller must not close a `draining` response. `redact` rewrites an error answer's body (status
     400 or more) before it is sent: known secrets out. `tap`, when given, sees every byte sent (a
     token budget's usage count, gateway.limits.usage); None on the plain relay. A body that is not
-    SSE and fits in `buffer_bytes` is read whole before the client gets a byte (see `read_upto`).
+    SSE is read at the upstream's pace into up to `buffer_bytes` of memory and written at the
+    client's (`answer_buffer.buffered`): a client that stops reading does not hold the connection.
     """
     headers = response_headers(upstream_resp.headers)
     headers.update(extra_headers)
     sse = is_sse(upstream_resp.headers)
     length = upstream_resp.content_length
-    head = b""
-    if not sse and (length is None or length <= buffer_bytes):
-        # Not a stream: read it whole (up to `buffer_bytes`), so the upstream connection goes back to
-        # the pool at once, then write to the client at its own pace (nginx's proxy buffering).
-        body, whole = await read_upto(upstream_resp, buffer_bytes)
-        if whole:
-            if redact is not None and upstream_resp.status >= 400:
-                body = redact(body)
-            if tap is not None and upstream_resp.status < 400:
-                tap(body)
-            if len(body) <= SMALL_BODY or send_timeout is None:
-                return web.Response(body=body, status=upstream_resp.status, headers=headers)
-            out = TimedResponse(status=upstream_resp.status, headers=headers, send_timeout=send_timeout)
-            out.content_length = len(body)
-            await out.prepare(request)
-            await out.write_eof(body)
-            return out
-        head = body  # larger than the buffer: the rest goes through as it comes, under the send timeout
+    if not sse and length is not None and length <= SMALL_BODY:
+        try:
+            body = await upstream_resp.read()
+        except TimeoutError:
+            raise UpstreamError("upstream timed out while sending its answer", 504, "upstream_timeout") from None
+        except aiohttp.ClientError as e:
+            raise UpstreamError(f"upstream failed while sending its answer: {type(e).__name__}", 502,
+                                "upstream_error") from None
+        if redact is not None and upstream_resp.status >= 400:
+            body = redact(body)
+        if tap is not None and upstream_resp.status < 400:
+            tap(body)
+        return web.Response(body=body, status=upstream_resp.status, headers=headers)
 
     if sse:
         headers.update(SSE_HEADERS)
     out = TimedResponse(status=upstream_resp.status, headers=headers, send_timeout=send_timeout)
     await out.prepare(request)
     if not sse:
-        if head:
-            if tap is not None:
-                tap(head)
-            await out.write(head)
-        async for chunk in upstream_resp.content.iter_any():
-            if tap is not None:
-                tap(chunk)
-            await out.write(chunk)
+        async with aclosing(buffered(upstream_resp, buffer_bytes)) as body:
+            async for chunk in body:
+                if tap is not None:
+                    tap(chunk)
+                await out.write(chunk)
         await out.write_eof()
         return out
 

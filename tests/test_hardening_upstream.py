@@ -12,6 +12,7 @@ import asyncio
 import json
 import re
 import socket
+import threading
 import time
 from typing import Any
 
@@ -358,6 +359,30 @@ def test_a_client_that_stops_reading_still_gets_the_whole_answer_later(make_stac
         assert got > BIG
     finally:
         s.close()
+
+
+def test_a_chunked_answer_is_passed_on_as_it_arrives(make_stack) -> None:
+    """Buffering never waits for the whole answer: the client gets the first part while the upstream
+    still holds the rest (it sends the rest only once the client has the first part)."""
+    got_first = threading.Event()
+
+    async def handler(request: web.Request, up: Any) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "audio/mpeg"})
+        await resp.prepare(request)
+        await resp.write(b"first-part;")
+        await asyncio.get_running_loop().run_in_executor(None, got_first.wait, 10)
+        await resp.write(b"second-part")
+        await resp.write_eof()
+        return resp
+
+    st = make_stack({"upstreams": {"main": {"base_url": "SCRIPTED"}}}, handler=handler)
+    with httpx.stream("POST", st.url + "/v1/audio/speech", json={"model": "m", "input": "x", "voice": "v"},
+                      headers={"Authorization": "Bearer k"}, timeout=10) as r:
+        parts = r.iter_bytes()
+        first = next(parts)
+        assert first.startswith(b"first-part;")
+        got_first.set()
+        assert first + b"".join(parts) == b"first-part;second-part"
 
 
 def _wait(pred, timeout: float = 10.0) -> bool:
