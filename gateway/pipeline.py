@@ -384,9 +384,9 @@ class Pipeline:
                                     "(limits.buffer_answer_bytes)", 502, "bad_upstream_response")
             try:
                 completion = ud.decode_response(raw)
-            except DialectError as e:
-                raise UpstreamError(f"upstream answer does not decode: {e.message}", 502, "bad_upstream_response") \
-                    from None
+            except DialectError as e:  # its message may quote the upstream's bytes: not under a policy
+                why = f"request {ctx.id}" if upstream_text.checks_answers(run) else e.message
+                raise UpstreamError(f"upstream answer does not decode: {why}", 502, "bad_upstream_response") from None
             return await self._send_completion(ctx, cd, ex, completion, run)
         stats = StreamStats()
         return await self._send_stream(request, ctx, cd, ex, upstream_batches(resp, ud, stats), run, stats)

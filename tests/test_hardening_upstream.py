@@ -161,7 +161,8 @@ def _ll_stream(tool_id: str, error: bool) -> list[bytes]:
 def marking_handler(scenario: str, status: int = 400):
     """An upstream that puts MARK in every field it can: `error` (an HTTP error body and headers),
     `event` (a mid-stream error event), `meta` (ids, model, metadata, unknown fields, usage),
-    `tool` (meta plus a tool call whose id carries MARK), `tool_id` (MARK only in a tool call's id)."""
+    `tool` (meta plus a tool call whose id carries MARK), `tool_id` (MARK only in a tool call's id),
+    `bad` (a whole answer that does not decode, MARK where a decoder error would quote it)."""
 
     async def handle(request: web.Request, up: Any) -> web.StreamResponse:
         body = up.last.json()
@@ -171,6 +172,12 @@ def marking_handler(scenario: str, status: int = 400):
                    "title": MARK, "detail": MARK}
             return web.json_response(err, status=status, headers={"Retry-After": MARK, "x-should-retry": MARK,
                                                                    f"x-{MARK}": MARK})
+        if scenario == "bad":  # an answer that does not decode, the marker where a decoder would quote it
+            part = [{"type": MARK, "text": "x"}]
+            if llama:
+                return web.json_response({"id": "x", "completion_message": {"role": "assistant", "content": part}})
+            return web.json_response({"id": "x", "object": "chat.completion", "model": "gpt-test", "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": part}, "finish_reason": "stop"}]})
         tool_id = {"tool": f"call_{MARK}", "tool_id": "call_TOOLID"}.get(scenario, "")
         event = scenario == "event"
         if request.path.endswith("/completions") and not request.path.endswith("/chat/completions"):
@@ -249,10 +256,12 @@ def _call(st: Any, dialect: str, stream: bool) -> tuple[str, str]:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 @pytest.mark.parametrize("dialect", list(DIALECTS))
-@pytest.mark.parametrize("scenario", ["error", "error500", "event", "meta", "tool", "tool_id"])
+@pytest.mark.parametrize("scenario", ["error", "error500", "event", "meta", "tool", "tool_id", "bad"])
 def test_the_upstreams_marker_never_reaches_the_client(marked, dialect: str, stream: bool, scenario: str) -> None:
     if scenario == "event" and not stream:
         pytest.skip("an error event is a stream's")
+    if scenario == "bad" and (stream or dialect == "completions"):
+        pytest.skip("an undecodable whole answer (the stream's are in `event`)")
     if scenario.startswith("tool") and dialect == "completions":
         pytest.skip("legacy completions have no tool calls")
     st = marked("error" if scenario == "error500" else scenario, DIALECTS[dialect][1],
