@@ -63,8 +63,12 @@ class Tee(httpx.BaseTransport):
         self.seen += f"{resp.status_code}\n".encode()
         for k, v in resp.headers.raw:
             self.seen += k + b": " + v + b"\n"
-        return httpx.Response(resp.status_code, headers=resp.headers, stream=_TeeStream(resp.stream, self.seen),
-                              extensions=resp.extensions)
+        return httpx.Response(
+            resp.status_code,
+            headers=resp.headers,
+            stream=_TeeStream(resp.stream, self.seen),
+            extensions=resp.extensions,
+        )
 
     def close(self) -> None:
         self.inner.close()
@@ -100,11 +104,24 @@ def _oa_answer(tool_id: str) -> dict[str, Any]:
     if tool_id:
         msg["tool_calls"] = [{"id": tool_id, "type": "function", "function": {"name": "f", "arguments": "{}"}}]
         finish = "tool_calls"
-    return {"id": f"chatcmpl-{MARK}", "object": "chat.completion", "created": CREATED, "model": f"gpt-test-{MARK}",
-            "system_fingerprint": f"fp_{MARK}", "service_tier": MARK, f"x_{MARK}": MARK, "note": MARK,
-            "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": finish}],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5, "note": MARK,
-                      "completion_tokens_details": {"reasoning_tokens": 0, MARK: 1, "x": MARK}}}
+    return {
+        "id": f"chatcmpl-{MARK}",
+        "object": "chat.completion",
+        "created": CREATED,
+        "model": f"gpt-test-{MARK}",
+        "system_fingerprint": f"fp_{MARK}",
+        "service_tier": MARK,
+        f"x_{MARK}": MARK,
+        "note": MARK,
+        "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": finish}],
+        "usage": {
+            "prompt_tokens": 3,
+            "completion_tokens": 2,
+            "total_tokens": 5,
+            "note": MARK,
+            "completion_tokens_details": {"reasoning_tokens": 0, MARK: 1, "x": MARK},
+        },
+    }
 
 
 def _oa_chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
@@ -114,29 +131,63 @@ def _oa_chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any
 
 
 def _oa_stream(tool_id: str, error: bool) -> list[bytes]:
-    frames = [sse(_oa_chunk({"role": "assistant", "content": "", "refusal": None})),
-              sse(_oa_chunk({"content": "Hello"})), sse(_oa_chunk({"content": " there"}))]
+    frames = [
+        sse(_oa_chunk({"role": "assistant", "content": "", "refusal": None})),
+        sse(_oa_chunk({"content": "Hello"})),
+        sse(_oa_chunk({"content": " there"})),
+    ]
     if error:
         return [*frames, sse({"error": {"message": f"failed: {MARK}", "type": MARK, "code": MARK}})]
     if tool_id:
-        frames.append(sse(_oa_chunk({"tool_calls": [{"index": 0, "id": tool_id, "type": "function",
-                                                     "function": {"name": "f", "arguments": "{}"}}]})))
+        frames.append(
+            sse(
+                _oa_chunk(
+                    {
+                        "tool_calls": [
+                            {
+                                "index": 0,
+                                "id": tool_id,
+                                "type": "function",
+                                "function": {"name": "f", "arguments": "{}"},
+                            }
+                        ]
+                    }
+                )
+            )
+        )
     frames.append(sse(_oa_chunk({}, "tool_calls" if tool_id else "stop")))
-    usage = {**_oa_chunk({}), "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2,
-                                                       "total_tokens": 5, "note": MARK}}
+    usage = {
+        **_oa_chunk({}),
+        "choices": [],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5, "note": MARK},
+    }
     return [*frames, sse(usage), sse("[DONE]")]
 
 
 def _cmpl_answer() -> dict[str, Any]:
-    return {"id": f"cmpl-{MARK}", "object": "text_completion", "created": CREATED, "model": MARK, "note": MARK,
-            "choices": [{"text": "Hello there", "index": 0, "logprobs": None, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5, "note": MARK}}
+    return {
+        "id": f"cmpl-{MARK}",
+        "object": "text_completion",
+        "created": CREATED,
+        "model": MARK,
+        "note": MARK,
+        "choices": [{"text": "Hello there", "index": 0, "logprobs": None, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5, "note": MARK},
+    }
 
 
 def _cmpl_stream(error: bool) -> list[bytes]:
     def chunk(text: str, finish: str | None = None) -> bytes:
-        return sse({"id": f"cmpl-{MARK}", "object": "text_completion", "created": CREATED, "model": MARK,
-                    "note": MARK, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]})
+        return sse(
+            {
+                "id": f"cmpl-{MARK}",
+                "object": "text_completion",
+                "created": CREATED,
+                "model": MARK,
+                "note": MARK,
+                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
+            }
+        )
 
     frames = [chunk("Hello"), chunk(" there")]
     if error:
@@ -168,16 +219,28 @@ def marking_handler(scenario: str, status: int = 400):
         body = up.last.json()
         llama = getattr(up, "dialect", "openai") == "llama"
         if scenario == "error":
-            err = {"error": {"message": f"you said {MARK}", "type": MARK, "param": MARK, "code": MARK},
-                   "title": MARK, "detail": MARK}
-            return web.json_response(err, status=status, headers={"Retry-After": MARK, "x-should-retry": MARK,
-                                                                   f"x-{MARK}": MARK})
+            err = {
+                "error": {"message": f"you said {MARK}", "type": MARK, "param": MARK, "code": MARK},
+                "title": MARK,
+                "detail": MARK,
+            }
+            return web.json_response(
+                err, status=status, headers={"Retry-After": MARK, "x-should-retry": MARK, f"x-{MARK}": MARK}
+            )
         if scenario == "bad":  # an answer that does not decode, the marker where a decoder would quote it
             part = [{"type": MARK, "text": "x"}]
             if llama:
                 return web.json_response({"id": "x", "completion_message": {"role": "assistant", "content": part}})
-            return web.json_response({"id": "x", "object": "chat.completion", "model": "gpt-test", "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": part}, "finish_reason": "stop"}]})
+            return web.json_response(
+                {
+                    "id": "x",
+                    "object": "chat.completion",
+                    "model": "gpt-test",
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": part}, "finish_reason": "stop"}
+                    ],
+                }
+            )
         tool_id = {"tool": f"call_{MARK}", "tool_id": "call_TOOLID"}.get(scenario, "")
         event = scenario == "event"
         if request.path.endswith("/completions") and not request.path.endswith("/chat/completions"):
@@ -190,6 +253,7 @@ def marking_handler(scenario: str, status: int = 400):
             frames = _oa_stream(tool_id, event) if body.get("stream") else None
             answer = _oa_answer(tool_id)
         if scenario == "tool_id":  # MARK only in the tool call's id
+
             def only_id(b: bytes) -> bytes:
                 return b.replace(MARK.encode(), b"plain").replace(b"TOOLID", MARK.encode())
 
@@ -209,8 +273,11 @@ def marked(make_stack, tmp_path):
     p.write_text(OUT_POLICY)
 
     def make(scenario: str, dialect: str = "openai", status: int = 400):
-        st = make_stack({"upstreams": {"main": {"base_url": "SCRIPTED", "dialect": dialect}}, "policy": str(p)},
-                        handler=marking_handler(scenario, status), policies=PolicyStore(required=[str(p)]))
+        st = make_stack(
+            {"upstreams": {"main": {"base_url": "SCRIPTED", "dialect": dialect}}, "policy": str(p)},
+            handler=marking_handler(scenario, status),
+            policies=PolicyStore(required=[str(p)]),
+        )
         st.upstream.dialect = dialect
         return st
 
@@ -238,8 +305,12 @@ def _llama(c: Any, stream: bool) -> Any:
     return [ch.model_dump_json() for ch in r] if stream else r.model_dump_json()
 
 
-DIALECTS = {"chat": ("openai", "openai", _chat), "responses": ("openai", "openai", _responses),
-            "completions": ("openai", "openai", _completions), "llama": ("llama", "llama", _llama)}
+DIALECTS = {
+    "chat": ("openai", "openai", _chat),
+    "responses": ("openai", "openai", _responses),
+    "completions": ("openai", "openai", _completions),
+    "llama": ("llama", "llama", _llama),
+}
 
 
 def _call(st: Any, dialect: str, stream: bool) -> tuple[str, str]:
@@ -264,11 +335,12 @@ def test_the_upstreams_marker_never_reaches_the_client(marked, dialect: str, str
         pytest.skip("an undecodable whole answer (the stream's are in `event`)")
     if scenario.startswith("tool") and dialect == "completions":
         pytest.skip("legacy completions have no tool calls")
-    st = marked("error" if scenario == "error500" else scenario, DIALECTS[dialect][1],
-                500 if scenario == "error500" else 400)
+    st = marked(
+        "error" if scenario == "error500" else scenario, DIALECTS[dialect][1], 500 if scenario == "error500" else 400
+    )
     wire, got = _call(st, dialect, stream)
     assert st.upstream.requests, "the request reached the upstream"
-    assert not MARK_RE.search(wire), f"marker on the wire: {wire[MARK_RE.search(wire).start() - 200:][:400]}"
+    assert not MARK_RE.search(wire), f"marker on the wire: {wire[MARK_RE.search(wire).start() - 200 :][:400]}"
     assert not MARK_RE.search(got), got
     if scenario.startswith("error"):
         assert "upstream answered HTTP" in got and "request " in got
@@ -287,8 +359,11 @@ def test_allowed_metadata_and_a_benign_tool_call_id_pass(make_stack, tmp_path) -
         a.update(id="chatcmpl-1", model="gpt-test-2024-08-06", system_fingerprint="fp_abc123", service_tier="default")
         return web.json_response(a)
 
-    st = make_stack({"upstreams": {"main": {"base_url": "SCRIPTED"}}, "policy": str(p)}, handler=handler,
-                    policies=PolicyStore(required=[str(p)]))
+    st = make_stack(
+        {"upstreams": {"main": {"base_url": "SCRIPTED"}}, "policy": str(p)},
+        handler=handler,
+        policies=PolicyStore(required=[str(p)]),
+    )
     r = st.openai().chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}])
     assert r.system_fingerprint == "fp_abc123" and r.service_tier == "default"
     assert r.model == "gpt-test-2024-08-06"
@@ -318,7 +393,7 @@ def _big_handler():
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})  # chunked: no length
         await resp.prepare(request)
         for i in range(0, len(blob), 1 << 20):
-            await resp.write(blob[i:i + (1 << 20)])
+            await resp.write(blob[i : i + (1 << 20)])
         await resp.write_eof()
         return resp
 
@@ -337,10 +412,15 @@ def _stalled_client(url: str, path: str) -> socket.socket:
 
 @pytest.mark.parametrize("pool", [1, 2])
 def test_clients_that_stop_reading_do_not_hold_the_pool(make_stack, pool: int) -> None:
-    st = make_stack({"upstreams": {"main": {"base_url": "SCRIPTED", "max_connections": pool,
-                                            "timeouts": {"connect": 1, "read": 10}}},
-                     "limits": {"buffer_answer_bytes": 2 * BIG, "send_timeout_s": 60}},
-                    handler=_big_handler())
+    st = make_stack(
+        {
+            "upstreams": {
+                "main": {"base_url": "SCRIPTED", "max_connections": pool, "timeouts": {"connect": 1, "read": 10}}
+            },
+            "limits": {"buffer_answer_bytes": 2 * BIG, "send_timeout_s": 60},
+        },
+        handler=_big_handler(),
+    )
     stalled = [_stalled_client(st.url, "/v1/files/big") for _ in range(2)]
     try:
         _wait(lambda: len(st.upstream.requests) == 2, 5)
@@ -354,8 +434,13 @@ def test_clients_that_stop_reading_do_not_hold_the_pool(make_stack, pool: int) -
 
 
 def test_a_client_that_stops_reading_still_gets_the_whole_answer_later(make_stack) -> None:
-    st = make_stack({"upstreams": {"main": {"base_url": "SCRIPTED", "max_connections": 1}},
-                     "limits": {"buffer_answer_bytes": 2 * BIG}}, handler=_big_handler())
+    st = make_stack(
+        {
+            "upstreams": {"main": {"base_url": "SCRIPTED", "max_connections": 1}},
+            "limits": {"buffer_answer_bytes": 2 * BIG},
+        },
+        handler=_big_handler(),
+    )
     s = _stalled_client(st.url, "/v1/files/big")
     try:
         assert _wait(lambda: st.upstream.completed == 1)
@@ -385,8 +470,13 @@ def test_a_chunked_answer_is_passed_on_as_it_arrives(make_stack) -> None:
         return resp
 
     st = make_stack({"upstreams": {"main": {"base_url": "SCRIPTED"}}}, handler=handler)
-    with httpx.stream("POST", st.url + "/v1/audio/speech", json={"model": "m", "input": "x", "voice": "v"},
-                      headers={"Authorization": "Bearer k"}, timeout=10) as r:
+    with httpx.stream(
+        "POST",
+        st.url + "/v1/audio/speech",
+        json={"model": "m", "input": "x", "voice": "v"},
+        headers={"Authorization": "Bearer k"},
+        timeout=10,
+    ) as r:
         parts = r.iter_bytes()
         first = next(parts)
         assert first.startswith(b"first-part;")
@@ -428,12 +518,22 @@ def _cut_handler():
         if getattr(up, "dialect", "openai") == "llama":
             return await stream_frames(request, llama_stream(["Sure: ", "a ", CUT, " and more", " text"]))
         if body.get("stream") and "prompt" in body:
-            def chunk(text: str, finish: str | None = None) -> bytes:
-                return sse({"id": "cmpl-1", "object": "text_completion", "created": CREATED, "model": "gpt-test",
-                            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]})
 
-            return await stream_frames(request, [chunk("Sure: "), chunk("a "), chunk(CUT), chunk(" and more"),
-                                                 chunk("", "stop"), sse("[DONE]")])
+            def chunk(text: str, finish: str | None = None) -> bytes:
+                return sse(
+                    {
+                        "id": "cmpl-1",
+                        "object": "text_completion",
+                        "created": CREATED,
+                        "model": "gpt-test",
+                        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
+                    }
+                )
+
+            return await stream_frames(
+                request,
+                [chunk("Sure: "), chunk("a "), chunk(CUT), chunk(" and more"), chunk("", "stop"), sse("[DONE]")],
+            )
         return await stream_frames(request, openai_text_stream(["Sure: ", "a ", CUT, " and more", " text"]))
 
     return handler
@@ -443,8 +543,11 @@ def _cut_handler():
 def cut(make_stack, tmp_path):
     def make(on_stream_block: str | None, dialect: str = "openai"):
         p = _cut_policy(tmp_path, on_stream_block)
-        st = make_stack({"upstreams": {"main": {"base_url": "SCRIPTED", "dialect": dialect}}, "policy": p},
-                        handler=_cut_handler(), policies=PolicyStore(required=[p]))
+        st = make_stack(
+            {"upstreams": {"main": {"base_url": "SCRIPTED", "dialect": dialect}}, "policy": p},
+            handler=_cut_handler(),
+            policies=PolicyStore(required=[p]),
+        )
         st.upstream.dialect = dialect
         return st
 
@@ -455,8 +558,9 @@ def test_on_stream_block_error_the_openai_sdk_raises_with_the_policys_message(cu
     st = cut("error")
     chunks = []
     with pytest.raises(openai.APIError) as e:
-        for ch in st.openai().chat.completions.create(model="gpt-test", stream=True,
-                                                      messages=[{"role": "user", "content": "hi"}]):
+        for ch in st.openai().chat.completions.create(
+            model="gpt-test", stream=True, messages=[{"role": "user", "content": "hi"}]
+        ):
             chunks.append(ch)
     assert "blocked by policy 'cut'" in e.value.message
     assert e.value.code == "content_filter"
@@ -466,10 +570,12 @@ def test_on_stream_block_error_the_openai_sdk_raises_with_the_policys_message(cu
 
 def test_by_default_a_cut_stream_finishes_content_filter(cut) -> None:
     st = cut(None)
-    chunks = list(st.openai().chat.completions.create(model="gpt-test", stream=True,
-                                                      messages=[{"role": "user", "content": "hi"}]))
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
-        ["content_filter"]
+    chunks = list(
+        st.openai().chat.completions.create(model="gpt-test", stream=True, messages=[{"role": "user", "content": "hi"}])
+    )
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        "content_filter"
+    ]
 
 
 def test_on_stream_block_error_in_completions_and_llama(cut) -> None:
