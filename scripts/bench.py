@@ -639,8 +639,10 @@ async def main_async(a: argparse.Namespace) -> dict:
                     await latency_with(client, [direct2, *heavy_phase.values(), *heavy], a.requests, a.warmup)
             tool = "wrk" if shutil.which("wrk") and not a.no_wrk else "aiohttp client"
             runs: dict[tuple[str, str], list[float]] = {}
-            for _ in range(a.rounds):  # rounds over all targets: a noisy neighbour hits them all alike
-                for t in [direct, *targets]:
+            for rnd in range(a.rounds):  # rounds over all targets: a noisy neighbour hits them all alike
+                # in a shuffled order per round, as the latency phase: no target always runs right after
+                # the same one (a heavy peer's after-work slowed whichever came next)
+                for t in random.Random(rnd).sample([direct, *targets], len(targets) + 1):
                     for k, stream in (("json", False), ("stream", True)):
                         if tool == "wrk":
                             rps, bad = wrk_rps(t.base, stream, a.concurrency, a.seconds, tmp, t.headers)
@@ -668,7 +670,7 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=20)
     ap.add_argument("--client", default="raw,aiohttp",
                     help="latency clients, in order (the first is the one the goals use): raw (RawClient), aiohttp")
-    ap.add_argument("--targets", default="relay,gate-regex,nginx,litellm")
+    ap.add_argument("--targets", default="relay,gate-regex,nginx,litellm,portkey")
     ap.add_argument("--base", type=Path, default=None,
                     help="another checkout (e.g. `git archive` of the commit before a change) for relay@base and "
                          "gate-regex@base")

@@ -42,7 +42,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from gateway.guards.base import GuardInput, StreamCheck
 from gateway.policy.record import StepRecord, flagged_action, strongest
@@ -240,16 +240,6 @@ class GateResult:
     after_finish: dict[int, int] = field(default_factory=dict)
 
 
-async def _singles(events: AsyncIterable[Event]) -> AsyncGenerator[list[Event], None]:
-    try:
-        async for ev in events:
-            yield [ev]
-    finally:
-        aclose = getattr(events, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
 class StreamGate:
     """Guards one stream. Build one per request and iterate `batches(upstream)` (or `run`) once."""
 
@@ -283,12 +273,14 @@ class StreamGate:
         self._error: BaseException | None = None
         self._block: tuple[_Choice, _StepState, Verdict] | None = None
         self._started = False
+        self._singles = False  # `run`: the upstream yields events, not lists
 
     # ------------------------------------------------------------------ public
 
     async def run(self, upstream: AsyncIterable[Event]) -> AsyncGenerator[Event, None]:
-        """The guarded stream, event by event (`batches` with one event per upstream batch)."""
-        batches = self.batches(_singles(upstream))
+        """The guarded stream, event by event (`batches`, the upstream read one event at a time)."""
+        self._singles = True
+        batches = self.batches(cast("AsyncIterable[list[Event]]", upstream))  # `_read` wraps each event
         try:
             async for batch in batches:
                 for ev in batch:
@@ -363,10 +355,11 @@ class StreamGate:
     # ------------------------------------------------------------------ reading
 
     async def _read(self, upstream: AsyncIterable[list[Event]]) -> None:
+        singles = self._singles
         try:
             async for batch in upstream:
                 await self._room.acquire()
-                self._q.put_nowait((_EV, batch))
+                self._q.put_nowait((_EV, [batch] if singles else batch))
         except asyncio.CancelledError:
             raise
         except Exception as e:
