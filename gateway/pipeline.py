@@ -558,6 +558,9 @@ class Pipeline:
                 resp.close()
             if resp.status >= 400:
                 message, code = ud.decode_error(resp.status, raw)
+                pol = plan.policy
+                if pol is not None and pol.has_output and not pol.shadow:  # as for chat: the gateway's words
+                    message, code = upstream_text.error_message(resp.status, ctx.id), upstream_text.error_code(code)
                 return web.json_response(cd.error_body(resp.status, message, type="upstream_error", code=code),
                                          status=resp.status)
             try:

@@ -216,7 +216,6 @@ def marking_handler(scenario: str, status: int = 400):
     `bad` (a whole answer that does not decode, MARK where a decoder error would quote it)."""
 
     async def handle(request: web.Request, up: Any) -> web.StreamResponse:
-        body = up.last.json()
         llama = getattr(up, "dialect", "openai") == "llama"
         if scenario == "error":
             err = {
@@ -227,6 +226,7 @@ def marking_handler(scenario: str, status: int = 400):
             return web.json_response(
                 err, status=status, headers={"Retry-After": MARK, "x-should-retry": MARK, f"x-{MARK}": MARK}
             )
+        body = up.last.json()
         if scenario == "bad":  # an answer that does not decode, the marker where a decoder would quote it
             part = [{"type": MARK, "text": "x"}]
             if llama:
@@ -632,3 +632,16 @@ def test_by_default_pydantic_ai_run_stream_sees_content_filter(cut) -> None:
     st = cut(None)
     with pytest.raises(ContentFilterError):
         asyncio.run(_run_stream(_pydantic_agent(st)))
+
+
+def test_a_translated_models_lists_error_is_the_gateways_own(marked) -> None:
+    """A Llama API client listing models of an OpenAI upstream (translated): the upstream's error
+    body is replaced like a chat answer's."""
+    import llama_api_client
+
+    st = marked("error", "openai")
+    tee = Tee()
+    with pytest.raises(llama_api_client.BadRequestError) as e:
+        sdk(st, "llama", tee).models.list()
+    assert not MARK_RE.search(tee.text()) and not MARK_RE.search(str(e.value))
+    assert "upstream answered HTTP 400" in str(e.value)
