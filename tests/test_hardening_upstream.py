@@ -25,6 +25,7 @@ from harness import (
     llama_completion,
     llama_stream,
     oa_chunk,
+    oa_completion,
     openai_text_stream,
     sse,
     stream_frames,
@@ -385,11 +386,12 @@ BIG = 24 << 20  # more than the socket buffers between the gateway and a client 
 
 
 def _big_handler():
-    blob = json.dumps({"object": "list", "data": "x" * BIG}).encode()
+    """A non-stream chat answer of BIG bytes (chunked, no length) to `big`, a small one otherwise."""
+    blob = json.dumps(oa_completion("x" * BIG)).encode()
 
     async def handler(request: web.Request, up: Any) -> web.StreamResponse:
-        if request.path.endswith("/small"):
-            return web.json_response({"ok": True})
+        if b"big" not in (up.last.body or b""):
+            return web.json_response(oa_completion("small"))
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})  # chunked: no length
         await resp.prepare(request)
         for i in range(0, len(blob), 1 << 20):
@@ -400,13 +402,17 @@ def _big_handler():
     return handler
 
 
-def _stalled_client(url: str, path: str) -> socket.socket:
-    """A client that sends a request and never reads its answer (a tiny receive buffer)."""
+def _stalled_client(url: str) -> socket.socket:
+    """A client that asks for a (big) non-stream chat answer and never reads it (a tiny receive buffer)."""
     host, port = url.removeprefix("http://").split(":")
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.connect((host, int(port)))
-    s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n\r\n".encode())
+    body = json.dumps({"model": "gpt-test", "messages": [{"role": "user", "content": "big"}]}).encode()
+    s.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
     return s
 
 
@@ -421,13 +427,15 @@ def test_clients_that_stop_reading_do_not_hold_the_pool(make_stack, pool: int) -
         },
         handler=_big_handler(),
     )
-    stalled = [_stalled_client(st.url, "/v1/files/big") for _ in range(2)]
+    stalled = [_stalled_client(st.url) for _ in range(2)]
     try:
         _wait(lambda: len(st.upstream.requests) == 2, 5)
         _wait(lambda: st.upstream.completed == 2, 5)  # both answers sent (or stuck behind their readers)
-        r = httpx.get(st.url + "/v1/files/small", headers={"Authorization": "Bearer k"}, timeout=10)
-        assert r.status_code == 200, r.text  # not 503: no connection of the pool is held by a reader
-        assert r.json() == {"ok": True}
+        # not 503 upstream_unavailable: no connection of the pool is held by a client that does not read
+        r = st.openai(timeout=10).chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert r.choices[0].message.content == "small"
     finally:
         for s in stalled:
             s.close()
@@ -441,7 +449,7 @@ def test_a_client_that_stops_reading_still_gets_the_whole_answer_later(make_stac
         },
         handler=_big_handler(),
     )
-    s = _stalled_client(st.url, "/v1/files/big")
+    s = _stalled_client(st.url)
     try:
         assert _wait(lambda: st.upstream.completed == 1)
         s.settimeout(10)
