@@ -268,7 +268,11 @@ class StreamGate:
         self._upstream: AsyncIterable[list[Event]] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._q: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-        self._room = asyncio.Semaphore(read_ahead)
+        # Read-ahead is bounded in events (not lists: one network read may bring thousands), so a client
+        # that stops reading holds the upstream back within about `read_ahead` events.
+        self._queued = 0
+        self._room = asyncio.Event()
+        self._room.set()
         self._upstream_done = False
         self._error: BaseException | None = None
         self._block: tuple[_Choice, _StepState, Verdict] | None = None
@@ -358,8 +362,12 @@ class StreamGate:
         singles = self._singles
         try:
             async for batch in upstream:
-                await self._room.acquire()
-                self._q.put_nowait((_EV, [batch] if singles else batch))
+                if self._queued >= self.read_ahead:
+                    self._room.clear()
+                    await self._room.wait()
+                item = [batch] if singles else batch
+                self._queued += len(item)
+                self._q.put_nowait((_EV, item))
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -370,7 +378,9 @@ class StreamGate:
     def _handle(self, item: tuple[int, Any]) -> None:
         kind, payload = item
         if kind == _EV:
-            self._room.release()
+            self._queued -= len(payload)
+            if self._queued < self.read_ahead:
+                self._room.set()
             for ev in payload:
                 self._on_event(ev)
         elif kind == _CHECK:
