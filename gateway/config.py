@@ -101,6 +101,10 @@ class Limits:
     max_body_bytes: int = 8 * 1024 * 1024
     max_header_bytes: int = 16 * 1024
     send_timeout_s: float = 60.0  # a client that takes no bytes for this long is cut (relay.TimedResponse)
+    # A non-stream answer is read at the upstream's pace into up to this many bytes waiting for the
+    # client (answer_buffer.buffered), so a client that stops reading does not hold the connection;
+    # a decoded (guarded or translated) answer larger than this is refused (answer_buffer.read_upto).
+    buffer_answer_bytes: int = 16 * 1024 * 1024
     head_timeout_s: float = 60.0  # a request head (or an idle keep-alive connection) may take this long
     body_timeout_s: float = 60.0  # a request body may take this long to arrive
     # Where rate-limit counters live (gateway.limits): one process, or Redis shared by replicas.
@@ -203,12 +207,13 @@ def parse(obj: object, file: str | None = None) -> GatewayConfig:
                                    policy=kf.get("policy", str), rates=_rates(kf)))
     if "limits" in top.obj:
         lf = Fields(top.obj["limits"], file, "limits", {"max_body_bytes", "max_header_bytes", "send_timeout_s",
-                                                         "head_timeout_s", "body_timeout_s", "store", "url",
-                                                         "on_store_error", "store_timeout_ms"})
+                                                         "buffer_answer_bytes", "head_timeout_s", "body_timeout_s",
+                                                         "store", "url", "on_store_error", "store_timeout_ms"})
         d = cfg.limits
         cfg.limits = Limits(max_body_bytes=lf.get("max_body_bytes", int, d.max_body_bytes),
                             max_header_bytes=lf.get("max_header_bytes", int, d.max_header_bytes),
                             send_timeout_s=float(lf.get("send_timeout_s", (int, float), d.send_timeout_s)),
+                            buffer_answer_bytes=lf.get("buffer_answer_bytes", int, d.buffer_answer_bytes),
                             head_timeout_s=float(lf.get("head_timeout_s", (int, float), d.head_timeout_s)),
                             body_timeout_s=float(lf.get("body_timeout_s", (int, float), d.body_timeout_s)),
                             store=lf.get("store", str, d.store), url=lf.get("url", str, d.url),

@@ -20,7 +20,8 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway import dialects
+from gateway import dialects, upstream_text
+from gateway.answer_buffer import read_upto
 from gateway.context import GatewayError, RequestContext
 from gateway.dialects._common import json_bytes
 from gateway.dialects.base import ClientCodec, DialectError, UpstreamCodec, UpstreamStreamError
@@ -29,11 +30,21 @@ from gateway.dialects.stream import StreamStats
 from gateway.endpoints import CHAT_PATH, MODELS_PATH, Kind, path_param
 from gateway.limits.usage import Counted, UsageTap, from_usage
 from gateway.policy.tokens import count_tokens
-from gateway.relay import SSE_HEADERS, TimedResponse, relay_response
+from gateway.relay import BUFFER_BYTES, SSE_HEADERS, TimedResponse, relay_response
 from gateway.responses_state import ResponseStore
 from gateway.routing import Action, Plan, moderation_step
 from gateway.telemetry import Telemetry
-from gateway.types import Event, Exchange, Finish, Message, Part, TextDelta, ToolCall, ToolCallDelta
+from gateway.types import (
+    Event,
+    Exchange,
+    Finish,
+    Message,
+    Part,
+    TextDelta,
+    ToolCall,
+    ToolCallDelta,
+    UsageEvent,
+)
 from gateway.upstreams.base import NeutralUpstream, UpstreamError
 from gateway.upstreams.http import HttpUpstream, draining, release_after_eof, request_headers
 
@@ -179,13 +190,15 @@ class Pipeline:
     whether gateway keys are on (then a client's Authorization is never forwarded)."""
 
     def __init__(self, telemetry: Telemetry, audit: Any = None, *, keys_on: bool = False,
-                 send_timeout: float | None = None, responses: ResponseStore | None = None) -> None:
+                 send_timeout: float | None = None, responses: ResponseStore | None = None,
+                 buffer_bytes: int = BUFFER_BYTES) -> None:
         self.telemetry = telemetry
         self.audit = audit
         self.keys_on = keys_on
         self.responses = responses  # responses_state: gateway
         self.send_timeout = send_timeout  # see relay.TimedResponse
         self.mcp: Any = None  # gateway.mcp.proxy.McpProxy (set by the server when mcp_servers are configured)
+        self.buffer_bytes = buffer_bytes  # a non-stream answer is read whole up to this (relay.read_upto)
 
     def upstream_headers(self, request: web.Request, ctx: RequestContext, upstream: HttpUpstream,
                          extra: dict[str, str] | None = None) -> CIMultiDict[str]:
@@ -223,7 +236,7 @@ class Pipeline:
                                         functools.partial(relay_error_frame, ctx.dialect,
                                                           plan.endpoint.kind.value),
                                         plan.endpoint.terminator, upstream.redact, self.send_timeout,
-                                        tap.feed if tap is not None else None)
+                                        tap.feed if tap is not None else None, self.buffer_bytes)
         finally:
             if not draining(resp):  # a finished stream's connection may be on its way back to the pool
                 resp.close()
@@ -352,26 +365,29 @@ class Pipeline:
             finally:
                 resp.close()
             message, code = ud.decode_error(resp.status, raw)
+            if upstream_text.checks_answers(run):  # the upstream's words never reach the client unchecked
+                message, code = upstream_text.error_message(resp.status, ctx.id), upstream_text.error_code(code)
+                hints = upstream_text.error_headers(resp.headers)
+            else:
+                hints = {h: resp.headers[h] for h in ("Retry-After", "retry-after-ms", "x-should-retry")
+                         if h in resp.headers}
             body = cd.error_body(resp.status, message, type="upstream_error", code=code)
-            out = web.json_response(body, status=resp.status, headers={"X-Guardgate-Request-Id": ctx.id})
-            for h in ("Retry-After", "retry-after-ms", "x-should-retry"):
-                if h in resp.headers:
-                    out.headers[h] = resp.headers[h]
+            out = web.json_response(body, status=resp.status, headers={"X-Guardgate-Request-Id": ctx.id, **hints})
             ctx.outcome = "upstream_error"
             return out
         if not ex.stream:
             try:
-                raw = await resp.read()
-            except (aiohttp.ClientError, TimeoutError):
-                resp.close()
-                raise UpstreamError("upstream failed while sending its answer", 502) from None
+                raw, whole = await read_upto(resp, self.buffer_bytes)
             finally:
                 resp.close()
+            if not whole:
+                raise UpstreamError(f"upstream answer larger than {self.buffer_bytes} bytes "
+                                    "(limits.buffer_answer_bytes)", 502, "bad_upstream_response")
             try:
                 completion = ud.decode_response(raw)
-            except DialectError as e:
-                raise UpstreamError(f"upstream answer does not decode: {e.message}", 502, "bad_upstream_response") \
-                    from None
+            except DialectError as e:  # its message may quote the upstream's bytes: not under a policy
+                why = f"request {ctx.id}" if upstream_text.checks_answers(run) else e.message
+                raise UpstreamError(f"upstream answer does not decode: {why}", 502, "bad_upstream_response") from None
             return await self._send_completion(ctx, cd, ex, completion, run)
         stats = StreamStats()
         return await self._send_stream(request, ctx, cd, ex, upstream_batches(resp, ud, stats), run, stats)
@@ -380,6 +396,8 @@ class Pipeline:
                                run: Any) -> web.Response:
         if run is not None and run.policy.has_output:
             completion = await run.check_output(ex, completion)
+        if upstream_text.checks_answers(run):
+            completion = upstream_text.completion(completion, ex)
         if run is not None:
             completion = run.unmask_completion(completion)
         if any(ch.finish_reason == "content_filter" for ch in completion.choices):
@@ -401,6 +419,9 @@ class Pipeline:
         """Guard and encode the stream: each list of events (what the gate released together, or
         what one network read brought) leaves in one write; telemetry gets the stream's figures once,
         at its end, from what the upstream reader and the encoder noted on the way."""
+        checks = upstream_text.checks_answers(run)
+        if checks:
+            batches = upstream_text.checked_starts(batches, ex)
         if run is not None and run.policy.has_stream:
             batches = run.guard_batches(ex, batches)
         if run is not None and run.restore:
@@ -416,19 +437,32 @@ class Pipeline:
                             send_timeout=self.send_timeout, headers_with_first_write=True)
         await out.prepare(request)
         last = b""
+        cut: str | None = None  # the policy's message, when a cut stream ends with an error event
+        cut_with_error = run is not None and run.policy.on_stream_block == "error"
         try:
             try:
                 async for batch in batches:
                     if meter:
                         released += [ev.text if isinstance(ev, TextDelta) else ev.arguments
                                      for ev in batch if isinstance(ev, _MODEL_WRITTEN)]
+                    if cut_with_error and cut is None and any(
+                            isinstance(ev, Finish) and ev.reason == "content_filter" for ev in batch):
+                        cut = run.stream_block_message()
+                        if cut is not None:  # the error event takes the place of the content_filter finish
+                            batch = [ev for ev in batch if not isinstance(ev, (Finish, UsageEvent))]
                     data = enc.encode_all(batch)
                     if data:
                         await out.write(data)
-                last = enc.end()
+                if cut is not None:
+                    ctx.outcome = "blocked_output"
+                    last = enc.error(cut, "content_filter", type="invalid_request_error")
+                else:
+                    last = enc.end()
             except UpstreamStreamError as e:
                 ctx.outcome = e.code or "upstream_error"
-                last = enc.error(e.message, ctx.outcome)
+                message, code = (upstream_text.stream_error(e.code, ctx.id) if checks
+                                 else (e.message, ctx.outcome))
+                last = enc.error(message, code)
             except UpstreamError as e:
                 ctx.outcome = e.code
                 last = enc.error(e.message, e.code)
@@ -526,6 +560,9 @@ class Pipeline:
                 resp.close()
             if resp.status >= 400:
                 message, code = ud.decode_error(resp.status, raw)
+                pol = plan.policy
+                if pol is not None and pol.has_output and not pol.shadow:  # as for chat: the gateway's words
+                    message, code = upstream_text.error_message(resp.status, ctx.id), upstream_text.error_code(code)
                 return web.json_response(cd.error_body(resp.status, message, type="upstream_error", code=code),
                                          status=resp.status)
             try:

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from contextlib import aclosing
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from gateway.answer_buffer import buffered
 from gateway.dialects.sse import MAX_EVENT_BYTES
 from gateway.endpoints import DONE
 from gateway.upstreams.base import UpstreamError
 from gateway.upstreams.http import release_after_eof, response_headers
 
 SMALL_BODY = 1 << 20  # non-SSE bodies up to this size are read whole and sent with Content-Length
+BUFFER_BYTES = 16 << 20  # limits.buffer_answer_bytes: how much of a larger one may wait for the client
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -194,7 +197,8 @@ async def relay_response(request: web.Request, upstream_resp: aiohttp.ClientResp
                          terminator: bytes | None = None,
                          redact: Callable[[bytes], bytes] | None = None,
                          send_timeout: float | None = None,
-                         tap: Callable[[bytes], None] | None = None) -> web.StreamResponse:
+                         tap: Callable[[bytes], None] | None = None,
+                         buffer_bytes: int = BUFFER_BYTES) -> web.StreamResponse:
     """Send an upstream response to the client as it arrives. The caller closes `upstream_resp`
     (unless it is `draining`, see below).
 
@@ -203,7 +207,9 @@ async def relay_response(request: web.Request, upstream_resp: aiohttp.ClientResp
     once and the upstream connection is released once its body ends (`release_after_eof`): the
     caller must not close a `draining` response. `redact` rewrites an error answer's body (status
     400 or more) before it is sent: known secrets out. `tap`, when given, sees every byte sent (a
-    token budget's usage count, gateway.limits.usage); None on the plain relay.
+    token budget's usage count, gateway.limits.usage); None on the plain relay. A body that is not
+    SSE is read at the upstream's pace into up to `buffer_bytes` of memory and written at the
+    client's (`answer_buffer.buffered`): a client that stops reading does not hold the connection.
     """
     headers = response_headers(upstream_resp.headers)
     headers.update(extra_headers)
@@ -228,10 +234,11 @@ async def relay_response(request: web.Request, upstream_resp: aiohttp.ClientResp
     out = TimedResponse(status=upstream_resp.status, headers=headers, send_timeout=send_timeout)
     await out.prepare(request)
     if not sse:
-        async for chunk in upstream_resp.content.iter_any():
-            if tap is not None:
-                tap(chunk)
-            await out.write(chunk)
+        async with aclosing(buffered(upstream_resp, buffer_bytes)) as body:
+            async for chunk in body:
+                if tap is not None:
+                    tap(chunk)
+                await out.write(chunk)
         await out.write_eof()
         return out
 

@@ -137,6 +137,7 @@ class Gateway:
         self.guardrails = Guardrails(self.policies, self.audit, self.telemetry)
         self.pipeline = Pipeline(self.telemetry, self.audit, keys_on=bool(self.router.keys),
                                  send_timeout=self.cfg.limits.send_timeout_s,
+                                 buffer_bytes=self.cfg.limits.buffer_answer_bytes,
                                  responses=ResponseStore() if self.cfg.responses_state == "gateway" else None)
         self.pipeline.mcp = self.mcp
         if self.policies is not None:

@@ -201,6 +201,18 @@ class PolicyRun:
             self.blocked_stage = "stream" if self.gates and self.gates[-1][0] == "stream" else "output"
         return None if self.policy.shadow else self.annotation()
 
+    def stream_block_message(self) -> str | None:
+        """The policy's message for a stream its gate cut, when the policy ends such a stream with an
+        error event (`on_stream_block: error`) rather than a `content_filter` finish; else None."""
+        if self.policy.on_stream_block != "error" or self.policy.shadow:
+            return None
+        for stage, g in self.gates:
+            r = g._result
+            if stage == "stream" and r.blocked:
+                return (f"Response blocked by policy '{self.policy.name}': step {r.block_step} flagged the "
+                        "answer and the stream was cut")
+        return None
+
     # ------------------------------------------------------------------ decisions
 
     def final_action(self) -> tuple[str, str]:

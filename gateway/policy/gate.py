@@ -302,6 +302,8 @@ class StreamGate:
                 c.calls.append([c.length, None])
                 c.channel = None
                 label = f"[tool_call {ev.name}] " if ev.name else "[tool_call] "
+                if ev.id:  # the upstream wrote the id too: guards see it (it reaches the client)
+                    label = f"[id {ev.id}] {label}"
                 c.append(("\n" if c.length else "") + label, "header", ev.call_index, ev.id, ev.name)
                 c.call_meta.append((ev.id, ev.name, c.length))
             if ev.arguments:

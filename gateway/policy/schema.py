@@ -109,6 +109,9 @@ class Policy:
     input: StageConfig = field(default_factory=StageConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     output: StageConfig = field(default_factory=StageConfig)
+    # How a stream the policy cut ends: `finish` (finish_reason content_filter, what OpenAI does) or
+    # `error` (the dialect's error event, which the SDKs raise, with the policy's message).
+    on_stream_block: str = "finish"
     # lifecycle: runs in flight hold a reference; a retired policy closes its guards after the last one
     active: int = 0
     retired: bool = False
@@ -334,7 +337,7 @@ def _parse_policy(obj: Any, file: str | None, default_name: str | None) -> Polic
     if obj is None:
         raise PolicyError("empty policy file", file, None)
     top = Fields(obj, file, "policy",
-                 {"name", "description", "mode", "on_error", "timeout", "timeout_ms", *STAGES})
+                 {"name", "description", "mode", "on_error", "on_stream_block", "timeout", "timeout_ms", *STAGES})
     name = top.get("name", str, default_name)
     if not name:
         raise PolicyError("policy has no name", file, line_of(obj))
@@ -349,6 +352,7 @@ def _parse_policy(obj: Any, file: str | None, default_name: str | None) -> Polic
         name=name, mode=_choice(top, "mode", ("enforce", "shadow"), "enforce"),
         description=top.get("description", str, ""), file=file,
         input=stages["input"], stream=stages["stream"], output=stages["output"],
+        on_stream_block=_choice(top, "on_stream_block", ("finish", "error"), "finish"),
     )
 
 
