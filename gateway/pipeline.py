@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import aiohttp
@@ -22,6 +22,7 @@ from multidict import CIMultiDict
 
 from gateway import dialects, upstream_text
 from gateway.answer_buffer import read_upto
+from gateway.batches import MODEL_WRITTEN, batched, flat, rebatched
 from gateway.context import GatewayError, RequestContext
 from gateway.dialects._common import json_bytes
 from gateway.dialects.base import ClientCodec, DialectError, UpstreamCodec, UpstreamStreamError
@@ -62,13 +63,12 @@ def relay_error_frame(dialect: str, kind: str, message: str, code: str) -> bytes
     return enc.error(message, code)
 
 
-_MODEL_WRITTEN = (TextDelta, ToolCallDelta)
 
 
 def _note_first(stats: StreamStats, batch: list[Event]) -> None:
     """When the first model-written event came from the upstream (telemetry's upstream TTFT)."""
     for ev in batch:
-        if isinstance(ev, _MODEL_WRITTEN):
+        if isinstance(ev, MODEL_WRITTEN):
             stats.first_in = time.perf_counter()
             return
 
@@ -114,39 +114,6 @@ async def upstream_batches(resp: aiohttp.ClientResponse, codec: UpstreamCodec,
             release_after_eof(resp)
         else:
             resp.close()
-
-
-async def _batched(events: AsyncIterator[Event], stats: StreamStats) -> AsyncGenerator[list[Event], None]:
-    """A local model's events, one list each (each is its own write: a local model is slower than that)."""
-    try:
-        async for ev in events:
-            stats.events_in += 1
-            if stats.first_in is None and isinstance(ev, _MODEL_WRITTEN):
-                stats.first_in = time.perf_counter()
-            yield [ev]
-    finally:
-        aclose = getattr(events, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
-async def _flat(batches: AsyncGenerator[list[Event], None]) -> AsyncGenerator[Event, None]:
-    try:
-        async for batch in batches:
-            for ev in batch:
-                yield ev
-    finally:
-        await batches.aclose()
-
-
-async def _rebatched(events: AsyncIterator[Event]) -> AsyncGenerator[list[Event], None]:
-    try:
-        async for ev in events:
-            yield [ev]
-    finally:
-        aclose = getattr(events, "aclose", None)
-        if aclose is not None:
-            await aclose()
 
 
 def upstream_side(plan: Plan) -> tuple[UpstreamCodec, str]:
@@ -332,7 +299,7 @@ class Pipeline:
                     completion = await upstream.complete(up_ex)
                     return await self._send_completion(ctx, cd, ex, completion, run)
                 stats = StreamStats()
-                return await self._send_stream(request, ctx, cd, ex, _batched(upstream.stream(up_ex), stats), run,
+                return await self._send_stream(request, ctx, cd, ex, batched(upstream.stream(up_ex), stats), run,
                                                stats)
 
             ud, path = upstream_side(plan)
@@ -425,7 +392,7 @@ class Pipeline:
         if run is not None and run.policy.has_stream:
             batches = run.guard_batches(ex, batches)
         if run is not None and run.restore:
-            batches = _rebatched(run.unmask_stream(_flat(batches)))
+            batches = rebatched(run.unmask_stream(flat(batches)))
         if self._keeps(ctx, ex):
             batches = self._remembering(ctx, ex, batches)
         enc = cd.stream_encoder(ex)
@@ -444,7 +411,7 @@ class Pipeline:
                 async for batch in batches:
                     if meter:
                         released += [ev.text if isinstance(ev, TextDelta) else ev.arguments
-                                     for ev in batch if isinstance(ev, _MODEL_WRITTEN)]
+                                     for ev in batch if isinstance(ev, MODEL_WRITTEN)]
                     if cut_with_error and cut is None and any(
                             isinstance(ev, Finish) and ev.reason == "content_filter" for ev in batch):
                         cut = run.stream_block_message()

@@ -16,7 +16,7 @@ from faults import policy_store
 from harness import openai_text_stream, stream_frames, wait_until
 from policy_fakes import OPENED
 
-from gateway import pipeline
+from gateway import batches
 from gateway.context import RequestContext
 from gateway.pipeline import Pipeline
 from gateway.policy.rewrite import Unmasker
@@ -42,12 +42,12 @@ def _ctx() -> RequestContext:
 
 
 EX = Exchange(model="m", messages=[Message.of("user", "hi")], stream=True)
-# The stream path passes lists of events (one write each); `_rebatched` / `_flat` convert.
+# The stream path passes lists of events (one write each); `batches.rebatched` / `flat` convert.
 WRAPPERS: dict[str, Callable[[AsyncIterator[Event]], Any]] = {
     "pipeline._remembering": lambda ev: Pipeline(None)._remembering(  # type: ignore[arg-type]
-        _ctx(), EX, pipeline._rebatched(ev)),
-    "pipeline._rebatched": lambda ev: pipeline._rebatched(ev),
-    "pipeline._flat": lambda ev: pipeline._flat(pipeline._rebatched(ev)),
+        _ctx(), EX, batches.rebatched(ev)),
+    "batches.rebatched": lambda ev: batches.rebatched(ev),
+    "batches.flat": lambda ev: batches.flat(batches.rebatched(ev)),
     "rewrite.Unmasker.stream": lambda ev: Unmasker({"<EMAIL_1>": "a@b.c"}).stream(ev),
 }
 

@@ -207,7 +207,7 @@ class PolicyRun:
         if self.policy.on_stream_block != "error" or self.policy.shadow:
             return None
         for stage, g in self.gates:
-            r = g._result
+            r = g.summary
             if stage == "stream" and r.blocked:
                 return (f"Response blocked by policy '{self.policy.name}': step {r.block_step} flagged the "
                         "answer and the stream was cut")
