@@ -167,6 +167,9 @@ class StreamGate:
                         self._on_event(ev)
                 self._handle((_END, None))
                 self._schedule()
+                out = self._drain()  # nothing else arrives unless a check is in flight: release now
+                if out:
+                    yield out
             while not self._done():
                 self._handle(await self._q.get())
                 while not self._q.empty() and self._block is None:
