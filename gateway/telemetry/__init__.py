@@ -31,262 +31,66 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
-import os
-import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from gateway.endpoints import TABLE
-from gateway.types import (
-    Completion,
-    Verdict,
+from gateway.telemetry.metrics import (
+    GUARD_BUCKETS,
+    LATENCY_BUCKETS,
+    LEAK_BUCKETS,
+    MAX_USAGE_MODELS,
+    TABLE_SET,
+    _Cached,
+    _CallbackCollector,
+    _engine_sessions,
+    _Metrics,
+    route_label,
 )
+from gateway.telemetry.streams import _REQ, _Request, observe_verdict
+from gateway.telemetry.tracing import (
+    SYSTEMS,
+    _guard_attrs,
+    _otlp_exporter,
+    _truthy,
+    _UpstreamCall,
+    tracer_provider_from_env,
+)
+from gateway.types import Completion, Verdict
 from gateway.workers.metrics import exposition_registry
+
+__all__ = [
+    "GUARD_BUCKETS",
+    "LATENCY_BUCKETS",
+    "LEAK_BUCKETS",
+    "MAX_USAGE_MODELS",
+    "SKIP_PATHS",
+    "SYSTEMS",
+    "TABLE_SET",
+    "_REQ",
+    "Telemetry",
+    "_Cached",
+    "_CallbackCollector",
+    "_Metrics",
+    "_Request",
+    "_UpstreamCall",
+    "_engine_sessions",
+    "_guard_attrs",
+    "_otlp_exporter",
+    "_truthy",
+    "observe_verdict",
+    "route_label",
+    "tracer_provider_from_env",
+]
 
 log = logging.getLogger("guardgate.telemetry")
 
 SKIP_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
-TABLE_SET = frozenset(TABLE)
-# gen_ai.system by upstream dialect (OpenTelemetry GenAI semantic conventions; custom values where
-# the registry has none).
-SYSTEMS = {"openai": "openai", "llama": "meta_llama", "llama_cpp": "llama_cpp"}
-
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-GUARD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-MAX_USAGE_MODELS = 200  # distinct model labels on the usage metrics; the rest are "other"
-LEAK_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-
-
-# --------------------------------------------------------------------------- tracer from the environment
-
-
-def _truthy(v: str | None) -> bool:
-    return (v or "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def tracer_provider_from_env(environ: Mapping[str, str] | None = None) -> Any:
-    """A TracerProvider as the standard OTEL_* variables ask, or None when no exporter is configured.
-
-    OTEL_TRACES_EXPORTER: comma list of otlp | console | none. Unset: otlp when an OTLP endpoint
-    variable is set, else none. OTLP uses OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL (http/protobuf by
-    default, grpc when its package is installed), and the exporter reads its own endpoint/header
-    variables. OTEL_SDK_DISABLED=true turns tracing off. Sampling follows OTEL_TRACES_SAMPLER.
-    """
-    env = os.environ if environ is None else environ
-    if _truthy(env.get("OTEL_SDK_DISABLED")):
-        return None
-    names = [n.strip().lower() for n in env.get("OTEL_TRACES_EXPORTER", "").split(",") if n.strip()]
-    if not names:
-        endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-        names = ["otlp"] if endpoint else []
-    exporters: list[tuple[str, Any]] = []
-    for name in names:
-        if name == "none":
-            continue
-        if name == "console":
-            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
-
-            exporters.append(("simple", ConsoleSpanExporter()))
-        elif name == "otlp":
-            exp = _otlp_exporter(env)
-            if exp is not None:
-                exporters.append(("batch", exp))
-        else:
-            log.warning("OTEL_TRACES_EXPORTER=%s is not supported (otlp, console, none); ignored", name)
-    if not exporters:
-        return None
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
-
-    resource = Resource.create({})  # reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES
-    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
-        resource = resource.merge(Resource({"service.name": "guardgate"}))
-    provider = TracerProvider(resource=resource)
-    for how, exp in exporters:
-        provider.add_span_processor(SimpleSpanProcessor(exp) if how == "simple" else BatchSpanProcessor(exp))
-    return provider
-
-
-def _otlp_exporter(env: Mapping[str, str]) -> Any:
-    proto = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-             or "").lower()
-    modules = {"grpc": "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
-               "http": "opentelemetry.exporter.otlp.proto.http.trace_exporter"}
-    order = ["grpc"] if proto == "grpc" else ["http"] if proto.startswith("http") else ["http", "grpc"]
-    for kind in order:
-        try:
-            mod = __import__(modules[kind], fromlist=["OTLPSpanExporter"])
-        except ImportError:
-            continue
-        return mod.OTLPSpanExporter()
-    pkg = "opentelemetry-exporter-otlp-proto-" + ("grpc" if proto == "grpc" else "http")
-    log.warning("OTLP trace export requested but %s is not installed; tracing is off", pkg)
-    return None
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-class _Cached:
-    """A labelled metric whose children are kept in a dict: `labels()` of prometheus_client takes a
-    lock and validates on every call (~2 us); a dict hit is ~0.1 us. Label values are bounded."""
-
-    __slots__ = ("_children", "metric")
-
-    def __init__(self, metric: Any) -> None:
-        self.metric = metric
-        self._children: dict[tuple[str, ...], Any] = {}
-
-    def labels(self, *values: str) -> Any:
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = self.metric.labels(*values)
-        return child
-
-
-class _Metrics:
-    """Every Prometheus metric Guardgate exports, in one registry."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        r = registry
-        self.requests = _Cached(Counter("guardgate_requests", "Client requests by route, dialect and HTTP status.",
-                                        ["route", "dialect", "status"], registry=r))
-        self.duration = _Cached(Histogram("guardgate_request_duration_seconds",
-                                          "Whole request time, streams included.", ["route", "dialect"],
-                                          buckets=LATENCY_BUCKETS, registry=r))
-        self.upstream = _Cached(Histogram("guardgate_upstream_latency_seconds",
-                                          "Upstream call: request sent to response headers.", ["upstream", "status"],
-                                          buckets=LATENCY_BUCKETS, registry=r))
-        # Rate limits and usage (gateway.limits): per key and model.
-        self.rate_limited = _Cached(Counter("guardgate_rate_limited", "Requests refused with 429 by key and the "
-                                            "limit that refused them.", ["key", "limit"], registry=r))
-        self.limit_store_errors = _Cached(Counter("guardgate_rate_limit_store_errors",
-                                                  "Rate-limit store failures (Redis down or slow) by store, "
-                                                  "operation and what on_store_error did.",
-                                                  ["store", "op", "on_store_error"], registry=r))
-        self.usage_tokens = _Cached(Counter("guardgate_usage_tokens", "Tokens answered requests used, by key, "
-                                            "model, type (prompt, completion) and source (upstream usage or "
-                                            "the gateway's own count).", ["key", "model", "type", "source"],
-                                            registry=r))
-        self.usage_requests = _Cached(Counter("guardgate_usage_requests", "Requests whose token usage is known, "
-                                              "by key and model.", ["key", "model"], registry=r))
-        self.added_ttft = _Cached(Histogram("guardgate_added_ttft_seconds",
-                                    "Time to first token added by the gateway (client TTFT minus upstream "
-                                    "TTFT): input checks that run first, decoding, stream hold-back.",
-                                    ["policy"], buckets=LATENCY_BUCKETS, registry=r))
-        self.guard_latency = _Cached(Histogram("guardgate_guard_check_seconds", "One guard check.",
-                                       ["guard", "stage"], buckets=GUARD_BUCKETS, registry=r))
-        self.verdicts = _Cached(Counter("guardgate_guard_verdicts",
-                                "Step verdicts per request (pass, flagged, error, not_run) by guard and "
-                                "category (one per flagged category; 'none' otherwise).",
-                                ["guard", "stage", "verdict", "category"], registry=r))
-        self.tokens = _Cached(Counter("guardgate_guard_tokens_evaluated", "Tokens the guards evaluated.",
-                              ["guard", "stage"], registry=r))
-        self.leak = _Cached(Histogram("guardgate_stream_leaked_tokens",
-                              "Tokens released to the client past the start of the first flagged window "
-                              "(requests with a flag only).", ["policy"], buckets=LEAK_BUCKETS, registry=r))
-        self.actions = _Cached(Counter("guardgate_policy_actions", "Requests by policy and the action taken.",
-                               ["policy", "action"], registry=r))
-        # Read from the engines at each scrape; with several workers, each reports its own engine's
-        # sessions and /metrics sums the live ones.
-        self.sessions = Gauge("guardgate_guard_sessions_alive", "Guard KV sessions resident in the in-process "
-                              "engine.", ["model"], registry=r, multiprocess_mode="livesum")
-        self.sessions_seen: set[str] = set()
-
-    def count(self, ctx: Any, status: int, seconds: float) -> None:
-        route = route_label(ctx)
-        dialect = getattr(ctx, "dialect", None) or "none"
-        self.requests.labels(route, dialect, str(status)).inc()
-        self.duration.labels(route, dialect).observe(seconds)
-
-
-class _CallbackCollector:
-    """Counters read at scrape time from callbacks (guard verdict caches); sets the callback gauges
-    first (registered before them, so a scrape reads them fresh)."""
-
-    def __init__(self, tel: Telemetry) -> None:
-        self.tel = tel
-
-    def describe(self) -> list[Any]:
-        return []  # values come from callbacks: no description at registration time
-
-    def collect(self) -> Iterable[Any]:
-        self.tel.refresh_gauges()
-        hits = CounterMetricFamily("guardgate_guard_cache_hits", "Guard verdict cache hits.",
-                                   labels=["guard"])
-        for guard, n in self.tel.cache_hits().items():
-            hits.add_metric([guard], n)
-        yield hits
-
-
-def _engine_sessions() -> dict[str, int]:
-    """Sessions alive per model in the process-wide llama.cpp pool, if that engine was ever loaded.
-
-    Looked up in `sys.modules`, never imported: telemetry must not pull the engine in.
-    """
-    mod = sys.modules.get("gateway.engine.pool")
-    pool = getattr(mod, "_default_pool", None) if mod is not None else None
-    if pool is None:
-        return {}
-    out: dict[str, int] = {}
-    for path, snap in pool.stats().items():
-        name = os.path.basename(str(path))
-        out[name] = out.get(name, 0) + int(snap.get("sessions_alive", 0))
-    return out
-
-
-# --------------------------------------------------------------------------- per-request state
-
-
-@dataclass(slots=True, eq=False)
-class _Request:
-    tel: Telemetry
-    request: web.Request
-    t0: float  # perf_counter at arrival
-    t0_ns: int  # wall clock at arrival (span timestamps)
-    span: Any = None  # the request span (None: tracing off)
-    system: str | None = None
-    send_t: float | None = None  # first upstream send
-    upstream_end_ns: int | None = None
-    first_in: float | None = None  # first token from the upstream
-    first_in_ns: int | None = None
-    first_out: float | None = None  # first token to the client
-    finish_reasons: list[str] = field(default_factory=list)
-    usage: Any = None
-    response_model: str | None = None
-    response_id: str | None = None
-    live: set[tuple[str, str]] = field(default_factory=set)  # (stage, step) with live guard spans
-    audit: dict[str, Any] | None = None
-
-    def ctx(self) -> Any:
-        key = self.tel.ctx_key
-        return self.request.get(key) if key is not None else None
-
-
-_REQ: contextvars.ContextVar[_Request | None] = contextvars.ContextVar("guardgate_telemetry_request",
-                                                                      default=None)
-
-
-def observe_verdict(stage: str, step: str, verdict: Verdict) -> None:
-    """Report one guard verdict as it arrives (called by the policy code for every check).
-
-    Creates a live `guardgate.guard <name>` span (start = now - latency) under the current
-    request's span and observes the check latency. No request in context (tests, `guardgate
-    check`): does nothing.
-    """
-    st = _REQ.get()
-    if st is not None:
-        st.tel._live_verdict(st, stage, step, verdict)
 
 
 # --------------------------------------------------------------------------- the object
@@ -757,30 +561,3 @@ class Telemetry:
         resp = web.Response(body=encoder(exposition_registry(self.registry)))  # sums over workers
         resp.headers["Content-Type"] = content_type
         return resp
-
-
-@dataclass(slots=True)
-class _UpstreamCall:
-    status: int | str | None = None
-
-
-def _guard_attrs(guard: str, stage: str, step: str, verdict: str, score: Any, categories: Iterable[Any],
-                 tokens: int, error: Any) -> dict[str, Any]:
-    attrs: dict[str, Any] = {"guardgate.guard.name": guard, "guardgate.guard.stage": stage,
-                             "guardgate.guard.step": step, "guardgate.guard.verdict": verdict,
-                             "guardgate.guard.categories": [str(c) for c in categories],
-                             "guardgate.guard.tokens_evaluated": tokens}
-    if score is not None:
-        attrs["guardgate.guard.score"] = float(score)
-    if error:
-        attrs["guardgate.guard.error"] = str(error)
-    return attrs
-
-
-def route_label(ctx: Any) -> str:
-    """A bounded route label: dialect prefix + the endpoint's template from the table (gateway.endpoints);
-    an endpoint outside the table by its name ("/files/*", "/other/*"); "unmatched" before classification."""
-    if ctx is None or ctx.endpoint is None:
-        return "unmatched"
-    ep = ctx.endpoint
-    return ctx.prefix + (ep.template if ep in TABLE_SET else f"/{ep.name}/*")
