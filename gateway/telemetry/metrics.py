@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
+from prometheus_client.exposition import choose_encoder
 
 from gateway.endpoints import TABLE
+from gateway.workers.metrics import exposition_registry
 
 TABLE_SET = frozenset(TABLE)
 
@@ -136,3 +139,71 @@ def route_label(ctx: Any) -> str:
         return "unmatched"
     ep = ctx.endpoint
     return ctx.prefix + (ep.template if ep in TABLE_SET else f"/{ep.name}/*")
+
+
+class _Recording:
+    """`Telemetry`'s metric recording past the request counters: guard steps, rate limits, usage,
+    the callback gauges, and the /metrics handler."""
+
+    m: _Metrics
+    registry: CollectorRegistry
+    _usage_models: set[str]
+    sessions: Callable[[], Mapping[str, int]]
+
+    def record_guard(self, step: Mapping[str, Any], *, latency: bool = True) -> None:
+        """Metrics from one audit step record (stage, guard, verdict, score, categories, latency_ms,
+        checks, tokens_evaluated, error). `latency=False` when the checks were observed live."""
+        guard, stage = str(step.get("guard") or "unknown"), str(step.get("stage") or "unknown")
+        verdict = str(step.get("verdict") or "not run").replace(" ", "_")
+        cats = [str(c) for c in step.get("categories") or ()] if verdict == "flagged" else []
+        for c in cats or ["none"]:
+            self.m.verdicts.labels(guard, stage, verdict, c).inc()
+        tokens = int(step.get("tokens_evaluated") or 0)
+        if tokens:
+            self.m.tokens.labels(guard, stage).inc(tokens)
+        checks = int(step.get("checks") or 0)
+        if latency and checks:
+            # the record keeps the sum over checks: each check counts at the mean
+            per = float(step.get("latency_ms") or 0.0) / checks / 1000.0
+            h = self.m.guard_latency.labels(guard, stage)
+            for _ in range(checks):
+                h.observe(per)
+
+    # ------------------------------------------------------------------ rate limits and usage
+
+    def count_limit_refused(self, key: str, limit: str) -> None:
+        self.m.rate_limited.labels(key, limit).inc()
+
+    def count_limit_store_error(self, store: str, op: str, on_store_error: str) -> None:
+        self.m.limit_store_errors.labels(store, op, on_store_error).inc()
+
+    def record_usage(self, key: str, model: str, prompt: int, completion: int, source: str) -> None:
+        """Tokens one answered request used. `model` is bounded (`MAX_USAGE_MODELS`, then "other"):
+        it is the client's string, and a route's glob may match any number of them."""
+        if model not in self._usage_models:
+            if len(self._usage_models) >= MAX_USAGE_MODELS:
+                model = "other"
+            else:
+                self._usage_models.add(model)
+        self.m.usage_requests.labels(key, model).inc()
+        self.m.usage_tokens.labels(key, model, "prompt", source).inc(prompt)
+        self.m.usage_tokens.labels(key, model, "completion", source).inc(completion)
+
+    # ------------------------------------------------------------------ /metrics
+
+    def refresh_gauges(self) -> None:
+        """Gauges read from callbacks, set just before a scrape (a model that went away reads 0)."""
+        m = self.m
+        now = self.sessions()
+        for model in m.sessions_seen - now.keys():
+            m.sessions.labels(model).set(0)
+        for model, n in now.items():
+            m.sessions.labels(model).set(n)
+        m.sessions_seen |= now.keys()
+
+    async def metrics_handler(self, request: web.Request) -> web.Response:
+        """GET /metrics: Prometheus text (OpenMetrics when the scraper asks for it)."""
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        resp = web.Response(body=encoder(exposition_registry(self.registry)))  # sums over workers
+        resp.headers["Content-Type"] = content_type
+        return resp
