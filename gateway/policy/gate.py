@@ -39,7 +39,6 @@ import logging
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, cast
 
@@ -47,7 +46,7 @@ from gateway.guards.base import GuardInput, StreamCheck
 from gateway.policy.choice import ChoiceText, Piece, Redaction, StepState
 from gateway.policy.record import StepRecord, merge_verdict
 from gateway.policy.schema import Step, run_step
-from gateway.policy.tokens import count_tokens
+from gateway.policy.summary import GateResult, estimate_usage, fill_result
 from gateway.types import (
     Annotation,
     Event,
@@ -67,27 +66,6 @@ log = logging.getLogger("guardgate.gate")
 _EV, _END, _ERR, _CHECK = range(4)
 # check_every_tokens: auto. The first window (smaller on a slow stream); the bounds.
 AUTO_FIRST, AUTO_MIN, AUTO_MAX = 16, 4, 1024
-
-
-@dataclass
-class GateResult:
-    """What the gate did to one stream (filled as it runs; `leaked_tokens` etc. by `StreamGate.result()`)."""
-
-    blocked: bool = False
-    block_step: str | None = None
-    action: str = "allow"  # strongest action taken (enforce)
-    would: str = "allow"  # strongest action the policy would have taken (shadow)
-    checks: int = 0
-    flagged_at: int | None = None
-    leaked_tokens: int = 0
-    released_tokens: int = 0
-    received_tokens: int = 0
-    redactions: int = 0
-    error: str | None = None
-    released_text: dict[int, str] = field(default_factory=dict)
-    # Text (and tool-call) characters the upstream sent for a choice after its finish: never
-    # released, counted here per choice index (the audit record's `after_finish`).
-    after_finish: dict[int, int] = field(default_factory=dict)
 
 
 class OneShotCheck(StreamCheck):
@@ -192,30 +170,7 @@ class StreamGate:
 
     def result(self) -> GateResult:
         """The summary so far, with the leak and release counts computed from what was emitted."""
-        r = self.summary
-        r.received_tokens = sum(len(c.tokenize()) for c in self._choices.values())
-        leaked = released = 0
-        r.flagged_at = None
-        r.released_text = {}
-        for c in self._choices.values():
-            r.released_text[c.index] = "".join(t for _, _, t, _ in c.emitted)
-            released += c.tokens_between(0, c.released)  # per-delta token boundaries: no re-encoding
-            f = c.flag_start
-            if f is not None:
-                if r.flagged_at is None:
-                    r.flagged_at = f
-                after = [t if s >= f else t[f - s:] if verbatim else t
-                         for s, e, t, verbatim in c.emitted if e > f]
-                leaked += count_tokens("".join(after))
-            full = c.text() if c.late_spans else ""
-            for a, b in c.late_spans:
-                if f is not None:
-                    b = min(b, f)
-                if b > a:
-                    leaked += count_tokens(full[a:b])
-        r.leaked_tokens = leaked
-        r.released_tokens = released
-        return r
+        return fill_result(self.summary, self._choices.values())
 
     # ------------------------------------------------------------------ reading
 
@@ -578,9 +533,7 @@ class StreamGate:
         return out
 
     def _estimate_usage(self) -> Usage:
-        prompt = sum(count_tokens(m.text) for m in self.messages)
-        completion = sum(len(c.tokenize()) for c in self._choices.values())
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        return estimate_usage(self.messages, self._choices.values())
 
     # ------------------------------------------------------------------ teardown
 
