@@ -395,6 +395,27 @@ def code_order(c: str) -> tuple[int, str]:
     return (int(c[1:]), c) if c[:1] == "S" and c[1:].isdigit() else (1 << 30, c)
 
 
+# OpenAI moderation categories and their Llama Guard codes (`openai.py` moderations).
+OPENAI_CATEGORIES = (
+    "harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent", "self-harm",
+    "self-harm/instructions", "self-harm/intent", "sexual", "sexual/minors", "violence", "violence/graphic",
+)
+# Llama Guard code → OpenAI categories it implies. S6 (specialized advice), S7 (privacy), S8 (IP)
+# and S13 (elections) have no OpenAI counterpart: they set `flagged` and appear only in the
+# `guardgate.categories` extra of each result.
+CODE_TO_OPENAI: dict[str, tuple[str, ...]] = {
+    "S1": ("violence", "illicit/violent"), "S2": ("illicit",), "S3": ("sexual", "illicit"), "S4": ("sexual/minors",),
+    "S5": ("harassment",), "S9": ("illicit/violent", "violence"), "S10": ("hate",), "S11": ("self-harm",),
+    "S12": ("sexual",), "S14": ("illicit",),
+}
+OPENAI_TO_CODE: dict[str, str] = {
+    "harassment": "S5", "harassment/threatening": "S1", "hate": "S10", "hate/threatening": "S10", "illicit": "S2",
+    "illicit/violent": "S1", "self-harm": "S11", "self-harm/instructions": "S11", "self-harm/intent": "S11",
+    "sexual": "S12", "sexual/minors": "S4", "violence": "S1", "violence/graphic": "S1",
+}
+assert set(CODE_TO_OPENAI) <= set(LLAMA_GUARD_CATEGORIES)
+
+
 def decode_models_list(body: bytes) -> list[ModelInfo]:
     """A models list, same shape in both dialects: `{"data":[{id, created, owned_by, ...}]}`;
     a bare list or a single model object are accepted too."""

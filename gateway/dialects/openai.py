@@ -40,7 +40,9 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from gateway.dialects._common import (
-    LLAMA_GUARD_CATEGORIES,
+    CODE_TO_OPENAI,
+    OPENAI_CATEGORIES,
+    OPENAI_TO_CODE,
     REQ,
     UP,
     MessageRules,
@@ -57,35 +59,35 @@ from gateway.dialects._common import (
     encode_tool_defs,
     keep_extra,
     load_object,
-    loads,
-    qstr,
     request_decoder,
 )
 from gateway.dialects._common import decode_messages as _decode_messages
-from gateway.dialects.base import DialectError, ModelInfo, ModerationRequest, ModerationResult, UpstreamStreamError
-from gateway.dialects.stream import HOLES, StreamEncoder, Template, frame
+from gateway.dialects.base import DialectError, ModelInfo, ModerationRequest, ModerationResult
+from gateway.dialects.openai_stream import (  # re-exported: importers find them here
+    _REASONING_KEYS,
+    FINISH_REASONS,
+    NAME,
+    OpenAIStreamDecoder,
+    OpenAIStreamEncoder,
+    _error_fields,
+    _usage_dict,
+    legacy_functions,
+)
 from gateway.types import (
     Attached,
     Choice,
     Completion,
-    Finish,
     Message,
     Part,
-    StreamStart,
-    TextDelta,
     ToolCall,
-    ToolCallDelta,
     Usage,
-    UsageEvent,
     new_id,
 )
 
 if TYPE_CHECKING:  # annotations only
-    from gateway.types import Event, Exchange
+    from gateway.types import Exchange
 
-NAME = "openai"
 name = NAME  # the module itself is the `Dialect` (see gateway/dialects/__init__.py)
-FINISH_REASONS = frozenset(("stop", "length", "tool_calls", "content_filter", "function_call"))
 # Field a translated request uses for the token limit: the one every OpenAI-compatible server
 # (vLLM, llama.cpp, TGI, Ollama) and the OpenAI service for non-reasoning models accept.
 DEFAULT_MAX_TOKENS_FIELD = "max_tokens"
@@ -248,12 +250,6 @@ CHOICE_FIELDS: dict[str, str] = {
     "can judge)",
     "*": "dropped: unknown choice keys (content_filter_results, provider stop strings, ...)",
 }
-_REASONING_KEYS = ("reasoning_content", "reasoning")
-# Stream delta key per text channel (a reasoning stream is written as reasoning_content, the name
-# vLLM, llama.cpp and DeepSeek use; a `reasoning` delta is read as the same channel).
-_DELTA_KEYS = {"text": "content", "refusal": "refusal", "reasoning": "reasoning_content"}
-
-
 def _strings(v: Any, out: list[str]) -> None:
     """Every string inside a JSON value (dict keys excluded, `type` tags skipped)."""
     if isinstance(v, str):
@@ -389,23 +385,6 @@ def decode_response(body: bytes) -> Completion:
     return c
 
 
-def _usage_dict(u: Usage, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    d: dict[str, Any] = {
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.total_tokens,
-    }
-    if extra:
-        d.update(extra)
-    return d
-
-
-def legacy_functions(ex: Exchange) -> bool:
-    """The client asked with legacy `functions` (and no `tools`): calls go back as `function_call`."""
-    ox = ex.extra.get(NAME) or {}
-    return bool(ox.get("functions")) and not ex.params.get("tools") and not ox.get("tools_other")
-
-
 def _encode_choice(ch: Choice, legacy: bool) -> dict[str, Any]:
     m = ch.message
     by: dict[str, list[str]] = {}
@@ -455,271 +434,7 @@ def encode_response(c: Completion, ex: Exchange) -> dict[str, Any]:
     return out
 
 
-# --------------------------------------------------------------------------- streams
-
-
-class OpenAIStreamDecoder:
-    """OpenAI chunks → neutral events. Role chunks, `obfuscation`, `logprobs`, `audio` and
-    `annotations` are dropped; a
-    chunk before the first one with choices or usage (Azure's prompt-filter chunk) is skipped."""
-
-    __slots__ = ("_done", "_started", "_tools")
-
-    def __init__(self) -> None:
-        self._done = False
-        self._started = False
-        self._tools: set[tuple[int, int]] = set()
-
-    def done(self) -> bool:
-        return self._done
-
-    def ended_cleanly(self) -> bool:
-        return self._done
-
-    def feed(self, event: str | None, data: str) -> list[Event]:
-        if data.startswith("[DONE]"):
-            self._done = True
-            return []
-        try:
-            obj = loads(data)
-        except (ValueError, RecursionError):
-            raise UpstreamStreamError(
-                "upstream sent a stream chunk that is not JSON", code="bad_upstream_response"
-            ) from None
-        if not isinstance(obj, dict):
-            raise UpstreamStreamError(
-                "upstream sent a stream chunk that is not a JSON object", code="bad_upstream_response"
-            )
-        err = obj.get("error")
-        if err:
-            msg, code = _error_fields(err)
-            raise UpstreamStreamError(msg or "upstream error during streaming", code=code or "upstream_error")
-        try:
-            return self._events(obj)
-        except DialectError as e:
-            raise UpstreamStreamError(
-                f"upstream stream chunk: {e.message}", code="bad_upstream_response"
-            ) from None
-
-    def _events(self, obj: dict[str, Any]) -> list[Event]:
-        choices = obj.get("choices")
-        # Fast path, most chunks: one choice whose delta is just a content string.
-        if self._started and type(choices) is list and len(choices) == 1 and not obj.get("usage"):
-            ch = choices[0]
-            if type(ch) is dict and ch.get("finish_reason") is None:
-                delta = ch.get("delta")
-                if type(delta) is dict and len(delta) == 1:
-                    text = delta.get("content")
-                    idx = ch.get("index", 0)
-                    if type(text) is str and type(idx) is int:
-                        return [TextDelta(text, idx)] if text else []
-        r = UP
-        out: list[Event] = []
-        usage = obj.get("usage")
-        if not self._started:
-            if not choices and not usage:
-                return out
-            self._started = True
-            created = obj.get("created")
-            sx = {k: obj[k] for k in ("system_fingerprint", "service_tier") if obj.get(k) is not None}
-            out.append(
-                StreamStart(
-                    id=r.opt_str(obj.get("id"), "id") or new_id("chatcmpl-"),
-                    model=r.opt_str(obj.get("model"), "model") or "",
-                    created=r.int_(created, "created") if created is not None else int(time.time()),
-                    extra={NAME: sx} if sx else {},
-                )
-            )
-        if choices:
-            for ch in r.list_(choices, "choices"):
-                ch = r.obj(ch, "choices[]")
-                idx = ch.get("index", 0)
-                idx = r.int_(idx, "choices[].index") if idx is not None else 0
-                delta = ch.get("delta")
-                if delta:
-                    delta = r.obj(delta, "choices[].delta")
-                    text = delta.get("content")
-                    if text:
-                        out.append(TextDelta(r.str_(text, "delta.content"), idx))
-                    text = delta.get("refusal")
-                    if text:
-                        out.append(TextDelta(r.str_(text, "delta.refusal"), idx, "refusal"))
-                    for key in _REASONING_KEYS:
-                        text = delta.get(key)
-                        if text:
-                            out.append(TextDelta(r.str_(text, f"delta.{key}"), idx, "reasoning"))
-                            break
-                    tcs = delta.get("tool_calls")
-                    if tcs:
-                        self._tool_deltas(tcs, idx, out)
-                    fc = delta.get("function_call")
-                    if fc:
-                        self._function_call(fc, idx, out)
-                fr = ch.get("finish_reason")
-                if fr:
-                    out.append(Finish(r.str_(fr, "finish_reason"), idx))
-        if usage:
-            u = r.obj(usage, "usage")
-            out.append(
-                UsageEvent(
-                    Usage(
-                        r.count(u.get("prompt_tokens"), "usage.prompt_tokens"),
-                        r.count(u.get("completion_tokens"), "usage.completion_tokens"),
-                        r.count(u.get("total_tokens"), "usage.total_tokens"),
-                    )
-                )
-            )
-        return out
-
-    def _function_call(self, fc: Any, idx: int, out: list[Event]) -> None:
-        """A legacy `function_call` fragment: call 0 of the choice (the legacy API has one call)."""
-        r = UP
-        fc = r.obj(fc, "delta.function_call")
-        args = arguments_str(fc.get("arguments"), r, "delta.function_call.arguments")
-        key = (idx, -1)
-        if key not in self._tools:
-            self._tools.add(key)
-            out.append(ToolCallDelta(0, args, id="", name=r.opt_str(fc.get("name"), "function_call.name") or "",
-                                     index=idx))
-        elif args:
-            out.append(ToolCallDelta(0, args, index=idx))
-
-    def _tool_deltas(self, tcs: Any, idx: int, out: list[Event]) -> None:
-        r = UP
-        for pos, tc in enumerate(r.list_(tcs, "delta.tool_calls")):
-            tc = r.obj(tc, "delta.tool_calls[]")
-            k = tc.get("index")
-            k = r.int_(k, "tool_calls[].index") if k is not None else pos
-            fn = tc.get("function")
-            fn = r.obj(fn, "tool_calls[].function") if fn is not None else {}
-            args = arguments_str(fn.get("arguments"), r, "tool_calls[].function.arguments")
-            key = (idx, k)
-            if key not in self._tools:
-                self._tools.add(key)
-                out.append(
-                    ToolCallDelta(
-                        k,
-                        args,
-                        id=r.opt_str(tc.get("id"), "tool_calls[].id"),
-                        name=r.opt_str(fn.get("name"), "tool_calls[].function.name"),
-                        index=idx,
-                    )
-                )
-            elif args:
-                out.append(ToolCallDelta(k, args, index=idx))
-
-
-class OpenAIStreamEncoder(StreamEncoder):
-    """Neutral events → `data: <chunk>\\n\\n` frames, then `data: [DONE]\\n\\n`.
-
-    Every chunk has the same id/created/model; each choice opens with
-    `delta:{"role":"assistant","content":"","refusal":null}`; a finish is `delta:{}` with its
-    reason; with include_usage every chunk has `"usage":null` and a usage chunk with `choices:[]`
-    follows, else usage is dropped. The last finish/usage chunk is held until the next event or
-    `end()`, so an `Annotation` can ride on it as a top-level `"guardgate"` object.
-    """
-
-    END = "data: [DONE]\n\n"
-
-    def __init__(self, ex: Exchange) -> None:
-        super().__init__(ex)
-        self._legacy = legacy_functions(ex)
-        self._with_usage = ex.include_usage
-        self._opened: set[int] = set()
-        self._tools: set[tuple[int, int]] = set()
-        self._head: dict[str, Any] = {}
-        self._texts: dict[tuple[int, str], Template] = {}  # per (choice, delta key): its text chunk
-
-    def _new(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        d = {**self._head, "choices": choices}
-        if self._with_usage:
-            d["usage"] = None
-        return d
-
-    def _choice(self, index: int, delta: dict[str, Any]) -> dict[str, Any]:
-        return self._new([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])
-
-    def start(self, ev: StreamStart | None) -> None:
-        s = ev or StreamStart(id=new_id("chatcmpl-"), model=self.ex.model)
-        self._head = {"id": s.id, "object": "chat.completion.chunk", "created": int(s.created),
-                      "model": s.model or self.ex.model, **(s.extra.get(NAME) or {})}
-        if ev is not None:  # the upstream's start opens choice 0 at once
-            self._delta(0, {})
-
-    def _delta(self, index: int, delta: dict[str, Any]) -> None:
-        self.begin()
-        if index not in self._opened:
-            self._opened.add(index)
-            self.emit(self._choice(index, {"role": "assistant", "content": "", "refusal": None}))
-        if delta:
-            self.emit(self._choice(index, delta))
-
-    def text(self, ev: TextDelta) -> None:
-        key = _DELTA_KEYS.get(ev.channel)
-        if key is None:  # transcript (audio is not streamed) or a one-shot Attached text
-            self.flush()
-            return
-        tpl = self._texts.get((ev.index, key))
-        if tpl is None or ev.index not in self._opened:
-            self._delta(ev.index, {})
-            tpl = self._texts[(ev.index, key)] = Template(self._choice(ev.index, {key: HOLES[0]}))
-        self.emit_text(tpl.fill(qstr(ev.text)))
-
-    def tool(self, ev: ToolCallDelta) -> None:
-        key = (ev.index, ev.call_index)
-        first = key not in self._tools
-        if self._legacy and ev.call_index == 0:  # the client sent `functions`: legacy deltas
-            if first:
-                self._tools.add(key)
-                self._delta(ev.index, {"function_call": {"name": ev.name or "", "arguments": ev.arguments}})
-            elif ev.arguments:
-                self._delta(ev.index, {"function_call": {"arguments": ev.arguments}})
-            return
-        if first:
-            self._tools.add(key)
-            tc: dict[str, Any] = {"index": ev.call_index, "id": ev.id or new_id("call_"), "type": "function",
-                                  "function": {"name": ev.name or "", "arguments": ev.arguments}}
-        elif ev.arguments:
-            tc = {"index": ev.call_index, "function": {"arguments": ev.arguments}}
-        else:
-            return
-        self._delta(ev.index, {"tool_calls": [tc]})
-
-    def finish(self, ev: Finish) -> None:
-        self._delta(ev.index, {})
-        fr = ev.reason if ev.reason in FINISH_REASONS else "stop"
-        self.hold(self._new([{"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": fr}]))
-
-    def usage(self, ev: UsageEvent) -> None:
-        if self._with_usage:
-            self.begin()
-            self.hold({**self._head, "choices": [], "usage": _usage_dict(ev.usage)})
-
-    def error_frame(self, message: str, code: str, type: str) -> str:
-        return frame({"error": {"message": message, "type": type, "param": None, "code": code}})
-
-
-def stream_decoder() -> OpenAIStreamDecoder:
-    return OpenAIStreamDecoder()
-
-
-def stream_encoder(ex: Exchange) -> OpenAIStreamEncoder:
-    return OpenAIStreamEncoder(ex)
-
-
 # --------------------------------------------------------------------------- errors
-
-
-def _error_fields(err: Any) -> tuple[str, str | None]:
-    if isinstance(err, dict):
-        msg = err.get("message")
-        code = err.get("code")
-        if code is None:
-            code = err.get("type")
-        return (msg if isinstance(msg, str) else ""), (str(code) if isinstance(code, (str, int)) else None)
-    if isinstance(err, str):
-        return err, None
-    return "", None
 
 
 def error_body(status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
@@ -771,25 +486,6 @@ def decode_models(body: bytes) -> list[ModelInfo]:
 
 
 # --------------------------------------------------------------------------- moderations
-
-OPENAI_CATEGORIES = (
-    "harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent", "self-harm",
-    "self-harm/instructions", "self-harm/intent", "sexual", "sexual/minors", "violence", "violence/graphic",
-)
-# Llama Guard code → OpenAI categories it implies. S6 (specialized advice), S7 (privacy), S8 (IP)
-# and S13 (elections) have no OpenAI counterpart: they set `flagged` and appear only in the
-# `guardgate.categories` extra of each result.
-CODE_TO_OPENAI: dict[str, tuple[str, ...]] = {
-    "S1": ("violence", "illicit/violent"), "S2": ("illicit",), "S3": ("sexual", "illicit"), "S4": ("sexual/minors",),
-    "S5": ("harassment",), "S9": ("illicit/violent", "violence"), "S10": ("hate",), "S11": ("self-harm",),
-    "S12": ("sexual",), "S14": ("illicit",),
-}
-OPENAI_TO_CODE: dict[str, str] = {
-    "harassment": "S5", "harassment/threatening": "S1", "hate": "S10", "hate/threatening": "S10", "illicit": "S2",
-    "illicit/violent": "S1", "self-harm": "S11", "self-harm/instructions": "S11", "self-harm/intent": "S11",
-    "sexual": "S12", "sexual/minors": "S4", "violence": "S1", "violence/graphic": "S1",
-}
-
 
 def decode_moderation_request(body: bytes | dict[str, Any]) -> ModerationRequest:
     """`input`: a string (one input), a list of strings (one input each) or a list of
@@ -887,4 +583,13 @@ def decode_moderation_response(body: bytes) -> list[ModerationResult]:
     return out
 
 
-assert set(CODE_TO_OPENAI) <= set(LLAMA_GUARD_CATEGORIES)
+# --------------------------------------------------------------------------- streams
+# The decoder and encoder classes live in `openai_stream.py`.
+
+
+def stream_decoder() -> OpenAIStreamDecoder:
+    return OpenAIStreamDecoder()
+
+
+def stream_encoder(ex: Exchange) -> OpenAIStreamEncoder:
+    return OpenAIStreamEncoder(ex)

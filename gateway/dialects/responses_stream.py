@@ -1,0 +1,352 @@
+"""The Responses API answer shapes and its stream encoder: the Response object and its items
+(shared by `responses.encode_response` and the stream), `error_frame`, and
+`ResponsesStreamEncoder` (neutral events → Responses SSE events).
+
+Split out of `gateway/dialects/responses.py`, which stays the client codec (its `stream_encoder`
+builds the encoder) and re-exports these names; this module never imports it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from gateway.dialects._common import qstr, to_bytes
+from gateway.dialects.stream import HOLES, StreamEncoder, Template, frame
+from gateway.types import new_id
+
+if TYPE_CHECKING:  # the events the encoder's hooks take
+    from gateway.types import Exchange, Finish, StreamStart, TextDelta, ToolCallDelta, Usage, UsageEvent
+
+# Finish reasons that end a Response as `incomplete`, with the reason the Responses API names.
+INCOMPLETE = {"content_filter": "content_filter", "length": "max_output_tokens"}
+
+
+def _echo(ex: Exchange) -> dict[str, Any]:
+    """The request fields a Response repeats (the SDK's Response model requires tools,
+    tool_choice and parallel_tool_calls, so an exchange decoded elsewhere gets defaults)."""
+    echo = ex.client.get("echo")
+    if echo is None:
+        echo = {"tools": [], "tool_choice": "auto", "parallel_tool_calls": True}
+    return echo
+
+
+def response_id(ex: Exchange) -> str:
+    """The Response id of this exchange (fixed at decode; a new one when decoded elsewhere)."""
+    rid = ex.client.get("response_id")
+    if not isinstance(rid, str):
+        rid = ex.client["response_id"] = new_id("resp_")
+    return rid
+
+
+def _usage(u: Usage | None, details: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    if u is None:
+        return None
+    details = details or {}
+    ptd = details.get("prompt_tokens_details")
+    ctd = details.get("completion_tokens_details")
+    cached = ptd.get("cached_tokens") if isinstance(ptd, dict) else None
+    reasoning = ctd.get("reasoning_tokens") if isinstance(ctd, dict) else None
+    return {
+        "input_tokens": u.prompt_tokens,
+        "input_tokens_details": {
+            "cached_tokens": cached if isinstance(cached, int) else 0,
+            "cache_write_tokens": 0,
+        },
+        "output_tokens": u.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": reasoning if isinstance(reasoning, int) else 0},
+        "total_tokens": u.total_tokens,
+    }
+
+
+def _status(finish: str | None) -> tuple[str, dict[str, str] | None]:
+    reason = INCOMPLETE.get(finish or "")
+    return ("incomplete", {"reason": reason}) if reason else ("completed", None)
+
+
+def _response(ex: Exchange, *, model: str, created: int, status: str, incomplete: dict[str, str] | None,
+              output: list[dict[str, Any]], usage: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "id": response_id(ex),
+        "object": "response",
+        "created_at": created,
+        "status": status,
+        "completed_at": int(time.time()) if status == "completed" else None,
+        "error": None,
+        "incomplete_details": incomplete,
+        "model": model,
+        "output": output,
+        "usage": usage,
+        **_echo(ex),
+    }
+
+
+def _url_citations(att: Any) -> list[dict[str, Any]]:
+    """Chat `annotations` (url_citation nested) → Responses annotations (flat)."""
+    out: list[dict[str, Any]] = []
+    if isinstance(att, list):
+        for a in att:
+            uc = a.get("url_citation") if isinstance(a, dict) else None
+            if isinstance(uc, dict):
+                out.append({"type": "url_citation", **uc})
+    return out
+
+
+def _text_part(text: str, annotations: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": annotations or [], "logprobs": []}
+
+
+def _reasoning_item(rid: str, text: str) -> dict[str, Any]:
+    return {"id": rid, "type": "reasoning", "summary": [{"type": "summary_text", "text": text}]}
+
+
+def _call_item(fid: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+    return {"id": fid, "type": "function_call", "status": status, "arguments": arguments, "call_id": call_id,
+            "name": name}
+
+
+# --------------------------------------------------------------------------- streams
+
+
+def error_frame(message: str, code: str, sequence_number: int = 0, *, param: str | None = None) -> bytes:
+    """A bare Responses `error` event, for a relayed stream whose lifecycle events came from
+    the upstream (a `response.created` of our own would change the response identity)."""
+    return to_bytes(frame({"type": "error", "code": code, "message": message, "param": param,
+                           "sequence_number": sequence_number}, "error"))
+
+
+class _Item:
+    """One output item being streamed: its final shape is built from what was released."""
+
+    __slots__ = ("call_id", "done", "id", "index", "kind", "name", "parts")
+
+    def __init__(self, kind: str, index: int, id: str) -> None:
+        self.kind = kind  # message | reasoning | function_call
+        self.index = index
+        self.id = id
+        self.parts: list[tuple[str, list[str]]] = []  # message: (output_text | refusal, texts); others: one
+        self.call_id = ""
+        self.name = ""
+        self.done: dict[str, Any] | None = None  # the final item, once closed
+
+
+class ResponsesStreamEncoder(StreamEncoder):
+    """Neutral events → Responses SSE events (`event: <type>\\ndata: <json>\\n\\n`), no `[DONE]`.
+
+    `response.created` and `response.in_progress` open the stream; text opens a `message` item
+    with an `output_text` part (a `refusal` part for the refusal channel), reasoning a `reasoning`
+    item with a summary part, each tool call a `function_call` item. A new kind of text closes the
+    current part or item (a tool call closes the current message or reasoning item; calls stay
+    open, since a chat stream may add to any of them). `Finish` closes every open part and item
+    (status `incomplete` for content_filter and length); usage and a guard `Annotation` are kept
+    for the terminal event, which `end()` writes: `response.completed`, or `response.incomplete`
+    with `incomplete_details.reason` content_filter / max_output_tokens. Every `.done` event and the
+    terminal Response carry exactly the concatenated deltas. `sequence_number` counts every event
+    from 0. Events of another choice index than 0 are ignored (Responses has one answer), as is
+    anything after the finish.
+
+    One exception to "every part gets its done events": after a content_filter cut of structured
+    output (a json_schema / json_object format), `response.output_text.done` is left out (the
+    content part and item are still closed): the SDK parses that event's text with the client's
+    `text_format`, and a cut JSON text would raise inside its stream iterator.
+    """
+
+    START_ON_ERROR = True  # the SDK's stream helper wants response.created first
+
+    def __init__(self, ex: Exchange) -> None:
+        super().__init__(ex)
+        self._seq = 0
+        response_id(ex)  # fixed now: every lifecycle event carries the same id
+        self._model = ex.model
+        self._created = int(time.time())
+        self._items: list[_Item] = []
+        self._current: _Item | None = None  # the open message or reasoning item
+        self._calls: dict[int, _Item] = {}  # call_index → open function_call item
+        self._finish: str | None = None
+        self._usage: Usage | None = None
+        self._final: dict[str, Any] | None = None  # the annotation, kept for the terminal event
+        rf = ex.params.get("response_format")
+        self._structured = isinstance(rf, dict) and rf.get("type") in ("json_schema", "json_object")
+        # While an output_text part is open: its delta event (serialized once) and the part's texts.
+        self._text_ev: Template | None = None
+        self._texts: list[str] = []
+
+    # ---------------------------------------------------------------- frames
+
+    def _ev(self, typ: str, **fields: Any) -> None:
+        fields["sequence_number"] = self._seq
+        self._seq += 1
+        self.emit({"type": typ, **fields}, typ)
+
+    def _response(self, status: str, output: list[dict[str, Any]], incomplete: dict[str, str] | None = None,
+                  usage: dict[str, Any] | None = None) -> dict[str, Any]:
+        return _response(self.ex, model=self._model, created=self._created, status=status, incomplete=incomplete,
+                         output=output, usage=usage)
+
+    def start(self, ev: StreamStart | None) -> None:
+        if ev is not None:
+            self._model = ev.model or self.ex.model
+            self._created = int(ev.created)
+        snap = self._response("in_progress", [])
+        self._ev("response.created", response=snap)
+        self._ev("response.in_progress", response=snap)
+
+    # ---------------------------------------------------------------- items
+
+    def _add(self, kind: str, prefix: str) -> _Item:
+        item = _Item(kind, len(self._items), new_id(prefix))
+        self._items.append(item)
+        return item
+
+    def _open_message(self) -> _Item:
+        item = self._current = self._add("message", "msg_")
+        self._ev("response.output_item.added", output_index=item.index,
+                 item={"id": item.id, "type": "message", "status": "in_progress", "role": "assistant", "content": []})
+        return item
+
+    def _open_part(self, item: _Item, kind: str) -> None:
+        item.parts.append((kind, []))
+        part = _text_part("") if kind == "output_text" else {"type": "refusal", "refusal": ""}
+        self._ev("response.content_part.added", item_id=item.id, output_index=item.index,
+                 content_index=len(item.parts) - 1, part=part)
+
+    def _close_part(self, item: _Item, incomplete_cut: bool) -> None:
+        self._text_ev = None
+        kind, texts = item.parts[-1]
+        text = "".join(texts)
+        loc = {"item_id": item.id, "output_index": item.index, "content_index": len(item.parts) - 1}
+        if kind == "output_text":
+            part = _text_part(text)
+            if not (incomplete_cut and self._structured):
+                self._ev("response.output_text.done", **loc, text=text, logprobs=[])
+        else:
+            part = {"type": "refusal", "refusal": text}
+            self._ev("response.refusal.done", **loc, refusal=text)
+        self._ev("response.content_part.done", **loc, part=part)
+
+    def _close(self, item: _Item, status: str) -> None:
+        """The done events of an open item, and its final shape."""
+        loc = {"item_id": item.id, "output_index": item.index}
+        if item.kind == "message":
+            if item.parts:
+                self._close_part(item, self._finish == "content_filter")
+            content = [_text_part("".join(t)) if k == "output_text" else {"type": "refusal", "refusal": "".join(t)}
+                       for k, t in item.parts]
+            item.done = {"id": item.id, "type": "message", "status": status, "role": "assistant", "content": content}
+        elif item.kind == "reasoning":
+            text = "".join(item.parts[0][1])
+            self._ev("response.reasoning_summary_text.done", **loc, summary_index=0, text=text)
+            self._ev("response.reasoning_summary_part.done", **loc, summary_index=0,
+                     part={"type": "summary_text", "text": text})
+            item.done = _reasoning_item(item.id, text)
+        else:
+            args = "".join(item.parts[0][1])
+            self._ev("response.function_call_arguments.done", **loc, name=item.name, arguments=args)
+            item.done = _call_item(item.id, item.call_id, item.name, args, status)
+        self._ev("response.output_item.done", output_index=item.index, item=item.done)
+
+    def _close_all(self, status: str) -> None:
+        if self._current is not None:
+            self._close(self._current, status)
+            self._current = None
+        for item in self._calls.values():
+            self._close(item, status)
+        self._calls.clear()
+
+    # ---------------------------------------------------------------- events
+
+    def text(self, ev: TextDelta) -> None:
+        if ev.index != 0 or self._finish is not None or ev.channel not in ("text", "refusal", "reasoning"):
+            return  # another choice, after the finish, or a transcript / one-shot Attached text: never sent
+        t = self._text_ev
+        if t is not None and ev.channel == "text":  # hot path: the open output_text part goes on
+            self._texts.append(ev.text)
+            self.emit_text(t.fill(qstr(ev.text), str(self._seq)))
+            self._seq += 1
+            return
+        self.begin()
+        cur = self._current
+        if ev.channel == "reasoning":
+            if cur is None or cur.kind != "reasoning":
+                if cur is not None:
+                    self._close(cur, "completed")
+                cur = self._current = self._add("reasoning", "rs_")
+                cur.parts.append(("summary_text", []))
+                self._ev("response.output_item.added", output_index=cur.index,
+                         item={"id": cur.id, "type": "reasoning", "summary": []})
+                self._ev("response.reasoning_summary_part.added", item_id=cur.id, output_index=cur.index,
+                         summary_index=0, part={"type": "summary_text", "text": ""})
+            cur.parts[0][1].append(ev.text)
+            self._ev("response.reasoning_summary_text.delta", item_id=cur.id, output_index=cur.index,
+                     summary_index=0, delta=ev.text)
+            return
+        kind = "output_text" if ev.channel == "text" else "refusal"
+        if cur is None or cur.kind != "message":
+            if cur is not None:
+                self._close(cur, "completed")
+            cur = self._open_message()
+        if not cur.parts or cur.parts[-1][0] != kind:
+            if cur.parts:
+                self._close_part(cur, False)
+            self._open_part(cur, kind)
+        cur.parts[-1][1].append(ev.text)
+        loc = {"item_id": cur.id, "output_index": cur.index, "content_index": len(cur.parts) - 1}
+        if kind == "output_text":
+            self._ev("response.output_text.delta", **loc, delta=ev.text, logprobs=[])
+            self._text_ev = Template({"type": "response.output_text.delta", **loc, "delta": HOLES[0],
+                                      "logprobs": [], "sequence_number": HOLES[1]},
+                                     "response.output_text.delta", holes=2)
+            self._texts = cur.parts[-1][1]
+        else:
+            self._ev("response.refusal.delta", **loc, delta=ev.text)
+
+    def tool(self, ev: ToolCallDelta) -> None:
+        if ev.index != 0 or self._finish is not None:
+            return
+        self.begin()
+        item = self._calls.get(ev.call_index)
+        if item is None:
+            if self._current is not None:
+                self._close(self._current, "completed")
+                self._current = None
+            self._text_ev = None
+            item = self._add("function_call", "fc_")
+            item.call_id = ev.id or new_id("call_")
+            item.name = ev.name or ""
+            item.parts.append(("arguments", []))
+            self._calls[ev.call_index] = item
+            self._ev("response.output_item.added", output_index=item.index,
+                     item=_call_item(item.id, item.call_id, item.name, "", "in_progress"))
+        if ev.arguments:
+            item.parts[0][1].append(ev.arguments)
+            self._ev("response.function_call_arguments.delta", item_id=item.id, output_index=item.index,
+                     delta=ev.arguments)
+
+    def finish(self, ev: Finish) -> None:
+        if ev.index != 0 or self._finish is not None:
+            return
+        self.begin()
+        self._finish = ev.reason
+        self._close_all("incomplete" if self._finish in INCOMPLETE else "completed")
+
+    def usage(self, ev: UsageEvent) -> None:
+        self._usage = ev.usage
+
+    def close(self) -> None:
+        """Close what is open and write the terminal event with the whole Response."""
+        self.begin()
+        status, incomplete = _status(self._finish)
+        self._close_all("incomplete" if incomplete else "completed")
+        output = [it.done for it in self._items if it.done is not None]
+        typ = "response.completed" if status == "completed" else "response.incomplete"
+        terminal = self._response(status, output, incomplete, _usage(self._usage))
+        self.hold({"type": typ, "response": terminal, "sequence_number": self._seq}, terminal, typ)
+        self._seq += 1
+
+    def error_frame(self, message: str, code: str, type: str) -> str:
+        """The Responses `error` event. The SDK yields it as an event (it has no top-level `error`
+        key), and agent frameworks treat it as the stream's failure."""
+        seq = self._seq
+        self._seq += 1
+        return frame({"type": "error", "code": code, "message": message, "param": None, "sequence_number": seq},
+                     "error")
