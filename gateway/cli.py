@@ -103,9 +103,6 @@ def main_serve(args: argparse.Namespace) -> int:
     _tune_gc()
     _return_freed_buffers()
     loop = asyncio.new_event_loop()
-    print(f"guardgate listening on http://{cfg.host}:{cfg.port} "
-          f"(upstreams: {', '.join(f'{n}={u.base_url or u.model}' for n, u in cfg.upstreams.items())}; "
-          f"event loop: {loop_name(loop)})", file=sys.stderr, flush=True)
     main_task = loop.create_task(_serve(app, cfg, gw))
     try:
         loop.run_until_complete(main_task)
@@ -150,7 +147,8 @@ async def _serve(app: Any, cfg: GatewayConfig, gw: Any = None) -> None:
         if gw is not None:
             from gateway.readiness import describe, render
 
-            print(render(describe(gw)), file=sys.stderr, flush=True)
+            # The one `listening` line: the table's first, printed once the socket is bound.
+            print(render(describe(gw), event_loop=loop_name(asyncio.get_running_loop())), file=sys.stderr, flush=True)
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()

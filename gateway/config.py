@@ -73,7 +73,16 @@ class Route:
     def matches(self, path: str, model: str | None) -> bool:
         if self.path is not None and not path.startswith(self.path):
             return False
-        return self.model is None or (model is not None and fnmatch.fnmatchcase(model, self.model))
+        if self.model is None:
+            return True
+        return model is not None and fnmatch.fnmatchcase(model_key(model), model_key(self.model))
+
+
+def model_key(model: str) -> str:
+    """How model names (and Azure deployment names) compare: case- and surrounding-whitespace-blind.
+    Many upstreams accept `GPT-4o ` for `gpt-4o`, so a route chosen by model must too: a variant
+    spelling never falls through to a less guarded route."""
+    return model.strip().casefold()
 
 
 @dataclass(slots=True)

@@ -219,7 +219,8 @@ def check_policies(cfg: Any) -> list[Check]:
             out += check_step(area, step)
         for m in getattr(pol, "missing", ()):
             out.append(Check(f"{area} {m.label or m.guard}", "warn",
-                             f"optional {m.guard} step left out: {m.model} ({m.why})", m.fix))
+                             f"optional {m.guard} step left out: " + (f"{m.model} " if m.model else "")
+                             + f"({m.why})", m.fix))
     for path, err in store.errors.items():
         out.append(Check("policy files", "warn", f"{path} skipped: {err}"))
     return out

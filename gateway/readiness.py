@@ -167,9 +167,10 @@ def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
     return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
-def render(desc: dict[str, Any]) -> str:
+def render(desc: dict[str, Any], event_loop: str = "") -> str:
     """The startup table (plain text: it goes to stderr and into logs)."""
-    lines = [f"guardgate listening on {desc['listen']} (config: {desc['config']})", "", "upstreams"]
+    loop = f"; event loop: {event_loop}" if event_loop else ""
+    lines = [f"guardgate listening on {desc['listen']} (config: {desc['config']}{loop})", "", "upstreams"]
     lines += _table([["name", "type", "target", "device", "state"]]
                     + [[u["name"], u["type"], u["target"] or "-", u["device"], u["state"]] for u in desc["upstreams"]])
     lines += ["", "routes"]

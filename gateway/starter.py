@@ -1,11 +1,13 @@
 """The built-in `starter` policy: what `guardgate serve` applies when nothing names a policy.
 
 It needs no download: hidden Unicode blocked on the prompt and stripped from the answer, secrets
-and private keys redacted on the stream, CodeShield on code blocks. Prompt Guard (input) and
-Llama Guard (stream) join when their models are on this machine and their runtime is installed;
-otherwise they are listed as missing, with the command that fixes it, in the startup table,
-`/readyz` and `guardgate doctor`. The policy is built when the server starts: a model pulled
-later joins at the next start. `--policy none` turns guarding off.
+and private keys redacted on the stream. One rule for every other step, models and packages alike
+(docs/configuration.md, "The starter policy"): a step joins when everything it needs is on this
+machine — CodeShield (stream) its `codeshield` package, Prompt Guard (input) and Llama Guard
+(stream) their model and runtime — and is otherwise left out and listed as missing, with the
+command that fixes it, in the startup table, `/readyz` and `guardgate doctor`. A step left out
+never turns into error verdicts that block every answer. The policy is built when the server
+starts: what is installed later joins at the next start. `--policy none` turns guarding off.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ PRIVATE_KEY = (r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
 BASE = r"""
 name: starter
 description: Built in. Hidden Unicode blocked on the prompt and stripped from the answer; secrets
-  and private keys redacted; CodeShield on code blocks; Prompt Guard and Llama Guard when present.
+  and private keys redacted; CodeShield, Prompt Guard and Llama Guard when installed.
 mode: enforce
 on_error: block
 input:
@@ -55,27 +57,30 @@ stream:
         - {pattern: '\bAIza[0-9A-Za-z_-]{35}\b', category: secrets}
       notice: "[secret redacted]"
       action: redact
-    - guard: code_shield
-      name: code-shield
-      hold_code_blocks: true
-      action: block
 """.replace("PRIVATE_KEY", PRIVATE_KEY, 1)
 
 
 @dataclass(frozen=True, slots=True)
 class OptionalStep:
-    """A model-backed step that joins the starter policy when one of `models` is on disk."""
+    """A step that joins the starter policy when its runtime is installed and (if it needs a model)
+    one of `models` is on disk."""
 
     stage: str
     guard: str
-    models: tuple[str, ...]  # manifest names, preferred first
+    models: tuple[str, ...]  # manifest names, preferred first; empty: no model needed
     options: dict[str, Any]
     runtime: str  # the module its runtime needs
     extra: str  # the pip extra that installs it
-    fix: str  # how to get the first model
+    fix: str = ""  # how to get the first model
+    first: bool = True  # model guards go first (they set the pace); others after the base steps
 
 
 OPTIONAL = (
+    OptionalStep(
+        stage="stream", guard="code_shield", models=(),
+        options={"name": "code-shield", "hold_code_blocks": True, "action": "block"},
+        runtime="codeshield", extra="codeshield", first=False,
+    ),
     OptionalStep(
         stage="input", guard="prompt_guard", models=("prompt-guard-2-86m", "prompt-guard-2-22m"),
         options={"name": "prompt-guard", "messages": ["user", "tool"], "threshold": 0.9,
@@ -140,7 +145,12 @@ def runtime_installed(module: str) -> bool:
 
 
 def choose(opt: OptionalStep) -> tuple[str | None, MissingStep | None]:
-    """The model this step will use, or why it cannot join."""
+    """The model this step will use ("" when it needs none), or why it cannot join."""
+    if not opt.models:
+        if not runtime_installed(opt.runtime):
+            return None, MissingStep(opt.stage, opt.guard, "", f"{opt.runtime} is not installed",
+                                     f"pip install 'guardgate[{opt.extra}]'", opt.options["name"])
+        return "", None
     model = next((m for m in opt.models if model_present(opt.guard, m)), None)
     if model is None:
         return None, MissingStep(opt.stage, opt.guard, opt.models[-1] if opt.guard == "prompt_guard"
@@ -162,8 +172,9 @@ def starter_yaml() -> tuple[str, list[MissingStep]]:
         if miss is not None:
             missing.append(miss)
             continue
-        step = {"guard": opt.guard, "model": model, **opt.options}
-        data[opt.stage]["steps"].insert(0, step)  # model guards first: they set the pace
+        step = {"guard": opt.guard, **({"model": model} if model else {}), **opt.options}
+        steps = data[opt.stage]["steps"]
+        steps.insert(0, step) if opt.first else steps.append(step)
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True), missing
 
 

@@ -381,6 +381,16 @@ def _strings(v: Any, out: list[str]) -> None:
             _strings(x, out)
 
 
+def _spelled(items: list[dict[str, Any]]) -> str | None:
+    """The text a logprobs list spells. A token that is part of a UTF-8 character (an emoji, an
+    accented letter) has no text of its own: its `bytes` are the truth, its `token` an escape."""
+    try:
+        return b"".join(bytes(t["bytes"]) if isinstance(t.get("bytes"), list) else t["token"].encode()
+                        for t in items).decode()
+    except (ValueError, TypeError):  # not bytes, or not UTF-8 (UnicodeDecodeError is a ValueError)
+        return None
+
+
 def _logprobs(v: Any, parts: list[Part]) -> Attached | None:
     """A choice's `logprobs`, kept only if each list's tokens spell exactly that channel's text."""
     if not isinstance(v, dict):
@@ -393,7 +403,7 @@ def _logprobs(v: Any, parts: list[Part]) -> Attached | None:
         if not isinstance(items, list) or not all(isinstance(t, dict) and isinstance(t.get("token"), str)
                                                   for t in items):
             return None
-        if "".join(t["token"] for t in items) != "".join(p.text for p in parts if p.type == channel):
+        if _spelled(items) != "".join(p.text for p in parts if p.type == channel):
             return None
         kept[key] = [{**t, "top_logprobs": []} if "top_logprobs" in t else t for t in items]
     return Attached(NAME, "logprobs", kept, channels=("text", "refusal")) if kept else None

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,8 @@ class Record:
     messages: list[Message]
     response: str | None
     model: str = "eval"
+    dataset: str = ""  # the `--dataset` it came from (several may run in one `guardgate eval`)
+    meta: dict[str, Any] = field(default_factory=dict)  # the upstream row's other fields, for results.jsonl
 
 
 def resolve(path: str, suffix: str) -> Path:

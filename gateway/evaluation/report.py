@@ -94,34 +94,50 @@ def metric_cells(d: dict[str, Any]) -> list[Any]:
 def eval_report(s: dict[str, Any], gates: list[dict[str, Any]] | None = None) -> str:
     """The `guardgate eval` report from its summary (and gate results)."""
     p = Page(f"Guardgate evaluation: policy {s['policy']}")
-    p.meta += [f"dataset {s['dataset']}: {s['records']} records ({s['unsafe']} unsafe, {s['safe']} safe)",
-               f"responses {'replayed as a stream' if s['stream'] else 'checked one-shot'}; a record counts as "
-               f"caught when the policy would {' or '.join(s['positive_actions'])} it"]
+    p.meta += run_meta(s)
     if gates:
         p.section("Gates")
         p.add(table("gates", ["gate", "value", "result"],
                     [[g["gate"], g["value"], "FAIL" if g["failed"] else "ok"] for g in gates]))
-    p.section("Policy", "Every record; TP = unsafe and caught, FP = safe and caught. Latency is the whole "
-                        "policy run of one record.")
-    p.add(table("policy", ["policy", *METRIC_HEADERS], [[s["policy"], *metric_cells(s["overall"])]]))
-    p.section("Steps", "Each step over the records it judged: safe ones, and unsafe ones that expect this step "
-                       "or name none. Latency is the step's total per record (all its checks).")
-    p.add(table("steps", ["step", "stage", "guard", "not run", *METRIC_HEADERS],
-                [[st["step"], st["stage"], st["guard"], st["not_run"], *metric_cells(st)] for st in s["steps"]],
-                left=3))
-    p.section("Categories", "The policy's figures per category of the dataset; below, each step's.")
-    p.add(table("categories", ["category", *METRIC_HEADERS],
+    eval_sections(p, s)
+    return p.html()
+
+
+def run_meta(s: dict[str, Any]) -> list[str]:
+    return [f"dataset {s['dataset']}: {s['records']} records ({s['unsafe']} unsafe, {s['safe']} safe)",
+            f"responses {'replayed as a stream' if s['stream'] else 'checked one-shot'}; a record counts as "
+            f"caught when the policy would {' or '.join(s['positive_actions'])} it"
+            + (f"; sent through {s['via']}" if s.get("via") else "")]
+
+
+def eval_sections(p: Page, s: dict[str, Any], prefix: str = "", title: str = "") -> None:
+    """One run's sections (policy, steps, categories, confusion, sweep, latency). `prefix` keeps table
+    names unique when several runs share a page; `title` leads each heading."""
+    lead = f"{title}: " if title else ""
+    p.section(f"{lead}Policy", "Every record; TP = unsafe and caught, FP = safe and caught. Latency is the whole "
+                               "policy run of one record" + (" (the request's round trip)." if s.get("via") else "."))
+    p.add(table(f"{prefix}policy", ["policy", *METRIC_HEADERS], [[s["policy"], *metric_cells(s["overall"])]]))
+    if s["steps"]:
+        p.section(f"{lead}Steps", "Each step over the records it judged: safe ones, and unsafe ones that expect "
+                                  "this step or name none. Latency is the step's total per record (all its checks).")
+        p.add(table(f"{prefix}steps", ["step", "stage", "guard", "not run", *METRIC_HEADERS],
+                    [[st["step"], st["stage"], st["guard"], st["not_run"], *metric_cells(st)] for st in s["steps"]],
+                    left=3))
+    p.section(f"{lead}Categories", "The policy's figures per category of the dataset; below, each step's.")
+    p.add(table(f"{prefix}categories", ["category", *METRIC_HEADERS],
                 [[c, *metric_cells(d)] for c, d in s["categories"].items()]))
     rows = [[st["step"], c, *metric_cells(d)] for st in s["steps"] for c, d in st["categories"].items()]
-    p.add(table("step-categories", ["step", "category", *METRIC_HEADERS], rows, left=2))
-    p.section("Confusion per category")
+    if rows or not prefix:
+        p.add(table(f"{prefix}step-categories", ["step", "category", *METRIC_HEADERS], rows, left=2))
+    p.section(f"{lead}Confusion per category")
     p.plots([svg.confusion(s["overall"]["tp"], s["overall"]["fp"], s["overall"]["tn"], s["overall"]["fn"],
                            "all records")]
             + [svg.confusion(d["tp"], d["fp"], d["tn"], d["fn"], c) for c, d in s["categories"].items()])
-    p.section("Threshold sweep", f"Scored steps: recall and false-positive rate when flagging at score >= "
-                                 f"threshold. Circled: the lowest threshold with FPR <= {s['target_fpr']}.")
+    p.section(f"{lead}Threshold sweep", f"Scored steps: recall and false-positive rate when flagging at score >= "
+                                        f"threshold. Circled: the lowest threshold with FPR <= {s['target_fpr']}.")
     if not s["sweeps"]:
-        p.add('<p class="note">No scored step (Prompt Guard, Llama Guard) in this policy.</p>')
+        p.add('<p class="note">No scored step (Prompt Guard, Llama Guard) in this policy'
+              + (" (a --via run sees no scores)" if s.get("via") else "") + ".</p>")
     for sw in s["sweeps"]:
         at = sw["at_target"]
         p.sub(f"{sw['step']} ({sw['guard']}), configured threshold {fmt(sw['threshold'])}")
@@ -129,16 +145,19 @@ def eval_report(s: dict[str, Any], gates: list[dict[str, Any]] | None = None) ->
         marked = None if at is None or at["fpr"] is None or at["recall"] is None else (at["fpr"], at["recall"])
         label = "" if at is None else f"t={fmt(at['threshold'])}"
         p.plots([svg.roc(pts, f"ROC: {sw['step']}", marked, label)])
-        if at is None:
+        judged = next((st for st in s["steps"] if st["step"] == sw["step"]), {"n": 1, "errors": 0})
+        if judged["n"] == 0:
+            p.add(f'<p class="note">{escape(sw["step"])} judged no record ({judged["errors"]} errors): '
+                  "nothing to sweep.</p>")
+        elif at is None:
             p.add(f'<p class="note">No false-positive rate to meet: no safe records for {escape(sw["step"])}.</p>')
         else:
             p.add(f'<p class="note">At FPR <= {sw["target_fpr"]}: threshold {fmt(at["threshold"])} '
                   f'(none: flag nothing), recall {fmt(at["recall"])}, FPR {fmt(at["fpr"])}.</p>')
-        p.add(table(f"sweep-{sw['step']}", ["threshold", "TP", "FP", "TN", "FN", "recall", "FPR", "precision"],
+        p.add(table(f"{prefix}sweep-{sw['step']}", ["threshold", "TP", "FP", "TN", "FN", "recall", "FPR", "precision"],
                     [[pt["threshold"] if pt["threshold"] is not None else "above all", pt["tp"], pt["fp"], pt["tn"],
                       pt["fn"], pt["recall"], pt["fpr"], pt["precision"]] for pt in sw["points"]]))
-    p.section("Latency")
+    p.section(f"{lead}Latency")
     lat = s["latencies_ms"]
     p.plots([svg.histogram(lat["policy"], "policy run per record", "ms")]
             + [svg.histogram(v, f"step {k}", "ms") for k, v in lat.items() if k != "policy"])
-    return p.html()

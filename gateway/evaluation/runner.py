@@ -20,6 +20,16 @@ from gateway.types import Completion, Exchange, Message
 DEFAULT_POSITIVE_ACTIONS = ("block", "redact")
 
 
+def progress(total: int, desc: str) -> Any:
+    """A records bar on stderr when it is a terminal (public sets run minutes with real models)."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="rec", file=sys.stderr, disable=not sys.stderr.isatty(),
+                dynamic_ncols=True, mininterval=0.5)
+
+
 @dataclass(slots=True)
 class StepResult:
     """What one step said about one record (from the audit record's step entry)."""
@@ -49,10 +59,16 @@ class Result:
     positive: bool  # the policy caught it: action in the positive actions
     latency_ms: float
     steps: dict[str, StepResult] = field(default_factory=dict)
+    error: str | None = None  # `--via`: the request failed (no verdict: counted in errors, in no cell)
+    policy: str = ""  # the policy (column) it ran under, when several are compared
 
     def to_json(self) -> dict[str, Any]:
         r = self.record
-        return {"line": r.line, "id": r.id, "label": "unsafe" if r.unsafe else "safe", "category": r.category,
+        extra = {"policy": self.policy} if self.policy else {}
+        extra |= {"dataset": r.dataset} if r.dataset else {}
+        extra |= {"error": self.error} if self.error else {}
+        extra |= {"meta": r.meta} if r.meta else {}
+        return {**extra, "line": r.line, "id": r.id, "label": "unsafe" if r.unsafe else "safe", "category": r.category,
                 "expected_step": r.step, "action": self.action, "caught": self.positive,
                 "latency_ms": round(self.latency_ms, 3),
                 "steps": [{"step": s.label, "stage": s.stage, "guard": s.guard, "verdict": s.verdict,
@@ -97,6 +113,11 @@ async def run_all(policy: Policy, records: list[Record], stream: bool = False,
         warm = Record(line=0, id="warm-up", unsafe=False, category="-", step=None,
                       messages=[Message.of("user", "guardgate eval warm-up")], response="warm-up answer")
         await run_record(policy, warm, stream, positive_actions)
-        return [await run_record(policy, r, stream, positive_actions) for r in records]
+        with progress(len(records), policy.name) as bar:
+            out = []
+            for r in records:
+                out.append(await run_record(policy, r, stream, positive_actions))
+                bar.update(1)
+            return out
     finally:
         await policy.aclose()

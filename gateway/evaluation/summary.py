@@ -23,8 +23,9 @@ from gateway.policy.schema import Policy, Step
 METRICS = ("recall", "fpr", "precision", "f1", "accuracy", "p50_ms", "p99_ms", "tp", "fp", "tn", "fn", "errors", "n")
 OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq,
        "!=": operator.ne}
-GATE_RX = re.compile(r"^\s*(?P<metric>[a-z0-9_]+)\s*(?:\[\s*(?P<kind>step|category)\s*=\s*(?P<name>[^\]]+?)\s*\])?"
+GATE_RX = re.compile(r"^\s*(?P<metric>[a-z0-9_]+)\s*(?:\[(?P<scope>[^\]]*)\])?"
                      r"\s*(?P<op><=|>=|==|!=|<|>)\s*(?P<value>[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?)\s*$")
+SCOPE_KEYS = ("step", "category", "dataset", "policy")
 
 
 def step_threshold(step: Step) -> float | None:
@@ -45,8 +46,13 @@ def summarise(policy: Policy, results: list[Result], *, dataset: str, stream: bo
     overall = Confusion()
     by_cat: dict[str, Confusion] = {}
     for r in results:
+        cat = by_cat.setdefault(r.record.category, Confusion())
+        if r.error is not None:  # `--via`: the request failed, so the client saw no verdict
+            overall.errors += 1
+            cat.errors += 1
+            continue
         overall.add(r.record.unsafe, r.positive, r.latency_ms)
-        by_cat.setdefault(r.record.category, Confusion()).add(r.record.unsafe, r.positive, r.latency_ms)
+        cat.add(r.record.unsafe, r.positive, r.latency_ms)
     steps: list[dict[str, Any]] = []
     sweeps: list[dict[str, Any]] = []
     for step in policy.steps:
@@ -87,7 +93,7 @@ def summarise(policy: Policy, results: list[Result], *, dataset: str, stream: bo
         "overall": overall.to_dict(),
         "categories": {c: v.to_dict() for c, v in sorted(by_cat.items())},
         "steps": steps, "sweeps": sweeps, "unmatched_expected_steps": unmatched,
-        "latencies_ms": {"policy": [round(r.latency_ms, 3) for r in results],
+        "latencies_ms": {"policy": [round(r.latency_ms, 3) for r in results if r.error is None],
                          **{s["step"]: [round(r.steps[s["step"]].latency_ms, 3) for r in results
                                         if s["step"] in r.steps and r.steps[s["step"]].judged]
                             for s in steps}},
@@ -99,7 +105,9 @@ def summarise(policy: Policy, results: list[Result], *, dataset: str, stream: bo
 
 @dataclass(frozen=True, slots=True)
 class Gate:
-    """`--fail-if "recall<0.9"`: the run fails when the condition holds (or cannot be measured)."""
+    """`--fail-if "recall<0.9"`: the run fails when the condition holds (or cannot be measured).
+    Scope `[step=S]` or `[category=C]`, and `[dataset=D]`, `[policy=P]` when several ran
+    (comma-separated: `fpr[dataset=xstest,category=homonyms]>0.05`)."""
 
     text: str
     metric: str
@@ -107,34 +115,72 @@ class Gate:
     name: str | None
     op: str
     value: float
+    dataset: str | None = None
+    policy: str | None = None
 
 
 def parse_gate(text: str) -> Gate:
     m = GATE_RX.match(text)
     if not m:
         raise ValueError(f"--fail-if {text!r}: expected METRIC[step=NAME|category=NAME]OP NUMBER, "
-                         "e.g. 'recall<0.9' or 'fpr[category=benign]>0.02'")
+                         "e.g. 'recall<0.9' or 'fpr[category=benign]>0.02' or 'fpr[dataset=xstest]>0.05'")
     if m["metric"] not in METRICS:
         raise ValueError(f"--fail-if {text!r}: unknown metric {m['metric']!r} (known: {', '.join(METRICS)})")
-    return Gate(text=text.strip(), metric=m["metric"], kind=m["kind"], name=m["name"], op=m["op"],
-                value=float(m["value"]))
+    scope: dict[str, str] = {}
+    for item in (m["scope"] or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, val = item.partition("=")
+        key, val = key.strip(), val.strip()
+        if not sep or key not in SCOPE_KEYS or not val or key in scope:
+            raise ValueError(f"--fail-if {text!r}: scope {item.strip()!r} must be one of "
+                             f"{', '.join(k + '=NAME' for k in SCOPE_KEYS)}, each at most once")
+        scope[key] = val
+    if "step" in scope and "category" in scope:
+        raise ValueError(f"--fail-if {text!r}: a gate scopes a step or a category, not both")
+    kind = "step" if "step" in scope else "category" if "category" in scope else None
+    return Gate(text=text.strip(), metric=m["metric"], kind=kind, name=scope.get(kind) if kind else None,
+                op=m["op"], value=float(m["value"]), dataset=scope.get("dataset"), policy=scope.get("policy"))
+
+
+def gate_value(summary: dict[str, Any], g: Gate) -> tuple[Any, str | None]:
+    """(the measured figure or None, why it is None) for one run's summary."""
+    scope: dict[str, Any] | None
+    if g.kind is None:
+        scope = summary["overall"]
+    elif g.kind == "category":
+        scope = summary["categories"].get(g.name)
+    else:
+        scope = next((s for s in summary["steps"] if g.name in (s["step"], s["guard"])), None)
+    value = None if scope is None else scope.get(g.metric)
+    why = ("no such " + str(g.kind) if scope is None else "not measurable") if value is None else None
+    return value, why
 
 
 def evaluate_gates(summary: dict[str, Any], gates: list[Gate]) -> list[dict[str, Any]]:
     """Each gate with the measured value and whether it failed. A figure that cannot be measured
     (recall with no unsafe records, an unknown step or category) fails: a CI gate that cannot see
     what it guards must not pass."""
+    return evaluate_runs([summary], gates)
+
+
+def evaluate_runs(runs: list[dict[str, Any]], gates: list[Gate]) -> list[dict[str, Any]]:
+    """Gates over several runs (policy x dataset): each gate applies to every run its scope selects
+    and fails where any of them fails; a scope that selects no run fails (`no such dataset`)."""
     out: list[dict[str, Any]] = []
+    several = len(runs) > 1
     for g in gates:
-        scope: dict[str, Any] | None
-        if g.kind is None:
-            scope = summary["overall"]
-        elif g.kind == "category":
-            scope = summary["categories"].get(g.name)
-        else:
-            scope = next((s for s in summary["steps"] if g.name in (s["step"], s["guard"])), None)
-        value = None if scope is None else scope.get(g.metric)
-        failed = value is None or OPS[g.op](value, g.value)
-        why = ("no such " + str(g.kind) if scope is None else "not measurable") if value is None else None
-        out.append({"gate": g.text, "value": value, "failed": failed, **({"reason": why} if why else {})})
+        chosen = [s for s in runs if g.dataset in (None, s["dataset"]) and g.policy in (None, s["policy"])]
+        if not chosen:
+            why = "no such dataset" if g.dataset is not None and all(s["dataset"] != g.dataset for s in runs) \
+                else "no such policy"
+            out.append({"gate": g.text, "value": None, "failed": True, "reason": why})
+            continue
+        for s in chosen:
+            value, why = gate_value(s, g)
+            failed = value is None or OPS[g.op](value, g.value)
+            row = {"gate": g.text, "value": value, "failed": failed, **({"reason": why} if why else {})}
+            if several:
+                row |= {"policy": s["policy"], "dataset": s["dataset"]}
+            out.append(row)
     return out

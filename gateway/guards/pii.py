@@ -46,6 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from gateway.guards import conversation
 from gateway.guards.base import (
     Guard,
     GuardConfigError,
@@ -262,28 +263,22 @@ class PiiGuard(Guard):
             return self._check_input(t0, inp.messages)
         return self._check_text(t0, inp.text, self.find(inp.text))
 
-    def _texts(self, messages: list[Message]) -> list[tuple[int, int, str]]:
-        """(message index, part index or -(k+1) for tool call k's arguments, text) of what is scanned."""
-        out: list[tuple[int, int, str]] = []
-        for mi, m in enumerate(messages):
-            if m.role not in self.roles:
-                continue
-            for pi, p in enumerate(m.parts):
-                if p.text:
-                    out.append((mi, pi, p.text))
-            if self.tool_arguments:
-                for k, tc in enumerate(m.tool_calls):
-                    if tc.arguments:
-                        out.append((mi, -(k + 1), tc.arguments))
-        return out
-
     def _check_input(self, t0: float, messages: list[Message]) -> Verdict:
-        texts = self._texts(messages)
-        hits = [(mi, pi, f) for mi, pi, text in texts for f in self.find(text)]
+        texts = conversation.texts(messages, self.roles, self.tool_arguments)
+        hits: list[tuple[Any, Found]] = [((mi, pi), f) for mi, pi, text in texts for f in self.find(text)]
+        # Values the model reads across texts (a number split over two turns, one in a `name`).
+        seen: set[tuple[str, str, int, int | None, int]] = set()
+        for run in conversation.runs(messages, self.roles, self.tool_arguments):
+            for f in self.find(run.text):
+                first = next(p for p in run.pieces if p.end > f.start)
+                at = (f.kind, f.value, first.message, first.part, f.start - first.start)
+                if run.crosses(f.start, f.end) and at not in seen:
+                    seen.add(at)
+                    hits.append((run, f))
         if not hits:
             return self.verdict(t0, flagged=False, score=0.0)
         counts: dict[str, int] = {}
-        for _, _, f in hits:
+        for _, f in hits:
             counts[f.kind] = counts.get(f.kind, 0) + 1
         action = self._action(counts)
         # Placeholders: per kind, numbered by first appearance; never one the conversation already contains.
@@ -291,7 +286,8 @@ class PiiGuard(Guard):
         names: dict[tuple[str, str], str] = {}
         next_n: dict[str, int] = {}
         edits: list[TextEdit] = []
-        for mi, pi, f in hits:
+        unrewritable = False
+        for where, f in hits:
             if self.kinds[f.kind] != "mask":
                 continue
             key = (f.kind, f.value)
@@ -304,7 +300,14 @@ class PiiGuard(Guard):
                         break
                 next_n[f.kind] = n
                 names[key] = ph
-            edits.append(TextEdit(mi, pi, f.start, f.end, names[key]))
+            if isinstance(where, conversation.Run):
+                run_edits = where.edits(f.start, f.end, names[key])
+                unrewritable |= run_edits is None
+                edits += run_edits or []
+            else:
+                edits.append(TextEdit(where[0], where[1], f.start, f.end, names[key]))
+        if unrewritable:
+            edits = []  # a value in a `name` cannot be masked: nothing to rewrite, so the step blocks
         restore = {ph: value for (_, value), ph in names.items()} if self.unmask else {}
         return self.verdict(
             t0, flagged=True, score=1.0, categories=sorted(counts), edits=edits, restore=restore,

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import regex
 
+from gateway.guards import conversation
 from gateway.guards.base import Guard, GuardConfigError, GuardInput, StreamCheck, register
 from gateway.types import Message, TextEdit, Verdict
 
@@ -172,13 +173,22 @@ class RegexGuard(Guard):
             if self.scan_fields:
                 for _, text in inp.fields:
                     matches += self.scan(text).matches
+            # What the model reads across texts: runs of one role's turns, `name` fields included.
+            crossing: list[list[TextEdit] | None] = []
+            for run in conversation.runs(inp.messages, self.roles):
+                for a, b, p in self.scan(run.text).matches:
+                    if run.crosses(a, b):
+                        matches.append((a, b, p))
+                        crossing.append(run.edits(a, b))
             v = self._verdict(t0, _Scan(matches, None), hold=False)
             v.span = None  # spans are per message; meaningless on the conversation
             if v.flagged:  # where to rewrite the request if the step's action is redact (per text part)
-                for mi, msg in enumerate(inp.messages):
-                    if msg.role in self.roles:
-                        for pi, part in enumerate(msg.parts):
-                            v.edits += [TextEdit(mi, pi, a, b) for a, b, _ in self.scan(part.text).matches]
+                for mi, pi, text in conversation.texts(inp.messages, self.roles, tool_arguments=False):
+                    v.edits += [TextEdit(mi, pi, a, b) for a, b, _ in self.scan(text).matches]
+                if any(e is None for e in crossing):
+                    v.edits = []  # a match in a `name` cannot be rewritten: nothing to redact, so it blocks
+                else:
+                    v.edits += [e for es in crossing if es for e in es]
             return v
         if inp.stage == "stream":
             # stateless: scan everything, keep matches that reach into the new window
