@@ -251,6 +251,7 @@ class Pipeline:
         run = self._run(plan)
         status, error = 200, None
         try:
+            self._media_rule(run, ctx, messages)
             await self._input_gate(asyncio.ensure_future(
                 run.check_input(Exchange(model=ctx.model or "", messages=messages))), ctx, param="input")
         except GatewayError as e:
@@ -297,9 +298,22 @@ class Pipeline:
             raise GatewayError(400, decision.message or "Request blocked by content policy", "content_filter",
                                param=param, retry=False)
 
+    @staticmethod
+    def _media_rule(run: Any, ctx: RequestContext, messages: list[Message]) -> None:
+        """The policy's `content:` rule (policy/content.py): a refused image, audio or file part ends the
+        request here with 400 `content_not_inspected`, naming the part and the policy line to change."""
+        if run is None or not run.policy.needs_inspection:
+            return
+        media = run.check_content(Exchange(model="", messages=messages))
+        if media.refused is not None:
+            ctx.outcome = "blocked_input"
+            raise GatewayError(400, media.message, "content_not_inspected", param=media.refused.path or "messages",
+                               retry=False)
+
     async def _chat(self, request: web.Request, plan: Plan, ex: Exchange, run: Any) -> web.StreamResponse:
         ctx, upstream = plan.ctx, plan.upstream
         cd = dialects.codec(ctx.dialect, plan.endpoint.kind)
+        self._media_rule(run, ctx, ex.messages)
         input_task: asyncio.Task[Any] | None = None
         if run is not None and run.policy.has_input:
             input_task = asyncio.create_task(run.check_input(ex))
@@ -322,7 +336,10 @@ class Pipeline:
                                                stats)
 
             ud, path = upstream_side(plan)
-            up_body = json_bytes(ud.encode_request(up_ex))
+            try:
+                up_body = json_bytes(ud.encode_request(up_ex))
+            except DialectError as e:  # a part the upstream's dialect has no slot for: refused, never dropped
+                raise GatewayError(e.status, e.message, e.code or "invalid_request", param=e.param) from None
             headers = self.upstream_headers(request, ctx, upstream, {"Content-Type": "application/json"})
             send = asyncio.ensure_future(self.telemetry.send(upstream, "POST", path, plan.query, headers, up_body))
             if input_task is not None:

@@ -55,6 +55,7 @@ from gateway.dialects.base import (
     ModerationResult,
     UpstreamStreamError,
 )
+from gateway.dialects.media import decode_llama_part, encode_llama_part, text_only
 from gateway.dialects.stream import HOLES, StreamEncoder, Template, frame
 from gateway.types import (
     Completion,
@@ -126,8 +127,7 @@ def _decode_parts(content: Any, r: Reader, param: str, *, images: bool) -> list[
         if typ == "text":
             parts.append(Part("text", r.str_(item.get("text"), f"{p}.text")))
         elif typ == "image_url" and images:
-            iu = r.obj(item.get("image_url"), f"{p}.image_url")
-            parts.append(Part("image", image_url=r.str_(iu.get("url"), f"{p}.image_url.url")))
+            parts.append(decode_llama_part(item, r, p))
         else:
             r.fail(f"unsupported content item type {typ!r}", f"{p}.type")
     return parts
@@ -239,6 +239,8 @@ def encode_messages(messages: list[Message]) -> list[dict[str, Any]]:
     for m in messages:
         role = "system" if m.role == "developer" else m.role
         d: dict[str, Any] = {"role": role}
+        if role != "user":
+            text_only(m.parts, role, "Llama API")
         if role == "user":
             if len(m.parts) == 1 and m.parts[0].type == "text":
                 d["content"] = m.parts[0].text
@@ -246,10 +248,7 @@ def encode_messages(messages: list[Message]) -> list[dict[str, Any]]:
                 d["content"] = ""
             else:
                 d["content"] = [
-                    {"type": "text", "text": p.text}
-                    if p.type == "text"
-                    else {"type": "image_url", "image_url": {"url": p.image_url or ""}}
-                    for p in m.parts
+                    {"type": "text", "text": p.text} if p.type == "text" else encode_llama_part(p) for p in m.parts
                 ]
         elif role == "assistant":
             texts = [p.text for p in m.parts if p.type == "text"]

@@ -18,9 +18,10 @@ dropped on purpose by any other dialect):
   `content`, `refusal`, `reasoning_content` / `reasoning` (text channels), `tool_calls` and legacy
   `function_call` (written back as `function_call` to a client that sent `functions`).
 
-Dropped on purpose (no neutral counterpart): message parts `input_audio` and `file` (guards
-cannot read them; other unknown part types are rejected with a 400 so nothing unguarded slips
-through), `image_url.detail`, `prompt_cache_breakpoint`, request message `audio`; stream
+Media parts (`image_url`, `input_audio`, `file`) are decoded as they came (`dialects/media.py`) and
+re-encoded unchanged; the policy's `content:` rule refuses, allows or guards them. Unknown part
+types are rejected with a 400 so nothing unguarded slips through.
+Dropped on purpose (no neutral counterpart): `prompt_cache_breakpoint`, request message `audio`; stream
 `logprobs`, `audio` deltas (audio data cannot be checked and arrives before its transcript is
 complete), `annotations` deltas and `obfuscation`.
 Lossy on purpose: in requests, assistant `refusal` text becomes ordinary text (a guard must see
@@ -63,6 +64,7 @@ from gateway.dialects.base import (
     ModerationResult,
     UpstreamStreamError,
 )
+from gateway.dialects.media import decode_chat_part, encode_chat_part, text_only
 from gateway.dialects.stream import HOLES, StreamEncoder, Template, frame
 from gateway.types import (
     Attached,
@@ -109,7 +111,6 @@ _KNOWN_REQ = frozenset(
         *_INT_PARAMS,
     )
 )
-_IGNORED_PARTS = frozenset(("input_audio", "file"))
 
 
 # --------------------------------------------------------------------------- requests
@@ -129,12 +130,8 @@ def _decode_parts(content: Any, r: Reader, param: str, *, role: str) -> list[Par
             parts.append(Part("text", r.str_(item.get("text"), f"{p}.text")))
         elif typ == "refusal":
             parts.append(Part("text", r.str_(item.get("refusal"), f"{p}.refusal")))
-        elif typ == "image_url":
-            iu = item.get("image_url")
-            url = iu if isinstance(iu, str) else r.obj(iu, f"{p}.image_url").get("url")
-            parts.append(Part("image", image_url=r.str_(url, f"{p}.image_url.url")))
-        elif isinstance(typ, str) and typ in _IGNORED_PARTS:
-            continue
+        elif isinstance(typ, str) and (media := decode_chat_part(item, typ, r, p)) is not None:
+            parts.append(media)  # image_url, input_audio, file: the policy's `content:` rule decides
         else:
             r.fail(f"unsupported content part type {typ!r} in a {role} message", f"{p}.type")
     return parts
@@ -269,13 +266,9 @@ def _encode_content(parts: list[Part], *, assistant: bool) -> Any:
     if not parts:
         return None if assistant else ""
     if assistant:  # assistant content parts are text only
+        text_only(parts, "assistant", "OpenAI chat")
         return "".join(p.text for p in parts if p.type == "text")
-    return [
-        {"type": "text", "text": p.text}
-        if p.type == "text"
-        else {"type": "image_url", "image_url": {"url": p.image_url or ""}}
-        for p in parts
-    ]
+    return [{"type": "text", "text": p.text} if p.type == "text" else encode_chat_part(p) for p in parts]
 
 
 def encode_messages(messages: list[Message]) -> list[dict[str, Any]]:
