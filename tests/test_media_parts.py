@@ -19,7 +19,10 @@ from harness import Loop, llama_completion, wait_until
 from gateway.policy.audit import AuditLog
 from gateway.policy.chain import PolicyStore
 
-PNG = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAwS2OUAAAAABJRU5ErkJggg=="
+PNG = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAwS2OUAAAAABJRU5"
+    "ErkJggg=="
+)
 PNG_BYTES = 70  # the decoded payload of PNG
 BOMB = PNG.replace("iVBOR", "iVBOR" + "Ym9tYg")  # another image: the scripted guard calls it unsafe
 TEXT_ONLY = """name: text-only
@@ -48,8 +51,13 @@ def media_stack(make_stack, tmp_path):
     def make(policy_path: str, dialect: str = "openai"):
         audit = AuditLog(tmp_path / "audit.jsonl", include_content=True)
         handler = llama_handler if dialect == "llama" else None
-        st = make_stack({"upstreams": {"main": {"base_url": "SCRIPTED", "dialect": dialect}}, "policy": policy_path},
-                        handler=handler, dialect=dialect, policies=PolicyStore(required=[policy_path]), audit=audit)
+        st = make_stack(
+            {"upstreams": {"main": {"base_url": "SCRIPTED", "dialect": dialect}}, "policy": policy_path},
+            handler=handler,
+            dialect=dialect,
+            policies=PolicyStore(required=[policy_path]),
+            audit=audit,
+        )
         st.audit_path = tmp_path / "audit.jsonl"
         return st
 
@@ -69,31 +77,73 @@ def last_audit(st) -> dict:
 
 
 def chat_image(st, image: str = PNG) -> Any:
-    return st.openai().chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": [
-        {"type": "text", "text": "What is in this picture?"},
-        {"type": "image_url", "image_url": {"url": image, "detail": "low"}}]}])
+    return st.openai().chat.completions.create(
+        model="gpt-test",
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is in this picture?"},
+                    {"type": "image_url", "image_url": {"url": image, "detail": "low"}},
+                ],
+            }
+        ],
+    )
 
 
 def responses_image(st, image: str = PNG) -> Any:
-    return st.openai().responses.create(model="gpt-test", input=[{"role": "user", "content": [
-        {"type": "input_text", "text": "What is in this picture?"},
-        {"type": "input_image", "image_url": image, "detail": "low"}]}])
+    return st.openai().responses.create(
+        model="gpt-test",
+        input=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "What is in this picture?"},
+                    {"type": "input_image", "image_url": image, "detail": "low"},
+                ],
+            }
+        ],
+    )
 
 
 def llama_image(st, image: str = PNG) -> Any:
-    return st.llama().chat.completions.create(model="Llama-4-Scout", messages=[{"role": "user", "content": [
-        {"type": "text", "text": "What is in this picture?"},
-        {"type": "image_url", "image_url": {"url": image}}]}])
+    return st.llama().chat.completions.create(
+        model="Llama-4-Scout",
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is in this picture?"},
+                    {"type": "image_url", "image_url": {"url": image}},
+                ],
+            }
+        ],
+    )
 
 
 FACES = {
     # face: (call, upstream dialect, where the part is, its wire type, the part as the upstream must get it)
-    "chat": (chat_image, "openai", "messages[0].content[1]", "image_url",
-             {"type": "image_url", "image_url": {"url": PNG, "detail": "low"}}),
-    "responses": (responses_image, "openai", "input[0].content[1]", "input_image",
-                  {"type": "image_url", "image_url": {"url": PNG, "detail": "low"}}),
-    "llama": (llama_image, "llama", "messages[0].content[1]", "image_url",
-              {"type": "image_url", "image_url": {"url": PNG}}),
+    "chat": (
+        chat_image,
+        "openai",
+        "messages[0].content[1]",
+        "image_url",
+        {"type": "image_url", "image_url": {"url": PNG, "detail": "low"}},
+    ),
+    "responses": (
+        responses_image,
+        "openai",
+        "input[0].content[1]",
+        "input_image",
+        {"type": "image_url", "image_url": {"url": PNG, "detail": "low"}},
+    ),
+    "llama": (
+        llama_image,
+        "llama",
+        "messages[0].content[1]",
+        "image_url",
+        {"type": "image_url", "image_url": {"url": PNG}},
+    ),
 }
 
 
@@ -117,8 +167,13 @@ def test_image_under_text_only_policy_refused_naming_part_and_policy_line(media_
     assert st.upstream.requests == []  # nothing went upstream
     rec = last_audit(st)
     assert rec["status"] == 400 and rec["action"] == "block" and rec["blocked_stage"] == "input"
-    assert rec["media"]["image"] == {"rule": "refuse", "count": 1, "bytes": PNG_BYTES, "by_reference": 0,
-                                     "inspected": False}
+    assert rec["media"]["image"] == {
+        "rule": "refuse",
+        "count": 1,
+        "bytes": PNG_BYTES,
+        "by_reference": 0,
+        "inspected": False,
+    }
 
 
 def test_refusal_points_at_the_content_line(media_stack, tmp_path) -> None:
@@ -128,11 +183,17 @@ def test_refusal_points_at_the_content_line(media_stack, tmp_path) -> None:
     assert f"{policy}:4" in body["error"]["message"]  # the `images:` line to change
 
 
-@pytest.mark.parametrize(("part", "kind", "wire"), [
-    ({"type": "input_audio", "input_audio": {"data": "UklGRiQAAABXQVZF", "format": "wav"}}, "audio", "input_audio"),
-    ({"type": "file", "file": {"file_data": "data:application/pdf;base64,JVBERi0xLjQK", "filename": "a.pdf"}},
-     "files", "file"),
-])
+@pytest.mark.parametrize(
+    ("part", "kind", "wire"),
+    [
+        ({"type": "input_audio", "input_audio": {"data": "UklGRiQAAABXQVZF", "format": "wav"}}, "audio", "input_audio"),
+        (
+            {"type": "file", "file": {"file_data": "data:application/pdf;base64,JVBERi0xLjQK", "filename": "a.pdf"}},
+            "files",
+            "file",
+        ),
+    ],
+)
 def test_audio_and_files_refused_by_default_and_relayed_when_allowed(media_stack, tmp_path, part, kind, wire) -> None:
     msgs = [{"role": "user", "content": [{"type": "text", "text": "listen"}, part]}]
     st = media_stack(write_policy(tmp_path))
@@ -155,15 +216,21 @@ def test_allowed_image_relayed_unchanged_and_audited_uninspected(media_stack, tm
     assert st.upstream.last.json()["messages"][0]["content"][1] == sent
     rec = last_audit(st)
     assert rec["status"] == 200 and rec["action"] == "allow"
-    assert rec["media"] == {"image": {"rule": "allow", "count": 1, "bytes": PNG_BYTES, "by_reference": 0,
-                                      "inspected": False}}
+    assert rec["media"] == {
+        "image": {"rule": "allow", "count": 1, "bytes": PNG_BYTES, "by_reference": 0, "inspected": False}
+    }
 
 
 def test_image_by_url_counted_by_reference(media_stack, tmp_path) -> None:
     st = media_stack(write_policy(tmp_path, "content:\n  images: allow\n"))
     chat_image(st, "https://example.com/cat.png")
-    assert last_audit(st)["media"]["image"] == {"rule": "allow", "count": 1, "bytes": 0, "by_reference": 1,
-                                                "inspected": False}
+    assert last_audit(st)["media"]["image"] == {
+        "rule": "allow",
+        "count": 1,
+        "bytes": 0,
+        "by_reference": 1,
+        "inspected": False,
+    }
 
 
 def test_llama_upstream_refuses_audio_it_cannot_carry(media_stack, tmp_path) -> None:
@@ -171,8 +238,15 @@ def test_llama_upstream_refuses_audio_it_cannot_carry(media_stack, tmp_path) -> 
     item), never dropped on the way."""
     st = media_stack(write_policy(tmp_path, "content:\n  audio: allow\n"), "llama")
     with pytest.raises(openai.BadRequestError) as e:
-        st.openai().chat.completions.create(model="m", messages=[{"role": "user", "content": [
-            {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}]}])
+        st.openai().chat.completions.create(
+            model="m",
+            messages=[
+                {
+                    "role": "user",
+                    "content": [{"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}],
+                }
+            ],
+        )
     assert e.value.code == "unsupported_content" and "Llama API has no audio" in e.value.message
     assert st.upstream.requests == []
 
@@ -201,18 +275,42 @@ class ScriptedLG4:
         self.requests.append({"path": request.path, "body": body})
         first, other = ("unsafe", "safe") if self.unsafe(body) else ("safe", "unsafe")
         text = "unsafe\nS9" if first == "unsafe" else "safe"
-        lp = {"content": [{"token": first, "logprob": -0.01, "top_logprobs": [
-            {"token": first, "logprob": -0.01}, {"token": other, "logprob": -5.0}]}]}
-        return web.json_response({"id": "g", "object": "chat.completion", "created": 1, "model": body["model"],
-                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                               "logprobs": lp, "finish_reason": "stop"}]})
+        lp = {
+            "content": [
+                {
+                    "token": first,
+                    "logprob": -0.01,
+                    "top_logprobs": [{"token": first, "logprob": -0.01}, {"token": other, "logprob": -5.0}],
+                }
+            ]
+        }
+        return web.json_response(
+            {
+                "id": "g",
+                "object": "chat.completion",
+                "created": 1,
+                "model": body["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": lp,
+                        "finish_reason": "stop",
+                    }
+                ],
+            }
+        )
 
     async def moderations(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.requests.append({"path": request.path, "body": body})
         flagged = self.unsafe(body)
-        return web.json_response({"model": body.get("model", "Llama-Guard"), "results": [
-            {"flagged": flagged, "flagged_categories": ["S9"] if flagged else []}]})
+        return web.json_response(
+            {
+                "model": body.get("model", "Llama-Guard"),
+                "results": [{"flagged": flagged, "flagged_categories": ["S9"] if flagged else []}],
+            }
+        )
 
 
 @pytest.fixture
@@ -224,8 +322,13 @@ def lg4():
     loop.close()
 
 
-GUARD_CASES = [("chat", "openai_chat"), ("chat", "llama_moderations"), ("responses", "openai_chat"),
-               ("llama", "llama_moderations"), ("llama", "openai_chat")]
+GUARD_CASES = [
+    ("chat", "openai_chat"),
+    ("chat", "llama_moderations"),
+    ("responses", "openai_chat"),
+    ("llama", "llama_moderations"),
+    ("llama", "openai_chat"),
+]
 
 
 @pytest.mark.parametrize(("face", "api"), GUARD_CASES)

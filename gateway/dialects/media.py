@@ -45,16 +45,32 @@ def decode_chat_part(item: dict[str, Any], typ: str, r: Reader, p: str) -> Part 
         if isinstance(iu, str):
             return Part("image", image_url=iu, path=p, wire_type=typ)
         iu = r.obj(iu, f"{p}.image_url")
-        return Part("image", image_url=r.str_(iu.get("url"), f"{p}.image_url.url"),
-                    detail=_opt(iu, "detail", r, f"{p}.image_url"), path=p, wire_type=typ)
+        return Part(
+            "image",
+            image_url=r.str_(iu.get("url"), f"{p}.image_url.url"),
+            detail=_opt(iu, "detail", r, f"{p}.image_url"),
+            path=p,
+            wire_type=typ,
+        )
     if typ == "input_audio":
         ia = r.obj(item.get("input_audio"), f"{p}.input_audio")
-        return Part("audio", data=r.str_(ia.get("data"), f"{p}.input_audio.data"),
-                    format=_opt(ia, "format", r, f"{p}.input_audio"), path=p, wire_type=typ)
+        return Part(
+            "audio",
+            data=r.str_(ia.get("data"), f"{p}.input_audio.data"),
+            format=_opt(ia, "format", r, f"{p}.input_audio"),
+            path=p,
+            wire_type=typ,
+        )
     if typ == "file":
         f = r.obj(item.get("file"), f"{p}.file")
-        part = Part("file", data=_opt(f, "file_data", r, f"{p}.file"), file_id=_opt(f, "file_id", r, f"{p}.file"),
-                    filename=_opt(f, "filename", r, f"{p}.file"), path=p, wire_type=typ)
+        part = Part(
+            "file",
+            data=_opt(f, "file_data", r, f"{p}.file"),
+            file_id=_opt(f, "file_id", r, f"{p}.file"),
+            filename=_opt(f, "filename", r, f"{p}.file"),
+            path=p,
+            wire_type=typ,
+        )
         if part.data is None and part.file_id is None:
             r.fail(f"'{p}.file' needs file_data or file_id", f"{p}.file")
         return part
@@ -74,8 +90,11 @@ def encode_chat_part(part: Part) -> dict[str, Any]:
             ia["format"] = part.format
         return {"type": "input_audio", "input_audio": ia}
     if part.type == "file":
-        f = {k: v for k, v in (("file_data", part.data), ("file_id", part.file_id), ("filename", part.filename))
-             if v is not None}
+        f = {
+            k: v
+            for k, v in (("file_data", part.data), ("file_id", part.file_id), ("filename", part.filename))
+            if v is not None
+        }
         return {"type": "file", "file": f}
     raise _fail(f"a {part.type} part has no OpenAI chat content part", part.path or "messages")
 
@@ -93,20 +112,37 @@ def decode_responses_part(item: dict[str, Any], typ: str, r: Reader, p: str, *, 
     if typ == "input_image":
         url = item.get("image_url")
         if url is None:
-            raise _fail(f"'{p}': an input_image by file_id refers to a file stored upstream, which no guard "
-                        "can read and a chat upstream cannot take; send it as image_url (an https or data: URL)",
-                        f"{p}.file_id")
-        return Part("image", image_url=r.str_(url, f"{p}.image_url"), detail=_opt(item, "detail", r, p),
-                    path=p, wire_type=typ)
+            raise _fail(
+                f"'{p}': an input_image by file_id refers to a file stored upstream, which no guard "
+                "can read and a chat upstream cannot take; send it as image_url (an https or data: URL)",
+                f"{p}.file_id",
+            )
+        return Part(
+            "image", image_url=r.str_(url, f"{p}.image_url"), detail=_opt(item, "detail", r, p), path=p, wire_type=typ
+        )
     if typ == "input_audio":
         ia = r.obj(item.get("input_audio"), f"{p}.input_audio")
-        return Part("audio", data=r.str_(ia.get("data"), f"{p}.input_audio.data"),
-                    format=_opt(ia, "format", r, f"{p}.input_audio"), path=p, wire_type=typ)
+        return Part(
+            "audio",
+            data=r.str_(ia.get("data"), f"{p}.input_audio.data"),
+            format=_opt(ia, "format", r, f"{p}.input_audio"),
+            path=p,
+            wire_type=typ,
+        )
     if item.get("file_url") is not None:
-        raise _fail(f"'{p}': an input_file by file_url has no chat counterpart (Guardgate answers the "
-                    "Responses API through a chat upstream); send file_data or file_id", f"{p}.file_url")
-    part = Part("file", data=_opt(item, "file_data", r, p), file_id=_opt(item, "file_id", r, p),
-                filename=_opt(item, "filename", r, p), path=p, wire_type=typ)
+        raise _fail(
+            f"'{p}': an input_file by file_url has no chat counterpart (Guardgate answers the "
+            "Responses API through a chat upstream); send file_data or file_id",
+            f"{p}.file_url",
+        )
+    part = Part(
+        "file",
+        data=_opt(item, "file_data", r, p),
+        file_id=_opt(item, "file_id", r, p),
+        filename=_opt(item, "filename", r, p),
+        path=p,
+        wire_type=typ,
+    )
     if part.data is None and part.file_id is None:
         r.fail(f"'{p}' needs file_data or file_id", p)
     return part
@@ -125,8 +161,11 @@ def encode_llama_part(part: Part) -> dict[str, Any]:
     """An image Part → a Llama API content item; audio and files have no Llama API slot (refused)."""
     if part.type == "image":
         return {"type": "image_url", "image_url": {"url": part.image_url or ""}}
-    raise _fail(f"'{part.path or 'messages'}': the Llama API has no {part.type} content item, so this "
-                f"{part.wire_type or part.type} part cannot reach a Llama API upstream", part.path or "messages")
+    raise _fail(
+        f"'{part.path or 'messages'}': the Llama API has no {part.type} content item, so this "
+        f"{part.wire_type or part.type} part cannot reach a Llama API upstream",
+        part.path or "messages",
+    )
 
 
 def text_only(parts: list[Part], role: str, dialect: str) -> None:
@@ -134,5 +173,8 @@ def text_only(parts: list[Part], role: str, dialect: str) -> None:
     for part in parts:
         if part.type in MEDIA_KINDS:
             where = part.path or "messages"
-            raise _fail(f"'{where}': a {part.wire_type or part.type} part in a {role} message has no {dialect} "
-                        "counterpart (text only there)", where)
+            raise _fail(
+                f"'{where}': a {part.wire_type or part.type} part in a {role} message has no {dialect} "
+                "counterpart (text only there)",
+                where,
+            )

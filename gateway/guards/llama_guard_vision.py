@@ -36,10 +36,20 @@ VTurn = tuple[str, str, list[str]]  # ("user" | "assistant", text, image URLs in
 # Llama Guard 4's default categories: S1..S14 for text; the template leaves S14 (Code Interpreter
 # Abuse, "text only" on the model card) out when the conversation has an image.
 LG4_CATEGORIES: dict[str, str] = {
-    "S1": "Violent Crimes.", "S2": "Non-Violent Crimes.", "S3": "Sex Crimes.", "S4": "Child Exploitation.",
-    "S5": "Defamation.", "S6": "Specialized Advice.", "S7": "Privacy.", "S8": "Intellectual Property.",
-    "S9": "Indiscriminate Weapons.", "S10": "Hate.", "S11": "Self-Harm.", "S12": "Sexual Content.",
-    "S13": "Elections.", "S14": "Code Interpreter Abuse.",
+    "S1": "Violent Crimes.",
+    "S2": "Non-Violent Crimes.",
+    "S3": "Sex Crimes.",
+    "S4": "Child Exploitation.",
+    "S5": "Defamation.",
+    "S6": "Specialized Advice.",
+    "S7": "Privacy.",
+    "S8": "Intellectual Property.",
+    "S9": "Indiscriminate Weapons.",
+    "S10": "Hate.",
+    "S11": "Self-Harm.",
+    "S12": "Sexual Content.",
+    "S13": "Elections.",
+    "S14": "Code Interpreter Abuse.",
 }
 TEXT_ONLY_CODES = ("S14",)
 
@@ -74,7 +84,8 @@ def vision_turns(messages: Sequence[Message], history: int | None = None) -> lis
             continue
         if turns and turns[-1][0] == role:
             r, t, imgs = turns[-1]
-            turns[-1] = (r, (t.rstrip() + "\n\n" + text.strip()) if t.strip() else text, imgs + images)
+            joined = "\n\n".join(x for x in (t.rstrip(), text.strip()) if x)
+            turns[-1] = (r, joined, imgs + images)
         else:
             turns.append((role, text, images))
     while turns and turns[0][0] != "user":
@@ -82,12 +93,13 @@ def vision_turns(messages: Sequence[Message], history: int | None = None) -> lis
     while turns and turns[-1][0] != "user":
         turns.pop()
     if history is not None:
-        turns = turns[-(2 * history + 1):]
+        turns = turns[-(2 * history + 1) :]
     return turns
 
 
-def render_lg4(turns: Sequence[VTurn], categories: Mapping[str, str] | None = None,
-               excluded: Sequence[str] = ()) -> str:
+def render_lg4(
+    turns: Sequence[VTurn], categories: Mapping[str, str] | None = None, excluded: Sequence[str] = ()
+) -> str:
     """Llama Guard 4's prompt as its chat template renders it, one `<|image|>` per image in the turn
     that carries it (before the turn's text). Default categories: S1..S14, S14 left out when an image
     is present. Quirks of the reference kept on purpose: "according to our" (LG3: "according our"),
@@ -156,8 +168,10 @@ async def judge(guard: Any, messages: Sequence[Message], t0: float | None = None
     t0 = time.perf_counter() if t0 is None else t0
     backend, prompter = guard.remote, guard.prompter
     if backend is None or prompter is None or not sees_images(guard):
-        raise RuntimeError("llama_guard: images need a remote backend that takes them (llama_moderations or "
-                           "openai_chat serving Llama Guard 4 with its vision projector)")
+        raise RuntimeError(
+            "llama_guard: images need a remote backend that takes them (llama_moderations or "
+            "openai_chat serving Llama Guard 4 with its vision projector)"
+        )
     turns = vision_turns(messages, guard.history)
     n = sum(len(imgs) for _, _, imgs in turns)
     if not turns:
@@ -172,24 +186,34 @@ async def judge(guard: Any, messages: Sequence[Message], t0: float | None = None
         codes = list(dict.fromkeys(c for r in results for c in r.get("flagged_categories") or []))
         raw = str(results)
     else:
-        body: dict[str, Any] = {"model": opts.model, "messages": msgs, "max_tokens": 20, "temperature": 0,
-                                "logprobs": True, "top_logprobs": 5}
+        body: dict[str, Any] = {
+            "model": opts.model,
+            "messages": msgs,
+            "max_tokens": 20,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 5,
+        }
         if prompter.excluded or guard.custom:
-            body["chat_template_kwargs"] = {"categories": dict(prompter.all_categories),
-                                            "excluded_category_keys": list(prompter.excluded)}
+            body["chat_template_kwargs"] = {
+                "categories": dict(prompter.all_categories),
+                "excluded_category_keys": list(prompter.excluded),
+            }
         data = await backend._post("/chat/completions", body)
         choice = (data.get("choices") or [{}])[0]
         raw = (choice.get("message") or {}).get("content") or ""
         lp = (choice.get("logprobs") or {}).get("content") or []
-        score = _score([{e.get("token", ""): e.get("logprob", -1e9) for e in item.get("top_logprobs") or []}
-                        for item in lp])
+        score = _score(
+            [{e.get("token", ""): e.get("logprob", -1e9) for e in item.get("top_logprobs") or []} for item in lp]
+        )
         parsed, codes = parse_output(raw)
         if parsed is None:
             raise RuntimeError(f"llama_guard remote: unparseable answer {raw[:80]!r}")
         flagged = parsed
     if score is not None:
         flagged = score >= guard.threshold
-    v: Verdict = guard._finish(t0, flagged, score if score is not None else float(flagged), codes, 0, raw=raw,
-                               images_checked=n)
+    v: Verdict = guard._finish(
+        t0, flagged, score if score is not None else float(flagged), codes, 0, raw=raw, images_checked=n
+    )
     guard.stats.observe(v)
     return v

@@ -68,8 +68,11 @@ def parse_content(obj: Any, file: str | None) -> ContentRules:
     for key, allowed in RULES.items():
         v = f.get(key, str, DEFAULT)
         if v not in allowed:
-            hint = " (only images can be guarded: Llama Guard 4 sees images, no guard reads audio or files)" \
-                if v == "guard" else ""
+            hint = (
+                " (only images can be guarded: Llama Guard 4 sees images, no guard reads audio or files)"
+                if v == "guard"
+                else ""
+            )
             raise f.error(key, f"content.{key} must be one of {', '.join(allowed)}, got {v!r}{hint}")
         vals[key] = v
     lines = {k: line_of(obj, k) for k in RULES if k in obj}
@@ -88,7 +91,9 @@ def check_guard_steps(rules: ContentRules, input_steps: list[Any], top: Any) -> 
         "content.images: guard needs an input step `guard: llama_guard` with `backend: remote` and a "
         "`remote` whose api accepts images (llama_moderations, or openai_chat on a server running Llama "
         "Guard 4 with its vision projector: llama.cpp's server with --mmproj, vLLM)",
-        rules.file, rules.lines.get("images") or line_of(top, "content"))
+        rules.file,
+        rules.lines.get("images") or line_of(top, "content"),
+    )
 
 
 # --------------------------------------------------------------------------- per request
@@ -139,8 +144,9 @@ def check(rules: ContentRules, policy_name: str, messages: list[Message]) -> Con
     for p in media_parts(messages):
         rule = rules.rule(p.type)
         n, ref = part_bytes(p)
-        t = out.tally.setdefault(p.type, {"rule": rule, "count": 0, "bytes": 0, "by_reference": 0,
-                                          "inspected": rule == "guard"})
+        t = out.tally.setdefault(
+            p.type, {"rule": rule, "count": 0, "bytes": 0, "by_reference": 0, "inspected": rule == "guard"}
+        )
         t["count"] += 1
         t["bytes"] += n
         t["by_reference"] += int(ref)
@@ -154,14 +160,19 @@ def refusal(rules: ContentRules, policy_name: str, p: Part) -> str:
     where = p.path or "a message"
     wire = p.wire_type or p.type
     if rules.file and not rules.file.startswith("<"):
-        at = f"{rules.file}:{rules.lines[key]}" if key in rules.lines else (
-            f"{rules.file}:{rules.line}" if rules.line else rules.file)
+        at = (
+            f"{rules.file}:{rules.lines[key]}"
+            if key in rules.lines
+            else (f"{rules.file}:{rules.line}" if rules.line else rules.file)
+        )
         fix = f"set `content: {{{key}: allow}}` in {at}"
     else:
         fix = f"use a policy file with `content: {{{key}: allow}}`"
-    guard = (" (or `images: guard`, to have Llama Guard 4 check them)" if key == "images" else "")
-    return (f"Request refused by policy '{policy_name}': {where} is a `{wire}` part, and no guard of this policy "
-            f"reads {key} (content.{key}: refuse, the default). To relay {key} unchecked, {fix}{guard}")
+    guard = " (or `images: guard`, to have Llama Guard 4 check them)" if key == "images" else ""
+    return (
+        f"Request refused by policy '{policy_name}': {where} is a `{wire}` part, and no guard of this policy "
+        f"reads {key} (content.{key}: refuse, the default). To relay {key} unchecked, {fix}{guard}"
+    )
 
 
 def unchecked_images(verdicts: list[Verdict]) -> bool:
