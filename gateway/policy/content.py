@@ -34,6 +34,7 @@ DEFAULT = "refuse"
 KIND_OF_KEY = {v: k for k, v in MEDIA_KINDS.items()}  # "images" -> "image"
 # What a guard that checked a request's images says in its verdict (Verdict.details): how many.
 CHECKED_KEY = "images_checked"
+_NOUN = {"images": "an image", "audio": "audio", "files": "a file"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,8 +171,8 @@ def refusal(rules: ContentRules, policy_name: str, p: Part) -> str:
         fix = f"use a policy file with `content: {{{key}: allow}}`"
     guard = " (or `images: guard`, to have Llama Guard 4 check them)" if key == "images" else ""
     return (
-        f"Request refused by policy '{policy_name}': {where} is a `{wire}` part, and no guard of this policy "
-        f"reads {key} (content.{key}: refuse, the default). To relay {key} unchecked, {fix}{guard}"
+        f"Request refused by policy '{policy_name}': the `{wire}` part at {where} is {_NOUN[key]}, and no guard "
+        f"of this policy reads {key} (content.{key}: refuse, the default). To relay {key} unchecked, {fix}{guard}"
     )
 
 
