@@ -369,3 +369,52 @@ def test_images_guard_without_a_vision_backend_is_a_policy_error(tmp_path) -> No
     with pytest.raises(PolicyError) as e:
         load_policy(path)
     assert str(e.value).startswith(f"{path}:3:") and "accepts images" in str(e.value)
+
+
+def test_images_guard_blocks_when_no_step_judged_the_images(tmp_path) -> None:
+    """A step that answered on the text alone (a backend that fell back to a text-only model) does not
+    count: under `images: guard` the request is blocked, never relayed with unjudged images."""
+    import asyncio
+
+    from gateway.policy.chain import PolicyRun
+    from gateway.policy.schema import load_policy
+    from gateway.types import Exchange, Message, Part, Verdict
+
+    policy = load_policy(write_policy(tmp_path, "content:\n  images: guard\n", "http://127.0.0.1:9/v1"))
+    step = next(s for s in policy.input.steps if s.guard_name == "llama_guard")
+    seen: list = []
+
+    async def text_only_check(inp) -> Verdict:
+        seen.append(inp.context.get("images"))
+        return Verdict(guard="llama_guard")  # a pass that says nothing about images
+
+    step.guard.check = text_only_check  # type: ignore[method-assign]
+    ex = Exchange(model="m", messages=[Message("user", [Part("text", "hi"), Part("image", image_url=PNG)])])
+    run = PolicyRun(policy)
+    assert run.check_content(ex).refused is None
+    decision = asyncio.run(run.check_input(ex))
+    assert seen == ["guard"] and decision.blocked and "no input step checked the images" in decision.message
+    assert run.finish(400)["media"]["image"] == {
+        "rule": "guard",
+        "count": 1,
+        "bytes": PNG_BYTES,
+        "by_reference": 0,
+        "inspected": True,
+    }
+
+
+def test_starter_allows_images_and_the_table_says_so() -> None:
+    from gateway import readiness
+    from gateway.starter import build
+
+    p = build()
+    assert p.content.describe() == {"images": "allow", "audio": "refuse", "files": "refuse"}
+    desc = {
+        "listen": "http://x",
+        "config": "c",
+        "upstreams": [],
+        "routes": [],
+        "policies": [readiness.describe_policy(p, True)],
+    }
+    assert desc["policies"][0]["content"] == {"images": "allow", "audio": "refuse", "files": "refuse"}
+    assert "content: images allow (relayed unchecked, audited), audio refuse, files refuse" in readiness.render(desc)
