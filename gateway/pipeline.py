@@ -341,9 +341,12 @@ class Pipeline:
             except DialectError as e:  # a part the upstream's dialect has no slot for: refused, never dropped
                 raise GatewayError(e.status, e.message, e.code or "invalid_request", param=e.param) from None
             headers = self.upstream_headers(request, ctx, upstream, {"Content-Type": "application/json"})
-            send = asyncio.ensure_future(self.telemetry.send(upstream, "POST", path, plan.query, headers, up_body))
-            if input_task is not None:
+            if input_task is None:  # the verdict is in (or there is no input stage): no task to spare
+                resp = await self.telemetry.send(upstream, "POST", path, plan.query, headers, up_body)
+            else:
                 # Speculative: the upstream is already on its way; no byte leaves before the verdict.
+                send = asyncio.ensure_future(self.telemetry.send(upstream, "POST", path, plan.query, headers,
+                                                                 up_body))
                 try:
                     await self._input_gate(input_task, ctx)
                 except BaseException:
@@ -354,7 +357,7 @@ class Pipeline:
                         pass
                     raise
                 input_task = None
-            resp = await send
+                resp = await send
         finally:
             if input_task is not None and not input_task.done():
                 input_task.cancel()

@@ -122,6 +122,7 @@ class TimedResponse(web.StreamResponse):
         self._send_headers_immediately = not headers_with_first_write
         self._since: float | None = None  # loop time the write in progress started
         self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._expired = False
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -154,7 +155,9 @@ class TimedResponse(web.StreamResponse):
         self._raise_if_expired()
 
     def _arm(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         self._since = now = loop.time()
         if self._timer is None:
             assert self.send_timeout is not None
@@ -162,10 +165,9 @@ class TimedResponse(web.StreamResponse):
 
     def _fire(self) -> None:
         self._timer = None
-        since, timeout = self._since, self.send_timeout
-        if since is None or timeout is None:
+        since, timeout, loop = self._since, self.send_timeout, self._loop
+        if since is None or timeout is None or loop is None:
             return  # no write waiting: the next one arms the timer again
-        loop = asyncio.get_running_loop()
         if loop.time() - since < timeout:  # a later write: give it its whole time
             self._timer = loop.call_at(since + timeout, self._fire)
             return

@@ -668,7 +668,7 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=20)
     ap.add_argument("--client", default="raw,aiohttp",
                     help="latency clients, in order (the first is the one the goals use): raw (RawClient), aiohttp")
-    ap.add_argument("--targets", default="relay,gate-regex,nginx,litellm")
+    ap.add_argument("--targets", default="relay,gate-regex,nginx,litellm,portkey")
     ap.add_argument("--base", type=Path, default=None,
                     help="another checkout (e.g. `git archive` of the commit before a change) for relay@base and "
                          "gate-regex@base")

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import json.encoder
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from json.encoder import encode_basestring
 from math import isfinite
 from typing import Any, NoReturn
 
 from gateway.dialects.base import DialectError, ModelInfo
+from gateway.types import Exchange, Message, Part, Role, ToolCall
 
 # A JSON string literal for a str, in C, no encoder object per call (hot path).
 qstr = encode_basestring
@@ -174,6 +177,146 @@ def arguments_str(v: Any, r: Reader, param: str) -> str:
     r.fail(f"'{param}' must be a string", param)
 
 
+@dataclass(frozen=True, slots=True)
+class MessageRules:
+    """One dialect's request messages, as data (`decode_messages` reads them all the same way)."""
+
+    roles: Mapping[str, Role]  # wire role → neutral role
+    texts: Mapping[str, str]  # content part type → the key its text is under
+    image_roles: frozenset[str]  # roles whose `image_url` parts are read (elsewhere: refused)
+    skipped: frozenset[str] = frozenset()  # part types dropped on purpose (no guard can read them)
+    object_content: bool = False  # content may be one part object instead of a list (Llama assistant)
+    names: bool = False  # `name` is read
+    assistant_refusal: bool = False  # an assistant's `refusal` is read as text (a guard must see it)
+    stop_reason: bool = False  # an assistant's `stop_reason` is read
+    # Media parts (image_url, input_audio, file, ...) of roles in `image_roles`: the dialect's decoder
+    # from `dialects/media.py` (item, type, reader, param) → a Part, or None for a type it does not know.
+    media: Callable[[dict[str, Any], str, Reader, str], Part | None] | None = None
+
+
+def decode_parts(content: Any, r: Reader, param: str, rules: MessageRules, role: str) -> list[Part]:
+    """A message's content: a string or parts (text-like parts by `rules.texts`, images by URL)."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [Part("text", content)]
+    if rules.object_content and isinstance(content, dict):
+        content = [content]
+    parts: list[Part] = []
+    for j, item in enumerate(r.list_(content, param)):
+        p = f"{param}[{j}]"
+        item = r.obj(item, p)
+        typ = item.get("type")
+        key = rules.texts.get(typ) if isinstance(typ, str) else None
+        if key is not None:
+            parts.append(Part("text", r.str_(item.get(key), f"{p}.{key}")))
+        elif rules.media is not None and role in rules.image_roles and isinstance(typ, str) \
+                and (media := rules.media(item, typ, r, p)) is not None:
+            parts.append(media)  # the policy's `content:` rule decides it
+        elif typ == "image_url" and role in rules.image_roles:
+            iu = item.get("image_url")
+            url = iu if isinstance(iu, str) else r.obj(iu, f"{p}.image_url").get("url")
+            parts.append(Part("image", image_url=r.str_(url, f"{p}.image_url.url")))
+        elif not (isinstance(typ, str) and typ in rules.skipped):
+            r.fail(f"unsupported content part type {typ!r} in a {role} message", f"{p}.type")
+    return parts
+
+
+def decode_tool_calls(v: Any, r: Reader, param: str) -> list[ToolCall]:
+    """`[{"id", "function": {name, arguments}}]` (both dialects; OpenAI custom tools: `custom.input`)."""
+    calls = []
+    for k, tc in enumerate(r.list_(v, param)):
+        p = f"{param}[{k}]"
+        tc = r.obj(tc, p)
+        kind, args = ("custom", "input") if tc.get("type") == "custom" and isinstance(tc.get("custom"), dict) \
+            else ("function", "arguments")
+        fn = r.obj(tc.get(kind), f"{p}.{kind}")
+        calls.append(ToolCall(r.str_(tc.get("id"), f"{p}.id"), r.str_(fn.get("name"), f"{p}.{kind}.name"),
+                              arguments_str(fn.get(args), r, f"{p}.{kind}.{args}")))
+    return calls
+
+
+def decode_messages(v: Any, r: Reader, param: str, rules: MessageRules) -> list[Message]:
+    """A request's messages by `rules`: every role checked, every part read or refused."""
+    msgs = r.list_(v, param)
+    if not msgs:
+        r.fail(f"'{param}' must contain at least one message", param)
+    out: list[Message] = []
+    for i, m in enumerate(msgs):
+        p = f"{param}[{i}]"
+        m = r.obj(m, p)
+        role = m.get("role")
+        if not isinstance(role, str) or role not in rules.roles:
+            r.fail(f"'{p}.role' must be one of {sorted(rules.roles)}", f"{p}.role")
+        msg = Message(rules.roles[role], decode_parts(m.get("content"), r, f"{p}.content", rules, role))
+        if rules.names:
+            msg.name = r.opt_str(m.get("name"), f"{p}.name")
+        if role == "assistant":
+            if rules.assistant_refusal and isinstance(m.get("refusal"), str) and m["refusal"]:
+                msg.parts.append(Part("text", m["refusal"]))
+            if m.get("tool_calls") is not None:
+                msg.tool_calls = decode_tool_calls(m["tool_calls"], r, f"{p}.tool_calls")
+            if rules.stop_reason and m.get("stop_reason") is not None:
+                msg.stop_reason = r.str_(m["stop_reason"], f"{p}.stop_reason")
+        elif role == "tool":
+            msg.tool_call_id = r.str_(m.get("tool_call_id"), f"{p}.tool_call_id")
+        out.append(msg)
+    return out
+
+
+def request_decoder(decode_payload: Callable[[dict[str, Any]], Exchange]) -> Callable[[bytes], Exchange]:
+    """A codec's `decode_request`: its `decode_payload` of the body parsed as a JSON object."""
+
+    def decode_request(body: bytes) -> Exchange:
+        return decode_payload(load_object(body))
+
+    return decode_request
+
+
+def decode_chat(obj: dict[str, Any], rules: MessageRules, nums: tuple[str, ...],
+                ints: tuple[str, ...]) -> tuple[Exchange, dict[str, Any]]:
+    """What a chat request says the same way in both dialects: model, messages, stream, these
+    numeric parameters, user, tool choice and response format → (the exchange, the dialect's extras
+    so far: a tool choice the other dialect has no shape for)."""
+    r = REQ
+    model = obj.get("model")
+    if not isinstance(model, str) or not model:
+        r.fail("'model' is required and must be a non-empty string", "model")
+    if "messages" not in obj:
+        r.fail("'messages' is required", "messages")
+    ex = Exchange(model=model, messages=decode_messages(obj["messages"], r, "messages", rules))
+    p, extra = ex.params, {}
+    if obj.get("stream") is not None:
+        ex.stream = r.bool_(obj["stream"], "stream")
+    for k in nums:
+        if obj.get(k) is not None:
+            p[k] = r.num(obj[k], k)
+    for k in ints:
+        if obj.get(k) is not None:
+            p[k] = r.int_(obj[k], k)
+    if obj.get("user") is not None:
+        p["user"] = r.str_(obj["user"], "user")
+    if obj.get("tool_choice") is not None:
+        tc = decode_tool_choice(obj["tool_choice"], r, "tool_choice")
+        if tc is None:
+            extra["tool_choice"] = obj["tool_choice"]
+        else:
+            p["tool_choice"] = tc
+    if obj.get("response_format") is not None:
+        r.str_(r.obj(obj["response_format"], "response_format").get("type"), "response_format.type")
+        p["response_format"] = obj["response_format"]
+    return ex, extra
+
+
+def keep_extra(ex: Exchange, name: str, extra: dict[str, Any], obj: dict[str, Any], known: frozenset[str]) -> Exchange:
+    """Every request key the dialect has no neutral name for rides in `ex.extra[name]` (its own upstream
+    gets it back; any other is never sent it)."""
+    extra.update((k, v) for k, v in obj.items() if k not in known)
+    if extra:
+        ex.extra[name] = extra
+    return ex
+
+
 def decode_tool_defs(tools: Any, r: Reader, param: str) -> tuple[list[dict[str, Any]], list[Any]]:
     """`[{"type":"function","function":{name, description?, parameters?, strict?}}]` (same in both
     dialects) → (neutral function defs, entries of other types kept verbatim)."""
@@ -186,16 +329,17 @@ def decode_tool_defs(tools: Any, r: Reader, param: str) -> tuple[list[dict[str, 
         if typ != "function":
             other.append(t)
             continue
-        fn = r.obj(t.get("function"), f"{p}.function")
-        d: dict[str, Any] = {"name": r.str_(fn.get("name"), f"{p}.function.name")}
-        if fn.get("description") is not None:
-            d["description"] = r.str_(fn["description"], f"{p}.function.description")
-        if fn.get("parameters") is not None:
-            d["parameters"] = r.obj(fn["parameters"], f"{p}.function.parameters")
-        if fn.get("strict") is not None:
-            d["strict"] = r.bool_(fn["strict"], f"{p}.function.strict")
-        out.append(d)
+        out.append(function_def(r.obj(t.get("function"), f"{p}.function"), r, f"{p}.function"))
     return out, other
+
+
+def function_def(fn: dict[str, Any], r: Reader, p: str) -> dict[str, Any]:
+    """A function tool's definition in neutral form: name, and description, parameters, strict if set."""
+    d: dict[str, Any] = {"name": r.str_(fn.get("name"), f"{p}.name")}
+    for key, read in (("description", r.str_), ("parameters", r.obj), ("strict", r.bool_)):
+        if fn.get(key) is not None:
+            d[key] = read(fn[key], f"{p}.{key}")
+    return d
 
 
 def encode_tool_defs(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:

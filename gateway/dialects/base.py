@@ -104,15 +104,8 @@ class StreamDecoder(Protocol):
 class ErrorCodec(Protocol):
     name: str
 
-    def error_body(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        code: str | None = None,
-        param: str | None = None,
-    ) -> dict[str, Any]:
+    def error_body(self, status: int, message: str, *, type: str = "invalid_request_error",
+                   code: str | None = None, param: str | None = None) -> dict[str, Any]:
         """The JSON body of an error Guardgate itself produces on a route of this dialect."""
         ...
 

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.dialects import openai
-from gateway.dialects._common import load_object, qstr
-from gateway.dialects.base import DialectError, UpstreamStreamError
+from gateway.dialects._common import qstr, request_decoder
+from gateway.dialects.base import DialectError
 from gateway.dialects.stream import HOLES, StreamEncoder, Template, frame
 from gateway.types import (
     Choice,
     Completion,
-    Event,
     Exchange,
     Finish,
     Message,
@@ -30,6 +29,10 @@ from gateway.types import (
     Usage,
     UsageEvent,
 )
+
+if TYPE_CHECKING:  # annotations only
+    from gateway.types import Event
+
 
 # Sampling fields with a neutral name (chat shares them); every other key rides in Exchange.extra.
 _PARAMS = ("max_tokens", "temperature", "top_p", "stop", "seed", "n", "user", "presence_penalty",
@@ -54,11 +57,6 @@ def _prompt(v: Any) -> str:
     raise DialectError("'prompt' must be a string", param="prompt")
 
 
-def decode_request(body: bytes) -> Exchange:
-    """`decode_payload` of the body parsed as a JSON object."""
-    return decode_payload(load_object(body))
-
-
 def decode_payload(obj: dict[str, Any]) -> Exchange:
     """A completions request already parsed as a JSON object → the exchange."""
     model = obj.get("model")
@@ -73,6 +71,9 @@ def decode_payload(obj: dict[str, Any]) -> Exchange:
     return Exchange(model=model, messages=[Message.of("user", prompt)], stream=stream,
                     include_usage=isinstance(opts, dict) and opts.get("include_usage") is True,
                     params=params, extra=extra)
+
+
+decode_request = request_decoder(decode_payload)
 
 
 def encode_request(ex: Exchange) -> dict[str, Any]:
@@ -119,32 +120,11 @@ def encode_response(c: Completion, ex: Exchange) -> dict[str, Any]:
             "usage": _usage_dict(c.usage)}
 
 
-class CompletionsStreamDecoder:
-    """Completions chunks (`choices[].text`) → neutral events; ends at `data: [DONE]`."""
+class CompletionsStreamDecoder(openai.OpenAIStreamDecoder):
+    """Completions chunks (`choices[].text`) → neutral events; ends at `data: [DONE]` (the chat
+    decoder's framing and errors, this endpoint's chunks)."""
 
-    def __init__(self) -> None:
-        self._done = False
-        self._started = False
-
-    def done(self) -> bool:
-        return self._done
-
-    def ended_cleanly(self) -> bool:
-        return self._done
-
-    def feed(self, event: str | None, data: str) -> list[Event]:
-        if data.startswith("[DONE]"):
-            self._done = True
-            return []
-        try:
-            obj = json.loads(data)
-            if not isinstance(obj, dict):
-                raise ValueError
-        except (ValueError, RecursionError):
-            raise UpstreamStreamError("upstream sent a stream chunk that is not a JSON object",
-                                      code="bad_upstream_response") from None
-        if obj.get("error"):
-            raise UpstreamStreamError("upstream error during streaming", code="upstream_error")
+    def _events(self, obj: dict[str, Any]) -> list[Event]:
         out: list[Event] = []
         if not self._started:
             self._started = True

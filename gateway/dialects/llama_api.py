@@ -29,44 +29,18 @@ from __future__ import annotations
 
 import time
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gateway.dialects._common import (
-    REQ,
-    UP,
-    Reader,
-    arguments_str,
-    category_code,
-    code_order,
-    decode_models_list,
-    decode_tool_choice,
-    decode_tool_defs,
-    encode_tool_choice,
-    encode_tool_defs,
-    load_json,
-    load_object,
-    loads,
-    qstr,
-)
-from gateway.dialects.base import (
-    DialectError,
-    ModelInfo,
-    ModerationRequest,
-    ModerationResult,
-    UpstreamStreamError,
-)
-from gateway.dialects.media import decode_llama_part, encode_llama_part, text_only
+from gateway.dialects import _common as _c
+from gateway.dialects.base import DialectError, ModelInfo, ModerationRequest, ModerationResult, UpstreamStreamError
+from gateway.dialects.media import encode_llama_part, llama_media_part, text_only
 from gateway.dialects.stream import HOLES, StreamEncoder, Template, frame
 from gateway.types import (
     Completion,
-    Event,
-    Exchange,
     Finish,
     Message,
-    Part,
     StreamStart,
     TextDelta,
-    ToolCall,
     ToolCallDelta,
     Usage,
     UsageEvent,
@@ -75,7 +49,9 @@ from gateway.types import (
 
 NAME = "llama"
 name = NAME  # the module itself is the `Dialect` (see gateway/dialects/__init__.py)
-ROLES = frozenset(("system", "user", "assistant", "tool"))
+if TYPE_CHECKING:  # annotations only
+    from gateway.types import Event, Exchange, Part
+
 STOP_REASONS = frozenset(("stop", "tool_calls", "length", "content_filter"))
 _STOP_IN = {"end_of_turn": "stop", "end_of_message": "stop", "out_of_tokens": "length"}
 _KNOWN_REQ = frozenset(
@@ -112,117 +88,35 @@ def stop_reason_out(v: str) -> str:
 # --------------------------------------------------------------------------- requests
 
 
-def _decode_parts(content: Any, r: Reader, param: str, *, images: bool) -> list[Part]:
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [Part("text", content)]
-    if isinstance(content, dict):  # assistant: a single content object
-        content = [content]
-    parts: list[Part] = []
-    for j, item in enumerate(r.list_(content, param)):
-        p = f"{param}[{j}]"
-        item = r.obj(item, p)
-        typ = item.get("type")
-        if typ == "text":
-            parts.append(Part("text", r.str_(item.get("text"), f"{p}.text")))
-        elif typ == "image_url" and images:
-            parts.append(decode_llama_part(item, r, p))
-        else:
-            r.fail(f"unsupported content item type {typ!r}", f"{p}.type")
-    return parts
+MESSAGES = _c.MessageRules(
+    roles={"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"},
+    texts={"text": "text"},
+    image_roles=frozenset(("user",)),
+    media=llama_media_part,  # image_url (dialects/media.py)
+    object_content=True,  # an assistant's content is one object
+    stop_reason=True,
+)
 
 
-def _decode_tool_calls(v: Any, r: Reader, param: str) -> list[ToolCall]:
-    calls = []
-    for k, tc in enumerate(r.list_(v, param)):
-        p = f"{param}[{k}]"
-        tc = r.obj(tc, p)
-        fn = r.obj(tc.get("function"), f"{p}.function")
-        calls.append(
-            ToolCall(
-                r.str_(tc.get("id"), f"{p}.id"),
-                r.str_(fn.get("name"), f"{p}.function.name"),
-                arguments_str(fn.get("arguments"), r, f"{p}.function.arguments"),
-            )
-        )
-    return calls
-
-
-def decode_messages(v: Any, r: Reader = REQ, param: str = "messages") -> list[Message]:
-    msgs = r.list_(v, param)
-    if not msgs:
-        r.fail(f"'{param}' must contain at least one message", param)
-    out: list[Message] = []
-    for i, m in enumerate(msgs):
-        p = f"{param}[{i}]"
-        m = r.obj(m, p)
-        role = m.get("role")
-        if not isinstance(role, str) or role not in ROLES:
-            r.fail(f"'{p}.role' must be one of {sorted(ROLES)}", f"{p}.role")
-        msg = Message(
-            role=role, parts=_decode_parts(m.get("content"), r, f"{p}.content", images=role == "user")
-        )
-        if role == "assistant":
-            if m.get("tool_calls") is not None:
-                msg.tool_calls = _decode_tool_calls(m["tool_calls"], r, f"{p}.tool_calls")
-            if m.get("stop_reason") is not None:
-                msg.stop_reason = r.str_(m["stop_reason"], f"{p}.stop_reason")
-        elif role == "tool":
-            msg.tool_call_id = r.str_(m.get("tool_call_id"), f"{p}.tool_call_id")
-        out.append(msg)
-    return out
-
-
-def decode_request(body: bytes) -> Exchange:
-    """`decode_payload` of the body parsed as a JSON object."""
-    return decode_payload(load_object(body))
+def decode_messages(v: Any, r: _c.Reader = _c.REQ, param: str = "messages") -> list[Message]:
+    return _c.decode_messages(v, r, param, MESSAGES)
 
 
 def decode_payload(obj: dict[str, Any]) -> Exchange:
     """A request already parsed as a JSON object (the router parses each body once) → the exchange."""
-    r = REQ
-    model = obj.get("model")
-    if not isinstance(model, str) or not model:
-        r.fail("'model' is required and must be a non-empty string", "model")
-    if "messages" not in obj:
-        r.fail("'messages' is required", "messages")
-    ex = Exchange(model=model, messages=decode_messages(obj["messages"], r))
-    p = ex.params
-    if obj.get("stream") is not None:
-        ex.stream = r.bool_(obj["stream"], "stream")
+    r = _c.REQ
+    ex, extra = _c.decode_chat(obj, MESSAGES, ("temperature", "top_p", "repetition_penalty"), ("top_k",))
     ex.include_usage = ex.stream
-    for k in ("temperature", "top_p", "repetition_penalty"):
-        if obj.get(k) is not None:
-            p[k] = r.num(obj[k], k)
-    if obj.get("top_k") is not None:
-        p["top_k"] = r.int_(obj["top_k"], "top_k")
     if obj.get("max_completion_tokens") is not None:
-        p["max_tokens"] = r.int_(obj["max_completion_tokens"], "max_completion_tokens")
-    if obj.get("user") is not None:
-        p["user"] = r.str_(obj["user"], "user")
-    extra: dict[str, Any] = {}
+        ex.params["max_tokens"] = r.int_(obj["max_completion_tokens"], "max_completion_tokens")
     if obj.get("tools") is not None:
-        tools, other = decode_tool_defs(obj["tools"], r, "tools")
-        p["tools"] = tools
+        ex.params["tools"], other = _c.decode_tool_defs(obj["tools"], r, "tools")
         if other:
             extra["tools"] = obj["tools"]
-    if obj.get("tool_choice") is not None:
-        tc = decode_tool_choice(obj["tool_choice"], r, "tool_choice")
-        if tc is None:
-            extra["tool_choice"] = obj["tool_choice"]
-        else:
-            p["tool_choice"] = tc
-    if obj.get("response_format") is not None:
-        rf = r.obj(obj["response_format"], "response_format")
-        r.str_(rf.get("type"), "response_format.type")
-        p["response_format"] = rf
-    for k, v in obj.items():
-        if k not in _KNOWN_REQ:
-            extra[k] = v
-    if extra:
-        ex.extra[NAME] = extra
-    return ex
+    return _c.keep_extra(ex, NAME, extra, obj, _KNOWN_REQ)
+
+
+decode_request = _c.request_decoder(decode_payload)
 
 
 def _text_items(parts: list[Part]) -> str | list[dict[str, Any]]:
@@ -298,9 +192,9 @@ def encode_request(ex: Exchange) -> dict[str, Any]:
         if rf is not None:
             body["response_format"] = rf
     if p.get("tools"):
-        body["tools"] = encode_tool_defs(p["tools"])
+        body["tools"] = _c.encode_tool_defs(p["tools"])
     if p.get("tool_choice") is not None:
-        body["tool_choice"] = encode_tool_choice(p["tool_choice"])
+        body["tool_choice"] = _c.encode_tool_choice(p["tool_choice"])
     if ex.stream:
         body["stream"] = True
     for k, v in extra.items():
@@ -316,7 +210,7 @@ def encode_request(ex: Exchange) -> dict[str, Any]:
 _TEXT_OUT = frozenset(("text", "refusal"))
 
 
-def _usage_from_metrics(metrics: Any, r: Reader, param: str) -> Usage | None:
+def _usage_from_metrics(metrics: Any, r: _c.Reader, param: str) -> Usage | None:
     vals: dict[str, int] = {}
     for i, m in enumerate(r.list_(metrics, param)):
         m = r.obj(m, f"{param}[{i}]")
@@ -339,17 +233,17 @@ def _metrics(u: Usage) -> list[dict[str, Any]]:
 
 
 def decode_response(body: bytes) -> Completion:
-    obj = load_object(body, status=502, what="upstream response")
-    r = UP
+    obj = _c.load_object(body, status=502, what="upstream response")
+    r = _c.UP
     cm = r.obj(obj.get("completion_message"), "completion_message")
     msg = Message(role="assistant")
     content = cm.get("content")
     if content:
         msg.parts = [
-            p for p in _decode_parts(content, r, "completion_message.content", images=False) if p.text
+            p for p in _c.decode_parts(content, r, "completion_message.content", MESSAGES, "assistant") if p.text
         ]
     if cm.get("tool_calls") is not None:
-        msg.tool_calls = _decode_tool_calls(cm["tool_calls"], r, "completion_message.tool_calls")
+        msg.tool_calls = _c.decode_tool_calls(cm["tool_calls"], r, "completion_message.tool_calls")
     usage = _usage_from_metrics(obj["metrics"], r, "metrics") if obj.get("metrics") is not None else None
     c = Completion(
         id=r.opt_str(obj.get("id"), "id") or new_id("chatcmpl-"),
@@ -432,7 +326,7 @@ class LlamaStreamDecoder:
 
     def feed(self, event: str | None, data: str) -> list[Event]:
         try:
-            obj = loads(data)
+            obj = _c.loads(data)
         except (ValueError, RecursionError):
             if event == "error":
                 raise UpstreamStreamError(data[:500] or "upstream error during streaming") from None
@@ -463,7 +357,7 @@ class LlamaStreamDecoder:
                 text = delta.get("text")
                 if type(text) is str:
                     return [TextDelta(text)] if text else []
-        r = UP
+        r = _c.UP
         out: list[Event] = []
         if not self._started:
             self._started = True
@@ -491,11 +385,11 @@ class LlamaStreamDecoder:
         return out
 
     def _tool(self, delta: dict[str, Any], out: list[Event]) -> None:
-        r = UP
+        r = _c.UP
         cid = r.opt_str(delta.get("id"), "event.delta.id")
         fn = delta.get("function")
         fn = r.obj(fn, "event.delta.function") if fn is not None else {}
-        args = arguments_str(fn.get("arguments"), r, "event.delta.function.arguments")
+        args = _c.arguments_str(fn.get("arguments"), r, "event.delta.function.arguments")
         if cid is not None and cid in self._call_ids:
             k, first = self._call_ids[cid], False
         elif cid is not None or self._cur is None:
@@ -548,7 +442,7 @@ class LlamaStreamEncoder(StreamEncoder):
             return
         self.begin()
         assert self._progress is not None
-        self.emit_text(self._progress.fill(qstr(ev.text)))
+        self.emit_text(self._progress.fill(_c.qstr(ev.text)))
 
     def tool(self, ev: ToolCallDelta) -> None:
         if ev.index:
@@ -613,14 +507,8 @@ def stream_encoder(ex: Exchange) -> LlamaStreamEncoder:
 # --------------------------------------------------------------------------- errors
 
 
-def error_body(
-    status: int,
-    message: str,
-    *,
-    type: str = "invalid_request_error",
-    code: str | None = None,
-    param: str | None = None,
-) -> dict[str, Any]:
+def error_body(status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
+               param: str | None = None) -> dict[str, Any]:
     """OpenAI-shaped `error` plus problem-JSON `title`/`detail` copies (§3.6)."""
     try:
         title = HTTPStatus(status).phrase
@@ -635,7 +523,7 @@ def error_body(
 
 def decode_error(status: int, body: bytes) -> tuple[str, str | None]:
     try:
-        obj = load_json(body, status=502, what="upstream error")
+        obj = _c.load_json(body, status=502, what="upstream error")
     except DialectError:
         obj = None
     msg, code = _error_message(obj)
@@ -670,7 +558,7 @@ def encode_models(models: list[ModelInfo]) -> dict[str, Any]:
 
 def decode_models(body: bytes) -> list[ModelInfo]:
     """`{"data":[...]}` (a bare list or a single model object are accepted too)."""
-    return decode_models_list(body)
+    return _c.decode_models_list(body)
 
 
 # --------------------------------------------------------------------------- moderations
@@ -678,8 +566,8 @@ def decode_models(body: bytes) -> list[ModelInfo]:
 
 def decode_moderation_request(body: bytes) -> ModerationRequest:
     """`{"messages":[...], "model"?}`: one conversation, one result."""
-    obj = load_object(body)
-    r = REQ
+    obj = _c.load_object(body)
+    r = _c.REQ
     model = r.opt_str(obj.get("model"), "model")
     if "messages" not in obj:
         r.fail("'messages' is required", "messages")
@@ -710,7 +598,7 @@ def encode_moderation_response(
             {
                 "flagged": bool(res.get("flagged")),
                 "flagged_categories": sorted(
-                    {category_code(c) for c in res.get("categories") or []}, key=code_order
+                    {_c.category_code(c) for c in res.get("categories") or []}, key=_c.code_order
                 ),
             }
             for res in results
@@ -719,20 +607,20 @@ def encode_moderation_response(
 
 
 def decode_moderation_response(body: bytes) -> list[ModerationResult]:
-    obj = load_object(body, status=502, what="upstream moderation response")
-    r = UP
+    obj = _c.load_object(body, status=502, what="upstream moderation response")
+    r = _c.UP
     out: list[ModerationResult] = []
     for i, res in enumerate(r.list_(obj.get("results"), "results")):
         p = f"results[{i}]"
         res = r.obj(res, p)
         cats = [
-            category_code(r.str_(c, f"{p}.flagged_categories[]"))
+            _c.category_code(r.str_(c, f"{p}.flagged_categories[]"))
             for c in r.list_(res.get("flagged_categories") or [], f"{p}.flagged_categories")
         ]
         out.append(
             {
                 "flagged": r.bool_(res.get("flagged", bool(cats)), f"{p}.flagged"),
-                "categories": sorted(set(cats), key=code_order),
+                "categories": sorted(set(cats), key=_c.code_order),
                 "scores": {},
             }
         )

@@ -151,8 +151,10 @@ def decode_responses_part(item: dict[str, Any], typ: str, r: Reader, p: str, *, 
 # --------------------------------------------------------------------------- Llama API
 
 
-def decode_llama_part(item: dict[str, Any], r: Reader, p: str) -> Part:
-    """A Llama API `image_url` content item → an image Part."""
+def llama_media_part(item: dict[str, Any], typ: str, r: Reader, p: str) -> Part | None:
+    """A Llama API `image_url` content item → an image Part; None for other types."""
+    if typ != "image_url":
+        return None
     iu = r.obj(item.get("image_url"), f"{p}.image_url")
     return Part("image", image_url=r.str_(iu.get("url"), f"{p}.image_url.url"), path=p, wire_type="image_url")
 

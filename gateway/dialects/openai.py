@@ -38,40 +38,38 @@ from __future__ import annotations
 
 import time
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.dialects._common import (
     LLAMA_GUARD_CATEGORIES,
     REQ,
     UP,
+    MessageRules,
     Reader,
     arguments_str,
     category_code,
     code_order,
+    decode_chat,
     decode_models_list,
-    decode_tool_choice,
+    decode_parts,
+    decode_tool_calls,
     decode_tool_defs,
     encode_tool_choice,
     encode_tool_defs,
+    keep_extra,
     load_object,
     loads,
     qstr,
+    request_decoder,
 )
-from gateway.dialects.base import (
-    DialectError,
-    ModelInfo,
-    ModerationRequest,
-    ModerationResult,
-    UpstreamStreamError,
-)
+from gateway.dialects._common import decode_messages as _decode_messages
+from gateway.dialects.base import DialectError, ModelInfo, ModerationRequest, ModerationResult, UpstreamStreamError
 from gateway.dialects.media import decode_chat_part, encode_chat_part, text_only
 from gateway.dialects.stream import HOLES, StreamEncoder, Template, frame
 from gateway.types import (
     Attached,
     Choice,
     Completion,
-    Event,
-    Exchange,
     Finish,
     Message,
     Part,
@@ -84,9 +82,11 @@ from gateway.types import (
     new_id,
 )
 
+if TYPE_CHECKING:  # annotations only
+    from gateway.types import Event, Exchange
+
 NAME = "openai"
 name = NAME  # the module itself is the `Dialect` (see gateway/dialects/__init__.py)
-ROLES = frozenset(("system", "developer", "user", "assistant", "tool", "function"))
 FINISH_REASONS = frozenset(("stop", "length", "tool_calls", "content_filter", "function_call"))
 # Field a translated request uses for the token limit: the one every OpenAI-compatible server
 # (vLLM, llama.cpp, TGI, Ollama) and the OpenAI service for non-reasoning models accept.
@@ -116,100 +116,26 @@ _KNOWN_REQ = frozenset(
 # --------------------------------------------------------------------------- requests
 
 
-def _decode_parts(content: Any, r: Reader, param: str, *, role: str) -> list[Part]:
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [Part("text", content)]
-    parts: list[Part] = []
-    for j, item in enumerate(r.list_(content, param)):
-        p = f"{param}[{j}]"
-        item = r.obj(item, p)
-        typ = item.get("type")
-        if typ == "text":
-            parts.append(Part("text", r.str_(item.get("text"), f"{p}.text")))
-        elif typ == "refusal":
-            parts.append(Part("text", r.str_(item.get("refusal"), f"{p}.refusal")))
-        elif isinstance(typ, str) and (media := decode_chat_part(item, typ, r, p)) is not None:
-            parts.append(media)  # image_url, input_audio, file: the policy's `content:` rule decides
-        else:
-            r.fail(f"unsupported content part type {typ!r} in a {role} message", f"{p}.type")
-    return parts
-
-
-def _decode_tool_calls(v: Any, r: Reader, param: str) -> list[ToolCall]:
-    calls = []
-    for k, tc in enumerate(r.list_(v, param)):
-        p = f"{param}[{k}]"
-        tc = r.obj(tc, p)
-        if tc.get("type") == "custom" and isinstance(tc.get("custom"), dict):
-            cu = tc["custom"]
-            calls.append(
-                ToolCall(
-                    r.str_(tc.get("id"), f"{p}.id"),
-                    r.str_(cu.get("name"), f"{p}.custom.name"),
-                    arguments_str(cu.get("input"), r, f"{p}.custom.input"),
-                )
-            )
-            continue
-        fn = r.obj(tc.get("function"), f"{p}.function")
-        calls.append(
-            ToolCall(
-                r.str_(tc.get("id"), f"{p}.id"),
-                r.str_(fn.get("name"), f"{p}.function.name"),
-                arguments_str(fn.get("arguments"), r, f"{p}.function.arguments"),
-            )
-        )
-    return calls
+MESSAGES = MessageRules(
+    roles={"system": "system", "developer": "developer", "user": "user", "assistant": "assistant", "tool": "tool",
+           "function": "tool"},  # a legacy function result: a tool message without tool_call_id
+    texts={"text": "text", "refusal": "refusal"},
+    image_roles=frozenset(("system", "developer", "user", "assistant", "tool", "function")),
+    names=True,
+    assistant_refusal=True,
+    media=decode_chat_part,  # image_url, input_audio, file (dialects/media.py)
+)
 
 
 def decode_messages(v: Any, r: Reader = REQ, param: str = "messages") -> list[Message]:
-    msgs = r.list_(v, param)
-    if not msgs:
-        r.fail(f"'{param}' must contain at least one message", param)
-    out: list[Message] = []
-    for i, m in enumerate(msgs):
-        p = f"{param}[{i}]"
-        m = r.obj(m, p)
-        role = m.get("role")
-        if not isinstance(role, str) or role not in ROLES:
-            r.fail(f"'{p}.role' must be one of {sorted(ROLES)}", f"{p}.role")
-        parts = _decode_parts(m.get("content"), r, f"{p}.content", role=role)
-        msg = Message(
-            role="tool" if role == "function" else role,
-            parts=parts,
-            name=r.opt_str(m.get("name"), f"{p}.name"),
-        )
-        if role == "assistant":
-            if isinstance(m.get("refusal"), str) and m["refusal"]:
-                msg.parts.append(Part("text", m["refusal"]))
-            if m.get("tool_calls") is not None:
-                msg.tool_calls = _decode_tool_calls(m["tool_calls"], r, f"{p}.tool_calls")
-        elif role == "tool":
-            msg.tool_call_id = r.str_(m.get("tool_call_id"), f"{p}.tool_call_id")
-        out.append(msg)
-    return out
-
-
-def decode_request(body: bytes) -> Exchange:
-    """`decode_payload` of the body parsed as a JSON object."""
-    return decode_payload(load_object(body))
+    return _decode_messages(v, r, param, MESSAGES)
 
 
 def decode_payload(obj: dict[str, Any]) -> Exchange:
     """A request already parsed as a JSON object (the router parses each body once) → the exchange."""
     r = REQ
-    model = obj.get("model")
-    if not isinstance(model, str) or not model:
-        r.fail("'model' is required and must be a non-empty string", "model")
-    if "messages" not in obj:
-        r.fail("'messages' is required", "messages")
-    ex = Exchange(model=model, messages=decode_messages(obj["messages"], r))
+    ex, extra = decode_chat(obj, MESSAGES, _FLOAT_PARAMS, _INT_PARAMS)
     params = ex.params
-    extra: dict[str, Any] = {}
-    stream = obj.get("stream")
-    if stream is not None:
-        ex.stream = r.bool_(stream, "stream")
     so = obj.get("stream_options")
     if so is not None:
         so = r.obj(so, "stream_options")
@@ -218,12 +144,6 @@ def decode_payload(obj: dict[str, Any]) -> Exchange:
         rest = {k: v for k, v in so.items() if k != "include_usage"}
         if rest:
             extra["stream_options"] = rest
-    for k in _FLOAT_PARAMS:
-        if obj.get(k) is not None:
-            params[k] = r.num(obj[k], k)
-    for k in _INT_PARAMS:
-        if obj.get(k) is not None:
-            params[k] = r.int_(obj[k], k)
     if obj.get("max_completion_tokens") is not None:
         params["max_tokens"] = r.int_(obj["max_completion_tokens"], "max_completion_tokens")
         ex.extra["openai_max_tokens_field"] = "max_completion_tokens"
@@ -235,29 +155,14 @@ def decode_payload(obj: dict[str, Any]) -> Exchange:
             params["stop"] = stop
         else:
             params["stop"] = [r.str_(s, f"stop[{i}]") for i, s in enumerate(r.list_(stop, "stop"))]
-    if obj.get("user") is not None:
-        params["user"] = r.str_(obj["user"], "user")
     if obj.get("tools") is not None:
-        tools, other = decode_tool_defs(obj["tools"], r, "tools")
-        params["tools"] = tools
+        params["tools"], other = decode_tool_defs(obj["tools"], r, "tools")
         if other:
             extra["tools_other"] = other
-    if obj.get("tool_choice") is not None:
-        tc = decode_tool_choice(obj["tool_choice"], r, "tool_choice")
-        if tc is None:
-            extra["tool_choice"] = obj["tool_choice"]
-        else:
-            params["tool_choice"] = tc
-    if obj.get("response_format") is not None:
-        rf = r.obj(obj["response_format"], "response_format")
-        r.str_(rf.get("type"), "response_format.type")
-        params["response_format"] = rf
-    for k, v in obj.items():
-        if k not in _KNOWN_REQ:
-            extra[k] = v
-    if extra:
-        ex.extra[NAME] = extra
-    return ex
+    return keep_extra(ex, NAME, extra, obj, _KNOWN_REQ)
+
+
+decode_request = request_decoder(decode_payload)
 
 
 def _encode_content(parts: list[Part], *, assistant: bool) -> Any:
@@ -418,9 +323,9 @@ def _decode_choice(ch: Any, i: int, r: Reader) -> Choice:
                 if item.get("type") == "refusal":
                     msg.parts.append(Part("refusal", r.str_(item.get("refusal"), f"{p}.message.content[{j}]")))
                 else:
-                    msg.parts += _decode_parts([item], r, f"{p}.message.content[{j}]", role="assistant")
+                    msg.parts += decode_parts([item], r, f"{p}.message.content[{j}]", MESSAGES, "assistant")
         else:
-            msg.parts = _decode_parts(content, r, f"{p}.message.content", role="assistant")
+            msg.parts = decode_parts(content, r, f"{p}.message.content", MESSAGES, "assistant")
     if m.get("refusal"):
         msg.parts.append(Part("refusal", r.str_(m["refusal"], f"{p}.message.refusal")))
     for key in _REASONING_KEYS:
@@ -430,7 +335,7 @@ def _decode_choice(ch: Any, i: int, r: Reader) -> Choice:
                 choice.attached.append(Attached(NAME, "reasoning_field", key, channels=("reasoning",)))
             break
     if m.get("tool_calls") is not None:
-        msg.tool_calls = _decode_tool_calls(m["tool_calls"], r, f"{p}.message.tool_calls")
+        msg.tool_calls = decode_tool_calls(m["tool_calls"], r, f"{p}.message.tool_calls")
     if m.get("function_call") is not None:
         fc = r.obj(m["function_call"], f"{p}.message.function_call")
         msg.tool_calls.append(ToolCall("", r.str_(fc.get("name"), f"{p}.message.function_call.name"),
@@ -828,14 +733,8 @@ def _error_fields(err: Any) -> tuple[str, str | None]:
     return "", None
 
 
-def error_body(
-    status: int,
-    message: str,
-    *,
-    type: str = "invalid_request_error",
-    code: str | None = None,
-    param: str | None = None,
-) -> dict[str, Any]:
+def error_body(status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
+               param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -948,7 +847,7 @@ def decode_moderation_request(body: bytes) -> ModerationRequest:
     if all(isinstance(x, str) for x in items):
         return ModerationRequest(model, [[Message.of("user", x)] for x in items])
     if all(isinstance(x, dict) for x in items):
-        return ModerationRequest(model, [[Message("user", _decode_parts(items, r, "input", role="user"))]])
+        return ModerationRequest(model, [[Message("user", decode_parts(items, r, "input", MESSAGES, "user"))]])
     r.fail("'input' must be a string, a list of strings or a list of content parts", "input")
 
 

@@ -56,29 +56,17 @@ part; tool calls → `function_call` items. `finish_reason` content_filter → `
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.dialects import openai as _openai
-from gateway.dialects._common import REQ, Reader, arguments_str, load_object, qstr, to_bytes
+from gateway.dialects._common import REQ, Reader, arguments_str, function_def, qstr, request_decoder, to_bytes
 from gateway.dialects.base import DialectError, ModelInfo
 from gateway.dialects.media import decode_responses_part
 from gateway.dialects.stream import HOLES, StreamEncoder, Template, frame
-from gateway.types import (
-    Choice,
-    Completion,
-    Exchange,
-    Finish,
-    Message,
-    Part,
-    Role,
-    StreamStart,
-    TextDelta,
-    ToolCall,
-    ToolCallDelta,
-    Usage,
-    UsageEvent,
-    new_id,
-)
+from gateway.types import Choice, Completion, Exchange, Message, Part, Role, ToolCall, new_id
+
+if TYPE_CHECKING:  # the events the encoder's hooks take
+    from gateway.types import Finish, StreamStart, TextDelta, ToolCallDelta, Usage, UsageEvent
 
 NAME = "responses"
 name = NAME  # the module itself is the dialect, as gateway/dialects/openai.py
@@ -114,7 +102,8 @@ def _text_of(part: dict[str, Any], key: str, r: Reader, param: str) -> str:
 
 def _decode_content(content: Any, r: Reader, param: str, *, role: str) -> list[Part]:
     """A message's content: a string or a list of parts (text-like parts become text parts: a
-    guard must see an assistant refusal in the history like any other text)."""
+    guard must see an assistant refusal in the history like any other text). A function_call_output's
+    output (role "tool"): text only (a chat upstream's tool message is text)."""
     if isinstance(content, str):
         return [Part("text", content)]
     parts: list[Part] = []
@@ -122,6 +111,9 @@ def _decode_content(content: Any, r: Reader, param: str, *, role: str) -> list[P
         p = f"{param}[{j}]"
         item = r.obj(item, p)
         typ = item.get("type")
+        if role == "tool" and typ != "input_text":
+            raise _fail(f"'{p}': a function_call_output can carry text only (a chat upstream's tool message is "
+                        f"text), not {typ!r}", f"{p}.type", "unsupported_content")
         if typ in ("input_text", "output_text"):
             parts.append(Part("text", _text_of(item, "text", r, p)))
         elif typ == "refusal":
@@ -130,25 +122,6 @@ def _decode_content(content: Any, r: Reader, param: str, *, role: str) -> list[P
             parts.append(media)  # input_image, input_audio, input_file: the policy's `content:` rule decides
         else:
             raise _fail(f"'{p}': unsupported content part type {typ!r}", f"{p}.type", "unsupported_content")
-    return parts
-
-
-def _decode_output(v: Any, r: Reader, param: str) -> list[Part]:
-    """A function_call_output's output: a string or text parts (a chat tool message is text)."""
-    if isinstance(v, str):
-        return [Part("text", v)]
-    parts: list[Part] = []
-    for j, item in enumerate(r.list_(v, param)):
-        p = f"{param}[{j}]"
-        item = r.obj(item, p)
-        if item.get("type") != "input_text":
-            raise _fail(
-                f"'{p}': a function_call_output can carry text only (a chat upstream's tool message is "
-                f"text), not {item.get('type')!r}",
-                f"{p}.type",
-                "unsupported_content",
-            )
-        parts.append(Part("text", _text_of(item, "text", r, p)))
     return parts
 
 
@@ -181,7 +154,7 @@ def _decode_items(items: list[Any], r: Reader, out: list[Message]) -> None:
             out.append(
                 Message(
                     "tool",
-                    _decode_output(item.get("output"), r, f"{p}.output"),
+                    _decode_content(item.get("output"), r, f"{p}.output", role="tool"),
                     tool_call_id=r.str_(item.get("call_id"), f"{p}.call_id"),
                 )
             )
@@ -215,13 +188,7 @@ def _decode_tools(v: Any, r: Reader) -> tuple[list[dict[str, Any]], list[dict[st
         if typ != "function":
             unsupported.append(typ if isinstance(typ, str) else repr(typ))
             continue
-        d: dict[str, Any] = {"name": r.str_(t.get("name"), f"{p}.name")}
-        if t.get("description") is not None:
-            d["description"] = r.str_(t["description"], f"{p}.description")
-        if t.get("parameters") is not None:
-            d["parameters"] = r.obj(t["parameters"], f"{p}.parameters")
-        if t.get("strict") is not None:
-            d["strict"] = r.bool_(t["strict"], f"{p}.strict")
+        d = function_def(t, r, p)  # flat: the function's fields sit on the tool itself
         neutral.append(d)
         echo.append({"type": "function", "name": d["name"], "description": d.get("description"),
                      "parameters": d.get("parameters"), "strict": d.get("strict")})
@@ -284,11 +251,6 @@ def _conversation_id(v: Any, r: Reader) -> str:
     if isinstance(v, str):
         return v
     return r.str_(r.obj(v, "conversation").get("id"), "conversation.id")
-
-
-def decode_request(body: bytes) -> Exchange:
-    """`decode_payload` of the body parsed as a JSON object."""
-    return decode_payload(load_object(body))
 
 
 def decode_payload(obj: dict[str, Any]) -> Exchange:
@@ -428,6 +390,9 @@ def decode_payload(obj: dict[str, Any]) -> Exchange:
     client["ignored"] = sorted(k for k in obj if k not in _KNOWN or (k == "prompt" and obj[k] is not None))
     ex.client = client
     return ex
+
+
+decode_request = request_decoder(decode_payload)
 
 
 # --------------------------------------------------------------------------- non-stream answers

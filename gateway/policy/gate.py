@@ -304,8 +304,15 @@ class StreamGate:
             raise RuntimeError("a StreamGate runs once")
         self._started = True
         self._upstream = upstream
-        self._reader = asyncio.create_task(self._read(upstream))
+        if not self.one_shot:
+            self._reader = asyncio.create_task(self._read(upstream))
         try:
+            if self.one_shot:  # a whole answer: read at once, no reader task
+                async for batch in upstream:
+                    for ev in batch:
+                        self._on_event(ev)
+                self._handle((_END, None))
+                self._schedule()
             while not self._done():
                 self._handle(await self._q.get())
                 while not self._q.empty() and self._block is None:
