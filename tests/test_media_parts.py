@@ -418,3 +418,27 @@ def test_starter_allows_images_and_the_table_says_so() -> None:
     }
     assert desc["policies"][0]["content"] == {"images": "allow", "audio": "refuse", "files": "refuse"}
     assert "content: images allow (relayed unchecked, audited), audio refuse, files refuse" in readiness.render(desc)
+
+
+def moderation_input(image: str) -> list[dict]:
+    return [{"type": "text", "text": "What is in this picture?"}, {"type": "image_url", "image_url": {"url": image}}]
+
+
+def test_moderations_answered_by_llama_guard_4_judge_the_image(media_stack, tmp_path, lg4) -> None:
+    """/v1/moderations answered by the policy's llama_guard step: the image goes to Llama Guard 4."""
+    st = media_stack(write_policy(tmp_path, "content:\n  images: guard\n", lg4.url, "llama_moderations"))
+    bad = st.openai().moderations.create(model="Llama-Guard-4-12B", input=moderation_input(BOMB))
+    assert (
+        bad.results[0].flagged
+        and {"type": "image_url", "image_url": {"url": BOMB}} in (lg4.requests[-1]["body"]["messages"][-1]["content"])
+    )
+    ok = st.openai().moderations.create(model="Llama-Guard-4-12B", input=moderation_input(PNG))
+    assert not ok.results[0].flagged and st.upstream.requests == []
+
+
+def test_moderations_with_an_image_the_guard_cannot_see_refused(media_stack, tmp_path, lg4) -> None:
+    """A moderation result for an image nobody judged would read "not flagged": refused instead."""
+    st = media_stack(write_policy(tmp_path, "content:\n  images: allow\n", lg4.url, "llama_moderations"))
+    with pytest.raises(openai.BadRequestError) as e:
+        st.openai().moderations.create(model="Llama-Guard-4-12B", input=moderation_input(PNG))
+    assert e.value.code == "content_not_inspected" and "input[1]" in e.value.message and lg4.requests == []
