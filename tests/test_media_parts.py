@@ -442,3 +442,33 @@ def test_moderations_with_an_image_the_guard_cannot_see_refused(media_stack, tmp
     with pytest.raises(openai.BadRequestError) as e:
         st.openai().moderations.create(model="Llama-Guard-4-12B", input=moderation_input(PNG))
     assert e.value.code == "content_not_inspected" and "input[1]" in e.value.message and lg4.requests == []
+
+
+def test_guardgate_check_applies_the_content_rule(tmp_path, capsys) -> None:
+    """`guardgate check` judges a line as the server would: an image under a text-only policy is refused."""
+    import argparse
+
+    from gateway.check import add_check_parser, main_check
+
+    line = {
+        "id": "img",
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": PNG}}],
+            }
+        ],
+    }
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(json.dumps(line) + "\n")
+    parser = argparse.ArgumentParser()
+    add_check_parser(parser.add_subparsers(dest="command"))
+    for content, blocked in (("", True), ("content:\n  images: allow\n", False)):
+        args = parser.parse_args(
+            ["check", "--policy", write_policy(tmp_path, content), "--input", str(inp), "--output", str(out)]
+        )
+        main_check(args)
+        res = json.loads(out.read_text().splitlines()[-1])
+        assert ("content: {images: allow}" in res.get("input_blocked", "")) is blocked
+        assert res["media"]["image"]["rule"] == ("refuse" if blocked else "allow")
+    capsys.readouterr()
