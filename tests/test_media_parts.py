@@ -472,3 +472,39 @@ def test_guardgate_check_applies_the_content_rule(tmp_path, capsys) -> None:
         assert ("content: {images: allow}" in res.get("input_blocked", "")) is blocked
         assert res["media"]["image"]["rule"] == ("refuse" if blocked else "allow")
     capsys.readouterr()
+
+
+def test_responses_audio_and_file_reach_the_chat_upstream_when_allowed(media_stack, tmp_path) -> None:
+    """Responses `input_audio` / `input_file` become chat `input_audio` / `file` parts, unchanged."""
+    st = media_stack(write_policy(tmp_path, "content:\n  audio: allow\n  files: allow\n"))
+    st.openai().responses.create(
+        model="gpt-test",
+        input=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "Summarise both."},
+                    {"type": "input_audio", "input_audio": {"data": "UklGRiQAAABXQVZF", "format": "wav"}},
+                    {
+                        "type": "input_file",
+                        "file_data": "data:application/pdf;base64,JVBERi0xLjQK",
+                        "filename": "a.pdf",
+                    },
+                    {"type": "input_file", "file_id": "file-abc"},
+                ],
+            }
+        ],
+    )
+    assert st.upstream.last.json()["messages"][0]["content"][1:] == [
+        {"type": "input_audio", "input_audio": {"data": "UklGRiQAAABXQVZF", "format": "wav"}},
+        {"type": "file", "file": {"file_data": "data:application/pdf;base64,JVBERi0xLjQK", "filename": "a.pdf"}},
+        {"type": "file", "file": {"file_id": "file-abc"}},
+    ]
+    media = last_audit(st)["media"]
+    assert media["audio"]["count"] == 1 and media["file"] == {
+        "rule": "allow",
+        "count": 2,
+        "bytes": 9,
+        "by_reference": 1,
+        "inspected": False,
+    }

@@ -16,8 +16,6 @@ step checked is blocked, never relayed.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -104,12 +102,15 @@ def media_parts(messages: list[Message]) -> list[Part]:
     return [p for m in messages for p in m.parts if p.type in MEDIA_KINDS]
 
 
-def _b64_len(s: str) -> int:
-    s = s.strip()
-    try:
-        return len(base64.b64decode(s + "=" * (-len(s) % 4), validate=False))
-    except (binascii.Error, ValueError):
-        return len(s)
+def _b64_len(s: str, start: int = 0) -> int:
+    """Decoded size of the base64 text `s[start:]`, by arithmetic: a multi-megabyte image is neither
+    decoded nor copied to be counted."""
+    end = len(s)
+    while end > start and s[end - 1] in " \t\r\n":
+        end -= 1
+    n = end - start
+    pad = (s[end - 1] == "=") + (n > 1 and s[end - 2] == "=") if n else 0
+    return max(0, (n * 3) // 4 - pad) if n % 4 == 0 else (n * 3) // 4
 
 
 def part_bytes(p: Part) -> tuple[int, bool]:
@@ -118,8 +119,12 @@ def part_bytes(p: Part) -> tuple[int, bool]:
     if raw is None:
         return 0, True  # a file by id
     if raw.startswith("data:"):
-        head, _, payload = raw.partition(",")
-        return (_b64_len(payload) if head.endswith(";base64") else len(unquote_to_bytes(payload))), False
+        comma = raw.find(",")
+        if comma < 0:
+            return 0, False
+        if raw.endswith(";base64", 0, comma):
+            return _b64_len(raw, comma + 1), False
+        return len(unquote_to_bytes(raw[comma + 1 :])), False
     if p.type == "image":
         return 0, True  # an https URL: the upstream fetches it
     return _b64_len(raw), False
