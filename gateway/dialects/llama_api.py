@@ -56,18 +56,8 @@ STOP_REASONS = frozenset(("stop", "tool_calls", "length", "content_filter"))
 _STOP_IN = {"end_of_turn": "stop", "end_of_message": "stop", "out_of_tokens": "length"}
 _KNOWN_REQ = frozenset(
     (
-        "model",
-        "messages",
-        "stream",
-        "max_completion_tokens",
-        "repetition_penalty",
-        "response_format",
-        "temperature",
-        "tool_choice",
-        "tools",
-        "top_k",
-        "top_p",
-        "user",
+        "model", "messages", "stream", "max_completion_tokens", "repetition_penalty", "response_format",
+        "temperature", "tool_choice", "tools", "top_k", "top_p", "user",
     )
 )
 METRIC_NAMES = ("num_completion_tokens", "num_prompt_tokens", "num_total_tokens")

@@ -96,19 +96,8 @@ _FLOAT_PARAMS = ("temperature", "top_p", "frequency_penalty", "presence_penalty"
 _INT_PARAMS = ("top_k", "n", "seed")
 _KNOWN_REQ = frozenset(
     (
-        "model",
-        "messages",
-        "stream",
-        "stream_options",
-        "max_tokens",
-        "max_completion_tokens",
-        "stop",
-        "user",
-        "tools",
-        "tool_choice",
-        "response_format",
-        *_FLOAT_PARAMS,
-        *_INT_PARAMS,
+        "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "stop", "user",
+        "tools", "tool_choice", "response_format", *_FLOAT_PARAMS, *_INT_PARAMS,
     )
 )
 
@@ -236,9 +225,7 @@ def _map_finish(v: Any) -> str:
 # upstream may put in `choices[i].message` / `choices[i]`, and what happens to it. A key not listed
 # is dropped: nothing model-written reaches the client without a rule.
 MESSAGE_FIELDS: dict[str, str] = {
-    "role": "fixed: always assistant",
-    "content": "gated: channel text",
-    "refusal": "gated: channel refusal",
+    "role": "fixed: always assistant", "content": "gated: channel text", "refusal": "gated: channel refusal",
     "reasoning_content": "gated: channel reasoning",
     "reasoning": "gated: channel reasoning (a string; written back under the name it came in)",
     "tool_calls": "gated: each call's name and arguments (custom tools: input)",
@@ -784,49 +771,21 @@ def decode_models(body: bytes) -> list[ModelInfo]:
 # --------------------------------------------------------------------------- moderations
 
 OPENAI_CATEGORIES = (
-    "harassment",
-    "harassment/threatening",
-    "hate",
-    "hate/threatening",
-    "illicit",
-    "illicit/violent",
-    "self-harm",
-    "self-harm/instructions",
-    "self-harm/intent",
-    "sexual",
-    "sexual/minors",
-    "violence",
-    "violence/graphic",
+    "harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent", "self-harm",
+    "self-harm/instructions", "self-harm/intent", "sexual", "sexual/minors", "violence", "violence/graphic",
 )
 # Llama Guard code → OpenAI categories it implies. S6 (specialized advice), S7 (privacy), S8 (IP)
 # and S13 (elections) have no OpenAI counterpart: they set `flagged` and appear only in the
 # `guardgate.categories` extra of each result.
 CODE_TO_OPENAI: dict[str, tuple[str, ...]] = {
-    "S1": ("violence", "illicit/violent"),
-    "S2": ("illicit",),
-    "S3": ("sexual", "illicit"),
-    "S4": ("sexual/minors",),
-    "S5": ("harassment",),
-    "S9": ("illicit/violent", "violence"),
-    "S10": ("hate",),
-    "S11": ("self-harm",),
-    "S12": ("sexual",),
-    "S14": ("illicit",),
+    "S1": ("violence", "illicit/violent"), "S2": ("illicit",), "S3": ("sexual", "illicit"), "S4": ("sexual/minors",),
+    "S5": ("harassment",), "S9": ("illicit/violent", "violence"), "S10": ("hate",), "S11": ("self-harm",),
+    "S12": ("sexual",), "S14": ("illicit",),
 }
 OPENAI_TO_CODE: dict[str, str] = {
-    "harassment": "S5",
-    "harassment/threatening": "S1",
-    "hate": "S10",
-    "hate/threatening": "S10",
-    "illicit": "S2",
-    "illicit/violent": "S1",
-    "self-harm": "S11",
-    "self-harm/instructions": "S11",
-    "self-harm/intent": "S11",
-    "sexual": "S12",
-    "sexual/minors": "S4",
-    "violence": "S1",
-    "violence/graphic": "S1",
+    "harassment": "S5", "harassment/threatening": "S1", "hate": "S10", "hate/threatening": "S10", "illicit": "S2",
+    "illicit/violent": "S1", "self-harm": "S11", "self-harm/instructions": "S11", "self-harm/intent": "S11",
+    "sexual": "S12", "sexual/minors": "S4", "violence": "S1", "violence/graphic": "S1",
 }
 
 

@@ -38,16 +38,7 @@ class SSEParser:
     """`feed(bytes) -> list[SSEEvent]`, incremental and split-safe."""
 
     __slots__ = (
-        "_bare_json",
-        "_buf",
-        "_buf_len",
-        "_comment",
-        "_data",
-        "_event",
-        "_keep_comments",
-        "_max",
-        "_raw",
-        "_raw_len",
+        "_bare_json", "_buf", "_buf_len", "_comment", "_data", "_event", "_keep_comments", "_max", "_raw", "_raw_len",
     )
 
     def __init__(
