@@ -703,7 +703,7 @@ class LlamaGuard(Guard):
             from gateway.guards import llama_guard_vision as vision
 
             if vision.has_images(inp.messages) and self.mode == "remote":
-                return await self._guarded(vision.judge(self, inp.messages))
+                return await self._guarded(vision.judge(self, inp.messages, parse_output))
         answer = None if inp.stage == "input" else inp.text
         turns = conversation_turns(inp.messages, answer=answer, history=self.history)
         t0 = time.perf_counter()

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from gateway.types import Message, Verdict
@@ -160,11 +160,15 @@ def _score(tops: Sequence[Mapping[str, float]]) -> float | None:
     return None
 
 
-async def judge(guard: Any, messages: Sequence[Message], t0: float | None = None) -> Verdict:
+async def judge(
+    guard: Any,
+    messages: Sequence[Message],
+    parse_output: Callable[[str], tuple[bool | None, list[str]]],
+    t0: float | None = None,
+) -> Verdict:
     """One check of the conversation with its images by `guard`'s remote backend (a started
-    `llama_guard` in remote mode); the verdict names the categories like the text path."""
-    from gateway.guards.llama_guard import parse_output
-
+    `llama_guard` in remote mode); `parse_output` is the text path's answer parser, so the verdict names
+    the categories the same way (passed in: this module imports nothing of `llama_guard`)."""
     t0 = time.perf_counter() if t0 is None else t0
     backend, prompter = guard.remote, guard.prompter
     if backend is None or prompter is None or not sees_images(guard):
