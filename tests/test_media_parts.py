@@ -508,3 +508,10 @@ def test_responses_audio_and_file_reach_the_chat_upstream_when_allowed(media_sta
         "by_reference": 1,
         "inspected": False,
     }
+
+
+def test_llama_api_moderations_send_the_image_to_llama_guard_4(media_stack, tmp_path, lg4) -> None:
+    st = media_stack(write_policy(tmp_path, "content:\n  images: guard\n", lg4.url, "openai_chat"), "llama")
+    res = st.llama().moderations.create(messages=[{"role": "user", "content": moderation_input(BOMB)}])
+    assert res.results[0].flagged and res.results[0].flagged_categories == ["S9"]
+    assert {"type": "image_url", "image_url": {"url": BOMB}} in lg4.requests[-1]["body"]["messages"][-1]["content"]
