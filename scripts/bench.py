@@ -639,8 +639,10 @@ async def main_async(a: argparse.Namespace) -> dict:
                     await latency_with(client, [direct2, *heavy_phase.values(), *heavy], a.requests, a.warmup)
             tool = "wrk" if shutil.which("wrk") and not a.no_wrk else "aiohttp client"
             runs: dict[tuple[str, str], list[float]] = {}
-            for _ in range(a.rounds):  # rounds over all targets: a noisy neighbour hits them all alike
-                for t in [direct, *targets]:
+            for rnd in range(a.rounds):  # rounds over all targets: a noisy neighbour hits them all alike
+                # in a shuffled order per round, as the latency phase: no target always runs right after
+                # the same one (a heavy peer's after-work slowed whichever came next)
+                for t in random.Random(rnd).sample([direct, *targets], len(targets) + 1):
                     for k, stream in (("json", False), ("stream", True)):
                         if tool == "wrk":
                             rps, bad = wrk_rps(t.base, stream, a.concurrency, a.seconds, tmp, t.headers)

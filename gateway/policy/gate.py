@@ -42,7 +42,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from gateway.guards.base import GuardInput, StreamCheck
 from gateway.policy.record import StepRecord, flagged_action, strongest
@@ -240,16 +240,6 @@ class GateResult:
     after_finish: dict[int, int] = field(default_factory=dict)
 
 
-async def _singles(events: AsyncIterable[Event]) -> AsyncGenerator[list[Event], None]:
-    try:
-        async for ev in events:
-            yield [ev]
-    finally:
-        aclose = getattr(events, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
 class StreamGate:
     """Guards one stream. Build one per request and iterate `batches(upstream)` (or `run`) once."""
 
@@ -278,17 +268,23 @@ class StreamGate:
         self._upstream: AsyncIterable[list[Event]] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._q: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-        self._room = asyncio.Semaphore(read_ahead)
+        # Read-ahead is bounded in events (not lists: one network read may bring thousands), so a client
+        # that stops reading holds the upstream back within about `read_ahead` events.
+        self._queued = 0
+        self._room = asyncio.Event()
+        self._room.set()
         self._upstream_done = False
         self._error: BaseException | None = None
         self._block: tuple[_Choice, _StepState, Verdict] | None = None
         self._started = False
+        self._singles = False  # `run`: the upstream yields events, not lists
 
     # ------------------------------------------------------------------ public
 
     async def run(self, upstream: AsyncIterable[Event]) -> AsyncGenerator[Event, None]:
-        """The guarded stream, event by event (`batches` with one event per upstream batch)."""
-        batches = self.batches(_singles(upstream))
+        """The guarded stream, event by event (`batches`, the upstream read one event at a time)."""
+        self._singles = True
+        batches = self.batches(cast("AsyncIterable[list[Event]]", upstream))  # `_read` wraps each event
         try:
             async for batch in batches:
                 for ev in batch:
@@ -363,10 +359,15 @@ class StreamGate:
     # ------------------------------------------------------------------ reading
 
     async def _read(self, upstream: AsyncIterable[list[Event]]) -> None:
+        singles = self._singles
         try:
             async for batch in upstream:
-                await self._room.acquire()
-                self._q.put_nowait((_EV, batch))
+                if self._queued >= self.read_ahead:
+                    self._room.clear()
+                    await self._room.wait()
+                item = [batch] if singles else batch
+                self._queued += len(item)
+                self._q.put_nowait((_EV, item))
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -377,7 +378,9 @@ class StreamGate:
     def _handle(self, item: tuple[int, Any]) -> None:
         kind, payload = item
         if kind == _EV:
-            self._room.release()
+            self._queued -= len(payload)
+            if self._queued < self.read_ahead:
+                self._room.set()
             for ev in payload:
                 self._on_event(ev)
         elif kind == _CHECK:
