@@ -361,13 +361,17 @@ class StreamGate:
     async def _read(self, upstream: AsyncIterable[list[Event]]) -> None:
         singles = self._singles
         try:
+            n = self.read_ahead
             async for batch in upstream:
-                if self._queued >= self.read_ahead:
-                    self._room.clear()
-                    await self._room.wait()
-                item = [batch] if singles else batch
-                self._queued += len(item)
-                self._q.put_nowait((_EV, item))
+                items = [batch] if singles else batch
+                # a large read goes in slices: checks are scheduled (windows) at most every `n` events
+                for i in range(0, len(items), n):
+                    if self._queued >= n:
+                        self._room.clear()
+                        await self._room.wait()
+                    item = items if len(items) <= n else items[i:i + n]
+                    self._queued += len(item)
+                    self._q.put_nowait((_EV, item))
         except asyncio.CancelledError:
             raise
         except Exception as e:
