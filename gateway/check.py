@@ -164,7 +164,11 @@ async def _one(policy: Policy, n: int, obj: dict[str, Any], stream: bool) -> dic
     ex = Exchange(model=model, messages=messages, stream=stream)
     out: dict[str, Any] = {"line": n, "id": rid}
     status = 200
-    if messages:
+    media = run.check_content(ex) if messages and policy.needs_inspection else None  # the `content:` rule
+    if media is not None and media.refused is not None:
+        status = 400
+        out["input_blocked"] = media.message
+    elif messages:
         decision = await run.check_input(ex)
         if decision.blocked:
             status = 400
@@ -182,7 +186,7 @@ async def _one(policy: Policy, n: int, obj: dict[str, Any], stream: bool) -> dic
             out["released"] = c.message.text
             out["finish_reason"] = c.finish_reason
     rec = run.finish(status=status)
-    for k in ("action", "would_action", "blocked_stage", "leaked_tokens", "flagged_at", "steps"):
+    for k in ("action", "would_action", "blocked_stage", "leaked_tokens", "flagged_at", "steps", "media"):
         if k in rec:
             out[k] = rec[k]
     return out

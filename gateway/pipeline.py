@@ -235,6 +235,7 @@ class Pipeline:
         run = self._run(plan)
         status, error = 200, None
         try:
+            self._media_rule(run, ctx, messages)
             await self._input_gate(asyncio.ensure_future(
                 run.check_input(Exchange(model=ctx.model or "", messages=messages))), ctx, param="input")
         except GatewayError as e:
@@ -281,9 +282,22 @@ class Pipeline:
             raise GatewayError(400, decision.message or "Request blocked by content policy", "content_filter",
                                param=param, retry=False)
 
+    @staticmethod
+    def _media_rule(run: Any, ctx: RequestContext, messages: list[Message]) -> None:
+        """The policy's `content:` rule (policy/content.py): a refused image, audio or file part ends the
+        request here with 400 `content_not_inspected`, naming the part and the policy line to change."""
+        if run is None or not run.policy.needs_inspection:
+            return
+        media = run.check_content(Exchange(model="", messages=messages))
+        if media.refused is not None:
+            ctx.outcome = "blocked_input"
+            raise GatewayError(400, media.message, "content_not_inspected", param=media.refused.path or "messages",
+                               retry=False)
+
     async def _chat(self, request: web.Request, plan: Plan, ex: Exchange, run: Any) -> web.StreamResponse:
         ctx, upstream = plan.ctx, plan.upstream
         cd = dialects.codec(ctx.dialect, plan.endpoint.kind)
+        self._media_rule(run, ctx, ex.messages)
         input_task: asyncio.Task[Any] | None = None
         if run is not None and run.policy.has_input:
             input_task = asyncio.create_task(run.check_input(ex))
@@ -303,7 +317,10 @@ class Pipeline:
                                                stats)
 
             ud, path = upstream_side(plan)
-            up_body = json_bytes(ud.encode_request(up_ex))
+            try:
+                up_body = json_bytes(ud.encode_request(up_ex))
+            except DialectError as e:  # a part the upstream's dialect has no slot for: refused, never dropped
+                raise GatewayError(e.status, e.message, e.code or "invalid_request", param=e.param) from None
             headers = self.upstream_headers(request, ctx, upstream, {"Content-Type": "application/json"})
             if input_task is None:  # the verdict is in (or there is no input stage): no task to spare
                 resp = await self.telemetry.send(upstream, "POST", path, plan.query, headers, up_body)
@@ -544,6 +561,26 @@ class Pipeline:
                 return web.json_response(m)
         raise GatewayError(404, f"model {one!r} not found", "model_not_found", param="model")
 
+    @staticmethod
+    def _moderation_media(policy: Any, guard: Any, req: Any) -> bool:
+        """Media parts in a moderation request the policy's guard answers: with `content: {images:
+        guard}` and a guard that sees images, images go to it (True); anything else is refused, since
+        a moderation result for a part nobody judged would read "not flagged"."""
+        from gateway.guards.llama_guard.vision import sees_images
+        from gateway.policy.content import media_parts
+
+        media = [p for conv in req.inputs for p in media_parts(conv)]
+        if not media:
+            return False
+        bad = next((p for p in media if p.type != "image"), None)
+        if bad is None and policy.content.images == "guard" and sees_images(guard):
+            return True
+        p = bad or media[0]
+        raise GatewayError(400, f"Request refused by policy '{policy.name}': the `{p.wire_type or p.type}` part at "
+                           f"{p.path or 'input'} cannot be judged by this policy's moderation guard (images need "
+                           "`content: {images: guard}` and a llama_guard step whose remote backend takes images)",
+                           "content_not_inspected", param=p.path or "input", retry=False)
+
     async def moderations(self, plan: Plan) -> web.Response:
         """Answered by the policy's local Llama Guard (its first llama_guard step)."""
         ctx = plan.ctx
@@ -558,8 +595,9 @@ class Pipeline:
             raise GatewayError(e.status, e.message, e.code or "invalid_request", param=e.param) from None
         from gateway.guards.moderation import moderate
 
+        images = self._moderation_media(plan.policy, guard, req)
         try:
-            results = await moderate(guard, req)
+            results = await moderate(guard, req, images=images)
         except Exception as e:  # a guard that did not run never answers "not flagged"
             raise UpstreamError(f"moderation guard failed: {type(e).__name__}: {e}", 503, "guard_error") from None
         ctx.outcome = "moderation"

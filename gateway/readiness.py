@@ -110,7 +110,11 @@ def describe_policy(policy: Any, ready: bool) -> dict[str, Any]:
                       "optional": True})
     order = {"input": 0, "stream": 1, "output": 2}
     steps.sort(key=lambda s: order.get(s["stage"], 3))
-    return {"name": policy.name, "mode": policy.mode, "source": policy.file or "", "steps": steps}
+    out = {"name": policy.name, "mode": policy.mode, "source": policy.file or "", "steps": steps}
+    content = getattr(policy, "content", None)
+    if content is not None and policy.steps:  # media parts: refuse | allow | guard (policy/content.py)
+        out["content"] = content.describe()
+    return out
 
 
 def describe_upstream(name: str, ucfg: Any, up: Any, ready: bool) -> dict[str, Any]:
@@ -202,6 +206,10 @@ def render(desc: dict[str, Any], event_loop: str = "") -> str:
                 state += f" ({', '.join(flat)})" if flat else ""
             rows.append([s["stage"], s["step"], s["guard"], s.get("model") or "-", s["device"], state])
         lines += _table(rows)
+        if p.get("content"):
+            rules = [f"{k} {v}" + (" (relayed unchecked, audited)" if v == "allow" else "")
+                     for k, v in p["content"].items()]
+            lines.append("  content: " + ", ".join(rules))
     if desc.get("audit"):
         lines += ["", f"audit log: {desc['audit']} (guardgate audit {desc['audit']})"]
     return "\n".join(lines)

@@ -6,7 +6,9 @@ and private keys redacted on the stream. One rule for every other step, models a
 machine — CodeShield (stream) its `codeshield` package, Prompt Guard (input) and Llama Guard
 (stream) their model and runtime — and is otherwise left out and listed as missing, with the
 command that fixes it, in the startup table, `/readyz` and `guardgate doctor`. A step left out
-never turns into error verdicts that block every answer. The policy is built when the server
+never turns into error verdicts that block every answer. Images are allowed (`content: {images:
+allow}`): no starter step reads them, so they are relayed unchecked and recorded in the audit as
+uninspected; audio and file parts are refused (deny by default). The policy is built when the server
 starts: what is installed later joins at the next start. `--policy none` turns guarding off.
 """
 
@@ -31,9 +33,14 @@ BASE = r"""
 name: starter
 description: Built in. Hidden Unicode blocked on the prompt and stripped from the answer; secrets
   and private keys redacted from the answer and from tool results; CodeShield, Prompt Guard and
-  Llama Guard when installed.
+  Llama Guard when installed. Images are relayed unchecked and recorded in the audit (a vision app
+  keeps working); audio and files refused.
 mode: enforce
 on_error: block
+content:
+  images: allow
+  audio: refuse
+  files: refuse
 input:
   steps:
     - guard: hidden_unicode

@@ -38,14 +38,33 @@ Stage = Literal["input", "stream", "output"]
 TEXT_CHANNELS = ("text", "refusal", "reasoning", "transcript")
 
 
+# Content parts no text guard reads (the policy's `content:` rule decides each kind: refuse, allow,
+# or, for images, guard with a model that sees them). Part.type -> the policy's key for its kind.
+MEDIA_KINDS: dict[str, str] = {"image": "images", "audio": "audio", "file": "files"}
+
+
 @dataclass(slots=True)
 class Part:
-    """One content part of a message: text, an image reference, or (assistant answers only) text of
-    another channel: `refusal`, `reasoning` (reasoning_content), `transcript` (spoken audio's text)."""
+    """One content part of a message: text, a media part (`image`, `audio`, `file`: carried as the
+    client sent it, re-encoded unchanged toward the upstream), or (assistant answers only) text of
+    another channel: `refusal`, `reasoning` (reasoning_content), `transcript` (spoken audio's text).
 
-    type: Literal["text", "image", "refusal", "reasoning", "transcript"]
+    Media fields: `image_url` (an https or `data:` URL), `detail` (OpenAI image/file detail), `data`
+    (audio: base64; file: `file_data`, usually a `data:` URL), `format` (audio: wav | mp3), `file_id`
+    (a file stored upstream: no guard can read it), `filename`. `path` and `wire_type` say where the
+    decoder found the part (`messages[1].content[0]`, `image_url`), for errors and the audit.
+    """
+
+    type: Literal["text", "image", "audio", "file", "refusal", "reasoning", "transcript"]
     text: str = ""
     image_url: str | None = None
+    detail: str | None = None
+    data: str | None = None
+    format: str | None = None
+    file_id: str | None = None
+    filename: str | None = None
+    path: str | None = field(default=None, compare=False)
+    wire_type: str | None = field(default=None, compare=False)
 
 
 @dataclass(slots=True)

@@ -147,7 +147,7 @@ def test_encode_request_from_openai_shapes() -> None:
         model="m",
         messages=[
             Message.of("developer", "dev"),
-            Message("system", [Part("text", "s"), Part("image", image_url="http://i")]),
+            Message("system", [Part("text", "s")]),
             Message("assistant", [Part("text", "a"), Part("text", "b")], name="n"),
             Message("assistant", tool_calls=[ToolCall("c", "f", "{}")]),
             Message("tool", [Part("text", "r")], tool_call_id="c"),
@@ -175,6 +175,19 @@ def test_encode_request_from_openai_shapes() -> None:
         "max_completion_tokens": 9,
         "tool_choice": {"type": "function", "function": {"name": "f"}},
     }
+
+
+@pytest.mark.parametrize(
+    ("part", "role"),
+    [(Part("image", image_url="http://i", path="messages[0].content[1]"), "system"),
+     (Part("audio", data="AA", format="wav", path="messages[0].content[1]", wire_type="input_audio"), "user"),
+     (Part("file", file_id="file_1", path="messages[0].content[1]", wire_type="file"), "user")],
+)
+def test_media_without_a_llama_slot_refused_not_dropped(part: Part, role: str) -> None:
+    ex = Exchange(model="m", messages=[Message(role, [Part("text", "s"), part])])  # type: ignore[arg-type]
+    with pytest.raises(DialectError) as e:
+        D.encode_request(ex)
+    assert (e.value.status, e.value.code, e.value.param) == (400, "unsupported_content", "messages[0].content[1]")
 
 
 @pytest.mark.parametrize(

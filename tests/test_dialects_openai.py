@@ -162,7 +162,7 @@ def test_max_tokens_field_follows_the_client() -> None:
     assert "max_tokens" in D.encode_request(ex)  # a translated request: the widely accepted field
 
 
-def test_include_usage_only_with_stream_and_dropped_parts() -> None:
+def test_include_usage_only_with_stream_and_media_parts_kept() -> None:
     body = {
         "model": "m",
         "messages": [
@@ -181,13 +181,17 @@ def test_include_usage_only_with_stream_and_dropped_parts() -> None:
     }
     ex = D.decode_request(_b(body))
     assert not ex.stream and not ex.include_usage
-    assert ex.messages[0].parts == [Part("text", "t"), Part("image", image_url="http://i")]
+    # media parts are kept as sent (the policy's `content:` rule decides them), re-encoded unchanged
+    assert ex.messages[0].parts == [Part("text", "t"), Part("audio", data="AA", format="wav"),
+                                    Part("image", image_url="http://i", detail="low")]
+    assert ex.messages[0].parts[1].path == "messages[0].content[1]"
     assert ex.messages[1].text == "no"
     assert (
         ex.messages[2].role == "tool" and ex.messages[2].tool_call_id is None and ex.messages[2].name == "f"
     )
     out = D.encode_request(ex)
     assert out["messages"][2] == {"role": "function", "name": "f", "content": "r"}
+    assert out["messages"][0]["content"] == body["messages"][0]["content"]
 
 
 @pytest.mark.parametrize(

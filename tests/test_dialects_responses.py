@@ -149,7 +149,7 @@ def test_decode_items_function_calls_join_the_assistant_turn() -> None:
     )
     assert ex.messages == [
         Message.of("developer", "d"),
-        Message("user", [Part("text", "u"), Part("image", image_url="https://x/i.png")]),
+        Message("user", [Part("text", "u"), Part("image", image_url="https://x/i.png", detail="auto")]),
         Message("assistant", [Part("text", "a"), Part("text", "no")],
                 tool_calls=[ToolCall("call_1", "f", "{}"), ToolCall("call_2", "g", "{\"x\":1}")]),
         Message("tool", [Part("text", "r1")], tool_call_id="call_1"),
@@ -265,13 +265,17 @@ def test_builtin_tools_refused_by_name(tools: list[Any], named: str) -> None:
 @pytest.mark.parametrize(
     ("item", "code", "param"),
     [
-        ({"role": "user", "content": [{"type": "input_file", "file_id": "file_1"}]}, "unsupported_content",
+        ({"role": "user", "content": [{"type": "input_file", "file_url": "https://x/a.pdf"}]}, "unsupported_content",
+         "input[0].content[0].file_url"),
+        ({"role": "user", "content": [{"type": "input_file", "filename": "a.pdf"}]}, "invalid_request",
          "input[0].content[0]"),
         ({"role": "user", "content": [{"type": "input_image", "file_id": "file_1"}]}, "unsupported_content",
          "input[0].content[0].file_id"),
         ({"role": "system", "content": [{"type": "input_image", "image_url": "https://x"}]}, "unsupported_content",
          "input[0].content[0]"),
-        ({"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}, "unsupported_content",
+        ({"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}, "invalid_request",
+         "input[0].content[0].input_audio.data"),
+        ({"role": "user", "content": [{"type": "input_video", "video_url": "https://x"}]}, "unsupported_content",
          "input[0].content[0].type"),
         ({"type": "item_reference", "id": "msg_1"}, "unsupported_item", "input[0].type"),
         ({"type": "web_search_call", "id": "ws_1"}, "unsupported_item", "input[0].type"),

@@ -198,6 +198,9 @@ class MessageRules:
     names: bool = False  # `name` is read
     assistant_refusal: bool = False  # an assistant's `refusal` is read as text (a guard must see it)
     stop_reason: bool = False  # an assistant's `stop_reason` is read
+    # Media parts (image_url, input_audio, file, ...) of roles in `image_roles`: the dialect's decoder
+    # from `dialects/media.py` (item, type, reader, param) → a Part, or None for a type it does not know.
+    media: Callable[[dict[str, Any], str, Reader, str], Part | None] | None = None
 
 
 def decode_parts(content: Any, r: Reader, param: str, rules: MessageRules, role: str) -> list[Part]:
@@ -216,6 +219,9 @@ def decode_parts(content: Any, r: Reader, param: str, rules: MessageRules, role:
         key = rules.texts.get(typ) if isinstance(typ, str) else None
         if key is not None:
             parts.append(Part("text", r.str_(item.get(key), f"{p}.{key}")))
+        elif rules.media is not None and role in rules.image_roles and isinstance(typ, str) \
+                and (media := rules.media(item, typ, r, p)) is not None:
+            parts.append(media)  # the policy's `content:` rule decides it
         elif typ == "image_url" and role in rules.image_roles:
             iu = item.get("image_url")
             url = iu if isinstance(iu, str) else r.obj(iu, f"{p}.image_url").get("url")

@@ -44,6 +44,7 @@ from gateway.dialects.llama_stream import (  # re-exported: importers find them 
     stop_reason_in,
     stop_reason_out,
 )
+from gateway.dialects.media import encode_llama_part, llama_media_part, text_only
 from gateway.types import (
     Completion,
     Message,
@@ -70,6 +71,7 @@ MESSAGES = _c.MessageRules(
     roles={"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"},
     texts={"text": "text"},
     image_roles=frozenset(("user",)),
+    media=llama_media_part,  # image_url (dialects/media.py)
     object_content=True,  # an assistant's content is one object
     stop_reason=True,
 )
@@ -110,6 +112,8 @@ def encode_messages(messages: list[Message]) -> list[dict[str, Any]]:
     for m in messages:
         role = "system" if m.role == "developer" else m.role
         d: dict[str, Any] = {"role": role}
+        if role != "user":
+            text_only(m.parts, role, "Llama API")
         if role == "user":
             if len(m.parts) == 1 and m.parts[0].type == "text":
                 d["content"] = m.parts[0].text
@@ -117,10 +121,7 @@ def encode_messages(messages: list[Message]) -> list[dict[str, Any]]:
                 d["content"] = ""
             else:
                 d["content"] = [
-                    {"type": "text", "text": p.text}
-                    if p.type == "text"
-                    else {"type": "image_url", "image_url": {"url": p.image_url or ""}}
-                    for p in m.parts
+                    {"type": "text", "text": p.text} if p.type == "text" else encode_llama_part(p) for p in m.parts
                 ]
         elif role == "assistant":
             texts = [p.text for p in m.parts if p.type == "text"]

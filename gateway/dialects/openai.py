@@ -18,9 +18,10 @@ dropped on purpose by any other dialect):
   `content`, `refusal`, `reasoning_content` / `reasoning` (text channels), `tool_calls` and legacy
   `function_call` (written back as `function_call` to a client that sent `functions`).
 
-Dropped on purpose (no neutral counterpart): message parts `input_audio` and `file` (guards
-cannot read them; other unknown part types are rejected with a 400 so nothing unguarded slips
-through), `image_url.detail`, `prompt_cache_breakpoint`, request message `audio`; stream
+Media parts (`image_url`, `input_audio`, `file`) are decoded as they came (`dialects/media.py`) and
+re-encoded unchanged; the policy's `content:` rule refuses, allows or guards them. Unknown part
+types are rejected with a 400 so nothing unguarded slips through.
+Dropped on purpose (no neutral counterpart): `prompt_cache_breakpoint`, request message `audio`; stream
 `logprobs`, `audio` deltas (audio data cannot be checked and arrives before its transcript is
 complete), `annotations` deltas and `obfuscation`.
 Lossy on purpose: in requests, assistant `refusal` text becomes ordinary text (a guard must see
@@ -63,6 +64,7 @@ from gateway.dialects._common import (
 )
 from gateway.dialects._common import decode_messages as _decode_messages
 from gateway.dialects.base import DialectError, ModelInfo, ModerationRequest, ModerationResult
+from gateway.dialects.media import decode_chat_part, encode_chat_part, text_only
 from gateway.dialects.openai_stream import (  # re-exported: importers find them here
     _REASONING_KEYS,
     FINISH_REASONS,
@@ -110,9 +112,9 @@ MESSAGES = MessageRules(
            "function": "tool"},  # a legacy function result: a tool message without tool_call_id
     texts={"text": "text", "refusal": "refusal"},
     image_roles=frozenset(("system", "developer", "user", "assistant", "tool", "function")),
-    skipped=frozenset(("input_audio", "file")),
     names=True,
     assistant_refusal=True,
+    media=decode_chat_part,  # image_url, input_audio, file (dialects/media.py)
 )
 
 
@@ -160,13 +162,9 @@ def _encode_content(parts: list[Part], *, assistant: bool) -> Any:
     if not parts:
         return None if assistant else ""
     if assistant:  # assistant content parts are text only
+        text_only(parts, "assistant", "OpenAI chat")
         return "".join(p.text for p in parts if p.type == "text")
-    return [
-        {"type": "text", "text": p.text}
-        if p.type == "text"
-        else {"type": "image_url", "image_url": {"url": p.image_url or ""}}
-        for p in parts
-    ]
+    return [{"type": "text", "text": p.text} if p.type == "text" else encode_chat_part(p) for p in parts]
 
 
 def encode_messages(messages: list[Message]) -> list[dict[str, Any]]:

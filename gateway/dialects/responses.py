@@ -26,7 +26,8 @@ shown to guards; `Exchange.extra["openai"]`, sent to an OpenAI-chat upstream onl
 
 Request mapping: `instructions` → a leading system message; `input` string → one user message;
 `message` items (user/assistant/system/developer; parts `input_text`, `output_text`, `refusal` as
-text, `input_image` by URL on user messages); `function_call` items → assistant `tool_calls`
+text; `input_image` by URL, `input_audio`, `input_file` by file_data or file_id on user messages, as
+chat `image_url` / `input_audio` / `file` parts: `dialects/media.py`); `function_call` items → assistant `tool_calls`
 (`call_id` is the call id; consecutive calls join the assistant turn before them, as chat needs);
 `function_call_output` items → `tool` messages (untrusted input for the input stage, like chat
 tool messages); function `tools` → `params["tools"]`; `tool_choice`; `text.format` →
@@ -41,8 +42,8 @@ input slot for it, and it is the model's own text, not input), `reasoning.summar
 
 Refused (400): built-in tools (`unsupported_tool`: a chat upstream cannot run them), input items
 other than messages and function calls/outputs (`unsupported_item`: `item_reference` points at
-stored items no guard can read), `input_file` parts and `input_image` by `file_id`
-(`unsupported_content`: the gateway cannot read a file, so no guard could check it), images outside
+stored items no guard can read), `input_image` by `file_id` and `input_file` by `file_url`
+(`unsupported_content`: no chat counterpart, and no guard could read them), media parts outside
 user messages, `background: true` and `prompt` templates (an object: `unsupported_parameter`; a
 `prompt` of another shape is not the API's and is dropped like an unknown key).
 
@@ -59,6 +60,7 @@ from typing import Any
 from gateway.dialects import openai as _openai
 from gateway.dialects._common import REQ, Reader, arguments_str, function_def, request_decoder
 from gateway.dialects.base import DialectError, ModelInfo
+from gateway.dialects.media import decode_responses_part
 from gateway.dialects.responses_stream import (  # re-exported: importers find them here
     INCOMPLETE,
     ResponsesStreamEncoder,
@@ -122,25 +124,8 @@ def _decode_content(content: Any, r: Reader, param: str, *, role: str) -> list[P
             parts.append(Part("text", _text_of(item, "text", r, p)))
         elif typ == "refusal":
             parts.append(Part("text", _text_of(item, "refusal", r, p)))
-        elif typ == "input_image":
-            if role != "user":
-                raise _fail(f"'{p}': images are supported in user messages only", p, "unsupported_content")
-            url = item.get("image_url")
-            if url is None:
-                raise _fail(
-                    f"'{p}': an input_image by file_id refers to a file stored upstream, which no guard "
-                    "can read; send it as image_url (an https or data: URL)",
-                    f"{p}.file_id",
-                    "unsupported_content",
-                )
-            parts.append(Part("image", image_url=r.str_(url, f"{p}.image_url")))
-        elif typ == "input_file":
-            raise _fail(
-                f"'{p}': input_file parts are not supported: the gateway cannot read files, so no guard "
-                "could check one; send its text as an input_text part",
-                p,
-                "unsupported_content",
-            )
+        elif isinstance(typ, str) and (media := decode_responses_part(item, typ, r, p, role=role)) is not None:
+            parts.append(media)  # input_image, input_audio, input_file: the policy's `content:` rule decides
         else:
             raise _fail(f"'{p}': unsupported content part type {typ!r}", f"{p}.type", "unsupported_content")
     return parts

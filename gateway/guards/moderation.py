@@ -16,23 +16,29 @@ from gateway.guards.base import Guard, GuardInput
 from gateway.types import Message, Verdict
 
 
-async def moderate(guard: Guard, request: Any) -> list[dict[str, Any]]:
+async def moderate(guard: Guard, request: Any, *, images: bool = False) -> list[dict[str, Any]]:
     """Judge every input of `request` concurrently (a local model batches them into shared decodes).
 
     `request`: a decoded moderation request (anything with `.inputs: list[list[Message]]`), or a
     list of inputs, each a string (one user message) or a list of `Message`s.
     Guard errors propagate (the server answers 5xx rather than a false "not flagged").
+    `images`: the policy guards images (`content: {images: guard}`): inputs with images go to the guard
+    with them, and a verdict that did not judge them is an error, never "not flagged".
     """
     inputs: Sequence[str | Sequence[Message]] = getattr(request, "inputs", request)
-    verdicts = await asyncio.gather(*(_one(guard, item) for item in inputs))
+    verdicts = await asyncio.gather(*(_one(guard, item, images) for item in inputs))
     return [result_of(v) for v in verdicts]
 
 
-async def _one(guard: Guard, item: str | Sequence[Message]) -> Verdict:
+async def _one(guard: Guard, item: str | Sequence[Message], images: bool = False) -> Verdict:
     msgs = [Message.of("user", item)] if isinstance(item, str) else list(item)
     if msgs and msgs[-1].role == "assistant":
         return await guard.check(GuardInput(stage="output", messages=msgs[:-1], text=msgs[-1].text))
-    return await guard.check(GuardInput(stage="input", messages=msgs))
+    seen = images and any(p.type == "image" for m in msgs for p in m.parts)
+    v = await guard.check(GuardInput(stage="input", messages=msgs, context={"images": "guard"} if seen else {}))
+    if seen and v.error is None and not v.details.get("images_checked"):
+        v.error = "the guard did not judge this input's images"
+    return v
 
 
 def result_of(v: Verdict) -> dict[str, Any]:

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.guards.base import GuardInput
+from gateway.policy.content import ContentCheck, unchecked_images
+from gateway.policy.content import check as content_check
 from gateway.policy.gate import GateResult, StreamGate
 from gateway.policy.record import StepRecord, merge_verdict, strongest
 from gateway.policy.reload import PolicyStore
@@ -87,12 +89,28 @@ class PolicyRun:
         self.input_decision: InputDecision | None = None
         self.gates: list[tuple[str, StreamGate]] = []
         self.content: dict[str, Any] = {}
+        self.media: ContentCheck | None = None  # the `content:` rule's tally of media parts
         self._record: dict[str, Any] | None = None
         self._edits: list[tuple[TextEdit, str]] = []  # input redactions: (edit, replacement)
         self.restore: dict[str, str] = {}  # placeholder -> value, for `unmask` (never recorded)
         policy.acquire()
 
     # ------------------------------------------------------------------ input
+
+    def check_content(self, exchange: Exchange) -> ContentCheck:
+        """The policy's `content:` rule over the request's media parts (images, audio, files): the
+        first refused part (the caller answers 400), and the tally the audit record keeps. In shadow
+        mode a refusal is only recorded (`would_action: block`)."""
+        res = content_check(self.policy.content, self.policy.name, exchange.messages)
+        self.media = res
+        if res.refused is not None:
+            if self.policy.shadow:
+                self.would = strongest(self.would, "block")
+                res.refused = None
+            else:
+                self.action = "block"
+                self.blocked_stage = "input"
+        return res
 
     async def check_input(self, exchange: Exchange) -> InputDecision:
         """Run every input step concurrently; the first enforced block decides and cancels the rest."""
@@ -116,6 +134,9 @@ class PolicyRun:
                 self.records[tasks[t]].cancelled += 1
             if pending:
                 await asyncio.wait(pending)
+        if not decision.blocked and self.media is not None and self.media.images_guarded \
+                and unchecked_images(decision.verdicts):
+            self._images_unchecked(decision)
         if self._edits and not decision.blocked:
             decision.exchange = apply_edits(exchange, self._edits)
             # what the audit may keep of the conversation is what went upstream, never the masked values
@@ -135,10 +156,23 @@ class PolicyRun:
         """The released events with this request's placeholders restored, even when split across deltas."""
         return Unmasker(self.restore).stream(events) if self.restore else events
 
+    def _images_unchecked(self, decision: InputDecision) -> None:
+        """`images: guard`, and no step said it checked the images (a text-only backend answered)."""
+        if self.policy.shadow:
+            self.would = strongest(self.would, "block")
+            return
+        decision.blocked, decision.action = True, "block"
+        self.action, self.blocked_stage = "block", "input"
+        decision.message = (f"Request blocked by policy '{self.policy.name}': content.images is guard, but no "
+                            "input step checked the images (is the llama_guard step's remote backend serving "
+                            "a model that takes images?)")
+
     async def _input_step(self, step: Step, exchange: Exchange) -> Verdict:
+        context = {"model": exchange.model, "route": self.route, "key": self.key}
+        if self.policy.content.images == "guard":
+            context["images"] = "guard"  # llama_guard's remote backend then sends the images along
         inp = GuardInput(stage="input", messages=exchange.messages, request_id=self.request_id,
-                         context={"model": exchange.model, "route": self.route, "key": self.key},
-                         fields=request_fields(exchange))
+                         context=context, fields=request_fields(exchange))
         return await run_step(step, lambda: step.guard.check(inp))
 
     def _input_verdict(self, step: Step, v: Verdict, decision: InputDecision) -> None:
@@ -264,6 +298,8 @@ class PolicyRun:
             rec["stream"] = {"check_every_tokens": sc.check_every_tokens,
                              "max_unchecked_tokens": sc.max_unchecked_tokens,
                              "checks": sum(g.summary.checks for _, g in self.gates)}
+        if self.media is not None and self.media.tally:
+            rec["media"] = self.media.tally  # per kind: rule, count, bytes, by_reference, inspected
         rec["latency_ms"] = round((time.perf_counter() - self.started) * 1000, 3)
         if self.content:
             rec["content"] = self.content

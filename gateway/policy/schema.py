@@ -25,6 +25,7 @@ from typing import Any
 
 from gateway.guards import base as guard_base
 from gateway.guards.base import NO_RESOURCES, Guard, GuardConfigError, GuardResources
+from gateway.policy.content import ContentRules, check_guard_steps, parse_content
 from gateway.types import Verdict
 from gateway.yamlio import ConfigError, Fields, LDict, LList, line_of, load, loads
 
@@ -112,6 +113,7 @@ class Policy:
     # How a stream the policy cut ends: `finish` (finish_reason content_filter, what OpenAI does) or
     # `error` (the dialect's error event, which the SDKs raise, with the policy's message).
     on_stream_block: str = "finish"
+    content: ContentRules = field(default_factory=ContentRules)  # media parts: refuse | allow | guard
     # lifecycle: runs in flight hold a reference; a retired policy closes its guards after the last one
     active: int = 0
     retired: bool = False
@@ -337,7 +339,8 @@ def _parse_policy(obj: Any, file: str | None, default_name: str | None) -> Polic
     if obj is None:
         raise PolicyError("empty policy file", file, None)
     top = Fields(obj, file, "policy",
-                 {"name", "description", "mode", "on_error", "on_stream_block", "timeout", "timeout_ms", *STAGES})
+                 {"name", "description", "mode", "on_error", "on_stream_block", "timeout", "timeout_ms", "content",
+                  *STAGES})
     name = top.get("name", str, default_name)
     if not name:
         raise PolicyError("policy has no name", file, line_of(obj))
@@ -348,10 +351,12 @@ def _parse_policy(obj: Any, file: str | None, default_name: str | None) -> Polic
     stages = {s: _stage(obj.get(s), s, file, on_error, timeout_s) for s in STAGES}
     assert isinstance(stages["stream"], StreamConfig)
     _check_input_rewrites(stages["input"], file)
+    content = parse_content(obj.get("content"), file)
+    check_guard_steps(content, stages["input"].steps, obj)
     return Policy(
         name=name, mode=_choice(top, "mode", ("enforce", "shadow"), "enforce"),
         description=top.get("description", str, ""), file=file,
-        input=stages["input"], stream=stages["stream"], output=stages["output"],
+        input=stages["input"], stream=stages["stream"], output=stages["output"], content=content,
         on_stream_block=_choice(top, "on_stream_block", ("finish", "error"), "finish"),
     )
 

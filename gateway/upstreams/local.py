@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from gateway.types import (
+    MEDIA_KINDS,
     Completion,
     Event,
     Exchange,
@@ -167,6 +168,10 @@ class LocalUpstream(NeutralUpstream):
 
         msgs: list[dict[str, str]] = []
         for m in messages:
+            media = next((p for p in m.parts if p.type in MEDIA_KINDS), None)
+            if media is not None:  # the local engine is text only: refused, never dropped
+                raise UpstreamError(f"'{media.path or 'messages'}': the local model reads text only, not "
+                                    f"{media.wire_type or media.type} parts", status=400, code="unsupported_content")
             role = {"developer": "system", "tool": "user"}.get(m.role, m.role)
             text = m.text
             if m.role == "tool":

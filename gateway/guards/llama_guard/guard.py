@@ -298,6 +298,11 @@ class LlamaGuard(Guard):
     async def check(self, inp: GuardInput) -> Verdict:
         if self.mode is None:
             await self.start()
+        if inp.stage == "input" and inp.context.get("images") == "guard":  # policy content.images: guard
+            from gateway.guards.llama_guard import vision
+
+            if vision.has_images(inp.messages) and self.mode == "remote":
+                return await self._guarded(vision.judge(self, inp.messages, parse_output))
         answer = None if inp.stage == "input" else inp.text
         turns = conversation_turns(inp.messages, answer=answer, history=self.history)
         t0 = time.perf_counter()

@@ -190,19 +190,13 @@ def template_takes_categories(template: str) -> bool:
 
 
 def render_lg4(turns: Sequence[Turn], categories: Mapping[str, str]) -> str:
-    """Llama Guard 4 text prompt (Llama 4 special tokens) for a raw completions endpoint.
+    """Llama Guard 4 text prompt (Llama 4 special tokens) for a raw completions endpoint: the model's own
+    template text (`vision.render_lg4`, compared with Meta's reference rendering in
+    tests/test_lg4_prompt.py; it is not LG3's text: "according to our", one newline after
+    `<BEGIN CONVERSATION>`, ...), plus the blank line the model writes before its verdict."""
+    from gateway.guards.llama_guard.vision import render_lg4 as reference
 
-    Same task text as LG3 (reference/guards.md §1.4); prefer `api: openai_chat`, where the server
-    applies the model's own template, when the exact LG4 template matters.
-    """
-    text = render_lg3(turns, categories, "lg3-8b").strip()
-    text = text.removeprefix("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n")
-    text = text.removesuffix("<|eot_id|><|start_header_id|>assistant<|end_header_id|>")
-    return (
-        "<|begin_of_text|><|header_start|>user<|header_end|>\n\n"
-        + text
-        + "<|eot|><|header_start|>assistant<|header_end|>\n\n"
-    )
+    return reference([(r, t, []) for r, t in turns], categories) + "\n\n"
 
 
 # --------------------------------------------------------------------------- conversation -> turns
