@@ -30,6 +30,7 @@ from gateway.dialects.embeddings import decode_embedding_inputs
 from gateway.dialects.stream import StreamStats
 from gateway.endpoints import CHAT_PATH, MODELS_PATH, Kind, path_param
 from gateway.limits.usage import Counted, UsageTap, from_usage
+from gateway.policy.content import moderation_media
 from gateway.policy.tokens import count_tokens
 from gateway.relay import BUFFER_BYTES, SSE_HEADERS, TimedResponse, relay_response
 from gateway.responses_state import ResponseStore
@@ -561,26 +562,6 @@ class Pipeline:
                 return web.json_response(m)
         raise GatewayError(404, f"model {one!r} not found", "model_not_found", param="model")
 
-    @staticmethod
-    def _moderation_media(policy: Any, guard: Any, req: Any) -> bool:
-        """Media parts in a moderation request the policy's guard answers: with `content: {images:
-        guard}` and a guard that sees images, images go to it (True); anything else is refused, since
-        a moderation result for a part nobody judged would read "not flagged"."""
-        from gateway.guards.llama_guard.vision import sees_images
-        from gateway.policy.content import media_parts
-
-        media = [p for conv in req.inputs for p in media_parts(conv)]
-        if not media:
-            return False
-        bad = next((p for p in media if p.type != "image"), None)
-        if bad is None and policy.content.images == "guard" and sees_images(guard):
-            return True
-        p = bad or media[0]
-        raise GatewayError(400, f"Request refused by policy '{policy.name}': the `{p.wire_type or p.type}` part at "
-                           f"{p.path or 'input'} cannot be judged by this policy's moderation guard (images need "
-                           "`content: {images: guard}` and a llama_guard step whose remote backend takes images)",
-                           "content_not_inspected", param=p.path or "input", retry=False)
-
     async def moderations(self, plan: Plan) -> web.Response:
         """Answered by the policy's local Llama Guard (its first llama_guard step)."""
         ctx = plan.ctx
@@ -595,7 +576,7 @@ class Pipeline:
             raise GatewayError(e.status, e.message, e.code or "invalid_request", param=e.param) from None
         from gateway.guards.moderation import moderate
 
-        images = self._moderation_media(plan.policy, guard, req)
+        images = moderation_media(plan.policy, guard, req)
         try:
             results = await moderate(guard, req, images=images)
         except Exception as e:  # a guard that did not run never answers "not flagged"

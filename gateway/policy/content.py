@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from gateway.errors import GatewayError
 from gateway.types import MEDIA_KINDS, Message, Part, Verdict
 from gateway.yamlio import ConfigError, Fields, line_of
 
@@ -184,3 +185,22 @@ def refusal(rules: ContentRules, policy_name: str, p: Part) -> str:
 def unchecked_images(verdicts: list[Verdict]) -> bool:
     """True when no verdict says it checked the request's images (`images: guard` then blocks)."""
     return not any(v.error is None and v.details.get(CHECKED_KEY) for v in verdicts)
+
+
+def moderation_media(policy: Any, guard: Any, req: Any) -> bool:
+    """Media parts in a moderation request the policy's guard answers: with `content: {images:
+    guard}` and a guard that sees images, images go to it (True); anything else is refused, since
+    a moderation result for a part nobody judged would read "not flagged"."""
+    from gateway.guards.llama_guard.vision import sees_images
+
+    media = [p for conv in req.inputs for p in media_parts(conv)]
+    if not media:
+        return False
+    bad = next((p for p in media if p.type != "image"), None)
+    if bad is None and policy.content.images == "guard" and sees_images(guard):
+        return True
+    p = bad or media[0]
+    raise GatewayError(400, f"Request refused by policy '{policy.name}': the `{p.wire_type or p.type}` part at "
+                       f"{p.path or 'input'} cannot be judged by this policy's moderation guard (images need "
+                       "`content: {images: guard}` and a llama_guard step whose remote backend takes images)",
+                       "content_not_inspected", param=p.path or "input", retry=False)
