@@ -38,6 +38,13 @@ def _opt(d: dict[str, Any], key: str, r: Reader, p: str) -> str | None:
 # --------------------------------------------------------------------------- OpenAI chat
 
 
+def _audio(item: dict[str, Any], r: Reader, p: str, typ: str) -> Part:
+    """An `input_audio` part (chat and Responses share its shape)."""
+    ia = r.obj(item.get("input_audio"), f"{p}.input_audio")
+    return Part("audio", data=r.str_(ia.get("data"), f"{p}.input_audio.data"),
+                format=_opt(ia, "format", r, f"{p}.input_audio"), path=p, wire_type=typ)
+
+
 def decode_chat_part(item: dict[str, Any], typ: str, r: Reader, p: str) -> Part | None:
     """An OpenAI chat media part (`image_url`, `input_audio`, `file`) → a Part; None for other types."""
     if typ == "image_url":
@@ -45,22 +52,10 @@ def decode_chat_part(item: dict[str, Any], typ: str, r: Reader, p: str) -> Part 
         if isinstance(iu, str):
             return Part("image", image_url=iu, path=p, wire_type=typ)
         iu = r.obj(iu, f"{p}.image_url")
-        return Part(
-            "image",
-            image_url=r.str_(iu.get("url"), f"{p}.image_url.url"),
-            detail=_opt(iu, "detail", r, f"{p}.image_url"),
-            path=p,
-            wire_type=typ,
-        )
+        return Part("image", image_url=r.str_(iu.get("url"), f"{p}.image_url.url"),
+                    detail=_opt(iu, "detail", r, f"{p}.image_url"), path=p, wire_type=typ)
     if typ == "input_audio":
-        ia = r.obj(item.get("input_audio"), f"{p}.input_audio")
-        return Part(
-            "audio",
-            data=r.str_(ia.get("data"), f"{p}.input_audio.data"),
-            format=_opt(ia, "format", r, f"{p}.input_audio"),
-            path=p,
-            wire_type=typ,
-        )
+        return _audio(item, r, p, typ)
     if typ == "file":
         f = r.obj(item.get("file"), f"{p}.file")
         part = Part(
@@ -121,14 +116,7 @@ def decode_responses_part(item: dict[str, Any], typ: str, r: Reader, p: str, *, 
             "image", image_url=r.str_(url, f"{p}.image_url"), detail=_opt(item, "detail", r, p), path=p, wire_type=typ
         )
     if typ == "input_audio":
-        ia = r.obj(item.get("input_audio"), f"{p}.input_audio")
-        return Part(
-            "audio",
-            data=r.str_(ia.get("data"), f"{p}.input_audio.data"),
-            format=_opt(ia, "format", r, f"{p}.input_audio"),
-            path=p,
-            wire_type=typ,
-        )
+        return _audio(item, r, p, typ)
     if item.get("file_url") is not None:
         raise _fail(
             f"'{p}': an input_file by file_url has no chat counterpart (Guardgate answers the "

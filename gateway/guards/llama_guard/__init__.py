@@ -17,12 +17,12 @@ from gateway.guards.llama_guard.prompt import (
     Turn,
     conversation_turns,
     render_lg3,
-    render_lg4,
     render_with_template,
     template_takes_categories,
 )
 from gateway.guards.llama_guard.remote import RemoteOptions
 from gateway.guards.llama_guard.stats import GuardStats
+from gateway.guards.llama_guard.vision import completion_prompt as render_lg4
 
 __all__ = [
     "LG3_1B_CODES",

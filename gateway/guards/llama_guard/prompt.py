@@ -189,17 +189,21 @@ def template_takes_categories(template: str) -> bool:
     return "excluded_category_keys" in template and "categories[" in template
 
 
-def render_lg4(turns: Sequence[Turn], categories: Mapping[str, str]) -> str:
-    """Llama Guard 4 text prompt (Llama 4 special tokens) for a raw completions endpoint: the model's own
-    template text (`vision.render_lg4`, compared with Meta's reference rendering in
-    tests/test_lg4_prompt.py; it is not LG3's text: "according to our", one newline after
-    `<BEGIN CONVERSATION>`, ...), plus the blank line the model writes before its verdict."""
-    from gateway.guards.llama_guard.vision import render_lg4 as reference
-
-    return reference([(r, t, []) for r, t in turns], categories) + "\n\n"
-
-
 # --------------------------------------------------------------------------- conversation -> turns
+
+
+def message_side(m: Message) -> tuple[str, str] | None:
+    """(the template's side, the text it reads) of one message; None for system and developer
+    messages, which have no slot. Tool results count as the user side (untrusted input); an assistant
+    turn's tool calls are read as `name(arguments)` lines."""
+    if m.role in ("system", "developer"):
+        return None
+    role = "assistant" if m.role == "assistant" else "user"
+    text = m.text
+    if role == "assistant" and m.tool_calls:
+        calls = "\n".join(f"{c.name}({c.arguments})" for c in m.tool_calls)
+        text = f"{text}\n{calls}" if text.strip() else calls
+    return role, text
 
 
 def conversation_turns(
@@ -215,13 +219,10 @@ def conversation_turns(
     """
     turns: list[list[str]] = []
     for m in messages:
-        if m.role in ("system", "developer"):
+        side = message_side(m)
+        if side is None:
             continue
-        role = "assistant" if m.role == "assistant" else "user"
-        text = m.text
-        if role == "assistant" and m.tool_calls:
-            calls = "\n".join(f"{c.name}({c.arguments})" for c in m.tool_calls)
-            text = f"{text}\n{calls}" if text.strip() else calls
+        role, text = side
         if not text.strip():
             continue
         if turns and turns[-1][0] == role:

@@ -20,7 +20,8 @@ from typing import Any, Literal
 
 from gateway.guards.base import GuardConfigError
 from gateway.guards.llama_guard.parsing import _score_from_top_logprobs, parse_output
-from gateway.guards.llama_guard.prompt import Turn, render_lg3, render_lg4
+from gateway.guards.llama_guard.prompt import Turn, render_lg3
+from gateway.guards.llama_guard.vision import completion_prompt as render_lg4
 
 RemoteApi = Literal["llama_moderations", "openai_chat", "openai_completions", "llama_cpp"]
 APIS = ("llama_moderations", "openai_chat", "openai_completions", "llama_cpp")

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from gateway.guards.llama_guard.prompt import LG3_CATEGORIES, Turn, message_side
 from gateway.types import Message, Verdict
 
 VISION_APIS = ("llama_moderations", "openai_chat")
@@ -35,22 +36,7 @@ VTurn = tuple[str, str, list[str]]  # ("user" | "assistant", text, image URLs in
 
 # Llama Guard 4's default categories: S1..S14 for text; the template leaves S14 (Code Interpreter
 # Abuse, "text only" on the model card) out when the conversation has an image.
-LG4_CATEGORIES: dict[str, str] = {
-    "S1": "Violent Crimes.",
-    "S2": "Non-Violent Crimes.",
-    "S3": "Sex Crimes.",
-    "S4": "Child Exploitation.",
-    "S5": "Defamation.",
-    "S6": "Specialized Advice.",
-    "S7": "Privacy.",
-    "S8": "Intellectual Property.",
-    "S9": "Indiscriminate Weapons.",
-    "S10": "Hate.",
-    "S11": "Self-Harm.",
-    "S12": "Sexual Content.",
-    "S13": "Elections.",
-    "S14": "Code Interpreter Abuse.",
-}
+LG4_CATEGORIES: dict[str, str] = dict(LG3_CATEGORIES)  # the same labels, never renumbered
 TEXT_ONLY_CODES = ("S14",)
 
 
@@ -72,13 +58,10 @@ def vision_turns(messages: Sequence[Message], history: int | None = None) -> lis
     each turn in order."""
     turns: list[tuple[str, str, list[str]]] = []
     for m in messages:
-        if m.role in ("system", "developer"):
+        side = message_side(m)
+        if side is None:
             continue
-        role = "assistant" if m.role == "assistant" else "user"
-        text = m.text
-        if role == "assistant" and m.tool_calls:
-            calls = "\n".join(f"{c.name}({c.arguments})" for c in m.tool_calls)
-            text = f"{text}\n{calls}" if text.strip() else calls
+        role, text = side
         images = [p.image_url or "" for p in m.parts if p.type == "image"]
         if not text.strip() and not images:
             continue
@@ -221,3 +204,11 @@ async def judge(
     )
     guard.stats.observe(v)
     return v
+
+
+def completion_prompt(turns: Sequence[Turn], categories: Mapping[str, str]) -> str:
+    """Llama Guard 4's text prompt for a raw completions endpoint: the model's own template text
+    (`render_lg4`, compared with Meta's reference rendering in tests/test_lg4_prompt.py; not LG3's
+    text: "according to our", one newline after `<BEGIN CONVERSATION>`, ...), plus the blank line the
+    model writes before its verdict."""
+    return render_lg4([(r, t, []) for r, t in turns], categories) + "\n\n"
