@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from harness import Loop
+from waits import until
 
 from gateway.guards.llama_guard import LlamaGuard
 from gateway.types import Message
@@ -83,10 +84,7 @@ async def test_incremental_check_through_the_engine_costs_what_it_costs_in_proce
         assert b.score == pytest.approx(a.score, abs=1e-4)
         assert b.details["backend"] == "engine"
     # the stream's close reached the engine (a message sent without waiting for the answer)
-    for _ in range(200):
-        if not svc.sessions:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: not svc.sessions, 2.0)
     assert svc.sessions == {}
     await local.aclose()
     await remote.aclose()

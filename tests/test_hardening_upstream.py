@@ -13,7 +13,6 @@ import json
 import re
 import socket
 import threading
-import time
 from typing import Any
 
 import httpx
@@ -30,6 +29,7 @@ from harness import (
     sse,
     stream_frames,
 )
+from waits import wait_until
 
 from gateway.policy.reload import PolicyStore
 
@@ -429,8 +429,8 @@ def test_clients_that_stop_reading_do_not_hold_the_pool(make_stack, pool: int) -
     )
     stalled = [_stalled_client(st.url) for _ in range(2)]
     try:
-        _wait(lambda: len(st.upstream.requests) == 2, 5)
-        _wait(lambda: st.upstream.completed == 2, 5)  # both answers sent (or stuck behind their readers)
+        wait_until(lambda: len(st.upstream.requests) == 2, 5)
+        wait_until(lambda: st.upstream.completed == 2, 5)  # both answers sent (or stuck behind their readers)
         # not 503 upstream_unavailable: no connection of the pool is held by a client that does not read
         r = st.openai(timeout=10).chat.completions.create(
             model="gpt-test", messages=[{"role": "user", "content": "hi"}]
@@ -451,7 +451,7 @@ def test_a_client_that_stops_reading_still_gets_the_whole_answer_later(make_stac
     )
     s = _stalled_client(st.url)
     try:
-        assert _wait(lambda: st.upstream.completed == 1)
+        assert wait_until(lambda: st.upstream.completed == 1, 10)
         s.settimeout(10)
         got = 0
         while chunk := s.recv(1 << 20):
@@ -492,13 +492,6 @@ def test_a_chunked_answer_is_passed_on_as_it_arrives(make_stack) -> None:
         assert first + b"".join(parts) == b"first-part;second-part"
 
 
-def _wait(pred, timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
 
 
 # --------------------------------------------------------------------------- on_stream_block
