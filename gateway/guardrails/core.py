@@ -9,11 +9,14 @@ into `Message`s, calls `check_input` / `check_output`, and encodes the `Outcome`
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway.policy.chain import PolicyRun
 from gateway.types import Choice, Completion, Exchange, Message, ToolCall, new_id
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -97,6 +100,24 @@ def _run(
     )
 
 
+async def _finished(run: Any, check: Awaitable[T], telemetry: Any) -> tuple[T, dict[str, Any]]:
+    """Await one stage's check, then finish the run: its audit record (status 500 and the error's type
+    when the check raised, which then propagates) and its metrics."""
+    try:
+        result = await check
+    except BaseException as e:
+        _finish(run, 500, type(e).__name__, telemetry)
+        raise
+    return result, _finish(run, 200, None, telemetry)
+
+
+def _finish(run: Any, status: int, error: str | None, telemetry: Any) -> dict[str, Any]:
+    record = run.finish(status=status, error=error)
+    if telemetry is not None:
+        telemetry.record_audit(record)
+    return record
+
+
 async def check_input(
     policy: Any,
     messages: list[Message],
@@ -114,17 +135,8 @@ async def check_input(
     model is shown (tool definitions...), which input guards read too (`chain.request_fields`)."""
     run = _run(policy, request_id, route, face, model, key, audit)
     ex = Exchange(model=model or "", messages=messages, extra=dict(fields or {}))
-    status, error = 200, None
-    try:
-        decision = await run.check_input(ex)
-        redacted = decision.exchange.messages if decision.exchange is not None and not decision.blocked else None
-    except BaseException as e:
-        status, error = 500, type(e).__name__
-        raise
-    finally:
-        record = run.finish(status=status, error=error)
-        if telemetry is not None:
-            telemetry.record_audit(record)
+    decision, record = await _finished(run, run.check_input(ex), telemetry)
+    redacted = decision.exchange.messages if decision.exchange is not None and not decision.blocked else None
     steps = _stage_steps(record, ("input",))
     action = record["action"]
     return Outcome(
@@ -167,16 +179,7 @@ async def check_output(
             for i, m in enumerate(answers or [Message("assistant")])
         ],
     )
-    status, error = 200, None
-    try:
-        released = await run.check_output(ex, answer)
-    except BaseException as e:
-        status, error = 500, type(e).__name__
-        raise
-    finally:
-        record = run.finish(status=status, error=error)
-        if telemetry is not None:
-            telemetry.record_audit(record)
+    released, record = await _finished(run, run.check_output(ex, answer), telemetry)
     steps = _stage_steps(record, ("output", "stream"))
     blocked = any(c.finish_reason == "content_filter" for c in released.choices)
     out = [c.message for c in released.choices]
