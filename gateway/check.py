@@ -86,10 +86,12 @@ def _load(name: str, dirs: list[str]) -> Policy:
 # --------------------------------------------------------------------------- input
 
 
-def _read_input(path: str) -> list[tuple[int, dict[str, Any]]]:
+def json_objects(path: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of every non-blank line of a JSONL file (`-`: stdin); InputError names
+    the file and line of a line that is not a JSON object."""
     fh: TextIO = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
-    rows: list[tuple[int, dict[str, Any]]] = []
     name = "<stdin>" if path == "-" else path
+    rows: list[tuple[int, dict[str, Any]]] = []
     try:
         for n, line in enumerate(fh, 1):
             if not line.strip():
@@ -98,18 +100,27 @@ def _read_input(path: str) -> list[tuple[int, dict[str, Any]]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise InputError(f"{name}:{n}: not JSON: {e.msg}") from None
-            if not isinstance(obj, dict) or not ({"messages", "prompt", "response"} & set(obj)):
-                raise InputError(f"{name}:{n}: expected an object with messages, prompt and/or response")
-            try:
-                obj["_messages"] = _messages(obj)
-            except InputError as e:
-                raise InputError(f"{name}:{n}: {e}") from None
-            if "response" in obj and not isinstance(obj["response"], str):
-                raise InputError(f"{name}:{n}: response must be a string")
+            if not isinstance(obj, dict):
+                raise InputError(f"{name}:{n}: expected a JSON object")
             rows.append((n, obj))
     finally:
         if fh is not sys.stdin:
             fh.close()
+    return rows
+
+
+def _read_input(path: str) -> list[tuple[int, dict[str, Any]]]:
+    name = "<stdin>" if path == "-" else path
+    rows = json_objects(path)
+    for n, obj in rows:
+        if not ({"messages", "prompt", "response"} & set(obj)):
+            raise InputError(f"{name}:{n}: expected an object with messages, prompt and/or response")
+        try:
+            obj["_messages"] = _messages(obj)
+        except InputError as e:
+            raise InputError(f"{name}:{n}: {e}") from None
+        if "response" in obj and not isinstance(obj["response"], str):
+            raise InputError(f"{name}:{n}: response must be a string")
     return rows
 
 

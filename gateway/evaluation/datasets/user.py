@@ -13,11 +13,10 @@ values mean unsafe; every other value is then safe. Without it the usual spellin
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
-from gateway.check import InputError
+from gateway.check import InputError, json_objects
 from gateway.evaluation import dataset
 from gateway.evaluation.dataset import Record
 
@@ -43,19 +42,7 @@ def _rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
         with open(path, encoding="utf-8", newline="") as fh:
             reader = csv.DictReader(fh)
             return [(reader.line_num, dict(row)) for row in reader]
-    out: list[tuple[int, dict[str, Any]]] = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: not JSON: {e.msg}") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{path}:{n}: expected a JSON object")
-            out.append((n, obj))
-    return out
+    return json_objects(str(path))
 
 
 def load(path: Path, name: str, columns: dict[str, str], unsafe_labels: list[str] | None = None) -> list[Record]:
