@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable
 from typing import Any
 
 import aiohttp
@@ -237,8 +237,8 @@ class Pipeline:
         status, error = 200, None
         try:
             self._media_rule(run, ctx, messages)
-            await self._input_gate(asyncio.ensure_future(
-                run.check_input(Exchange(model=ctx.model or "", messages=messages))), ctx, param="input")
+            await self._input_gate(run.check_input(Exchange(model=ctx.model or "", messages=messages)), ctx,
+                                   param="input")
         except GatewayError as e:
             status, error = e.status, e.code
             raise
@@ -276,7 +276,7 @@ class Pipeline:
             if run is not None:
                 self.telemetry.record_audit(run.finish(status=status, error=error))
 
-    async def _input_gate(self, task: asyncio.Future[Any], ctx: RequestContext, param: str = "messages") -> None:
+    async def _input_gate(self, task: Awaitable[Any], ctx: RequestContext, param: str = "messages") -> None:
         decision = await task
         if decision.blocked:
             ctx.outcome = "blocked_input"
@@ -301,10 +301,10 @@ class Pipeline:
         self._media_rule(run, ctx, ex.messages)
         input_task: asyncio.Task[Any] | None = None
         if run is not None and run.policy.has_input:
-            input_task = asyncio.create_task(run.check_input(ex))
-            if not (run.policy.input_parallel and isinstance(upstream, HttpUpstream)):
-                await self._input_gate(input_task, ctx)
-                input_task = None
+            if run.policy.input_parallel and isinstance(upstream, HttpUpstream):
+                input_task = asyncio.create_task(run.check_input(ex))
+            else:
+                await self._input_gate(run.check_input(ex), ctx)
         # The request as the input stage rewrote it (input `redact`, pii masking); a rewriting policy
         # never runs in parallel with the upstream (policy.schema refuses it), so the verdict is in.
         up_ex = run.upstream_exchange(ex) if run is not None and input_task is None else ex

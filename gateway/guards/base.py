@@ -71,17 +71,18 @@ class StreamCheck:
 
     async def check(self, text: str, window_start: int, final: bool) -> Verdict:
         """Judge `text` (the whole answer so far); `text[window_start:]` is new since the last check."""
-        return await self.guard.check(
-            GuardInput(
-                stage="stream",
-                messages=self.messages,
-                text=text,
-                window_start=window_start,
-                final=final,
-                request_id=self.request_id,
-                tool_calls=list(self.calls),
-            )
-        )
+        if self.guard.immediate:
+            return self.check_now(text, window_start, final)
+        return await self.guard.check(self._input(text, window_start, final))
+
+    def check_now(self, text: str, window_start: int, final: bool) -> Verdict:
+        """`check` without a suspension point, for the stream of an `ImmediateGuard` (the gate runs
+        it inline). A subclass that keeps state between checks overrides this one."""
+        return self.guard.check_now(self._input(text, window_start, final))
+
+    def _input(self, text: str, window_start: int, final: bool) -> GuardInput:
+        return GuardInput(stage="stream", messages=self.messages, text=text, window_start=window_start,
+                          final=final, request_id=self.request_id, tool_calls=list(self.calls))
 
     async def close(self) -> None:
         """Free per-stream resources (called on stream end, block and client disconnect)."""
@@ -97,7 +98,7 @@ class ResumingStream(StreamCheck):
         super().__init__(guard, messages, request_id)
         self._resume: int | None = None
 
-    async def check(self, text: str, window_start: int, final: bool) -> Verdict:
+    def check_now(self, text: str, window_start: int, final: bool) -> Verdict:
         t0 = time.perf_counter()
         pos = window_start if self._resume is None else min(self._resume, window_start)
         verdict, self._resume = self.guard.scan_from(t0, text, pos, final)  # type: ignore[attr-defined]
@@ -169,9 +170,16 @@ class Guard(ABC):
     def __init__(self, **options: Any) -> None:
         self.options = options
 
+    # True for an `ImmediateGuard`: its checks never wait on anything (CPU work bounded by the text).
+    immediate: ClassVar[bool] = False
+
     @abstractmethod
     async def check(self, inp: GuardInput) -> Verdict:
         """Judge one input; must not block the event loop (run inference in a worker)."""
+
+    def check_now(self, inp: GuardInput) -> Verdict:
+        """`check` without a suspension point: only an `ImmediateGuard` has one."""
+        raise TypeError(f"guard {self.name} is not immediate: await check()")
 
     def open_stream(self, messages: list[Message], request_id: str) -> StreamCheck:
         return StreamCheck(self, messages, request_id)
@@ -195,6 +203,22 @@ class Guard(ABC):
     def verdict(self, t0: float, **kw: Any) -> Verdict:
         """A verdict stamped with this guard's name and the latency since `t0` (perf_counter)."""
         return Verdict(guard=self.name, latency_ms=(time.perf_counter() - t0) * 1000.0, **kw)
+
+
+class ImmediateGuard(Guard):
+    """A guard whose checks are CPU work bounded by the text and never wait on anything (regex,
+    hidden_unicode, pii, tools): it implements `check_now`, and the policy runs it inline, without
+    a task or a trip through the event loop. A step's `timeout` cannot interrupt it (no timeout can
+    interrupt code that does not yield); such a guard bounds its own work (regex: `scan_timeout_ms`)."""
+
+    immediate: ClassVar[bool] = True
+
+    async def check(self, inp: GuardInput) -> Verdict:
+        return self.check_now(inp)
+
+    @abstractmethod
+    def check_now(self, inp: GuardInput) -> Verdict:
+        """Judge one input, synchronously."""
 
 
 class GuardConfigError(ValueError):

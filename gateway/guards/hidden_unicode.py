@@ -50,7 +50,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from gateway.guards.base import Guard, GuardConfigError, GuardInput, ResumingStream, StreamCheck, register
+from gateway.guards.base import (
+    GuardConfigError,
+    GuardInput,
+    ImmediateGuard,
+    ResumingStream,
+    StreamCheck,
+    register,
+)
 from gateway.types import Message, Verdict
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -147,7 +154,7 @@ class Scan:
 
 
 @register("hidden_unicode")
-class HiddenUnicodeGuard(Guard):
+class HiddenUnicodeGuard(ImmediateGuard):
     """Flags invisible characters that change what a model reads but not what a person sees."""
 
     name: ClassVar[str] = "hidden_unicode"
@@ -267,7 +274,7 @@ class HiddenUnicodeGuard(Guard):
             reason=f"hidden Unicode{where}: {summary}", details=details,
         )
 
-    async def check(self, inp: GuardInput) -> Verdict:
+    def check_now(self, inp: GuardInput) -> Verdict:
         t0 = time.perf_counter()
         if inp.stage != "input":
             return self._verdict(t0, self.scan(inp.text).findings)

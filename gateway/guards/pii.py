@@ -48,7 +48,14 @@ from functools import partial
 from typing import Any, ClassVar
 
 from gateway.guards import conversation
-from gateway.guards.base import Guard, GuardInput, StreamCheck, config_error, register, reject_unknown_options
+from gateway.guards.base import (
+    GuardInput,
+    ImmediateGuard,
+    StreamCheck,
+    config_error,
+    register,
+    reject_unknown_options,
+)
 from gateway.types import ACTION_RANK, Message, TextEdit, Verdict
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -169,7 +176,7 @@ _config_error = partial(config_error, "pii")  # (msg, option) -> GuardConfigErro
 
 
 @register("pii")
-class PiiGuard(Guard):
+class PiiGuard(ImmediateGuard):
     """Emails, phone numbers, cards, IBANs, national ids, IPs and API keys: mask, block or log."""
 
     name: ClassVar[str] = "pii"
@@ -249,7 +256,7 @@ class PiiGuard(Guard):
 
     # ------------------------------------------------------------------ checks
 
-    async def check(self, inp: GuardInput) -> Verdict:
+    def check_now(self, inp: GuardInput) -> Verdict:
         t0 = time.perf_counter()
         if inp.stage == "input":
             return self._check_input(t0, inp.messages)
@@ -339,7 +346,7 @@ class _PiiStream(StreamCheck):
         super().__init__(guard, messages, request_id)
         self._resume = 0
 
-    async def check(self, text: str, window_start: int, final: bool) -> Verdict:
+    def check_now(self, text: str, window_start: int, final: bool) -> Verdict:
         t0 = time.perf_counter()
         found = self.guard.find(text, self._resume)
         if final:

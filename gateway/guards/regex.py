@@ -27,7 +27,14 @@ from typing import Any, ClassVar
 import regex
 
 from gateway.guards import conversation
-from gateway.guards.base import Guard, GuardConfigError, GuardInput, ResumingStream, StreamCheck, register
+from gateway.guards.base import (
+    GuardConfigError,
+    GuardInput,
+    ImmediateGuard,
+    ResumingStream,
+    StreamCheck,
+    register,
+)
 from gateway.types import Message, TextEdit, Verdict
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -56,7 +63,7 @@ class _Scan:
 
 
 @register("regex")
-class RegexGuard(Guard):
+class RegexGuard(ImmediateGuard):
     name: ClassVar[str] = "regex"
     stages: ClassVar[frozenset[str]] = frozenset({"input", "stream", "output"})
 
@@ -163,7 +170,7 @@ class RegexGuard(Guard):
             },
         )
 
-    async def check(self, inp: GuardInput) -> Verdict:
+    def check_now(self, inp: GuardInput) -> Verdict:
         t0 = time.perf_counter()
         if inp.stage == "input":
             matches: list[tuple[int, int, _Pattern]] = []

@@ -33,7 +33,15 @@ from urllib.parse import urlsplit
 import jsonschema
 from jsonschema import Draft202012Validator, ValidationError
 
-from gateway.guards.base import Guard, GuardInput, StreamCheck, config_error, register, reject_unknown_options
+from gateway.guards.base import (
+    Guard,
+    GuardInput,
+    ImmediateGuard,
+    StreamCheck,
+    config_error,
+    register,
+    reject_unknown_options,
+)
 from gateway.types import Message, ToolCall, Verdict
 
 _config_error = partial(config_error, "tools")  # (msg, option) -> GuardConfigError
@@ -80,7 +88,7 @@ def _names(value: Any, option: str) -> frozenset[str] | None:
 
 
 @register("tools")
-class ToolsGuard(Guard):
+class ToolsGuard(ImmediateGuard):
     """Allow/deny lists of tool names and JSON-schema constraints on each call's arguments."""
 
     name: ClassVar[str] = "tools"
@@ -135,7 +143,7 @@ class ToolsGuard(Guard):
                                     details={"rule": rule, "tool": call.name, "call_id": call.id})
         return self.verdict(t0, flagged=False, score=0.0, details={"calls": len(calls)} if calls else {})
 
-    async def check(self, inp: GuardInput) -> Verdict:
+    def check_now(self, inp: GuardInput) -> Verdict:
         return self.judge(time.perf_counter(), inp.messages, inp.tool_calls)
 
     def open_stream(self, messages: list[Message], request_id: str) -> StreamCheck:
@@ -156,7 +164,17 @@ class CallStream(StreamCheck):
         if not new:
             return self.guard.verdict(t0, flagged=False, score=0.0)
         result = self.guard.judge(t0, self.messages, new)  # type: ignore[attr-defined]
-        v: Verdict = await result if hasattr(result, "__await__") else result
+        return self._judged(new, await result if hasattr(result, "__await__") else result)
+
+    def check_now(self, text: str, window_start: int, final: bool) -> Verdict:
+        """The tools guard's (an `ImmediateGuard`): `judge` returns its verdict."""
+        t0 = time.perf_counter()
+        new = self.calls[self.judged:]
+        if not new:
+            return self.guard.verdict(t0, flagged=False, score=0.0)
+        return self._judged(new, self.guard.judge(t0, self.messages, new))  # type: ignore[attr-defined]
+
+    def _judged(self, new: list[ToolCall], v: Verdict) -> Verdict:
         if v.error is None:
             self.judged += len(new)
         return v

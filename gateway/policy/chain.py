@@ -22,6 +22,7 @@ import datetime as _dt
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from gateway.guards.base import GuardInput
@@ -31,7 +32,15 @@ from gateway.policy.gate import GateResult, StreamGate
 from gateway.policy.record import StepRecord, merge_verdict, strongest
 from gateway.policy.reload import PolicyStore
 from gateway.policy.rewrite import Unmasker, apply_edits
-from gateway.policy.schema import Policy, PolicyError, Step, load_policy, parse_policy_text, run_step
+from gateway.policy.schema import (
+    Policy,
+    PolicyError,
+    Step,
+    load_policy,
+    parse_policy_text,
+    run_step,
+    run_step_now,
+)
 from gateway.types import (
     TEXT_CHANNELS,
     Annotation,
@@ -120,7 +129,17 @@ class PolicyRun:
         self.input_decision = decision
         if not steps:
             return decision
-        tasks = {asyncio.create_task(self._input_step(s, exchange)): s for s in steps}
+        # Immediate steps (regex, pii, ...) answer inline, in order; the others run concurrently.
+        for s in steps:
+            if s.immediate and not decision.blocked:
+                self._input_verdict(s, run_step_now(s, partial(s.guard.check_now, self._input(s, exchange))),
+                                    decision)
+        waiting = [s for s in steps if not s.immediate]
+        if decision.blocked:  # what did not answer yet is not asked
+            for s in [*waiting, *(s for s in steps if s.immediate and not self.records[s].checks)]:
+                self.records[s].cancelled += 1
+            waiting = []
+        tasks = {asyncio.create_task(self._input_step(s, exchange)): s for s in waiting}
         pending = set(tasks)
         try:
             while pending and not decision.blocked:
@@ -168,12 +187,15 @@ class PolicyRun:
                             "a model that takes images?)")
 
     async def _input_step(self, step: Step, exchange: Exchange) -> Verdict:
+        inp = self._input(step, exchange)
+        return await run_step(step, lambda: step.guard.check(inp))
+
+    def _input(self, step: Step, exchange: Exchange) -> GuardInput:
         context = {"model": exchange.model, "route": self.route, "key": self.key}
         if self.policy.content.images == "guard":
             context["images"] = "guard"  # llama_guard's remote backend then sends the images along
-        inp = GuardInput(stage="input", messages=exchange.messages, request_id=self.request_id,
-                         context=context, fields=request_fields(exchange))
-        return await run_step(step, lambda: step.guard.check(inp))
+        return GuardInput(stage="input", messages=exchange.messages, request_id=self.request_id,
+                          context=context, fields=request_fields(exchange))
 
     def _input_verdict(self, step: Step, v: Verdict, decision: InputDecision) -> None:
         decision.verdicts.append(v)

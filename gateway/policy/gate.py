@@ -38,14 +38,14 @@ import bisect
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Sequence
 from functools import partial
 from typing import Any, cast
 
 from gateway.guards.base import GuardInput, StreamCheck
 from gateway.policy.choice import ChoiceText, Piece, Redaction, StepState
 from gateway.policy.record import StepRecord, merge_verdict
-from gateway.policy.schema import Step, run_step
+from gateway.policy.schema import Step, run_step, run_step_now
 from gateway.policy.summary import GateResult, estimate_usage, fill_result
 from gateway.types import (
     Annotation,
@@ -71,9 +71,9 @@ AUTO_FIRST, AUTO_MIN, AUTO_MAX = 16, 4, 1024
 class OneShotCheck(StreamCheck):
     """A non-stream answer: one `guard.check` on the whole text (stage "output")."""
 
-    async def check(self, text: str, window_start: int, final: bool) -> Verdict:
-        return await self.guard.check(GuardInput(stage="output", messages=self.messages, text=text,
-                                                 request_id=self.request_id, tool_calls=list(self.calls)))
+    def _input(self, text: str, window_start: int, final: bool) -> GuardInput:
+        return GuardInput(stage="output", messages=self.messages, text=text, request_id=self.request_id,
+                          tool_calls=list(self.calls))
 
 
 class StreamGate:
@@ -114,6 +114,9 @@ class StreamGate:
         self._block: tuple[ChoiceText, StepState, Verdict] | None = None
         self._started = False
         self._singles = False  # `run`: the upstream yields events, not lists
+        # Every step immediate (regex, pii, ...): checks run inline and the gate reads the upstream
+        # itself, with no reader task and no queue: an event goes out in the same turn it came in.
+        self.direct = all(s.immediate for s in self.steps)
 
     # ------------------------------------------------------------------ public
 
@@ -128,7 +131,7 @@ class StreamGate:
         finally:
             await batches.aclose()
 
-    async def batches(self, upstream: AsyncIterable[list[Event]]) -> AsyncGenerator[list[Event], None]:
+    def batches(self, upstream: AsyncIterable[list[Event]]) -> AsyncGenerator[list[Event], None]:
         """The guarded stream: upstream events in lists (those that arrived together), and each
         release out as one list (what the client gets in one write). Closing it (aclose) cancels
         the upstream and every check."""
@@ -136,6 +139,44 @@ class StreamGate:
             raise RuntimeError("a StreamGate runs once")
         self._started = True
         self._upstream = upstream
+        if self.direct:
+            return self._direct(upstream)
+        return self._queued_batches(upstream)
+
+    async def _direct(self, upstream: AsyncIterable[list[Event]]) -> AsyncGenerator[list[Event], None]:
+        """`batches` when every check runs inline: read, check, release, in one loop."""
+        it = aiter(upstream)
+        try:
+            while True:
+                try:
+                    batch = await anext(it)
+                except StopAsyncIteration:
+                    self._handle((_END, None))
+                except Exception as e:
+                    self._upstream_done = True
+                    self.summary.error = f"upstream: {type(e).__name__}: {e}"
+                    raise
+                else:
+                    for ev in [cast("Event", batch)] if self._singles else batch:
+                        self._on_event(ev)
+                self._schedule()
+                if self._block is not None:
+                    yield await self._block_out()
+                    return
+                if self._upstream_done:
+                    break
+                out = self._drain()
+                if out:
+                    yield out
+            out = self._end_out()
+            if out:
+                yield out
+        finally:
+            await self._cleanup()
+
+    async def _queued_batches(self, upstream: AsyncIterable[list[Event]]) -> AsyncGenerator[list[Event], None]:
+        """`batches` with checks that wait (a model, a remote service): a reader task feeds a queue,
+        check tasks report to it, and the loop releases what their verdicts allow."""
         if not self.one_shot:
             self._reader = asyncio.create_task(self._read(upstream))
         try:
@@ -285,6 +326,8 @@ class StreamGate:
     def _schedule(self) -> None:
         for c in self._choices.values():
             for st in c.steps:
+                if self._block is not None:
+                    return
                 if st.task is not None or st.final_done:
                     continue
                 if c.ended:
@@ -325,6 +368,10 @@ class StreamGate:
         st.started = time.monotonic()
         calls = c.complete_calls() if c.calls else []
         st.calls_pending = len(calls)
+        if st.step.immediate:
+            self._apply(c, st, run_step_now(st.step, lambda: self._checker(st, calls).check_now(
+                text, st.checked_to, final)))
+            return
         st.task = asyncio.create_task(self._check(st, text, st.checked_to, final, calls))
         st.task.add_done_callback(partial(self._check_done, c, st))
 
@@ -336,23 +383,25 @@ class StreamGate:
             return OneShotCheck(step.guard, self.messages, self.request_id)
         return step.guard.open_stream(self.messages, self.request_id)
 
+    def _checker(self, st: StepState, calls: list[ToolCall]) -> StreamCheck:
+        if st.checker is None:
+            st.checker = self._open(st.step)
+        st.checker.calls = calls
+        return st.checker
+
     async def _check(self, st: StepState, text: str, window_start: int, final: bool,
                      calls: list[ToolCall]) -> Verdict:
-        def call() -> Awaitable[Verdict]:
-            if st.checker is None:
-                st.checker = self._open(st.step)
-            st.checker.calls = calls
-            return st.checker.check(text, window_start, final)
-
-        return await run_step(st.step, call)
+        return await run_step(st.step, lambda: self._checker(st, calls).check(text, window_start, final))
 
     def _on_check(self, c: ChoiceText, st: StepState, task: asyncio.Task[Verdict]) -> None:
         if st.task is not task:
             return
         st.task = None
-        if task.cancelled():
-            return
-        v = task.result()
+        if not task.cancelled():
+            self._apply(c, st, task.result())
+
+    def _apply(self, c: ChoiceText, st: StepState, v: Verdict) -> None:
+        """A step's verdict on its window: block, redact, hold, or let the window go."""
         window_start, end, final = st.args
         if self.auto:  # the auto window sizes itself from the cost per token
             st.cost_per_token.append((time.monotonic() - st.started) / max(1, c.tokens_between(window_start, end)))

@@ -49,16 +49,35 @@ async def run_step(step: Step, call: Callable[[], Awaitable[Verdict]]) -> Verdic
         if step.unavailable:
             raise RuntimeError(step.unavailable)
         async with asyncio.timeout(step.timeout_s):
-            v = await call()
-        if not isinstance(v, Verdict):
-            raise TypeError(f"guard returned {type(v).__name__}, not a Verdict")
-        return v
+            return _verdict(await call())
     except TimeoutError:
         return Verdict(guard=step.guard_name, error=f"timeout after {step.timeout_s * 1000:.0f} ms",
                        latency_ms=(time.perf_counter() - t0) * 1000)
     except Exception as e:
-        return Verdict(guard=step.guard_name, error=f"{type(e).__name__}: {e}",
-                       latency_ms=(time.perf_counter() - t0) * 1000)
+        return _failed(step, t0, e)
+
+
+def run_step_now(step: Step, call: Callable[[], Verdict]) -> Verdict:
+    """`run_step` for an immediate step (`Step.immediate`), inline: the same never-raise rule; no
+    timeout, since nothing could interrupt a call that never yields."""
+    t0 = time.perf_counter()
+    try:
+        if step.unavailable:
+            raise RuntimeError(step.unavailable)
+        return _verdict(call())
+    except Exception as e:
+        return _failed(step, t0, e)
+
+
+def _verdict(v: Any) -> Verdict:
+    if not isinstance(v, Verdict):
+        raise TypeError(f"guard returned {type(v).__name__}, not a Verdict")
+    return v
+
+
+def _failed(step: Step, t0: float, e: Exception) -> Verdict:
+    return Verdict(guard=step.guard_name, error=f"{type(e).__name__}: {e}",
+                   latency_ms=(time.perf_counter() - t0) * 1000)
 
 
 class PolicyError(ConfigError):
@@ -87,6 +106,11 @@ class Step:
     def __post_init__(self) -> None:
         if not self.label:
             self.label = f"{self.stage}[{self.index}]:{self.guard_name}"
+
+    @property
+    def immediate(self) -> bool:
+        """Its checks run inline (`run_step_now`): an `ImmediateGuard`, or a guard that failed to start."""
+        return self.guard.immediate or self.unavailable is not None
 
 
 @dataclass
