@@ -312,7 +312,7 @@ class Pipeline:
             if isinstance(upstream, NeutralUpstream):
                 if not ex.stream:
                     completion = await upstream.complete(up_ex)
-                    return await self._send_completion(ctx, cd, ex, completion, run)
+                    return await self._send_completion(request, ctx, cd, ex, completion, run)
                 stats = StreamStats()
                 return await self._send_stream(request, ctx, cd, ex, batched(upstream.stream(up_ex), stats), run,
                                                stats)
@@ -373,12 +373,14 @@ class Pipeline:
             except DialectError as e:  # its message may quote the upstream's bytes: not under a policy
                 why = f"request {ctx.id}" if upstream_text.checks_answers(run) else e.message
                 raise UpstreamError(f"upstream answer does not decode: {why}", 502, "bad_upstream_response") from None
-            return await self._send_completion(ctx, cd, ex, completion, run)
+            return await self._send_completion(request, ctx, cd, ex, completion, run)
         stats = StreamStats()
         return await self._send_stream(request, ctx, cd, ex, upstream_batches(resp, ud, stats), run, stats)
 
-    async def _send_completion(self, ctx: RequestContext, cd: Any, ex: Exchange, completion: Any,
-                               run: Any) -> web.Response:
+    async def _send_completion(self, request: web.Request, ctx: RequestContext, cd: Any, ex: Exchange,
+                               completion: Any, run: Any) -> web.Response:
+        """The checked answer, written before the books are kept (the audit record, metrics, the access
+        log run after its last byte left, as for a stream and the relay)."""
         if run is not None and run.policy.has_output:
             completion = await run.check_output(ex, completion)
         if upstream_text.checks_answers(run):
@@ -394,9 +396,12 @@ class Pipeline:
             texts = [p.text for ch in completion.choices for p in ch.message.parts if p.text]
             texts += [t.arguments for ch in completion.choices for t in ch.message.tool_calls]
             ctx.usage = Counted(prompt_tokens(ex), sum(count_tokens(t) for t in texts), "gateway")
+        out = web.Response(body=json_bytes(cd.encode_response(completion, ex)), content_type="application/json",
+                           headers={"X-Guardgate-Request-Id": ctx.id})
+        await out.prepare(request)
+        await out.write_eof()
         self.telemetry.observe_completion(completion)
-        return web.Response(body=json_bytes(cd.encode_response(completion, ex)), content_type="application/json",
-                            headers={"X-Guardgate-Request-Id": ctx.id})
+        return out
 
     async def _send_stream(self, request: web.Request, ctx: RequestContext, cd: ClientCodec, ex: Exchange,
                            batches: AsyncGenerator[list[Event], None], run: Any,

@@ -98,8 +98,17 @@ class SSEParser:
         out: list[SSEEvent] = []
         n = len(buf)
         pos = 0  # start of the current line
-        start = 0  # start in `buf` of the frame in progress (its earlier lines are in self._raw)
         find = buf.find
+        if not (self._raw or self._data or self._event or self._comment) and find(b"\r") < 0:
+            # Fast path, most streams: at a frame boundary, frames of one `data:` line ended by LF.
+            while buf.startswith(b"data:", pos):
+                end = find(b"\n\n", pos)
+                if end < 0 or find(b"\n", pos, end) >= 0:
+                    break
+                v = pos + 6 if buf[pos + 5:pos + 6] == b" " else pos + 5
+                out.append(SSEEvent(None, buf[v:end].decode("utf-8", "replace"), buf[pos:end + 2]))
+                pos = end + 2
+        start = pos  # start in `buf` of the frame in progress (its earlier lines are in self._raw)
         while pos < n:
             nl = find(b"\n", pos)
             cr = find(b"\r", pos, nl if nl >= 0 else n)

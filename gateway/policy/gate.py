@@ -76,6 +76,38 @@ class OneShotCheck(StreamCheck):
                           tool_calls=list(self.calls))
 
 
+def _coalesced(events: list[Event]) -> list[Event]:
+    """`events` with each run of adjacent text deltas of one channel (or argument fragments of one
+    tool call) as one delta; the text, the calls and the order are the same. What arrived together
+    is guarded as one piece, and what is released together leaves as one frame per run."""
+    out: list[Event] = []
+    run: list[str] = []
+    for ev in events:
+        prev = out[-1] if out else None
+        if type(ev) is TextDelta and type(prev) is TextDelta and ev.index == prev.index \
+                and ev.channel == prev.channel:
+            run.append(ev.text)
+            continue
+        if type(ev) is ToolCallDelta and type(prev) is ToolCallDelta and ev.id is None and ev.name is None \
+                and ev.call_index == prev.call_index and ev.index == prev.index:
+            run.append(ev.arguments)
+            continue
+        _close_run(out, run)
+        out.append(ev)
+        run = [ev.text if type(ev) is TextDelta else ev.arguments if type(ev) is ToolCallDelta else ""]
+    _close_run(out, run)
+    return out
+
+
+def _close_run(out: list[Event], run: list[str]) -> None:
+    if len(run) > 1:
+        ev = out[-1]
+        if type(ev) is TextDelta:
+            out[-1] = TextDelta("".join(run), ev.index, ev.channel)
+        elif type(ev) is ToolCallDelta:
+            out[-1] = ToolCallDelta(ev.call_index, "".join(run), ev.id, ev.name, ev.index)
+
+
 class StreamGate:
     """Guards one stream. Build one per request and iterate `batches(upstream)` (or `run`) once."""
 
@@ -103,12 +135,12 @@ class StreamGate:
         self._now: list[Event] = []  # events to release at the next drain, ahead of any text
         self._upstream: AsyncIterable[list[Event]] | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._q: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-        # Read-ahead is bounded in events (not lists: one network read may bring thousands), so a client
-        # that stops reading holds the upstream back within about `read_ahead` events.
+        # `_queued_batches` only: what the reader and the checks report, and the read-ahead bound, in
+        # events (not lists: one network read may bring thousands), so a client that stops reading
+        # holds the upstream back within about `read_ahead` events.
+        self._q: asyncio.Queue[tuple[int, Any]]
         self._queued = 0
-        self._room = asyncio.Event()
-        self._room.set()
+        self._room: asyncio.Event
         self._upstream_done = False
         self._error: BaseException | None = None
         self._block: tuple[ChoiceText, StepState, Verdict] | None = None
@@ -157,8 +189,7 @@ class StreamGate:
                     self.summary.error = f"upstream: {type(e).__name__}: {e}"
                     raise
                 else:
-                    for ev in [cast("Event", batch)] if self._singles else batch:
-                        self._on_event(ev)
+                    self._on_batch([cast("Event", batch)] if self._singles else batch)
                 self._schedule()
                 if self._block is not None:
                     yield await self._block_out()
@@ -177,6 +208,9 @@ class StreamGate:
     async def _queued_batches(self, upstream: AsyncIterable[list[Event]]) -> AsyncGenerator[list[Event], None]:
         """`batches` with checks that wait (a model, a remote service): a reader task feeds a queue,
         check tasks report to it, and the loop releases what their verdicts allow."""
+        self._q = asyncio.Queue()
+        self._room = asyncio.Event()
+        self._room.set()
         if not self.one_shot:
             self._reader = asyncio.create_task(self._read(upstream))
         try:
@@ -242,8 +276,7 @@ class StreamGate:
             self._queued -= len(payload)
             if self._queued < self.read_ahead:
                 self._room.set()
-            for ev in payload:
-                self._on_event(ev)
+            self._on_batch(payload)
         elif kind == _CHECK:
             self._on_check(*payload)
         elif kind == _END:
@@ -275,6 +308,10 @@ class StreamGate:
                             self.request_id, c.index)
             r.after_finish[c.index] = r.after_finish.get(c.index, 0) + n
         return True
+
+    def _on_batch(self, batch: list[Event]) -> None:
+        for ev in _coalesced(batch) if len(batch) > 2 else batch:
+            self._on_event(ev)
 
     def _on_event(self, ev: Event) -> None:
         if isinstance(ev, TextDelta):
@@ -549,7 +586,7 @@ class StreamGate:
                     p.text = p.text[cut - p.start:]
                     p.start = cut
                 c.released = cut
-        return out
+        return _coalesced(out) if len(out) > 2 else out
 
     def _done(self) -> bool:
         if not self._upstream_done:

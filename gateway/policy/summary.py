@@ -24,7 +24,6 @@ class GateResult:
     flagged_at: int | None = None
     leaked_tokens: int = 0
     released_tokens: int = 0
-    received_tokens: int = 0
     redactions: int = 0
     error: str | None = None
     released_text: dict[int, str] = field(default_factory=dict)
@@ -36,7 +35,6 @@ class GateResult:
 def fill_result(r: GateResult, choices: Iterable[ChoiceText]) -> GateResult:
     """`r` with the leak and release counts computed from what the choices emitted."""
     choices = list(choices)
-    r.received_tokens = sum(len(c.tokenize()) for c in choices)
     leaked = released = 0
     r.flagged_at = None
     r.released_text = {}
