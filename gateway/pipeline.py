@@ -426,7 +426,7 @@ class Pipeline:
                                                  "X-Guardgate-Request-Id": ctx.id, **SSE_HEADERS},
                             send_timeout=self.send_timeout, headers_with_first_write=True)
         await out.prepare(request)
-        last = b""
+        last: bytes | None = None  # the stream's last bytes, once it ended (else the client left, or a fault)
         cut: str | None = None  # the policy's message, when a cut stream ends with an error event
         cut_with_error = run is not None and run.policy.on_stream_block == "error"
         try:
@@ -462,8 +462,12 @@ class Pipeline:
                 ctx.usage = from_usage(stats.usage)
             if meter and (ctx.usage is None or not ctx.usage.total):
                 ctx.usage = Counted(prompt_tokens(ex), count_tokens("".join(released)), "gateway")
-            self.telemetry.observe_stream(stats)
-        await out.write_eof(last)  # the terminator and the end of the body: one write
+            if last is None:  # the stream did not end (the client left, or an error): report it now
+                self.telemetry.observe_stream(stats)
+        try:
+            await out.write_eof(last or b"")  # the terminator and the end of the body: one write
+        finally:
+            self.telemetry.observe_stream(stats)  # after the last byte, off the client's clock
         return out
 
     # ------------------------------------------------------------------ Responses state
