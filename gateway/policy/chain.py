@@ -86,7 +86,7 @@ class PolicyRun:
         self.route, self.dialect, self.model, self.key = route, dialect, model, key
         self.audit = audit
         self.started = time.perf_counter()
-        self.ts = _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        self.at = _dt.datetime.now(_dt.UTC)  # written out in the record (`ts`), off the request's path
         self.records: dict[Step, StepRecord] = {
             s: StepRecord(stage=s.stage, index=s.index, guard=s.guard_name, action=s.action,
                           on_error=s.on_error, label=s.label)
@@ -289,7 +289,8 @@ class PolicyRun:
     def record(self, status: int = 200, error: str | None = None) -> dict[str, Any]:
         action, would = self.final_action()
         rec: dict[str, Any] = {
-            "ts": self.ts, "id": self.request_id, "route": self.route, "dialect": self.dialect,
+            "ts": self.at.isoformat(timespec="milliseconds").replace("+00:00", "Z"), "id": self.request_id,
+            "route": self.route, "dialect": self.dialect,
             "model": self.model, "key": self.key, "policy": self.policy.name, "mode": self.policy.mode,
             "status": status, "error": error, "action": action, "blocked_stage": self.blocked_stage,
         }
