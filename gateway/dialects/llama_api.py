@@ -1,29 +1,5 @@
-"""The Meta Llama API native dialect (`/llama/v1`, SDK `llama-api-client`).
-
-Wire shapes: wire_formats.md §3 (requests, responses, stream events, errors, moderations, models),
-§4.3 (content-filter cut). Streams are `data: {"id","event":{...}}` frames, start → progress* →
-complete → metrics, every event with a `delta`, and never `[DONE]`.
-
-Carried only for a Llama-dialect peer (kept in `extra["llama"]`, dropped on purpose by any other
-dialect): unknown top-level request fields; unknown top-level response fields.
-
-Mapped: `max_completion_tokens` ↔ neutral `max_tokens`; `top_k`, `repetition_penalty`,
-`temperature`, `top_p`, `user`, `tools`, `tool_choice`, `response_format` (text, json_schema);
-assistant `stop_reason` on request messages (neutral `Message.stop_reason`); metrics ↔ usage.
-A Llama stream always carries metrics, so a decoded streaming request has `include_usage=True`.
-
-Dropped on purpose when encoding neutral data from another dialect (the Llama API has no
-counterpart): `stop`, `seed`, `n`, `frequency_penalty`, `presence_penalty`, response_format
-`json_object` (and json_schema `strict`/`description`), message `name`, image parts in system
-and tool messages, stream events and answer choices other than 0, response `created`, answer text
-of the reasoning and transcript channels, and every OpenAI answer extra (annotations, audio,
-logprobs). Lossy: the `developer` role is sent as `system`; several assistant text parts are joined
-into the single content object the API takes; an answer's refusal becomes its content text; a
-legacy tool message with no `tool_call_id` gets `""`.
-Stop reasons outside stop/tool_calls/length: `content_filter` is passed through (the SDK accepts
-it, §4.3), `function_call` becomes `tool_calls`, anything else `stop`. Older Llama Stack values
-(`end_of_turn`, `end_of_message`, `out_of_tokens`) are read as stop/stop/length.
-"""
+"""The Meta Llama API native dialect (`/llama/v1`, SDK `llama-api-client`): wire_formats.md §3, §4.3.
+What is carried, mapped, dropped and refused, field by field: docs/dialects.md."""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""The Llama API stream codec: upstream stream chunks → neutral events (`LlamaStreamDecoder`) and
-neutral events → client frames (`LlamaStreamEncoder`), with what `llama_api.py` shares with them:
-stop reasons, usage metrics, the error body and error-message reading.
-
-Split out of `gateway/dialects/llama_api.py`, which stays the dialect (its `stream_decoder` and
-`stream_encoder` build these) and re-exports every name here; this module never imports it.
-"""
+"""The Llama API stream codec (`LlamaStreamDecoder`, `LlamaStreamEncoder`) and what `llama_api.py` shares
+with it (stop reasons, metrics, errors); `llama_api.py` re-exports these names, this module never imports it."""
 
 from __future__ import annotations
 

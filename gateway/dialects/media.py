@@ -1,21 +1,7 @@
 """Media content parts (images, audio, files) in every face: decoded into neutral `Part`s that keep
-what the client sent, so the policy's `content:` rule can see and count them, and re-encoded toward
-the upstream unchanged when the rule lets them through.
-
-| face | wire part | neutral |
-|---|---|---|
-| OpenAI chat | `image_url` `{url, detail}` | `image` (`image_url`, `detail`) |
-| OpenAI chat | `input_audio` `{data, format}` | `audio` (`data`, `format`) |
-| OpenAI chat | `file` `{file_data, file_id, filename}` | `file` (`data`, `file_id`, `filename`) |
-| Responses | `input_image` `{image_url, detail}` | `image` (by `file_id`: refused, no chat slot) |
-| Responses | `input_audio` `{input_audio: {data, format}}` | `audio` |
-| Responses | `input_file` `{file_data, file_id, filename}` | `file` (`file_url`: refused, no chat slot) |
-| Llama API | `image_url` `{url}` (user messages) | `image` |
-
-A part that the upstream's dialect has no slot for (audio or a file toward the Llama API) is refused
-when the request is encoded (`unsupported_content`), never dropped. Dialect modules call these
-helpers from their part loops; this module imports only `types` and the dialects' shared helpers.
-"""
+what the client sent (so the policy's `content:` rule can see them) and re-encoded toward the upstream
+unchanged; a part the upstream's dialect has no slot for is refused, never dropped. The table of wire
+parts per face: docs/dialects.md."""
 
 from __future__ import annotations
 

@@ -1,38 +1,5 @@
-"""The OpenAI Chat Completions dialect (also the Llama API's `/compat/v1` surface).
-
-Wire shapes: wire_formats.md §1 (chat), §2 (models, moderations), §4.2 (content-filter cut).
-
-Carried only for an OpenAI-dialect peer (kept in `extra["openai"]`, re-emitted by this module,
-dropped on purpose by any other dialect):
-- requests: every top-level field without a neutral name (`logit_bias`, `logprobs`, `top_logprobs`,
-  `metadata`, `modalities`, `moderation`, `parallel_tool_calls`, `prediction`, `prompt_cache_*`,
-  `reasoning_effort`, `safety_identifier`, `service_tier`, `store`, `verbosity`,
-  `web_search_options`, `audio`, legacy `functions`/`function_call`, and unknown `extra_body`
-  keys), `stream_options` keys other than `include_usage`, non-function tools (`custom`), and
-  `tool_choice` shapes other than none/auto/required/one function (`allowed_tools`, `custom`);
-  which of `max_tokens` / `max_completion_tokens` the client used (`extra["openai_max_tokens_field"]`).
-- responses: top-level extras (`system_fingerprint`, `service_tier`, ...) and usage details
-  (`prompt_tokens_details`, ...). Answer *message* fields follow one model, `MESSAGE_FIELDS` and
-  `CHOICE_FIELDS` below (every choice of `n`; every model-written field gated or dropped by rule).
-- stream chunks: `system_fingerprint`, `service_tier` (via `StreamStart.extra`); deltas of
-  `content`, `refusal`, `reasoning_content` / `reasoning` (text channels), `tool_calls` and legacy
-  `function_call` (written back as `function_call` to a client that sent `functions`).
-
-Media parts (`image_url`, `input_audio`, `file`) are decoded as they came (`dialects/media.py`) and
-re-encoded unchanged; the policy's `content:` rule refuses, allows or guards them. Unknown part
-types are rejected with a 400 so nothing unguarded slips through.
-Dropped on purpose (no neutral counterpart): `prompt_cache_breakpoint`, request message `audio`; stream
-`logprobs`, `audio` deltas (audio data cannot be checked and arrives before its transcript is
-complete), `annotations` deltas and `obfuscation`.
-Lossy on purpose: in requests, assistant `refusal` text becomes ordinary text (a guard must see
-it); custom tool calls are carried as function calls (`input` as `arguments`); legacy `function`
-role messages become `tool` messages without `tool_call_id` (and are written back as `function`
-messages).
-
-Params: `max_completion_tokens` (else `max_tokens`) → `max_tokens`; `top_k` and
-`repetition_penalty` (vLLM / llama.cpp extensions) are read and written as-is, so a Llama client
-reaching an OpenAI-compatible server keeps them (the OpenAI service itself rejects them).
-"""
+"""The OpenAI Chat Completions dialect (also the Llama API's `/compat/v1` surface): wire_formats.md §1,
+§2, §4.2. What is carried, mapped, dropped and refused, field by field: docs/dialects.md."""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""The OpenAI Chat Completions stream codec: upstream chunks → neutral events
-(`OpenAIStreamDecoder`) and neutral events → client chunks (`OpenAIStreamEncoder`), with the
-pieces `openai.py` shares with them (the dialect name, finish reasons, usage and error fields).
-
-Split out of `gateway/dialects/openai.py`, which stays the dialect (its `stream_decoder` and
-`stream_encoder` build these) and re-exports every name here; this module never imports it.
-"""
+"""The OpenAI chat stream codec (`OpenAIStreamDecoder`, `OpenAIStreamEncoder`) and the pieces `openai.py`
+shares with it; `openai.py` re-exports these names, this module never imports it."""
 
 from __future__ import annotations
 

@@ -1,57 +1,7 @@
-"""The OpenAI Responses API (`POST /v1/responses`) as a client-facing codec over chat upstreams.
-
-Guardgate serves a Responses request by translating it into the neutral `Exchange`, which any chat
-upstream (OpenAI chat, Llama API, the local llama.cpp model) can be asked; the answer (a
-`Completion` or neutral stream events) is rendered back as a Response object or as Responses SSE
-events. This module has the client-side functions of `base.Dialect` (`decode_request`,
-`encode_response`, `stream_encoder`, `error_body`, `decode_error`, models); it has no
-`encode_request` / `decode_response` / `stream_decoder`: no upstream is asked in this dialect.
-Wire shapes: wire_formats.md §2 ("Responses API"), checked against the `openai` SDK's types and its
-stream accumulator (`openai/lib/streaming/responses/_responses.py`).
-
-Where a decoded request keeps what is not a chat field (`Exchange.client`, never sent upstream, not
-shown to guards; `Exchange.extra["openai"]`, sent to an OpenAI-chat upstream only):
-- `client["response_id"]`: the `resp_...` id of the answer, fixed at decode (stream and non-stream
-  answers use it, so a gateway store can key on it before the answer is written).
-- `client["previous_response_id"]` (str | None) and `client["conversation"]` (conversation id,
-  str | None): conversation state kept by the upstream, which no input guard can see. The codec
-  only decodes them; the pipeline refuses them or resolves them from its own store. With either set
-  the request may carry no input at all (`Exchange.messages` may then be empty).
-- `client["input"]`: the request's input items as sent (a string becomes one user message item),
-  for a gateway conversation store; `client["echo"]`: the Response fields echoed back (below);
-  `client["ignored"]`: request keys that were dropped (for logging).
-- `extra["openai"]`: `reasoning_effort` (from `reasoning.effort`), `parallel_tool_calls` (only with
-  tools: chat refuses it otherwise), `verbosity` (from `text.verbosity`), `safety_identifier`,
-  `prompt_cache_key`, `prompt_cache_retention`, `service_tier`, and an `allowed_tools` tool choice.
-
-Request mapping: `instructions` → a leading system message; `input` string → one user message;
-`message` items (user/assistant/system/developer; parts `input_text`, `output_text`, `refusal` as
-text; `input_image` by URL, `input_audio`, `input_file` by file_data or file_id on user messages, as
-chat `image_url` / `input_audio` / `file` parts: `dialects/media.py`); `function_call` items → assistant `tool_calls`
-(`call_id` is the call id; consecutive calls join the assistant turn before them, as chat needs);
-`function_call_output` items → `tool` messages (untrusted input for the input stage, like chat
-tool messages); function `tools` → `params["tools"]`; `tool_choice`; `text.format` →
-`params["response_format"]` in the chat shape; `max_output_tokens` → `params["max_tokens"]`;
-`temperature`, `top_p`, `user`; `stream` (usage is always requested from the upstream, since the
-final Response carries it).
-
-Dropped on purpose: `reasoning` input items (a previous turn's reasoning: chat upstreams have no
-input slot for it, and it is the model's own text, not input), `reasoning.summary`, `include`,
-`stream_options`, `top_logprobs`, `max_tool_calls`, `truncation` (echoed only), `store` and
-`metadata` (echoed; sending them to a chat upstream would store a chat completion instead).
-
-Refused (400): built-in tools (`unsupported_tool`: a chat upstream cannot run them), input items
-other than messages and function calls/outputs (`unsupported_item`: `item_reference` points at
-stored items no guard can read), `input_image` by `file_id` and `input_file` by `file_url`
-(`unsupported_content`: no chat counterpart, and no guard could read them), media parts outside
-user messages, `background: true` and `prompt` templates (an object: `unsupported_parameter`; a
-`prompt` of another shape is not the API's and is dropped like an unknown key).
-
-Answer mapping: channel `reasoning` → a `reasoning` item with its text as the summary (the
-reasoning text a Responses client reads); `text` → an `output_text` part; `refusal` → a `refusal`
-part; tool calls → `function_call` items. `finish_reason` content_filter → `status: incomplete`,
-`incomplete_details.reason: content_filter`; length → `max_output_tokens`.
-"""
+"""The OpenAI Responses API (`POST /v1/responses`) as a client-facing codec over chat upstreams (the
+client half only: no upstream is asked in this dialect). Wire shapes: wire_formats.md §8, checked against
+the `openai` SDK's types and stream accumulator. The request and answer mapping, what a decoded request
+keeps in `Exchange.client` / `extra["openai"]`, and what is dropped or refused: docs/dialects.md."""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""The Responses API answer shapes and its stream encoder: the Response object and its items
-(shared by `responses.encode_response` and the stream), `error_frame`, and
-`ResponsesStreamEncoder` (neutral events → Responses SSE events).
-
-Split out of `gateway/dialects/responses.py`, which stays the client codec (its `stream_encoder`
-builds the encoder) and re-exports these names; this module never imports it.
-"""
+"""The Responses answer shapes (shared with `responses.encode_response`), `error_frame` and
+`ResponsesStreamEncoder`; `responses.py` re-exports these names, this module never imports it."""
 
 from __future__ import annotations
 
