@@ -10,6 +10,7 @@ import json
 import json.encoder
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 from json.encoder import encode_basestring
 from math import isfinite
 from typing import Any, NoReturn, TypedDict
@@ -401,28 +402,17 @@ def code_order(c: str) -> tuple[int, str]:
     return (int(c[1:]), c) if c[:1] == "S" and c[1:].isdigit() else (1 << 30, c)
 
 
-# OpenAI moderation categories and their Llama Guard codes (`openai.py` moderations).
-OPENAI_CATEGORIES = (
-    "harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent", "self-harm",
-    "self-harm/instructions", "self-harm/intent", "sexual", "sexual/minors", "violence", "violence/graphic",
-)
-# Llama Guard code → OpenAI categories it implies. S6 (specialized advice), S7 (privacy), S8 (IP)
-# and S13 (elections) have no OpenAI counterpart: they set `flagged` and appear only in the
-# `guardgate.categories` extra of each result.
-CODE_TO_OPENAI: dict[str, tuple[str, ...]] = {
-    "S1": ("violence", "illicit/violent"), "S2": ("illicit",), "S3": ("sexual", "illicit"), "S4": ("sexual/minors",),
-    "S5": ("harassment",), "S9": ("illicit/violent", "violence"), "S10": ("hate",), "S11": ("self-harm",),
-    "S12": ("sexual",), "S14": ("illicit",),
-}
-OPENAI_TO_CODE: dict[str, str] = {
-    "harassment": "S5", "harassment/threatening": "S1", "hate": "S10", "hate/threatening": "S10", "illicit": "S2",
-    "illicit/violent": "S1", "self-harm": "S11", "self-harm/instructions": "S11", "self-harm/intent": "S11",
-    "sexual": "S12", "sexual/minors": "S4", "violence": "S1", "violence/graphic": "S1",
-}
-assert set(CODE_TO_OPENAI) <= set(LLAMA_GUARD_CATEGORIES)
+def encode_model(m: ModelInfo) -> dict[str, Any]:
+    return {"id": m["id"], "object": "model", "created": int(m.get("created") or 0),
+            "owned_by": m.get("owned_by") or ""}
 
 
-def decode_models_list(body: bytes) -> list[ModelInfo]:
+def encode_models(models: list[ModelInfo]) -> dict[str, Any]:
+    """`{"object":"list","data":[...]}` in both dialects (the Llama SDK unwraps `data`, §3.8)."""
+    return {"object": "list", "data": [encode_model(m) for m in models]}
+
+
+def decode_models(body: bytes) -> list[ModelInfo]:
     """A models list, same shape in both dialects: `{"data":[{id, created, owned_by, ...}]}`;
     a bare list or a single model object are accepted too."""
     r = UP
@@ -432,12 +422,48 @@ def decode_models_list(body: bytes) -> list[ModelInfo]:
     out: list[ModelInfo] = []
     for i, m in enumerate(r.list_(data, "data")):
         m = r.obj(m, f"data[{i}]")
-        created = m.get("created")
-        out.append(
-            {
-                "id": r.str_(m.get("id"), f"data[{i}].id"),
-                "created": r.count(created, f"data[{i}].created") if created is not None else 0,
-                "owned_by": r.opt_str(m.get("owned_by"), f"data[{i}].owned_by") or "",
-            }
-        )
+        out.append({"id": r.str_(m.get("id"), f"data[{i}].id"),
+                    "created": r.count(m.get("created"), f"data[{i}].created"),
+                    "owned_by": r.opt_str(m.get("owned_by"), f"data[{i}].owned_by") or ""})
     return out
+
+
+def error_body(status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
+               param: str | None = None) -> dict[str, Any]:
+    """The OpenAI error shape (every OpenAI endpoint; the Llama API's adds copies, `llama_stream.py`)."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_fields(obj: Any) -> tuple[str, str | None]:
+    """(message, code) from any error shape either dialect sends: `{"error":{message, code|type}}`,
+    `{"error":"..."}`, problem-JSON (`detail`, `message`, `title`). ("", None) when there is none."""
+    if not isinstance(obj, dict):
+        return "", None
+    err, msg, code = obj.get("error"), "", None
+    if isinstance(err, dict):
+        m, c = err.get("message"), err.get("code")
+        msg = m if isinstance(m, str) else ""
+        c = err.get("type") if c is None else c
+        code = str(c) if isinstance(c, (str, int)) and not isinstance(c, bool) else None
+    elif isinstance(err, str):
+        msg = err
+    if not msg:
+        msg = next((obj[k] for k in ("detail", "message", "title") if isinstance(obj.get(k), str) and obj[k]), "")
+    return msg, code
+
+
+def decode_error(status: int, body: bytes) -> tuple[str, str | None]:
+    """(message, code) from an upstream error body of either dialect, for translation. Never raises."""
+    try:
+        obj = load_json(body, status=502, what="upstream error")
+    except DialectError:
+        obj = None
+    msg, code = error_fields(obj)
+    if msg:
+        return msg, code
+    try:
+        msg = f"upstream returned HTTP {status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        msg = f"upstream returned HTTP {status}"
+    text = body[:500].decode("utf-8", "replace").strip() if obj is None and isinstance(body, (bytes, bytearray)) else ""
+    return (f"{msg}: {text}" if text else msg), code

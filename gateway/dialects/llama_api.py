@@ -4,16 +4,18 @@ What is carried, mapped, dropped and refused, field by field: docs/dialects.md."
 from __future__ import annotations
 
 import time
-from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from gateway.dialects import _common as _c
-from gateway.dialects.base import DialectError, ModelInfo, ModerationRequest, ModerationResult
+from gateway.dialects._common import decode_error as decode_error
+from gateway.dialects._common import decode_models as decode_models
+from gateway.dialects._common import encode_model as encode_model
+from gateway.dialects._common import encode_models as encode_models
+from gateway.dialects.base import ModerationRequest, ModerationResult
 from gateway.dialects.llama_stream import (  # re-exported: importers find them here
     _TEXT_OUT,
     LlamaStreamDecoder,
     LlamaStreamEncoder,
-    _error_message,
     _metrics,
     _usage_from_metrics,
     error_body,  # noqa: F401  (the dialect's error_body; beside the encoder that writes it)
@@ -51,10 +53,6 @@ MESSAGES = _c.MessageRules(
     object_content=True,  # an assistant's content is one object
     stop_reason=True,
 )
-
-
-def decode_messages(v: Any, r: _c.Reader = _c.REQ, param: str = "messages") -> list[Message]:
-    return _c.decode_messages(v, r, param, MESSAGES)
 
 
 def decode_payload(obj: dict[str, Any]) -> Exchange:
@@ -220,49 +218,6 @@ def stream_encoder(ex: Exchange) -> LlamaStreamEncoder:
     return LlamaStreamEncoder(ex)
 
 
-# --------------------------------------------------------------------------- errors
-
-
-def decode_error(status: int, body: bytes) -> tuple[str, str | None]:
-    try:
-        obj = _c.load_json(body, status=502, what="upstream error")
-    except DialectError:
-        obj = None
-    msg, code = _error_message(obj)
-    if msg:
-        return msg, code
-    try:
-        phrase = f" {HTTPStatus(status).phrase}"
-    except ValueError:
-        phrase = ""
-    text = ""
-    if obj is None and isinstance(body, (bytes, bytearray)):
-        text = body[:500].decode("utf-8", "replace").strip()
-    return (f"upstream returned HTTP {status}{phrase}" + (f": {text}" if text else "")), code
-
-
-# --------------------------------------------------------------------------- models
-
-
-def encode_model(m: ModelInfo) -> dict[str, Any]:
-    return {
-        "id": m["id"],
-        "created": int(m.get("created") or 0),
-        "object": "model",
-        "owned_by": m.get("owned_by") or "",
-    }
-
-
-def encode_models(models: list[ModelInfo]) -> dict[str, Any]:
-    """`{"data":[...]}` (the SDK unwraps `data`) plus `"object":"list"` for OpenAI-style readers (§3.8)."""
-    return {"object": "list", "data": [encode_model(m) for m in models]}
-
-
-def decode_models(body: bytes) -> list[ModelInfo]:
-    """`{"data":[...]}` (a bare list or a single model object are accepted too)."""
-    return _c.decode_models_list(body)
-
-
 # --------------------------------------------------------------------------- moderations
 
 
@@ -273,7 +228,7 @@ def decode_moderation_request(body: bytes | dict[str, Any]) -> ModerationRequest
     model = r.opt_str(obj.get("model"), "model")
     if "messages" not in obj:
         r.fail("'messages' is required", "messages")
-    return ModerationRequest(model, [decode_messages(obj["messages"], r)])
+    return ModerationRequest(model, [_c.decode_messages(obj["messages"], r, "messages", MESSAGES)])
 
 
 def encode_moderation_request(req: ModerationRequest) -> dict[str, Any]:

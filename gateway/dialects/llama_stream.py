@@ -65,35 +65,10 @@ def error_body(status: int, message: str, *, type: str = "invalid_request_error"
         title = HTTPStatus(status).phrase
     except ValueError:
         title = "Error"
-    return {
-        "error": {"message": message, "type": type, "param": param, "code": code},
-        "title": title,
-        "detail": message,
-    }
+    return {**_c.error_body(status, message, type=type, code=code, param=param), "title": title, "detail": message}
 
 
 # --------------------------------------------------------------------------- streams
-
-
-def _error_message(obj: Any) -> tuple[str, str | None]:
-    """(message, code) from any Llama error shape: {"error":{...}}, {"error":"..."}, problem-JSON."""
-    if not isinstance(obj, dict):
-        return "", None
-    err = obj.get("error")
-    msg, code = "", None
-    if isinstance(err, dict):
-        m = err.get("message")
-        msg = m if isinstance(m, str) else ""
-        c = err.get("code", err.get("type"))
-        code = str(c) if isinstance(c, (str, int)) and not isinstance(c, bool) else None
-    elif isinstance(err, str):
-        msg = err
-    if not msg:
-        for k in ("detail", "message", "title"):
-            if isinstance(obj.get(k), str) and obj[k]:
-                msg = obj[k]
-                break
-    return msg, code
 
 
 class LlamaStreamDecoder:
@@ -126,7 +101,7 @@ class LlamaStreamDecoder:
                 "upstream sent a stream chunk that is not JSON", code="bad_upstream_response"
             ) from None
         if event == "error" or not isinstance(obj, dict) or not isinstance(obj.get("event"), dict):
-            msg, code = _error_message(obj)
+            msg, code = _c.error_fields(obj)
             if event == "error" or msg:
                 raise UpstreamStreamError(
                     msg or "upstream error during streaming", code=code or "upstream_error"

@@ -4,33 +4,16 @@
 from __future__ import annotations
 
 import time
-from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-from gateway.dialects._common import (
-    CODE_TO_OPENAI,
-    OPENAI_CATEGORIES,
-    OPENAI_TO_CODE,
-    REQ,
-    UP,
-    MessageRules,
-    Reader,
-    arguments_str,
-    category_code,
-    code_order,
-    decode_chat,
-    decode_models_list,
-    decode_parts,
-    decode_tool_calls,
-    decode_tool_defs,
-    encode_tool_choice,
-    encode_tool_defs,
-    keep_extra,
-    load_object,
-    request_decoder,
-)
-from gateway.dialects._common import decode_messages as _decode_messages
-from gateway.dialects.base import DialectError, ModelInfo, ModerationRequest, ModerationResult
+from gateway.dialects import _common as _c
+from gateway.dialects._common import REQ, UP, MessageRules, Reader, arguments_str, decode_parts, decode_tool_calls
+from gateway.dialects._common import decode_error as decode_error
+from gateway.dialects._common import decode_models as decode_models
+from gateway.dialects._common import encode_model as encode_model
+from gateway.dialects._common import encode_models as encode_models
+from gateway.dialects._common import error_body as error_body
+from gateway.dialects.base import ModerationRequest, ModerationResult
 from gateway.dialects.media import decode_chat_part, encode_chat_part, text_only
 from gateway.dialects.openai_stream import (  # re-exported: importers find them here
     _REASONING_KEYS,
@@ -38,20 +21,11 @@ from gateway.dialects.openai_stream import (  # re-exported: importers find them
     NAME,
     OpenAIStreamDecoder,
     OpenAIStreamEncoder,
-    _error_fields,
     _usage_dict,
+    decode_usage,
     legacy_functions,
 )
-from gateway.types import (
-    Attached,
-    Choice,
-    Completion,
-    Message,
-    Part,
-    ToolCall,
-    Usage,
-    new_id,
-)
+from gateway.types import Attached, Choice, Completion, Message, Part, ToolCall, new_id
 
 if TYPE_CHECKING:  # annotations only
     from gateway.types import Exchange
@@ -85,14 +59,10 @@ MESSAGES = MessageRules(
 )
 
 
-def decode_messages(v: Any, r: Reader = REQ, param: str = "messages") -> list[Message]:
-    return _decode_messages(v, r, param, MESSAGES)
-
-
 def decode_payload(obj: dict[str, Any]) -> Exchange:
     """A request already parsed as a JSON object (the router parses each body once) → the exchange."""
     r = REQ
-    ex, extra = decode_chat(obj, MESSAGES, _FLOAT_PARAMS, _INT_PARAMS)
+    ex, extra = _c.decode_chat(obj, MESSAGES, _FLOAT_PARAMS, _INT_PARAMS)
     params = ex.params
     so = obj.get("stream_options")
     if so is not None:
@@ -114,13 +84,13 @@ def decode_payload(obj: dict[str, Any]) -> Exchange:
         else:
             params["stop"] = [r.str_(s, f"stop[{i}]") for i, s in enumerate(r.list_(stop, "stop"))]
     if obj.get("tools") is not None:
-        params["tools"], other = decode_tool_defs(obj["tools"], r, "tools")
+        params["tools"], other = _c.decode_tool_defs(obj["tools"], r, "tools")
         if other:
             extra["tools_other"] = other
-    return keep_extra(ex, NAME, extra, obj, _KNOWN_REQ)
+    return _c.keep_extra(ex, NAME, extra, obj, _KNOWN_REQ)
 
 
-decode_request = request_decoder(decode_payload)
+decode_request = _c.request_decoder(decode_payload)
 
 
 def _encode_content(parts: list[Part], *, assistant: bool) -> Any:
@@ -167,9 +137,9 @@ def encode_request(ex: Exchange) -> dict[str, Any]:
     if p.get("max_tokens") is not None:
         body[ex.extra.get("openai_max_tokens_field", DEFAULT_MAX_TOKENS_FIELD)] = p["max_tokens"]
     if p.get("tools") or extra.get("tools_other"):
-        body["tools"] = encode_tool_defs(p.get("tools") or []) + list(extra.get("tools_other") or [])
+        body["tools"] = _c.encode_tool_defs(p.get("tools") or []) + list(extra.get("tools_other") or [])
     if p.get("tool_choice") is not None:
-        body["tool_choice"] = encode_tool_choice(p["tool_choice"])
+        body["tool_choice"] = _c.encode_tool_choice(p["tool_choice"])
     if ex.stream:
         body["stream"] = True
         so = dict(extra.get("stream_options") or {})
@@ -311,30 +281,20 @@ def _decode_choice(ch: Any, i: int, r: Reader) -> Choice:
 
 
 def decode_response(body: bytes) -> Completion:
-    obj = load_object(body, status=502, what="upstream response")
+    obj = _c.load_object(body, status=502, what="upstream response")
     r = UP
     choices = [_decode_choice(ch, i, r) for i, ch in enumerate(r.list_(obj.get("choices"), "choices"))]
     if len({ch.index for ch in choices}) != len(choices):  # each choice is guarded by its index
         for i, ch in enumerate(choices):
             ch.index = i
     extra: dict[str, Any] = {}
-    usage = None
     u = obj.get("usage")
-    if u is not None:
-        u = r.obj(u, "usage")
-        usage = Usage(
-            r.count(u.get("prompt_tokens"), "usage.prompt_tokens"),
-            r.count(u.get("completion_tokens"), "usage.completion_tokens"),
-            r.count(u.get("total_tokens"), "usage.total_tokens"),
-        )
-        ux = {k: v for k, v in u.items() if k not in ("prompt_tokens", "completion_tokens", "total_tokens")}
-        if ux:
-            extra["usage"] = ux
-    top = {
-        k: v
-        for k, v in obj.items()
-        if k not in ("id", "object", "created", "model", "choices", "usage", "guardgate") and v is not None
-    }
+    usage = None if u is None else decode_usage(u, r)
+    ux = {k: v for k, v in u.items() if k not in ("prompt_tokens", "completion_tokens", "total_tokens")} if u else None
+    if ux:
+        extra["usage"] = ux
+    top = {k: v for k, v in obj.items()
+           if k not in ("id", "object", "created", "model", "choices", "usage", "guardgate") and v is not None}
     if top:
         extra["top"] = top
     created = obj.get("created")
@@ -399,63 +359,33 @@ def encode_response(c: Completion, ex: Exchange) -> dict[str, Any]:
     return out
 
 
-# --------------------------------------------------------------------------- errors
-
-
-def error_body(status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
-               param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def _status_text(status: int) -> str:
-    try:
-        return f"upstream returned HTTP {status} {HTTPStatus(status).phrase}"
-    except ValueError:
-        return f"upstream returned HTTP {status}"
-
-
-def decode_error(status: int, body: bytes) -> tuple[str, str | None]:
-    try:
-        obj = load_object(body, status=502, what="upstream error")
-    except DialectError:
-        text = body[:500].decode("utf-8", "replace").strip() if isinstance(body, (bytes, bytearray)) else ""
-        return (f"{_status_text(status)}: {text}" if text else _status_text(status)), None
-    msg, code = _error_fields(obj.get("error"))
-    if not msg:
-        for k in ("detail", "message", "title"):
-            if isinstance(obj.get(k), str) and obj[k]:
-                msg = obj[k]
-                break
-    return msg or _status_text(status), code
-
-
-# --------------------------------------------------------------------------- models
-
-
-def encode_model(m: ModelInfo) -> dict[str, Any]:
-    return {
-        "id": m["id"],
-        "object": "model",
-        "created": int(m.get("created") or 0),
-        "owned_by": m.get("owned_by") or "",
-    }
-
-
-def encode_models(models: list[ModelInfo]) -> dict[str, Any]:
-    return {"object": "list", "data": [encode_model(m) for m in models]}
-
-
-def decode_models(body: bytes) -> list[ModelInfo]:
-    """`{"object":"list","data":[...]}` (a bare list or a single model object are accepted too)."""
-    return decode_models_list(body)
-
-
 # --------------------------------------------------------------------------- moderations
+
+# OpenAI moderation categories and their Llama Guard codes.
+OPENAI_CATEGORIES = (
+    "harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent", "self-harm",
+    "self-harm/instructions", "self-harm/intent", "sexual", "sexual/minors", "violence", "violence/graphic",
+)
+# Llama Guard code → OpenAI categories it implies. S6 (specialized advice), S7 (privacy), S8 (IP)
+# and S13 (elections) have no OpenAI counterpart: they set `flagged` and appear only in the
+# `guardgate.categories` extra of each result.
+CODE_TO_OPENAI: dict[str, tuple[str, ...]] = {
+    "S1": ("violence", "illicit/violent"), "S2": ("illicit",), "S3": ("sexual", "illicit"), "S4": ("sexual/minors",),
+    "S5": ("harassment",), "S9": ("illicit/violent", "violence"), "S10": ("hate",), "S11": ("self-harm",),
+    "S12": ("sexual",), "S14": ("illicit",),
+}
+OPENAI_TO_CODE: dict[str, str] = {
+    "harassment": "S5", "harassment/threatening": "S1", "hate": "S10", "hate/threatening": "S10", "illicit": "S2",
+    "illicit/violent": "S1", "self-harm": "S11", "self-harm/instructions": "S11", "self-harm/intent": "S11",
+    "sexual": "S12", "sexual/minors": "S4", "violence": "S1", "violence/graphic": "S1",
+}
+assert set(CODE_TO_OPENAI) <= set(_c.LLAMA_GUARD_CATEGORIES)
+
 
 def decode_moderation_request(body: bytes | dict[str, Any]) -> ModerationRequest:
     """`input`: a string (one input), a list of strings (one input each) or a list of
     text/image_url parts (one multimodal input). Each input becomes one user message."""
-    obj = body if isinstance(body, dict) else load_object(body)  # the router's payload, or raw bytes
+    obj = body if isinstance(body, dict) else _c.load_object(body)  # the router's payload, or raw bytes
     r = REQ
     model = r.opt_str(obj.get("model"), "model")
     inp = obj.get("input")
@@ -497,8 +427,8 @@ def encode_moderation_response(
 ) -> dict[str, Any]:
     out = []
     for res in results:
-        codes = [category_code(c) for c in res.get("categories") or []]
-        scores = {category_code(k): float(v) for k, v in (res.get("scores") or {}).items()}
+        codes = [_c.category_code(c) for c in res.get("categories") or []]
+        scores = {_c.category_code(k): float(v) for k, v in (res.get("scores") or {}).items()}
         cats = dict.fromkeys(OPENAI_CATEGORIES, False)
         cscores = dict.fromkeys(OPENAI_CATEGORIES, 0.0)
         for code in set(codes) | set(scores):
@@ -513,14 +443,14 @@ def encode_moderation_response(
                 "categories": cats,
                 "category_scores": cscores,
                 "category_applied_input_types": {k: ["text"] for k in OPENAI_CATEGORIES},
-                "guardgate": {"categories": sorted(set(codes), key=code_order)},
+                "guardgate": {"categories": sorted(set(codes), key=_c.code_order)},
             }
         )
     return {"id": id or new_id("modr-"), "model": model, "results": out}
 
 
 def decode_moderation_response(body: bytes) -> list[ModerationResult]:
-    obj = load_object(body, status=502, what="upstream moderation response")
+    obj = _c.load_object(body, status=502, what="upstream moderation response")
     r = UP
     out: list[ModerationResult] = []
     for i, res in enumerate(r.list_(obj.get("results"), "results")):
@@ -541,7 +471,7 @@ def decode_moderation_response(body: bytes) -> list[ModerationResult]:
         out.append(
             {
                 "flagged": r.bool_(res.get("flagged", bool(codes)), f"{p}.flagged"),
-                "categories": sorted(codes, key=code_order),
+                "categories": sorted(codes, key=_c.code_order),
                 "scores": scores,
             }
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from gateway.dialects._common import UP, arguments_str, loads, qstr
+from gateway.dialects._common import UP, Reader, arguments_str, error_body, error_fields, loads, qstr
 from gateway.dialects.base import DialectError, UpstreamStreamError
 from gateway.dialects.stream import HOLES, StreamEncoder, Template, frame
 from gateway.types import Finish, StreamStart, TextDelta, ToolCallDelta, Usage, UsageEvent, new_id
@@ -23,32 +23,22 @@ _DELTA_KEYS = {"text": "content", "refusal": "refusal", "reasoning": "reasoning_
 
 
 def _usage_dict(u: Usage, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    d: dict[str, Any] = {
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.total_tokens,
-    }
-    if extra:
-        d.update(extra)
-    return d
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.total_tokens, **(extra or {})}
+
+
+def decode_usage(u: Any, r: Reader) -> Usage:
+    """`usage` (chat and completions, answers and stream chunks) → neutral usage."""
+    u = r.obj(u, "usage")
+    return Usage(r.count(u.get("prompt_tokens"), "usage.prompt_tokens"),
+                 r.count(u.get("completion_tokens"), "usage.completion_tokens"),
+                 r.count(u.get("total_tokens"), "usage.total_tokens"))
 
 
 def legacy_functions(ex: Exchange) -> bool:
     """The client asked with legacy `functions` (and no `tools`): calls go back as `function_call`."""
     ox = ex.extra.get(NAME) or {}
     return bool(ox.get("functions")) and not ex.params.get("tools") and not ox.get("tools_other")
-
-
-def _error_fields(err: Any) -> tuple[str, str | None]:
-    if isinstance(err, dict):
-        msg = err.get("message")
-        code = err.get("code")
-        if code is None:
-            code = err.get("type")
-        return (msg if isinstance(msg, str) else ""), (str(code) if isinstance(code, (str, int)) else None)
-    if isinstance(err, str):
-        return err, None
-    return "", None
 
 
 # --------------------------------------------------------------------------- streams
@@ -88,7 +78,7 @@ class OpenAIStreamDecoder:
             )
         err = obj.get("error")
         if err:
-            msg, code = _error_fields(err)
+            msg, code = error_fields(obj)
             raise UpstreamStreamError(msg or "upstream error during streaming", code=code or "upstream_error")
         try:
             return self._events(obj)
@@ -155,16 +145,7 @@ class OpenAIStreamDecoder:
                 if fr:
                     out.append(Finish(r.str_(fr, "finish_reason"), idx))
         if usage:
-            u = r.obj(usage, "usage")
-            out.append(
-                UsageEvent(
-                    Usage(
-                        r.count(u.get("prompt_tokens"), "usage.prompt_tokens"),
-                        r.count(u.get("completion_tokens"), "usage.completion_tokens"),
-                        r.count(u.get("total_tokens"), "usage.total_tokens"),
-                    )
-                )
-            )
+            out.append(UsageEvent(decode_usage(usage, r)))
         return out
 
     def _function_call(self, fc: Any, idx: int, out: list[Event]) -> None:
@@ -292,4 +273,4 @@ class OpenAIStreamEncoder(StreamEncoder):
             self.hold({**self._head, "choices": [], "usage": _usage_dict(ev.usage)})
 
     def error_frame(self, message: str, code: str, type: str) -> str:
-        return frame({"error": {"message": message, "type": type, "param": None, "code": code}})
+        return frame(error_body(0, message, type=type, code=code))

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.dialects import openai as _openai
 from gateway.dialects._common import REQ, Reader, arguments_str, function_def, request_decoder
-from gateway.dialects.base import DialectError, ModelInfo
+from gateway.dialects._common import decode_error as decode_error  # errors: the OpenAI shape
+from gateway.dialects._common import error_body as error_body
+from gateway.dialects.base import DialectError
 from gateway.dialects.media import decode_responses_part
 from gateway.dialects.responses_stream import (  # re-exported: importers find them here
     INCOMPLETE,
@@ -400,23 +401,3 @@ def encode_response(c: Completion, ex: Exchange) -> dict[str, Any]:
 
 def stream_encoder(ex: Exchange) -> ResponsesStreamEncoder:
     return ResponsesStreamEncoder(ex)
-
-
-# --------------------------------------------------------------------------- errors and models
-
-# Errors are the OpenAI shape (`{"error": {message, type, param, code}}`), the same on every OpenAI
-# endpoint; upstream errors are decoded by the upstream's dialect, so these only delegate.
-error_body = _openai.error_body
-decode_error = _openai.decode_error
-
-
-def encode_models(models: list[ModelInfo]) -> dict[str, Any]:
-    return _openai.encode_models(models)
-
-
-def encode_model(m: ModelInfo) -> dict[str, Any]:
-    return _openai.encode_model(m)
-
-
-def decode_models(body: bytes) -> list[ModelInfo]:
-    return _openai.decode_models(body)
