@@ -430,7 +430,7 @@ def decode_models(body: bytes) -> list[ModelInfo]:
 
 def error_body(status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
                param: str | None = None) -> dict[str, Any]:
-    """The OpenAI error shape (every OpenAI endpoint; the Llama API's adds copies, `llama_stream.py`)."""
+    """The OpenAI error shape (every OpenAI endpoint; the Llama API's adds copies))."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 

@@ -120,8 +120,7 @@ class CompletionsStreamDecoder(OpenAIStreamDecoder):
         return out
 
 
-def stream_decoder() -> CompletionsStreamDecoder:
-    return CompletionsStreamDecoder()
+stream_decoder = CompletionsStreamDecoder
 
 
 class CompletionsStreamEncoder(OpenAIStreamEncoder):
@@ -158,5 +157,4 @@ class CompletionsStreamEncoder(OpenAIStreamEncoder):
                                               "finish_reason": ev.reason}]})
 
 
-def stream_encoder(ex: Exchange) -> CompletionsStreamEncoder:
-    return CompletionsStreamEncoder(ex)
+stream_encoder = CompletionsStreamEncoder

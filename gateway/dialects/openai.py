@@ -478,13 +478,5 @@ def decode_moderation_response(body: bytes) -> list[ModerationResult]:
     return out
 
 
-# --------------------------------------------------------------------------- streams
-# The decoder and encoder classes live in `openai_stream.py`.
-
-
-def stream_decoder() -> OpenAIStreamDecoder:
-    return OpenAIStreamDecoder()
-
-
-def stream_encoder(ex: Exchange) -> OpenAIStreamEncoder:
-    return OpenAIStreamEncoder(ex)
+stream_decoder = OpenAIStreamDecoder  # the stream codec classes live in `openai_stream.py`
+stream_encoder = OpenAIStreamEncoder

@@ -395,9 +395,4 @@ def encode_response(c: Completion, ex: Exchange) -> dict[str, Any]:
     return out
 
 
-# --------------------------------------------------------------------------- streams
-# The encoder lives in `responses_stream.py`.
-
-
-def stream_encoder(ex: Exchange) -> ResponsesStreamEncoder:
-    return ResponsesStreamEncoder(ex)
+stream_encoder = ResponsesStreamEncoder  # in `responses_stream.py`
