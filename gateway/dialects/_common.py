@@ -200,8 +200,9 @@ class MessageRules:
     assistant_refusal: bool = False  # an assistant's `refusal` is read as text (a guard must see it)
     stop_reason: bool = False  # an assistant's `stop_reason` is read
     # Media parts (image_url, input_audio, file, ...) of roles in `image_roles`: the dialect's decoder
-    # from `dialects/media.py` (item, type, reader, param) → a Part, or None for a type it does not know.
-    media: Callable[[dict[str, Any], str, Reader, str], Part | None] | None = None
+    # from `dialects/media.py` (item, type, reader, param, role) → a Part, or None for a type it does not know.
+    media: Callable[[dict[str, Any], str, Reader, str, str], Part | None] | None = None
+    unknown_code: str | None = None  # the error code of an unknown part type (default: the reader's)
 
 
 def decode_parts(content: Any, r: Reader, param: str, rules: MessageRules, role: str) -> list[Part]:
@@ -221,14 +222,17 @@ def decode_parts(content: Any, r: Reader, param: str, rules: MessageRules, role:
         if key is not None:
             parts.append(Part("text", r.str_(item.get(key), f"{p}.{key}")))
         elif rules.media is not None and role in rules.image_roles and isinstance(typ, str) \
-                and (media := rules.media(item, typ, r, p)) is not None:
+                and (media := rules.media(item, typ, r, p, role)) is not None:
             parts.append(media)  # the policy's `content:` rule decides it
         elif typ == "image_url" and role in rules.image_roles:
             iu = item.get("image_url")
             url = iu if isinstance(iu, str) else r.obj(iu, f"{p}.image_url").get("url")
             parts.append(Part("image", image_url=r.str_(url, f"{p}.image_url.url")))
         elif not (isinstance(typ, str) and typ in rules.skipped):
-            r.fail(f"unsupported content part type {typ!r} in a {role} message", f"{p}.type")
+            msg = f"unsupported content part type {typ!r} in a {role} message"
+            if rules.unknown_code:
+                raise DialectError(msg, param=f"{p}.type", code=rules.unknown_code)
+            r.fail(msg, f"{p}.type")
     return parts
 
 

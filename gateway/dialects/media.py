@@ -31,7 +31,7 @@ def _audio(item: dict[str, Any], r: Reader, p: str, typ: str) -> Part:
                 format=_opt(ia, "format", r, f"{p}.input_audio"), path=p, wire_type=typ)
 
 
-def decode_chat_part(item: dict[str, Any], typ: str, r: Reader, p: str) -> Part | None:
+def decode_chat_part(item: dict[str, Any], typ: str, r: Reader, p: str, role: str) -> Part | None:
     """An OpenAI chat media part (`image_url`, `input_audio`, `file`) → a Part; None for other types."""
     if typ == "image_url":
         iu = item.get("image_url")
@@ -83,7 +83,7 @@ def encode_chat_part(part: Part) -> dict[str, Any]:
 # --------------------------------------------------------------------------- Responses
 
 
-def decode_responses_part(item: dict[str, Any], typ: str, r: Reader, p: str, *, role: str) -> Part | None:
+def decode_responses_part(item: dict[str, Any], typ: str, r: Reader, p: str, role: str) -> Part | None:
     """A Responses media part (`input_image`, `input_audio`, `input_file`) → a Part; None for other
     types. What a chat upstream cannot receive (an image by file id, a file by URL) is refused."""
     if typ not in ("input_image", "input_audio", "input_file"):
@@ -125,7 +125,7 @@ def decode_responses_part(item: dict[str, Any], typ: str, r: Reader, p: str, *, 
 # --------------------------------------------------------------------------- Llama API
 
 
-def llama_media_part(item: dict[str, Any], typ: str, r: Reader, p: str) -> Part | None:
+def llama_media_part(item: dict[str, Any], typ: str, r: Reader, p: str, role: str) -> Part | None:
     """A Llama API `image_url` content item → an image Part; None for other types."""
     if typ != "image_url":
         return None

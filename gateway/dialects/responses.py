@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.dialects._common import REQ, Reader, arguments_str, function_def, request_decoder
+from gateway.dialects import _common as _c
+from gateway.dialects._common import REQ, MessageRules, Reader
 from gateway.dialects._common import decode_error as decode_error  # errors: the OpenAI shape
 from gateway.dialects._common import error_body as error_body
 from gateway.dialects.base import DialectError
@@ -32,7 +33,6 @@ name = NAME  # the module itself is the dialect, as gateway/dialects/openai.py
 
 INPUT_ROLES: dict[str, Role] = {"user": "user", "assistant": "assistant", "system": "system", "developer": "developer"}
 TOOL_CHOICES = frozenset(("none", "auto", "required"))
-_TEXT_PARTS = {"input_text": "text", "output_text": "text", "refusal": "refusal"}
 # Top-level request keys read by `decode_request`; any other key is dropped (a chat upstream
 # would reject a Responses-only key) and listed in `client["ignored"]`.
 _CHAT_PASSTHROUGH = ("safety_identifier", "prompt_cache_key", "prompt_cache_retention", "service_tier")
@@ -50,36 +50,19 @@ def _fail(message: str, param: str | None, code: str) -> DialectError:
     return DialectError(message, status=400, param=param, code=code)
 
 
-# --------------------------------------------------------------------------- requests
+# Message parts: text-like parts become text (a guard must see an assistant refusal in the history like
+# any other text); media by `media.py`. A function_call_output's output is text only (a chat tool message is).
+_PARTS = MessageRules(roles=INPUT_ROLES, texts={"input_text": "text", "output_text": "text", "refusal": "refusal"},
+                      image_roles=frozenset(INPUT_ROLES), media=decode_responses_part,
+                      unknown_code="unsupported_content")
+_OUTPUT_PARTS = MessageRules(roles={}, texts={"input_text": "text"}, image_roles=frozenset(),
+                             unknown_code="unsupported_content")
 
 
-def _text_of(part: dict[str, Any], key: str, r: Reader, param: str) -> str:
-    return r.str_(part.get(key), f"{param}.{key}")
-
-
-def _decode_content(content: Any, r: Reader, param: str, *, role: str) -> list[Part]:
-    """A message's content: a string or a list of parts (text-like parts become text parts: a
-    guard must see an assistant refusal in the history like any other text). A function_call_output's
-    output (role "tool"): text only (a chat upstream's tool message is text)."""
-    if isinstance(content, str):
-        return [Part("text", content)]
-    parts: list[Part] = []
-    for j, item in enumerate(r.list_(content, param)):
-        p = f"{param}[{j}]"
-        item = r.obj(item, p)
-        typ = item.get("type")
-        if role == "tool" and typ != "input_text":
-            raise _fail(f"'{p}': a function_call_output can carry text only (a chat upstream's tool message is "
-                        f"text), not {typ!r}", f"{p}.type", "unsupported_content")
-        if typ in ("input_text", "output_text"):
-            parts.append(Part("text", _text_of(item, "text", r, p)))
-        elif typ == "refusal":
-            parts.append(Part("text", _text_of(item, "refusal", r, p)))
-        elif isinstance(typ, str) and (media := decode_responses_part(item, typ, r, p, role=role)) is not None:
-            parts.append(media)  # input_image, input_audio, input_file: the policy's `content:` rule decides
-        else:
-            raise _fail(f"'{p}': unsupported content part type {typ!r}", f"{p}.type", "unsupported_content")
-    return parts
+def _content(v: Any, r: Reader, p: str, rules: MessageRules, role: str) -> list[Part]:
+    if v is None:
+        r.fail(f"'{p}' is required", p)
+    return _c.decode_parts(v, r, p, rules, role)
 
 
 def _decode_items(items: list[Any], r: Reader, out: list[Message]) -> None:
@@ -91,16 +74,10 @@ def _decode_items(items: list[Any], r: Reader, out: list[Message]) -> None:
             role = item.get("role")
             if not isinstance(role, str) or role not in INPUT_ROLES:
                 r.fail(f"'{p}.role' must be one of {sorted(INPUT_ROLES)}", f"{p}.role")
-            role = INPUT_ROLES[role]
-            if "content" not in item:
-                r.fail(f"'{p}.content' is required", f"{p}.content")
-            out.append(Message(role, _decode_content(item["content"], r, f"{p}.content", role=role)))
+            out.append(Message(INPUT_ROLES[role], _content(item.get("content"), r, f"{p}.content", _PARTS, role)))
         elif typ == "function_call":
-            tc = ToolCall(
-                r.str_(item.get("call_id"), f"{p}.call_id"),
-                r.str_(item.get("name"), f"{p}.name"),
-                arguments_str(item.get("arguments"), r, f"{p}.arguments"),
-            )
+            tc = ToolCall(r.str_(item.get("call_id"), f"{p}.call_id"), r.str_(item.get("name"), f"{p}.name"),
+                          _c.arguments_str(item.get("arguments"), r, f"{p}.arguments"))
             # Chat wants every call of a turn on one assistant message, answered by the tool
             # messages after it: a call joins the assistant turn right before it.
             if out and out[-1].role == "assistant":
@@ -108,29 +85,14 @@ def _decode_items(items: list[Any], r: Reader, out: list[Message]) -> None:
             else:
                 out.append(Message("assistant", tool_calls=[tc]))
         elif typ == "function_call_output":
-            out.append(
-                Message(
-                    "tool",
-                    _decode_content(item.get("output"), r, f"{p}.output", role="tool"),
-                    tool_call_id=r.str_(item.get("call_id"), f"{p}.call_id"),
-                )
-            )
-        elif typ == "reasoning":
-            continue  # a previous turn's reasoning: no chat input slot, and not input (module doc)
+            out.append(Message("tool", _content(item.get("output"), r, f"{p}.output", _OUTPUT_PARTS, "tool"),
+                               tool_call_id=r.str_(item.get("call_id"), f"{p}.call_id")))
         elif typ == "item_reference":
-            raise _fail(
-                f"'{p}': item_reference points at an item stored upstream, which no guard can read; "
-                "send the item itself",
-                f"{p}.type",
-                "unsupported_item",
-            )
-        else:
-            raise _fail(
-                f"'{p}': input items of type {typ!r} are not supported (only message, function_call, "
-                "function_call_output and reasoning)",
-                f"{p}.type",
-                "unsupported_item",
-            )
+            raise _fail(f"'{p}': item_reference points at an item stored upstream, which no guard can read; "
+                        "send the item itself", f"{p}.type", "unsupported_item")
+        elif typ != "reasoning":  # a previous turn's reasoning: no chat input slot, and not input
+            raise _fail(f"'{p}': input items of type {typ!r} are not supported (only message, function_call, "
+                        "function_call_output and reasoning)", f"{p}.type", "unsupported_item")
 
 
 def _decode_tools(v: Any, r: Reader) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -145,7 +107,7 @@ def _decode_tools(v: Any, r: Reader) -> tuple[list[dict[str, Any]], list[dict[st
         if typ != "function":
             unsupported.append(typ if isinstance(typ, str) else repr(typ))
             continue
-        d = function_def(t, r, p)  # flat: the function's fields sit on the tool itself
+        d = _c.function_def(t, r, p)  # flat: the function's fields sit on the tool itself
         neutral.append(d)
         echo.append({"type": "function", "name": d["name"], "description": d.get("description"),
                      "parameters": d.get("parameters"), "strict": d.get("strict")})
@@ -349,7 +311,7 @@ def decode_payload(obj: dict[str, Any]) -> Exchange:
     return ex
 
 
-decode_request = request_decoder(decode_payload)
+decode_request = _c.request_decoder(decode_payload)
 
 
 # --------------------------------------------------------------------------- non-stream answers
