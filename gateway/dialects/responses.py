@@ -5,6 +5,7 @@ keeps in `Exchange.client` / `extra["openai"]`, and what is dropped or refused: 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from gateway.dialects import _common as _c
@@ -33,17 +34,19 @@ name = NAME  # the module itself is the dialect, as gateway/dialects/openai.py
 
 INPUT_ROLES: dict[str, Role] = {"user": "user", "assistant": "assistant", "system": "system", "developer": "developer"}
 TOOL_CHOICES = frozenset(("none", "auto", "required"))
+_CHAT_PASSTHROUGH = ("safety_identifier", "prompt_cache_key", "prompt_cache_retention", "service_tier")
+# Chat parameters: (Responses key, neutral key, reader); each is echoed back in the Response.
+_PARAMS = (("temperature", "temperature", Reader.num), ("top_p", "top_p", Reader.num),
+           ("max_output_tokens", "max_tokens", Reader.int_), ("user", "user", Reader.str_))
+# Keys only checked and echoed back in the Response (no chat counterpart): (reader, the echo's default).
+_ECHOED: dict[str, tuple[Callable[[Reader, Any, str], Any], Any]] = {
+    "store": (Reader.bool_, True), "metadata": (Reader.obj, None), "truncation": (Reader.str_, "disabled"),
+    "top_logprobs": (Reader.int_, None), "max_tool_calls": (Reader.int_, None)}
 # Top-level request keys read by `decode_request`; any other key is dropped (a chat upstream
 # would reject a Responses-only key) and listed in `client["ignored"]`.
-_CHAT_PASSTHROUGH = ("safety_identifier", "prompt_cache_key", "prompt_cache_retention", "service_tier")
-_KNOWN = frozenset(
-    (
-        "model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "text",
-        "max_output_tokens", "temperature", "top_p", "reasoning", "store", "metadata", "user", "stream",
-        "previous_response_id", "conversation", "truncation", "include", "stream_options", "top_logprobs",
-        "max_tool_calls", "background", "prompt", *_CHAT_PASSTHROUGH,
-    )
-)
+_KNOWN = frozenset(("model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "text",
+                    "reasoning", "stream", "previous_response_id", "conversation", "include", "stream_options",
+                    "background", "prompt", *_CHAT_PASSTHROUGH, *_ECHOED, *(key for key, _, _ in _PARAMS)))
 
 
 def _fail(message: str, param: str | None, code: str) -> DialectError:
@@ -173,8 +176,7 @@ def _conversation_id(v: Any, r: Reader) -> str:
 
 
 def decode_payload(obj: dict[str, Any]) -> Exchange:
-    """A Responses request, parsed as a JSON object → the neutral exchange (see the module doc for
-    every field)."""
+    """A Responses request, parsed as a JSON object → the neutral exchange (docs/dialects.md, every field)."""
     r = REQ
     model = obj.get("model")
     if not isinstance(model, str) or not model:
@@ -182,39 +184,23 @@ def decode_payload(obj: dict[str, Any]) -> Exchange:
     if obj.get("background"):
         raise _fail("'background' responses are not supported by the gateway", "background", "unsupported_parameter")
     if isinstance(obj.get("prompt"), dict):  # a template reference; any other `prompt` is not the API's
-        raise _fail(
-            "'prompt' templates are stored upstream, where no guard can read them; send the instructions "
-            "and input themselves",
-            "prompt",
-            "unsupported_parameter",
-        )
-    client: dict[str, Any] = {"response_id": new_id("resp_")}
-    extra: dict[str, Any] = {}
-    params: dict[str, Any] = {}
-    messages: list[Message] = []
-
+        raise _fail("'prompt' templates are stored upstream, where no guard can read them; send the instructions "
+                    "and input themselves", "prompt", "unsupported_parameter")
     prev = r.opt_str(obj.get("previous_response_id"), "previous_response_id")
     conv = _conversation_id(obj["conversation"], r) if obj.get("conversation") is not None else None
     if prev is not None and conv is not None:
         r.fail("'previous_response_id' and 'conversation' cannot both be set", "conversation")
-    client["previous_response_id"], client["conversation"] = prev, conv
-
     instructions = r.opt_str(obj.get("instructions"), "instructions")
-    if instructions:
-        messages.append(Message.of("system", instructions))
+    messages = [Message.of("system", instructions)] if instructions else []
     inp = obj.get("input")
-    if isinstance(inp, str):
-        messages.append(Message.of("user", inp))
-        client["input"] = [{"type": "message", "role": "user", "content": inp}]
-    elif inp is not None:
-        items = r.list_(inp, "input")
-        _decode_items(items, r, messages)
-        client["input"] = items
-    else:
-        client["input"] = []
+    items = [{"type": "message", "role": "user", "content": inp}] if isinstance(inp, str) \
+        else [] if inp is None else r.list_(inp, "input")
+    _decode_items(items, r, messages)
     if not messages and prev is None and conv is None:
         r.fail("'input' is required", "input")
 
+    params: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
     echo_tools: list[dict[str, Any]] = []
     if obj.get("tools") is not None:
         tools, echo_tools = _decode_tools(obj["tools"], r)
@@ -227,87 +213,46 @@ def decode_payload(obj: dict[str, Any]) -> Exchange:
             extra.pop("tool_choice", None)
         elif tc is not None:
             params["tool_choice"] = tc
-    ptc = obj.get("parallel_tool_calls")
-    if ptc is not None:
-        r.bool_(ptc, "parallel_tool_calls")
-        if params.get("tools"):  # chat refuses parallel_tool_calls without tools
-            extra["parallel_tool_calls"] = ptc
-
-    text = obj.get("text")
-    if text is not None:
-        text = r.obj(text, "text")
-        if text.get("format") is not None:
-            params["response_format"] = _decode_format(text["format"], r)
-        if text.get("verbosity") is not None:
-            extra["verbosity"] = r.str_(text["verbosity"], "text.verbosity")
-    for k in ("temperature", "top_p"):
-        if obj.get(k) is not None:
-            params[k] = r.num(obj[k], k)
-    if obj.get("max_output_tokens") is not None:
-        params["max_tokens"] = r.int_(obj["max_output_tokens"], "max_output_tokens")
-    user = r.opt_str(obj.get("user"), "user")
-    if user is not None:
-        params["user"] = user
-    reasoning = obj.get("reasoning")
-    echo_reasoning: dict[str, Any] = {"effort": None, "summary": None}
-    if reasoning is not None:
-        reasoning = r.obj(reasoning, "reasoning")
-        effort = r.opt_str(reasoning.get("effort"), "reasoning.effort")
-        if effort is not None:
-            extra["reasoning_effort"] = effort
-        summary = reasoning.get("summary", reasoning.get("generate_summary"))
-        echo_reasoning = {"effort": effort, "summary": r.opt_str(summary, "reasoning.summary")}
+    ptc = None if obj.get("parallel_tool_calls") is None else r.bool_(obj["parallel_tool_calls"], "parallel_tool_calls")
+    if ptc is not None and params.get("tools"):  # chat refuses parallel_tool_calls without tools
+        extra["parallel_tool_calls"] = ptc
+    text = r.obj(obj["text"], "text") if obj.get("text") is not None else {}
+    if text.get("format") is not None:
+        params["response_format"] = _decode_format(text["format"], r)
+    if text.get("verbosity") is not None:
+        extra["verbosity"] = r.str_(text["verbosity"], "text.verbosity")
+    for key, neutral, read in _PARAMS:
+        if obj.get(key) is not None:
+            params[neutral] = read(r, obj[key], key)
+    reasoning = r.obj(obj["reasoning"], "reasoning") if obj.get("reasoning") is not None else {}
+    effort = r.opt_str(reasoning.get("effort"), "reasoning.effort")
+    if effort is not None:
+        extra["reasoning_effort"] = effort
+    summary = r.opt_str(reasoning.get("summary", reasoning.get("generate_summary")), "reasoning.summary")
     for k in _CHAT_PASSTHROUGH:
         if obj.get(k) is not None:
             extra[k] = r.str_(obj[k], k)
-    store = obj.get("store")
-    if store is not None:
-        r.bool_(store, "store")
-    metadata = obj.get("metadata")
-    if metadata is not None:
-        metadata = r.obj(metadata, "metadata")
-        for k, v in metadata.items():
-            r.str_(v, f"metadata.{k}")
-    truncation = r.opt_str(obj.get("truncation"), "truncation")
-    for k in ("top_logprobs", "max_tool_calls"):
-        if obj.get(k) is not None:
-            r.int_(obj[k], k)
+    echo = {k: default if obj.get(k) is None else read(r, obj[k], k) for k, (read, default) in _ECHOED.items()}
+    for k, v in (echo["metadata"] or {}).items():
+        r.str_(v, f"metadata.{k}")
     if obj.get("include") is not None:
         r.list_(obj["include"], "include")
 
-    echo_text = dict(text or {})
-    if echo_text.get("format") is None:
-        echo_text["format"] = {"type": "text"}
-    stream = obj.get("stream")
     ex = Exchange(model=model, messages=messages, params=params)
-    if stream is not None:
-        ex.stream = r.bool_(stream, "stream")
+    if obj.get("stream") is not None:
+        ex.stream = r.bool_(obj["stream"], "stream")
     ex.include_usage = ex.stream  # the final Response carries usage: always ask for it
     if extra:
         ex.extra["openai"] = extra
-    client["echo"] = {
-        "instructions": instructions,
-        "tools": echo_tools,
-        "tool_choice": tool_choice if tool_choice is not None else "auto",
-        "parallel_tool_calls": ptc if ptc is not None else True,
-        "temperature": params.get("temperature"),
-        "top_p": params.get("top_p"),
-        "max_output_tokens": params.get("max_tokens"),
-        "max_tool_calls": obj.get("max_tool_calls"),
-        "top_logprobs": obj.get("top_logprobs"),
-        "metadata": metadata if metadata is not None else {},
-        "store": store if store is not None else True,
-        "previous_response_id": prev,
-        "conversation": {"id": conv} if conv is not None else None,
-        "reasoning": echo_reasoning,
-        "text": echo_text,
-        "truncation": truncation or "disabled",
-        "user": user,
-        "background": False,
-        **{k: extra.get(k) for k in _CHAT_PASSTHROUGH},
-    }
-    client["ignored"] = sorted(k for k in obj if k not in _KNOWN or (k == "prompt" and obj[k] is not None))
-    ex.client = client
+    echo.update(instructions=instructions, tools=echo_tools, tool_choice="auto" if tool_choice is None else tool_choice,
+                parallel_tool_calls=True if ptc is None else ptc, previous_response_id=prev,
+                conversation=None if conv is None else {"id": conv}, reasoning={"effort": effort, "summary": summary},
+                text={**text, "format": text.get("format") or {"type": "text"}}, background=False,
+                metadata=echo["metadata"] or {}, **{key: params.get(neutral) for key, neutral, _ in _PARAMS},
+                **{k: extra.get(k) for k in _CHAT_PASSTHROUGH})
+    ignored = sorted(k for k in obj if k not in _KNOWN or (k == "prompt" and obj[k] is not None))
+    ex.client = {"response_id": new_id("resp_"), "previous_response_id": prev, "conversation": conv, "input": items,
+                 "echo": echo, "ignored": ignored}
     return ex
 
 
