@@ -378,6 +378,12 @@ def decode_tool_choice(v: Any, r: Reader, param: str) -> str | dict[str, str] | 
     return None
 
 
+def encode_tool_calls(calls: list[ToolCall], typed: bool = True) -> list[dict[str, Any]]:
+    """Tool calls as both dialects write them (OpenAI's with `"type": "function"`)."""
+    return [{"id": tc.id, **({"type": "function"} if typed else {}),
+             "function": {"name": tc.name, "arguments": tc.arguments}} for tc in calls]
+
+
 def encode_tool_choice(v: str | dict[str, str]) -> str | dict[str, Any]:
     if isinstance(v, str):
         return v

@@ -37,26 +37,15 @@ DEFAULT_MAX_TOKENS_FIELD = "max_tokens"
 
 _FLOAT_PARAMS = ("temperature", "top_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
 _INT_PARAMS = ("top_k", "n", "seed")
-_KNOWN_REQ = frozenset(
-    (
-        "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "stop", "user",
-        "tools", "tool_choice", "response_format", *_FLOAT_PARAMS, *_INT_PARAMS,
-    )
-)
-
-
-# --------------------------------------------------------------------------- requests
-
+_KNOWN_REQ = frozenset(("model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "stop",
+                        "user", "tools", "tool_choice", "response_format", *_FLOAT_PARAMS, *_INT_PARAMS))
 
 MESSAGES = MessageRules(
     roles={"system": "system", "developer": "developer", "user": "user", "assistant": "assistant", "tool": "tool",
            "function": "tool"},  # a legacy function result: a tool message without tool_call_id
     texts={"text": "text", "refusal": "refusal"},
     image_roles=frozenset(("system", "developer", "user", "assistant", "tool", "function")),
-    names=True,
-    assistant_refusal=True,
-    media=decode_chat_part,  # image_url, input_audio, file (dialects/media.py)
-)
+    names=True, assistant_refusal=True, media=decode_chat_part)  # media: image_url, input_audio, file
 
 
 def decode_payload(obj: dict[str, Any]) -> Exchange:
@@ -79,10 +68,8 @@ def decode_payload(obj: dict[str, Any]) -> Exchange:
         params["max_tokens"] = r.int_(obj["max_tokens"], "max_tokens")
     stop = obj.get("stop")
     if stop is not None:
-        if isinstance(stop, str):
-            params["stop"] = stop
-        else:
-            params["stop"] = [r.str_(s, f"stop[{i}]") for i, s in enumerate(r.list_(stop, "stop"))]
+        params["stop"] = stop if isinstance(stop, str) else [r.str_(s, f"stop[{i}]") for i, s in
+                                                               enumerate(r.list_(stop, "stop"))]
     if obj.get("tools") is not None:
         params["tools"], other = _c.decode_tool_defs(obj["tools"], r, "tools")
         if other:
@@ -110,17 +97,11 @@ def encode_messages(messages: list[Message]) -> list[dict[str, Any]]:
         if m.role == "tool" and m.tool_call_id is None and m.name is not None:  # legacy function result
             out.append({"role": "function", "name": m.name, "content": m.text})
             continue
-        d: dict[str, Any] = {
-            "role": m.role,
-            "content": _encode_content(m.parts, assistant=m.role == "assistant"),
-        }
+        d: dict[str, Any] = {"role": m.role, "content": _encode_content(m.parts, assistant=m.role == "assistant")}
         if m.name is not None:
             d["name"] = m.name
         if m.role == "assistant" and m.tool_calls:
-            d["tool_calls"] = [
-                {"id": tc.id, "type": "function", "function": {"name": tc.name, "arguments": tc.arguments}}
-                for tc in m.tool_calls
-            ]
+            d["tool_calls"] = _c.encode_tool_calls(m.tool_calls)
         if m.role == "tool":
             d["tool_call_id"] = m.tool_call_id or ""
         out.append(d)
@@ -153,38 +134,18 @@ def encode_request(ex: Exchange) -> dict[str, Any]:
     return body
 
 
-# --------------------------------------------------------------------------- non-stream responses
-
-
 def _map_finish(v: Any) -> str:
     return v if isinstance(v, str) and v else "stop"
 
 
-# The message model of a non-stream answer (docs/architecture.md, "Answer fields"): every key an
-# upstream may put in `choices[i].message` / `choices[i]`, and what happens to it. A key not listed
-# is dropped: nothing model-written reaches the client without a rule.
-MESSAGE_FIELDS: dict[str, str] = {
-    "role": "fixed: always assistant", "content": "gated: channel text", "refusal": "gated: channel refusal",
-    "reasoning_content": "gated: channel reasoning",
-    "reasoning": "gated: channel reasoning (a string; written back under the name it came in)",
-    "tool_calls": "gated: each call's name and arguments (custom tools: input)",
-    "function_call": "gated: legacy call, name and arguments; written back as function_call to a "
-    "client that sent `functions`",
-    "audio": "transcript gated (channel transcript); id/data/expires_at kept only when the transcript "
-    "passed verbatim",
-    "annotations": "gated: every string they carry (url, title) is a segment of its own; kept only when "
-    "that and the content passed verbatim (their offsets point into the content)",
-    "*": "dropped: unknown message keys carry text no rule covers",
-}
-CHOICE_FIELDS: dict[str, str] = {
-    "index": "kept",
-    "message": "see MESSAGE_FIELDS",
-    "finish_reason": "kept (content_filter when a guard blocked the choice)",
-    "logprobs": "content/refusal tokens kept only when they spell exactly the text that passed "
-    "verbatim; top_logprobs emptied (alternatives the model did not write, single tokens no text guard "
-    "can judge)",
-    "*": "dropped: unknown choice keys (content_filter_results, provider stop strings, ...)",
-}
+# The keys of an answer's `choices[i].message` / `choices[i]` that have a rule (docs/configuration.md,
+# "What the output and stream stages see", gives each one's); any other key is dropped: nothing
+# model-written reaches the client without a rule.
+MESSAGE_FIELDS = ("role", "content", "refusal", "reasoning_content", "reasoning", "tool_calls", "function_call",
+                  "audio", "annotations")
+CHOICE_FIELDS = ("index", "message", "finish_reason", "logprobs")
+
+
 def _strings(v: Any, out: list[str]) -> None:
     """Every string inside a JSON value (dict keys excluded, `type` tags skipped)."""
     if isinstance(v, str):
@@ -298,13 +259,9 @@ def decode_response(body: bytes) -> Completion:
     if top:
         extra["top"] = top
     created = obj.get("created")
-    c = Completion(
-        id=r.opt_str(obj.get("id"), "id") or new_id("chatcmpl-"),
-        model=r.opt_str(obj.get("model"), "model") or "",
-        usage=usage,
-        created=r.int_(created, "created") if created is not None else int(time.time()),
-        choices=choices or [Choice(Message("assistant"))],
-    )
+    c = Completion(id=r.opt_str(obj.get("id"), "id") or new_id("chatcmpl-"), model=r.opt_str(obj.get("model"), "model")
+                   or "", usage=usage, created=r.int_(created, "created") if created is not None else int(time.time()),
+                   choices=choices or [Choice(Message("assistant"))])
     if extra:
         c.extra[NAME] = extra
     return c
@@ -328,10 +285,7 @@ def _encode_choice(ch: Choice, legacy: bool) -> dict[str, Any]:
             tc = m.tool_calls[0]
             msg["function_call"] = {"name": tc.name, "arguments": tc.arguments}
         else:
-            msg["tool_calls"] = [
-                {"id": tc.id, "type": "function", "function": {"name": tc.name, "arguments": tc.arguments}}
-                for tc in m.tool_calls
-            ]
+            msg["tool_calls"] = _c.encode_tool_calls(m.tool_calls)
     if "transcript" in by or "audio" in att:
         msg["audio"] = {**(att.get("audio") or {}), "transcript": "".join(by.get("transcript", ()))}
     if "annotations" in att:
@@ -343,13 +297,8 @@ def _encode_choice(ch: Choice, legacy: bool) -> dict[str, Any]:
 def encode_response(c: Completion, ex: Exchange) -> dict[str, Any]:
     ox: dict[str, Any] = c.extra.get(NAME) or {}
     legacy = legacy_functions(ex)
-    out: dict[str, Any] = {
-        "id": c.id,
-        "object": "chat.completion",
-        "created": c.created,
-        "model": c.model or ex.model,
-        "choices": [_encode_choice(ch, legacy) for ch in c.choices],
-    }
+    out: dict[str, Any] = {"id": c.id, "object": "chat.completion", "created": c.created, "model": c.model or ex.model,
+                           "choices": [_encode_choice(ch, legacy) for ch in c.choices]}
     if c.usage is not None:
         out["usage"] = _usage_dict(c.usage, ox.get("usage"))
     for k, v in (ox.get("top") or {}).items():
@@ -361,11 +310,6 @@ def encode_response(c: Completion, ex: Exchange) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- moderations
 
-# OpenAI moderation categories and their Llama Guard codes.
-OPENAI_CATEGORIES = (
-    "harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent", "self-harm",
-    "self-harm/instructions", "self-harm/intent", "sexual", "sexual/minors", "violence", "violence/graphic",
-)
 # Llama Guard code → OpenAI categories it implies. S6 (specialized advice), S7 (privacy), S8 (IP)
 # and S13 (elections) have no OpenAI counterpart: they set `flagged` and appear only in the
 # `guardgate.categories` extra of each result.
@@ -379,6 +323,7 @@ OPENAI_TO_CODE: dict[str, str] = {
     "illicit/violent": "S1", "self-harm": "S11", "self-harm/instructions": "S11", "self-harm/intent": "S11",
     "sexual": "S12", "sexual/minors": "S4", "violence": "S1", "violence/graphic": "S1",
 }
+OPENAI_CATEGORIES = tuple(OPENAI_TO_CODE)  # every OpenAI moderation category, with its Llama Guard code
 assert set(CODE_TO_OPENAI) <= set(_c.LLAMA_GUARD_CATEGORIES)
 
 
@@ -409,22 +354,16 @@ def encode_moderation_request(req: ModerationRequest) -> dict[str, Any]:
     if req.model:
         body["model"] = req.model
     if len(req.inputs) == 1 and any(p.type == "image" for m in req.inputs[0] for p in m.parts):
-        body["input"] = [
-            {"type": "text", "text": p.text}
-            if p.type == "text"
-            else {"type": "image_url", "image_url": {"url": p.image_url or ""}}
-            for m in req.inputs[0]
-            for p in m.parts
-        ]
+        body["input"] = [{"type": "text", "text": p.text} if p.type == "text" else
+                         {"type": "image_url", "image_url": {"url": p.image_url or ""}}
+                         for m in req.inputs[0] for p in m.parts]
     else:
         texts = ["\n".join(m.text for m in conv) for conv in req.inputs]
         body["input"] = texts[0] if len(texts) == 1 else texts
     return body
 
 
-def encode_moderation_response(
-    results: list[ModerationResult], *, model: str, id: str | None = None
-) -> dict[str, Any]:
+def encode_moderation_response(results: list[ModerationResult], *, model: str, id: str | None = None) -> dict[str, Any]:
     out = []
     for res in results:
         codes = [_c.category_code(c) for c in res.get("categories") or []]
@@ -437,15 +376,9 @@ def encode_moderation_response(
                 cscores[key] = max(cscores[key], s)
                 if code in codes:
                     cats[key] = True
-        out.append(
-            {
-                "flagged": bool(res.get("flagged")),
-                "categories": cats,
-                "category_scores": cscores,
-                "category_applied_input_types": {k: ["text"] for k in OPENAI_CATEGORIES},
-                "guardgate": {"categories": sorted(set(codes), key=_c.code_order)},
-            }
-        )
+        out.append({"flagged": bool(res.get("flagged")), "categories": cats, "category_scores": cscores,
+                    "category_applied_input_types": {k: ["text"] for k in OPENAI_CATEGORIES},
+                    "guardgate": {"categories": sorted(set(codes), key=_c.code_order)}})
     return {"id": id or new_id("modr-"), "model": model, "results": out}
 
 
@@ -458,23 +391,14 @@ def decode_moderation_response(body: bytes) -> list[ModerationResult]:
         res = r.obj(res, p)
         cats = r.obj(res.get("categories") or {}, f"{p}.categories")
         raw_scores = r.obj(res.get("category_scores") or {}, f"{p}.category_scores")
-        codes: set[str] = set()
+        codes = {OPENAI_TO_CODE[k] for k, on in cats.items() if on is True and k in OPENAI_TO_CODE}
         scores: dict[str, float] = {}
-        for key, on in cats.items():
-            code = OPENAI_TO_CODE.get(key)
-            if code and on is True:
-                codes.add(code)
         for key, s in raw_scores.items():
             code = OPENAI_TO_CODE.get(key)
             if code:
                 scores[code] = max(scores.get(code, 0.0), float(r.num(s, f"{p}.category_scores.{key}")))
-        out.append(
-            {
-                "flagged": r.bool_(res.get("flagged", bool(codes)), f"{p}.flagged"),
-                "categories": sorted(codes, key=_c.code_order),
-                "scores": scores,
-            }
-        )
+        out.append({"flagged": r.bool_(res.get("flagged", bool(codes)), f"{p}.flagged"),
+                    "categories": sorted(codes, key=_c.code_order), "scores": scores})
     return out
 
 
