@@ -20,6 +20,9 @@ _REASONING_KEYS = ("reasoning_content", "reasoning")
 # Stream delta key per text channel (a reasoning stream is written as reasoning_content, the name
 # vLLM, llama.cpp and DeepSeek use; a `reasoning` delta is read as the same channel).
 _DELTA_KEYS = {"text": "content", "refusal": "refusal", "reasoning": "reasoning_content"}
+_DELTA_CHANNELS = (("content", "text"), ("refusal", "refusal"), ("reasoning_content", "reasoning"),
+                   ("reasoning", "reasoning"))  # read: both reasoning names, `reasoning_content` first
+BAD = "bad_upstream_response"
 
 
 def _usage_dict(u: Usage, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -41,13 +44,9 @@ def legacy_functions(ex: Exchange) -> bool:
     return bool(ox.get("functions")) and not ex.params.get("tools") and not ox.get("tools_other")
 
 
-# --------------------------------------------------------------------------- streams
-
-
 class OpenAIStreamDecoder:
-    """OpenAI chunks → neutral events. Role chunks, `obfuscation`, `logprobs`, `audio` and
-    `annotations` are dropped; a
-    chunk before the first one with choices or usage (Azure's prompt-filter chunk) is skipped."""
+    """OpenAI chunks → neutral events. Role chunks, `obfuscation`, `logprobs`, `audio` and `annotations`
+    are dropped; a chunk before the first one with choices or usage (Azure's prompt-filter chunk) is skipped."""
 
     __slots__ = ("_done", "_started", "_tools")
 
@@ -69,23 +68,16 @@ class OpenAIStreamDecoder:
         try:
             obj = loads(data)
         except (ValueError, RecursionError):
-            raise UpstreamStreamError(
-                "upstream sent a stream chunk that is not JSON", code="bad_upstream_response"
-            ) from None
+            raise UpstreamStreamError("upstream sent a stream chunk that is not JSON", code=BAD) from None
         if not isinstance(obj, dict):
-            raise UpstreamStreamError(
-                "upstream sent a stream chunk that is not a JSON object", code="bad_upstream_response"
-            )
-        err = obj.get("error")
-        if err:
+            raise UpstreamStreamError("upstream sent a stream chunk that is not a JSON object", code=BAD)
+        if obj.get("error"):
             msg, code = error_fields(obj)
             raise UpstreamStreamError(msg or "upstream error during streaming", code=code or "upstream_error")
         try:
             return self._events(obj)
         except DialectError as e:
-            raise UpstreamStreamError(
-                f"upstream stream chunk: {e.message}", code="bad_upstream_response"
-            ) from None
+            raise UpstreamStreamError(f"upstream stream chunk: {e.message}", code=BAD) from None
 
     def _events(self, obj: dict[str, Any]) -> list[Event]:
         choices = obj.get("choices")
@@ -108,14 +100,10 @@ class OpenAIStreamDecoder:
             self._started = True
             created = obj.get("created")
             sx = {k: obj[k] for k in ("system_fingerprint", "service_tier") if obj.get(k) is not None}
-            out.append(
-                StreamStart(
-                    id=r.opt_str(obj.get("id"), "id") or new_id("chatcmpl-"),
-                    model=r.opt_str(obj.get("model"), "model") or "",
-                    created=r.int_(created, "created") if created is not None else int(time.time()),
-                    extra={NAME: sx} if sx else {},
-                )
-            )
+            out.append(StreamStart(id=r.opt_str(obj.get("id"), "id") or new_id("chatcmpl-"),
+                                   model=r.opt_str(obj.get("model"), "model") or "",
+                                   created=r.int_(created, "created") if created is not None else int(time.time()),
+                                   extra={NAME: sx} if sx else {}))
         if choices:
             for ch in r.list_(choices, "choices"):
                 ch = r.obj(ch, "choices[]")
@@ -124,17 +112,10 @@ class OpenAIStreamDecoder:
                 delta = ch.get("delta")
                 if delta:
                     delta = r.obj(delta, "choices[].delta")
-                    text = delta.get("content")
-                    if text:
-                        out.append(TextDelta(r.str_(text, "delta.content"), idx))
-                    text = delta.get("refusal")
-                    if text:
-                        out.append(TextDelta(r.str_(text, "delta.refusal"), idx, "refusal"))
-                    for key in _REASONING_KEYS:
+                    for key, channel in _DELTA_CHANNELS:
                         text = delta.get(key)
-                        if text:
-                            out.append(TextDelta(r.str_(text, f"delta.{key}"), idx, "reasoning"))
-                            break
+                        if text and not (key == "reasoning" and delta.get("reasoning_content")):
+                            out.append(TextDelta(r.str_(text, f"delta.{key}"), idx, channel))
                     tcs = delta.get("tool_calls")
                     if tcs:
                         self._tool_deltas(tcs, idx, out)
@@ -173,15 +154,8 @@ class OpenAIStreamDecoder:
             key = (idx, k)
             if key not in self._tools:
                 self._tools.add(key)
-                out.append(
-                    ToolCallDelta(
-                        k,
-                        args,
-                        id=r.opt_str(tc.get("id"), "tool_calls[].id"),
-                        name=r.opt_str(fn.get("name"), "tool_calls[].function.name"),
-                        index=idx,
-                    )
-                )
+                out.append(ToolCallDelta(k, args, id=r.opt_str(tc.get("id"), "tool_calls[].id"),
+                                         name=r.opt_str(fn.get("name"), "tool_calls[].function.name"), index=idx))
             elif args:
                 out.append(ToolCallDelta(k, args, index=idx))
 
