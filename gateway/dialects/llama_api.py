@@ -18,7 +18,7 @@ from gateway.dialects.stream import HOLES, StreamEncoder, Template, frame
 from gateway.types import Completion, Finish, Message, StreamStart, TextDelta, ToolCallDelta, Usage, UsageEvent, new_id
 
 if TYPE_CHECKING:  # annotations only
-    from gateway.types import Event, Exchange, Part
+    from gateway.types import Event, Exchange
 
 NAME = "llama"
 name = NAME  # the module itself is the `Dialect` (see gateway/dialects/__init__.py)
@@ -28,15 +28,11 @@ METRIC_NAMES = ("num_completion_tokens", "num_prompt_tokens", "num_total_tokens"
 
 
 def stop_reason_in(v: Any) -> str:
-    if not isinstance(v, str) or not v:
-        return "stop"
-    return _STOP_IN.get(v, v)
+    return _STOP_IN.get(v, v) if isinstance(v, str) and v else "stop"
 
 
 def stop_reason_out(v: str) -> str:
-    if v in STOP_REASONS:
-        return v
-    return "tool_calls" if v == "function_call" else "stop"
+    return v if v in STOP_REASONS else "tool_calls" if v == "function_call" else "stop"
 
 
 # Answer text channels the Llama API can carry: content, and a refusal as content (it has no refusal
@@ -53,17 +49,13 @@ def _usage_from_metrics(metrics: Any, r: _c.Reader, param: str) -> Usage | None:
             vals[name] = r.count(m.get("value"), f"{param}[{i}].value")
     if not vals:
         return None
-    prompt = vals.get("num_prompt_tokens", 0)
-    completion = vals.get("num_completion_tokens", 0)
+    prompt, completion = vals.get("num_prompt_tokens", 0), vals.get("num_completion_tokens", 0)
     return Usage(prompt, completion, vals.get("num_total_tokens", prompt + completion))
 
 
 def _metrics(u: Usage) -> list[dict[str, Any]]:
-    return [
-        {"metric": "num_completion_tokens", "value": u.completion_tokens, "unit": "tokens"},
-        {"metric": "num_prompt_tokens", "value": u.prompt_tokens, "unit": "tokens"},
-        {"metric": "num_total_tokens", "value": u.total_tokens, "unit": "tokens"},
-    ]
+    return [{"metric": name, "value": v, "unit": "tokens"}
+            for name, v in zip(METRIC_NAMES, (u.completion_tokens, u.prompt_tokens, u.total_tokens), strict=True)]
 
 
 def error_body(status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
@@ -76,25 +68,12 @@ def error_body(status: int, message: str, *, type: str = "invalid_request_error"
     return {**_c.error_body(status, message, type=type, code=code, param=param), "title": title, "detail": message}
 
 
-_KNOWN_REQ = frozenset(
-    (
-        "model", "messages", "stream", "max_completion_tokens", "repetition_penalty", "response_format",
-        "temperature", "tool_choice", "tools", "top_k", "top_p", "user",
-    )
-)
-
-
-# --------------------------------------------------------------------------- requests
-
-
+_KNOWN_REQ = frozenset(("model", "messages", "stream", "max_completion_tokens", "repetition_penalty", "response_format",
+                        "temperature", "tool_choice", "tools", "top_k", "top_p", "user"))
 MESSAGES = _c.MessageRules(
-    roles={"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"},
-    texts={"text": "text"},
-    image_roles=frozenset(("user",)),
-    media=llama_media_part,  # image_url (dialects/media.py)
-    object_content=True,  # an assistant's content is one object
-    stop_reason=True,
-)
+    roles={"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"}, texts={"text": "text"},
+    image_roles=frozenset(("user",)), media=llama_media_part,  # image_url (dialects/media.py)
+    object_content=True, stop_reason=True)  # an assistant's content is one object, with its stop reason
 
 
 def decode_payload(obj: dict[str, Any]) -> Exchange:
@@ -114,15 +93,6 @@ def decode_payload(obj: dict[str, Any]) -> Exchange:
 decode_request = _c.request_decoder(decode_payload)
 
 
-def _text_items(parts: list[Part]) -> str | list[dict[str, Any]]:
-    texts = [p.text for p in parts if p.type == "text"]
-    if len(texts) == 1:
-        return texts[0]
-    if not texts:
-        return ""
-    return [{"type": "text", "text": t} for t in texts]
-
-
 def encode_messages(messages: list[Message]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for m in messages:
@@ -130,30 +100,23 @@ def encode_messages(messages: list[Message]) -> list[dict[str, Any]]:
         d: dict[str, Any] = {"role": role}
         if role != "user":
             text_only(m.parts, role, "Llama API")
-        if role == "user":
-            if len(m.parts) == 1 and m.parts[0].type == "text":
-                d["content"] = m.parts[0].text
-            elif not m.parts:
-                d["content"] = ""
+        if role != "assistant":  # a string, or text and (user messages only) image items
+            parts = m.parts if role == "user" else [p for p in m.parts if p.type == "text"]
+            if not parts or (len(parts) == 1 and parts[0].type == "text"):
+                d["content"] = parts[0].text if parts else ""
             else:
-                d["content"] = [
-                    {"type": "text", "text": p.text} if p.type == "text" else encode_llama_part(p) for p in m.parts
-                ]
-        elif role == "assistant":
+                d["content"] = [{"type": "text", "text": p.text} if p.type == "text" else encode_llama_part(p)
+                                for p in parts]
+            if role == "tool":
+                d["tool_call_id"] = m.tool_call_id or ""
+        else:
             texts = [p.text for p in m.parts if p.type == "text"]
             if texts:
                 d["content"] = {"type": "text", "text": "".join(texts)}
             if m.stop_reason is not None:
                 d["stop_reason"] = stop_reason_out(m.stop_reason)
             if m.tool_calls:
-                d["tool_calls"] = [
-                    {"id": tc.id, "function": {"name": tc.name, "arguments": tc.arguments}}
-                    for tc in m.tool_calls
-                ]
-        else:  # system, tool
-            d["content"] = _text_items(m.parts)
-            if role == "tool":
-                d["tool_call_id"] = m.tool_call_id or ""
+                d["tool_calls"] = _c.encode_tool_calls(m.tool_calls, typed=False)
         out.append(d)
     return out
 
@@ -164,12 +127,7 @@ def _encode_response_format(rf: dict[str, Any]) -> dict[str, Any] | None:
         return {"type": "text"}
     if typ == "json_schema" and isinstance(rf.get("json_schema"), dict):
         js = rf["json_schema"]
-        out: dict[str, Any] = {}
-        if "name" in js:
-            out["name"] = js["name"]
-        if "schema" in js:
-            out["schema"] = js["schema"]
-        return {"type": "json_schema", "json_schema": out}
+        return {"type": "json_schema", "json_schema": {k: js[k] for k in ("name", "schema") if k in js}}
     return None  # json_object and unknown types: no Llama counterpart
 
 
@@ -182,10 +140,8 @@ def encode_request(ex: Exchange) -> dict[str, Any]:
     for k in ("temperature", "top_p", "top_k", "repetition_penalty", "user"):
         if p.get(k) is not None:
             body[k] = p[k]
-    if p.get("response_format") is not None:
-        rf = _encode_response_format(p["response_format"])
-        if rf is not None:
-            body["response_format"] = rf
+    if p.get("response_format") is not None and (rf := _encode_response_format(p["response_format"])) is not None:
+        body["response_format"] = rf
     if p.get("tools"):
         body["tools"] = _c.encode_tool_defs(p["tools"])
     if p.get("tool_choice") is not None:
@@ -198,8 +154,6 @@ def encode_request(ex: Exchange) -> dict[str, Any]:
     return body
 
 
-# --------------------------------------------------------------------------- non-stream responses
-
 def decode_response(body: bytes) -> Completion:
     obj = _c.load_object(body, status=502, what="upstream response")
     r = _c.UP
@@ -207,20 +161,13 @@ def decode_response(body: bytes) -> Completion:
     msg = Message(role="assistant")
     content = cm.get("content")
     if content:
-        msg.parts = [
-            p for p in _c.decode_parts(content, r, "completion_message.content", MESSAGES, "assistant") if p.text
-        ]
+        parts = _c.decode_parts(content, r, "completion_message.content", MESSAGES, "assistant")
+        msg.parts = [p for p in parts if p.text]
     if cm.get("tool_calls") is not None:
         msg.tool_calls = _c.decode_tool_calls(cm["tool_calls"], r, "completion_message.tool_calls")
     usage = _usage_from_metrics(obj["metrics"], r, "metrics") if obj.get("metrics") is not None else None
-    c = Completion(
-        id=r.opt_str(obj.get("id"), "id") or new_id("chatcmpl-"),
-        model="",
-        message=msg,
-        finish_reason=stop_reason_in(cm.get("stop_reason")),
-        usage=usage,
-        created=int(time.time()),
-    )
+    c = Completion(id=r.opt_str(obj.get("id"), "id") or new_id("chatcmpl-"), model="", message=msg,
+                   finish_reason=stop_reason_in(cm.get("stop_reason")), usage=usage, created=int(time.time()))
     top = {k: v for k, v in obj.items() if k not in ("id", "completion_message", "metrics", "guardgate")}
     if top:
         c.extra[NAME] = {"top": top}
@@ -229,15 +176,11 @@ def decode_response(body: bytes) -> Completion:
 
 def encode_response(c: Completion, ex: Exchange) -> dict[str, Any]:
     m = c.message
-    cm: dict[str, Any] = {
-        "role": "assistant",
-        "content": {"type": "text", "text": "".join(p.text for p in m.parts if p.type in _TEXT_OUT)},
-        "stop_reason": stop_reason_out(c.finish_reason),
-    }
+    cm: dict[str, Any] = {"role": "assistant",
+                          "content": {"type": "text", "text": "".join(p.text for p in m.parts if p.type in _TEXT_OUT)},
+                          "stop_reason": stop_reason_out(c.finish_reason)}
     if m.tool_calls:
-        cm["tool_calls"] = [
-            {"id": tc.id, "function": {"name": tc.name, "arguments": tc.arguments}} for tc in m.tool_calls
-        ]
+        cm["tool_calls"] = _c.encode_tool_calls(m.tool_calls, typed=False)
     out: dict[str, Any] = {"id": c.id, "completion_message": cm}
     if c.usage is not None:
         out["metrics"] = _metrics(c.usage)
@@ -264,33 +207,19 @@ def decode_moderation_request(body: bytes | dict[str, Any]) -> ModerationRequest
 def encode_moderation_request(req: ModerationRequest) -> dict[str, Any]:
     """The Llama API moderates one conversation per request: several inputs (an OpenAI `input`
     list) are sent as one user message each in one conversation, and answered by one result."""
-    if len(req.inputs) == 1:
-        messages = encode_messages(req.inputs[0])
-    else:
-        messages = encode_messages(
-            [Message.of("user", "\n".join(m.text for m in conv)) for conv in req.inputs]
-        )
-    body: dict[str, Any] = {"messages": messages}
+    msgs = req.inputs[0] if len(req.inputs) == 1 else [Message.of("user", "\n".join(m.text for m in conv))
+                                                       for conv in req.inputs]
+    body: dict[str, Any] = {"messages": encode_messages(msgs)}
     if req.model:
         body["model"] = req.model
     return body
 
 
-def encode_moderation_response(
-    results: list[ModerationResult], *, model: str, id: str | None = None
-) -> dict[str, Any]:
-    return {
-        "model": model,
-        "results": [
-            {
-                "flagged": bool(res.get("flagged")),
-                "flagged_categories": sorted(
-                    {_c.category_code(c) for c in res.get("categories") or []}, key=_c.code_order
-                ),
-            }
-            for res in results
-        ],
-    }
+def encode_moderation_response(results: list[ModerationResult], *, model: str, id: str | None = None) -> dict[str, Any]:
+    return {"model": model, "results": [
+        {"flagged": bool(res.get("flagged")),
+         "flagged_categories": sorted({_c.category_code(c) for c in res.get("categories") or []}, key=_c.code_order)}
+        for res in results]}
 
 
 def decode_moderation_response(body: bytes) -> list[ModerationResult]:
