@@ -103,8 +103,11 @@ def load_object(body: bytes | str, *, status: int = 400, what: str = "request bo
     return obj
 
 
+BAD = "bad_upstream_response"  # the code of an upstream answer or event that does not decode
+
+
 def _code(status: int) -> str:
-    return "invalid_request" if status < 500 else "bad_upstream_response"
+    return "invalid_request" if status < 500 else BAD
 
 
 class Reader:

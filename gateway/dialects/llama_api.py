@@ -272,24 +272,16 @@ class LlamaStreamDecoder:
         except (ValueError, RecursionError):
             if event == "error":
                 raise UpstreamStreamError(data[:500] or "upstream error during streaming") from None
-            raise UpstreamStreamError(
-                "upstream sent a stream chunk that is not JSON", code="bad_upstream_response"
-            ) from None
+            raise UpstreamStreamError("upstream sent a stream chunk that is not JSON", code=_c.BAD) from None
         if event == "error" or not isinstance(obj, dict) or not isinstance(obj.get("event"), dict):
             msg, code = _c.error_fields(obj)
             if event == "error" or msg:
-                raise UpstreamStreamError(
-                    msg or "upstream error during streaming", code=code or "upstream_error"
-                )
-            raise UpstreamStreamError(
-                "upstream sent a stream chunk without an event object", code="bad_upstream_response"
-            )
+                raise UpstreamStreamError(msg or "upstream error during streaming", code=code or "upstream_error")
+            raise UpstreamStreamError("upstream sent a stream chunk without an event object", code=_c.BAD)
         try:
             return self._events(obj, obj["event"])
         except DialectError as e:
-            raise UpstreamStreamError(
-                f"upstream stream chunk: {e.message}", code="bad_upstream_response"
-            ) from None
+            raise UpstreamStreamError(f"upstream stream chunk: {e.message}", code=_c.BAD) from None
 
     def _events(self, obj: dict[str, Any], ev: dict[str, Any]) -> list[Event]:
         # Fast path, most events: progress with a text delta.
@@ -343,9 +335,7 @@ class LlamaStreamDecoder:
             k, first = self._cur, False
         self._cur = k
         if first:
-            out.append(
-                ToolCallDelta(k, args, id=cid, name=r.opt_str(fn.get("name"), "event.delta.function.name"))
-            )
+            out.append(ToolCallDelta(k, args, id=cid, name=r.opt_str(fn.get("name"), "event.delta.function.name")))
         elif args:
             out.append(ToolCallDelta(k, args))
 
@@ -412,25 +402,23 @@ class LlamaStreamEncoder(StreamEncoder):
         self.begin()
         event = {"event_type": "complete", "delta": _EMPTY, "stop_reason": stop_reason_out(ev.reason)}
         self.hold(self._event(event), event)
-        if self._usage is not None:
-            self._metrics(self._usage)
-            self._usage = None
+        self._metrics()
 
-    def _metrics(self, u: Usage) -> None:
-        event = {"event_type": "metrics", "delta": _EMPTY, "metrics": _metrics(u)}
-        self.hold(self._event(event), event)
+    def _metrics(self) -> None:
+        """The metrics event of usage kept for after the finish (held: an Annotation may ride on it)."""
+        if self._usage is not None:
+            event = {"event_type": "metrics", "delta": _EMPTY, "metrics": _metrics(self._usage)}
+            self._usage = None
+            self.begin()
+            self.hold(self._event(event), event)
 
     def usage(self, ev: UsageEvent) -> None:
-        if self.holding:
-            self._metrics(ev.usage)
-        else:  # no finish yet: emit after it
-            self._usage = ev.usage
+        self._usage = ev.usage
+        if self.holding:  # else no finish yet: written after it
+            self._metrics()
 
     def close(self) -> None:
-        if self._usage is not None:  # usage but never a finish
-            self.begin()
-            self._metrics(self._usage)
-            self._usage = None
+        self._metrics()  # usage but never a finish
 
     def error_frame(self, message: str, code: str, type: str) -> str:
         """`event: error` + the error body: llama-api-client raises `APIError` (§4.3)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from gateway.dialects._common import UP, Reader, arguments_str, error_body, error_fields, loads, qstr
+from gateway.dialects._common import BAD, UP, Reader, arguments_str, error_body, error_fields, loads, qstr
 from gateway.dialects.base import DialectError, UpstreamStreamError
 from gateway.dialects.stream import HOLES, StreamEncoder, Template, frame
 from gateway.types import Finish, StreamStart, TextDelta, ToolCallDelta, Usage, UsageEvent, new_id
@@ -22,7 +22,6 @@ _REASONING_KEYS = ("reasoning_content", "reasoning")
 _DELTA_KEYS = {"text": "content", "refusal": "refusal", "reasoning": "reasoning_content"}
 _DELTA_CHANNELS = (("content", "text"), ("refusal", "refusal"), ("reasoning_content", "reasoning"),
                    ("reasoning", "reasoning"))  # read: both reasoning names, `reasoning_content` first
-BAD = "bad_upstream_response"
 
 
 def _usage_dict(u: Usage, extra: dict[str, Any] | None = None) -> dict[str, Any]:
