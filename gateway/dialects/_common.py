@@ -128,9 +128,7 @@ class Reader:
         return v
 
     def opt_str(self, v: Any, param: str) -> str | None:
-        if v is None:
-            return None
-        return self.str_(v, param)
+        return None if v is None else self.str_(v, param)
 
     def obj(self, v: Any, param: str) -> dict[str, Any]:
         if not isinstance(v, dict):
@@ -149,11 +147,7 @@ class Reader:
 
     def num(self, v: Any, param: str) -> float | int:
         # 1e999 parses to inf: neither dialect can carry it (and int(inf) would raise)
-        if (
-            isinstance(v, bool)
-            or not isinstance(v, (int, float))
-            or (isinstance(v, float) and not isfinite(v))
-        ):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not isfinite(v)):
             self.fail(f"'{param}' must be a finite number", param)
         return v
 
@@ -196,8 +190,7 @@ class MessageRules:
 
     roles: Mapping[str, Role]  # wire role → neutral role
     texts: Mapping[str, str]  # content part type → the key its text is under
-    image_roles: frozenset[str]  # roles whose `image_url` parts are read (elsewhere: refused)
-    skipped: frozenset[str] = frozenset()  # part types dropped on purpose (no guard can read them)
+    image_roles: frozenset[str]  # roles whose media parts are read by `media` (elsewhere: refused)
     object_content: bool = False  # content may be one part object instead of a list (Llama assistant)
     names: bool = False  # `name` is read
     assistant_refusal: bool = False  # an assistant's `refusal` is read as text (a guard must see it)
@@ -209,7 +202,7 @@ class MessageRules:
 
 
 def decode_parts(content: Any, r: Reader, param: str, rules: MessageRules, role: str) -> list[Part]:
-    """A message's content: a string or parts (text-like parts by `rules.texts`, images by URL)."""
+    """A message's content: a string or parts (text-like parts by `rules.texts`, media by `rules.media`)."""
     if content is None:
         return []
     if isinstance(content, str):
@@ -227,11 +220,7 @@ def decode_parts(content: Any, r: Reader, param: str, rules: MessageRules, role:
         elif rules.media is not None and role in rules.image_roles and isinstance(typ, str) \
                 and (media := rules.media(item, typ, r, p, role)) is not None:
             parts.append(media)  # the policy's `content:` rule decides it
-        elif typ == "image_url" and role in rules.image_roles:
-            iu = item.get("image_url")
-            url = iu if isinstance(iu, str) else r.obj(iu, f"{p}.image_url").get("url")
-            parts.append(Part("image", image_url=r.str_(url, f"{p}.image_url.url")))
-        elif not (isinstance(typ, str) and typ in rules.skipped):
+        else:
             msg = f"unsupported content part type {typ!r} in a {role} message"
             if rules.unknown_code:
                 raise DialectError(msg, param=f"{p}.type", code=rules.unknown_code)
@@ -290,29 +279,31 @@ def request_decoder(decode_payload: Callable[[dict[str, Any]], Exchange]) -> Cal
     return decode_request
 
 
+def model_of(obj: dict[str, Any]) -> str:
+    """A request's `model`: a non-empty string."""
+    model = obj.get("model")
+    if not isinstance(model, str) or not model:
+        REQ.fail("'model' is required and must be a non-empty string", "model")
+    return model
+
+
 def decode_chat(obj: dict[str, Any], rules: MessageRules, nums: tuple[str, ...],
                 ints: tuple[str, ...]) -> tuple[Exchange, dict[str, Any]]:
     """What a chat request says the same way in both dialects: model, messages, stream, these
     numeric parameters, user, tool choice and response format → (the exchange, the dialect's extras
     so far: a tool choice the other dialect has no shape for)."""
     r = REQ
-    model = obj.get("model")
-    if not isinstance(model, str) or not model:
-        r.fail("'model' is required and must be a non-empty string", "model")
+    model = model_of(obj)
     if "messages" not in obj:
         r.fail("'messages' is required", "messages")
     ex = Exchange(model=model, messages=decode_messages(obj["messages"], r, "messages", rules))
     p, extra = ex.params, {}
     if obj.get("stream") is not None:
         ex.stream = r.bool_(obj["stream"], "stream")
-    for k in nums:
-        if obj.get(k) is not None:
-            p[k] = r.num(obj[k], k)
-    for k in ints:
-        if obj.get(k) is not None:
-            p[k] = r.int_(obj[k], k)
-    if obj.get("user") is not None:
-        p["user"] = r.str_(obj["user"], "user")
+    for keys, read in ((nums, r.num), (ints, r.int_), (("user",), r.str_)):
+        for k in keys:
+            if obj.get(k) is not None:
+                p[k] = read(obj[k], k)
     if obj.get("tool_choice") is not None:
         tc = decode_tool_choice(obj["tool_choice"], r, "tool_choice")
         if tc is None:

@@ -177,10 +177,7 @@ def _conversation_id(v: Any, r: Reader) -> str:
 
 def decode_payload(obj: dict[str, Any]) -> Exchange:
     """A Responses request, parsed as a JSON object → the neutral exchange (docs/dialects.md, every field)."""
-    r = REQ
-    model = obj.get("model")
-    if not isinstance(model, str) or not model:
-        r.fail("'model' is required and must be a non-empty string", "model")
+    r, model = REQ, _c.model_of(obj)
     if obj.get("background"):
         raise _fail("'background' responses are not supported by the gateway", "background", "unsupported_parameter")
     if isinstance(obj.get("prompt"), dict):  # a template reference; any other `prompt` is not the API's
