@@ -91,6 +91,11 @@ def _text_part(text: str, annotations: list[dict[str, Any]] | None = None) -> di
     return {"type": "output_text", "text": text, "annotations": annotations or [], "logprobs": []}
 
 
+def _part(kind: str, text: str) -> dict[str, Any]:
+    """A message content part: `output_text` or `refusal`."""
+    return _text_part(text) if kind == "output_text" else {"type": "refusal", "refusal": text}
+
+
 def _reasoning_item(rid: str, text: str) -> dict[str, Any]:
     return {"id": rid, "type": "reasoning", "summary": [{"type": "summary_text", "text": text}]}
 
@@ -146,8 +151,6 @@ class ResponsesStreamEncoder(StreamEncoder):
     `text_format`, and a cut JSON text would raise inside its stream iterator.
     """
 
-    START_ON_ERROR = True  # the SDK's stream helper wants response.created first
-
     def __init__(self, ex: Exchange) -> None:
         super().__init__(ex)
         self._seq = 0
@@ -159,7 +162,6 @@ class ResponsesStreamEncoder(StreamEncoder):
         self._calls: dict[int, _Item] = {}  # call_index → open function_call item
         self._finish: str | None = None
         self._usage: Usage | None = None
-        self._final: dict[str, Any] | None = None  # the annotation, kept for the terminal event
         rf = ex.params.get("response_format")
         self._structured = isinstance(rf, dict) and rf.get("type") in ("json_schema", "json_object")
         # While an output_text part is open: its delta event (serialized once) and the part's texts.
@@ -188,36 +190,31 @@ class ResponsesStreamEncoder(StreamEncoder):
 
     # ---------------------------------------------------------------- items
 
-    def _add(self, kind: str, prefix: str) -> _Item:
+    def _open(self, kind: str, prefix: str, **fields: Any) -> _Item:
+        """A new output item; the open message or reasoning item is closed first (calls stay open)."""
+        if self._current is not None:
+            self._close(self._current, "completed")
+            self._current = None
         item = _Item(kind, len(self._items), new_id(prefix))
         self._items.append(item)
-        return item
-
-    def _open_message(self) -> _Item:
-        item = self._current = self._add("message", "msg_")
-        self._ev("response.output_item.added", output_index=item.index,
-                 item={"id": item.id, "type": "message", "status": "in_progress", "role": "assistant", "content": []})
+        self._ev("response.output_item.added", output_index=item.index, item={"id": item.id, "type": kind, **fields})
         return item
 
     def _open_part(self, item: _Item, kind: str) -> None:
         item.parts.append((kind, []))
-        part = _text_part("") if kind == "output_text" else {"type": "refusal", "refusal": ""}
         self._ev("response.content_part.added", item_id=item.id, output_index=item.index,
-                 content_index=len(item.parts) - 1, part=part)
+                 content_index=len(item.parts) - 1, part=_part(kind, ""))
 
     def _close_part(self, item: _Item, incomplete_cut: bool) -> None:
         self._text_ev = None
         kind, texts = item.parts[-1]
         text = "".join(texts)
         loc = {"item_id": item.id, "output_index": item.index, "content_index": len(item.parts) - 1}
-        if kind == "output_text":
-            part = _text_part(text)
-            if not (incomplete_cut and self._structured):
-                self._ev("response.output_text.done", **loc, text=text, logprobs=[])
-        else:
-            part = {"type": "refusal", "refusal": text}
+        if kind == "refusal":
             self._ev("response.refusal.done", **loc, refusal=text)
-        self._ev("response.content_part.done", **loc, part=part)
+        elif not (incomplete_cut and self._structured):
+            self._ev("response.output_text.done", **loc, text=text, logprobs=[])
+        self._ev("response.content_part.done", **loc, part=_part(kind, text))
 
     def _close(self, item: _Item, status: str) -> None:
         """The done events of an open item, and its final shape."""
@@ -225,8 +222,7 @@ class ResponsesStreamEncoder(StreamEncoder):
         if item.kind == "message":
             if item.parts:
                 self._close_part(item, self._finish == "content_filter")
-            content = [_text_part("".join(t)) if k == "output_text" else {"type": "refusal", "refusal": "".join(t)}
-                       for k, t in item.parts]
+            content = [_part(k, "".join(t)) for k, t in item.parts]
             item.done = {"id": item.id, "type": "message", "status": status, "role": "assistant", "content": content}
         elif item.kind == "reasoning":
             text = "".join(item.parts[0][1])
@@ -263,12 +259,8 @@ class ResponsesStreamEncoder(StreamEncoder):
         cur = self._current
         if ev.channel == "reasoning":
             if cur is None or cur.kind != "reasoning":
-                if cur is not None:
-                    self._close(cur, "completed")
-                cur = self._current = self._add("reasoning", "rs_")
+                cur = self._current = self._open("reasoning", "rs_", summary=[])
                 cur.parts.append(("summary_text", []))
-                self._ev("response.output_item.added", output_index=cur.index,
-                         item={"id": cur.id, "type": "reasoning", "summary": []})
                 self._ev("response.reasoning_summary_part.added", item_id=cur.id, output_index=cur.index,
                          summary_index=0, part={"type": "summary_text", "text": ""})
             cur.parts[0][1].append(ev.text)
@@ -277,9 +269,7 @@ class ResponsesStreamEncoder(StreamEncoder):
             return
         kind = "output_text" if ev.channel == "text" else "refusal"
         if cur is None or cur.kind != "message":
-            if cur is not None:
-                self._close(cur, "completed")
-            cur = self._open_message()
+            cur = self._current = self._open("message", "msg_", status="in_progress", role="assistant", content=[])
         if not cur.parts or cur.parts[-1][0] != kind:
             if cur.parts:
                 self._close_part(cur, False)
@@ -301,17 +291,11 @@ class ResponsesStreamEncoder(StreamEncoder):
         self.begin()
         item = self._calls.get(ev.call_index)
         if item is None:
-            if self._current is not None:
-                self._close(self._current, "completed")
-                self._current = None
-            self._text_ev = None
-            item = self._add("function_call", "fc_")
-            item.call_id = ev.id or new_id("call_")
-            item.name = ev.name or ""
+            call_id, name = ev.id or new_id("call_"), ev.name or ""
+            item = self._calls[ev.call_index] = self._open("function_call", "fc_", status="in_progress", arguments="",
+                                                           call_id=call_id, name=name)
+            item.call_id, item.name = call_id, name
             item.parts.append(("arguments", []))
-            self._calls[ev.call_index] = item
-            self._ev("response.output_item.added", output_index=item.index,
-                     item=_call_item(item.id, item.call_id, item.name, "", "in_progress"))
         if ev.arguments:
             item.parts[0][1].append(ev.arguments)
             self._ev("response.function_call_arguments.delta", item_id=item.id, output_index=item.index,
@@ -341,6 +325,7 @@ class ResponsesStreamEncoder(StreamEncoder):
     def error_frame(self, message: str, code: str, type: str) -> str:
         """The Responses `error` event. The SDK yields it as an event (it has no top-level `error`
         key), and agent frameworks treat it as the stream's failure."""
+        self.begin()  # the SDK's stream helper wants response.created first
         seq = self._seq
         self._seq += 1
         return frame({"type": "error", "code": code, "message": message, "param": None, "sequence_number": seq},

@@ -94,7 +94,6 @@ class StreamEncoder:
     """
 
     END = ""  # the dialect's terminator frame
-    START_ON_ERROR = False  # an error frame needs the stream's opening frames first (Responses)
 
     def __init__(self, ex: Exchange) -> None:
         self.ex = ex
@@ -140,9 +139,7 @@ class StreamEncoder:
 
     def emit(self, obj: dict[str, Any], event: str | None = None) -> None:
         """Write a frame now (after the held one, if any)."""
-        if self._held is not None:
-            self.flush()
-        self._out.append(frame(obj, event))
+        self.emit_text(frame(obj, event))
 
     def emit_text(self, text: str) -> None:
         """Write a frame already rendered (a `Template.fill`)."""
@@ -203,9 +200,6 @@ class StreamEncoder:
         if self.ended:
             return b""
         self.ended = True
-        if self.START_ON_ERROR and not self.started:
-            self.started = True
-            self.start(None)
         self.flush()
         self._out.append(self.error_frame(message, code, type))
         return self._take()
