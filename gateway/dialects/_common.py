@@ -1,4 +1,5 @@
-"""Helpers shared by the dialect modules: strict JSON in, compact JSON out, typed field access.
+"""Helpers shared by the dialect modules: the errors they raise, strict JSON in, compact JSON out, typed
+field access (a leaf: it imports nothing of ours but `gateway.types`).
 
 Every reader here raises `DialectError` (never TypeError/KeyError/...), carrying the JSON path of
 the offending field as `param`, so a decoder fed arbitrary bytes fails cleanly.
@@ -15,8 +16,31 @@ from json.encoder import encode_basestring
 from math import isfinite
 from typing import Any, NoReturn, TypedDict
 
-from gateway.dialects.errors import DialectError
 from gateway.types import Exchange, Message, Part, Role, ToolCall
+
+
+class DialectError(ValueError):
+    """A body that does not decode: becomes an error response in the client's dialect."""
+
+    def __init__(self, message: str, *, status: int = 400, param: str | None = None, code: str | None = "invalid_request",
+                 type: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+        self.code = code
+        self.type = type
+
+
+class UpstreamStreamError(DialectError):
+    """The upstream stream carried an error event or an undecodable event (mid-stream: a 502).
+
+    Raised by `StreamDecoder.feed`; the server ends the client's stream with `StreamEncoder.error`.
+    """
+
+    def __init__(self, message: str, *, code: str | None = "upstream_error", type: str = "upstream_error",
+                 status: int = 502) -> None:
+        super().__init__(message, status=status, code=code, type=type)
 
 
 class ModelInfo(TypedDict):

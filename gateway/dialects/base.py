@@ -17,8 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
-from gateway.dialects._common import ModelInfo
-from gateway.dialects.errors import DialectError, UpstreamStreamError
+from gateway.dialects._common import DialectError, ModelInfo, UpstreamStreamError
 from gateway.types import Completion, Event, Exchange, Message
 
 __all__ = ["DialectError", "ModelInfo", "UpstreamStreamError"]  # re-exported: where importers found them
