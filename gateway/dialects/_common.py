@@ -22,8 +22,8 @@ from gateway.types import Exchange, Message, Part, Role, ToolCall
 class DialectError(ValueError):
     """A body that does not decode: becomes an error response in the client's dialect."""
 
-    def __init__(self, message: str, *, status: int = 400, param: str | None = None, code: str | None = "invalid_request",
-                 type: str = "invalid_request_error") -> None:
+    def __init__(self, message: str, *, status: int = 400, param: str | None = None,
+                 code: str | None = "invalid_request", type: str = "invalid_request_error") -> None:
         super().__init__(message)
         self.message = message
         self.status = status
