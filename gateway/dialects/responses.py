@@ -14,20 +14,11 @@ from gateway.dialects._common import decode_error as decode_error  # errors: the
 from gateway.dialects._common import error_body as error_body
 from gateway.dialects.base import DialectError
 from gateway.dialects.media import decode_responses_part
-from gateway.dialects.responses_stream import (  # re-exported: importers find them here
-    INCOMPLETE,
-    ResponsesStreamEncoder,
-    _call_item,
-    _reasoning_item,
-    _response,
-    _status,
-    _text_part,
-    _url_citations,
-    _usage,
-    error_frame,  # noqa: F401  (re-exported: gateway/pipeline.py, tests)
-    response_id,  # noqa: F401  (re-exported)
-)
-from gateway.types import Choice, Completion, Exchange, Message, Part, Role, ToolCall, new_id
+from gateway.dialects.responses_stream import ResponsesStreamEncoder
+from gateway.dialects.responses_stream import encode_response as encode_response  # the answer side
+from gateway.dialects.responses_stream import error_frame as error_frame
+from gateway.dialects.responses_stream import response_id as response_id
+from gateway.types import Exchange, Message, Part, Role, ToolCall, new_id
 
 NAME = "responses"
 name = NAME  # the module itself is the dialect, as gateway/dialects/openai.py
@@ -112,15 +103,12 @@ def _decode_tools(v: Any, r: Reader) -> tuple[list[dict[str, Any]], list[dict[st
             continue
         d = _c.function_def(t, r, p)  # flat: the function's fields sit on the tool itself
         neutral.append(d)
-        echo.append({"type": "function", "name": d["name"], "description": d.get("description"),
-                     "parameters": d.get("parameters"), "strict": d.get("strict")})
+        echo.append({"type": "function", "name": d["name"], **{k: d.get(k) for k in ("description", "parameters",
+                                                                                         "strict")}})
     if unsupported:
-        raise _fail(
-            f"tools of type {', '.join(sorted(set(unsupported)))} are not supported: Guardgate answers the "
-            "Responses API through a chat upstream, which runs no built-in tools; use function tools",
-            "tools",
-            "unsupported_tool",
-        )
+        raise _fail(f"tools of type {', '.join(sorted(set(unsupported)))} are not supported: Guardgate answers the "
+                    "Responses API through a chat upstream, which runs no built-in tools; use function tools", "tools",
+                    "unsupported_tool")
     return neutral, echo
 
 
@@ -158,14 +146,10 @@ def _decode_format(fmt: Any, r: Reader) -> dict[str, Any]:
         return {"type": typ}
     if typ != "json_schema":
         r.fail("'text.format.type' must be text, json_object or json_schema", "text.format.type")
-    js: dict[str, Any] = {
-        "name": r.str_(fmt.get("name"), "text.format.name"),
-        "schema": r.obj(fmt.get("schema"), "text.format.schema"),
-    }
-    if fmt.get("description") is not None:
-        js["description"] = r.str_(fmt["description"], "text.format.description")
-    if fmt.get("strict") is not None:
-        js["strict"] = r.bool_(fmt["strict"], "text.format.strict")
+    js = {"name": r.str_(fmt.get("name"), "text.format.name"), "schema": r.obj(fmt.get("schema"), "text.format.schema")}
+    for k, read in (("description", r.str_), ("strict", r.bool_)):
+        if fmt.get(k) is not None:
+            js[k] = read(fmt[k], f"text.format.{k}")
     return {"type": "json_schema", "json_schema": js}
 
 
@@ -254,49 +238,6 @@ def decode_payload(obj: dict[str, Any]) -> Exchange:
 
 
 decode_request = _c.request_decoder(decode_payload)
-
-
-# --------------------------------------------------------------------------- non-stream answers
-
-
-def _output(ch: Choice) -> list[dict[str, Any]]:
-    m = ch.message
-    status = "incomplete" if ch.finish_reason in INCOMPLETE else "completed"
-    out: list[dict[str, Any]] = []
-    by: dict[str, str] = {}
-    for p in m.parts:
-        if p.type in ("text", "refusal", "reasoning"):
-            by[p.type] = by.get(p.type, "") + p.text
-    if by.get("reasoning"):
-        out.append(_reasoning_item(new_id("rs_"), by["reasoning"]))
-    content: list[dict[str, Any]] = []
-    text = by.get("text", "")
-    # An empty answer is still a message with an empty output_text, unless it has a refusal or
-    # tool calls instead, or was blocked (a blocked answer keeps nothing: an empty output_text would
-    # make `responses.parse` fail validating "" against the schema).
-    if text or not ("refusal" in by or m.tool_calls or ch.finish_reason == "content_filter"):
-        att = [a.value for a in ch.attached if a.dialect == "openai" and a.key == "annotations"]
-        content.append(_text_part(text, _url_citations(att[0]) if att else None))
-    if "refusal" in by:
-        content.append({"type": "refusal", "refusal": by["refusal"]})
-    if content:
-        out.append({"id": new_id("msg_"), "type": "message", "status": status, "role": "assistant",
-                    "content": content})
-    for tc in m.tool_calls:
-        out.append(_call_item(new_id("fc_"), tc.id or new_id("call_"), tc.name, tc.arguments, status))
-    return out
-
-
-def encode_response(c: Completion, ex: Exchange) -> dict[str, Any]:
-    """A Response object (choice 0: the Responses API has one answer per request)."""
-    ch = next((x for x in c.choices if x.index == 0), c.choices[0] if c.choices else Choice(Message("assistant")))
-    status, incomplete = _status(ch.finish_reason)
-    ox: dict[str, Any] = c.extra.get("openai") or {}
-    out = _response(ex, model=c.model or ex.model, created=c.created, status=status, incomplete=incomplete,
-                    output=_output(ch), usage=_usage(c.usage, ox.get("usage")))
-    if c.extra.get("guardgate") is not None:
-        out["guardgate"] = c.extra["guardgate"]
-    return out
 
 
 stream_encoder = ResponsesStreamEncoder  # in `responses_stream.py`

@@ -1,5 +1,5 @@
-"""The Responses answer shapes (shared with `responses.encode_response`), `error_frame` and
-`ResponsesStreamEncoder`; `responses.py` re-exports these names, this module never imports it."""
+"""The Responses API answer: the Response object for a `Completion` (`encode_response`), `error_frame` and
+`ResponsesStreamEncoder`; `responses.py` (the request side) re-exports them, this module never imports it."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.dialects._common import qstr, to_bytes
 from gateway.dialects.stream import HOLES, StreamEncoder, Template, frame
-from gateway.types import new_id
+from gateway.types import Choice, Message, new_id
 
 if TYPE_CHECKING:  # the events the encoder's hooks take
-    from gateway.types import Exchange, Finish, StreamStart, TextDelta, ToolCallDelta, Usage, UsageEvent
+    from gateway.types import Completion, Exchange, Finish, StreamStart, TextDelta, ToolCallDelta, Usage, UsageEvent
 
 # Finish reasons that end a Response as `incomplete`, with the reason the Responses API names.
 INCOMPLETE = {"content_filter": "content_filter", "length": "max_output_tokens"}
@@ -103,6 +103,45 @@ def _reasoning_item(rid: str, text: str) -> dict[str, Any]:
 def _call_item(fid: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
     return {"id": fid, "type": "function_call", "status": status, "arguments": arguments, "call_id": call_id,
             "name": name}
+
+
+def _output(ch: Choice) -> list[dict[str, Any]]:
+    m = ch.message
+    status = "incomplete" if ch.finish_reason in INCOMPLETE else "completed"
+    out: list[dict[str, Any]] = []
+    by: dict[str, str] = {}
+    for p in m.parts:
+        if p.type in ("text", "refusal", "reasoning"):
+            by[p.type] = by.get(p.type, "") + p.text
+    if by.get("reasoning"):
+        out.append(_reasoning_item(new_id("rs_"), by["reasoning"]))
+    content: list[dict[str, Any]] = []
+    text = by.get("text", "")
+    # An empty answer is still a message with an empty output_text, unless it has a refusal or
+    # tool calls instead, or was blocked (a blocked answer keeps nothing: an empty output_text would
+    # make `responses.parse` fail validating "" against the schema).
+    if text or not ("refusal" in by or m.tool_calls or ch.finish_reason == "content_filter"):
+        att = [a.value for a in ch.attached if a.dialect == "openai" and a.key == "annotations"]
+        content.append(_text_part(text, _url_citations(att[0]) if att else None))
+    if "refusal" in by:
+        content.append(_part("refusal", by["refusal"]))
+    if content:
+        out.append({"id": new_id("msg_"), "type": "message", "status": status, "role": "assistant", "content": content})
+    for tc in m.tool_calls:
+        out.append(_call_item(new_id("fc_"), tc.id or new_id("call_"), tc.name, tc.arguments, status))
+    return out
+
+
+def encode_response(c: Completion, ex: Exchange) -> dict[str, Any]:
+    """A Response object (choice 0: the Responses API has one answer per request)."""
+    ch = next((x for x in c.choices if x.index == 0), c.choices[0] if c.choices else Choice(Message("assistant")))
+    status, incomplete = _status(ch.finish_reason)
+    ox: dict[str, Any] = c.extra.get("openai") or {}
+    out = _response(ex, model=c.model or ex.model, created=c.created, status=status, incomplete=incomplete,
+                    output=_output(ch), usage=_usage(c.usage, ox.get("usage")))
+    if c.extra.get("guardgate") is not None:
+        out["guardgate"] = c.extra["guardgate"]
+    return out
 
 
 # --------------------------------------------------------------------------- streams
