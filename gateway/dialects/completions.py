@@ -14,7 +14,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from gateway.dialects._common import UP, qstr, request_decoder
+from gateway.dialects._common import UP, model_of, qstr, request_decoder
 from gateway.dialects._common import decode_error as decode_error
 from gateway.dialects._common import error_body as error_body
 from gateway.dialects.base import DialectError
@@ -48,18 +48,12 @@ def _prompt(v: Any) -> str:
 
 def decode_payload(obj: dict[str, Any]) -> Exchange:
     """A completions request already parsed as a JSON object → the exchange."""
-    model = obj.get("model")
-    if not isinstance(model, str) or not model:
-        raise DialectError("'model' is required", param="model")
-    prompt = _prompt(obj.get("prompt"))
-    stream = obj.get("stream") is True
-    opts = obj.get("stream_options")
-    params = {k: obj[k] for k in _PARAMS if k in obj}
+    model, prompt, opts = model_of(obj), _prompt(obj.get("prompt")), obj.get("stream_options")
     extra = {k: v for k, v in obj.items() if k not in _PARAMS and k not in ("model", "prompt", "stream",
                                                                              "stream_options")}
-    return Exchange(model=model, messages=[Message.of("user", prompt)], stream=stream,
+    return Exchange(model=model, messages=[Message.of("user", prompt)], stream=obj.get("stream") is True,
                     include_usage=isinstance(opts, dict) and opts.get("include_usage") is True,
-                    params=params, extra=extra)
+                    params={k: obj[k] for k in _PARAMS if k in obj}, extra=extra)
 
 
 decode_request = request_decoder(decode_payload)
