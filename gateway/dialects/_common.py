@@ -357,11 +357,10 @@ def decode_tool_defs(tools: Any, r: Reader, param: str) -> tuple[list[dict[str, 
     for i, t in enumerate(r.list_(tools, param)):
         p = f"{param}[{i}]"
         t = r.obj(t, p)
-        typ = t.get("type", "function")
-        if typ != "function":
+        if t.get("type", "function") == "function":
+            out.append(function_def(r.obj(t.get("function"), f"{p}.function"), r, f"{p}.function"))
+        else:
             other.append(t)
-            continue
-        out.append(function_def(r.obj(t.get("function"), f"{p}.function"), r, f"{p}.function"))
     return out, other
 
 
@@ -374,15 +373,12 @@ def function_def(fn: dict[str, Any], r: Reader, p: str) -> dict[str, Any]:
     return d
 
 
+_TOOL_FIELDS = ("description", "parameters", "strict")  # a function tool's optional fields
+
+
 def encode_tool_defs(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for t in tools:
-        fn: dict[str, Any] = {"name": t["name"]}
-        for k in ("description", "parameters", "strict"):
-            if t.get(k) is not None:
-                fn[k] = t[k]
-        out.append({"type": "function", "function": fn})
-    return out
+    return [{"type": "function", "function": {"name": t["name"], **{k: t[k] for k in _TOOL_FIELDS
+                                                                    if t.get(k) is not None}}} for t in tools]
 
 
 def decode_tool_choice(v: Any, r: Reader, param: str) -> str | dict[str, str] | None:
@@ -403,9 +399,7 @@ def encode_tool_calls(calls: list[ToolCall], typed: bool = True) -> list[dict[st
 
 
 def encode_tool_choice(v: str | dict[str, str]) -> str | dict[str, Any]:
-    if isinstance(v, str):
-        return v
-    return {"type": "function", "function": {"name": v["name"]}}
+    return v if isinstance(v, str) else {"type": "function", "function": {"name": v["name"]}}
 
 
 # Llama Guard 4 taxonomy (MLCommons + S14), wire_formats.md §3.7.
