@@ -5,13 +5,7 @@ endpoint kind; `upstream_codec(dialect, kind)`: the upstream half."""
 from __future__ import annotations
 
 from gateway.dialects import completions, llama_api, openai, responses
-from gateway.dialects.base import (
-    ClientCodec,
-    Dialect,
-    DialectError,
-    UpstreamCodec,
-    UpstreamStreamError,
-)
+from gateway.dialects.base import ClientCodec, Dialect, DialectError, UpstreamCodec, UpstreamStreamError
 
 # Each dialect module implements its protocols at module level, so the module is the codec.
 _DIALECTS: dict[str, Dialect] = {"openai": openai, "llama": llama_api}

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 from gateway.dialects import _common as _c
 from gateway.dialects._common import decode_error as decode_error
 from gateway.dialects._common import decode_models as decode_models
-from gateway.dialects._common import encode_model as encode_model
 from gateway.dialects._common import encode_models as encode_models
 from gateway.dialects.base import DialectError, ModerationRequest, ModerationResult, UpstreamStreamError
 from gateway.dialects.media import encode_llama_part, llama_media_part, text_only
@@ -229,17 +228,10 @@ def decode_moderation_response(body: bytes) -> list[ModerationResult]:
     for i, res in enumerate(r.list_(obj.get("results"), "results")):
         p = f"results[{i}]"
         res = r.obj(res, p)
-        cats = [
-            _c.category_code(r.str_(c, f"{p}.flagged_categories[]"))
-            for c in r.list_(res.get("flagged_categories") or [], f"{p}.flagged_categories")
-        ]
-        out.append(
-            {
-                "flagged": r.bool_(res.get("flagged", bool(cats)), f"{p}.flagged"),
-                "categories": sorted(set(cats), key=_c.code_order),
-                "scores": {},
-            }
-        )
+        cats = {_c.category_code(r.str_(c, f"{p}.flagged_categories[]"))
+                for c in r.list_(res.get("flagged_categories") or [], f"{p}.flagged_categories")}
+        out.append({"flagged": r.bool_(res.get("flagged", bool(cats)), f"{p}.flagged"),
+                    "categories": sorted(cats, key=_c.code_order), "scores": {}})
     return out
 
 

@@ -10,7 +10,6 @@ from gateway.dialects import _common as _c
 from gateway.dialects._common import REQ, UP, MessageRules, Reader, arguments_str, decode_parts, decode_tool_calls
 from gateway.dialects._common import decode_error as decode_error
 from gateway.dialects._common import decode_models as decode_models
-from gateway.dialects._common import encode_model as encode_model
 from gateway.dialects._common import encode_models as encode_models
 from gateway.dialects._common import error_body as error_body
 from gateway.dialects.base import ModerationRequest, ModerationResult

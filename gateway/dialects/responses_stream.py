@@ -42,16 +42,12 @@ def _usage(u: Usage | None, details: dict[str, Any] | None = None) -> dict[str, 
     ctd = details.get("completion_tokens_details")
     cached = ptd.get("cached_tokens") if isinstance(ptd, dict) else None
     reasoning = ctd.get("reasoning_tokens") if isinstance(ctd, dict) else None
-    return {
-        "input_tokens": u.prompt_tokens,
-        "input_tokens_details": {
-            "cached_tokens": cached if isinstance(cached, int) else 0,
-            "cache_write_tokens": 0,
-        },
-        "output_tokens": u.completion_tokens,
-        "output_tokens_details": {"reasoning_tokens": reasoning if isinstance(reasoning, int) else 0},
-        "total_tokens": u.total_tokens,
-    }
+    return {"input_tokens": u.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": cached if isinstance(cached, int) else 0,
+                                     "cache_write_tokens": 0},
+            "output_tokens": u.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": reasoning if isinstance(reasoning, int) else 0},
+            "total_tokens": u.total_tokens}
 
 
 def _status(finish: str | None) -> tuple[str, dict[str, str] | None]:
@@ -61,19 +57,9 @@ def _status(finish: str | None) -> tuple[str, dict[str, str] | None]:
 
 def _response(ex: Exchange, *, model: str, created: int, status: str, incomplete: dict[str, str] | None,
               output: list[dict[str, Any]], usage: dict[str, Any] | None) -> dict[str, Any]:
-    return {
-        "id": response_id(ex),
-        "object": "response",
-        "created_at": created,
-        "status": status,
-        "completed_at": int(time.time()) if status == "completed" else None,
-        "error": None,
-        "incomplete_details": incomplete,
-        "model": model,
-        "output": output,
-        "usage": usage,
-        **_echo(ex),
-    }
+    return {"id": response_id(ex), "object": "response", "created_at": created, "status": status,
+            "completed_at": int(time.time()) if status == "completed" else None, "error": None,
+            "incomplete_details": incomplete, "model": model, "output": output, "usage": usage, **_echo(ex)}
 
 
 def _url_citations(att: Any) -> list[dict[str, Any]]:

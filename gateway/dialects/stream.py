@@ -20,17 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.dialects._common import dumps, to_bytes
-from gateway.types import (
-    Annotation,
-    Event,
-    Exchange,
-    Finish,
-    StreamStart,
-    TextDelta,
-    ToolCallDelta,
-    Usage,
-    UsageEvent,
-)
+from gateway.types import Annotation, Event, Exchange, Finish, StreamStart, TextDelta, ToolCallDelta, Usage, UsageEvent
 
 
 def frame(obj: dict[str, Any], event: str | None = None) -> str:
