@@ -93,14 +93,9 @@ class StreamEncoder:
         self._out: list[str] = []
         self._held: tuple[dict[str, Any], dict[str, Any], str | None] | None = None
         self._annotation: dict[str, Any] | None = None
-        self._on: dict[type, Callable[[Any], None]] = {
-            TextDelta: self._text,
-            ToolCallDelta: self._tool,
-            Finish: self._finish,
-            UsageEvent: self._usage,
-            StreamStart: self._start,
-            Annotation: self._annotate,
-        }
+        self._on: dict[type, Callable[[Any], None]] = {TextDelta: self._text, ToolCallDelta: self._tool,
+                                                       Finish: self._finish, UsageEvent: self._usage,
+                                                       StreamStart: self._start, Annotation: self._annotate}
 
     # ---------------------------------------------------------------- the dialect's hooks
 
