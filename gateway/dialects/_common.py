@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import json.encoder
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from json.encoder import encode_basestring
 from math import isfinite
@@ -215,6 +215,7 @@ class MessageRules:
     roles: Mapping[str, Role]  # wire role → neutral role
     texts: Mapping[str, str]  # content part type → the key its text is under
     image_roles: frozenset[str]  # roles whose media parts are read by `media` (elsewhere: refused)
+    channels: Mapping[str, str] = field(default_factory=dict)  # part type → its text's channel when not "text"
     object_content: bool = False  # content may be one part object instead of a list (Llama assistant)
     names: bool = False  # `name` is read
     assistant_refusal: bool = False  # an assistant's `refusal` is read as text (a guard must see it)
@@ -240,7 +241,7 @@ def decode_parts(content: Any, r: Reader, param: str, rules: MessageRules, role:
         typ = item.get("type")
         key = rules.texts.get(typ) if isinstance(typ, str) else None
         if key is not None:
-            parts.append(Part("text", r.str_(item.get(key), f"{p}.{key}")))
+            parts.append(Part(rules.channels.get(typ, "text"), r.str_(item.get(key), f"{p}.{key}")))
         elif rules.media is not None and role in rules.image_roles and isinstance(typ, str) \
                 and (media := rules.media(item, typ, r, p, role)) is not None:
             parts.append(media)  # the policy's `content:` rule decides it

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from gateway.dialects import _common as _c
@@ -45,6 +46,7 @@ MESSAGES = MessageRules(
     texts={"text": "text", "refusal": "refusal"},
     image_roles=frozenset(("system", "developer", "user", "assistant", "tool", "function")),
     names=True, assistant_refusal=True, media=decode_chat_part)  # media: image_url, input_audio, file
+ANSWER_PARTS = replace(MESSAGES, channels={"refusal": "refusal"})  # an answer's refusal parts stay refusals
 
 
 def decode_payload(obj: dict[str, Any]) -> Exchange:
@@ -195,17 +197,8 @@ def _decode_choice(ch: Any, i: int, r: Reader) -> Choice:
     choice = Choice(msg, _map_finish(ch.get("finish_reason")))
     idx = ch.get("index")
     choice.index = r.int_(idx, f"{p}.index") if idx is not None else i
-    content = m.get("content")
-    if content:  # "" / null: no text part
-        if isinstance(content, list):
-            for j, item in enumerate(content):  # assistant parts: text and refusal only
-                item = r.obj(item, f"{p}.message.content[{j}]")
-                if item.get("type") == "refusal":
-                    msg.parts.append(Part("refusal", r.str_(item.get("refusal"), f"{p}.message.content[{j}]")))
-                else:
-                    msg.parts += decode_parts([item], r, f"{p}.message.content[{j}]", MESSAGES, "assistant")
-        else:
-            msg.parts = decode_parts(content, r, f"{p}.message.content", MESSAGES, "assistant")
+    if m.get("content"):  # "" / null: no text part
+        msg.parts = decode_parts(m["content"], r, f"{p}.message.content", ANSWER_PARTS, "assistant")
     if m.get("refusal"):
         msg.parts.append(Part("refusal", r.str_(m["refusal"], f"{p}.message.refusal")))
     for key in _REASONING_KEYS:
