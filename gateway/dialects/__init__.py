@@ -12,8 +12,6 @@ _DIALECTS: dict[str, Dialect] = {"openai": openai, "llama": llama_api}
 # "guardrails": the check API (gateway.guardrails) renders its errors in OpenAI's error shape.
 _ALIASES = {"llama_api": "llama", "llama-api": "llama", "guardrails": "openai"}
 
-NAMES = tuple(_DIALECTS)
-
 
 def get(name: str) -> Dialect:
     """The dialect called `name` ("openai" or "llama"); KeyError for any other name."""
@@ -41,5 +39,5 @@ def upstream_codec(dialect: str, kind: str) -> UpstreamCodec:
     return get(dialect)
 
 
-__all__ = ["NAMES", "ClientCodec", "Dialect", "DialectError", "UpstreamCodec", "UpstreamStreamError", "codec",
+__all__ = ["ClientCodec", "Dialect", "DialectError", "UpstreamCodec", "UpstreamStreamError", "codec",
            "get", "upstream_codec"]
