@@ -288,24 +288,19 @@ class LlamaStreamDecoder:
         if not self._started:
             self._started = True
             out.append(StreamStart(id=r.opt_str(obj.get("id"), "id") or new_id("chatcmpl-"), model=""))
-        delta = ev.get("delta")
-        if delta is not None:
-            delta = r.obj(delta, "event.delta")
-            typ = delta.get("type")
-            if typ == "text":
-                text = delta.get("text")
-                if text:
-                    out.append(TextDelta(r.str_(text, "event.delta.text")))
-            elif typ == "tool_call":
+        if ev.get("delta") is not None:
+            delta = r.obj(ev["delta"], "event.delta")
+            if delta.get("type") == "text" and delta.get("text"):
+                out.append(TextDelta(r.str_(delta["text"], "event.delta.text")))
+            elif delta.get("type") == "tool_call":
                 self._tool(delta, out)
         et = ev.get("event_type")
         if et == "complete":
             out.append(Finish(stop_reason_in(ev.get("stop_reason"))))
             self._clean = True
-        if ev.get("metrics") is not None:
-            usage = _usage_from_metrics(ev["metrics"], r, "event.metrics")
-            if usage is not None:
-                out.append(UsageEvent(usage))
+        usage = None if ev.get("metrics") is None else _usage_from_metrics(ev["metrics"], r, "event.metrics")
+        if usage is not None:
+            out.append(UsageEvent(usage))
         if et == "metrics":
             self._done = self._clean = True
         return out
@@ -313,8 +308,7 @@ class LlamaStreamDecoder:
     def _tool(self, delta: dict[str, Any], out: list[Event]) -> None:
         r = _c.UP
         cid = r.opt_str(delta.get("id"), "event.delta.id")
-        fn = delta.get("function")
-        fn = r.obj(fn, "event.delta.function") if fn is not None else {}
+        fn = {} if delta.get("function") is None else r.obj(delta["function"], "event.delta.function")
         args = _c.arguments_str(fn.get("arguments"), r, "event.delta.function.arguments")
         if cid is not None and cid in self._call_ids:
             k, first = self._call_ids[cid], False

@@ -106,24 +106,19 @@ class OpenAIStreamDecoder:
         if choices:
             for ch in r.list_(choices, "choices"):
                 ch = r.obj(ch, "choices[]")
-                idx = ch.get("index", 0)
-                idx = r.int_(idx, "choices[].index") if idx is not None else 0
-                delta = ch.get("delta")
-                if delta:
-                    delta = r.obj(delta, "choices[].delta")
+                idx = 0 if ch.get("index") is None else r.int_(ch["index"], "choices[].index")
+                if ch.get("delta"):
+                    delta = r.obj(ch["delta"], "choices[].delta")
                     for key, channel in _DELTA_CHANNELS:
                         text = delta.get(key)
                         if text and not (key == "reasoning" and delta.get("reasoning_content")):
                             out.append(TextDelta(r.str_(text, f"delta.{key}"), idx, channel))
-                    tcs = delta.get("tool_calls")
-                    if tcs:
-                        self._tool_deltas(tcs, idx, out)
-                    fc = delta.get("function_call")
-                    if fc:
-                        self._function_call(fc, idx, out)
-                fr = ch.get("finish_reason")
-                if fr:
-                    out.append(Finish(r.str_(fr, "finish_reason"), idx))
+                    if delta.get("tool_calls"):
+                        self._tool_deltas(delta["tool_calls"], idx, out)
+                    if delta.get("function_call"):
+                        self._function_call(delta["function_call"], idx, out)
+                if ch.get("finish_reason"):
+                    out.append(Finish(r.str_(ch["finish_reason"], "finish_reason"), idx))
         if usage:
             out.append(UsageEvent(decode_usage(usage, r)))
         return out
@@ -145,10 +140,8 @@ class OpenAIStreamDecoder:
         r = UP
         for pos, tc in enumerate(r.list_(tcs, "delta.tool_calls")):
             tc = r.obj(tc, "delta.tool_calls[]")
-            k = tc.get("index")
-            k = r.int_(k, "tool_calls[].index") if k is not None else pos
-            fn = tc.get("function")
-            fn = r.obj(fn, "tool_calls[].function") if fn is not None else {}
+            k = pos if tc.get("index") is None else r.int_(tc["index"], "tool_calls[].index")
+            fn = {} if tc.get("function") is None else r.obj(tc["function"], "tool_calls[].function")
             args = arguments_str(fn.get("arguments"), r, "tool_calls[].function.arguments")
             key = (idx, k)
             if key not in self._tools:
