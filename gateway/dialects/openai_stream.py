@@ -30,11 +30,11 @@ def _usage_dict(u: Usage, extra: dict[str, Any] | None = None) -> dict[str, Any]
 
 
 def decode_usage(u: Any, r: Reader) -> Usage:
-    """`usage` (chat and completions, answers and stream chunks) → neutral usage."""
+    """`usage` (chat and completions, answers and stream chunks) → neutral usage (a missing total: the sum)."""
     u = r.obj(u, "usage")
-    return Usage(r.count(u.get("prompt_tokens"), "usage.prompt_tokens"),
-                 r.count(u.get("completion_tokens"), "usage.completion_tokens"),
-                 r.count(u.get("total_tokens"), "usage.total_tokens"))
+    p = r.count(u.get("prompt_tokens"), "usage.prompt_tokens")
+    c = r.count(u.get("completion_tokens"), "usage.completion_tokens")
+    return Usage(p, c, p + c if u.get("total_tokens") is None else r.count(u["total_tokens"], "usage.total_tokens"))
 
 
 def legacy_functions(ex: Exchange) -> bool:
@@ -210,23 +210,18 @@ class OpenAIStreamEncoder(StreamEncoder):
 
     def tool(self, ev: ToolCallDelta) -> None:
         key = (ev.index, ev.call_index)
-        first = key not in self._tools
-        if self._legacy and ev.call_index == 0:  # the client sent `functions`: legacy deltas
-            if first:
-                self._tools.add(key)
-                self._delta(ev.index, {"function_call": {"name": ev.name or "", "arguments": ev.arguments}})
-            elif ev.arguments:
-                self._delta(ev.index, {"function_call": {"arguments": ev.arguments}})
-            return
-        if first:
+        legacy = self._legacy and ev.call_index == 0  # the client sent `functions`: legacy deltas
+        if key not in self._tools:
             self._tools.add(key)
-            tc: dict[str, Any] = {"index": ev.call_index, "id": ev.id or new_id("call_"), "type": "function",
-                                  "function": {"name": ev.name or "", "arguments": ev.arguments}}
+            fn: dict[str, Any] = {"name": ev.name or "", "arguments": ev.arguments}
+            call = fn if legacy else {"index": ev.call_index, "id": ev.id or new_id("call_"), "type": "function",
+                                      "function": fn}
         elif ev.arguments:
-            tc = {"index": ev.call_index, "function": {"arguments": ev.arguments}}
+            fn = {"arguments": ev.arguments}
+            call = fn if legacy else {"index": ev.call_index, "function": fn}
         else:
             return
-        self._delta(ev.index, {"tool_calls": [tc]})
+        self._delta(ev.index, {"function_call": call} if legacy else {"tool_calls": [call]})
 
     def finish(self, ev: Finish) -> None:
         self._delta(ev.index, {})
