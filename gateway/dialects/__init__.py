@@ -11,6 +11,8 @@ from gateway.dialects.base import ClientCodec, Dialect, DialectError, UpstreamCo
 _DIALECTS: dict[str, Dialect] = {"openai": openai, "llama": llama_api}
 # "guardrails": the check API (gateway.guardrails) renders its errors in OpenAI's error shape.
 _ALIASES = {"llama_api": "llama", "llama-api": "llama", "guardrails": "openai"}
+# Endpoint kinds with a client codec of their own (any other kind: chat, in the route's dialect).
+_CLIENT_CODECS: dict[str, ClientCodec] = {"completions": completions, "responses": responses}
 
 
 def get(name: str) -> Dialect:
@@ -24,11 +26,7 @@ def get(name: str) -> Dialect:
 def codec(dialect: str, kind: str) -> ClientCodec:
     """The client-facing codec of an endpoint kind (gateway.endpoints.Kind): chat in either dialect;
     OpenAI's legacy completions and Responses API have codecs of their own."""
-    if kind == "completions":
-        return completions
-    if kind == "responses":
-        return responses
-    return get(dialect)
+    return _CLIENT_CODECS.get(kind) or get(dialect)
 
 
 def upstream_codec(dialect: str, kind: str) -> UpstreamCodec:
