@@ -5,20 +5,14 @@ endpoint kind; `upstream_codec(dialect, kind)`: the upstream half."""
 from __future__ import annotations
 
 from gateway.dialects import completions, llama_api, openai, responses
-from gateway.dialects.base import (
-    ClientCodec,
-    Dialect,
-    DialectError,
-    UpstreamCodec,
-    UpstreamStreamError,
-)
+from gateway.dialects.base import ClientCodec, Dialect, DialectError, UpstreamCodec, UpstreamStreamError
 
 # Each dialect module implements its protocols at module level, so the module is the codec.
 _DIALECTS: dict[str, Dialect] = {"openai": openai, "llama": llama_api}
 # "guardrails": the check API (gateway.guardrails) renders its errors in OpenAI's error shape.
 _ALIASES = {"llama_api": "llama", "llama-api": "llama", "guardrails": "openai"}
-
-NAMES = tuple(_DIALECTS)
+# Endpoint kinds with a client codec of their own (any other kind: chat, in the route's dialect).
+_CLIENT_CODECS: dict[str, ClientCodec] = {"completions": completions, "responses": responses}
 
 
 def get(name: str) -> Dialect:
@@ -32,11 +26,7 @@ def get(name: str) -> Dialect:
 def codec(dialect: str, kind: str) -> ClientCodec:
     """The client-facing codec of an endpoint kind (gateway.endpoints.Kind): chat in either dialect;
     OpenAI's legacy completions and Responses API have codecs of their own."""
-    if kind == "completions":
-        return completions
-    if kind == "responses":
-        return responses
-    return get(dialect)
+    return _CLIENT_CODECS.get(kind) or get(dialect)
 
 
 def upstream_codec(dialect: str, kind: str) -> UpstreamCodec:
@@ -47,5 +37,5 @@ def upstream_codec(dialect: str, kind: str) -> UpstreamCodec:
     return get(dialect)
 
 
-__all__ = ["NAMES", "ClientCodec", "Dialect", "DialectError", "UpstreamCodec", "UpstreamStreamError", "codec",
+__all__ = ["ClientCodec", "Dialect", "DialectError", "UpstreamCodec", "UpstreamStreamError", "codec",
            "get", "upstream_codec"]

@@ -1,4 +1,5 @@
-"""Helpers shared by the dialect modules: strict JSON in, compact JSON out, typed field access.
+"""Helpers shared by the dialect modules: the errors they raise, strict JSON in, compact JSON out, typed
+field access (a leaf: it imports nothing of ours but `gateway.types`).
 
 Every reader here raises `DialectError` (never TypeError/KeyError/...), carrying the JSON path of
 the offending field as `param`, so a decoder fed arbitrary bytes fails cleanly.
@@ -9,13 +10,37 @@ from __future__ import annotations
 import json
 import json.encoder
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from http import HTTPStatus
 from json.encoder import encode_basestring
 from math import isfinite
 from typing import Any, NoReturn, TypedDict
 
-from gateway.dialects.errors import DialectError
 from gateway.types import Exchange, Message, Part, Role, ToolCall
+
+
+class DialectError(ValueError):
+    """A body that does not decode: becomes an error response in the client's dialect."""
+
+    def __init__(self, message: str, *, status: int = 400, param: str | None = None,
+                 code: str | None = "invalid_request", type: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+        self.code = code
+        self.type = type
+
+
+class UpstreamStreamError(DialectError):
+    """The upstream stream carried an error event or an undecodable event (mid-stream: a 502).
+
+    Raised by `StreamDecoder.feed`; the server ends the client's stream with `StreamEncoder.error`.
+    """
+
+    def __init__(self, message: str, *, code: str | None = "upstream_error", type: str = "upstream_error",
+                 status: int = 502) -> None:
+        super().__init__(message, status=status, code=code, type=type)
 
 
 class ModelInfo(TypedDict):
@@ -102,8 +127,11 @@ def load_object(body: bytes | str, *, status: int = 400, what: str = "request bo
     return obj
 
 
+BAD = "bad_upstream_response"  # the code of an upstream answer or event that does not decode
+
+
 def _code(status: int) -> str:
-    return "invalid_request" if status < 500 else "bad_upstream_response"
+    return "invalid_request" if status < 500 else BAD
 
 
 class Reader:
@@ -124,9 +152,7 @@ class Reader:
         return v
 
     def opt_str(self, v: Any, param: str) -> str | None:
-        if v is None:
-            return None
-        return self.str_(v, param)
+        return None if v is None else self.str_(v, param)
 
     def obj(self, v: Any, param: str) -> dict[str, Any]:
         if not isinstance(v, dict):
@@ -145,11 +171,7 @@ class Reader:
 
     def num(self, v: Any, param: str) -> float | int:
         # 1e999 parses to inf: neither dialect can carry it (and int(inf) would raise)
-        if (
-            isinstance(v, bool)
-            or not isinstance(v, (int, float))
-            or (isinstance(v, float) and not isfinite(v))
-        ):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not isfinite(v)):
             self.fail(f"'{param}' must be a finite number", param)
         return v
 
@@ -192,19 +214,20 @@ class MessageRules:
 
     roles: Mapping[str, Role]  # wire role → neutral role
     texts: Mapping[str, str]  # content part type → the key its text is under
-    image_roles: frozenset[str]  # roles whose `image_url` parts are read (elsewhere: refused)
-    skipped: frozenset[str] = frozenset()  # part types dropped on purpose (no guard can read them)
+    image_roles: frozenset[str]  # roles whose media parts are read by `media` (elsewhere: refused)
+    channels: Mapping[str, str] = field(default_factory=dict)  # part type → its text's channel when not "text"
     object_content: bool = False  # content may be one part object instead of a list (Llama assistant)
     names: bool = False  # `name` is read
     assistant_refusal: bool = False  # an assistant's `refusal` is read as text (a guard must see it)
     stop_reason: bool = False  # an assistant's `stop_reason` is read
     # Media parts (image_url, input_audio, file, ...) of roles in `image_roles`: the dialect's decoder
-    # from `dialects/media.py` (item, type, reader, param) → a Part, or None for a type it does not know.
-    media: Callable[[dict[str, Any], str, Reader, str], Part | None] | None = None
+    # from `dialects/media.py` (item, type, reader, param, role) → a Part, or None for a type it does not know.
+    media: Callable[[dict[str, Any], str, Reader, str, str], Part | None] | None = None
+    unknown_code: str | None = None  # the error code of an unknown part type (default: the reader's)
 
 
 def decode_parts(content: Any, r: Reader, param: str, rules: MessageRules, role: str) -> list[Part]:
-    """A message's content: a string or parts (text-like parts by `rules.texts`, images by URL)."""
+    """A message's content: a string or parts (text-like parts by `rules.texts`, media by `rules.media`)."""
     if content is None:
         return []
     if isinstance(content, str):
@@ -218,16 +241,15 @@ def decode_parts(content: Any, r: Reader, param: str, rules: MessageRules, role:
         typ = item.get("type")
         key = rules.texts.get(typ) if isinstance(typ, str) else None
         if key is not None:
-            parts.append(Part("text", r.str_(item.get(key), f"{p}.{key}")))
+            parts.append(Part(rules.channels.get(typ, "text"), r.str_(item.get(key), f"{p}.{key}")))
         elif rules.media is not None and role in rules.image_roles and isinstance(typ, str) \
-                and (media := rules.media(item, typ, r, p)) is not None:
+                and (media := rules.media(item, typ, r, p, role)) is not None:
             parts.append(media)  # the policy's `content:` rule decides it
-        elif typ == "image_url" and role in rules.image_roles:
-            iu = item.get("image_url")
-            url = iu if isinstance(iu, str) else r.obj(iu, f"{p}.image_url").get("url")
-            parts.append(Part("image", image_url=r.str_(url, f"{p}.image_url.url")))
-        elif not (isinstance(typ, str) and typ in rules.skipped):
-            r.fail(f"unsupported content part type {typ!r} in a {role} message", f"{p}.type")
+        else:
+            msg = f"unsupported content part type {typ!r} in a {role} message"
+            if rules.unknown_code:
+                raise DialectError(msg, param=f"{p}.type", code=rules.unknown_code)
+            r.fail(msg, f"{p}.type")
     return parts
 
 
@@ -282,29 +304,31 @@ def request_decoder(decode_payload: Callable[[dict[str, Any]], Exchange]) -> Cal
     return decode_request
 
 
+def model_of(obj: dict[str, Any]) -> str:
+    """A request's `model`: a non-empty string."""
+    model = obj.get("model")
+    if not isinstance(model, str) or not model:
+        REQ.fail("'model' is required and must be a non-empty string", "model")
+    return model
+
+
 def decode_chat(obj: dict[str, Any], rules: MessageRules, nums: tuple[str, ...],
                 ints: tuple[str, ...]) -> tuple[Exchange, dict[str, Any]]:
     """What a chat request says the same way in both dialects: model, messages, stream, these
     numeric parameters, user, tool choice and response format → (the exchange, the dialect's extras
     so far: a tool choice the other dialect has no shape for)."""
     r = REQ
-    model = obj.get("model")
-    if not isinstance(model, str) or not model:
-        r.fail("'model' is required and must be a non-empty string", "model")
+    model = model_of(obj)
     if "messages" not in obj:
         r.fail("'messages' is required", "messages")
     ex = Exchange(model=model, messages=decode_messages(obj["messages"], r, "messages", rules))
     p, extra = ex.params, {}
     if obj.get("stream") is not None:
         ex.stream = r.bool_(obj["stream"], "stream")
-    for k in nums:
-        if obj.get(k) is not None:
-            p[k] = r.num(obj[k], k)
-    for k in ints:
-        if obj.get(k) is not None:
-            p[k] = r.int_(obj[k], k)
-    if obj.get("user") is not None:
-        p["user"] = r.str_(obj["user"], "user")
+    for keys, read in ((nums, r.num), (ints, r.int_), (("user",), r.str_)):
+        for k in keys:
+            if obj.get(k) is not None:
+                p[k] = read(obj[k], k)
     if obj.get("tool_choice") is not None:
         tc = decode_tool_choice(obj["tool_choice"], r, "tool_choice")
         if tc is None:
@@ -334,11 +358,10 @@ def decode_tool_defs(tools: Any, r: Reader, param: str) -> tuple[list[dict[str, 
     for i, t in enumerate(r.list_(tools, param)):
         p = f"{param}[{i}]"
         t = r.obj(t, p)
-        typ = t.get("type", "function")
-        if typ != "function":
+        if t.get("type", "function") == "function":
+            out.append(function_def(r.obj(t.get("function"), f"{p}.function"), r, f"{p}.function"))
+        else:
             other.append(t)
-            continue
-        out.append(function_def(r.obj(t.get("function"), f"{p}.function"), r, f"{p}.function"))
     return out, other
 
 
@@ -351,15 +374,12 @@ def function_def(fn: dict[str, Any], r: Reader, p: str) -> dict[str, Any]:
     return d
 
 
+_TOOL_FIELDS = ("description", "parameters", "strict")  # a function tool's optional fields
+
+
 def encode_tool_defs(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for t in tools:
-        fn: dict[str, Any] = {"name": t["name"]}
-        for k in ("description", "parameters", "strict"):
-            if t.get(k) is not None:
-                fn[k] = t[k]
-        out.append({"type": "function", "function": fn})
-    return out
+    return [{"type": "function", "function": {"name": t["name"], **{k: t[k] for k in _TOOL_FIELDS
+                                                                    if t.get(k) is not None}}} for t in tools]
 
 
 def decode_tool_choice(v: Any, r: Reader, param: str) -> str | dict[str, str] | None:
@@ -373,10 +393,14 @@ def decode_tool_choice(v: Any, r: Reader, param: str) -> str | dict[str, str] | 
     return None
 
 
+def encode_tool_calls(calls: list[ToolCall], typed: bool = True) -> list[dict[str, Any]]:
+    """Tool calls as both dialects write them (OpenAI's with `"type": "function"`)."""
+    return [{"id": tc.id, **({"type": "function"} if typed else {}),
+             "function": {"name": tc.name, "arguments": tc.arguments}} for tc in calls]
+
+
 def encode_tool_choice(v: str | dict[str, str]) -> str | dict[str, Any]:
-    if isinstance(v, str):
-        return v
-    return {"type": "function", "function": {"name": v["name"]}}
+    return v if isinstance(v, str) else {"type": "function", "function": {"name": v["name"]}}
 
 
 # Llama Guard 4 taxonomy (MLCommons + S14), wire_formats.md §3.7.
@@ -401,28 +425,17 @@ def code_order(c: str) -> tuple[int, str]:
     return (int(c[1:]), c) if c[:1] == "S" and c[1:].isdigit() else (1 << 30, c)
 
 
-# OpenAI moderation categories and their Llama Guard codes (`openai.py` moderations).
-OPENAI_CATEGORIES = (
-    "harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent", "self-harm",
-    "self-harm/instructions", "self-harm/intent", "sexual", "sexual/minors", "violence", "violence/graphic",
-)
-# Llama Guard code → OpenAI categories it implies. S6 (specialized advice), S7 (privacy), S8 (IP)
-# and S13 (elections) have no OpenAI counterpart: they set `flagged` and appear only in the
-# `guardgate.categories` extra of each result.
-CODE_TO_OPENAI: dict[str, tuple[str, ...]] = {
-    "S1": ("violence", "illicit/violent"), "S2": ("illicit",), "S3": ("sexual", "illicit"), "S4": ("sexual/minors",),
-    "S5": ("harassment",), "S9": ("illicit/violent", "violence"), "S10": ("hate",), "S11": ("self-harm",),
-    "S12": ("sexual",), "S14": ("illicit",),
-}
-OPENAI_TO_CODE: dict[str, str] = {
-    "harassment": "S5", "harassment/threatening": "S1", "hate": "S10", "hate/threatening": "S10", "illicit": "S2",
-    "illicit/violent": "S1", "self-harm": "S11", "self-harm/instructions": "S11", "self-harm/intent": "S11",
-    "sexual": "S12", "sexual/minors": "S4", "violence": "S1", "violence/graphic": "S1",
-}
-assert set(CODE_TO_OPENAI) <= set(LLAMA_GUARD_CATEGORIES)
+def encode_model(m: ModelInfo) -> dict[str, Any]:
+    return {"id": m["id"], "object": "model", "created": int(m.get("created") or 0),
+            "owned_by": m.get("owned_by") or ""}
 
 
-def decode_models_list(body: bytes) -> list[ModelInfo]:
+def encode_models(models: list[ModelInfo]) -> dict[str, Any]:
+    """`{"object":"list","data":[...]}` in both dialects (the Llama SDK unwraps `data`, §3.8)."""
+    return {"object": "list", "data": [encode_model(m) for m in models]}
+
+
+def decode_models(body: bytes) -> list[ModelInfo]:
     """A models list, same shape in both dialects: `{"data":[{id, created, owned_by, ...}]}`;
     a bare list or a single model object are accepted too."""
     r = UP
@@ -432,12 +445,48 @@ def decode_models_list(body: bytes) -> list[ModelInfo]:
     out: list[ModelInfo] = []
     for i, m in enumerate(r.list_(data, "data")):
         m = r.obj(m, f"data[{i}]")
-        created = m.get("created")
-        out.append(
-            {
-                "id": r.str_(m.get("id"), f"data[{i}].id"),
-                "created": r.count(created, f"data[{i}].created") if created is not None else 0,
-                "owned_by": r.opt_str(m.get("owned_by"), f"data[{i}].owned_by") or "",
-            }
-        )
+        out.append({"id": r.str_(m.get("id"), f"data[{i}].id"),
+                    "created": r.count(m.get("created"), f"data[{i}].created"),
+                    "owned_by": r.opt_str(m.get("owned_by"), f"data[{i}].owned_by") or ""})
     return out
+
+
+def error_body(status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
+               param: str | None = None) -> dict[str, Any]:
+    """The OpenAI error shape (every OpenAI endpoint; the Llama API's adds copies))."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_fields(obj: Any) -> tuple[str, str | None]:
+    """(message, code) from any error shape either dialect sends: `{"error":{message, code|type}}`,
+    `{"error":"..."}`, problem-JSON (`detail`, `message`, `title`). ("", None) when there is none."""
+    if not isinstance(obj, dict):
+        return "", None
+    err, msg, code = obj.get("error"), "", None
+    if isinstance(err, dict):
+        m, c = err.get("message"), err.get("code")
+        msg = m if isinstance(m, str) else ""
+        c = err.get("type") if c is None else c
+        code = str(c) if isinstance(c, (str, int)) and not isinstance(c, bool) else None
+    elif isinstance(err, str):
+        msg = err
+    if not msg:
+        msg = next((obj[k] for k in ("detail", "message", "title") if isinstance(obj.get(k), str) and obj[k]), "")
+    return msg, code
+
+
+def decode_error(status: int, body: bytes) -> tuple[str, str | None]:
+    """(message, code) from an upstream error body of either dialect, for translation. Never raises."""
+    try:
+        obj = load_json(body, status=502, what="upstream error")
+    except DialectError:
+        obj = None
+    msg, code = error_fields(obj)
+    if msg:
+        return msg, code
+    try:
+        msg = f"upstream returned HTTP {status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        msg = f"upstream returned HTTP {status}"
+    text = body[:500].decode("utf-8", "replace").strip() if obj is None and isinstance(body, (bytes, bytearray)) else ""
+    return (f"{msg}: {text}" if text else msg), code

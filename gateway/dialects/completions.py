@@ -14,33 +14,22 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from gateway.dialects import openai
-from gateway.dialects._common import qstr, request_decoder
+from gateway.dialects._common import UP, model_of, qstr, request_decoder
+from gateway.dialects._common import decode_error as decode_error
+from gateway.dialects._common import error_body as error_body
 from gateway.dialects.base import DialectError
-from gateway.dialects.stream import HOLES, StreamEncoder, Template, frame
-from gateway.types import (
-    Choice,
-    Completion,
-    Exchange,
-    Finish,
-    Message,
-    StreamStart,
-    TextDelta,
-    Usage,
-    UsageEvent,
-)
+from gateway.dialects.openai_stream import OpenAIStreamDecoder, OpenAIStreamEncoder, _usage_dict, decode_usage
+from gateway.dialects.stream import HOLES, Template
+from gateway.types import Choice, Completion, Exchange, Finish, Message, StreamStart, TextDelta, UsageEvent
 
 if TYPE_CHECKING:  # annotations only
-    from gateway.types import Event
+    from gateway.types import Event, ToolCallDelta
 
 
 # Sampling fields with a neutral name (chat shares them); every other key rides in Exchange.extra.
 _PARAMS = ("max_tokens", "temperature", "top_p", "stop", "seed", "n", "user", "presence_penalty",
            "frequency_penalty")
 _FINISH = {"stop": "stop", "length": "length", "content_filter": "content_filter"}
-
-error_body = openai.error_body
-decode_error = openai.decode_error
 
 
 def _prompt(v: Any) -> str:
@@ -59,18 +48,12 @@ def _prompt(v: Any) -> str:
 
 def decode_payload(obj: dict[str, Any]) -> Exchange:
     """A completions request already parsed as a JSON object → the exchange."""
-    model = obj.get("model")
-    if not isinstance(model, str) or not model:
-        raise DialectError("'model' is required", param="model")
-    prompt = _prompt(obj.get("prompt"))
-    stream = obj.get("stream") is True
-    opts = obj.get("stream_options")
-    params = {k: obj[k] for k in _PARAMS if k in obj}
+    model, prompt, opts = model_of(obj), _prompt(obj.get("prompt")), obj.get("stream_options")
     extra = {k: v for k, v in obj.items() if k not in _PARAMS and k not in ("model", "prompt", "stream",
                                                                              "stream_options")}
-    return Exchange(model=model, messages=[Message.of("user", prompt)], stream=stream,
+    return Exchange(model=model, messages=[Message.of("user", prompt)], stream=obj.get("stream") is True,
                     include_usage=isinstance(opts, dict) and opts.get("include_usage") is True,
-                    params=params, extra=extra)
+                    params={k: obj[k] for k in _PARAMS if k in obj}, extra=extra)
 
 
 decode_request = request_decoder(decode_payload)
@@ -87,29 +70,17 @@ def encode_request(ex: Exchange) -> dict[str, Any]:
     return body
 
 
-def _usage(u: Any) -> Usage | None:
-    if not isinstance(u, dict):
-        return None
-    p, c = int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
-    return Usage(p, c, int(u.get("total_tokens") or p + c))
-
-
 def decode_response(body: bytes) -> Completion:
     try:
         obj = json.loads(body)
         choices = [Choice(Message.of("assistant", str(ch.get("text") or "")),
                           _FINISH.get(ch.get("finish_reason") or "stop", "stop"), int(ch.get("index") or i))
                    for i, ch in enumerate(obj["choices"])]
-        return Completion(str(obj.get("id") or ""), str(obj.get("model") or ""), choices=choices or
-                          [Choice(Message("assistant"))], usage=_usage(obj.get("usage")),
-                          created=int(obj.get("created") or time.time()))
+        usage = decode_usage(obj["usage"], UP) if obj.get("usage") else None
+        return Completion(str(obj.get("id") or ""), str(obj.get("model") or ""), usage=usage, choices=choices
+                          or [Choice(Message("assistant"))], created=int(obj.get("created") or time.time()))
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise DialectError("upstream completions answer does not decode", code="bad_upstream_response") from None
-
-
-def _usage_dict(u: Usage | None) -> dict[str, int] | None:
-    return None if u is None else {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                                   "total_tokens": u.total_tokens}
 
 
 def encode_response(c: Completion, ex: Exchange) -> dict[str, Any]:
@@ -117,10 +88,10 @@ def encode_response(c: Completion, ex: Exchange) -> dict[str, Any]:
             "model": c.model or ex.model,
             "choices": [{"text": ch.message.text, "index": ch.index, "logprobs": None,
                          "finish_reason": ch.finish_reason} for ch in c.choices],
-            "usage": _usage_dict(c.usage)}
+            "usage": None if c.usage is None else _usage_dict(c.usage)}
 
 
-class CompletionsStreamDecoder(openai.OpenAIStreamDecoder):
+class CompletionsStreamDecoder(OpenAIStreamDecoder):
     """Completions chunks (`choices[].text`) → neutral events; ends at `data: [DONE]` (the chat
     decoder's framing and errors, this endpoint's chunks)."""
 
@@ -138,28 +109,24 @@ class CompletionsStreamDecoder(openai.OpenAIStreamDecoder):
                 out.append(TextDelta(str(ch["text"]), idx))
             if ch.get("finish_reason"):
                 out.append(Finish(_FINISH.get(ch["finish_reason"], "stop"), idx))
-        u = _usage(obj.get("usage"))
-        if u is not None:
-            out.append(UsageEvent(u))
+        if obj.get("usage"):
+            out.append(UsageEvent(decode_usage(obj["usage"], UP)))
         return out
 
 
-def stream_decoder() -> CompletionsStreamDecoder:
-    return CompletionsStreamDecoder()
+stream_decoder = CompletionsStreamDecoder
 
 
-class CompletionsStreamEncoder(StreamEncoder):
-    """Neutral events → completions chunks, then `data: [DONE]`. Tool calls have no place here and a
-    non-text channel (a chat upstream's reasoning) is not part of a completion's text: both are dropped.
-    Finish and usage chunks are held, so a guard `Annotation` rides on the last one (`"guardgate"`)."""
-
-    END = "data: [DONE]\n\n"
+class CompletionsStreamEncoder(OpenAIStreamEncoder):
+    """Neutral events → completions chunks, then `data: [DONE]` (the chat encoder's end, usage and
+    errors). Tool calls have no place here and a non-text channel (a chat upstream's reasoning) is not
+    part of a completion's text: both are dropped. Finish and usage chunks are held, so a guard
+    `Annotation` rides on the last one (`"guardgate"`)."""
 
     def __init__(self, ex: Exchange) -> None:
         super().__init__(ex)
-        self._head: dict[str, Any] = {"id": "cmpl-guardgate", "object": "text_completion",
-                                      "created": int(time.time()), "model": ex.model}
-        self._texts: dict[int, Template] = {}  # per choice: its text chunk, serialized once
+        self._head = {"id": "cmpl-guardgate", "object": "text_completion", "created": int(time.time()),
+                      "model": ex.model}
 
     def start(self, ev: StreamStart | None) -> None:
         if ev is not None:
@@ -169,25 +136,19 @@ class CompletionsStreamEncoder(StreamEncoder):
     def text(self, ev: TextDelta) -> None:
         if ev.channel == "text":
             self.begin()
-            tpl = self._texts.get(ev.index)
+            tpl = self._texts.get((ev.index, "text"))
             if tpl is None:
-                tpl = self._texts[ev.index] = Template({**self._head, "choices": [
+                tpl = self._texts[(ev.index, "text")] = Template({**self._head, "choices": [
                     {"text": HOLES[0], "index": ev.index, "logprobs": None, "finish_reason": None}]})
             self.emit_text(tpl.fill(qstr(ev.text)))
+
+    def tool(self, ev: ToolCallDelta) -> None:
+        pass
 
     def finish(self, ev: Finish) -> None:
         self.begin()
         self.hold({**self._head, "choices": [{"text": "", "index": ev.index, "logprobs": None,
                                               "finish_reason": ev.reason}]})
 
-    def usage(self, ev: UsageEvent) -> None:
-        if self.ex.include_usage:
-            self.begin()
-            self.hold({**self._head, "choices": [], "usage": _usage_dict(ev.usage)})
 
-    def error_frame(self, message: str, code: str, type: str) -> str:
-        return frame({"error": {"message": message, "type": type, "param": None, "code": code}})
-
-
-def stream_encoder(ex: Exchange) -> CompletionsStreamEncoder:
-    return CompletionsStreamEncoder(ex)
+stream_encoder = CompletionsStreamEncoder

@@ -1,29 +1,5 @@
-"""The Meta Llama API native dialect (`/llama/v1`, SDK `llama-api-client`).
-
-Wire shapes: wire_formats.md §3 (requests, responses, stream events, errors, moderations, models),
-§4.3 (content-filter cut). Streams are `data: {"id","event":{...}}` frames, start → progress* →
-complete → metrics, every event with a `delta`, and never `[DONE]`.
-
-Carried only for a Llama-dialect peer (kept in `extra["llama"]`, dropped on purpose by any other
-dialect): unknown top-level request fields; unknown top-level response fields.
-
-Mapped: `max_completion_tokens` ↔ neutral `max_tokens`; `top_k`, `repetition_penalty`,
-`temperature`, `top_p`, `user`, `tools`, `tool_choice`, `response_format` (text, json_schema);
-assistant `stop_reason` on request messages (neutral `Message.stop_reason`); metrics ↔ usage.
-A Llama stream always carries metrics, so a decoded streaming request has `include_usage=True`.
-
-Dropped on purpose when encoding neutral data from another dialect (the Llama API has no
-counterpart): `stop`, `seed`, `n`, `frequency_penalty`, `presence_penalty`, response_format
-`json_object` (and json_schema `strict`/`description`), message `name`, image parts in system
-and tool messages, stream events and answer choices other than 0, response `created`, answer text
-of the reasoning and transcript channels, and every OpenAI answer extra (annotations, audio,
-logprobs). Lossy: the `developer` role is sent as `system`; several assistant text parts are joined
-into the single content object the API takes; an answer's refusal becomes its content text; a
-legacy tool message with no `tool_call_id` gets `""`.
-Stop reasons outside stop/tool_calls/length: `content_filter` is passed through (the SDK accepts
-it, §4.3), `function_call` becomes `tool_calls`, anything else `stop`. Older Llama Stack values
-(`end_of_turn`, `end_of_message`, `out_of_tokens`) are read as stop/stop/length.
-"""
+"""The Meta Llama API native dialect (`/llama/v1`, SDK `llama-api-client`): wire_formats.md §3, §4.3.
+What is carried, mapped, dropped and refused, field by field: docs/dialects.md."""
 
 from __future__ import annotations
 
@@ -32,53 +8,71 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from gateway.dialects import _common as _c
-from gateway.dialects.base import DialectError, ModelInfo, ModerationRequest, ModerationResult
-from gateway.dialects.llama_stream import (  # re-exported: importers find them here
-    _TEXT_OUT,
-    LlamaStreamDecoder,
-    LlamaStreamEncoder,
-    _error_message,
-    _metrics,
-    _usage_from_metrics,
-    error_body,  # noqa: F401  (the dialect's error_body; beside the encoder that writes it)
-    stop_reason_in,
-    stop_reason_out,
-)
+from gateway.dialects._common import decode_error as decode_error
+from gateway.dialects._common import decode_models as decode_models
+from gateway.dialects._common import encode_models as encode_models
+from gateway.dialects.base import DialectError, ModerationRequest, ModerationResult, UpstreamStreamError
 from gateway.dialects.media import encode_llama_part, llama_media_part, text_only
-from gateway.types import (
-    Completion,
-    Message,
-    new_id,
-)
+from gateway.dialects.stream import HOLES, StreamEncoder, Template, frame
+from gateway.types import Completion, Finish, Message, StreamStart, TextDelta, ToolCallDelta, Usage, UsageEvent, new_id
+
+if TYPE_CHECKING:  # annotations only
+    from gateway.types import Event, Exchange
 
 NAME = "llama"
 name = NAME  # the module itself is the `Dialect` (see gateway/dialects/__init__.py)
-if TYPE_CHECKING:  # annotations only
-    from gateway.types import Exchange, Part
-
-_KNOWN_REQ = frozenset(
-    (
-        "model", "messages", "stream", "max_completion_tokens", "repetition_penalty", "response_format",
-        "temperature", "tool_choice", "tools", "top_k", "top_p", "user",
-    )
-)
+STOP_REASONS = frozenset(("stop", "tool_calls", "length", "content_filter"))
+_STOP_IN = {"end_of_turn": "stop", "end_of_message": "stop", "out_of_tokens": "length"}
+METRIC_NAMES = ("num_completion_tokens", "num_prompt_tokens", "num_total_tokens")
 
 
-# --------------------------------------------------------------------------- requests
+def stop_reason_in(v: Any) -> str:
+    return _STOP_IN.get(v, v) if isinstance(v, str) and v else "stop"
 
 
+def stop_reason_out(v: str) -> str:
+    return v if v in STOP_REASONS else "tool_calls" if v == "function_call" else "stop"
+
+
+# Answer text channels the Llama API can carry: content, and a refusal as content (it has no refusal
+# field). Reasoning and audio transcripts have no Llama counterpart and are dropped (never sent raw).
+_TEXT_OUT = frozenset(("text", "refusal"))
+
+
+def _usage_from_metrics(metrics: Any, r: _c.Reader, param: str) -> Usage | None:
+    vals: dict[str, int] = {}
+    for i, m in enumerate(r.list_(metrics, param)):
+        m = r.obj(m, f"{param}[{i}]")
+        name = m.get("metric")
+        if name in METRIC_NAMES:
+            vals[name] = r.count(m.get("value"), f"{param}[{i}].value")
+    if not vals:
+        return None
+    prompt, completion = vals.get("num_prompt_tokens", 0), vals.get("num_completion_tokens", 0)
+    return Usage(prompt, completion, vals.get("num_total_tokens", prompt + completion))
+
+
+def _metrics(u: Usage) -> list[dict[str, Any]]:
+    return [{"metric": name, "value": v, "unit": "tokens"}
+            for name, v in zip(METRIC_NAMES, (u.completion_tokens, u.prompt_tokens, u.total_tokens), strict=True)]
+
+
+def error_body(status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
+               param: str | None = None) -> dict[str, Any]:
+    """OpenAI-shaped `error` plus problem-JSON `title`/`detail` copies (§3.6)."""
+    try:
+        title = HTTPStatus(status).phrase
+    except ValueError:
+        title = "Error"
+    return {**_c.error_body(status, message, type=type, code=code, param=param), "title": title, "detail": message}
+
+
+_KNOWN_REQ = frozenset(("model", "messages", "stream", "max_completion_tokens", "repetition_penalty", "response_format",
+                        "temperature", "tool_choice", "tools", "top_k", "top_p", "user"))
 MESSAGES = _c.MessageRules(
-    roles={"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"},
-    texts={"text": "text"},
-    image_roles=frozenset(("user",)),
-    media=llama_media_part,  # image_url (dialects/media.py)
-    object_content=True,  # an assistant's content is one object
-    stop_reason=True,
-)
-
-
-def decode_messages(v: Any, r: _c.Reader = _c.REQ, param: str = "messages") -> list[Message]:
-    return _c.decode_messages(v, r, param, MESSAGES)
+    roles={"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"}, texts={"text": "text"},
+    image_roles=frozenset(("user",)), media=llama_media_part,  # image_url (dialects/media.py)
+    object_content=True, stop_reason=True)  # an assistant's content is one object, with its stop reason
 
 
 def decode_payload(obj: dict[str, Any]) -> Exchange:
@@ -98,15 +92,6 @@ def decode_payload(obj: dict[str, Any]) -> Exchange:
 decode_request = _c.request_decoder(decode_payload)
 
 
-def _text_items(parts: list[Part]) -> str | list[dict[str, Any]]:
-    texts = [p.text for p in parts if p.type == "text"]
-    if len(texts) == 1:
-        return texts[0]
-    if not texts:
-        return ""
-    return [{"type": "text", "text": t} for t in texts]
-
-
 def encode_messages(messages: list[Message]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for m in messages:
@@ -114,30 +99,23 @@ def encode_messages(messages: list[Message]) -> list[dict[str, Any]]:
         d: dict[str, Any] = {"role": role}
         if role != "user":
             text_only(m.parts, role, "Llama API")
-        if role == "user":
-            if len(m.parts) == 1 and m.parts[0].type == "text":
-                d["content"] = m.parts[0].text
-            elif not m.parts:
-                d["content"] = ""
+        if role != "assistant":  # a string, or text and (user messages only) image items
+            parts = m.parts if role == "user" else [p for p in m.parts if p.type == "text"]
+            if not parts or (len(parts) == 1 and parts[0].type == "text"):
+                d["content"] = parts[0].text if parts else ""
             else:
-                d["content"] = [
-                    {"type": "text", "text": p.text} if p.type == "text" else encode_llama_part(p) for p in m.parts
-                ]
-        elif role == "assistant":
+                d["content"] = [{"type": "text", "text": p.text} if p.type == "text" else encode_llama_part(p)
+                                for p in parts]
+            if role == "tool":
+                d["tool_call_id"] = m.tool_call_id or ""
+        else:
             texts = [p.text for p in m.parts if p.type == "text"]
             if texts:
                 d["content"] = {"type": "text", "text": "".join(texts)}
             if m.stop_reason is not None:
                 d["stop_reason"] = stop_reason_out(m.stop_reason)
             if m.tool_calls:
-                d["tool_calls"] = [
-                    {"id": tc.id, "function": {"name": tc.name, "arguments": tc.arguments}}
-                    for tc in m.tool_calls
-                ]
-        else:  # system, tool
-            d["content"] = _text_items(m.parts)
-            if role == "tool":
-                d["tool_call_id"] = m.tool_call_id or ""
+                d["tool_calls"] = _c.encode_tool_calls(m.tool_calls, typed=False)
         out.append(d)
     return out
 
@@ -148,12 +126,7 @@ def _encode_response_format(rf: dict[str, Any]) -> dict[str, Any] | None:
         return {"type": "text"}
     if typ == "json_schema" and isinstance(rf.get("json_schema"), dict):
         js = rf["json_schema"]
-        out: dict[str, Any] = {}
-        if "name" in js:
-            out["name"] = js["name"]
-        if "schema" in js:
-            out["schema"] = js["schema"]
-        return {"type": "json_schema", "json_schema": out}
+        return {"type": "json_schema", "json_schema": {k: js[k] for k in ("name", "schema") if k in js}}
     return None  # json_object and unknown types: no Llama counterpart
 
 
@@ -166,10 +139,8 @@ def encode_request(ex: Exchange) -> dict[str, Any]:
     for k in ("temperature", "top_p", "top_k", "repetition_penalty", "user"):
         if p.get(k) is not None:
             body[k] = p[k]
-    if p.get("response_format") is not None:
-        rf = _encode_response_format(p["response_format"])
-        if rf is not None:
-            body["response_format"] = rf
+    if p.get("response_format") is not None and (rf := _encode_response_format(p["response_format"])) is not None:
+        body["response_format"] = rf
     if p.get("tools"):
         body["tools"] = _c.encode_tool_defs(p["tools"])
     if p.get("tool_choice") is not None:
@@ -182,8 +153,6 @@ def encode_request(ex: Exchange) -> dict[str, Any]:
     return body
 
 
-# --------------------------------------------------------------------------- non-stream responses
-
 def decode_response(body: bytes) -> Completion:
     obj = _c.load_object(body, status=502, what="upstream response")
     r = _c.UP
@@ -191,20 +160,13 @@ def decode_response(body: bytes) -> Completion:
     msg = Message(role="assistant")
     content = cm.get("content")
     if content:
-        msg.parts = [
-            p for p in _c.decode_parts(content, r, "completion_message.content", MESSAGES, "assistant") if p.text
-        ]
+        parts = _c.decode_parts(content, r, "completion_message.content", MESSAGES, "assistant")
+        msg.parts = [p for p in parts if p.text]
     if cm.get("tool_calls") is not None:
         msg.tool_calls = _c.decode_tool_calls(cm["tool_calls"], r, "completion_message.tool_calls")
     usage = _usage_from_metrics(obj["metrics"], r, "metrics") if obj.get("metrics") is not None else None
-    c = Completion(
-        id=r.opt_str(obj.get("id"), "id") or new_id("chatcmpl-"),
-        model="",
-        message=msg,
-        finish_reason=stop_reason_in(cm.get("stop_reason")),
-        usage=usage,
-        created=int(time.time()),
-    )
+    c = Completion(id=r.opt_str(obj.get("id"), "id") or new_id("chatcmpl-"), model="", message=msg,
+                   finish_reason=stop_reason_in(cm.get("stop_reason")), usage=usage, created=int(time.time()))
     top = {k: v for k, v in obj.items() if k not in ("id", "completion_message", "metrics", "guardgate")}
     if top:
         c.extra[NAME] = {"top": top}
@@ -213,15 +175,11 @@ def decode_response(body: bytes) -> Completion:
 
 def encode_response(c: Completion, ex: Exchange) -> dict[str, Any]:
     m = c.message
-    cm: dict[str, Any] = {
-        "role": "assistant",
-        "content": {"type": "text", "text": "".join(p.text for p in m.parts if p.type in _TEXT_OUT)},
-        "stop_reason": stop_reason_out(c.finish_reason),
-    }
+    cm: dict[str, Any] = {"role": "assistant",
+                          "content": {"type": "text", "text": "".join(p.text for p in m.parts if p.type in _TEXT_OUT)},
+                          "stop_reason": stop_reason_out(c.finish_reason)}
     if m.tool_calls:
-        cm["tool_calls"] = [
-            {"id": tc.id, "function": {"name": tc.name, "arguments": tc.arguments}} for tc in m.tool_calls
-        ]
+        cm["tool_calls"] = _c.encode_tool_calls(m.tool_calls, typed=False)
     out: dict[str, Any] = {"id": c.id, "completion_message": cm}
     if c.usage is not None:
         out["metrics"] = _metrics(c.usage)
@@ -230,61 +188,6 @@ def encode_response(c: Completion, ex: Exchange) -> dict[str, Any]:
     if c.extra.get("guardgate") is not None:
         out["guardgate"] = c.extra["guardgate"]
     return out
-
-
-# --------------------------------------------------------------------------- streams
-# The decoder and encoder classes live in `llama_stream.py`.
-
-
-def stream_decoder() -> LlamaStreamDecoder:
-    return LlamaStreamDecoder()
-
-
-def stream_encoder(ex: Exchange) -> LlamaStreamEncoder:
-    return LlamaStreamEncoder(ex)
-
-
-# --------------------------------------------------------------------------- errors
-
-
-def decode_error(status: int, body: bytes) -> tuple[str, str | None]:
-    try:
-        obj = _c.load_json(body, status=502, what="upstream error")
-    except DialectError:
-        obj = None
-    msg, code = _error_message(obj)
-    if msg:
-        return msg, code
-    try:
-        phrase = f" {HTTPStatus(status).phrase}"
-    except ValueError:
-        phrase = ""
-    text = ""
-    if obj is None and isinstance(body, (bytes, bytearray)):
-        text = body[:500].decode("utf-8", "replace").strip()
-    return (f"upstream returned HTTP {status}{phrase}" + (f": {text}" if text else "")), code
-
-
-# --------------------------------------------------------------------------- models
-
-
-def encode_model(m: ModelInfo) -> dict[str, Any]:
-    return {
-        "id": m["id"],
-        "created": int(m.get("created") or 0),
-        "object": "model",
-        "owned_by": m.get("owned_by") or "",
-    }
-
-
-def encode_models(models: list[ModelInfo]) -> dict[str, Any]:
-    """`{"data":[...]}` (the SDK unwraps `data`) plus `"object":"list"` for OpenAI-style readers (§3.8)."""
-    return {"object": "list", "data": [encode_model(m) for m in models]}
-
-
-def decode_models(body: bytes) -> list[ModelInfo]:
-    """`{"data":[...]}` (a bare list or a single model object are accepted too)."""
-    return _c.decode_models_list(body)
 
 
 # --------------------------------------------------------------------------- moderations
@@ -297,39 +200,25 @@ def decode_moderation_request(body: bytes | dict[str, Any]) -> ModerationRequest
     model = r.opt_str(obj.get("model"), "model")
     if "messages" not in obj:
         r.fail("'messages' is required", "messages")
-    return ModerationRequest(model, [decode_messages(obj["messages"], r)])
+    return ModerationRequest(model, [_c.decode_messages(obj["messages"], r, "messages", MESSAGES)])
 
 
 def encode_moderation_request(req: ModerationRequest) -> dict[str, Any]:
     """The Llama API moderates one conversation per request: several inputs (an OpenAI `input`
     list) are sent as one user message each in one conversation, and answered by one result."""
-    if len(req.inputs) == 1:
-        messages = encode_messages(req.inputs[0])
-    else:
-        messages = encode_messages(
-            [Message.of("user", "\n".join(m.text for m in conv)) for conv in req.inputs]
-        )
-    body: dict[str, Any] = {"messages": messages}
+    msgs = req.inputs[0] if len(req.inputs) == 1 else [Message.of("user", "\n".join(m.text for m in conv))
+                                                       for conv in req.inputs]
+    body: dict[str, Any] = {"messages": encode_messages(msgs)}
     if req.model:
         body["model"] = req.model
     return body
 
 
-def encode_moderation_response(
-    results: list[ModerationResult], *, model: str, id: str | None = None
-) -> dict[str, Any]:
-    return {
-        "model": model,
-        "results": [
-            {
-                "flagged": bool(res.get("flagged")),
-                "flagged_categories": sorted(
-                    {_c.category_code(c) for c in res.get("categories") or []}, key=_c.code_order
-                ),
-            }
-            for res in results
-        ],
-    }
+def encode_moderation_response(results: list[ModerationResult], *, model: str, id: str | None = None) -> dict[str, Any]:
+    return {"model": model, "results": [
+        {"flagged": bool(res.get("flagged")),
+         "flagged_categories": sorted({_c.category_code(c) for c in res.get("categories") or []}, key=_c.code_order)}
+        for res in results]}
 
 
 def decode_moderation_response(body: bytes) -> list[ModerationResult]:
@@ -339,15 +228,189 @@ def decode_moderation_response(body: bytes) -> list[ModerationResult]:
     for i, res in enumerate(r.list_(obj.get("results"), "results")):
         p = f"results[{i}]"
         res = r.obj(res, p)
-        cats = [
-            _c.category_code(r.str_(c, f"{p}.flagged_categories[]"))
-            for c in r.list_(res.get("flagged_categories") or [], f"{p}.flagged_categories")
-        ]
-        out.append(
-            {
-                "flagged": r.bool_(res.get("flagged", bool(cats)), f"{p}.flagged"),
-                "categories": sorted(set(cats), key=_c.code_order),
-                "scores": {},
-            }
-        )
+        cats = {_c.category_code(r.str_(c, f"{p}.flagged_categories[]"))
+                for c in r.list_(res.get("flagged_categories") or [], f"{p}.flagged_categories")}
+        out.append({"flagged": r.bool_(res.get("flagged", bool(cats)), f"{p}.flagged"),
+                    "categories": sorted(cats, key=_c.code_order), "scores": {}})
     return out
+
+
+# --------------------------------------------------------------------------- streams
+
+
+class LlamaStreamDecoder:
+    """Llama stream chunks → neutral events. Tool-call fragments carry no index: a fragment with a
+    new `id` starts a call, a known `id` continues that call, no `id` continues the current one."""
+
+    __slots__ = ("_call_ids", "_clean", "_cur", "_done", "_ncalls", "_started")
+
+    def __init__(self) -> None:
+        self._done = False
+        self._clean = False
+        self._started = False
+        self._call_ids: dict[str, int] = {}
+        self._ncalls = 0
+        self._cur: int | None = None
+
+    def done(self) -> bool:
+        return self._done
+
+    def ended_cleanly(self) -> bool:
+        return self._clean
+
+    def feed(self, event: str | None, data: str) -> list[Event]:
+        try:
+            obj = _c.loads(data)
+        except (ValueError, RecursionError):
+            if event == "error":
+                raise UpstreamStreamError(data[:500] or "upstream error during streaming") from None
+            raise UpstreamStreamError("upstream sent a stream chunk that is not JSON", code=_c.BAD) from None
+        if event == "error" or not isinstance(obj, dict) or not isinstance(obj.get("event"), dict):
+            msg, code = _c.error_fields(obj)
+            if event == "error" or msg:
+                raise UpstreamStreamError(msg or "upstream error during streaming", code=code or "upstream_error")
+            raise UpstreamStreamError("upstream sent a stream chunk without an event object", code=_c.BAD)
+        try:
+            return self._events(obj, obj["event"])
+        except DialectError as e:
+            raise UpstreamStreamError(f"upstream stream chunk: {e.message}", code=_c.BAD) from None
+
+    def _events(self, obj: dict[str, Any], ev: dict[str, Any]) -> list[Event]:
+        # Fast path, most events: progress with a text delta.
+        if self._started and ev.get("event_type") == "progress" and len(ev) == 2:
+            delta = ev.get("delta")
+            if type(delta) is dict and delta.get("type") == "text":
+                text = delta.get("text")
+                if type(text) is str:
+                    return [TextDelta(text)] if text else []
+        r = _c.UP
+        out: list[Event] = []
+        if not self._started:
+            self._started = True
+            out.append(StreamStart(id=r.opt_str(obj.get("id"), "id") or new_id("chatcmpl-"), model=""))
+        if ev.get("delta") is not None:
+            delta = r.obj(ev["delta"], "event.delta")
+            if delta.get("type") == "text" and delta.get("text"):
+                out.append(TextDelta(r.str_(delta["text"], "event.delta.text")))
+            elif delta.get("type") == "tool_call":
+                self._tool(delta, out)
+        et = ev.get("event_type")
+        if et == "complete":
+            out.append(Finish(stop_reason_in(ev.get("stop_reason"))))
+            self._clean = True
+        usage = None if ev.get("metrics") is None else _usage_from_metrics(ev["metrics"], r, "event.metrics")
+        if usage is not None:
+            out.append(UsageEvent(usage))
+        if et == "metrics":
+            self._done = self._clean = True
+        return out
+
+    def _tool(self, delta: dict[str, Any], out: list[Event]) -> None:
+        r = _c.UP
+        cid = r.opt_str(delta.get("id"), "event.delta.id")
+        fn = {} if delta.get("function") is None else r.obj(delta["function"], "event.delta.function")
+        args = _c.arguments_str(fn.get("arguments"), r, "event.delta.function.arguments")
+        if cid is not None and cid in self._call_ids:
+            k, first = self._call_ids[cid], False
+        elif cid is not None or self._cur is None:
+            k, first = self._ncalls, True
+            self._ncalls += 1
+            if cid is not None:
+                self._call_ids[cid] = k
+        else:
+            k, first = self._cur, False
+        self._cur = k
+        if first:
+            out.append(ToolCallDelta(k, args, id=cid, name=r.opt_str(fn.get("name"), "event.delta.function.name")))
+        elif args:
+            out.append(ToolCallDelta(k, args))
+
+
+_EMPTY = {"type": "text", "text": ""}
+
+
+class LlamaStreamEncoder(StreamEncoder):
+    """Neutral events → `data: {"id","event":{...}}\\n\\n` frames: start (on StreamStart), progress
+    (text and tool-call deltas), complete (stop_reason), metrics (usage); no terminator.
+
+    The complete event is held until the next event or `end()` so an `Annotation` can ride inside
+    its `event` object as `"guardgate"`; usage that arrives before the finish is emitted after it,
+    so the order is always start → progress* → complete → metrics.
+    """
+
+    def __init__(self, ex: Exchange) -> None:
+        super().__init__(ex)
+        self._id = ""
+        self._usage: Usage | None = None  # usage seen before the finish
+        self._call_ids: dict[int, str] = {}
+        self._cur: int | None = None
+        self._progress: Template | None = None  # the text progress event, serialized once
+
+    def _event(self, event: dict[str, Any]) -> dict[str, Any]:
+        return {"id": self._id, "event": event}
+
+    def start(self, ev: StreamStart | None) -> None:
+        self._id = ev.id if ev is not None else new_id("chatcmpl-")
+        self._progress = Template(self._event({"event_type": "progress",
+                                               "delta": {"type": "text", "text": HOLES[0]}}))
+        self.emit(self._event({"event_type": "start", "delta": _EMPTY}))
+
+    def text(self, ev: TextDelta) -> None:
+        if ev.index or ev.channel not in _TEXT_OUT:
+            return
+        self.begin()
+        assert self._progress is not None
+        self.emit_text(self._progress.fill(_c.qstr(ev.text)))
+
+    def tool(self, ev: ToolCallDelta) -> None:
+        if ev.index:
+            return
+        self.begin()
+        k = ev.call_index
+        delta: dict[str, Any] = {"type": "tool_call"}
+        if k not in self._call_ids:
+            delta["id"] = self._call_ids[k] = ev.id or new_id("call_")
+            delta["function"] = {"name": ev.name or "", "arguments": ev.arguments}
+        elif k != self._cur:  # back to an earlier call: say which
+            delta["id"] = self._call_ids[k]
+            delta["function"] = {"arguments": ev.arguments}
+        elif ev.arguments:
+            delta["function"] = {"arguments": ev.arguments}
+        else:
+            self.flush()
+            return
+        self._cur = k
+        self.emit(self._event({"event_type": "progress", "delta": delta}))
+
+    def finish(self, ev: Finish) -> None:
+        if ev.index:
+            return
+        self.begin()
+        event = {"event_type": "complete", "delta": _EMPTY, "stop_reason": stop_reason_out(ev.reason)}
+        self.hold(self._event(event), event)
+        self._metrics()
+
+    def _metrics(self) -> None:
+        """The metrics event of usage kept for after the finish (held: an Annotation may ride on it)."""
+        if self._usage is not None:
+            event = {"event_type": "metrics", "delta": _EMPTY, "metrics": _metrics(self._usage)}
+            self._usage = None
+            self.begin()
+            self.hold(self._event(event), event)
+
+    def usage(self, ev: UsageEvent) -> None:
+        self._usage = ev.usage
+        if self.holding:  # else no finish yet: written after it
+            self._metrics()
+
+    def close(self) -> None:
+        self._metrics()  # usage but never a finish
+
+    def error_frame(self, message: str, code: str, type: str) -> str:
+        """`event: error` + the error body: llama-api-client raises `APIError` (§4.3)."""
+        return frame(error_body(400 if type == "invalid_request_error" else 502, message, type=type, code=code),
+                     "error")
+
+
+stream_decoder = LlamaStreamDecoder
+stream_encoder = LlamaStreamEncoder

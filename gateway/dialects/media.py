@@ -1,21 +1,7 @@
 """Media content parts (images, audio, files) in every face: decoded into neutral `Part`s that keep
-what the client sent, so the policy's `content:` rule can see and count them, and re-encoded toward
-the upstream unchanged when the rule lets them through.
-
-| face | wire part | neutral |
-|---|---|---|
-| OpenAI chat | `image_url` `{url, detail}` | `image` (`image_url`, `detail`) |
-| OpenAI chat | `input_audio` `{data, format}` | `audio` (`data`, `format`) |
-| OpenAI chat | `file` `{file_data, file_id, filename}` | `file` (`data`, `file_id`, `filename`) |
-| Responses | `input_image` `{image_url, detail}` | `image` (by `file_id`: refused, no chat slot) |
-| Responses | `input_audio` `{input_audio: {data, format}}` | `audio` |
-| Responses | `input_file` `{file_data, file_id, filename}` | `file` (`file_url`: refused, no chat slot) |
-| Llama API | `image_url` `{url}` (user messages) | `image` |
-
-A part that the upstream's dialect has no slot for (audio or a file toward the Llama API) is refused
-when the request is encoded (`unsupported_content`), never dropped. Dialect modules call these
-helpers from their part loops; this module imports only `types` and the dialects' shared helpers.
-"""
+what the client sent (so the policy's `content:` rule can see them) and re-encoded toward the upstream
+unchanged; a part the upstream's dialect has no slot for is refused, never dropped. The table of wire
+parts per face: docs/dialects.md."""
 
 from __future__ import annotations
 
@@ -35,9 +21,6 @@ def _opt(d: dict[str, Any], key: str, r: Reader, p: str) -> str | None:
     return None if v is None else r.str_(v, f"{p}.{key}")
 
 
-# --------------------------------------------------------------------------- OpenAI chat
-
-
 def _audio(item: dict[str, Any], r: Reader, p: str, typ: str) -> Part:
     """An `input_audio` part (chat and Responses share its shape)."""
     ia = r.obj(item.get("input_audio"), f"{p}.input_audio")
@@ -45,7 +28,7 @@ def _audio(item: dict[str, Any], r: Reader, p: str, typ: str) -> Part:
                 format=_opt(ia, "format", r, f"{p}.input_audio"), path=p, wire_type=typ)
 
 
-def decode_chat_part(item: dict[str, Any], typ: str, r: Reader, p: str) -> Part | None:
+def decode_chat_part(item: dict[str, Any], typ: str, r: Reader, p: str, role: str) -> Part | None:
     """An OpenAI chat media part (`image_url`, `input_audio`, `file`) → a Part; None for other types."""
     if typ == "image_url":
         iu = item.get("image_url")
@@ -57,19 +40,17 @@ def decode_chat_part(item: dict[str, Any], typ: str, r: Reader, p: str) -> Part 
     if typ == "input_audio":
         return _audio(item, r, p, typ)
     if typ == "file":
-        f = r.obj(item.get("file"), f"{p}.file")
-        part = Part(
-            "file",
-            data=_opt(f, "file_data", r, f"{p}.file"),
-            file_id=_opt(f, "file_id", r, f"{p}.file"),
-            filename=_opt(f, "filename", r, f"{p}.file"),
-            path=p,
-            wire_type=typ,
-        )
-        if part.data is None and part.file_id is None:
-            r.fail(f"'{p}.file' needs file_data or file_id", f"{p}.file")
-        return part
+        return _file(r.obj(item.get("file"), f"{p}.file"), r, f"{p}.file", p, typ)
     return None
+
+
+def _file(d: dict[str, Any], r: Reader, where: str, p: str, typ: str) -> Part:
+    """A file part from `d` at `where` (chat: the part's `file` object; Responses: the part itself)."""
+    part = Part("file", data=_opt(d, "file_data", r, where), file_id=_opt(d, "file_id", r, where),
+                filename=_opt(d, "filename", r, where), path=p, wire_type=typ)
+    if part.data is None and part.file_id is None:
+        r.fail(f"'{where}' needs file_data or file_id", where)
+    return part
 
 
 def encode_chat_part(part: Part) -> dict[str, Any]:
@@ -85,19 +66,12 @@ def encode_chat_part(part: Part) -> dict[str, Any]:
             ia["format"] = part.format
         return {"type": "input_audio", "input_audio": ia}
     if part.type == "file":
-        f = {
-            k: v
-            for k, v in (("file_data", part.data), ("file_id", part.file_id), ("filename", part.filename))
-            if v is not None
-        }
-        return {"type": "file", "file": f}
+        f = (("file_data", part.data), ("file_id", part.file_id), ("filename", part.filename))
+        return {"type": "file", "file": {k: v for k, v in f if v is not None}}
     raise _fail(f"a {part.type} part has no OpenAI chat content part", part.path or "messages")
 
 
-# --------------------------------------------------------------------------- Responses
-
-
-def decode_responses_part(item: dict[str, Any], typ: str, r: Reader, p: str, *, role: str) -> Part | None:
+def decode_responses_part(item: dict[str, Any], typ: str, r: Reader, p: str, role: str) -> Part | None:
     """A Responses media part (`input_image`, `input_audio`, `input_file`) → a Part; None for other
     types. What a chat upstream cannot receive (an image by file id, a file by URL) is refused."""
     if typ not in ("input_image", "input_audio", "input_file"):
@@ -107,39 +81,20 @@ def decode_responses_part(item: dict[str, Any], typ: str, r: Reader, p: str, *, 
     if typ == "input_image":
         url = item.get("image_url")
         if url is None:
-            raise _fail(
-                f"'{p}': an input_image by file_id refers to a file stored upstream, which no guard "
-                "can read and a chat upstream cannot take; send it as image_url (an https or data: URL)",
-                f"{p}.file_id",
-            )
-        return Part(
-            "image", image_url=r.str_(url, f"{p}.image_url"), detail=_opt(item, "detail", r, p), path=p, wire_type=typ
-        )
+            raise _fail(f"'{p}': an input_image by file_id refers to a file stored upstream, which no guard can "
+                        "read and a chat upstream cannot take; send it as image_url (an https or data: URL)",
+                        f"{p}.file_id")
+        return Part("image", image_url=r.str_(url, f"{p}.image_url"), detail=_opt(item, "detail", r, p), path=p,
+                    wire_type=typ)
     if typ == "input_audio":
         return _audio(item, r, p, typ)
     if item.get("file_url") is not None:
-        raise _fail(
-            f"'{p}': an input_file by file_url has no chat counterpart (Guardgate answers the "
-            "Responses API through a chat upstream); send file_data or file_id",
-            f"{p}.file_url",
-        )
-    part = Part(
-        "file",
-        data=_opt(item, "file_data", r, p),
-        file_id=_opt(item, "file_id", r, p),
-        filename=_opt(item, "filename", r, p),
-        path=p,
-        wire_type=typ,
-    )
-    if part.data is None and part.file_id is None:
-        r.fail(f"'{p}' needs file_data or file_id", p)
-    return part
+        raise _fail(f"'{p}': an input_file by file_url has no chat counterpart (Guardgate answers the Responses "
+                    "API through a chat upstream); send file_data or file_id", f"{p}.file_url")
+    return _file(item, r, p, p, typ)
 
 
-# --------------------------------------------------------------------------- Llama API
-
-
-def llama_media_part(item: dict[str, Any], typ: str, r: Reader, p: str) -> Part | None:
+def llama_media_part(item: dict[str, Any], typ: str, r: Reader, p: str, role: str) -> Part | None:
     """A Llama API `image_url` content item → an image Part; None for other types."""
     if typ != "image_url":
         return None
@@ -151,11 +106,9 @@ def encode_llama_part(part: Part) -> dict[str, Any]:
     """An image Part → a Llama API content item; audio and files have no Llama API slot (refused)."""
     if part.type == "image":
         return {"type": "image_url", "image_url": {"url": part.image_url or ""}}
-    raise _fail(
-        f"'{part.path or 'messages'}': the Llama API has no {part.type} content item, so this "
-        f"{part.wire_type or part.type} part cannot reach a Llama API upstream",
-        part.path or "messages",
-    )
+    where = part.path or "messages"
+    raise _fail(f"'{where}': the Llama API has no {part.type} content item, so this {part.wire_type or part.type} "
+                "part cannot reach a Llama API upstream", where)
 
 
 def text_only(parts: list[Part], role: str, dialect: str) -> None:
@@ -163,8 +116,5 @@ def text_only(parts: list[Part], role: str, dialect: str) -> None:
     for part in parts:
         if part.type in MEDIA_KINDS:
             where = part.path or "messages"
-            raise _fail(
-                f"'{where}': a {part.wire_type or part.type} part in a {role} message has no {dialect} "
-                "counterpart (text only there)",
-                where,
-            )
+            raise _fail(f"'{where}': a {part.wire_type or part.type} part in a {role} message has no {dialect} "
+                        "counterpart (text only there)", where)

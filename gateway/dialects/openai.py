@@ -1,69 +1,19 @@
-"""The OpenAI Chat Completions dialect (also the Llama API's `/compat/v1` surface).
-
-Wire shapes: wire_formats.md §1 (chat), §2 (models, moderations), §4.2 (content-filter cut).
-
-Carried only for an OpenAI-dialect peer (kept in `extra["openai"]`, re-emitted by this module,
-dropped on purpose by any other dialect):
-- requests: every top-level field without a neutral name (`logit_bias`, `logprobs`, `top_logprobs`,
-  `metadata`, `modalities`, `moderation`, `parallel_tool_calls`, `prediction`, `prompt_cache_*`,
-  `reasoning_effort`, `safety_identifier`, `service_tier`, `store`, `verbosity`,
-  `web_search_options`, `audio`, legacy `functions`/`function_call`, and unknown `extra_body`
-  keys), `stream_options` keys other than `include_usage`, non-function tools (`custom`), and
-  `tool_choice` shapes other than none/auto/required/one function (`allowed_tools`, `custom`);
-  which of `max_tokens` / `max_completion_tokens` the client used (`extra["openai_max_tokens_field"]`).
-- responses: top-level extras (`system_fingerprint`, `service_tier`, ...) and usage details
-  (`prompt_tokens_details`, ...). Answer *message* fields follow one model, `MESSAGE_FIELDS` and
-  `CHOICE_FIELDS` below (every choice of `n`; every model-written field gated or dropped by rule).
-- stream chunks: `system_fingerprint`, `service_tier` (via `StreamStart.extra`); deltas of
-  `content`, `refusal`, `reasoning_content` / `reasoning` (text channels), `tool_calls` and legacy
-  `function_call` (written back as `function_call` to a client that sent `functions`).
-
-Media parts (`image_url`, `input_audio`, `file`) are decoded as they came (`dialects/media.py`) and
-re-encoded unchanged; the policy's `content:` rule refuses, allows or guards them. Unknown part
-types are rejected with a 400 so nothing unguarded slips through.
-Dropped on purpose (no neutral counterpart): `prompt_cache_breakpoint`, request message `audio`; stream
-`logprobs`, `audio` deltas (audio data cannot be checked and arrives before its transcript is
-complete), `annotations` deltas and `obfuscation`.
-Lossy on purpose: in requests, assistant `refusal` text becomes ordinary text (a guard must see
-it); custom tool calls are carried as function calls (`input` as `arguments`); legacy `function`
-role messages become `tool` messages without `tool_call_id` (and are written back as `function`
-messages).
-
-Params: `max_completion_tokens` (else `max_tokens`) → `max_tokens`; `top_k` and
-`repetition_penalty` (vLLM / llama.cpp extensions) are read and written as-is, so a Llama client
-reaching an OpenAI-compatible server keeps them (the OpenAI service itself rejects them).
-"""
+"""The OpenAI Chat Completions dialect (also the Llama API's `/compat/v1` surface): wire_formats.md §1,
+§2, §4.2. What is carried, mapped, dropped and refused, field by field: docs/dialects.md."""
 
 from __future__ import annotations
 
 import time
-from http import HTTPStatus
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from gateway.dialects._common import (
-    CODE_TO_OPENAI,
-    OPENAI_CATEGORIES,
-    OPENAI_TO_CODE,
-    REQ,
-    UP,
-    MessageRules,
-    Reader,
-    arguments_str,
-    category_code,
-    code_order,
-    decode_chat,
-    decode_models_list,
-    decode_parts,
-    decode_tool_calls,
-    decode_tool_defs,
-    encode_tool_choice,
-    encode_tool_defs,
-    keep_extra,
-    load_object,
-    request_decoder,
-)
-from gateway.dialects._common import decode_messages as _decode_messages
-from gateway.dialects.base import DialectError, ModelInfo, ModerationRequest, ModerationResult
+from gateway.dialects import _common as _c
+from gateway.dialects._common import REQ, UP, MessageRules, Reader, arguments_str, decode_parts, decode_tool_calls
+from gateway.dialects._common import decode_error as decode_error
+from gateway.dialects._common import decode_models as decode_models
+from gateway.dialects._common import encode_models as encode_models
+from gateway.dialects._common import error_body as error_body
+from gateway.dialects.base import ModerationRequest, ModerationResult
 from gateway.dialects.media import decode_chat_part, encode_chat_part, text_only
 from gateway.dialects.openai_stream import (  # re-exported: importers find them here
     _REASONING_KEYS,
@@ -71,20 +21,11 @@ from gateway.dialects.openai_stream import (  # re-exported: importers find them
     NAME,
     OpenAIStreamDecoder,
     OpenAIStreamEncoder,
-    _error_fields,
     _usage_dict,
+    decode_usage,
     legacy_functions,
 )
-from gateway.types import (
-    Attached,
-    Choice,
-    Completion,
-    Message,
-    Part,
-    ToolCall,
-    Usage,
-    new_id,
-)
+from gateway.types import Attached, Choice, Completion, Message, Part, ToolCall, new_id
 
 if TYPE_CHECKING:  # annotations only
     from gateway.types import Exchange
@@ -96,36 +37,22 @@ DEFAULT_MAX_TOKENS_FIELD = "max_tokens"
 
 _FLOAT_PARAMS = ("temperature", "top_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
 _INT_PARAMS = ("top_k", "n", "seed")
-_KNOWN_REQ = frozenset(
-    (
-        "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "stop", "user",
-        "tools", "tool_choice", "response_format", *_FLOAT_PARAMS, *_INT_PARAMS,
-    )
-)
-
-
-# --------------------------------------------------------------------------- requests
-
+_KNOWN_REQ = frozenset(("model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "stop",
+                        "user", "tools", "tool_choice", "response_format", *_FLOAT_PARAMS, *_INT_PARAMS))
 
 MESSAGES = MessageRules(
     roles={"system": "system", "developer": "developer", "user": "user", "assistant": "assistant", "tool": "tool",
            "function": "tool"},  # a legacy function result: a tool message without tool_call_id
     texts={"text": "text", "refusal": "refusal"},
     image_roles=frozenset(("system", "developer", "user", "assistant", "tool", "function")),
-    names=True,
-    assistant_refusal=True,
-    media=decode_chat_part,  # image_url, input_audio, file (dialects/media.py)
-)
-
-
-def decode_messages(v: Any, r: Reader = REQ, param: str = "messages") -> list[Message]:
-    return _decode_messages(v, r, param, MESSAGES)
+    names=True, assistant_refusal=True, media=decode_chat_part)  # media: image_url, input_audio, file
+ANSWER_PARTS = replace(MESSAGES, channels={"refusal": "refusal"})  # an answer's refusal parts stay refusals
 
 
 def decode_payload(obj: dict[str, Any]) -> Exchange:
     """A request already parsed as a JSON object (the router parses each body once) → the exchange."""
     r = REQ
-    ex, extra = decode_chat(obj, MESSAGES, _FLOAT_PARAMS, _INT_PARAMS)
+    ex, extra = _c.decode_chat(obj, MESSAGES, _FLOAT_PARAMS, _INT_PARAMS)
     params = ex.params
     so = obj.get("stream_options")
     if so is not None:
@@ -142,18 +69,16 @@ def decode_payload(obj: dict[str, Any]) -> Exchange:
         params["max_tokens"] = r.int_(obj["max_tokens"], "max_tokens")
     stop = obj.get("stop")
     if stop is not None:
-        if isinstance(stop, str):
-            params["stop"] = stop
-        else:
-            params["stop"] = [r.str_(s, f"stop[{i}]") for i, s in enumerate(r.list_(stop, "stop"))]
+        params["stop"] = stop if isinstance(stop, str) else [r.str_(s, f"stop[{i}]") for i, s in
+                                                               enumerate(r.list_(stop, "stop"))]
     if obj.get("tools") is not None:
-        params["tools"], other = decode_tool_defs(obj["tools"], r, "tools")
+        params["tools"], other = _c.decode_tool_defs(obj["tools"], r, "tools")
         if other:
             extra["tools_other"] = other
-    return keep_extra(ex, NAME, extra, obj, _KNOWN_REQ)
+    return _c.keep_extra(ex, NAME, extra, obj, _KNOWN_REQ)
 
 
-decode_request = request_decoder(decode_payload)
+decode_request = _c.request_decoder(decode_payload)
 
 
 def _encode_content(parts: list[Part], *, assistant: bool) -> Any:
@@ -173,17 +98,11 @@ def encode_messages(messages: list[Message]) -> list[dict[str, Any]]:
         if m.role == "tool" and m.tool_call_id is None and m.name is not None:  # legacy function result
             out.append({"role": "function", "name": m.name, "content": m.text})
             continue
-        d: dict[str, Any] = {
-            "role": m.role,
-            "content": _encode_content(m.parts, assistant=m.role == "assistant"),
-        }
+        d: dict[str, Any] = {"role": m.role, "content": _encode_content(m.parts, assistant=m.role == "assistant")}
         if m.name is not None:
             d["name"] = m.name
         if m.role == "assistant" and m.tool_calls:
-            d["tool_calls"] = [
-                {"id": tc.id, "type": "function", "function": {"name": tc.name, "arguments": tc.arguments}}
-                for tc in m.tool_calls
-            ]
+            d["tool_calls"] = _c.encode_tool_calls(m.tool_calls)
         if m.role == "tool":
             d["tool_call_id"] = m.tool_call_id or ""
         out.append(d)
@@ -200,9 +119,9 @@ def encode_request(ex: Exchange) -> dict[str, Any]:
     if p.get("max_tokens") is not None:
         body[ex.extra.get("openai_max_tokens_field", DEFAULT_MAX_TOKENS_FIELD)] = p["max_tokens"]
     if p.get("tools") or extra.get("tools_other"):
-        body["tools"] = encode_tool_defs(p.get("tools") or []) + list(extra.get("tools_other") or [])
+        body["tools"] = _c.encode_tool_defs(p.get("tools") or []) + list(extra.get("tools_other") or [])
     if p.get("tool_choice") is not None:
-        body["tool_choice"] = encode_tool_choice(p["tool_choice"])
+        body["tool_choice"] = _c.encode_tool_choice(p["tool_choice"])
     if ex.stream:
         body["stream"] = True
         so = dict(extra.get("stream_options") or {})
@@ -216,38 +135,18 @@ def encode_request(ex: Exchange) -> dict[str, Any]:
     return body
 
 
-# --------------------------------------------------------------------------- non-stream responses
-
-
 def _map_finish(v: Any) -> str:
     return v if isinstance(v, str) and v else "stop"
 
 
-# The message model of a non-stream answer (docs/architecture.md, "Answer fields"): every key an
-# upstream may put in `choices[i].message` / `choices[i]`, and what happens to it. A key not listed
-# is dropped: nothing model-written reaches the client without a rule.
-MESSAGE_FIELDS: dict[str, str] = {
-    "role": "fixed: always assistant", "content": "gated: channel text", "refusal": "gated: channel refusal",
-    "reasoning_content": "gated: channel reasoning",
-    "reasoning": "gated: channel reasoning (a string; written back under the name it came in)",
-    "tool_calls": "gated: each call's name and arguments (custom tools: input)",
-    "function_call": "gated: legacy call, name and arguments; written back as function_call to a "
-    "client that sent `functions`",
-    "audio": "transcript gated (channel transcript); id/data/expires_at kept only when the transcript "
-    "passed verbatim",
-    "annotations": "gated: every string they carry (url, title) is a segment of its own; kept only when "
-    "that and the content passed verbatim (their offsets point into the content)",
-    "*": "dropped: unknown message keys carry text no rule covers",
-}
-CHOICE_FIELDS: dict[str, str] = {
-    "index": "kept",
-    "message": "see MESSAGE_FIELDS",
-    "finish_reason": "kept (content_filter when a guard blocked the choice)",
-    "logprobs": "content/refusal tokens kept only when they spell exactly the text that passed "
-    "verbatim; top_logprobs emptied (alternatives the model did not write, single tokens no text guard "
-    "can judge)",
-    "*": "dropped: unknown choice keys (content_filter_results, provider stop strings, ...)",
-}
+# The keys of an answer's `choices[i].message` / `choices[i]` that have a rule (docs/configuration.md,
+# "What the output and stream stages see", gives each one's); any other key is dropped: nothing
+# model-written reaches the client without a rule.
+MESSAGE_FIELDS = ("role", "content", "refusal", "reasoning_content", "reasoning", "tool_calls", "function_call",
+                  "audio", "annotations")
+CHOICE_FIELDS = ("index", "message", "finish_reason", "logprobs")
+
+
 def _strings(v: Any, out: list[str]) -> None:
     """Every string inside a JSON value (dict keys excluded, `type` tags skipped)."""
     if isinstance(v, str):
@@ -298,17 +197,8 @@ def _decode_choice(ch: Any, i: int, r: Reader) -> Choice:
     choice = Choice(msg, _map_finish(ch.get("finish_reason")))
     idx = ch.get("index")
     choice.index = r.int_(idx, f"{p}.index") if idx is not None else i
-    content = m.get("content")
-    if content:  # "" / null: no text part
-        if isinstance(content, list):
-            for j, item in enumerate(content):  # assistant parts: text and refusal only
-                item = r.obj(item, f"{p}.message.content[{j}]")
-                if item.get("type") == "refusal":
-                    msg.parts.append(Part("refusal", r.str_(item.get("refusal"), f"{p}.message.content[{j}]")))
-                else:
-                    msg.parts += decode_parts([item], r, f"{p}.message.content[{j}]", MESSAGES, "assistant")
-        else:
-            msg.parts = decode_parts(content, r, f"{p}.message.content", MESSAGES, "assistant")
+    if m.get("content"):  # "" / null: no text part
+        msg.parts = decode_parts(m["content"], r, f"{p}.message.content", ANSWER_PARTS, "assistant")
     if m.get("refusal"):
         msg.parts.append(Part("refusal", r.str_(m["refusal"], f"{p}.message.refusal")))
     for key in _REASONING_KEYS:
@@ -344,40 +234,26 @@ def _decode_choice(ch: Any, i: int, r: Reader) -> Choice:
 
 
 def decode_response(body: bytes) -> Completion:
-    obj = load_object(body, status=502, what="upstream response")
+    obj = _c.load_object(body, status=502, what="upstream response")
     r = UP
     choices = [_decode_choice(ch, i, r) for i, ch in enumerate(r.list_(obj.get("choices"), "choices"))]
     if len({ch.index for ch in choices}) != len(choices):  # each choice is guarded by its index
         for i, ch in enumerate(choices):
             ch.index = i
     extra: dict[str, Any] = {}
-    usage = None
     u = obj.get("usage")
-    if u is not None:
-        u = r.obj(u, "usage")
-        usage = Usage(
-            r.count(u.get("prompt_tokens"), "usage.prompt_tokens"),
-            r.count(u.get("completion_tokens"), "usage.completion_tokens"),
-            r.count(u.get("total_tokens"), "usage.total_tokens"),
-        )
-        ux = {k: v for k, v in u.items() if k not in ("prompt_tokens", "completion_tokens", "total_tokens")}
-        if ux:
-            extra["usage"] = ux
-    top = {
-        k: v
-        for k, v in obj.items()
-        if k not in ("id", "object", "created", "model", "choices", "usage", "guardgate") and v is not None
-    }
+    usage = None if u is None else decode_usage(u, r)
+    ux = {k: v for k, v in u.items() if k not in ("prompt_tokens", "completion_tokens", "total_tokens")} if u else None
+    if ux:
+        extra["usage"] = ux
+    top = {k: v for k, v in obj.items()
+           if k not in ("id", "object", "created", "model", "choices", "usage", "guardgate") and v is not None}
     if top:
         extra["top"] = top
     created = obj.get("created")
-    c = Completion(
-        id=r.opt_str(obj.get("id"), "id") or new_id("chatcmpl-"),
-        model=r.opt_str(obj.get("model"), "model") or "",
-        usage=usage,
-        created=r.int_(created, "created") if created is not None else int(time.time()),
-        choices=choices or [Choice(Message("assistant"))],
-    )
+    c = Completion(id=r.opt_str(obj.get("id"), "id") or new_id("chatcmpl-"), model=r.opt_str(obj.get("model"), "model")
+                   or "", usage=usage, created=r.int_(created, "created") if created is not None else int(time.time()),
+                   choices=choices or [Choice(Message("assistant"))])
     if extra:
         c.extra[NAME] = extra
     return c
@@ -401,10 +277,7 @@ def _encode_choice(ch: Choice, legacy: bool) -> dict[str, Any]:
             tc = m.tool_calls[0]
             msg["function_call"] = {"name": tc.name, "arguments": tc.arguments}
         else:
-            msg["tool_calls"] = [
-                {"id": tc.id, "type": "function", "function": {"name": tc.name, "arguments": tc.arguments}}
-                for tc in m.tool_calls
-            ]
+            msg["tool_calls"] = _c.encode_tool_calls(m.tool_calls)
     if "transcript" in by or "audio" in att:
         msg["audio"] = {**(att.get("audio") or {}), "transcript": "".join(by.get("transcript", ()))}
     if "annotations" in att:
@@ -416,13 +289,8 @@ def _encode_choice(ch: Choice, legacy: bool) -> dict[str, Any]:
 def encode_response(c: Completion, ex: Exchange) -> dict[str, Any]:
     ox: dict[str, Any] = c.extra.get(NAME) or {}
     legacy = legacy_functions(ex)
-    out: dict[str, Any] = {
-        "id": c.id,
-        "object": "chat.completion",
-        "created": c.created,
-        "model": c.model or ex.model,
-        "choices": [_encode_choice(ch, legacy) for ch in c.choices],
-    }
+    out: dict[str, Any] = {"id": c.id, "object": "chat.completion", "created": c.created, "model": c.model or ex.model,
+                           "choices": [_encode_choice(ch, legacy) for ch in c.choices]}
     if c.usage is not None:
         out["usage"] = _usage_dict(c.usage, ox.get("usage"))
     for k, v in (ox.get("top") or {}).items():
@@ -432,63 +300,29 @@ def encode_response(c: Completion, ex: Exchange) -> dict[str, Any]:
     return out
 
 
-# --------------------------------------------------------------------------- errors
-
-
-def error_body(status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
-               param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def _status_text(status: int) -> str:
-    try:
-        return f"upstream returned HTTP {status} {HTTPStatus(status).phrase}"
-    except ValueError:
-        return f"upstream returned HTTP {status}"
-
-
-def decode_error(status: int, body: bytes) -> tuple[str, str | None]:
-    try:
-        obj = load_object(body, status=502, what="upstream error")
-    except DialectError:
-        text = body[:500].decode("utf-8", "replace").strip() if isinstance(body, (bytes, bytearray)) else ""
-        return (f"{_status_text(status)}: {text}" if text else _status_text(status)), None
-    msg, code = _error_fields(obj.get("error"))
-    if not msg:
-        for k in ("detail", "message", "title"):
-            if isinstance(obj.get(k), str) and obj[k]:
-                msg = obj[k]
-                break
-    return msg or _status_text(status), code
-
-
-# --------------------------------------------------------------------------- models
-
-
-def encode_model(m: ModelInfo) -> dict[str, Any]:
-    return {
-        "id": m["id"],
-        "object": "model",
-        "created": int(m.get("created") or 0),
-        "owned_by": m.get("owned_by") or "",
-    }
-
-
-def encode_models(models: list[ModelInfo]) -> dict[str, Any]:
-    return {"object": "list", "data": [encode_model(m) for m in models]}
-
-
-def decode_models(body: bytes) -> list[ModelInfo]:
-    """`{"object":"list","data":[...]}` (a bare list or a single model object are accepted too)."""
-    return decode_models_list(body)
-
-
 # --------------------------------------------------------------------------- moderations
+
+# Llama Guard code → OpenAI categories it implies. S6 (specialized advice), S7 (privacy), S8 (IP)
+# and S13 (elections) have no OpenAI counterpart: they set `flagged` and appear only in the
+# `guardgate.categories` extra of each result.
+CODE_TO_OPENAI: dict[str, tuple[str, ...]] = {
+    "S1": ("violence", "illicit/violent"), "S2": ("illicit",), "S3": ("sexual", "illicit"), "S4": ("sexual/minors",),
+    "S5": ("harassment",), "S9": ("illicit/violent", "violence"), "S10": ("hate",), "S11": ("self-harm",),
+    "S12": ("sexual",), "S14": ("illicit",),
+}
+OPENAI_TO_CODE: dict[str, str] = {
+    "harassment": "S5", "harassment/threatening": "S1", "hate": "S10", "hate/threatening": "S10", "illicit": "S2",
+    "illicit/violent": "S1", "self-harm": "S11", "self-harm/instructions": "S11", "self-harm/intent": "S11",
+    "sexual": "S12", "sexual/minors": "S4", "violence": "S1", "violence/graphic": "S1",
+}
+OPENAI_CATEGORIES = tuple(OPENAI_TO_CODE)  # every OpenAI moderation category, with its Llama Guard code
+assert set(CODE_TO_OPENAI) <= set(_c.LLAMA_GUARD_CATEGORIES)
+
 
 def decode_moderation_request(body: bytes | dict[str, Any]) -> ModerationRequest:
     """`input`: a string (one input), a list of strings (one input each) or a list of
     text/image_url parts (one multimodal input). Each input becomes one user message."""
-    obj = body if isinstance(body, dict) else load_object(body)  # the router's payload, or raw bytes
+    obj = body if isinstance(body, dict) else _c.load_object(body)  # the router's payload, or raw bytes
     r = REQ
     model = r.opt_str(obj.get("model"), "model")
     inp = obj.get("input")
@@ -512,26 +346,20 @@ def encode_moderation_request(req: ModerationRequest) -> dict[str, Any]:
     if req.model:
         body["model"] = req.model
     if len(req.inputs) == 1 and any(p.type == "image" for m in req.inputs[0] for p in m.parts):
-        body["input"] = [
-            {"type": "text", "text": p.text}
-            if p.type == "text"
-            else {"type": "image_url", "image_url": {"url": p.image_url or ""}}
-            for m in req.inputs[0]
-            for p in m.parts
-        ]
+        body["input"] = [{"type": "text", "text": p.text} if p.type == "text" else
+                         {"type": "image_url", "image_url": {"url": p.image_url or ""}}
+                         for m in req.inputs[0] for p in m.parts]
     else:
         texts = ["\n".join(m.text for m in conv) for conv in req.inputs]
         body["input"] = texts[0] if len(texts) == 1 else texts
     return body
 
 
-def encode_moderation_response(
-    results: list[ModerationResult], *, model: str, id: str | None = None
-) -> dict[str, Any]:
+def encode_moderation_response(results: list[ModerationResult], *, model: str, id: str | None = None) -> dict[str, Any]:
     out = []
     for res in results:
-        codes = [category_code(c) for c in res.get("categories") or []]
-        scores = {category_code(k): float(v) for k, v in (res.get("scores") or {}).items()}
+        codes = [_c.category_code(c) for c in res.get("categories") or []]
+        scores = {_c.category_code(k): float(v) for k, v in (res.get("scores") or {}).items()}
         cats = dict.fromkeys(OPENAI_CATEGORIES, False)
         cscores = dict.fromkeys(OPENAI_CATEGORIES, 0.0)
         for code in set(codes) | set(scores):
@@ -540,20 +368,14 @@ def encode_moderation_response(
                 cscores[key] = max(cscores[key], s)
                 if code in codes:
                     cats[key] = True
-        out.append(
-            {
-                "flagged": bool(res.get("flagged")),
-                "categories": cats,
-                "category_scores": cscores,
-                "category_applied_input_types": {k: ["text"] for k in OPENAI_CATEGORIES},
-                "guardgate": {"categories": sorted(set(codes), key=code_order)},
-            }
-        )
+        out.append({"flagged": bool(res.get("flagged")), "categories": cats, "category_scores": cscores,
+                    "category_applied_input_types": {k: ["text"] for k in OPENAI_CATEGORIES},
+                    "guardgate": {"categories": sorted(set(codes), key=_c.code_order)}})
     return {"id": id or new_id("modr-"), "model": model, "results": out}
 
 
 def decode_moderation_response(body: bytes) -> list[ModerationResult]:
-    obj = load_object(body, status=502, what="upstream moderation response")
+    obj = _c.load_object(body, status=502, what="upstream moderation response")
     r = UP
     out: list[ModerationResult] = []
     for i, res in enumerate(r.list_(obj.get("results"), "results")):
@@ -561,33 +383,16 @@ def decode_moderation_response(body: bytes) -> list[ModerationResult]:
         res = r.obj(res, p)
         cats = r.obj(res.get("categories") or {}, f"{p}.categories")
         raw_scores = r.obj(res.get("category_scores") or {}, f"{p}.category_scores")
-        codes: set[str] = set()
+        codes = {OPENAI_TO_CODE[k] for k, on in cats.items() if on is True and k in OPENAI_TO_CODE}
         scores: dict[str, float] = {}
-        for key, on in cats.items():
-            code = OPENAI_TO_CODE.get(key)
-            if code and on is True:
-                codes.add(code)
         for key, s in raw_scores.items():
             code = OPENAI_TO_CODE.get(key)
             if code:
                 scores[code] = max(scores.get(code, 0.0), float(r.num(s, f"{p}.category_scores.{key}")))
-        out.append(
-            {
-                "flagged": r.bool_(res.get("flagged", bool(codes)), f"{p}.flagged"),
-                "categories": sorted(codes, key=code_order),
-                "scores": scores,
-            }
-        )
+        out.append({"flagged": r.bool_(res.get("flagged", bool(codes)), f"{p}.flagged"),
+                    "categories": sorted(codes, key=_c.code_order), "scores": scores})
     return out
 
 
-# --------------------------------------------------------------------------- streams
-# The decoder and encoder classes live in `openai_stream.py`.
-
-
-def stream_decoder() -> OpenAIStreamDecoder:
-    return OpenAIStreamDecoder()
-
-
-def stream_encoder(ex: Exchange) -> OpenAIStreamEncoder:
-    return OpenAIStreamEncoder(ex)
+stream_decoder = OpenAIStreamDecoder  # the stream codec classes live in `openai_stream.py`
+stream_encoder = OpenAIStreamEncoder

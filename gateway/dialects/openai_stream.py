@@ -1,17 +1,12 @@
-"""The OpenAI Chat Completions stream codec: upstream chunks → neutral events
-(`OpenAIStreamDecoder`) and neutral events → client chunks (`OpenAIStreamEncoder`), with the
-pieces `openai.py` shares with them (the dialect name, finish reasons, usage and error fields).
-
-Split out of `gateway/dialects/openai.py`, which stays the dialect (its `stream_decoder` and
-`stream_encoder` build these) and re-exports every name here; this module never imports it.
-"""
+"""The OpenAI chat stream codec (`OpenAIStreamDecoder`, `OpenAIStreamEncoder`) and the pieces `openai.py`
+shares with it; `openai.py` re-exports these names, this module never imports it."""
 
 from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING, Any
 
-from gateway.dialects._common import UP, arguments_str, loads, qstr
+from gateway.dialects._common import BAD, UP, Reader, arguments_str, error_body, error_fields, loads, qstr
 from gateway.dialects.base import DialectError, UpstreamStreamError
 from gateway.dialects.stream import HOLES, StreamEncoder, Template, frame
 from gateway.types import Finish, StreamStart, TextDelta, ToolCallDelta, Usage, UsageEvent, new_id
@@ -25,17 +20,21 @@ _REASONING_KEYS = ("reasoning_content", "reasoning")
 # Stream delta key per text channel (a reasoning stream is written as reasoning_content, the name
 # vLLM, llama.cpp and DeepSeek use; a `reasoning` delta is read as the same channel).
 _DELTA_KEYS = {"text": "content", "refusal": "refusal", "reasoning": "reasoning_content"}
+_DELTA_CHANNELS = (("content", "text"), ("refusal", "refusal"), ("reasoning_content", "reasoning"),
+                   ("reasoning", "reasoning"))  # read: both reasoning names, `reasoning_content` first
 
 
 def _usage_dict(u: Usage, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    d: dict[str, Any] = {
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.total_tokens,
-    }
-    if extra:
-        d.update(extra)
-    return d
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.total_tokens, **(extra or {})}
+
+
+def decode_usage(u: Any, r: Reader) -> Usage:
+    """`usage` (chat and completions, answers and stream chunks) → neutral usage (a missing total: the sum)."""
+    u = r.obj(u, "usage")
+    p = r.count(u.get("prompt_tokens"), "usage.prompt_tokens")
+    c = r.count(u.get("completion_tokens"), "usage.completion_tokens")
+    return Usage(p, c, p + c if u.get("total_tokens") is None else r.count(u["total_tokens"], "usage.total_tokens"))
 
 
 def legacy_functions(ex: Exchange) -> bool:
@@ -44,25 +43,9 @@ def legacy_functions(ex: Exchange) -> bool:
     return bool(ox.get("functions")) and not ex.params.get("tools") and not ox.get("tools_other")
 
 
-def _error_fields(err: Any) -> tuple[str, str | None]:
-    if isinstance(err, dict):
-        msg = err.get("message")
-        code = err.get("code")
-        if code is None:
-            code = err.get("type")
-        return (msg if isinstance(msg, str) else ""), (str(code) if isinstance(code, (str, int)) else None)
-    if isinstance(err, str):
-        return err, None
-    return "", None
-
-
-# --------------------------------------------------------------------------- streams
-
-
 class OpenAIStreamDecoder:
-    """OpenAI chunks → neutral events. Role chunks, `obfuscation`, `logprobs`, `audio` and
-    `annotations` are dropped; a
-    chunk before the first one with choices or usage (Azure's prompt-filter chunk) is skipped."""
+    """OpenAI chunks → neutral events. Role chunks, `obfuscation`, `logprobs`, `audio` and `annotations`
+    are dropped; a chunk before the first one with choices or usage (Azure's prompt-filter chunk) is skipped."""
 
     __slots__ = ("_done", "_started", "_tools")
 
@@ -84,23 +67,16 @@ class OpenAIStreamDecoder:
         try:
             obj = loads(data)
         except (ValueError, RecursionError):
-            raise UpstreamStreamError(
-                "upstream sent a stream chunk that is not JSON", code="bad_upstream_response"
-            ) from None
+            raise UpstreamStreamError("upstream sent a stream chunk that is not JSON", code=BAD) from None
         if not isinstance(obj, dict):
-            raise UpstreamStreamError(
-                "upstream sent a stream chunk that is not a JSON object", code="bad_upstream_response"
-            )
-        err = obj.get("error")
-        if err:
-            msg, code = _error_fields(err)
+            raise UpstreamStreamError("upstream sent a stream chunk that is not a JSON object", code=BAD)
+        if obj.get("error"):
+            msg, code = error_fields(obj)
             raise UpstreamStreamError(msg or "upstream error during streaming", code=code or "upstream_error")
         try:
             return self._events(obj)
         except DialectError as e:
-            raise UpstreamStreamError(
-                f"upstream stream chunk: {e.message}", code="bad_upstream_response"
-            ) from None
+            raise UpstreamStreamError(f"upstream stream chunk: {e.message}", code=BAD) from None
 
     def _events(self, obj: dict[str, Any]) -> list[Event]:
         choices = obj.get("choices")
@@ -123,53 +99,28 @@ class OpenAIStreamDecoder:
             self._started = True
             created = obj.get("created")
             sx = {k: obj[k] for k in ("system_fingerprint", "service_tier") if obj.get(k) is not None}
-            out.append(
-                StreamStart(
-                    id=r.opt_str(obj.get("id"), "id") or new_id("chatcmpl-"),
-                    model=r.opt_str(obj.get("model"), "model") or "",
-                    created=r.int_(created, "created") if created is not None else int(time.time()),
-                    extra={NAME: sx} if sx else {},
-                )
-            )
+            out.append(StreamStart(id=r.opt_str(obj.get("id"), "id") or new_id("chatcmpl-"),
+                                   model=r.opt_str(obj.get("model"), "model") or "",
+                                   created=r.int_(created, "created") if created is not None else int(time.time()),
+                                   extra={NAME: sx} if sx else {}))
         if choices:
             for ch in r.list_(choices, "choices"):
                 ch = r.obj(ch, "choices[]")
-                idx = ch.get("index", 0)
-                idx = r.int_(idx, "choices[].index") if idx is not None else 0
-                delta = ch.get("delta")
-                if delta:
-                    delta = r.obj(delta, "choices[].delta")
-                    text = delta.get("content")
-                    if text:
-                        out.append(TextDelta(r.str_(text, "delta.content"), idx))
-                    text = delta.get("refusal")
-                    if text:
-                        out.append(TextDelta(r.str_(text, "delta.refusal"), idx, "refusal"))
-                    for key in _REASONING_KEYS:
+                idx = 0 if ch.get("index") is None else r.int_(ch["index"], "choices[].index")
+                if ch.get("delta"):
+                    delta = r.obj(ch["delta"], "choices[].delta")
+                    for key, channel in _DELTA_CHANNELS:
                         text = delta.get(key)
-                        if text:
-                            out.append(TextDelta(r.str_(text, f"delta.{key}"), idx, "reasoning"))
-                            break
-                    tcs = delta.get("tool_calls")
-                    if tcs:
-                        self._tool_deltas(tcs, idx, out)
-                    fc = delta.get("function_call")
-                    if fc:
-                        self._function_call(fc, idx, out)
-                fr = ch.get("finish_reason")
-                if fr:
-                    out.append(Finish(r.str_(fr, "finish_reason"), idx))
+                        if text and not (key == "reasoning" and delta.get("reasoning_content")):
+                            out.append(TextDelta(r.str_(text, f"delta.{key}"), idx, channel))
+                    if delta.get("tool_calls"):
+                        self._tool_deltas(delta["tool_calls"], idx, out)
+                    if delta.get("function_call"):
+                        self._function_call(delta["function_call"], idx, out)
+                if ch.get("finish_reason"):
+                    out.append(Finish(r.str_(ch["finish_reason"], "finish_reason"), idx))
         if usage:
-            u = r.obj(usage, "usage")
-            out.append(
-                UsageEvent(
-                    Usage(
-                        r.count(u.get("prompt_tokens"), "usage.prompt_tokens"),
-                        r.count(u.get("completion_tokens"), "usage.completion_tokens"),
-                        r.count(u.get("total_tokens"), "usage.total_tokens"),
-                    )
-                )
-            )
+            out.append(UsageEvent(decode_usage(usage, r)))
         return out
 
     def _function_call(self, fc: Any, idx: int, out: list[Event]) -> None:
@@ -189,23 +140,14 @@ class OpenAIStreamDecoder:
         r = UP
         for pos, tc in enumerate(r.list_(tcs, "delta.tool_calls")):
             tc = r.obj(tc, "delta.tool_calls[]")
-            k = tc.get("index")
-            k = r.int_(k, "tool_calls[].index") if k is not None else pos
-            fn = tc.get("function")
-            fn = r.obj(fn, "tool_calls[].function") if fn is not None else {}
+            k = pos if tc.get("index") is None else r.int_(tc["index"], "tool_calls[].index")
+            fn = {} if tc.get("function") is None else r.obj(tc["function"], "tool_calls[].function")
             args = arguments_str(fn.get("arguments"), r, "tool_calls[].function.arguments")
             key = (idx, k)
             if key not in self._tools:
                 self._tools.add(key)
-                out.append(
-                    ToolCallDelta(
-                        k,
-                        args,
-                        id=r.opt_str(tc.get("id"), "tool_calls[].id"),
-                        name=r.opt_str(fn.get("name"), "tool_calls[].function.name"),
-                        index=idx,
-                    )
-                )
+                out.append(ToolCallDelta(k, args, id=r.opt_str(tc.get("id"), "tool_calls[].id"),
+                                         name=r.opt_str(fn.get("name"), "tool_calls[].function.name"), index=idx))
             elif args:
                 out.append(ToolCallDelta(k, args, index=idx))
 
@@ -268,23 +210,18 @@ class OpenAIStreamEncoder(StreamEncoder):
 
     def tool(self, ev: ToolCallDelta) -> None:
         key = (ev.index, ev.call_index)
-        first = key not in self._tools
-        if self._legacy and ev.call_index == 0:  # the client sent `functions`: legacy deltas
-            if first:
-                self._tools.add(key)
-                self._delta(ev.index, {"function_call": {"name": ev.name or "", "arguments": ev.arguments}})
-            elif ev.arguments:
-                self._delta(ev.index, {"function_call": {"arguments": ev.arguments}})
-            return
-        if first:
+        legacy = self._legacy and ev.call_index == 0  # the client sent `functions`: legacy deltas
+        if key not in self._tools:
             self._tools.add(key)
-            tc: dict[str, Any] = {"index": ev.call_index, "id": ev.id or new_id("call_"), "type": "function",
-                                  "function": {"name": ev.name or "", "arguments": ev.arguments}}
+            fn: dict[str, Any] = {"name": ev.name or "", "arguments": ev.arguments}
+            call = fn if legacy else {"index": ev.call_index, "id": ev.id or new_id("call_"), "type": "function",
+                                      "function": fn}
         elif ev.arguments:
-            tc = {"index": ev.call_index, "function": {"arguments": ev.arguments}}
+            fn = {"arguments": ev.arguments}
+            call = fn if legacy else {"index": ev.call_index, "function": fn}
         else:
             return
-        self._delta(ev.index, {"tool_calls": [tc]})
+        self._delta(ev.index, {"function_call": call} if legacy else {"tool_calls": [call]})
 
     def finish(self, ev: Finish) -> None:
         self._delta(ev.index, {})
@@ -297,4 +234,4 @@ class OpenAIStreamEncoder(StreamEncoder):
             self.hold({**self._head, "choices": [], "usage": _usage_dict(ev.usage)})
 
     def error_frame(self, message: str, code: str, type: str) -> str:
-        return frame({"error": {"message": message, "type": type, "param": None, "code": code}})
+        return frame(error_body(0, message, type=type, code=code))

@@ -1,134 +1,62 @@
-"""The OpenAI Responses API (`POST /v1/responses`) as a client-facing codec over chat upstreams.
-
-Guardgate serves a Responses request by translating it into the neutral `Exchange`, which any chat
-upstream (OpenAI chat, Llama API, the local llama.cpp model) can be asked; the answer (a
-`Completion` or neutral stream events) is rendered back as a Response object or as Responses SSE
-events. This module has the client-side functions of `base.Dialect` (`decode_request`,
-`encode_response`, `stream_encoder`, `error_body`, `decode_error`, models); it has no
-`encode_request` / `decode_response` / `stream_decoder`: no upstream is asked in this dialect.
-Wire shapes: wire_formats.md §2 ("Responses API"), checked against the `openai` SDK's types and its
-stream accumulator (`openai/lib/streaming/responses/_responses.py`).
-
-Where a decoded request keeps what is not a chat field (`Exchange.client`, never sent upstream, not
-shown to guards; `Exchange.extra["openai"]`, sent to an OpenAI-chat upstream only):
-- `client["response_id"]`: the `resp_...` id of the answer, fixed at decode (stream and non-stream
-  answers use it, so a gateway store can key on it before the answer is written).
-- `client["previous_response_id"]` (str | None) and `client["conversation"]` (conversation id,
-  str | None): conversation state kept by the upstream, which no input guard can see. The codec
-  only decodes them; the pipeline refuses them or resolves them from its own store. With either set
-  the request may carry no input at all (`Exchange.messages` may then be empty).
-- `client["input"]`: the request's input items as sent (a string becomes one user message item),
-  for a gateway conversation store; `client["echo"]`: the Response fields echoed back (below);
-  `client["ignored"]`: request keys that were dropped (for logging).
-- `extra["openai"]`: `reasoning_effort` (from `reasoning.effort`), `parallel_tool_calls` (only with
-  tools: chat refuses it otherwise), `verbosity` (from `text.verbosity`), `safety_identifier`,
-  `prompt_cache_key`, `prompt_cache_retention`, `service_tier`, and an `allowed_tools` tool choice.
-
-Request mapping: `instructions` → a leading system message; `input` string → one user message;
-`message` items (user/assistant/system/developer; parts `input_text`, `output_text`, `refusal` as
-text; `input_image` by URL, `input_audio`, `input_file` by file_data or file_id on user messages, as
-chat `image_url` / `input_audio` / `file` parts: `dialects/media.py`); `function_call` items → assistant `tool_calls`
-(`call_id` is the call id; consecutive calls join the assistant turn before them, as chat needs);
-`function_call_output` items → `tool` messages (untrusted input for the input stage, like chat
-tool messages); function `tools` → `params["tools"]`; `tool_choice`; `text.format` →
-`params["response_format"]` in the chat shape; `max_output_tokens` → `params["max_tokens"]`;
-`temperature`, `top_p`, `user`; `stream` (usage is always requested from the upstream, since the
-final Response carries it).
-
-Dropped on purpose: `reasoning` input items (a previous turn's reasoning: chat upstreams have no
-input slot for it, and it is the model's own text, not input), `reasoning.summary`, `include`,
-`stream_options`, `top_logprobs`, `max_tool_calls`, `truncation` (echoed only), `store` and
-`metadata` (echoed; sending them to a chat upstream would store a chat completion instead).
-
-Refused (400): built-in tools (`unsupported_tool`: a chat upstream cannot run them), input items
-other than messages and function calls/outputs (`unsupported_item`: `item_reference` points at
-stored items no guard can read), `input_image` by `file_id` and `input_file` by `file_url`
-(`unsupported_content`: no chat counterpart, and no guard could read them), media parts outside
-user messages, `background: true` and `prompt` templates (an object: `unsupported_parameter`; a
-`prompt` of another shape is not the API's and is dropped like an unknown key).
-
-Answer mapping: channel `reasoning` → a `reasoning` item with its text as the summary (the
-reasoning text a Responses client reads); `text` → an `output_text` part; `refusal` → a `refusal`
-part; tool calls → `function_call` items. `finish_reason` content_filter → `status: incomplete`,
-`incomplete_details.reason: content_filter`; length → `max_output_tokens`.
-"""
+"""The OpenAI Responses API (`POST /v1/responses`) as a client-facing codec over chat upstreams (the
+client half only: no upstream is asked in this dialect). Wire shapes: wire_formats.md §8, checked against
+the `openai` SDK's types and stream accumulator. The request and answer mapping, what a decoded request
+keeps in `Exchange.client` / `extra["openai"]`, and what is dropped or refused: docs/dialects.md."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from gateway.dialects import openai as _openai
-from gateway.dialects._common import REQ, Reader, arguments_str, function_def, request_decoder
-from gateway.dialects.base import DialectError, ModelInfo
+from gateway.dialects import _common as _c
+from gateway.dialects._common import REQ, MessageRules, Reader
+from gateway.dialects._common import decode_error as decode_error  # errors: the OpenAI shape
+from gateway.dialects._common import error_body as error_body
+from gateway.dialects.base import DialectError
 from gateway.dialects.media import decode_responses_part
-from gateway.dialects.responses_stream import (  # re-exported: importers find them here
-    INCOMPLETE,
-    ResponsesStreamEncoder,
-    _call_item,
-    _reasoning_item,
-    _response,
-    _status,
-    _text_part,
-    _url_citations,
-    _usage,
-    error_frame,  # noqa: F401  (re-exported: gateway/pipeline.py, tests)
-    response_id,  # noqa: F401  (re-exported)
-)
-from gateway.types import Choice, Completion, Exchange, Message, Part, Role, ToolCall, new_id
+from gateway.dialects.responses_stream import ResponsesStreamEncoder
+from gateway.dialects.responses_stream import encode_response as encode_response  # the answer side
+from gateway.dialects.responses_stream import error_frame as error_frame
+from gateway.dialects.responses_stream import response_id as response_id
+from gateway.types import Exchange, Message, Part, Role, ToolCall, new_id
 
 NAME = "responses"
 name = NAME  # the module itself is the dialect, as gateway/dialects/openai.py
 
 INPUT_ROLES: dict[str, Role] = {"user": "user", "assistant": "assistant", "system": "system", "developer": "developer"}
 TOOL_CHOICES = frozenset(("none", "auto", "required"))
-_TEXT_PARTS = {"input_text": "text", "output_text": "text", "refusal": "refusal"}
+_CHAT_PASSTHROUGH = ("safety_identifier", "prompt_cache_key", "prompt_cache_retention", "service_tier")
+# Chat parameters: (Responses key, neutral key, reader); each is echoed back in the Response.
+_PARAMS = (("temperature", "temperature", Reader.num), ("top_p", "top_p", Reader.num),
+           ("max_output_tokens", "max_tokens", Reader.int_), ("user", "user", Reader.str_))
+# Keys only checked and echoed back in the Response (no chat counterpart): (reader, the echo's default).
+_ECHOED: dict[str, tuple[Callable[[Reader, Any, str], Any], Any]] = {
+    "store": (Reader.bool_, True), "metadata": (Reader.obj, None), "truncation": (Reader.str_, "disabled"),
+    "top_logprobs": (Reader.int_, None), "max_tool_calls": (Reader.int_, None)}
 # Top-level request keys read by `decode_request`; any other key is dropped (a chat upstream
 # would reject a Responses-only key) and listed in `client["ignored"]`.
-_CHAT_PASSTHROUGH = ("safety_identifier", "prompt_cache_key", "prompt_cache_retention", "service_tier")
-_KNOWN = frozenset(
-    (
-        "model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "text",
-        "max_output_tokens", "temperature", "top_p", "reasoning", "store", "metadata", "user", "stream",
-        "previous_response_id", "conversation", "truncation", "include", "stream_options", "top_logprobs",
-        "max_tool_calls", "background", "prompt", *_CHAT_PASSTHROUGH,
-    )
-)
+_KNOWN = frozenset(("model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "text",
+                    "reasoning", "stream", "previous_response_id", "conversation", "include", "stream_options",
+                    "background", "prompt", *_CHAT_PASSTHROUGH, *_ECHOED, *(key for key, _, _ in _PARAMS)))
 
 
 def _fail(message: str, param: str | None, code: str) -> DialectError:
     return DialectError(message, status=400, param=param, code=code)
 
 
-# --------------------------------------------------------------------------- requests
+# Message parts: text-like parts become text (a guard must see an assistant refusal in the history like
+# any other text); media by `media.py`. A function_call_output's output is text only (a chat tool message is).
+_PARTS = MessageRules(roles=INPUT_ROLES, texts={"input_text": "text", "output_text": "text", "refusal": "refusal"},
+                      image_roles=frozenset(INPUT_ROLES), media=decode_responses_part,
+                      unknown_code="unsupported_content")
+_OUTPUT_PARTS = MessageRules(roles={}, texts={"input_text": "text"}, image_roles=frozenset(),
+                             unknown_code="unsupported_content")
 
 
-def _text_of(part: dict[str, Any], key: str, r: Reader, param: str) -> str:
-    return r.str_(part.get(key), f"{param}.{key}")
-
-
-def _decode_content(content: Any, r: Reader, param: str, *, role: str) -> list[Part]:
-    """A message's content: a string or a list of parts (text-like parts become text parts: a
-    guard must see an assistant refusal in the history like any other text). A function_call_output's
-    output (role "tool"): text only (a chat upstream's tool message is text)."""
-    if isinstance(content, str):
-        return [Part("text", content)]
-    parts: list[Part] = []
-    for j, item in enumerate(r.list_(content, param)):
-        p = f"{param}[{j}]"
-        item = r.obj(item, p)
-        typ = item.get("type")
-        if role == "tool" and typ != "input_text":
-            raise _fail(f"'{p}': a function_call_output can carry text only (a chat upstream's tool message is "
-                        f"text), not {typ!r}", f"{p}.type", "unsupported_content")
-        if typ in ("input_text", "output_text"):
-            parts.append(Part("text", _text_of(item, "text", r, p)))
-        elif typ == "refusal":
-            parts.append(Part("text", _text_of(item, "refusal", r, p)))
-        elif isinstance(typ, str) and (media := decode_responses_part(item, typ, r, p, role=role)) is not None:
-            parts.append(media)  # input_image, input_audio, input_file: the policy's `content:` rule decides
-        else:
-            raise _fail(f"'{p}': unsupported content part type {typ!r}", f"{p}.type", "unsupported_content")
-    return parts
+def _content(v: Any, r: Reader, p: str, rules: MessageRules, role: str) -> list[Part]:
+    if v is None:
+        r.fail(f"'{p}' is required", p)
+    return _c.decode_parts(v, r, p, rules, role)
 
 
 def _decode_items(items: list[Any], r: Reader, out: list[Message]) -> None:
@@ -140,16 +68,10 @@ def _decode_items(items: list[Any], r: Reader, out: list[Message]) -> None:
             role = item.get("role")
             if not isinstance(role, str) or role not in INPUT_ROLES:
                 r.fail(f"'{p}.role' must be one of {sorted(INPUT_ROLES)}", f"{p}.role")
-            role = INPUT_ROLES[role]
-            if "content" not in item:
-                r.fail(f"'{p}.content' is required", f"{p}.content")
-            out.append(Message(role, _decode_content(item["content"], r, f"{p}.content", role=role)))
+            out.append(Message(INPUT_ROLES[role], _content(item.get("content"), r, f"{p}.content", _PARTS, role)))
         elif typ == "function_call":
-            tc = ToolCall(
-                r.str_(item.get("call_id"), f"{p}.call_id"),
-                r.str_(item.get("name"), f"{p}.name"),
-                arguments_str(item.get("arguments"), r, f"{p}.arguments"),
-            )
+            tc = ToolCall(r.str_(item.get("call_id"), f"{p}.call_id"), r.str_(item.get("name"), f"{p}.name"),
+                          _c.arguments_str(item.get("arguments"), r, f"{p}.arguments"))
             # Chat wants every call of a turn on one assistant message, answered by the tool
             # messages after it: a call joins the assistant turn right before it.
             if out and out[-1].role == "assistant":
@@ -157,29 +79,14 @@ def _decode_items(items: list[Any], r: Reader, out: list[Message]) -> None:
             else:
                 out.append(Message("assistant", tool_calls=[tc]))
         elif typ == "function_call_output":
-            out.append(
-                Message(
-                    "tool",
-                    _decode_content(item.get("output"), r, f"{p}.output", role="tool"),
-                    tool_call_id=r.str_(item.get("call_id"), f"{p}.call_id"),
-                )
-            )
-        elif typ == "reasoning":
-            continue  # a previous turn's reasoning: no chat input slot, and not input (module doc)
+            out.append(Message("tool", _content(item.get("output"), r, f"{p}.output", _OUTPUT_PARTS, "tool"),
+                               tool_call_id=r.str_(item.get("call_id"), f"{p}.call_id")))
         elif typ == "item_reference":
-            raise _fail(
-                f"'{p}': item_reference points at an item stored upstream, which no guard can read; "
-                "send the item itself",
-                f"{p}.type",
-                "unsupported_item",
-            )
-        else:
-            raise _fail(
-                f"'{p}': input items of type {typ!r} are not supported (only message, function_call, "
-                "function_call_output and reasoning)",
-                f"{p}.type",
-                "unsupported_item",
-            )
+            raise _fail(f"'{p}': item_reference points at an item stored upstream, which no guard can read; "
+                        "send the item itself", f"{p}.type", "unsupported_item")
+        elif typ != "reasoning":  # a previous turn's reasoning: no chat input slot, and not input
+            raise _fail(f"'{p}': input items of type {typ!r} are not supported (only message, function_call, "
+                        "function_call_output and reasoning)", f"{p}.type", "unsupported_item")
 
 
 def _decode_tools(v: Any, r: Reader) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -194,17 +101,14 @@ def _decode_tools(v: Any, r: Reader) -> tuple[list[dict[str, Any]], list[dict[st
         if typ != "function":
             unsupported.append(typ if isinstance(typ, str) else repr(typ))
             continue
-        d = function_def(t, r, p)  # flat: the function's fields sit on the tool itself
+        d = _c.function_def(t, r, p)  # flat: the function's fields sit on the tool itself
         neutral.append(d)
-        echo.append({"type": "function", "name": d["name"], "description": d.get("description"),
-                     "parameters": d.get("parameters"), "strict": d.get("strict")})
+        echo.append({"type": "function", "name": d["name"], **{k: d.get(k) for k in ("description", "parameters",
+                                                                                         "strict")}})
     if unsupported:
-        raise _fail(
-            f"tools of type {', '.join(sorted(set(unsupported)))} are not supported: Guardgate answers the "
-            "Responses API through a chat upstream, which runs no built-in tools; use function tools",
-            "tools",
-            "unsupported_tool",
-        )
+        raise _fail(f"tools of type {', '.join(sorted(set(unsupported)))} are not supported: Guardgate answers the "
+                    "Responses API through a chat upstream, which runs no built-in tools; use function tools", "tools",
+                    "unsupported_tool")
     return neutral, echo
 
 
@@ -242,14 +146,10 @@ def _decode_format(fmt: Any, r: Reader) -> dict[str, Any]:
         return {"type": typ}
     if typ != "json_schema":
         r.fail("'text.format.type' must be text, json_object or json_schema", "text.format.type")
-    js: dict[str, Any] = {
-        "name": r.str_(fmt.get("name"), "text.format.name"),
-        "schema": r.obj(fmt.get("schema"), "text.format.schema"),
-    }
-    if fmt.get("description") is not None:
-        js["description"] = r.str_(fmt["description"], "text.format.description")
-    if fmt.get("strict") is not None:
-        js["strict"] = r.bool_(fmt["strict"], "text.format.strict")
+    js = {"name": r.str_(fmt.get("name"), "text.format.name"), "schema": r.obj(fmt.get("schema"), "text.format.schema")}
+    for k, read in (("description", r.str_), ("strict", r.bool_)):
+        if fmt.get(k) is not None:
+            js[k] = read(fmt[k], f"text.format.{k}")
     return {"type": "json_schema", "json_schema": js}
 
 
@@ -260,48 +160,28 @@ def _conversation_id(v: Any, r: Reader) -> str:
 
 
 def decode_payload(obj: dict[str, Any]) -> Exchange:
-    """A Responses request, parsed as a JSON object → the neutral exchange (see the module doc for
-    every field)."""
-    r = REQ
-    model = obj.get("model")
-    if not isinstance(model, str) or not model:
-        r.fail("'model' is required and must be a non-empty string", "model")
+    """A Responses request, parsed as a JSON object → the neutral exchange (docs/dialects.md, every field)."""
+    r, model = REQ, _c.model_of(obj)
     if obj.get("background"):
         raise _fail("'background' responses are not supported by the gateway", "background", "unsupported_parameter")
     if isinstance(obj.get("prompt"), dict):  # a template reference; any other `prompt` is not the API's
-        raise _fail(
-            "'prompt' templates are stored upstream, where no guard can read them; send the instructions "
-            "and input themselves",
-            "prompt",
-            "unsupported_parameter",
-        )
-    client: dict[str, Any] = {"response_id": new_id("resp_")}
-    extra: dict[str, Any] = {}
-    params: dict[str, Any] = {}
-    messages: list[Message] = []
-
+        raise _fail("'prompt' templates are stored upstream, where no guard can read them; send the instructions "
+                    "and input themselves", "prompt", "unsupported_parameter")
     prev = r.opt_str(obj.get("previous_response_id"), "previous_response_id")
     conv = _conversation_id(obj["conversation"], r) if obj.get("conversation") is not None else None
     if prev is not None and conv is not None:
         r.fail("'previous_response_id' and 'conversation' cannot both be set", "conversation")
-    client["previous_response_id"], client["conversation"] = prev, conv
-
     instructions = r.opt_str(obj.get("instructions"), "instructions")
-    if instructions:
-        messages.append(Message.of("system", instructions))
+    messages = [Message.of("system", instructions)] if instructions else []
     inp = obj.get("input")
-    if isinstance(inp, str):
-        messages.append(Message.of("user", inp))
-        client["input"] = [{"type": "message", "role": "user", "content": inp}]
-    elif inp is not None:
-        items = r.list_(inp, "input")
-        _decode_items(items, r, messages)
-        client["input"] = items
-    else:
-        client["input"] = []
+    items = [{"type": "message", "role": "user", "content": inp}] if isinstance(inp, str) \
+        else [] if inp is None else r.list_(inp, "input")
+    _decode_items(items, r, messages)
     if not messages and prev is None and conv is None:
         r.fail("'input' is required", "input")
 
+    params: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
     echo_tools: list[dict[str, Any]] = []
     if obj.get("tools") is not None:
         tools, echo_tools = _decode_tools(obj["tools"], r)
@@ -314,159 +194,50 @@ def decode_payload(obj: dict[str, Any]) -> Exchange:
             extra.pop("tool_choice", None)
         elif tc is not None:
             params["tool_choice"] = tc
-    ptc = obj.get("parallel_tool_calls")
-    if ptc is not None:
-        r.bool_(ptc, "parallel_tool_calls")
-        if params.get("tools"):  # chat refuses parallel_tool_calls without tools
-            extra["parallel_tool_calls"] = ptc
-
-    text = obj.get("text")
-    if text is not None:
-        text = r.obj(text, "text")
-        if text.get("format") is not None:
-            params["response_format"] = _decode_format(text["format"], r)
-        if text.get("verbosity") is not None:
-            extra["verbosity"] = r.str_(text["verbosity"], "text.verbosity")
-    for k in ("temperature", "top_p"):
-        if obj.get(k) is not None:
-            params[k] = r.num(obj[k], k)
-    if obj.get("max_output_tokens") is not None:
-        params["max_tokens"] = r.int_(obj["max_output_tokens"], "max_output_tokens")
-    user = r.opt_str(obj.get("user"), "user")
-    if user is not None:
-        params["user"] = user
-    reasoning = obj.get("reasoning")
-    echo_reasoning: dict[str, Any] = {"effort": None, "summary": None}
-    if reasoning is not None:
-        reasoning = r.obj(reasoning, "reasoning")
-        effort = r.opt_str(reasoning.get("effort"), "reasoning.effort")
-        if effort is not None:
-            extra["reasoning_effort"] = effort
-        summary = reasoning.get("summary", reasoning.get("generate_summary"))
-        echo_reasoning = {"effort": effort, "summary": r.opt_str(summary, "reasoning.summary")}
+    ptc = None if obj.get("parallel_tool_calls") is None else r.bool_(obj["parallel_tool_calls"], "parallel_tool_calls")
+    if ptc is not None and params.get("tools"):  # chat refuses parallel_tool_calls without tools
+        extra["parallel_tool_calls"] = ptc
+    text = r.obj(obj["text"], "text") if obj.get("text") is not None else {}
+    if text.get("format") is not None:
+        params["response_format"] = _decode_format(text["format"], r)
+    if text.get("verbosity") is not None:
+        extra["verbosity"] = r.str_(text["verbosity"], "text.verbosity")
+    for key, neutral, read in _PARAMS:
+        if obj.get(key) is not None:
+            params[neutral] = read(r, obj[key], key)
+    reasoning = r.obj(obj["reasoning"], "reasoning") if obj.get("reasoning") is not None else {}
+    effort = r.opt_str(reasoning.get("effort"), "reasoning.effort")
+    if effort is not None:
+        extra["reasoning_effort"] = effort
+    summary = r.opt_str(reasoning.get("summary", reasoning.get("generate_summary")), "reasoning.summary")
     for k in _CHAT_PASSTHROUGH:
         if obj.get(k) is not None:
             extra[k] = r.str_(obj[k], k)
-    store = obj.get("store")
-    if store is not None:
-        r.bool_(store, "store")
-    metadata = obj.get("metadata")
-    if metadata is not None:
-        metadata = r.obj(metadata, "metadata")
-        for k, v in metadata.items():
-            r.str_(v, f"metadata.{k}")
-    truncation = r.opt_str(obj.get("truncation"), "truncation")
-    for k in ("top_logprobs", "max_tool_calls"):
-        if obj.get(k) is not None:
-            r.int_(obj[k], k)
+    echo = {k: default if obj.get(k) is None else read(r, obj[k], k) for k, (read, default) in _ECHOED.items()}
+    for k, v in (echo["metadata"] or {}).items():
+        r.str_(v, f"metadata.{k}")
     if obj.get("include") is not None:
         r.list_(obj["include"], "include")
 
-    echo_text = dict(text or {})
-    if echo_text.get("format") is None:
-        echo_text["format"] = {"type": "text"}
-    stream = obj.get("stream")
     ex = Exchange(model=model, messages=messages, params=params)
-    if stream is not None:
-        ex.stream = r.bool_(stream, "stream")
+    if obj.get("stream") is not None:
+        ex.stream = r.bool_(obj["stream"], "stream")
     ex.include_usage = ex.stream  # the final Response carries usage: always ask for it
     if extra:
         ex.extra["openai"] = extra
-    client["echo"] = {
-        "instructions": instructions,
-        "tools": echo_tools,
-        "tool_choice": tool_choice if tool_choice is not None else "auto",
-        "parallel_tool_calls": ptc if ptc is not None else True,
-        "temperature": params.get("temperature"),
-        "top_p": params.get("top_p"),
-        "max_output_tokens": params.get("max_tokens"),
-        "max_tool_calls": obj.get("max_tool_calls"),
-        "top_logprobs": obj.get("top_logprobs"),
-        "metadata": metadata if metadata is not None else {},
-        "store": store if store is not None else True,
-        "previous_response_id": prev,
-        "conversation": {"id": conv} if conv is not None else None,
-        "reasoning": echo_reasoning,
-        "text": echo_text,
-        "truncation": truncation or "disabled",
-        "user": user,
-        "background": False,
-        **{k: extra.get(k) for k in _CHAT_PASSTHROUGH},
-    }
-    client["ignored"] = sorted(k for k in obj if k not in _KNOWN or (k == "prompt" and obj[k] is not None))
-    ex.client = client
+    echo.update(instructions=instructions, tools=echo_tools, tool_choice="auto" if tool_choice is None else tool_choice,
+                parallel_tool_calls=True if ptc is None else ptc, previous_response_id=prev,
+                conversation=None if conv is None else {"id": conv}, reasoning={"effort": effort, "summary": summary},
+                text={**text, "format": text.get("format") or {"type": "text"}}, background=False,
+                metadata=echo["metadata"] or {}, **{key: params.get(neutral) for key, neutral, _ in _PARAMS},
+                **{k: extra.get(k) for k in _CHAT_PASSTHROUGH})
+    ignored = sorted(k for k in obj if k not in _KNOWN or (k == "prompt" and obj[k] is not None))
+    ex.client = {"response_id": new_id("resp_"), "previous_response_id": prev, "conversation": conv, "input": items,
+                 "echo": echo, "ignored": ignored}
     return ex
 
 
-decode_request = request_decoder(decode_payload)
+decode_request = _c.request_decoder(decode_payload)
 
 
-# --------------------------------------------------------------------------- non-stream answers
-
-
-def _output(ch: Choice) -> list[dict[str, Any]]:
-    m = ch.message
-    status = "incomplete" if ch.finish_reason in INCOMPLETE else "completed"
-    out: list[dict[str, Any]] = []
-    by: dict[str, str] = {}
-    for p in m.parts:
-        if p.type in ("text", "refusal", "reasoning"):
-            by[p.type] = by.get(p.type, "") + p.text
-    if by.get("reasoning"):
-        out.append(_reasoning_item(new_id("rs_"), by["reasoning"]))
-    content: list[dict[str, Any]] = []
-    text = by.get("text", "")
-    # An empty answer is still a message with an empty output_text, unless it has a refusal or
-    # tool calls instead, or was blocked (a blocked answer keeps nothing: an empty output_text would
-    # make `responses.parse` fail validating "" against the schema).
-    if text or not ("refusal" in by or m.tool_calls or ch.finish_reason == "content_filter"):
-        att = [a.value for a in ch.attached if a.dialect == "openai" and a.key == "annotations"]
-        content.append(_text_part(text, _url_citations(att[0]) if att else None))
-    if "refusal" in by:
-        content.append({"type": "refusal", "refusal": by["refusal"]})
-    if content:
-        out.append({"id": new_id("msg_"), "type": "message", "status": status, "role": "assistant",
-                    "content": content})
-    for tc in m.tool_calls:
-        out.append(_call_item(new_id("fc_"), tc.id or new_id("call_"), tc.name, tc.arguments, status))
-    return out
-
-
-def encode_response(c: Completion, ex: Exchange) -> dict[str, Any]:
-    """A Response object (choice 0: the Responses API has one answer per request)."""
-    ch = next((x for x in c.choices if x.index == 0), c.choices[0] if c.choices else Choice(Message("assistant")))
-    status, incomplete = _status(ch.finish_reason)
-    ox: dict[str, Any] = c.extra.get("openai") or {}
-    out = _response(ex, model=c.model or ex.model, created=c.created, status=status, incomplete=incomplete,
-                    output=_output(ch), usage=_usage(c.usage, ox.get("usage")))
-    if c.extra.get("guardgate") is not None:
-        out["guardgate"] = c.extra["guardgate"]
-    return out
-
-
-# --------------------------------------------------------------------------- streams
-# The encoder lives in `responses_stream.py`.
-
-
-def stream_encoder(ex: Exchange) -> ResponsesStreamEncoder:
-    return ResponsesStreamEncoder(ex)
-
-
-# --------------------------------------------------------------------------- errors and models
-
-# Errors are the OpenAI shape (`{"error": {message, type, param, code}}`), the same on every OpenAI
-# endpoint; upstream errors are decoded by the upstream's dialect, so these only delegate.
-error_body = _openai.error_body
-decode_error = _openai.decode_error
-
-
-def encode_models(models: list[ModelInfo]) -> dict[str, Any]:
-    return _openai.encode_models(models)
-
-
-def encode_model(m: ModelInfo) -> dict[str, Any]:
-    return _openai.encode_model(m)
-
-
-def decode_models(body: bytes) -> list[ModelInfo]:
-    return _openai.decode_models(body)
+stream_encoder = ResponsesStreamEncoder  # in `responses_stream.py`

@@ -1,10 +1,5 @@
-"""The Responses API answer shapes and its stream encoder: the Response object and its items
-(shared by `responses.encode_response` and the stream), `error_frame`, and
-`ResponsesStreamEncoder` (neutral events → Responses SSE events).
-
-Split out of `gateway/dialects/responses.py`, which stays the client codec (its `stream_encoder`
-builds the encoder) and re-exports these names; this module never imports it.
-"""
+"""The Responses API answer: the Response object for a `Completion` (`encode_response`), `error_frame` and
+`ResponsesStreamEncoder`; `responses.py` (the request side) re-exports them, this module never imports it."""
 
 from __future__ import annotations
 
@@ -13,10 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.dialects._common import qstr, to_bytes
 from gateway.dialects.stream import HOLES, StreamEncoder, Template, frame
-from gateway.types import new_id
+from gateway.types import Choice, Message, new_id
 
 if TYPE_CHECKING:  # the events the encoder's hooks take
-    from gateway.types import Exchange, Finish, StreamStart, TextDelta, ToolCallDelta, Usage, UsageEvent
+    from gateway.types import Completion, Exchange, Finish, StreamStart, TextDelta, ToolCallDelta, Usage, UsageEvent
 
 # Finish reasons that end a Response as `incomplete`, with the reason the Responses API names.
 INCOMPLETE = {"content_filter": "content_filter", "length": "max_output_tokens"}
@@ -47,16 +42,12 @@ def _usage(u: Usage | None, details: dict[str, Any] | None = None) -> dict[str, 
     ctd = details.get("completion_tokens_details")
     cached = ptd.get("cached_tokens") if isinstance(ptd, dict) else None
     reasoning = ctd.get("reasoning_tokens") if isinstance(ctd, dict) else None
-    return {
-        "input_tokens": u.prompt_tokens,
-        "input_tokens_details": {
-            "cached_tokens": cached if isinstance(cached, int) else 0,
-            "cache_write_tokens": 0,
-        },
-        "output_tokens": u.completion_tokens,
-        "output_tokens_details": {"reasoning_tokens": reasoning if isinstance(reasoning, int) else 0},
-        "total_tokens": u.total_tokens,
-    }
+    return {"input_tokens": u.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": cached if isinstance(cached, int) else 0,
+                                     "cache_write_tokens": 0},
+            "output_tokens": u.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": reasoning if isinstance(reasoning, int) else 0},
+            "total_tokens": u.total_tokens}
 
 
 def _status(finish: str | None) -> tuple[str, dict[str, str] | None]:
@@ -66,19 +57,9 @@ def _status(finish: str | None) -> tuple[str, dict[str, str] | None]:
 
 def _response(ex: Exchange, *, model: str, created: int, status: str, incomplete: dict[str, str] | None,
               output: list[dict[str, Any]], usage: dict[str, Any] | None) -> dict[str, Any]:
-    return {
-        "id": response_id(ex),
-        "object": "response",
-        "created_at": created,
-        "status": status,
-        "completed_at": int(time.time()) if status == "completed" else None,
-        "error": None,
-        "incomplete_details": incomplete,
-        "model": model,
-        "output": output,
-        "usage": usage,
-        **_echo(ex),
-    }
+    return {"id": response_id(ex), "object": "response", "created_at": created, "status": status,
+            "completed_at": int(time.time()) if status == "completed" else None, "error": None,
+            "incomplete_details": incomplete, "model": model, "output": output, "usage": usage, **_echo(ex)}
 
 
 def _url_citations(att: Any) -> list[dict[str, Any]]:
@@ -96,6 +77,11 @@ def _text_part(text: str, annotations: list[dict[str, Any]] | None = None) -> di
     return {"type": "output_text", "text": text, "annotations": annotations or [], "logprobs": []}
 
 
+def _part(kind: str, text: str) -> dict[str, Any]:
+    """A message content part: `output_text` or `refusal`."""
+    return _text_part(text) if kind == "output_text" else {"type": "refusal", "refusal": text}
+
+
 def _reasoning_item(rid: str, text: str) -> dict[str, Any]:
     return {"id": rid, "type": "reasoning", "summary": [{"type": "summary_text", "text": text}]}
 
@@ -103,6 +89,45 @@ def _reasoning_item(rid: str, text: str) -> dict[str, Any]:
 def _call_item(fid: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
     return {"id": fid, "type": "function_call", "status": status, "arguments": arguments, "call_id": call_id,
             "name": name}
+
+
+def _output(ch: Choice) -> list[dict[str, Any]]:
+    m = ch.message
+    status = "incomplete" if ch.finish_reason in INCOMPLETE else "completed"
+    out: list[dict[str, Any]] = []
+    by: dict[str, str] = {}
+    for p in m.parts:
+        if p.type in ("text", "refusal", "reasoning"):
+            by[p.type] = by.get(p.type, "") + p.text
+    if by.get("reasoning"):
+        out.append(_reasoning_item(new_id("rs_"), by["reasoning"]))
+    content: list[dict[str, Any]] = []
+    text = by.get("text", "")
+    # An empty answer is still a message with an empty output_text, unless it has a refusal or
+    # tool calls instead, or was blocked (a blocked answer keeps nothing: an empty output_text would
+    # make `responses.parse` fail validating "" against the schema).
+    if text or not ("refusal" in by or m.tool_calls or ch.finish_reason == "content_filter"):
+        att = [a.value for a in ch.attached if a.dialect == "openai" and a.key == "annotations"]
+        content.append(_text_part(text, _url_citations(att[0]) if att else None))
+    if "refusal" in by:
+        content.append(_part("refusal", by["refusal"]))
+    if content:
+        out.append({"id": new_id("msg_"), "type": "message", "status": status, "role": "assistant", "content": content})
+    for tc in m.tool_calls:
+        out.append(_call_item(new_id("fc_"), tc.id or new_id("call_"), tc.name, tc.arguments, status))
+    return out
+
+
+def encode_response(c: Completion, ex: Exchange) -> dict[str, Any]:
+    """A Response object (choice 0: the Responses API has one answer per request)."""
+    ch = next((x for x in c.choices if x.index == 0), c.choices[0] if c.choices else Choice(Message("assistant")))
+    status, incomplete = _status(ch.finish_reason)
+    ox: dict[str, Any] = c.extra.get("openai") or {}
+    out = _response(ex, model=c.model or ex.model, created=c.created, status=status, incomplete=incomplete,
+                    output=_output(ch), usage=_usage(c.usage, ox.get("usage")))
+    if c.extra.get("guardgate") is not None:
+        out["guardgate"] = c.extra["guardgate"]
+    return out
 
 
 # --------------------------------------------------------------------------- streams
@@ -151,8 +176,6 @@ class ResponsesStreamEncoder(StreamEncoder):
     `text_format`, and a cut JSON text would raise inside its stream iterator.
     """
 
-    START_ON_ERROR = True  # the SDK's stream helper wants response.created first
-
     def __init__(self, ex: Exchange) -> None:
         super().__init__(ex)
         self._seq = 0
@@ -164,7 +187,6 @@ class ResponsesStreamEncoder(StreamEncoder):
         self._calls: dict[int, _Item] = {}  # call_index → open function_call item
         self._finish: str | None = None
         self._usage: Usage | None = None
-        self._final: dict[str, Any] | None = None  # the annotation, kept for the terminal event
         rf = ex.params.get("response_format")
         self._structured = isinstance(rf, dict) and rf.get("type") in ("json_schema", "json_object")
         # While an output_text part is open: its delta event (serialized once) and the part's texts.
@@ -193,36 +215,31 @@ class ResponsesStreamEncoder(StreamEncoder):
 
     # ---------------------------------------------------------------- items
 
-    def _add(self, kind: str, prefix: str) -> _Item:
+    def _open(self, kind: str, prefix: str, **fields: Any) -> _Item:
+        """A new output item; the open message or reasoning item is closed first (calls stay open)."""
+        if self._current is not None:
+            self._close(self._current, "completed")
+            self._current = None
         item = _Item(kind, len(self._items), new_id(prefix))
         self._items.append(item)
-        return item
-
-    def _open_message(self) -> _Item:
-        item = self._current = self._add("message", "msg_")
-        self._ev("response.output_item.added", output_index=item.index,
-                 item={"id": item.id, "type": "message", "status": "in_progress", "role": "assistant", "content": []})
+        self._ev("response.output_item.added", output_index=item.index, item={"id": item.id, "type": kind, **fields})
         return item
 
     def _open_part(self, item: _Item, kind: str) -> None:
         item.parts.append((kind, []))
-        part = _text_part("") if kind == "output_text" else {"type": "refusal", "refusal": ""}
         self._ev("response.content_part.added", item_id=item.id, output_index=item.index,
-                 content_index=len(item.parts) - 1, part=part)
+                 content_index=len(item.parts) - 1, part=_part(kind, ""))
 
     def _close_part(self, item: _Item, incomplete_cut: bool) -> None:
         self._text_ev = None
         kind, texts = item.parts[-1]
         text = "".join(texts)
         loc = {"item_id": item.id, "output_index": item.index, "content_index": len(item.parts) - 1}
-        if kind == "output_text":
-            part = _text_part(text)
-            if not (incomplete_cut and self._structured):
-                self._ev("response.output_text.done", **loc, text=text, logprobs=[])
-        else:
-            part = {"type": "refusal", "refusal": text}
+        if kind == "refusal":
             self._ev("response.refusal.done", **loc, refusal=text)
-        self._ev("response.content_part.done", **loc, part=part)
+        elif not (incomplete_cut and self._structured):
+            self._ev("response.output_text.done", **loc, text=text, logprobs=[])
+        self._ev("response.content_part.done", **loc, part=_part(kind, text))
 
     def _close(self, item: _Item, status: str) -> None:
         """The done events of an open item, and its final shape."""
@@ -230,8 +247,7 @@ class ResponsesStreamEncoder(StreamEncoder):
         if item.kind == "message":
             if item.parts:
                 self._close_part(item, self._finish == "content_filter")
-            content = [_text_part("".join(t)) if k == "output_text" else {"type": "refusal", "refusal": "".join(t)}
-                       for k, t in item.parts]
+            content = [_part(k, "".join(t)) for k, t in item.parts]
             item.done = {"id": item.id, "type": "message", "status": status, "role": "assistant", "content": content}
         elif item.kind == "reasoning":
             text = "".join(item.parts[0][1])
@@ -268,12 +284,8 @@ class ResponsesStreamEncoder(StreamEncoder):
         cur = self._current
         if ev.channel == "reasoning":
             if cur is None or cur.kind != "reasoning":
-                if cur is not None:
-                    self._close(cur, "completed")
-                cur = self._current = self._add("reasoning", "rs_")
+                cur = self._current = self._open("reasoning", "rs_", summary=[])
                 cur.parts.append(("summary_text", []))
-                self._ev("response.output_item.added", output_index=cur.index,
-                         item={"id": cur.id, "type": "reasoning", "summary": []})
                 self._ev("response.reasoning_summary_part.added", item_id=cur.id, output_index=cur.index,
                          summary_index=0, part={"type": "summary_text", "text": ""})
             cur.parts[0][1].append(ev.text)
@@ -282,9 +294,7 @@ class ResponsesStreamEncoder(StreamEncoder):
             return
         kind = "output_text" if ev.channel == "text" else "refusal"
         if cur is None or cur.kind != "message":
-            if cur is not None:
-                self._close(cur, "completed")
-            cur = self._open_message()
+            cur = self._current = self._open("message", "msg_", status="in_progress", role="assistant", content=[])
         if not cur.parts or cur.parts[-1][0] != kind:
             if cur.parts:
                 self._close_part(cur, False)
@@ -306,17 +316,11 @@ class ResponsesStreamEncoder(StreamEncoder):
         self.begin()
         item = self._calls.get(ev.call_index)
         if item is None:
-            if self._current is not None:
-                self._close(self._current, "completed")
-                self._current = None
-            self._text_ev = None
-            item = self._add("function_call", "fc_")
-            item.call_id = ev.id or new_id("call_")
-            item.name = ev.name or ""
+            call_id, name = ev.id or new_id("call_"), ev.name or ""
+            item = self._calls[ev.call_index] = self._open("function_call", "fc_", status="in_progress", arguments="",
+                                                           call_id=call_id, name=name)
+            item.call_id, item.name = call_id, name
             item.parts.append(("arguments", []))
-            self._calls[ev.call_index] = item
-            self._ev("response.output_item.added", output_index=item.index,
-                     item=_call_item(item.id, item.call_id, item.name, "", "in_progress"))
         if ev.arguments:
             item.parts[0][1].append(ev.arguments)
             self._ev("response.function_call_arguments.delta", item_id=item.id, output_index=item.index,
@@ -346,6 +350,7 @@ class ResponsesStreamEncoder(StreamEncoder):
     def error_frame(self, message: str, code: str, type: str) -> str:
         """The Responses `error` event. The SDK yields it as an event (it has no top-level `error`
         key), and agent frameworks treat it as the stream's failure."""
+        self.begin()  # the SDK's stream helper wants response.created first
         seq = self._seq
         self._seq += 1
         return frame({"type": "error", "code": code, "message": message, "param": None, "sequence_number": seq},

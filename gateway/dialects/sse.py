@@ -37,17 +37,11 @@ class SSEEvent(NamedTuple):
 class SSEParser:
     """`feed(bytes) -> list[SSEEvent]`, incremental and split-safe."""
 
-    __slots__ = (
-        "_bare_json", "_buf", "_buf_len", "_comment", "_data", "_event", "_keep_comments", "_max", "_raw", "_raw_len",
-    )
+    __slots__ = ("_bare_json", "_buf", "_buf_len", "_comment", "_data", "_event", "_keep_comments", "_max", "_raw",
+                 "_raw_len")
 
-    def __init__(
-        self,
-        *,
-        keep_comments: bool = False,
-        bare_json_errors: bool = True,
-        max_event_bytes: int = MAX_EVENT_BYTES,
-    ) -> None:
+    def __init__(self, *, keep_comments: bool = False, bare_json_errors: bool = True,
+                 max_event_bytes: int = MAX_EVENT_BYTES) -> None:
         self._keep_comments = keep_comments
         self._bare_json = bare_json_errors
         self._max = max_event_bytes
@@ -183,9 +177,8 @@ class SSEParser:
 
     def _check_size(self) -> None:
         if self._raw_len + self._buf_len > self._max:
-            raise UpstreamStreamError(
-                f"upstream SSE event larger than {self._max} bytes", code="upstream_event_too_large"
-            )
+            raise UpstreamStreamError(f"upstream SSE event larger than {self._max} bytes",
+                                      code="upstream_event_too_large")
 
 
 def parse_all(body: bytes) -> list[SSEEvent]:

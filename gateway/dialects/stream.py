@@ -20,17 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.dialects._common import dumps, to_bytes
-from gateway.types import (
-    Annotation,
-    Event,
-    Exchange,
-    Finish,
-    StreamStart,
-    TextDelta,
-    ToolCallDelta,
-    Usage,
-    UsageEvent,
-)
+from gateway.types import Annotation, Event, Exchange, Finish, StreamStart, TextDelta, ToolCallDelta, Usage, UsageEvent
 
 
 def frame(obj: dict[str, Any], event: str | None = None) -> str:
@@ -94,7 +84,6 @@ class StreamEncoder:
     """
 
     END = ""  # the dialect's terminator frame
-    START_ON_ERROR = False  # an error frame needs the stream's opening frames first (Responses)
 
     def __init__(self, ex: Exchange) -> None:
         self.ex = ex
@@ -104,14 +93,9 @@ class StreamEncoder:
         self._out: list[str] = []
         self._held: tuple[dict[str, Any], dict[str, Any], str | None] | None = None
         self._annotation: dict[str, Any] | None = None
-        self._on: dict[type, Callable[[Any], None]] = {
-            TextDelta: self._text,
-            ToolCallDelta: self._tool,
-            Finish: self._finish,
-            UsageEvent: self._usage,
-            StreamStart: self._start,
-            Annotation: self._annotate,
-        }
+        self._on: dict[type, Callable[[Any], None]] = {TextDelta: self._text, ToolCallDelta: self._tool,
+                                                       Finish: self._finish, UsageEvent: self._usage,
+                                                       StreamStart: self._start, Annotation: self._annotate}
 
     # ---------------------------------------------------------------- the dialect's hooks
 
@@ -140,9 +124,7 @@ class StreamEncoder:
 
     def emit(self, obj: dict[str, Any], event: str | None = None) -> None:
         """Write a frame now (after the held one, if any)."""
-        if self._held is not None:
-            self.flush()
-        self._out.append(frame(obj, event))
+        self.emit_text(frame(obj, event))
 
     def emit_text(self, text: str) -> None:
         """Write a frame already rendered (a `Template.fill`)."""
@@ -203,9 +185,6 @@ class StreamEncoder:
         if self.ended:
             return b""
         self.ended = True
-        if self.START_ON_ERROR and not self.started:
-            self.started = True
-            self.start(None)
         self.flush()
         self._out.append(self.error_frame(message, code, type))
         return self._take()
