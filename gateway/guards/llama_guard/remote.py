@@ -5,14 +5,17 @@ llama.cpp's own server.
 prompt to the server's native `/completion` with `cache_prompt: true` (the server keeps the slot's
 KV and evaluates only the tokens after the longest common prefix) and pins each stream to one slot
 (`id_slot`, from a pool of `slots`, the server's `--parallel`), so the next check of the same stream
-finds its prefix in that slot; P(unsafe) comes from the first token's top probabilities (`n_probs`),
-the categories from a second, cached call only when unsafe; the tokens the server evaluated are read
-from its `timings` (`prompt_n`, `cache_n`). Kept apart so the HTTP client can move onto the guards'
+finds its prefix in that slot; P(unsafe) comes from the first token's probabilities with the two
+verdict words biased alike (`logit_bias`, `post_sampling_probs`: their softmax, as in-process), the
+categories from a second, cached call only when unsafe; the tokens the server evaluated are read
+from its `timings` (`prompt_n`, `cache_n`). Checked against a real `llama-server`
+(tests/test_llama_server_remote.py). Kept apart so the HTTP client can move onto the guards'
 shared chat client (`GuardResources`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +25,10 @@ from gateway.guards.base import GuardConfigError
 from gateway.guards.llama_guard.parsing import _score_from_top_logprobs, parse_output
 from gateway.guards.llama_guard.prompt import Turn, render_lg3
 from gateway.guards.llama_guard.vision import completion_prompt as render_lg4
+
+VERDICT_WORDS = ("safe", "unsafe")  # single tokens in the Llama 3 / Llama Guard 3 vocabulary
+VERDICT_BIAS = 1000.0  # far above any logit: the two words take all the probability, in their own ratio
+CATEGORY_TOKENS = 20
 
 RemoteApi = Literal["llama_moderations", "openai_chat", "openai_completions", "llama_cpp"]
 APIS = ("llama_moderations", "openai_chat", "openai_completions", "llama_cpp")
@@ -128,12 +135,23 @@ class _RemoteBackend:
         return RemoteResult(flagged, score, codes, text)
 
     async def _llama_cpp(self, prompt: str, slot: int, threshold: float, decode: bool) -> RemoteResult:
-        body: dict[str, Any] = {"prompt": prompt, "n_predict": 1, "temperature": 0, "cache_prompt": True,
-                                "id_slot": slot, "n_probs": 10}
+        # P(unsafe) exactly as in-process (softmax over the two verdict tokens' logits), whatever else the
+        # model ranks first: the same large bias on both words keeps their ratio and pushes every other
+        # token out; `post_sampling_probs` reports the probabilities after that bias (no temperature,
+        # no truncation: `samplers` empty, so the chain is the bias and a seeded draw).
+        body: dict[str, Any] = {
+            "prompt": prompt,
+            "n_predict": 1,
+            "cache_prompt": True,
+            "id_slot": slot,
+            "n_probs": 2,
+            "post_sampling_probs": True,
+            "samplers": [],
+            "logit_bias": [[w, VERDICT_BIAS] for w in VERDICT_WORDS],
+            "seed": 0,
+        }
         data = await self._post("/completion", body)
-        timings = data.get("timings") or {}
-        evaluated = int(timings.get("prompt_n", data.get("tokens_evaluated", 0)) or 0)
-        reused = int(timings.get("cache_n", data.get("tokens_cached", 0)) or 0)
+        evaluated, reused = _llama_cpp_tokens(data)
         score = _score_from_top_logprobs(_llama_cpp_tops(data))
         text = str(data.get("content") or "")
         if score is None:
@@ -142,10 +160,16 @@ class _RemoteBackend:
                 raise RuntimeError(f"llama_guard remote: unparseable answer {text[:80]!r}")
             score = float(flagged)
         codes: list[str] = []
-        if score >= threshold and decode:  # the categories: the same prompt again, all of it cached
-            more = await self._post("/completion", {**body, "n_predict": 20, "n_probs": 0})
-            text = str(more.get("content") or text)
-            evaluated += int((more.get("timings") or {}).get("prompt_n", 0) or 0)
+        if score >= threshold and decode:
+            # The categories, greedy after a forced "unsafe" (as in-process): the prompt is all in the
+            # slot's cache, so this evaluates that one word and the few tokens it generates.
+            more = await self._post(
+                "/completion",
+                {"prompt": prompt + "unsafe", "n_predict": CATEGORY_TOKENS, "temperature": 0,
+                 "cache_prompt": True, "id_slot": slot},
+            )
+            text = "unsafe" + str(more.get("content") or "")
+            evaluated += _llama_cpp_tokens(more)[0]
             _, codes = parse_output(text)
         return RemoteResult(score >= threshold, score, codes, text, evaluated, reused)
 
@@ -206,17 +230,30 @@ class _RemoteBackend:
 
 
 
-def _llama_cpp_tops(data: Mapping[str, Any]) -> list[dict[str, float]]:
-    """The first generated token's top alternatives as {token: logprob}, from either format the
-    llama.cpp server has used: `top_logprobs` with log-probabilities (current), `probs` with
-    probabilities (older)."""
-    import math
+def _llama_cpp_tokens(data: Mapping[str, Any]) -> tuple[int, int]:
+    """(prompt tokens the server evaluated, prompt tokens it took from the slot's cache): `timings`
+    `prompt_n` / `cache_n`, else the top-level `tokens_evaluated` (the whole prompt) less `tokens_cached`."""
+    timings = data.get("timings") or {}
+    if "prompt_n" in timings:
+        return int(timings["prompt_n"] or 0), int(timings.get("cache_n") or 0)
+    cached = int(data.get("tokens_cached") or 0)
+    return max(int(data.get("tokens_evaluated") or 0) - cached, 0), cached
 
+
+def _llama_cpp_tops(data: Mapping[str, Any]) -> list[dict[str, float]]:
+    """The first generated token's top alternatives as {token: logprob}, from each format the llama.cpp
+    server has used: `top_probs` with probabilities (with `post_sampling_probs`), `top_logprobs` with
+    log-probabilities (without), `probs` with `tok_str` and probabilities (older servers)."""
     out: list[dict[str, float]] = []
     for item in data.get("completion_probabilities") or []:
-        if "top_logprobs" in item:
+        if "top_probs" in item:
+            out.append({str(e.get("token", "")): _log(e.get("prob")) for e in item["top_probs"]})
+        elif "top_logprobs" in item:
             out.append({str(e.get("token", "")): float(e.get("logprob", -1e9)) for e in item["top_logprobs"]})
         elif "probs" in item:
-            out.append({str(e.get("tok_str", "")): math.log(max(float(e.get("prob", 0.0)), 1e-30))
-                        for e in item["probs"]})
+            out.append({str(e.get("tok_str", "")): _log(e.get("prob")) for e in item["probs"]})
     return out
+
+
+def _log(p: Any) -> float:
+    return math.log(max(float(p or 0.0), 1e-30))
