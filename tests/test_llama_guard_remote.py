@@ -196,8 +196,16 @@ async def llama_cpp_server():
     slots: dict[int, str] = {}
     fmt = {"probs": "top_probs"}
 
+    async def tokenize(req: web.Request) -> web.Response:
+        body = await req.json()
+        assert body == {"content": "<|begin_of_text|>", "add_special": False, "parse_special": True}
+        return web.json_response({"tokens": [128000]})
+
     async def completion(req: web.Request) -> web.Response:
         body = await req.json()
+        body["raw_prompt"] = body["prompt"]  # [BOS id, text]: no second BOS from the server
+        assert isinstance(body["prompt"], list) and body["prompt"][0] == 128000, body["prompt"]
+        body["prompt"] = "".join("<|begin_of_text|>" if x == 128000 else x for x in body["prompt"])
         seen.append(body)
         prompt, slot = body["prompt"], body["id_slot"]
         last = slots.get(slot, "") if body.get("cache_prompt") else ""
@@ -228,6 +236,7 @@ async def llama_cpp_server():
 
     app = web.Application()
     app.router.add_post("/completion", completion)
+    app.router.add_post("/tokenize", tokenize)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -250,6 +259,7 @@ async def test_llama_cpp_server_streams_keep_their_slot_and_its_prompt_cache(lla
     assert all(body["cache_prompt"] is True and body["n_probs"] > 0 for body in seen)
     assert seen[0]["logit_bias"] == [["safe", 1000.0], ["unsafe", 1000.0]] and seen[0]["post_sampling_probs"]
     assert [body["id_slot"] for body in seen] == [0, 1, 0]  # each stream its own slot, kept
+    assert seen[0]["raw_prompt"][0] == 128000 and seen[0]["raw_prompt"][1].startswith("<|start_header_id|>user")
     assert seen[0]["prompt"].startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>")
     assert seen[0]["prompt"].endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
     assert not (va1.flagged or vb1.flagged or va2.flagged) and va2.score < 0.05

@@ -29,6 +29,7 @@ from gateway.guards.llama_guard.vision import completion_prompt as render_lg4
 VERDICT_WORDS = ("safe", "unsafe")  # single tokens in the Llama 3 / Llama Guard 3 vocabulary
 VERDICT_BIAS = 1000.0  # far above any logit: the two words take all the probability, in their own ratio
 CATEGORY_TOKENS = 20
+BOS_TEXT = "<|begin_of_text|>"
 
 RemoteApi = Literal["llama_moderations", "openai_chat", "openai_completions", "llama_cpp"]
 APIS = ("llama_moderations", "openai_chat", "openai_completions", "llama_cpp")
@@ -79,6 +80,7 @@ class _RemoteBackend:
         self.opts = opts
         self._session: Any = None
         self._free_slots = list(range(opts.slots))[::-1]
+        self._heads: dict[str, list[int]] = {}  # llama_cpp: the prompt's BOS head -> its token ids
 
     def acquire_slot(self) -> int:
         """A llama.cpp server slot for one stream (-1: none free, the server picks by prompt similarity)."""
@@ -139,8 +141,9 @@ class _RemoteBackend:
         # model ranks first: the same large bias on both words keeps their ratio and pushes every other
         # token out; `post_sampling_probs` reports the probabilities after that bias (no temperature,
         # no truncation: `samplers` empty, so the chain is the bias and a seeded draw).
+        head, rest = await self._bos_head(prompt)
         body: dict[str, Any] = {
-            "prompt": prompt,
+            "prompt": [*head, rest],
             "n_predict": 1,
             "cache_prompt": True,
             "id_slot": slot,
@@ -165,13 +168,32 @@ class _RemoteBackend:
             # slot's cache, so this evaluates that one word and the few tokens it generates.
             more = await self._post(
                 "/completion",
-                {"prompt": prompt + "unsafe", "n_predict": CATEGORY_TOKENS, "temperature": 0,
+                {"prompt": [*head, rest + "unsafe"], "n_predict": CATEGORY_TOKENS, "temperature": 0,
                  "cache_prompt": True, "id_slot": slot},
             )
             text = "unsafe" + str(more.get("content") or "")
             evaluated += _llama_cpp_tokens(more)[0]
             _, codes = parse_output(text)
         return RemoteResult(score >= threshold, score, codes, text, evaluated, reused)
+
+    async def _bos_head(self, prompt: str) -> tuple[list[int], str]:
+        """The prompt as llama.cpp's mixed form `[ids..., text]`: the template's own `<|begin_of_text|>`
+        (and the space LG3-8B's template puts before it) as token ids, the rest as text. Sent as one
+        string, the server would add a BOS of its own in front (two BOS; not what in-process
+        evaluates); a prompt that starts with token ids gets none. The ids come from the server's
+        `/tokenize`, once per head."""
+        i = prompt.find(BOS_TEXT)
+        if i < 0 or i > 1:
+            return [], prompt
+        head = prompt[: i + len(BOS_TEXT)]
+        ids = self._heads.get(head)
+        if ids is None:
+            data = await self._post("/tokenize", {"content": head, "add_special": False, "parse_special": True})
+            ids = [int(t) for t in data.get("tokens") or []]
+            if not ids:
+                raise RuntimeError(f"llama_guard remote: /tokenize gave no tokens for {head!r}")
+            self._heads[head] = ids
+        return ids, prompt[len(head) :]
 
     async def _check_api(
         self, turns: Sequence[Turn], categories: Mapping[str, str], excluded: Sequence[str], custom: bool
