@@ -48,7 +48,7 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
-async def part_l(shape: str, tmp: Path, threads: int, parts: str) -> None:
+async def part_l(shape: str, tmp: Path, threads: int, parts: str, rounds: int = 3) -> None:
     from make_tiny_gguf import make_tiny_gguf
     from workers_fixtures import free_port
 
@@ -99,37 +99,46 @@ async def part_l(shape: str, tmp: Path, threads: int, parts: str) -> None:
     toks = local.model.tokenize(words, special=False)[:1000]
     texts = [local.model.detokenize(toks[:n]) for n in [*range(EVERY, len(toks), EVERY), len(toks)]]
     msgs = [Message.of("user", "How do I bake bread at home?")]
-    results: dict[str, tuple[int, list[float]]] = {}
+    tokens: dict[str, int] = {}  # guard tokens per answer: the first round, every backend cold
+    lats: dict[str, list[float]] = {name: [] for name in guards}
+    server_ms: list[float] = []
     naive = 0
     names = list(guards)
-    for rnd in range(3):  # rounds, rotating which goes first: the machine's noise hits all of them
+    for rnd in range(rounds):  # rounds, rotating which goes first: the machine's noise hits all of them
         for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
             sc = guards[name].open_stream(msgs, f"bench-{rnd}")
-            tokens, lat = 0, []
+            total = 0
             for i, text in enumerate(texts):
                 t0 = time.perf_counter()
                 v = await sc.check(text, 0, i == len(texts) - 1)
-                lat.append((time.perf_counter() - t0) * 1000)
-                tokens += v.tokens_evaluated
+                if i:  # the first check of a stream is a full prefill: latency over the incremental ones
+                    lats[name].append((time.perf_counter() - t0) * 1000)
+                    if "server_ms" in v.details:
+                        server_ms.append(float(v.details["server_ms"]))
+                total += v.tokens_evaluated
                 if name == "in-process" and rnd == 0:
                     naive += int(v.details.get("prompt_tokens") or 0)
             await sc.close()
-            prev = results.get(name, (0, []))
-            results[name] = (tokens, prev[1] + lat[1:])  # the first check of a stream is a full prefill
-    lt, ll = results["in-process"]
-    p50l, p90l = statistics.median(ll), _pct(ll, 0.9)
+            tokens.setdefault(name, total)
+    lt = tokens["in-process"]
+    p50l = statistics.median(lats["in-process"])
     print(
         f"\nL/R: Llama Guard ({shape}, {threads} threads), a {len(toks)}-token answer checked every {EVERY} "
-        f"tokens ({len(texts)} checks), 3 rounds; latency over the incremental checks (not the first)"
+        f"tokens ({len(texts)} checks), {rounds} rounds; latency over the incremental checks (not the first)"
     )
     print(f"  naive full re-checks would evaluate {naive} guard tokens per answer")
     print(f"  {'backend':<14}{'tokens/answer':>14}{'x in-process':>14}{'p50 ms':>10}{'p90 ms':>10}{'+p50 ms':>10}")
-    for name, (tk, lat) in results.items():
+    for name, lat in lats.items():
         p50, p90 = statistics.median(lat), _pct(lat, 0.9)
-        print(f"  {name:<14}{tk // 3:>14}{tk / lt:>14.3f}{p50:>10.2f}{p90:>10.2f}{p50 - p50l:>+10.2f}")
+        print(f"  {name:<14}{tokens[name]:>14}{tokens[name] / lt:>14.3f}{p50:>10.2f}{p90:>10.2f}{p50 - p50l:>+10.2f}")
+    if server_ms:
+        print(
+            f"  llama-server's own time per check (its timings): p50 {statistics.median(server_ms):.2f} ms, "
+            f"p90 {_pct(server_ms, 0.9):.2f} ms; the rest is HTTP, JSON and its tokenizing the prompt text"
+        )
     print(
-        f"  (in-process p90 {p90l:.2f} ms; engine: JSON over HTTP on loopback to `guardgate guards serve`;"
-        " llama-server: `/completion` with cache_prompt and id_slot, --parallel 2)"
+        "  (engine: JSON over HTTP on loopback to `guardgate guards serve`; llama-server: `/completion` with"
+        " cache_prompt and id_slot, --parallel 2)"
     )
     for g in guards.values():
         await g.aclose()
@@ -205,11 +214,12 @@ def main() -> int:
     ap.add_argument("--parts", default="LRM")
     ap.add_argument("--shape", default="tiny", help="scripts/make_tiny_gguf.py shape for parts L and R")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="parts L and R: streams per backend")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="gg-bench-engine-") as d:
         tmp = Path(d)
         if "L" in a.parts or "R" in a.parts:
-            asyncio.run(part_l(a.shape, tmp, a.threads, a.parts))
+            asyncio.run(part_l(a.shape, tmp, a.threads, a.parts, a.rounds))
         if "M" in a.parts:
             part_m(tmp)
     return 0

@@ -73,6 +73,7 @@ class RemoteResult:
     text: str
     evaluated: int = 0  # prompt tokens the server evaluated (llama_cpp), 0 when it does not say
     reused: int = 0  # prompt tokens it found in its cache
+    server_ms: float | None = None  # llama_cpp: the server's own time for the check (its `timings`)
 
 
 class _RemoteBackend:
@@ -155,6 +156,7 @@ class _RemoteBackend:
         }
         data = await self._post("/completion", body)
         evaluated, reused = _llama_cpp_tokens(data)
+        server_ms = _llama_cpp_ms(data)
         score = _score_from_top_logprobs(_llama_cpp_tops(data))
         text = str(data.get("content") or "")
         if score is None:
@@ -173,8 +175,9 @@ class _RemoteBackend:
             )
             text = "unsafe" + str(more.get("content") or "")
             evaluated += _llama_cpp_tokens(more)[0]
+            server_ms += _llama_cpp_ms(more)
             _, codes = parse_output(text)
-        return RemoteResult(score >= threshold, score, codes, text, evaluated, reused)
+        return RemoteResult(score >= threshold, score, codes, text, evaluated, reused, round(server_ms, 3))
 
     async def _bos_head(self, prompt: str) -> tuple[list[int], str]:
         """The prompt as llama.cpp's mixed form `[ids..., text]`: the template's own `<|begin_of_text|>`
@@ -260,6 +263,12 @@ def _llama_cpp_tokens(data: Mapping[str, Any]) -> tuple[int, int]:
         return int(timings["prompt_n"] or 0), int(timings.get("cache_n") or 0)
     cached = int(data.get("tokens_cached") or 0)
     return max(int(data.get("tokens_evaluated") or 0) - cached, 0), cached
+
+
+def _llama_cpp_ms(data: Mapping[str, Any]) -> float:
+    """The server's time for a request: prompt evaluation and generation (`timings`), 0 if absent."""
+    timings = data.get("timings") or {}
+    return float(timings.get("prompt_ms") or 0.0) + float(timings.get("predicted_ms") or 0.0)
 
 
 def _llama_cpp_tops(data: Mapping[str, Any]) -> list[dict[str, float]]:
