@@ -277,3 +277,24 @@ async def test_llama_cpp_server_streams_keep_their_slot_and_its_prompt_cache(lla
     await b.close()
     await c.close()
     await g.aclose()
+
+
+def test_llama_cpp_slots_a_range_and_each_workers_share(monkeypatch):
+    """Every gateway process pins streams to slots of its own: a replica names its range ("A-B"), and
+    under `serve --workers N` each worker takes every N-th slot of it (no two pin the same slot)."""
+    from gateway.guards.base import GuardConfigError
+    from gateway.guards.llama_guard.remote import RemoteOptions
+
+    def ids(slots):
+        return RemoteOptions.parse({"base_url": "http://g", "api": "llama_cpp", "slots": slots}).slot_ids()
+
+    monkeypatch.delenv("GUARDGATE_WORKERS", raising=False)
+    assert ids(4) == [0, 1, 2, 3] and ids("16-19") == [16, 17, 18, 19] and ids(0) == []
+    monkeypatch.setenv("GUARDGATE_WORKERS", "2")
+    monkeypatch.setenv("GUARDGATE_WORKER", "1")
+    assert ids("16-23") == [17, 19, 21, 23]
+    monkeypatch.setenv("GUARDGATE_WORKER", "0")
+    assert ids("16-23") == [16, 18, 20, 22]
+    for bad in ("x", "5-2", "-3"):
+        with pytest.raises(GuardConfigError):
+            ids(bad)

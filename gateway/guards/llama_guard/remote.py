@@ -45,7 +45,9 @@ class RemoteOptions:
     api_key_env: str | None = None
     timeout_s: float = 10.0
     headers: dict[str, str] = field(default_factory=dict)
-    slots: int = 0  # llama_cpp: the server's --parallel; each stream keeps one slot (0: the server picks)
+    # llama_cpp: the server slots this gateway pins streams to: N (slots 0..N-1, the server's --parallel)
+    # or "A-B" (this replica's share when several share the server); 0: the server picks by prompt
+    slots: int | str = 0
 
     @classmethod
     def parse(cls, raw: Any) -> RemoteOptions:
@@ -60,7 +62,27 @@ class RemoteOptions:
         opts = cls(**dict(raw))
         if opts.api not in APIS:
             raise GuardConfigError(f"llama_guard.remote.api: unknown api {opts.api!r}")
+        opts.slot_ids()  # validates
         return opts
+
+    def slot_ids(self) -> list[int]:
+        """The slots of `slots`, and of them this worker's share under `serve --workers N` (every N-th,
+        from its index), so no two processes of a replica pin streams to the same slot."""
+        raw = str(self.slots).strip()
+        try:
+            if "-" in raw:
+                a, b = (int(x) for x in raw.split("-", 1))
+                ids = list(range(a, b + 1))
+            else:
+                ids = list(range(int(raw)))
+        except ValueError:
+            raise GuardConfigError(f"llama_guard.remote.slots: {self.slots!r} is not N or 'A-B'") from None
+        if raw not in ("", "0") and (not ids or ids[0] < 0):
+            raise GuardConfigError(f"llama_guard.remote.slots: {self.slots!r} names no slot")
+        workers = int(os.environ.get("GUARDGATE_WORKERS") or 1)
+        if workers > 1 and ids:
+            ids = ids[int(os.environ.get("GUARDGATE_WORKER") or 0) % workers :: workers]
+        return ids
 
 
 @dataclass
@@ -80,7 +102,7 @@ class _RemoteBackend:
     def __init__(self, opts: RemoteOptions) -> None:
         self.opts = opts
         self._session: Any = None
-        self._free_slots = list(range(opts.slots))[::-1]
+        self._free_slots = opts.slot_ids()[::-1]
         self._heads: dict[str, list[int]] = {}  # llama_cpp: the prompt's BOS head -> its token ids
 
     def acquire_slot(self) -> int:
