@@ -35,7 +35,7 @@ ASK = [Message.of("user", "How do I bake bread at home?")]
 @pytest.fixture(scope="module")
 def server(rig_gguf) -> Any:
     assert BIN is not None
-    s = LlamaServer(BIN, rig_gguf, parallel=2, ctx=8192).wait_ready()
+    s = LlamaServer(BIN, rig_gguf, parallel=3, ctx=3 * 4096).wait_ready()
     yield s
     s.stop()
 
@@ -49,12 +49,12 @@ async def pool():
     await p.aclose()
 
 
-def remote_guard(url: str, **opts: Any) -> LlamaGuard:
+def remote_guard(url: str, slots: int | str = 2, **opts: Any) -> LlamaGuard:
     g = create(
         "llama_guard",
         backend="remote",
         variant="lg3-1b",
-        remote={"base_url": url, "api": "llama_cpp", "slots": 2, "timeout_s": 30},
+        remote={"base_url": url, "api": "llama_cpp", "slots": slots, "timeout_s": 30},
         **opts,
     )
     assert isinstance(g, LlamaGuard)
@@ -135,26 +135,35 @@ async def test_stream_check_stays_incremental_through_the_prompt_cache(server, p
 
 
 async def test_two_streams_on_their_own_slots_keep_their_caches(server, pool, rig_gguf):
-    """Two streams checked concurrently, interleaved: each keeps its slot's KV (no eviction)."""
+    """Two streams checked concurrently, interleaved with one-shot input checks of another step (its own
+    slot, "2-2"): each stream keeps its slot's KV (no eviction)."""
+    from gateway.guards.base import GuardInput
+
     local = await local_guard(pool, rig_gguf)
     a_texts, b_texts = prefixes(local, BENIGN), prefixes(local, OTHER)
     await local.aclose()
     g = remote_guard(server.url)
+    inputs = remote_guard(server.url, slots="2-2")
     a, b = g.open_stream(ASK, "a"), g.open_stream(ASK, "b")
     va: list[Any] = []
     vb: list[Any] = []
-    for ta, tb in zip(a_texts, b_texts, strict=False):
-        x, y = await asyncio.gather(a.check(ta, 0, False), b.check(tb, 0, False))
+    vi: list[Any] = []
+    for i, (ta, tb) in enumerate(zip(a_texts, b_texts, strict=False)):
+        question = GuardInput(stage="input", messages=[Message.of("user", f"question {i}: how do rivers bend?")])
+        x, y, z = await asyncio.gather(a.check(ta, 0, False), b.check(tb, 0, False), inputs.check(question))
         va.append(x)
         vb.append(y)
+        vi.append(z)
     await a.close()
     await b.close()
     assert {v.details["slot"] for v in va} == {0} and {v.details["slot"] for v in vb} == {1}
+    assert {v.details["slot"] for v in vi} == {2} and not any(v.flagged for v in vi)
     for vs in (va, vb):
         assert all(v.error is None for v in vs)
         reused_share = [v.details["reused"] / (v.details["reused"] + v.tokens_evaluated) for v in vs[1:]]
         assert min(reused_share) > 0.6, reused_share  # each check found its own stream's prefix
     await g.aclose()
+    await inputs.aclose()
 
 
 def _policy(url: str) -> Any:

@@ -308,7 +308,15 @@ class LlamaGuard(Guard):
         t0 = time.perf_counter()
         if not turns or not turns[-1][1].strip():
             return self.verdict(t0, reason="nothing to check")
-        return await self._guarded(self._judge(turns, None, t0))
+        if self.remote is None:
+            return await self._guarded(self._judge(turns, None, t0))
+        # llama.cpp server: a one-shot check takes one of this step's slots for its duration too, so the
+        # server never gives it (by LRU) a slot that holds a live stream's prefix
+        slot = self.remote.acquire_slot()
+        try:
+            return await self._guarded(self._judge(turns, None, t0, slot=slot))
+        finally:
+            self.remote.release_slot(slot)
 
     async def _guarded(self, coro: Any) -> Verdict:
         try:
