@@ -101,40 +101,47 @@ async def part_l(shape: str, tmp: Path, threads: int, parts: str, rounds: int = 
     msgs = [Message.of("user", "How do I bake bread at home?")]
     tokens: dict[str, int] = {}  # guard tokens per answer: the first round, every backend cold
     lats: dict[str, list[float]] = {name: [] for name in guards}
-    server_ms: list[float] = []
+    hop: list[float] = []  # llama-server: the client's time for a check less the server's own time
     naive = 0
     names = list(guards)
-    for rnd in range(rounds):  # rounds, rotating which goes first: the machine's noise hits all of them
-        for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
-            sc = guards[name].open_stream(msgs, f"bench-{rnd}")
-            total = 0
-            for i, text in enumerate(texts):
+    for rnd in range(rounds):
+        # One stream per backend, open together, their checks interleaved (the order rotating at each
+        # check): the machine's noise hits every backend alike.
+        streams = {name: g.open_stream(msgs, f"bench-{rnd}-{name}") for name, g in guards.items()}
+        totals = dict.fromkeys(names, 0)
+        for i, text in enumerate(texts):
+            k = i % len(names)
+            for name in names[k:] + names[:k]:
                 t0 = time.perf_counter()
-                v = await sc.check(text, 0, i == len(texts) - 1)
+                v = await streams[name].check(text, 0, i == len(texts) - 1)
+                ms = (time.perf_counter() - t0) * 1000
                 if i:  # the first check of a stream is a full prefill: latency over the incremental ones
-                    lats[name].append((time.perf_counter() - t0) * 1000)
+                    lats[name].append(ms)
                     if "server_ms" in v.details:
-                        server_ms.append(float(v.details["server_ms"]))
-                total += v.tokens_evaluated
+                        hop.append(ms - float(v.details["server_ms"]))
+                totals[name] += v.tokens_evaluated
                 if name == "in-process" and rnd == 0:
                     naive += int(v.details.get("prompt_tokens") or 0)
+        for sc in streams.values():
             await sc.close()
-            tokens.setdefault(name, total)
+        if rnd == 0:
+            tokens = totals
     lt = tokens["in-process"]
     p50l = statistics.median(lats["in-process"])
     print(
         f"\nL/R: Llama Guard ({shape}, {threads} threads), a {len(toks)}-token answer checked every {EVERY} "
-        f"tokens ({len(texts)} checks), {rounds} rounds; latency over the incremental checks (not the first)"
+        f"tokens ({len(texts)} checks), {rounds} rounds, the backends' checks interleaved; latency over the "
+        "incremental checks (not the first)"
     )
     print(f"  naive full re-checks would evaluate {naive} guard tokens per answer")
     print(f"  {'backend':<14}{'tokens/answer':>14}{'x in-process':>14}{'p50 ms':>10}{'p90 ms':>10}{'+p50 ms':>10}")
     for name, lat in lats.items():
         p50, p90 = statistics.median(lat), _pct(lat, 0.9)
         print(f"  {name:<14}{tokens[name]:>14}{tokens[name] / lt:>14.3f}{p50:>10.2f}{p90:>10.2f}{p50 - p50l:>+10.2f}")
-    if server_ms:
+    if hop:
         print(
-            f"  llama-server's own time per check (its timings): p50 {statistics.median(server_ms):.2f} ms, "
-            f"p90 {_pct(server_ms, 0.9):.2f} ms; the rest is HTTP, JSON and its tokenizing the prompt text"
+            f"  llama-server hop (a check's time less the server's own `timings`): p50 {statistics.median(hop):.2f} ms,"
+            f" p90 {_pct(hop, 0.9):.2f} ms: HTTP, JSON, the server tokenizing the prompt text"
         )
     print(
         "  (engine: JSON over HTTP on loopback to `guardgate guards serve`; llama-server: `/completion` with"
