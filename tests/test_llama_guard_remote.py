@@ -237,6 +237,10 @@ async def llama_cpp_server():
     app = web.Application()
     app.router.add_post("/completion", completion)
     app.router.add_post("/tokenize", tokenize)
+    async def props(req: web.Request) -> web.Response:
+        return web.json_response({"total_slots": 2})
+
+    app.router.add_get("/props", props)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -276,6 +280,22 @@ async def test_llama_cpp_server_streams_keep_their_slot_and_its_prompt_cache(lla
     assert seen[-1]["id_slot"] == 0  # a's slot was given back
     await b.close()
     await c.close()
+    await g.aclose()
+
+
+async def test_llama_cpp_slots_beyond_the_servers_go_unpinned(llama_cpp_server, caplog):
+    """`slots` naming more than the server has (`/props` total_slots 2): the server would wrap id_slot 2
+    onto slot 0, so that stream goes unpinned (-1), with a warning, and its slot is never handed out."""
+    url, seen, _ = llama_cpp_server
+    g = create("llama_guard", variant="lg3-1b", remote={"base_url": url, "api": "llama_cpp", "slots": 3})
+    streams = [g.open_stream([Message.of("user", "story")], f"s{i}") for i in range(3)]
+    verdicts = [await sc.check(f"once upon a time {i}", 0, False) for i, sc in enumerate(streams)]
+    assert [body["id_slot"] for body in seen] == [0, 1, -1]
+    assert [v.details["slot"] for v in verdicts] == [0, 1, -1]
+    assert "has 2 slots" in caplog.text
+    for sc in streams:
+        await sc.close()
+    assert sorted(g.remote._free_slots) == [0, 1]
     await g.aclose()
 
 

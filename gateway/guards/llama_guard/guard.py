@@ -347,7 +347,7 @@ class LlamaGuard(Guard):
             score = r.score if r.score is not None else float(flagged)
             extra: dict[str, Any] = {}
             if self.remote.opts.api == "llama_cpp":  # the server's cache and time: what the check cost there
-                extra = {"reused": r.reused, "slot": slot, "server_ms": r.server_ms}
+                extra = {"reused": r.reused, "slot": r.slot, "server_ms": r.server_ms}
             v = self._finish(t0, flagged, score, r.codes, r.evaluated, raw=r.text, **extra)
             self.stats.observe(v, r.reused)
             return v

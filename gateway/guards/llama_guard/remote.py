@@ -15,6 +15,7 @@ shared chat client (`GuardResources`).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,8 @@ from gateway.guards.base import GuardConfigError
 from gateway.guards.llama_guard.parsing import _score_from_top_logprobs, parse_output
 from gateway.guards.llama_guard.prompt import Turn, render_lg3
 from gateway.guards.llama_guard.vision import completion_prompt as render_lg4
+
+log = logging.getLogger("gateway.guards.llama_guard")
 
 VERDICT_WORDS = ("safe", "unsafe")  # single tokens in the Llama 3 / Llama Guard 3 vocabulary
 VERDICT_BIAS = 1000.0  # far above any logit: the two words take all the probability, in their own ratio
@@ -96,6 +99,7 @@ class RemoteResult:
     evaluated: int = 0  # prompt tokens the server evaluated (llama_cpp), 0 when it does not say
     reused: int = 0  # prompt tokens it found in its cache
     server_ms: float | None = None  # llama_cpp: the server's own time for the check (its `timings`)
+    slot: int = -1  # llama_cpp: the server slot it ran in
 
 
 class _RemoteBackend:
@@ -104,14 +108,33 @@ class _RemoteBackend:
         self._session: Any = None
         self._free_slots = opts.slot_ids()[::-1]
         self._heads: dict[str, list[int]] = {}  # llama_cpp: the prompt's BOS head -> its token ids
+        self._server_slots: int | None = None  # llama_cpp: the server's slot count, once asked
 
     def acquire_slot(self) -> int:
         """A llama.cpp server slot for one stream (-1: none free, the server picks by prompt similarity)."""
         return self._free_slots.pop() if self._free_slots else -1
 
     def release_slot(self, slot: int) -> None:
-        if slot >= 0:
+        if slot >= 0 and (self._server_slots is None or slot < self._server_slots):
             self._free_slots.append(slot)
+
+    async def _check_slots(self, slot: int) -> int:
+        """Once: the server's slot count (`/props` `total_slots`). A slot it does not have would wrap
+        around onto another (the server takes `id_slot` modulo its count) and two streams would evict
+        each other's prefix: such slots are dropped, with a warning, and the check goes unpinned."""
+        if self._server_slots is None:
+            http = await self._http()
+            async with http.get(self.opts.base_url.rstrip("/") + "/props") as resp:
+                props = await resp.json(content_type=None) if resp.status == 200 else {}
+            n = int(props.get("total_slots") or 0) or 1 << 30  # a server that does not say: trust `slots`
+            self._server_slots = n
+            if any(i >= n for i in self.opts.slot_ids()):
+                log.warning(
+                    "llama_guard remote: slots %s, but %s has %d slots (--parallel): streams beyond them go "
+                    "unpinned (id_slot -1)", self.opts.slots, self.opts.base_url, n
+                )
+                self._free_slots = [i for i in self._free_slots if i < n]
+        return slot if slot < self._server_slots else -1
 
     async def _http(self) -> Any:
         import aiohttp
@@ -165,9 +188,11 @@ class _RemoteBackend:
         # top_k 2 keeps just them (no temperature: the chain is the bias, top-k and a seeded draw), and
         # `post_sampling_probs` reports their probabilities after it. (Without top_k the server would
         # softmax and sort the whole vocabulary for the probabilities: +3-7 ms a check on 2 cores.)
+        if slot >= 0:
+            slot = await self._check_slots(slot)
         head, rest = await self._bos_head(prompt)
         body: dict[str, Any] = {
-            "prompt": [*head, rest],
+            "prompt": [*head, rest] if head else rest,
             "n_predict": 1,
             "cache_prompt": True,
             "id_slot": slot,
@@ -192,16 +217,18 @@ class _RemoteBackend:
         if score >= threshold and decode:
             # The categories, greedy after a forced "unsafe" (as in-process): the prompt is all in the
             # slot's cache, so this evaluates that one word and the few tokens it generates.
+            forced = [*head, rest + "unsafe"] if head else rest + "unsafe"
             more = await self._post(
                 "/completion",
-                {"prompt": [*head, rest + "unsafe"], "n_predict": CATEGORY_TOKENS, "temperature": 0,
-                 "cache_prompt": True, "id_slot": slot},
+                {"prompt": forced, "n_predict": CATEGORY_TOKENS, "temperature": 0, "cache_prompt": True,
+                 "id_slot": slot},
             )
             text = "unsafe" + str(more.get("content") or "")
             evaluated += _llama_cpp_tokens(more)[0]
             server_ms += _llama_cpp_ms(more)
             _, codes = parse_output(text)
-        return RemoteResult(score >= threshold, score, codes, text, evaluated, reused, round(server_ms, 3))
+        used = int(data.get("id_slot", slot)) if isinstance(data.get("id_slot", slot), int) else slot
+        return RemoteResult(score >= threshold, score, codes, text, evaluated, reused, round(server_ms, 3), used)
 
     async def _bos_head(self, prompt: str) -> tuple[list[int], str]:
         """The prompt as llama.cpp's mixed form `[ids..., text]`: the template's own `<|begin_of_text|>`
