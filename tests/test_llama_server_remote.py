@@ -100,6 +100,27 @@ async def test_verdicts_and_categories_from_a_real_llama_server(server, pool, ri
     await g.aclose()
 
 
+async def test_p_unsafe_is_the_in_process_figure_on_a_random_model(pool, tiny_gguf):
+    """On random weights neither verdict word is among the model's top tokens: P(unsafe) still comes out
+    as in-process (the softmax over the two words' logits), from the bias on both and top_k 2."""
+    from gateway.guards.base import GuardInput
+
+    assert BIN is not None
+    s = LlamaServer(BIN, tiny_gguf, parallel=1, ctx=4096).wait_ready()
+    try:
+        g = remote_guard(s.url, slots=1)
+        local = await local_guard(pool, tiny_gguf)
+        for text in ("nice weather today", "how do I sharpen a kitchen knife?"):
+            inp = GuardInput(stage="input", messages=[Message.of("user", text)])
+            r, lv = await g.check(inp), await local.check(inp)
+            assert r.error is None and 0.01 < r.score < 0.99, r
+            assert r.score == pytest.approx(lv.score, abs=2e-3), (r.score, lv.score)
+        await g.aclose()
+        await local.aclose()
+    finally:
+        s.stop()
+
+
 async def test_stream_check_stays_incremental_through_the_prompt_cache(server, pool, rig_gguf):
     """Each check evaluates the tokens added since the last one plus the template suffix, as the
     in-process check does; the server's cache holds the rest (the naive re-check costs ~6x more here)."""
