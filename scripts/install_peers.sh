@@ -3,10 +3,13 @@
 #   .peers/litellm/   LiteLLM proxy (`litellm[proxy]` from PyPI) in a virtualenv of its own: its pins
 #                     clash with ours, so it never shares Guardgate's environment
 #   .peers/portkey/   the Portkey gateway (`@portkey-ai/gateway` from the npm registry), run with node
+#   .peers/llama-server/  llama.cpp's own server, built from the llama.cpp that the installed
+#                     llama-cpp-python vendors (scripts/build_llama_server.sh, ~10 min on 2 cores): the
+#                     real server behind Llama Guard's `remote` backend with `api: llama_cpp` (issue 34)
 # Tests and benchmarks find them there (or through LITELLM_BIN / PORTKEY_DIR) and skip, with the
 # reason, when absent.
 #
-#   bash scripts/install_peers.sh [litellm] [portkey]     (default: both)
+#   bash scripts/install_peers.sh [litellm] [portkey] [llama-server]     (default: all three)
 #
 # Versions: LITELLM_VERSION / PORTKEY_VERSION pin them (default: the latest release). Each peer is
 # installed on its own: one that fails is reported and the script goes on; it exits non-zero when any
@@ -16,7 +19,7 @@ cd "$(dirname "$0")/.."
 PEERS="$PWD/.peers"
 mkdir -p "$PEERS"
 want=("$@")
-[ ${#want[@]} -eq 0 ] && want=(litellm portkey)
+[ ${#want[@]} -eq 0 ] && want=(litellm portkey llama-server)
 failed=()
 
 install_litellm() {
@@ -41,12 +44,18 @@ install_portkey() {
     echo "install_peers: @portkey-ai/gateway $(node -p "require('$dir/node_modules/@portkey-ai/gateway/package.json').version") in $dir"
 }
 
+install_llama_server() {
+    # The build needs the llama-cpp-python of Guardgate's environment: the python on PATH (CI's venv).
+    PYTHON="${PYTHON:-python3}" bash scripts/build_llama_server.sh
+}
+
 for peer in "${want[@]}"; do
     start=$SECONDS
     case "$peer" in
         litellm) install_litellm ;;
         portkey) install_portkey ;;
-        *) echo "install_peers: unknown peer $peer (litellm, portkey)" >&2; false ;;
+        llama-server) install_llama_server ;;
+        *) echo "install_peers: unknown peer $peer (litellm, portkey, llama-server)" >&2; false ;;
     esac
     rc=$?
     if [ $rc -ne 0 ]; then

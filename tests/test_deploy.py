@@ -70,3 +70,31 @@ def test_nginx_balances_over_the_gateway_services(compose: dict) -> None:
     servers = set(re.findall(r"^\s*server\s+([\w-]+):8080", conf, re.M))
     assert servers == set(gateways(compose))
     assert "proxy_buffering off" in conf and re.search(r"proxy_read_timeout\s+3\d\ds", conf)
+
+
+def test_each_replica_pins_its_own_guard_server_slots(compose: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard server's slots (--parallel) are shared out: each replica's input and stream checks get
+    ranges of their own (a stream keeps its slot, so the server's prompt cache holds its prefix), all
+    within the server's slots, none shared; the server keeps per-slot KV (no unified KV that clears idle
+    slots) of at least 8192 cells, and no host-RAM copies of idle slots."""
+    from gateway.guards.llama_guard.remote import RemoteOptions
+
+    cmd = compose["services"]["guard"]["command"]
+    parallel = int(cmd[cmd.index("--parallel") + 1])
+    assert int(cmd[cmd.index("--ctx-size") + 1]) // parallel >= 8192
+    assert "--kv-unified" not in cmd and cmd[cmd.index("--cache-ram") + 1] == "0"
+    monkeypatch.delenv("GUARDGATE_WORKERS", raising=False)
+    taken: list[int] = []
+    for name, svc in gateways(compose).items():
+        for var in ("GUARD_INPUT_SLOTS", "GUARD_SLOTS"):
+            monkeypatch.setenv(var, svc["environment"][var])
+        monkeypatch.setenv("GUARD_URL", svc["environment"]["GUARD_URL"])
+        policy = load_policy(DEPLOY / "policies" / "fleet.yaml")
+        try:
+            steps = [s for s in policy.steps if s.guard_name == "llama_guard"]
+            ids = [RemoteOptions.parse(s.guard.options["remote"]).slot_ids() for s in steps]
+        finally:
+            policy.release()
+        assert len(ids) == 2 and all(ids), name  # input and stream, each with slots
+        taken += [i for r in ids for i in r]
+    assert len(taken) == len(set(taken)) and max(taken) < parallel, taken

@@ -188,14 +188,24 @@ async def test_probe_accepts_a_loadable_model(tiny_gguf):
 async def llama_cpp_server():
     """A server speaking llama.cpp's native /completion: per slot it remembers the last prompt and
     reports, like llama.cpp's prompt cache, how many leading characters it reused (`cache_n`) and
-    evaluated (`prompt_n`); the first token's top probabilities in the current format (`top_logprobs`)
-    or the older one (`probs`), by the `X-Format` the test picks."""
+    evaluated (`prompt_n`); the first token's top probabilities in the format the test picks:
+    `top_probs` (what the current server sends with `post_sampling_probs`), `top_logprobs` (without),
+    or `probs` (older servers). A prompt that ends with the forced "unsafe" gets the categories.
+    (tests/test_llama_server_remote.py runs the same checks against a real llama-server.)"""
     seen: list[dict] = []
     slots: dict[int, str] = {}
-    fmt = {"probs": False}
+    fmt = {"probs": "top_probs"}
+
+    async def tokenize(req: web.Request) -> web.Response:
+        body = await req.json()
+        assert body == {"content": "<|begin_of_text|>", "add_special": False, "parse_special": True}
+        return web.json_response({"tokens": [128000]})
 
     async def completion(req: web.Request) -> web.Response:
         body = await req.json()
+        body["raw_prompt"] = body["prompt"]  # [BOS id, text]: no second BOS from the server
+        assert isinstance(body["prompt"], list) and body["prompt"][0] == 128000, body["prompt"]
+        body["prompt"] = "".join("<|begin_of_text|>" if x == 128000 else x for x in body["prompt"])
         seen.append(body)
         prompt, slot = body["prompt"], body["id_slot"]
         last = slots.get(slot, "") if body.get("cache_prompt") else ""
@@ -204,13 +214,21 @@ async def llama_cpp_server():
             n += 1
         slots[slot] = prompt
         bad = "bomb" in prompt
+        if prompt.endswith("unsafe"):
+            return web.json_response({"content": "\nS1", "id_slot": slot,
+                                      "timings": {"cache_n": n, "prompt_n": len(prompt) - n}})
         lp_unsafe, lp_safe = (-0.05, -3.0) if bad else (-4.0, -0.02)
-        text = ("unsafe\nS1" if body["n_predict"] > 1 else "unsafe") if bad else "safe"
-        if fmt["probs"]:
-            probs = [{"content": text.split()[0], "probs": [{"tok_str": "safe", "prob": 2.718281828**lp_safe},
-                                                            {"tok_str": "unsafe", "prob": 2.718281828**lp_unsafe}]}]
+        text = "unsafe" if bad else "safe"
+        e = 2.718281828
+        if fmt["probs"] == "probs":
+            probs = [{"content": text, "probs": [{"tok_str": "safe", "prob": e**lp_safe},
+                                                 {"tok_str": "unsafe", "prob": e**lp_unsafe}]}]
+        elif fmt["probs"] == "top_probs":
+            probs = [{"id": 1, "token": text, "prob": e ** max(lp_safe, lp_unsafe),
+                      "top_probs": [{"id": 2, "token": "safe", "prob": e**lp_safe},
+                                    {"id": 3, "token": "unsafe", "prob": e**lp_unsafe}]}]
         else:
-            probs = [{"token": text.split()[0], "logprob": max(lp_safe, lp_unsafe),
+            probs = [{"token": text, "logprob": max(lp_safe, lp_unsafe),
                       "top_logprobs": [{"token": "safe", "logprob": lp_safe},
                                        {"token": "unsafe", "logprob": lp_unsafe}]}]
         return web.json_response({"content": text, "id_slot": slot, "completion_probabilities": probs,
@@ -218,6 +236,11 @@ async def llama_cpp_server():
 
     app = web.Application()
     app.router.add_post("/completion", completion)
+    app.router.add_post("/tokenize", tokenize)
+    async def props(req: web.Request) -> web.Response:
+        return web.json_response({"total_slots": 2})
+
+    app.router.add_get("/props", props)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -227,10 +250,10 @@ async def llama_cpp_server():
     await runner.cleanup()
 
 
-@pytest.mark.parametrize("old_format", [False, True])
-async def test_llama_cpp_server_streams_keep_their_slot_and_its_prompt_cache(llama_cpp_server, old_format):
+@pytest.mark.parametrize("probs", ["top_probs", "top_logprobs", "probs"])
+async def test_llama_cpp_server_streams_keep_their_slot_and_its_prompt_cache(llama_cpp_server, probs):
     url, seen, fmt = llama_cpp_server
-    fmt["probs"] = old_format
+    fmt["probs"] = probs
     g = create("llama_guard", variant="lg3-1b", remote={"base_url": url, "api": "llama_cpp", "slots": 2})
     a = g.open_stream([Message.of("user", "story")], "a")
     b = g.open_stream([Message.of("user", "another story")], "b")
@@ -238,7 +261,9 @@ async def test_llama_cpp_server_streams_keep_their_slot_and_its_prompt_cache(lla
     vb1 = await b.check("far far away", 0, False)
     va2 = await a.check("once upon a time there was", 0, False)
     assert all(body["cache_prompt"] is True and body["n_probs"] > 0 for body in seen)
+    assert seen[0]["logit_bias"] == [["safe", 1000.0], ["unsafe", 1000.0]] and seen[0]["post_sampling_probs"]
     assert [body["id_slot"] for body in seen] == [0, 1, 0]  # each stream its own slot, kept
+    assert seen[0]["raw_prompt"][0] == 128000 and seen[0]["raw_prompt"][1].startswith("<|start_header_id|>user")
     assert seen[0]["prompt"].startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>")
     assert seen[0]["prompt"].endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
     assert not (va1.flagged or vb1.flagged or va2.flagged) and va2.score < 0.05
@@ -248,7 +273,7 @@ async def test_llama_cpp_server_streams_keep_their_slot_and_its_prompt_cache(lla
     assert va2.tokens_evaluated == len(seen[2]["prompt"]) - va2.details["reused"]
     bad = await a.check("once upon a time there was a bomb", 0, True)
     assert bad.flagged and bad.categories == ["S1"]  # decoded by a second, cached call
-    assert seen[-1]["n_predict"] > 1 and seen[-1]["id_slot"] == 0
+    assert seen[-1]["n_predict"] > 1 and seen[-1]["id_slot"] == 0 and seen[-1]["prompt"].endswith("\n\nunsafe")
     await a.close()
     c = g.open_stream([Message.of("user", "third")], "c")
     await c.check("hello", 0, True)
@@ -256,3 +281,40 @@ async def test_llama_cpp_server_streams_keep_their_slot_and_its_prompt_cache(lla
     await b.close()
     await c.close()
     await g.aclose()
+
+
+async def test_llama_cpp_slots_beyond_the_servers_go_unpinned(llama_cpp_server, caplog):
+    """`slots` naming more than the server has (`/props` total_slots 2): the server would wrap id_slot 2
+    onto slot 0, so that stream goes unpinned (-1), with a warning, and its slot is never handed out."""
+    url, seen, _ = llama_cpp_server
+    g = create("llama_guard", variant="lg3-1b", remote={"base_url": url, "api": "llama_cpp", "slots": 3})
+    streams = [g.open_stream([Message.of("user", "story")], f"s{i}") for i in range(3)]
+    verdicts = [await sc.check(f"once upon a time {i}", 0, False) for i, sc in enumerate(streams)]
+    assert [body["id_slot"] for body in seen] == [0, 1, -1]
+    assert [v.details["slot"] for v in verdicts] == [0, 1, -1]
+    assert "has 2 slots" in caplog.text
+    for sc in streams:
+        await sc.close()
+    assert sorted(g.remote._free_slots) == [0, 1]
+    await g.aclose()
+
+
+def test_llama_cpp_slots_a_range_and_each_workers_share(monkeypatch):
+    """Every gateway process pins streams to slots of its own: a replica names its range ("A-B"), and
+    under `serve --workers N` each worker takes every N-th slot of it (no two pin the same slot)."""
+    from gateway.guards.base import GuardConfigError
+    from gateway.guards.llama_guard.remote import RemoteOptions
+
+    def ids(slots):
+        return RemoteOptions.parse({"base_url": "http://g", "api": "llama_cpp", "slots": slots}).slot_ids()
+
+    monkeypatch.delenv("GUARDGATE_WORKERS", raising=False)
+    assert ids(4) == [0, 1, 2, 3] and ids("16-19") == [16, 17, 18, 19] and ids(0) == []
+    monkeypatch.setenv("GUARDGATE_WORKERS", "2")
+    monkeypatch.setenv("GUARDGATE_WORKER", "1")
+    assert ids("16-23") == [17, 19, 21, 23]
+    monkeypatch.setenv("GUARDGATE_WORKER", "0")
+    assert ids("16-23") == [16, 18, 20, 22]
+    for bad in ("x", "5-2", "-3"):
+        with pytest.raises(GuardConfigError):
+            ids(bad)

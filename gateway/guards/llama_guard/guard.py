@@ -308,7 +308,15 @@ class LlamaGuard(Guard):
         t0 = time.perf_counter()
         if not turns or not turns[-1][1].strip():
             return self.verdict(t0, reason="nothing to check")
-        return await self._guarded(self._judge(turns, None, t0))
+        if self.remote is None:
+            return await self._guarded(self._judge(turns, None, t0))
+        # llama.cpp server: a one-shot check takes one of this step's slots for its duration too, so the
+        # server never gives it (by LRU) a slot that holds a live stream's prefix
+        slot = self.remote.acquire_slot()
+        try:
+            return await self._guarded(self._judge(turns, None, t0, slot=slot))
+        finally:
+            self.remote.release_slot(slot)
 
     async def _guarded(self, coro: Any) -> Verdict:
         try:
@@ -337,7 +345,9 @@ class LlamaGuard(Guard):
                                         threshold=self.threshold, decode=self.decode_categories)
             flagged = r.score >= self.threshold if r.score is not None else r.flagged
             score = r.score if r.score is not None else float(flagged)
-            extra = {"reused": r.reused, "slot": slot} if self.remote.opts.api == "llama_cpp" else {}
+            extra: dict[str, Any] = {}
+            if self.remote.opts.api == "llama_cpp":  # the server's cache and time: what the check cost there
+                extra = {"reused": r.reused, "slot": r.slot, "server_ms": r.server_ms}
             v = self._finish(t0, flagged, score, r.codes, r.evaluated, raw=r.text, **extra)
             self.stats.observe(v, r.reused)
             return v
