@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import logging
 import math
 import time
@@ -135,7 +136,7 @@ class StreamGate:
         self._now: list[Event] = []  # events to release at the next drain, ahead of any text
         self._upstream: AsyncIterable[list[Event]] | None = None
         self._reader: asyncio.Task[None] | None = None
-        # `_queued_batches` only: what the reader and the checks report, and the read-ahead bound, in
+        # `_tasked` only: what the reader and the checks report, and the read-ahead bound, in
         # events (not lists: one network read may bring thousands), so a client that stops reading
         # holds the upstream back within about `read_ahead` events.
         self._q: asyncio.Queue[tuple[int, Any]]
@@ -163,7 +164,7 @@ class StreamGate:
         finally:
             await batches.aclose()
 
-    def batches(self, upstream: AsyncIterable[list[Event]]) -> AsyncGenerator[list[Event], None]:
+    async def batches(self, upstream: AsyncIterable[list[Event]]) -> AsyncGenerator[list[Event], None]:
         """The guarded stream: upstream events in lists (those that arrived together), and each
         release out as one list (what the client gets in one write). Closing it (aclose) cancels
         the upstream and every check."""
@@ -171,77 +172,72 @@ class StreamGate:
             raise RuntimeError("a StreamGate runs once")
         self._started = True
         self._upstream = upstream
-        if self.direct:
-            return self._direct(upstream)
-        return self._queued_batches(upstream)
-
-    async def _direct(self, upstream: AsyncIterable[list[Event]]) -> AsyncGenerator[list[Event], None]:
-        """`batches` when every check runs inline: read, check, release, in one loop."""
-        it = aiter(upstream)
+        releases = self._direct(upstream) if self.direct else self._tasked(upstream)
         try:
-            while True:
-                try:
-                    batch = await anext(it)
-                except StopAsyncIteration:
-                    self._handle((_END, None))
-                except Exception as e:
-                    self._upstream_done = True
-                    self.summary.error = f"upstream: {type(e).__name__}: {e}"
-                    raise
-                else:
-                    self._on_batch([cast("Event", batch)] if self._singles else batch)
-                self._schedule()
-                if self._block is not None:
-                    yield await self._block_out()
-                    return
-                if self._upstream_done:
-                    break
-                out = self._drain()
+            async with contextlib.aclosing(releases):
+                async for out in releases:
+                    yield out
+            if self._block is None:
+                out = self._end_out()
                 if out:
                     yield out
-            out = self._end_out()
-            if out:
-                yield out
         finally:
             await self._cleanup()
 
-    async def _queued_batches(self, upstream: AsyncIterable[list[Event]]) -> AsyncGenerator[list[Event], None]:
-        """`batches` with checks that wait (a model, a remote service): a reader task feeds a queue,
-        check tasks report to it, and the loop releases what their verdicts allow."""
+    async def _direct(self, upstream: AsyncIterable[list[Event]]) -> AsyncGenerator[list[Event], None]:
+        """When every check runs inline: read, check, release, in one loop."""
+        it = aiter(upstream)
+        while True:
+            try:
+                batch = await anext(it)
+            except StopAsyncIteration:
+                self._handle((_END, None))
+            except Exception as e:
+                self._upstream_done = True
+                self.summary.error = f"upstream: {type(e).__name__}: {e}"
+                raise
+            else:
+                self._on_batch([cast("Event", batch)] if self._singles else batch)
+            self._schedule()
+            if self._block is not None:
+                yield await self._block_out()
+                return
+            if self._upstream_done:
+                return
+            out = self._drain()
+            if out:
+                yield out
+
+    async def _tasked(self, upstream: AsyncIterable[list[Event]]) -> AsyncGenerator[list[Event], None]:
+        """With checks that wait (a model, a remote service): a reader task feeds a queue, check tasks
+        report to it, and the loop releases what their verdicts allow."""
         self._q = asyncio.Queue()
         self._room = asyncio.Event()
         self._room.set()
-        if not self.one_shot:
-            self._reader = asyncio.create_task(self._read(upstream))
-        try:
-            if self.one_shot:  # a whole answer: read at once, no reader task
-                async for batch in upstream:
-                    for ev in batch:
-                        self._on_event(ev)
-                self._handle((_END, None))
-                self._schedule()
-                out = self._drain()  # nothing else arrives unless a check is in flight: release now
-                if out:
-                    yield out
-            while not self._done():
-                self._handle(await self._q.get())
-                while not self._q.empty() and self._block is None:
-                    self._handle(self._q.get_nowait())
-                if self._block is not None:
-                    yield await self._block_out()
-                    return
-                if self._error is not None:
-                    self.summary.error = f"upstream: {type(self._error).__name__}: {self._error}"
-                    raise self._error
-                self._schedule()
-                out = self._drain()
-                if out:
-                    yield out
-            out = self._end_out()
+        if self.one_shot:  # a whole answer: read at once, no reader task
+            async for batch in upstream:
+                self._on_batch(batch)
+            self._handle((_END, None))
+            self._schedule()
+            out = self._drain()  # nothing else arrives unless a check is in flight: release now
             if out:
                 yield out
-        finally:
-            await self._cleanup()
+        else:
+            self._reader = asyncio.create_task(self._read(upstream))
+        while not self._done():
+            self._handle(await self._q.get())
+            while not self._q.empty() and self._block is None:
+                self._handle(self._q.get_nowait())
+            if self._block is not None:
+                yield await self._block_out()
+                return
+            if self._error is not None:
+                self.summary.error = f"upstream: {type(self._error).__name__}: {self._error}"
+                raise self._error
+            self._schedule()
+            out = self._drain()
+            if out:
+                yield out
 
     def result(self) -> GateResult:
         """The summary so far, with the leak and release counts computed from what was emitted."""
