@@ -379,8 +379,9 @@ class Pipeline:
 
     async def _send_completion(self, request: web.Request, ctx: RequestContext, cd: Any, ex: Exchange,
                                completion: Any, run: Any) -> web.Response:
-        """The checked answer. Its audit record is written before it leaves; metrics and the access log
-        are kept after its last byte left (as for a stream and the relay), off the client's clock."""
+        """The checked answer. Its audit record, when there is an audit log, is written before it leaves;
+        the rest of the books (metrics, the access log) are kept after its last byte (as for a stream
+        and the relay), off the client's clock."""
         if run is not None and run.policy.has_output:
             completion = await run.check_output(ex, completion)
         if upstream_text.checks_answers(run):
@@ -398,7 +399,7 @@ class Pipeline:
             ctx.usage = Counted(prompt_tokens(ex), sum(count_tokens(t) for t in texts), "gateway")
         out = web.Response(body=json_bytes(cd.encode_response(completion, ex)), content_type="application/json",
                            headers={"X-Guardgate-Request-Id": ctx.id})
-        if run is not None:
+        if run is not None and run.audit is not None:
             run.finish(status=out.status)  # the record (chat's `finally` reports the same one to telemetry)
         await out.prepare(request)
         await out.write_eof()
