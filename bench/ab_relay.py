@@ -1,6 +1,6 @@
 """A/B for the byte relay's latency: the gateway at a git ref against the working tree, same run.
 
-    python bench/ab_relay.py [--ref HEAD] [--requests 1000] [--json-only]
+    python bench/ab_relay.py [--ref HEAD] [--requests 1000] [--json-only] [--policy bench/regex-stream.yaml]
 
 Why: on a 2-core machine the added latency of a relay moves by ±0.03 ms from one run to the next,
 more than most single changes to the hot path are worth. Measured side by side, request by request
@@ -49,12 +49,12 @@ def export(ref: str, into: Path) -> None:
         t.extractall(into, filter="data")
 
 
-def gateway(name: str, up: str, code: Path) -> B.Target:
+def gateway(name: str, up: str, code: Path, policy: str | None = None) -> B.Target:
     port = B.free_port()
     # `--policy none` where the code has a default policy (the `starter`, since issue 19): the plain relay
     plain = ["--policy", "none"] if (Path(code) / "gateway" / "starter.py").exists() else []
     p = B.spawn([B.PY, "-m", "gateway.cli", "serve", "--upstream", up, "--port", str(port), "--log-level",
-                 "WARNING", *plain], cwd=code, env={"PYTHONPATH": str(code)})
+                 "WARNING", *(["--policy", policy] if policy else plain)], cwd=code, env={"PYTHONPATH": str(code)})
     return B.Target(name, f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{port}/healthz", [p])
 
 
@@ -116,8 +116,11 @@ async def main_async(a: argparse.Namespace) -> None:
         up_port = B.free_port()
         direct = B.Target("direct", f"http://127.0.0.1:{up_port}/v1", f"http://127.0.0.1:{up_port}/v1/models",
                           [B.spawn([B.PY, "bench/fake_upstream.py", "--port", str(up_port)])])
-        targets = [B.nginx_target(up_port, tmp), gateway("ref", direct.base, tmp / "ref"),
-                   gateway("tree", direct.base, B.ROOT)]
+        pol = str(Path(a.policy).resolve()) if a.policy else None
+        targets = [B.nginx_target(up_port, tmp), gateway("ref", direct.base, tmp / "ref", pol),
+                   gateway("tree", direct.base, B.ROOT, pol)]
+        if pol:  # the guarded path: the plain relay of the working tree too, for the ratio to it
+            targets.insert(1, gateway("relay", direct.base, B.ROOT))
         try:
             for t in [direct, *targets]:
                 if not t.skipped:
@@ -138,7 +141,7 @@ async def main_async(a: argparse.Namespace) -> None:
     print(f"\n{a.requests} rounds, CPUs {os.cpu_count()}; added p50 over direct, ms (ref = {a.ref})")
     for name, ad in added.items():
         print(f"  {name:<6}" + "".join(f"  {k} {v:+.3f}" for k, v in ad.items()))
-    for other in ("ref", "nginx"):
+    for other in ("ref", "relay", "nginx"):
         if other in added:
             print(f"  tree/{other:<5}" + "".join(f"  {k} x{B.ratio(added['tree'][k], added[other][k]):.2f}"
                                                for k in kinds))
@@ -160,6 +163,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=1000, help="rounds over all targets")
     ap.add_argument("--json-only", action="store_true", help="non-stream requests only (faster)")
     ap.add_argument("--cpu", type=int, default=0, metavar="N", help="N rounds of wrk -c1: CPU per request")
+    ap.add_argument("--policy", metavar="FILE", help="ref and tree serve under this policy (the guarded path, "
+                    "e.g. bench/regex-stream.yaml), beside the tree's plain relay")
     asyncio.run(main_async(ap.parse_args()))
 
 
