@@ -317,3 +317,35 @@ class Verdict:
 def new_id(prefix: str) -> str:
     """`prefix` and 24 random hex digits (96 bits: what uuid4().hex[:24] gave, at a fifth of its cost)."""
     return prefix + os.urandom(12).hex()
+
+
+def coalesced(events: list[Event]) -> list[Event]:
+    """`events` with each run of adjacent text deltas of one channel (or argument fragments of one
+    tool call) as one delta; the text, the calls and the order are the same. What arrived together
+    is guarded as one piece, and what is released together leaves as one frame per run."""
+    out: list[Event] = []
+    run: list[str] = []
+    for ev in events:
+        prev = out[-1] if out else None
+        if type(ev) is TextDelta and type(prev) is TextDelta and ev.index == prev.index \
+                and ev.channel == prev.channel:
+            run.append(ev.text)
+            continue
+        if type(ev) is ToolCallDelta and type(prev) is ToolCallDelta and ev.id is None and ev.name is None \
+                and ev.call_index == prev.call_index and ev.index == prev.index:
+            run.append(ev.arguments)
+            continue
+        _close_run(out, run)
+        out.append(ev)
+        run = [ev.text if type(ev) is TextDelta else ev.arguments if type(ev) is ToolCallDelta else ""]
+    _close_run(out, run)
+    return out
+
+
+def _close_run(out: list[Event], run: list[str]) -> None:
+    if len(run) > 1:
+        ev = out[-1]
+        if type(ev) is TextDelta:
+            out[-1] = TextDelta("".join(run), ev.index, ev.channel)
+        elif type(ev) is ToolCallDelta:
+            out[-1] = ToolCallDelta(ev.call_index, "".join(run), ev.id, ev.name, ev.index)

@@ -156,3 +156,50 @@ class ChoiceText:
         if known + (self.length - upto) * (1 if self.ascii else 4) < n:
             return False
         return self.tokens_between(a, self.length) >= n
+
+    def redact(self, a: int, b: int, notice: str, shadow: bool) -> bool:
+        """Replace [a, b) with `notice` where it is not released yet (touching or overlapping spans:
+        one notice for the union); what already left is kept in `late_spans` (the leak count). In
+        shadow mode nothing is replaced. False for an empty span."""
+        if b <= a:
+            return False
+        if shadow:  # nothing is replaced: the whole span reached the client
+            self.late_spans.append((a, b))
+            return True
+        if a < self.released:
+            self.late_spans.append((a, min(b, self.released)))
+            a = self.released
+        if a >= b:
+            return True
+        new = Redaction(a, b, notice)
+        keep: list[Redaction] = []
+        for r in self.redactions:
+            if r.end < new.start or r.start > new.end:
+                keep.append(r)
+            else:  # overlapping or touching: one notice for the union
+                new = Redaction(min(r.start, new.start), max(r.end, new.end), r.notice, r.emitted)
+        keep.append(new)
+        keep.sort(key=lambda r: r.start)
+        self.redactions = keep
+        return True
+
+    def client_text(self, p: Piece, a: int, b: int) -> tuple[str, bool]:
+        """Guarded text [a, b) of piece `p` as the client sees it (redactions applied), and whether
+        it is verbatim (no redaction inside)."""
+        if not self.redactions:
+            return p.text[a - p.start:b - p.start], True
+        out: list[str] = []
+        pos = a
+        for r in self.redactions:
+            if r.end <= pos or r.start >= b:
+                continue
+            if r.start > pos:
+                out.append(p.text[pos - p.start:r.start - p.start])
+            if not r.emitted:
+                out.append(r.notice)
+                r.emitted = True
+            pos = min(r.end, b)
+        verbatim = pos == a
+        if pos < b:
+            out.append(p.text[pos - p.start:b - p.start])
+        return "".join(out), verbatim

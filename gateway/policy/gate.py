@@ -44,7 +44,7 @@ from functools import partial
 from typing import Any, cast
 
 from gateway.guards.base import GuardInput, StreamCheck
-from gateway.policy.choice import ChoiceText, Piece, Redaction, StepState
+from gateway.policy.choice import ChoiceText, StepState
 from gateway.policy.record import StepRecord, merge_verdict
 from gateway.policy.schema import Step, run_step, run_step_now
 from gateway.policy.summary import GateResult, estimate_usage, fill_result
@@ -60,6 +60,7 @@ from gateway.types import (
     Usage,
     UsageEvent,
     Verdict,
+    coalesced,
 )
 
 log = logging.getLogger("guardgate.gate")
@@ -75,38 +76,6 @@ class OneShotCheck(StreamCheck):
     def _input(self, text: str, window_start: int, final: bool) -> GuardInput:
         return GuardInput(stage="output", messages=self.messages, text=text, request_id=self.request_id,
                           tool_calls=list(self.calls))
-
-
-def _coalesced(events: list[Event]) -> list[Event]:
-    """`events` with each run of adjacent text deltas of one channel (or argument fragments of one
-    tool call) as one delta; the text, the calls and the order are the same. What arrived together
-    is guarded as one piece, and what is released together leaves as one frame per run."""
-    out: list[Event] = []
-    run: list[str] = []
-    for ev in events:
-        prev = out[-1] if out else None
-        if type(ev) is TextDelta and type(prev) is TextDelta and ev.index == prev.index \
-                and ev.channel == prev.channel:
-            run.append(ev.text)
-            continue
-        if type(ev) is ToolCallDelta and type(prev) is ToolCallDelta and ev.id is None and ev.name is None \
-                and ev.call_index == prev.call_index and ev.index == prev.index:
-            run.append(ev.arguments)
-            continue
-        _close_run(out, run)
-        out.append(ev)
-        run = [ev.text if type(ev) is TextDelta else ev.arguments if type(ev) is ToolCallDelta else ""]
-    _close_run(out, run)
-    return out
-
-
-def _close_run(out: list[Event], run: list[str]) -> None:
-    if len(run) > 1:
-        ev = out[-1]
-        if type(ev) is TextDelta:
-            out[-1] = TextDelta("".join(run), ev.index, ev.channel)
-        elif type(ev) is ToolCallDelta:
-            out[-1] = ToolCallDelta(ev.call_index, "".join(run), ev.id, ev.name, ev.index)
 
 
 class StreamGate:
@@ -306,7 +275,7 @@ class StreamGate:
         return True
 
     def _on_batch(self, batch: list[Event]) -> None:
-        for ev in _coalesced(batch) if len(batch) > 2 else batch:
+        for ev in coalesced(batch) if len(batch) > 2 else batch:
             self._on_event(ev)
 
     def _on_event(self, ev: Event) -> None:
@@ -458,7 +427,8 @@ class StreamGate:
             reps = v.details.get("replacements") if spans and isinstance(v.details, dict) else None
             for k, (a, b) in enumerate(targets):
                 notice = reps[k] if isinstance(reps, list) and k < len(reps) else st.step.notice
-                self._redact(c, max(0, int(a)), min(end, int(b)), str(notice))
+                if c.redact(max(0, int(a)), min(end, int(b)), str(notice), self.shadow):
+                    self.summary.redactions += 1
         st.checked_to = max(st.checked_to, end)
         hold = v.hold_from if (not final and v.error is None) else None
         st.hold_from = hold if hold is None else max(0, min(int(hold), end))
@@ -481,29 +451,6 @@ class StreamGate:
                 other.rec.cancelled += 1
             other.task = None
             other.final_done = True
-
-    def _redact(self, c: ChoiceText, a: int, b: int, notice: str) -> None:
-        if b <= a:
-            return
-        self.summary.redactions += 1
-        if self.shadow:  # nothing is replaced: the whole span reached the client
-            c.late_spans.append((a, b))
-            return
-        if a < c.released:
-            c.late_spans.append((a, min(b, c.released)))
-            a = c.released
-        if a >= b:
-            return
-        new = Redaction(a, b, notice)
-        keep: list[Redaction] = []
-        for r in c.redactions:
-            if r.end < new.start or r.start > new.end:
-                keep.append(r)
-            else:  # overlapping or touching: one notice for the union
-                new = Redaction(min(r.start, new.start), max(r.end, new.end), r.notice, r.emitted)
-        keep.append(new)
-        keep.sort(key=lambda r: r.start)
-        c.redactions = keep
 
     # ------------------------------------------------------------------ releasing
 
@@ -532,26 +479,6 @@ class StreamGate:
                 break
         return max(limit, c.released)
 
-    def _client_text(self, c: ChoiceText, p: Piece, a: int, b: int) -> tuple[str, bool]:
-        """Guarded text [a, b) of piece `p` as the client sees it (redactions applied)."""
-        if not c.redactions:
-            return p.text[a - p.start:b - p.start], True
-        out: list[str] = []
-        pos = a
-        for r in c.redactions:
-            if r.end <= pos or r.start >= b:
-                continue
-            if r.start > pos:
-                out.append(p.text[pos - p.start:r.start - p.start])
-            if not r.emitted:
-                out.append(r.notice)
-                r.emitted = True
-            pos = min(r.end, b)
-        verbatim = pos == a
-        if pos < b:
-            out.append(p.text[pos - p.start:b - p.start])
-        return "".join(out), verbatim
-
     def _drain(self) -> list[Event]:
         out: list[Event] = self._now
         self._now = []
@@ -571,7 +498,7 @@ class StreamGate:
                     cut = min(p.end, limit)
                 else:
                     cut = min(p.end, limit)
-                    s, verbatim = self._client_text(c, p, p.start, cut)
+                    s, verbatim = c.client_text(p, p.start, cut)
                     if s:
                         out.append(TextDelta(s, c.index, p.channel) if p.kind == "text"
                                    else ToolCallDelta(call_index=p.call_index, arguments=s, index=c.index))
@@ -582,7 +509,7 @@ class StreamGate:
                     p.text = p.text[cut - p.start:]
                     p.start = cut
                 c.released = cut
-        return _coalesced(out) if len(out) > 2 else out
+        return coalesced(out) if len(out) > 2 else out
 
     def _done(self) -> bool:
         if not self._upstream_done:
