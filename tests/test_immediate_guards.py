@@ -178,3 +178,64 @@ def test_the_shipped_cpu_guards_are_immediate(guard: str) -> None:
     opts = {"regex": "\n      patterns: [x]", "tools": "\n      allow: [get_weather]"}.get(guard, "")
     pol = parse_policy_text(f"name: t\nstream:\n  steps:\n    - guard: {guard}{opts}\n")
     assert pol.stream.steps[0].immediate
+
+
+# ---------------------------------------------------------------------------- through the server
+
+PHRASE = "purple elephant protocol"
+PIECES = [*(f"word{i} " for i in range(30)), "the pur", "ple eleph", "ant proto", "col is ", "done."]
+
+
+def _regex_policy(tmp_path: Any) -> str:
+    p = tmp_path / "p.yaml"
+    p.write_text(f"""name: p
+input:
+  steps:
+    - guard: regex
+      patterns: ["{PHRASE}"]
+stream:
+  check_every_tokens: 8
+  steps:
+    - guard: regex
+      patterns: ["{PHRASE}"]
+""")
+    return str(p)
+
+
+@pytest.fixture
+def direct_stack(make_stack: Any, tmp_path: Any) -> Any:
+    """The uvloop server under a regex-only policy (the direct gate) and no audit log: the audit
+    record is built after the answer's last byte, the answer itself is still checked first."""
+    from harness import oa_completion, openai_text_stream, stream_frames
+
+    async def handler(request: Any, up: Any) -> Any:
+        if not up.last.json().get("stream"):
+            from aiohttp import web
+
+            return web.json_response(oa_completion("".join(PIECES)))
+        return await stream_frames(request, openai_text_stream(PIECES), delay=0.001)
+
+    from gateway.policy.chain import PolicyStore
+
+    path = _regex_policy(tmp_path)
+    return make_stack({"upstreams": {"main": {"base_url": "SCRIPTED", "dialect": "openai"}}, "policy": path},
+                      handler=handler, policies=PolicyStore(required=[path]))
+
+
+def test_direct_gate_through_the_server_never_lets_the_phrase_out(direct_stack: Any) -> None:
+    import openai
+
+    client = direct_stack.openai()
+    msgs = [{"role": "user", "content": "tell me"}]
+    done = client.chat.completions.create(model="m", messages=msgs)
+    assert done.choices[0].finish_reason == "content_filter" and PHRASE not in (done.choices[0].message.content or "")
+    chunks = list(client.chat.completions.create(model="m", messages=msgs, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert PHRASE not in text and text.startswith("word0 ")  # checked text before the phrase was released
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        ["content_filter"]
+    seen = len(direct_stack.upstream.requests)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": f"the {PHRASE}"}])
+    assert e.value.code == "content_filter" and len(direct_stack.upstream.requests) == seen  # never sent
+
